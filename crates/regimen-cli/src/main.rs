@@ -1,0 +1,141 @@
+//! `regimen`: the command-line program.
+
+mod bench;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use regimen::layer::Layer;
+use regimen::train::{fit_sgd, SgdConfig};
+use regimen::{models, Rng};
+
+#[derive(Parser)]
+#[command(
+    name = "regimen",
+    version,
+    about = "Train neural networks natively in Rust: every technique of the lecture, explicit forward/backward layers, fast kernels."
+)]
+struct Cli {
+    /// CPU threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a built-in model on the embedded 8x8 digits with mini-batch SGD (the default command).
+    Train(TrainArgs),
+    /// Print a built-in model's layers: output shapes, parameters and FLOPs per sample.
+    Summary {
+        /// One of: digits-mlp, digits-cnn, mlp, cnn.
+        #[arg(long, default_value = "cnn")]
+        model: String,
+    },
+    /// Time training steps of the BENCH.md workloads (regimen's side of bench/compare).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// One of: digits-mlp, digits-cnn.
+    #[arg(long, default_value = "digits-cnn")]
+    model: String,
+    #[arg(long, default_value_t = 15)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    lr: f32,
+    /// Fraction of the data held out for testing.
+    #[arg(long, default_value_t = 0.2)]
+    test_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        TrainArgs {
+            model: "digits-cnn".into(),
+            epochs: 15,
+            batch_size: 32,
+            lr: 0.05,
+            test_fraction: 0.2,
+            seed: 0,
+        }
+    }
+}
+
+fn train(args: &TrainArgs) -> Result<()> {
+    let mut rng = Rng::new(args.seed);
+    let (mut model, input) = models::by_name(&args.model, &mut rng)?;
+    if input != [1, 8, 8] {
+        anyhow::bail!("model {} takes {:?} images; `regimen train` trains on the embedded 8x8 digits: use digits-mlp or digits-cnn", args.model, input);
+    }
+    let data = regimen::data::digits()?;
+    let (mut train_set, mut test_set) = data.split(args.test_fraction, args.seed)?;
+    // Zero-center and normalize with the training split's statistics only.
+    let (mean, std) = train_set.pixel_mean_std();
+    train_set.normalize(mean, std);
+    test_set.normalize(mean, std);
+    println!("{}", model.summary(&input)?);
+    println!(
+        "training {} on digits: {} train / {} test images, {} epochs, batch {}, SGD lr {}",
+        args.model,
+        train_set.len(),
+        test_set.len(),
+        args.epochs,
+        args.batch_size,
+        args.lr
+    );
+    let cfg = SgdConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        seed: args.seed,
+        ..Default::default()
+    };
+    println!(
+        "{:>5} {:>10} {:>9} {:>10} {:>9} {:>7}",
+        "epoch", "train loss", "train acc", "test loss", "test acc", "time"
+    );
+    let history = fit_sgd(&mut model, &train_set, &test_set, &cfg, |s| {
+        println!(
+            "{:>5} {:>10.4} {:>8.2}% {:>10.4} {:>8.2}% {:>6.2}s",
+            s.epoch,
+            s.train_loss,
+            100.0 * s.train_acc,
+            s.test_loss,
+            100.0 * s.test_acc,
+            s.seconds
+        );
+    })?;
+    if let Some(last) = history.last() {
+        println!(
+            "final test accuracy {:.2}% (generalization gap {:.2} points)",
+            100.0 * last.test_acc,
+            100.0 * (last.train_acc - last.test_acc)
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        regimen::set_threads(t);
+    }
+    match cli.command {
+        None => train(&TrainArgs::default()),
+        Some(Command::Train(args)) => train(&args),
+        Some(Command::Summary { model }) => {
+            let mut rng = Rng::new(0);
+            let (mut m, input) = models::by_name(&model, &mut rng)?;
+            println!("{model}: {}", m.describe());
+            println!("{}", m.summary(&input).context("building the summary")?);
+            Ok(())
+        }
+        Some(Command::Bench(args)) => bench::run(&args),
+    }
+}

@@ -1,0 +1,249 @@
+//! 2-D convolution on the CPU: im2col + `gemm`, parallel over samples.
+//!
+//! Per sample (`x_s`: `[C, H, W]`, `col`: `[C KH KW, OH OW]`):
+//! forward `y_s = W col + b`; backward `dW += dy_s col^T`, `dcol = W^T dy_s`, `dx_s = col2im(dcol)`.
+
+use rayon::prelude::*;
+
+use super::matmul::{gemm, parallelism, MatRef};
+use crate::backend::Window;
+
+#[derive(Clone, Copy)]
+pub struct ConvDims {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub oc: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub win: Window,
+}
+
+impl ConvDims {
+    fn k(&self) -> usize {
+        self.c * self.win.kh * self.win.kw
+    }
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// A 1x1, stride-1, unpadded convolution reads the input as its own column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.win.kh == 1 && self.win.kw == 1 && self.win.stride == 1 && self.win.pad == 0
+    }
+}
+
+/// `col[(ci KH + ki) KW + kj, oy OW + ox] = x[ci, oy s + ki - pad, ox s + kj - pad]` (0 outside).
+pub fn im2col(x: &[f32], d: &ConvDims, col: &mut [f32]) {
+    let Window {
+        kh,
+        kw,
+        stride,
+        pad,
+    } = d.win;
+    let (h, w, oh, ow) = (d.h as isize, d.w as isize, d.oh, d.ow);
+    for ci in 0..d.c {
+        let plane = &x[ci * d.h * d.w..(ci + 1) * d.h * d.w];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let row = &mut col[((ci * kh + ki) * kw + kj) * oh * ow..][..oh * ow];
+                for oy in 0..oh {
+                    let iy = (oy * stride + ki) as isize - pad as isize;
+                    let out = &mut row[oy * ow..(oy + 1) * ow];
+                    if iy < 0 || iy >= h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    for (ox, o) in out.iter_mut().enumerate() {
+                        let ix = (ox * stride + kj) as isize - pad as isize;
+                        *o = if ix < 0 || ix >= w {
+                            0.0
+                        } else {
+                            src[ix as usize]
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: `dx[ci, iy, ix] += dcol[...]` over every window that read it.
+pub fn col2im(dcol: &[f32], d: &ConvDims, dx: &mut [f32]) {
+    let Window {
+        kh,
+        kw,
+        stride,
+        pad,
+    } = d.win;
+    let (h, w, oh, ow) = (d.h as isize, d.w as isize, d.oh, d.ow);
+    for ci in 0..d.c {
+        let plane = &mut dx[ci * d.h * d.w..(ci + 1) * d.h * d.w];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let row = &dcol[((ci * kh + ki) * kw + kj) * oh * ow..][..oh * ow];
+                for oy in 0..oh {
+                    let iy = (oy * stride + ki) as isize - pad as isize;
+                    if iy < 0 || iy >= h {
+                        continue;
+                    }
+                    let dst = &mut plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    for (ox, &g) in row[oy * ow..(oy + 1) * ow].iter().enumerate() {
+                        let ix = (ox * stride + kj) as isize - pad as isize;
+                        if ix >= 0 && ix < w {
+                            dst[ix as usize] += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn outer_parallel(n: usize) -> bool {
+    n >= rayon::current_num_threads() && rayon::current_num_threads() > 1
+}
+
+pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims) -> Vec<f32> {
+    let (k, p) = (d.k(), d.p());
+    let mut y = vec![0.0f32; d.n * d.oc * p];
+    let outer = outer_parallel(d.n);
+    let par = parallelism(d.oc, k, p, outer);
+    let one = |col: &mut Vec<f32>, x_s: &[f32], y_s: &mut [f32]| {
+        let cols: &[f32] = if d.is_pointwise() {
+            x_s
+        } else {
+            im2col(x_s, &d, col);
+            col
+        };
+        gemm(
+            MatRef::new(wt, d.oc, k),
+            MatRef::new(cols, k, p),
+            y_s,
+            false,
+            par,
+        );
+        if let Some(b) = b {
+            for (o, &bo) in b.iter().enumerate() {
+                y_s[o * p..(o + 1) * p].iter_mut().for_each(|v| *v += bo);
+            }
+        }
+    };
+    let xs = d.c * d.h * d.w;
+    let col_len = if d.is_pointwise() { 0 } else { k * p };
+    if outer {
+        y.par_chunks_mut(d.oc * p)
+            .zip(x.par_chunks(xs))
+            .for_each_init(
+                || vec![0.0f32; col_len],
+                |col, (y_s, x_s)| one(col, x_s, y_s),
+            );
+    } else {
+        let mut col = vec![0.0f32; col_len];
+        for (y_s, x_s) in y.chunks_mut(d.oc * p).zip(x.chunks(xs)) {
+            one(&mut col, x_s, y_s);
+        }
+    }
+    y
+}
+
+/// Returns `dx`; accumulates into `dw` and `db`.
+pub fn backward(
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    d: ConvDims,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) -> Vec<f32> {
+    let (k, p) = (d.k(), d.p());
+    let xs = d.c * d.h * d.w;
+    let mut dx = vec![0.0f32; d.n * xs];
+    let outer = outer_parallel(d.n);
+    let par = parallelism(k, d.oc, p, outer);
+    let pointwise = d.is_pointwise();
+    // Per sample: dw_acc += dy_s col^T; dcol = W^T dy_s; dx_s = col2im(dcol).
+    let one = |col: &mut [f32],
+               dcol: &mut [f32],
+               dw_acc: &mut [f32],
+               x_s: &[f32],
+               dy_s: &[f32],
+               dx_s: &mut [f32]| {
+        let cols: &[f32] = if pointwise {
+            x_s
+        } else {
+            im2col(x_s, &d, col);
+            col
+        };
+        gemm(
+            MatRef::new(dy_s, d.oc, p),
+            MatRef::t(cols, p, k),
+            dw_acc,
+            true,
+            par,
+        );
+        if pointwise {
+            gemm(
+                MatRef::t(wt, k, d.oc),
+                MatRef::new(dy_s, d.oc, p),
+                dx_s,
+                false,
+                par,
+            );
+        } else {
+            gemm(
+                MatRef::t(wt, k, d.oc),
+                MatRef::new(dy_s, d.oc, p),
+                dcol,
+                false,
+                par,
+            );
+            col2im(dcol, &d, dx_s);
+        }
+    };
+    let col_len = if pointwise { 0 } else { k * p };
+    if outer {
+        let threads = rayon::current_num_threads();
+        let partial = dx
+            .par_chunks_mut(xs)
+            .zip(x.par_chunks(xs).zip(dy.par_chunks(d.oc * p)))
+            .with_min_len(d.n.div_ceil(threads))
+            .fold(
+                || {
+                    (
+                        vec![0.0f32; col_len],
+                        vec![0.0f32; col_len],
+                        vec![0.0f32; d.oc * k],
+                    )
+                },
+                |(mut col, mut dcol, mut acc), (dx_s, (x_s, dy_s))| {
+                    one(&mut col, &mut dcol, &mut acc, x_s, dy_s, dx_s);
+                    (col, dcol, acc)
+                },
+            )
+            .map(|(_, _, acc)| acc)
+            .reduce(
+                || vec![0.0f32; d.oc * k],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
+    } else {
+        let mut col = vec![0.0f32; col_len];
+        let mut dcol = vec![0.0f32; col_len];
+        for ((dx_s, x_s), dy_s) in dx.chunks_mut(xs).zip(x.chunks(xs)).zip(dy.chunks(d.oc * p)) {
+            one(&mut col, &mut dcol, dw, x_s, dy_s, dx_s);
+        }
+    }
+    if let Some(db) = db {
+        for dy_s in dy.chunks(d.oc * p) {
+            for (o, g) in db.iter_mut().enumerate() {
+                *g += dy_s[o * p..(o + 1) * p].iter().sum::<f32>();
+            }
+        }
+    }
+    dx
+}

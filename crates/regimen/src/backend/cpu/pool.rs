@@ -1,0 +1,228 @@
+//! Pooling kernels: max, average, global average, fractional max, maxout groups.
+//! All run in parallel over planes (one `(n, c)` pair, or one row for maxout).
+
+use rayon::prelude::*;
+
+use crate::backend::Window;
+
+pub struct PoolDims {
+    pub planes: usize,
+    pub h: usize,
+    pub w: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+/// Max over the window of each output; returns values and in-plane arg-max positions.
+/// Padding acts as -inf; a window that lies fully in the padding yields -inf (cannot happen
+/// with PyTorch's constraint pad <= k / 2).
+pub fn max_forward(x: &[f32], d: &PoolDims, win: Window) -> (Vec<f32>, Vec<u32>) {
+    regions_max(
+        x,
+        d,
+        |oy| clipped(oy, win.kh, win, d.h),
+        |ox| clipped(ox, win.kw, win, d.w),
+    )
+}
+
+/// Max pooling over arbitrary rectangular regions given per plane by `rows(oy)`, `cols(ox)`.
+fn regions_max<R, C>(x: &[f32], d: &PoolDims, rows: R, cols: C) -> (Vec<f32>, Vec<u32>)
+where
+    R: Fn(usize) -> (usize, usize) + Sync,
+    C: Fn(usize) -> (usize, usize) + Sync,
+{
+    let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
+    let mut y = vec![0.0f32; d.planes * ohw];
+    let mut idx = vec![0u32; d.planes * ohw];
+    y.par_chunks_mut(ohw)
+        .zip(idx.par_chunks_mut(ohw))
+        .zip(x.par_chunks(hw))
+        .for_each(|((y_p, i_p), x_p)| {
+            for oy in 0..d.oh {
+                let (r0, r1) = rows(oy);
+                for ox in 0..d.ow {
+                    let (c0, c1) = cols(ox);
+                    let (mut best, mut at) = (f32::NEG_INFINITY, (r0 * d.w + c0) as u32);
+                    for iy in r0..r1 {
+                        for ix in c0..c1 {
+                            let v = x_p[iy * d.w + ix];
+                            if v > best || v.is_nan() {
+                                best = v;
+                                at = (iy * d.w + ix) as u32;
+                            }
+                        }
+                    }
+                    y_p[oy * d.ow + ox] = best;
+                    i_p[oy * d.ow + ox] = at;
+                }
+            }
+        });
+    (y, idx)
+}
+
+/// `dx[plane, idx[j]] += dy[plane, j]`.
+pub fn max_backward(
+    dy: &[f32],
+    idx: &[u32],
+    planes: usize,
+    dy_plane: usize,
+    x_plane: usize,
+) -> Vec<f32> {
+    let mut dx = vec![0.0f32; planes * x_plane];
+    dx.par_chunks_mut(x_plane)
+        .zip(dy.par_chunks(dy_plane).zip(idx.par_chunks(dy_plane)))
+        .for_each(|(dx_p, (dy_p, i_p))| {
+            for (&g, &i) in dy_p.iter().zip(i_p) {
+                dx_p[i as usize] += g;
+            }
+        });
+    dx
+}
+
+/// The window of output `o` along an axis of length `n`: `[start, end)` clipped to the input.
+fn clipped(o: usize, win_k: usize, win: Window, n: usize) -> (usize, usize) {
+    let start = (o * win.stride) as isize - win.pad as isize;
+    (
+        start.max(0) as usize,
+        ((start + win_k as isize).min(n as isize)).max(0) as usize,
+    )
+}
+
+pub fn avg_forward(x: &[f32], d: &PoolDims, win: Window) -> Vec<f32> {
+    let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
+    let inv = 1.0 / (win.kh * win.kw) as f32;
+    let mut y = vec![0.0f32; d.planes * ohw];
+    y.par_chunks_mut(ohw)
+        .zip(x.par_chunks(hw))
+        .for_each(|(y_p, x_p)| {
+            for oy in 0..d.oh {
+                let (r0, r1) = clipped(oy, win.kh, win, d.h);
+                for ox in 0..d.ow {
+                    let (c0, c1) = clipped(ox, win.kw, win, d.w);
+                    let mut s = 0.0;
+                    for iy in r0..r1 {
+                        s += x_p[iy * d.w + c0..iy * d.w + c1].iter().sum::<f32>();
+                    }
+                    y_p[oy * d.ow + ox] = s * inv;
+                }
+            }
+        });
+    y
+}
+
+pub fn avg_backward(dy: &[f32], d: &PoolDims, win: Window) -> Vec<f32> {
+    let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
+    let inv = 1.0 / (win.kh * win.kw) as f32;
+    let mut dx = vec![0.0f32; d.planes * hw];
+    dx.par_chunks_mut(hw)
+        .zip(dy.par_chunks(ohw))
+        .for_each(|(dx_p, dy_p)| {
+            for oy in 0..d.oh {
+                let (r0, r1) = clipped(oy, win.kh, win, d.h);
+                for ox in 0..d.ow {
+                    let (c0, c1) = clipped(ox, win.kw, win, d.w);
+                    let g = dy_p[oy * d.ow + ox] * inv;
+                    for iy in r0..r1 {
+                        dx_p[iy * d.w + c0..iy * d.w + c1]
+                            .iter_mut()
+                            .for_each(|v| *v += g);
+                    }
+                }
+            }
+        });
+    dx
+}
+
+/// PyTorch's interval rule for fractional max pooling (`generate_intervals` in
+/// `FractionalMaxPool2d.cpp`): window starts `floor((i + u) alpha) - floor(u alpha)` with
+/// `alpha = (n - k) / (out - 1)`, and the last window flush with the end.
+pub fn fractional_starts(u: f32, n: usize, out: usize, k: usize) -> Vec<usize> {
+    let mut seq = vec![0usize; out];
+    if out > 1 {
+        let alpha = (n - k) as f32 / (out - 1) as f32;
+        for (i, s) in seq.iter_mut().enumerate().take(out - 1) {
+            *s = (((i as f32 + u) * alpha) as i64 - (u * alpha) as i64) as usize;
+        }
+    }
+    if out > 0 {
+        seq[out - 1] = n - k;
+    }
+    seq
+}
+
+pub fn fractional_forward(
+    x: &[f32],
+    d: &PoolDims,
+    kernel: (usize, usize),
+    samples: &[f32],
+) -> (Vec<f32>, Vec<u32>) {
+    let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
+    let (kh, kw) = kernel;
+    let mut y = vec![0.0f32; d.planes * ohw];
+    let mut idx = vec![0u32; d.planes * ohw];
+    y.par_chunks_mut(ohw)
+        .zip(idx.par_chunks_mut(ohw))
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(p, ((y_p, i_p), x_p))| {
+            let sw = fractional_starts(samples[2 * p], d.w, d.ow, kw);
+            let sh = fractional_starts(samples[2 * p + 1], d.h, d.oh, kh);
+            for (oy, &r0) in sh.iter().enumerate() {
+                for (ox, &c0) in sw.iter().enumerate() {
+                    let (mut best, mut at) = (f32::NEG_INFINITY, (r0 * d.w + c0) as u32);
+                    for iy in r0..r0 + kh {
+                        for ix in c0..c0 + kw {
+                            let v = x_p[iy * d.w + ix];
+                            if v > best || v.is_nan() {
+                                best = v;
+                                at = (iy * d.w + ix) as u32;
+                            }
+                        }
+                    }
+                    y_p[oy * d.ow + ox] = best;
+                    i_p[oy * d.ow + ox] = at;
+                }
+            }
+        });
+    (y, idx)
+}
+
+/// Maxout: `x` rows of `f k` values, `y[n, j] = max_i x[n, j k + i]`; positions within the row.
+pub fn max_groups_forward(x: &[f32], rows: usize, f: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut y = vec![0.0f32; rows * f];
+    let mut idx = vec![0u32; rows * f];
+    y.par_chunks_mut(f)
+        .zip(idx.par_chunks_mut(f))
+        .zip(x.par_chunks(f * k))
+        .for_each(|((y_r, i_r), x_r)| {
+            for j in 0..f {
+                let (mut best, mut at) = (f32::NEG_INFINITY, j * k);
+                for i in 0..k {
+                    let v = x_r[j * k + i];
+                    if v > best || v.is_nan() {
+                        best = v;
+                        at = j * k + i;
+                    }
+                }
+                y_r[j] = best;
+                i_r[j] = at as u32;
+            }
+        });
+    (y, idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractional_starts_cover_the_input_and_end_flush() {
+        // 10 -> 4 with kernel 2: alpha = 8/3.
+        let s = fractional_starts(0.5, 10, 4, 2);
+        assert_eq!(s, vec![0, 3, 5, 8]);
+        let s = fractional_starts(0.0, 10, 4, 2);
+        assert_eq!(s, vec![0, 2, 5, 8]);
+        let s = fractional_starts(0.99, 10, 4, 2);
+        assert_eq!(s, vec![0, 3, 5, 8]);
+    }
+}

@@ -1,0 +1,101 @@
+//! Datasets in memory: images `[N, C, H, W]` as f32 with one class label each.
+
+mod digits;
+
+pub use digits::digits;
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tensor::{Device, Indices, Tensor};
+
+/// A labelled image dataset held in host memory.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// Row-major `[N, C, H, W]`.
+    pub images: Vec<f32>,
+    pub labels: Vec<u32>,
+    /// `[C, H, W]` of one image.
+    pub image_shape: [usize; 3],
+    pub class_names: Vec<String>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn image_len(&self) -> usize {
+        self.image_shape.iter().product()
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+
+    /// The samples at `idx`, in that order.
+    pub fn subset(&self, idx: &[usize]) -> Dataset {
+        let d = self.image_len();
+        let mut images = Vec::with_capacity(idx.len() * d);
+        for &i in idx {
+            images.extend_from_slice(&self.images[i * d..(i + 1) * d]);
+        }
+        Dataset {
+            images,
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            image_shape: self.image_shape,
+            class_names: self.class_names.clone(),
+        }
+    }
+
+    /// A seeded random split: `(first, second)` with `fraction` of the samples in `second`.
+    pub fn split(&self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(Error::config(
+                "split fraction",
+                fraction,
+                "must be in [0, 1)",
+            ));
+        }
+        let mut idx: Vec<usize> = (0..self.len()).collect();
+        Rng::new(seed).shuffle(&mut idx);
+        let k = (self.len() as f64 * fraction).round() as usize;
+        Ok((self.subset(&idx[k..]), self.subset(&idx[..k])))
+    }
+
+    /// Per-pixel affine map `x -> (x - mean) / std` with one mean and std for all pixels,
+    /// as fitted by [`Dataset::pixel_mean_std`] on the training split.
+    pub fn normalize(&mut self, mean: f32, std: f32) {
+        let inv = 1.0 / std;
+        self.images.iter_mut().for_each(|v| *v = (*v - mean) * inv);
+    }
+
+    /// Mean and standard deviation over every pixel.
+    pub fn pixel_mean_std(&self) -> (f32, f32) {
+        let n = self.images.len() as f64;
+        let mean = self.images.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = self
+            .images
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        (mean as f32, var.sqrt() as f32)
+    }
+
+    /// The batch of samples `idx` on `device`: images `[B, C, H, W]` and labels.
+    pub fn batch(&self, idx: &[usize], device: Device) -> Result<(Tensor, Indices)> {
+        let d = self.image_len();
+        let mut x = Vec::with_capacity(idx.len() * d);
+        for &i in idx {
+            x.extend_from_slice(&self.images[i * d..(i + 1) * d]);
+        }
+        let [c, h, w] = self.image_shape;
+        let x = Tensor::from_host(&[idx.len(), c, h, w], x, device)?;
+        let y = Indices::from_vec(idx.iter().map(|&i| self.labels[i]).collect()).to_device(device);
+        Ok((x, y))
+    }
+}

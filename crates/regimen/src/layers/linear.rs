@@ -1,0 +1,112 @@
+//! Fully connected layer.
+//!
+//! `y = x W^T + b`; `x: [N, in]`, `W: [out, in]`, `b: [out]`, `y: [N, out]` (PyTorch's
+//! `nn.Linear`, same parameter names `weight` and `bias`).
+//! Backward (the lecture's "W*X gate"): `dW += dy^T x`, `db += sum_n dy`, `dx = dy W`.
+//! Default initialization is PyTorch's (`U(-1/sqrt(in), 1/sqrt(in))` for weight and bias);
+//! see [`Linear::with_init`].
+
+use crate::error::{Error, Result};
+use crate::init::{fans, Init};
+use crate::layer::{cached, check_dy, join, Layer, Mode, Param, ParamKind};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    x: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(in_features: usize, out_features: usize, rng: &mut Rng) -> Linear {
+        let shape = [out_features, in_features];
+        let weight = Param::new(Init::PyTorchDefault.sample(&shape, rng), ParamKind::Weight);
+        let bias =
+            Init::PyTorchDefault.sample_with_fan(&[out_features], in_features, out_features, rng);
+        Linear {
+            weight,
+            bias: Some(Param::new(bias, ParamKind::Bias)),
+            x: None,
+        }
+    }
+
+    /// Drop the bias (e.g. before a batch norm, which has its own shift).
+    pub fn without_bias(mut self) -> Linear {
+        self.bias = None;
+        self
+    }
+
+    /// Re-initialize the weight with `init` and the bias with zeros.
+    pub fn with_init(mut self, init: Init, rng: &mut Rng) -> Linear {
+        let shape = self.weight.value.shape().to_vec();
+        self.weight = Param::new(init.sample(&shape, rng), ParamKind::Weight);
+        if let Some(b) = &mut self.bias {
+            b.value.backend().fill(&mut b.value, 0.0);
+        }
+        self
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.value.shape()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.value.shape()[0]
+    }
+}
+
+impl Layer for Linear {
+    fn describe(&self) -> String {
+        format!("Linear({} -> {})", self.in_features(), self.out_features())
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        if input.len() != 2 || input[1] != self.in_features() {
+            return Err(Error::shape(
+                self.describe(),
+                format!("[N, {}]", self.in_features()),
+                input,
+            ));
+        }
+        Ok(vec![input[0], self.out_features()])
+    }
+
+    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let shape = self.output_shape(x.shape())?;
+        let be = x.backend();
+        let mut y = Tensor::zeros(&shape, x.device());
+        be.matmul(x, false, &self.weight.value, true, &mut y, false);
+        if let Some(b) = &self.bias {
+            be.add_channel_bias(&mut y, &b.value, shape[1]);
+        }
+        let _ = mode; // the same function in both modes
+        self.x = Some(x.clone());
+        Ok(y)
+    }
+
+    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+        let x = cached(&self.x, self)?;
+        check_dy(self, &[x.shape()[0], self.out_features()], dy)?;
+        let be = dy.backend();
+        be.matmul(dy, true, x, false, &mut self.weight.grad, true);
+        if let Some(b) = &mut self.bias {
+            be.channel_bias_backward(dy, &mut b.grad, dy.shape()[1]);
+        }
+        let mut dx = Tensor::zeros(x.shape(), x.device());
+        be.matmul(dy, false, &self.weight.value, false, &mut dx, false);
+        Ok(dx)
+    }
+
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {
+        f(&join(prefix, "weight"), &mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(&join(prefix, "bias"), b);
+        }
+    }
+
+    fn flops(&self, _input: &[usize]) -> u64 {
+        let (fi, fo) = fans(self.weight.value.shape());
+        (2 * fi * fo + if self.bias.is_some() { fo } else { 0 }) as u64
+    }
+}

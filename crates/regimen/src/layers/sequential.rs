@@ -1,0 +1,232 @@
+//! `Sequential`: layers applied in order; backward runs them in reverse.
+//!
+//! Children are named `0`, `1`, ... (or by [`Sequential::push_named`]) and parameters get
+//! PyTorch-style paths: `3.weight`, `features.0.bias`. Errors from a child are prefixed with
+//! its path, so a bad shape says which layer refused it.
+//!
+//! A forward hook ([`Sequential::set_hook`]) sees each child's output: the point where the
+//! per-layer activation statistics of the lecture's initialization experiment are taken.
+
+use std::fmt;
+
+use crate::error::Result;
+use crate::layer::{join, param_count, ForwardHook, Layer, Mode, Param};
+use crate::rng::mix64;
+use crate::tensor::Tensor;
+
+#[derive(Default)]
+pub struct Sequential {
+    layers: Vec<(String, Box<dyn Layer>)>,
+    hook: Option<ForwardHook>,
+    seed: u64,
+}
+
+impl Sequential {
+    pub fn new() -> Sequential {
+        Sequential::default()
+    }
+
+    /// Append a layer named by its position.
+    pub fn push(self, layer: impl Layer + 'static) -> Sequential {
+        let name = self.layers.len().to_string();
+        self.push_named(&name, layer)
+    }
+
+    /// Append a layer with a name (its parameters are then `name.weight`, ...).
+    pub fn push_named(mut self, name: &str, layer: impl Layer + 'static) -> Sequential {
+        self.push_boxed(name, Box::new(layer));
+        self
+    }
+
+    pub fn push_boxed(&mut self, name: &str, mut layer: Box<dyn Layer>) {
+        // Each position gets its own random stream, so two dropout layers never share masks.
+        layer.reseed(mix64(self.seed ^ mix64(self.layers.len() as u64 + 1)));
+        self.layers.push((name.to_string(), layer));
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// Call `hook(name, output)` after each child's forward (replaces any previous hook).
+    pub fn set_hook(&mut self, hook: ForwardHook) {
+        self.hook = Some(hook);
+    }
+
+    pub fn clear_hook(&mut self) {
+        self.hook = None;
+    }
+
+    pub fn layers_mut(&mut self) -> impl Iterator<Item = (&str, &mut Box<dyn Layer>)> {
+        self.layers.iter_mut().map(|(n, l)| (n.as_str(), l))
+    }
+
+    /// A table of every child: output shape (per sample), parameters, forward FLOPs per sample.
+    /// `input` is the shape of one sample, without the batch axis.
+    pub fn summary(&mut self, input: &[usize]) -> Result<Summary> {
+        let mut shape: Vec<usize> = std::iter::once(1).chain(input.iter().copied()).collect();
+        let mut rows = Vec::new();
+        for (name, layer) in &mut self.layers {
+            let flops = layer.flops(&shape);
+            shape = layer.output_shape(&shape).map_err(|e| e.in_layer(name))?;
+            rows.push(SummaryRow {
+                name: name.clone(),
+                layer: layer.describe(),
+                output: shape[1..].to_vec(),
+                params: param_count(layer.as_mut()),
+                flops,
+            });
+        }
+        Ok(Summary {
+            input: input.to_vec(),
+            rows,
+        })
+    }
+}
+
+impl Layer for Sequential {
+    fn describe(&self) -> String {
+        format!("Sequential({} layers)", self.layers.len())
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let mut shape = input.to_vec();
+        for (name, layer) in &self.layers {
+            shape = layer.output_shape(&shape).map_err(|e| e.in_layer(name))?;
+        }
+        Ok(shape)
+    }
+
+    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (name, layer) in &mut self.layers {
+            h = layer.forward(&h, mode).map_err(|e| e.in_layer(name))?;
+            if let Some(hook) = &mut self.hook {
+                hook(name, &h);
+            }
+        }
+        Ok(h)
+    }
+
+    fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+        let mut g = dy.clone();
+        for (name, layer) in self.layers.iter_mut().rev() {
+            g = layer.backward(&g).map_err(|e| e.in_layer(name))?;
+        }
+        Ok(g)
+    }
+
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {
+        for (name, layer) in &mut self.layers {
+            layer.visit_params(&join(prefix, name), f);
+        }
+    }
+
+    fn visit_buffers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        for (name, layer) in &mut self.layers {
+            layer.visit_buffers(&join(prefix, name), f);
+        }
+    }
+
+    fn flops(&self, input: &[usize]) -> u64 {
+        let mut shape = input.to_vec();
+        let mut total = 0;
+        for (_, layer) in &self.layers {
+            total += layer.flops(&shape);
+            match layer.output_shape(&shape) {
+                Ok(s) => shape = s,
+                Err(_) => return total,
+            }
+        }
+        total
+    }
+
+    fn reseed(&mut self, seed: u64) {
+        self.seed = seed;
+        for (i, (_, layer)) in self.layers.iter_mut().enumerate() {
+            layer.reseed(mix64(seed ^ mix64(i as u64 + 1)));
+        }
+    }
+
+    fn children(&self) -> Vec<(String, &dyn Layer)> {
+        self.layers
+            .iter()
+            .map(|(n, l)| (n.clone(), l.as_ref() as &dyn Layer))
+            .collect()
+    }
+}
+
+/// One line of a model summary.
+#[derive(Clone, Debug)]
+pub struct SummaryRow {
+    pub name: String,
+    pub layer: String,
+    pub output: Vec<usize>,
+    pub params: usize,
+    pub flops: u64,
+}
+
+/// A model summary; `Display` prints it as a table.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub input: Vec<usize>,
+    pub rows: Vec<SummaryRow>,
+}
+
+impl Summary {
+    pub fn total_params(&self) -> usize {
+        self.rows.iter().map(|r| r.params).sum()
+    }
+    pub fn total_flops(&self) -> u64 {
+        self.rows.iter().map(|r| r.flops).sum()
+    }
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} G", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<6} {:<36} {:<16} {:>10} {:>12}",
+            "name", "layer", "output", "params", "FLOPs"
+        )?;
+        writeln!(
+            f,
+            "{:<6} {:<36} {:<16} {:>10} {:>12}",
+            "",
+            "input",
+            format!("{:?}", self.input),
+            "",
+            ""
+        )?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "{:<6} {:<36} {:<16} {:>10} {:>12}",
+                r.name,
+                r.layer,
+                format!("{:?}", r.output),
+                r.params,
+                human(r.flops)
+            )?;
+        }
+        write!(
+            f,
+            "total: {} parameters, {} FLOPs per sample (forward)",
+            self.total_params(),
+            human(self.total_flops())
+        )
+    }
+}

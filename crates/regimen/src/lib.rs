@@ -1,0 +1,34 @@
+//! regimen: train neural networks natively in Rust.
+//!
+//! Layers with explicit `forward(x, mode)` / `backward(dy)` ([`Layer`]), a device-agnostic
+//! [`Tensor`] over a [`backend::Backend`] (CPU: `gemm` + `rayon`), the losses, weight
+//! initialization, and a finite-difference [`gradcheck`] for every layer, yours included.
+//! See `ARCHITECTURE.md` for the layout and the data flow of a training step.
+
+pub mod backend;
+pub mod data;
+pub mod error;
+pub mod gradcheck;
+pub mod init;
+pub mod layer;
+pub mod layers;
+pub mod loss;
+pub mod models;
+pub mod rng;
+pub mod tensor;
+pub mod train;
+
+pub use backend::{Target, Unary};
+pub use error::{Error, Result};
+pub use gradcheck::GradCheck;
+pub use init::{Fan, Init};
+pub use layer::{Layer, Mode, Param, ParamKind};
+pub use rng::Rng;
+pub use tensor::{Device, Indices, Tensor};
+
+/// Set the number of CPU threads (once, before any parallel work; later calls are ignored).
+pub fn set_threads(n: usize) {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .build_global();
+}
