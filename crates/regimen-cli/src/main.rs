@@ -41,30 +41,17 @@ struct TrainArgs {
     /// One of: digits-mlp, digits-cnn.
     #[arg(long, default_value = "digits-cnn")]
     model: String,
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 20)]
     epochs: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.1)]
     lr: f32,
     /// Fraction of the data held out for testing.
     #[arg(long, default_value_t = 0.2)]
     test_fraction: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-}
-
-impl Default for TrainArgs {
-    fn default() -> Self {
-        TrainArgs {
-            model: "digits-cnn".into(),
-            epochs: 15,
-            batch_size: 32,
-            lr: 0.05,
-            test_fraction: 0.2,
-            seed: 0,
-        }
-    }
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
@@ -122,12 +109,16 @@ fn train(args: &TrainArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.command.is_none() {
+        // `regimen` alone runs `regimen train` with its defaults.
+        cli = Cli::parse_from(std::env::args().chain(["train".to_string()]));
+    }
     if let Some(t) = cli.threads {
         regimen::set_threads(t);
     }
     match cli.command {
-        None => train(&TrainArgs::default()),
+        None => unreachable!("defaulted to train above"),
         Some(Command::Train(args)) => train(&args),
         Some(Command::Summary { model }) => {
             let mut rng = Rng::new(0);

@@ -269,7 +269,7 @@ mod tests {
                 (got / want - 1.0).abs() < 0.01,
                 "{init:?}: std {got}, want {want}"
             );
-            assert!((init.std(&shape).unwrap() / want - 1.0).abs() < 1e-9);
+            assert!((init.std(&shape).unwrap() / want - 1.0).abs() < 1e-6); // f32 hyperparameters
         }
     }
 

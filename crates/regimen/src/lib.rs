@@ -1,3 +1,4 @@
+#![doc = include_str!("../../../README.md")]
 //! regimen: train neural networks natively in Rust.
 //!
 //! Layers with explicit `forward(x, mode)` / `backward(dy)` ([`Layer`]), a device-agnostic
