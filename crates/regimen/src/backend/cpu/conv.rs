@@ -33,6 +33,20 @@ impl ConvDims {
     }
 }
 
+/// The output columns `ox` whose input column `ox s + kj - pad` lies inside `[0, w)`:
+/// `[lo, hi)`. Outside that range the window reads padding.
+#[inline]
+fn valid_cols(kj: usize, d: &ConvDims) -> (usize, usize) {
+    let (s, pad) = (d.win.stride, d.win.pad);
+    let lo = if kj >= pad { 0 } else { (pad - kj).div_ceil(s) };
+    let hi = if d.w + pad > kj {
+        (d.w + pad - kj).div_ceil(s).min(d.ow)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
 /// `col[(ci KH + ki) KW + kj, oy OW + ox] = x[ci, oy s + ki - pad, ox s + kj - pad]` (0 outside).
 pub fn im2col(x: &[f32], d: &ConvDims, col: &mut [f32]) {
     let Window {
@@ -41,27 +55,32 @@ pub fn im2col(x: &[f32], d: &ConvDims, col: &mut [f32]) {
         stride,
         pad,
     } = d.win;
-    let (h, w, oh, ow) = (d.h as isize, d.w as isize, d.oh, d.ow);
+    let (oh, ow) = (d.oh, d.ow);
     for ci in 0..d.c {
         let plane = &x[ci * d.h * d.w..(ci + 1) * d.h * d.w];
         for ki in 0..kh {
             for kj in 0..kw {
+                let (lo, hi) = valid_cols(kj, d);
                 let row = &mut col[((ci * kh + ki) * kw + kj) * oh * ow..][..oh * ow];
                 for oy in 0..oh {
                     let iy = (oy * stride + ki) as isize - pad as isize;
                     let out = &mut row[oy * ow..(oy + 1) * ow];
-                    if iy < 0 || iy >= h {
+                    if iy < 0 || iy >= d.h as isize {
                         out.fill(0.0);
                         continue;
                     }
                     let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let ix = (ox * stride + kj) as isize - pad as isize;
-                        *o = if ix < 0 || ix >= w {
-                            0.0
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if lo < hi {
+                        let start = lo * stride + kj - pad;
+                        if stride == 1 {
+                            out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
                         } else {
-                            src[ix as usize]
-                        };
+                            for (o, ix) in out[lo..hi].iter_mut().zip((start..).step_by(stride)) {
+                                *o = src[ix];
+                            }
+                        }
                     }
                 }
             }
@@ -77,22 +96,32 @@ pub fn col2im(dcol: &[f32], d: &ConvDims, dx: &mut [f32]) {
         stride,
         pad,
     } = d.win;
-    let (h, w, oh, ow) = (d.h as isize, d.w as isize, d.oh, d.ow);
+    let (oh, ow) = (d.oh, d.ow);
     for ci in 0..d.c {
         let plane = &mut dx[ci * d.h * d.w..(ci + 1) * d.h * d.w];
         for ki in 0..kh {
             for kj in 0..kw {
+                let (lo, hi) = valid_cols(kj, d);
+                if lo >= hi {
+                    continue;
+                }
                 let row = &dcol[((ci * kh + ki) * kw + kj) * oh * ow..][..oh * ow];
                 for oy in 0..oh {
                     let iy = (oy * stride + ki) as isize - pad as isize;
-                    if iy < 0 || iy >= h {
+                    if iy < 0 || iy >= d.h as isize {
                         continue;
                     }
                     let dst = &mut plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    for (ox, &g) in row[oy * ow..(oy + 1) * ow].iter().enumerate() {
-                        let ix = (ox * stride + kj) as isize - pad as isize;
-                        if ix >= 0 && ix < w {
-                            dst[ix as usize] += g;
+                    let src = &row[oy * ow + lo..oy * ow + hi];
+                    let start = lo * stride + kj - pad;
+                    if stride == 1 {
+                        dst[start..start + src.len()]
+                            .iter_mut()
+                            .zip(src)
+                            .for_each(|(a, &g)| *a += g);
+                    } else {
+                        for (&g, ix) in src.iter().zip((start..).step_by(stride)) {
+                            dst[ix] += g;
                         }
                     }
                 }
