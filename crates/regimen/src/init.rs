@@ -286,6 +286,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn orthogonal_rows_or_columns_are_orthonormal() {
         let mut rng = Rng::new(3);
         for (r, c) in [(4, 9), (9, 4), (5, 5)] {
