@@ -60,6 +60,14 @@ fn train(args: &TrainArgs) -> Result<()> {
     if input != [1, 8, 8] {
         anyhow::bail!("model {} takes {:?} images; `regimen train` trains on the embedded 8x8 digits: use digits-mlp or digits-cnn", args.model, input);
     }
+    let cfg = SgdConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        seed: args.seed,
+        ..Default::default()
+    };
+    cfg.validate()?;
     let data = regimen::data::digits()?;
     let (mut train_set, mut test_set) = data.split(args.test_fraction, args.seed)?;
     // Zero-center and normalize with the training split's statistics only.
@@ -76,13 +84,6 @@ fn train(args: &TrainArgs) -> Result<()> {
         args.batch_size,
         args.lr
     );
-    let cfg = SgdConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        seed: args.seed,
-        ..Default::default()
-    };
     println!(
         "{:>5} {:>10} {:>9} {:>10} {:>9} {:>7}",
         "epoch", "train loss", "train acc", "test loss", "test acc", "time"
@@ -108,7 +109,7 @@ fn train(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn run() -> Result<()> {
     let mut cli = Cli::parse();
     if cli.command.is_none() {
         // `regimen` alone runs `regimen train` with its defaults.
@@ -128,5 +129,16 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some(Command::Bench(args)) => bench::run(&args),
+    }
+}
+
+/// Errors are one line on stderr and exit status 2 (no backtrace: they are the user's input).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
     }
 }
