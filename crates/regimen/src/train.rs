@@ -129,6 +129,8 @@ pub fn fit_sgd(
     let mut rng = Rng::new(cfg.seed);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut history = Vec::with_capacity(cfg.epochs);
+    // Nothing uses the gradient of the input images.
+    model.set_input_grad(false);
     for epoch in 1..=cfg.epochs {
         let start = Instant::now();
         rng.shuffle(&mut order);

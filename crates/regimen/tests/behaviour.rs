@@ -330,3 +330,33 @@ fn same_seed_same_training() {
     };
     assert_eq!(train(), train());
 }
+
+#[test]
+fn skipping_the_input_gradient_keeps_parameter_gradients() {
+    let grads = |input_grad: bool| {
+        let mut rng = Rng::new(8);
+        let mut m = Sequential::new()
+            .push(Conv2d::new(1, 2, 3, &mut rng).padding(1))
+            .push(relu())
+            .push(Flatten::new())
+            .push(Linear::new(2 * 16, 3, &mut rng));
+        let mut mlp = models::mlp(16, &[5], 3, regimen::Unary::Tanh, 0.0, &mut rng).unwrap();
+        m.set_input_grad(input_grad);
+        mlp.set_input_grad(input_grad);
+        let x = randn(&[6, 1, 4, 4], 9);
+        let dy = randn(&[6, 3], 10);
+        m.forward(&x, Mode::Train).unwrap();
+        let dx = m.backward(&dy).unwrap();
+        mlp.forward(&x, Mode::Train).unwrap();
+        let dx2 = mlp.backward(&dy).unwrap();
+        let mut g = Vec::new();
+        m.visit_params("", &mut |_, p| g.extend(p.grad.to_vec()));
+        mlp.visit_params("", &mut |_, p| g.extend(p.grad.to_vec()));
+        (g, dx.shape().to_vec(), dx2.shape().to_vec())
+    };
+    let (with, s1, s2) = grads(true);
+    let (without, t1, t2) = grads(false);
+    assert_eq!(with, without);
+    assert_eq!((s1, s2), (vec![6, 1, 4, 4], vec![6, 1, 4, 4]));
+    assert_eq!((t1, t2), (vec![0], vec![0]));
+}

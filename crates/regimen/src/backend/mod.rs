@@ -134,6 +134,8 @@ pub trait Backend: Send + Sync {
     // ---- convolution and pooling (`[N, C, H, W]`)
     /// `w`: `[OC, C, KH, KW]`; `b`: `[OC]`.
     fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor;
+    /// Returns `dx`, or an empty tensor when `input_grad` is false.
+    #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(
         &self,
         x: &Tensor,
@@ -142,6 +144,7 @@ pub trait Backend: Send + Sync {
         win: Window,
         dw: &mut Tensor,
         db: Option<&mut Tensor>,
+        input_grad: bool,
     ) -> Tensor;
     /// Max pooling; padding acts as -inf. Returns the output and, per output element, the
     /// position (`h * W + w`) of the maximum within its input plane.

@@ -18,6 +18,7 @@ pub struct Conv2d {
     pub stride: usize,
     pub padding: usize,
     x: Option<Tensor>,
+    input_grad: bool,
 }
 
 impl Conv2d {
@@ -33,6 +34,7 @@ impl Conv2d {
             stride: 1,
             padding: 0,
             x: None,
+            input_grad: true,
         }
     }
 
@@ -125,6 +127,7 @@ impl Layer for Conv2d {
             win,
             &mut self.weight.grad,
             self.bias.as_mut().map(|b| &mut b.grad),
+            self.input_grad,
         ))
     }
 
@@ -133,6 +136,10 @@ impl Layer for Conv2d {
         if let Some(b) = &mut self.bias {
             f(&join(prefix, "bias"), b);
         }
+    }
+
+    fn set_input_grad(&mut self, needed: bool) {
+        self.input_grad = needed;
     }
 
     fn flops(&self, input: &[usize]) -> u64 {

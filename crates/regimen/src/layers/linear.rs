@@ -16,6 +16,7 @@ pub struct Linear {
     pub weight: Param,
     pub bias: Option<Param>,
     x: Option<Tensor>,
+    input_grad: bool,
 }
 
 impl Linear {
@@ -28,6 +29,7 @@ impl Linear {
             weight,
             bias: Some(Param::new(bias, ParamKind::Bias)),
             x: None,
+            input_grad: true,
         }
     }
 
@@ -93,6 +95,9 @@ impl Layer for Linear {
         if let Some(b) = &mut self.bias {
             be.channel_bias_backward(dy, &mut b.grad, dy.shape()[1]);
         }
+        if !self.input_grad {
+            return Ok(Tensor::zeros(&[0], x.device()));
+        }
         let mut dx = Tensor::zeros(x.shape(), x.device());
         be.matmul(dy, false, &self.weight.value, false, &mut dx, false);
         Ok(dx)
@@ -103,6 +108,10 @@ impl Layer for Linear {
         if let Some(b) = &mut self.bias {
             f(&join(prefix, "bias"), b);
         }
+    }
+
+    fn set_input_grad(&mut self, needed: bool) {
+        self.input_grad = needed;
     }
 
     fn flops(&self, _input: &[usize]) -> u64 {

@@ -19,6 +19,8 @@ pub struct Sequential {
     layers: Vec<(String, Box<dyn Layer>)>,
     hook: Option<ForwardHook>,
     seed: u64,
+    /// Set by `set_input_grad(false)`: the index of the first layer with parameters.
+    stop_at: Option<usize>,
 }
 
 impl Sequential {
@@ -114,8 +116,11 @@ impl Layer for Sequential {
 
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let mut g = dy.clone();
-        for (name, layer) in self.layers.iter_mut().rev() {
+        for (i, (name, layer)) in self.layers.iter_mut().enumerate().rev() {
             g = layer.backward(&g).map_err(|e| e.in_layer(name))?;
+            if self.stop_at == Some(i) {
+                return Ok(Tensor::zeros(&[0], dy.device()));
+            }
         }
         Ok(g)
     }
@@ -143,6 +148,25 @@ impl Layer for Sequential {
             }
         }
         total
+    }
+
+    /// Without an input gradient, backward stops at the first layer that has parameters
+    /// (the layers before it have nothing to learn) and returns an empty tensor.
+    fn set_input_grad(&mut self, needed: bool) {
+        for (_, layer) in &mut self.layers {
+            layer.set_input_grad(true);
+        }
+        self.stop_at = None;
+        if !needed {
+            if let Some(i) = self
+                .layers
+                .iter_mut()
+                .position(|(_, l)| param_count(l.as_mut()) > 0)
+            {
+                self.layers[i].1.set_input_grad(false);
+                self.stop_at = Some(i);
+            }
+        }
     }
 
     fn reseed(&mut self, seed: u64) {

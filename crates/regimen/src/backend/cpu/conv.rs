@@ -177,7 +177,7 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims) -> Vec<f32
     y
 }
 
-/// Returns `dx`; accumulates into `dw` and `db`.
+/// Returns `dx` (`None` when `input_grad` is false); accumulates into `dw` and `db`.
 pub fn backward(
     x: &[f32],
     wt: &[f32],
@@ -185,20 +185,21 @@ pub fn backward(
     d: ConvDims,
     dw: &mut [f32],
     db: Option<&mut [f32]>,
-) -> Vec<f32> {
+    input_grad: bool,
+) -> Option<Vec<f32>> {
     let (k, p) = (d.k(), d.p());
     let xs = d.c * d.h * d.w;
-    let mut dx = vec![0.0f32; d.n * xs];
+    let mut dx = vec![0.0f32; if input_grad { d.n * xs } else { 0 }];
     let outer = outer_parallel(d.n);
     let par = parallelism(k, d.oc, p, outer);
     let pointwise = d.is_pointwise();
-    // Per sample: dw_acc += dy_s col^T; dcol = W^T dy_s; dx_s = col2im(dcol).
+    // Per sample: dw_acc += dy_s col^T; then, if wanted, dcol = W^T dy_s; dx_s = col2im(dcol).
     let one = |col: &mut [f32],
                dcol: &mut [f32],
                dw_acc: &mut [f32],
                x_s: &[f32],
                dy_s: &[f32],
-               dx_s: &mut [f32]| {
+               dx_s: Option<&mut [f32]>| {
         let cols: &[f32] = if pointwise {
             x_s
         } else {
@@ -212,6 +213,7 @@ pub fn backward(
             true,
             par,
         );
+        let Some(dx_s) = dx_s else { return };
         if pointwise {
             gemm(
                 MatRef::t(wt, k, d.oc),
@@ -232,17 +234,23 @@ pub fn backward(
         }
     };
     let col_len = if pointwise { 0 } else { k * p };
+    let dcol_len = if input_grad { col_len } else { 0 };
+    let dx_chunks: Vec<Option<&mut [f32]>> = if input_grad {
+        dx.chunks_mut(xs).map(Some).collect()
+    } else {
+        (0..d.n).map(|_| None).collect()
+    };
     if outer {
         let threads = rayon::current_num_threads();
-        let partial = dx
-            .par_chunks_mut(xs)
+        let partial = dx_chunks
+            .into_par_iter()
             .zip(x.par_chunks(xs).zip(dy.par_chunks(d.oc * p)))
             .with_min_len(d.n.div_ceil(threads))
             .fold(
                 || {
                     (
                         vec![0.0f32; col_len],
-                        vec![0.0f32; col_len],
+                        vec![0.0f32; dcol_len],
                         vec![0.0f32; d.oc * k],
                     )
                 },
@@ -262,8 +270,12 @@ pub fn backward(
         dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
     } else {
         let mut col = vec![0.0f32; col_len];
-        let mut dcol = vec![0.0f32; col_len];
-        for ((dx_s, x_s), dy_s) in dx.chunks_mut(xs).zip(x.chunks(xs)).zip(dy.chunks(d.oc * p)) {
+        let mut dcol = vec![0.0f32; dcol_len];
+        for ((dx_s, x_s), dy_s) in dx_chunks
+            .into_iter()
+            .zip(x.chunks(xs))
+            .zip(dy.chunks(d.oc * p))
+        {
             one(&mut col, &mut dcol, dw, x_s, dy_s, dx_s);
         }
     }
@@ -274,5 +286,5 @@ pub fn backward(
             }
         }
     }
-    dx
+    input_grad.then_some(dx)
 }

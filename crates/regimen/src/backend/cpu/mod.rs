@@ -314,17 +314,21 @@ impl Backend for Cpu {
         win: Window,
         dw: &mut Tensor,
         db: Option<&mut Tensor>,
+        input_grad: bool,
     ) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
-        let dx = conv::backward(
+        match conv::backward(
             x.cpu(),
             w.cpu(),
             dy.cpu(),
             d,
             dw.cpu_mut(),
             db.map(|b| b.cpu_mut()),
-        );
-        t(x.shape(), dx)
+            input_grad,
+        ) {
+            Some(dx) => t(x.shape(), dx),
+            None => t(&[0], Vec::new()),
+        }
     }
 
     fn max_pool2d_forward(&self, x: &Tensor, win: Window) -> (Tensor, Indices) {
