@@ -11,11 +11,14 @@ pub mod data;
 pub mod error;
 pub mod gradcheck;
 pub mod init;
+pub mod io;
 pub mod layer;
 pub mod layers;
 pub mod loss;
 pub mod models;
+pub mod optim;
 pub mod rng;
+pub mod schedule;
 pub mod tensor;
 pub mod train;
 

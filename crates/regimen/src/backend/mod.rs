@@ -105,6 +105,8 @@ pub trait Backend: Send + Sync {
     fn mul(&self, a: &Tensor, b: &Tensor) -> Tensor;
     /// `y[n, ...] = x[n, ...] * s[n]`: one factor per sample (first axis).
     fn scale_rows(&self, x: &Tensor, s: &Tensor) -> Tensor;
+    /// `x = clamp(x, lo, hi)`.
+    fn clamp(&self, x: &mut Tensor, lo: f32, hi: f32);
     /// One-element tensors: `sum |x|` and `sum x^2`.
     fn sum_abs(&self, x: &Tensor) -> Tensor;
     fn sum_sq(&self, x: &Tensor) -> Tensor;
@@ -222,6 +224,22 @@ pub trait Backend: Send + Sync {
     ) -> Tensor;
     /// Inverted dropout: `mask[i] = (u(seed, i) >= p) / (1 - p)`; returns `(x * mask, mask)`.
     fn dropout_forward(&self, x: &Tensor, p: f32, seed: u64) -> (Tensor, Tensor);
+
+    // ---- optimizers
+    /// One optimizer update of parameter `p` with gradient `g` and its state `slots` (as many
+    /// as the rule's optimizer asks for, each of `p`'s shape); `step` counts from 1; `wd` is
+    /// the weight decay (L2 added to the gradient, or decoupled for AdamW).
+    #[allow(clippy::too_many_arguments)]
+    fn optim_update(
+        &self,
+        rule: crate::optim::UpdateRule,
+        step: u64,
+        lr: f32,
+        wd: f32,
+        p: &mut Tensor,
+        g: &Tensor,
+        slots: &mut [Tensor],
+    );
 
     // ---- losses and metrics
     /// Mean softmax cross-entropy over the rows of `logits` `[N, C]`, with label smoothing

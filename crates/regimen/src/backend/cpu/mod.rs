@@ -13,6 +13,7 @@ pub use elementwise::erf;
 pub(crate) use matmul::{gemm, MatRef};
 
 use crate::backend::{Backend, Target, Unary, Window};
+use crate::optim::{self, UpdateRule};
 use crate::tensor::{Indices, Tensor};
 use elementwise::{map1, map2, map3, sum_f64, update};
 
@@ -157,6 +158,50 @@ impl Backend for Cpu {
             r.iter_mut().for_each(|v| *v *= f);
         }
         t(x.shape(), out)
+    }
+
+    fn clamp(&self, x: &mut Tensor, lo: f32, hi: f32) {
+        x.cpu_mut().iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+    }
+
+    fn optim_update(
+        &self,
+        rule: UpdateRule,
+        step: u64,
+        lr: f32,
+        wd: f32,
+        p: &mut Tensor,
+        g: &Tensor,
+        slots: &mut [Tensor],
+    ) {
+        let theta = p.cpu_mut();
+        let g = g.cpu();
+        let mut s: Vec<&mut [f32]> = slots.iter_mut().map(|t| t.cpu_mut()).collect();
+        // L2 weight decay joins the gradient, except for decoupled rules (AdamW).
+        let l2 = if matches!(rule, UpdateRule::Adam(a) if a.decoupled) {
+            0.0
+        } else {
+            wd
+        };
+        let mut scratch = [0.0f32; 3];
+        for i in 0..theta.len() {
+            let gi = g[i] + l2 * theta[i];
+            for (k, v) in s.iter().enumerate() {
+                scratch[k] = v[i];
+            }
+            let [a, b, c] = &mut scratch;
+            match rule {
+                UpdateRule::Sgd(r) => optim::sgd_update(&r, step == 1, lr, &mut theta[i], gi, a),
+                UpdateRule::Adagrad(r) => optim::adagrad_update(&r, step, lr, &mut theta[i], gi, a),
+                UpdateRule::RmsProp(r) => optim::rmsprop_update(&r, lr, &mut theta[i], gi, a, b, c),
+                UpdateRule::Adam(r) => {
+                    optim::adam_update(&r, step, lr, wd, &mut theta[i], gi, a, b, c)
+                }
+            }
+            for (k, v) in s.iter_mut().enumerate() {
+                v[i] = scratch[k];
+            }
+        }
     }
 
     fn sum_abs(&self, x: &Tensor) -> Tensor {

@@ -1,0 +1,117 @@
+//! Learning-rate schedules: each is a pure function `lr(step)` of the 0-based step (the
+//! learning rate used by the `step`-th update), except [`ReduceOnPlateau`], which reacts to a
+//! metric. A step is a batch or an epoch, as the caller counts ([`Unit`]).
+//!
+//! Each matches `torch.optim.lr_scheduler` value by value (`tests/schedule.rs` checks the
+//! whole sequences against fixtures from `tools/golden_optim.py`):
+//!
+//! | regimen | PyTorch |
+//! |---|---|
+//! | [`Constant`] | none (a fixed lr) |
+//! | [`StepDecay`] | `StepLR` |
+//! | [`MultiStep`] | `MultiStepLR` |
+//! | [`Exponential`] | `ExponentialLR` |
+//! | [`Cosine`] | `CosineAnnealingLR` |
+//! | [`Polynomial`] (power 1 = linear decay) | `PolynomialLR` |
+//! | [`Warmup`] in front of any schedule | `SequentialLR([LinearLR or ConstantLR, s])` |
+//! | [`Cyclic`] (triangular, triangular2, exp_range) | `CyclicLR` |
+//! | [`OneCycle`] | `OneCycleLR` |
+//! | [`CosineRestarts`] | `CosineAnnealingWarmRestarts` |
+//! | [`ReduceOnPlateau`] | `ReduceLROnPlateau` |
+//! | [`Sequential`] | `SequentialLR` |
+//!
+//! The lecture: decay the learning rate so training settles; warm up ("high initial learning
+//! rates can make loss explode; linearly increasing learning rate from 0 ... can prevent
+//! this"), constant or gradual; cycle it to escape saddle points; and scale it with the batch
+//! size ([`crate::optim::scale_lr`]).
+
+mod cyclic;
+mod decay;
+mod parse;
+mod plateau;
+
+pub use cyclic::{Anneal, CosineRestarts, Cyclic, CyclicMode, OneCycle};
+pub use decay::{Constant, Cosine, Exponential, MultiStep, Polynomial, StepDecay};
+pub use parse::{parse_schedule, ScheduleSpec};
+pub use plateau::ReduceOnPlateau;
+
+/// A learning-rate schedule.
+pub trait Schedule: Send {
+    /// The learning rate for the 0-based `step`.
+    fn lr(&self, step: usize) -> f32;
+    /// Report a validation metric (lower is better); only [`ReduceOnPlateau`] listens.
+    fn observe(&mut self, _metric: f32) {}
+}
+
+/// Whether a schedule's step counts batches or epochs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Batch,
+    Epoch,
+}
+
+impl Unit {
+    /// The schedule step of the `batch`-th update (0-based) with `per_epoch` batches an epoch.
+    pub fn step(self, batch: usize, per_epoch: usize) -> usize {
+        match self {
+            Unit::Batch => batch,
+            Unit::Epoch => batch / per_epoch.max(1),
+        }
+    }
+}
+
+/// How a warmup ramps up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum WarmupKind {
+    /// `factor` times the learning rate for the whole warmup (the lecture's "constant warmup";
+    /// PyTorch's `ConstantLR`).
+    Constant { factor: f32 },
+    /// From `start_factor` to 1 linearly (the lecture's "gradual warmup"; `LinearLR`).
+    Linear { start_factor: f32 },
+}
+
+/// A warmup of `steps` steps in front of `then`, which starts its own step count at 0 when the
+/// warmup ends and whose first value is the warmup's target.
+pub struct Warmup {
+    pub kind: WarmupKind,
+    pub steps: usize,
+    pub then: Box<dyn Schedule>,
+}
+
+impl Schedule for Warmup {
+    fn lr(&self, step: usize) -> f32 {
+        if step >= self.steps {
+            return self.then.lr(step - self.steps);
+        }
+        let target = self.then.lr(0);
+        match self.kind {
+            WarmupKind::Constant { factor } => target * factor,
+            WarmupKind::Linear { start_factor } => {
+                target * (start_factor + (1.0 - start_factor) * step as f32 / self.steps as f32)
+            }
+        }
+    }
+    fn observe(&mut self, metric: f32) {
+        self.then.observe(metric);
+    }
+}
+
+/// Schedules one after another: `schedules[i]` runs from `milestones[i - 1]` (its step 0)
+/// until `milestones[i]`.
+pub struct Sequential {
+    pub schedules: Vec<Box<dyn Schedule>>,
+    pub milestones: Vec<usize>,
+}
+
+impl Schedule for Sequential {
+    fn lr(&self, step: usize) -> f32 {
+        let i = self.milestones.iter().take_while(|&&m| m <= step).count();
+        let start = if i == 0 { 0 } else { self.milestones[i - 1] };
+        self.schedules[i].lr(step - start)
+    }
+    fn observe(&mut self, metric: f32) {
+        for s in &mut self.schedules {
+            s.observe(metric);
+        }
+    }
+}

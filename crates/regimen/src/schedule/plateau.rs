@@ -1,0 +1,71 @@
+//! Reduce the learning rate when a metric stops improving (PyTorch's `ReduceLROnPlateau`,
+//! mode "min", relative threshold).
+//!
+//! After each [`Schedule::observe`]: the metric is an improvement if
+//! `metric < best (1 - threshold)`; after more than `patience` observations without one, the
+//! learning rate is multiplied by `factor` (not below `min_lr`) and `cooldown` observations are
+//! ignored before counting again.
+
+use super::Schedule;
+
+pub struct ReduceOnPlateau {
+    pub factor: f32,
+    pub patience: usize,
+    pub threshold: f32,
+    pub cooldown: usize,
+    pub min_lr: f32,
+    lr: f32,
+    best: f32,
+    bad: usize,
+    cooldown_left: usize,
+}
+
+impl ReduceOnPlateau {
+    pub fn new(
+        base: f32,
+        factor: f32,
+        patience: usize,
+        threshold: f32,
+        cooldown: usize,
+        min_lr: f32,
+    ) -> ReduceOnPlateau {
+        ReduceOnPlateau {
+            factor,
+            patience,
+            threshold,
+            cooldown,
+            min_lr,
+            lr: base,
+            best: f32::INFINITY,
+            bad: 0,
+            cooldown_left: 0,
+        }
+    }
+}
+
+impl Schedule for ReduceOnPlateau {
+    fn lr(&self, _step: usize) -> f32 {
+        self.lr
+    }
+
+    fn observe(&mut self, metric: f32) {
+        if (metric as f64) < self.best as f64 * (1.0 - self.threshold as f64) {
+            self.best = metric;
+            self.bad = 0;
+        } else {
+            self.bad += 1;
+        }
+        if self.cooldown_left > 0 {
+            self.cooldown_left -= 1;
+            self.bad = 0;
+        }
+        if self.bad > self.patience {
+            let new = (self.lr * self.factor).max(self.min_lr);
+            if self.lr - new > 1e-8 {
+                self.lr = new;
+            }
+            self.cooldown_left = self.cooldown;
+            self.bad = 0;
+        }
+    }
+}
