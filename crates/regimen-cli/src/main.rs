@@ -1,11 +1,12 @@
 //! `regimen`: the command-line program.
 
 mod bench;
+mod recipe;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use regimen::layer::Layer;
-use regimen::train::{fit_sgd, SgdConfig};
+use regimen::train::{fit, FitConfig};
 use regimen::{models, Rng};
 
 #[derive(Parser)]
@@ -45,60 +46,81 @@ struct TrainArgs {
     epochs: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0.1)]
-    lr: f32,
     /// Fraction of the data held out for testing.
     #[arg(long, default_value_t = 0.2)]
     test_fraction: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    optim: recipe::OptimArgs,
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
+    if args.batch_size == 0 {
+        anyhow::bail!("invalid --batch-size 0: must be at least 1");
+    }
     let mut rng = Rng::new(args.seed);
     let (mut model, input) = models::by_name(&args.model, &mut rng)?;
     if input != [1, 8, 8] {
         anyhow::bail!("model {} takes {:?} images; `regimen train` trains on the embedded 8x8 digits: use digits-mlp or digits-cnn", args.model, input);
     }
-    let cfg = SgdConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        seed: args.seed,
-        ..Default::default()
-    };
-    cfg.validate()?;
     let data = regimen::data::digits()?;
     let (mut train_set, mut test_set) = data.split(args.test_fraction, args.seed)?;
+    // Build everything that can fail on a bad flag before printing anything.
+    let mut optim = recipe::optimizer(&args.optim)?;
+    let per_epoch = train_set.len().div_ceil(args.batch_size);
+    let (mut schedule, unit) = recipe::schedule(&args.optim, args.epochs, per_epoch)?;
+    let penalty = recipe::penalty(&args.optim)?;
     // Zero-center and normalize with the training split's statistics only.
     let (mean, std) = train_set.pixel_mean_std();
     train_set.normalize(mean, std);
     test_set.normalize(mean, std);
     println!("{}", model.summary(&input)?);
+    let o = &args.optim;
     println!(
-        "training {} on digits: {} train / {} test images, {} epochs, batch {}, SGD lr {}",
+        "training {} on digits: {} train / {} test images, {} epochs, batch {}, {} lr {} schedule {}{}",
         args.model,
         train_set.len(),
         test_set.len(),
         args.epochs,
         args.batch_size,
-        args.lr
+        optim.name(),
+        o.lr,
+        o.schedule,
+        if o.warmup > 0 { format!(" after {} warmup steps", o.warmup) } else { String::new() }
     );
+    let cfg = FitConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        unit,
+        penalty,
+        ..Default::default()
+    };
     println!(
-        "{:>5} {:>10} {:>9} {:>10} {:>9} {:>7}",
-        "epoch", "train loss", "train acc", "test loss", "test acc", "time"
+        "{:>5} {:>10} {:>9} {:>10} {:>9} {:>10} {:>7}",
+        "epoch", "train loss", "train acc", "test loss", "test acc", "lr", "time"
     );
-    let history = fit_sgd(&mut model, &train_set, &test_set, &cfg, |s| {
-        println!(
-            "{:>5} {:>10.4} {:>8.2}% {:>10.4} {:>8.2}% {:>6.2}s",
-            s.epoch,
-            s.train_loss,
-            100.0 * s.train_acc,
-            s.test_loss,
-            100.0 * s.test_acc,
-            s.seconds
-        );
-    })?;
+    let history = fit(
+        &mut model,
+        &train_set,
+        &test_set,
+        &cfg,
+        &mut optim,
+        schedule.as_mut(),
+        |s| {
+            println!(
+                "{:>5} {:>10.4} {:>8.2}% {:>10.4} {:>8.2}% {:>10.3e} {:>6.2}s",
+                s.epoch,
+                s.train_loss,
+                100.0 * s.train_acc,
+                s.test_loss,
+                100.0 * s.test_acc,
+                s.lr,
+                s.seconds
+            );
+        },
+    )?;
     if let Some(last) = history.last() {
         println!(
             "final test accuracy {:.2}% (generalization gap {:.2} points)",

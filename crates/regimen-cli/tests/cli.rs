@@ -89,3 +89,109 @@ fn bench_json() {
         "{out}"
     );
 }
+
+#[test]
+fn optimizers_and_schedules_from_flags() {
+    for args in [
+        &[
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.003",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "50",
+        ][..],
+        &[
+            "--momentum",
+            "0.9",
+            "--nesterov",
+            "--lr",
+            "0.05",
+            "--schedule",
+            "onecycle",
+            "--weight-decay",
+            "5e-4",
+        ],
+        &[
+            "--optimizer",
+            "rmsprop",
+            "--lr",
+            "0.001",
+            "--schedule",
+            "step:size=2,gamma=0.5",
+            "--schedule-unit",
+            "epoch",
+            "--clip-norm",
+            "1",
+        ],
+        &[
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.003",
+            "--weight-decay",
+            "0.05",
+            "--amsgrad",
+            "--penalty",
+            "l1:1e-5",
+        ],
+    ] {
+        let mut all = vec![
+            "--threads",
+            "1",
+            "train",
+            "--model",
+            "digits-mlp",
+            "--epochs",
+            "4",
+        ];
+        all.extend_from_slice(args);
+        let (code, out, err) = regimen(&all);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let last = out
+            .lines()
+            .find(|l| l.starts_with("final test accuracy"))
+            .expect(&out);
+        let acc: f32 = last
+            .split_whitespace()
+            .nth(3)
+            .unwrap()
+            .trim_end_matches('%')
+            .parse()
+            .unwrap();
+        assert!(acc > 85.0, "{args:?}: {last}");
+    }
+}
+
+#[test]
+fn bad_optimizer_and_schedule_flags_are_one_line() {
+    for (args, needle) in [
+        (
+            &["--optimizer", "adamx"][..],
+            "expected sgd, adagrad, rmsprop, adam or adamw",
+        ),
+        (&["--lr=-1"], "lr = -1"),
+        (&["--optimizer", "adam", "--beta1", "1.2"], "beta1 = 1.2"),
+        (&["--optimizer", "adam", "--eps", "0"], "eps = 0"),
+        (&["--schedule", "cosinus"], "schedule = cosinus"),
+        (
+            &["--schedule", "step:gama=2"],
+            "unknown key; accepted: size, gamma",
+        ),
+        (&["--nesterov"], "nesterov"),
+        (&["--warmup", "100000"], "warmup = 100000"),
+        (&["--penalty", "l3:0.1"], "penalty = l3:0.1"),
+        (&["--clip-norm=-1"], "clip_norm = -1"),
+        (&["--schedule-unit", "week"], "expected batch or epoch"),
+    ] {
+        let mut all = vec!["train"];
+        all.extend_from_slice(args);
+        let (code, out, err) = regimen(&all);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(out.is_empty(), "nothing printed before the error: {out}");
+    }
+}

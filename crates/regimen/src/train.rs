@@ -1,18 +1,23 @@
-//! A plain training loop: mini-batch SGD on a [`Dataset`] with per-epoch loss and accuracy.
-//! (The full `Trainer` with optimizers, schedules and callbacks builds on the same step.)
+//! The training loop: mini-batches of a [`Dataset`], any optimizer and schedule, an optional
+//! weight penalty, per-epoch loss and accuracy. (Callbacks, checkpoints and the run folder of
+//! the full trainer build on the same step.)
 //!
 //! One step: `forward(x, Train)` -> fused softmax cross-entropy -> `backward(dlogits)` ->
-//! `theta -= lr grad` -> zero the gradients. The loss and the correct count of each batch are
-//! accumulated on the device and read once per epoch.
+//! penalty gradients -> `optim.step(model, schedule.lr(t))` (which zeroes the gradients). The
+//! loss and the correct count of each batch are accumulated on the device and read once per
+//! epoch. A [`ReduceOnPlateau`](crate::schedule::ReduceOnPlateau) schedule observes the
+//! held-out loss after each epoch.
 
 use std::time::Instant;
 
 use crate::backend::Target;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::layer::{sgd_step, zero_grads, Layer, Mode};
-use crate::loss::CrossEntropy;
+use crate::layer::{Layer, Mode};
+use crate::loss::{CrossEntropy, Penalty};
+use crate::optim::{Optim, OptimConfig, Sgd};
 use crate::rng::Rng;
+use crate::schedule::{Constant, Schedule, Unit};
 use crate::tensor::{Device, Tensor};
 
 #[derive(Clone, Debug)]
@@ -64,6 +69,8 @@ pub struct EpochStats {
     pub train_acc: f32,
     pub test_loss: f32,
     pub test_acc: f32,
+    /// The learning rate of the epoch's last step.
+    pub lr: f32,
     pub seconds: f32,
 }
 
@@ -116,46 +123,121 @@ pub fn evaluate(
     Ok(meter.read())
 }
 
-/// Train with mini-batch SGD; `on_epoch` sees each epoch's statistics as they come.
-pub fn fit_sgd(
+/// How to run the loop (the optimizer and the schedule are passed separately).
+#[derive(Clone, Debug)]
+pub struct FitConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub device: Device,
+    /// Whether the schedule steps per batch or per epoch.
+    pub unit: Unit,
+    /// A weight penalty added to the loss (its gradient to the weights').
+    pub penalty: Option<Penalty>,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            epochs: 10,
+            batch_size: 32,
+            seed: 0,
+            device: Device::Cpu,
+            unit: Unit::Batch,
+            penalty: None,
+        }
+    }
+}
+
+/// Train `model`; `on_epoch` sees each epoch's statistics as they come. The reported training
+/// loss is the data loss (without the penalty).
+pub fn fit(
     model: &mut dyn Layer,
     train: &Dataset,
     test: &Dataset,
-    cfg: &SgdConfig,
+    cfg: &FitConfig,
+    optim: &mut Optim,
+    schedule: &mut dyn Schedule,
     mut on_epoch: impl FnMut(&EpochStats),
 ) -> Result<Vec<EpochStats>> {
-    cfg.validate()?;
+    if cfg.batch_size == 0 {
+        return Err(Error::config("batch_size", 0, "must be at least 1"));
+    }
+    if train.is_empty() {
+        return Err(Error::config(
+            "training set",
+            "empty",
+            "needs at least one sample",
+        ));
+    }
     let ce = CrossEntropy::new();
     let mut rng = Rng::new(cfg.seed);
     let mut order: Vec<usize> = (0..train.len()).collect();
+    let per_epoch = train.len().div_ceil(cfg.batch_size);
     let mut history = Vec::with_capacity(cfg.epochs);
     // Nothing uses the gradient of the input images.
     model.set_input_grad(false);
+    let mut batch_index = 0;
     for epoch in 1..=cfg.epochs {
         let start = Instant::now();
         rng.shuffle(&mut order);
         let mut meter = Meter::new(cfg.device);
+        let mut lr = 0.0;
         for chunk in order.chunks(cfg.batch_size) {
             let (x, y) = train.batch(chunk, cfg.device)?;
             let logits = model.forward(&x, Mode::Train)?;
             let out = ce.forward(&logits, Target::Hard(&y))?;
             model.backward(&out.grad)?;
-            sgd_step(model, cfg.lr);
-            zero_grads(model);
+            if let Some(p) = &cfg.penalty {
+                p.apply(model);
+            }
+            lr = schedule.lr(cfg.unit.step(batch_index, per_epoch));
+            optim.step(model, lr)?;
             meter.add(&logits, &out.loss, &y);
+            batch_index += 1;
         }
         let (train_loss, train_acc) = meter.read();
         let (test_loss, test_acc) = evaluate(model, test, 256, cfg.device)?;
+        schedule.observe(test_loss);
         let stats = EpochStats {
             epoch,
             train_loss,
             train_acc,
             test_loss,
             test_acc,
+            lr,
             seconds: start.elapsed().as_secs_f32(),
         };
         on_epoch(&stats);
         history.push(stats);
     }
     Ok(history)
+}
+
+/// Train with plain mini-batch SGD at a constant learning rate.
+pub fn fit_sgd(
+    model: &mut dyn Layer,
+    train: &Dataset,
+    test: &Dataset,
+    cfg: &SgdConfig,
+    on_epoch: impl FnMut(&EpochStats),
+) -> Result<Vec<EpochStats>> {
+    cfg.validate()?;
+    let mut optim = Optim::new(Sgd::default(), OptimConfig::default())?;
+    let fit_cfg = FitConfig {
+        epochs: cfg.epochs,
+        batch_size: cfg.batch_size,
+        seed: cfg.seed,
+        device: cfg.device,
+        ..Default::default()
+    };
+    fit(
+        model,
+        train,
+        test,
+        &fit_cfg,
+        &mut optim,
+        &mut Constant(cfg.lr),
+        on_epoch,
+    )
 }

@@ -7,4 +7,4 @@ mod penalty;
 
 pub use cross_entropy::{CrossEntropy, LossOutput};
 pub use mse::Mse;
-pub use penalty::Penalty;
+pub use penalty::{parse_penalty, Penalty};

@@ -78,9 +78,18 @@ impl Penalty {
     /// Add the penalty's gradient to every weight of `model` (not biases or normalization
     /// parameters) and return the total penalty (one element, on the model's device).
     pub fn apply(&self, model: &mut dyn Layer) -> Tensor {
+        self.apply_to(model, |_, kind| kind == ParamKind::Weight)
+    }
+
+    /// The same on the parameters `chosen(name, kind)` selects (e.g. only `fc` layers).
+    pub fn apply_to(
+        &self,
+        model: &mut dyn Layer,
+        chosen: impl Fn(&str, ParamKind) -> bool,
+    ) -> Tensor {
         let mut total: Option<Tensor> = None;
-        model.visit_params("", &mut |_, p| {
-            if p.kind != ParamKind::Weight {
+        model.visit_params("", &mut |name, p| {
+            if !chosen(name, p.kind) {
                 return;
             }
             let v = self.value(&p.value);
@@ -92,4 +101,34 @@ impl Penalty {
         });
         total.unwrap_or_else(|| Tensor::zeros(&[1], Device::Cpu))
     }
+}
+
+/// Parse `l1:LAMBDA`, `l2:LAMBDA` or `elastic:LAMBDA:BETA` (the command line's `--penalty`).
+pub fn parse_penalty(spec: &str) -> Result<Penalty> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let num = |s: &str, field: &str| -> Result<f32> {
+        s.parse()
+            .map_err(|_| Error::config(field, s, "is not a number"))
+    };
+    let p = match parts.as_slice() {
+        ["l1", l] => Penalty::L1 {
+            lambda: num(l, "penalty lambda")?,
+        },
+        ["l2", l] => Penalty::L2 {
+            lambda: num(l, "penalty lambda")?,
+        },
+        ["elastic", l, b] => Penalty::ElasticNet {
+            lambda: num(l, "penalty lambda")?,
+            beta: num(b, "elastic net beta")?,
+        },
+        _ => {
+            return Err(Error::config(
+                "penalty",
+                spec,
+                "expected l1:LAMBDA, l2:LAMBDA or elastic:LAMBDA:BETA",
+            ))
+        }
+    };
+    p.validate()?;
+    Ok(p)
 }

@@ -103,7 +103,7 @@ pub fn parse_schedule(
     if !(lr > 0.0 && lr.is_finite()) {
         return Err(Error::config("lr", lr, "must be a finite number > 0"));
     }
-    if warmup >= total.max(1) && s.name != "constant" {
+    if warmup > 0 && warmup >= total {
         return Err(Error::config(
             "warmup",
             warmup,

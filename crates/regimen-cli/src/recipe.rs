@@ -1,0 +1,160 @@
+//! Optimizer, schedule and penalty from command-line flags.
+
+use anyhow::{bail, Result};
+use regimen::loss::{parse_penalty, Penalty};
+use regimen::optim::{Adagrad, Adam, Optim, OptimConfig, RmsProp, Sgd};
+use regimen::schedule::{parse_schedule, Schedule, Unit};
+
+/// The optimizer flags of `regimen train`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct OptimArgs {
+    /// sgd, adagrad, rmsprop, adam or adamw (SGD takes --momentum and --nesterov).
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    /// Base learning rate (the peak for onecycle and after warmup).
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f32,
+    /// Momentum (SGD; RMSprop).
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f64,
+    /// Nesterov momentum (SGD; needs --momentum > 0).
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Weight decay: L2 added to the gradient (decoupled for adamw). Biases and batch-norm
+    /// parameters are not decayed.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Adam/AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    /// Adam/AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+    /// Epsilon of Adagrad, RMSprop and Adam (default: each optimizer's own, as PyTorch).
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// AMSGrad variant of Adam/AdamW.
+    #[arg(long)]
+    pub amsgrad: bool,
+    /// RMSprop's decay of the squared-gradient average.
+    #[arg(long, default_value_t = 0.99)]
+    pub alpha: f64,
+    /// Centered RMSprop.
+    #[arg(long)]
+    pub centered: bool,
+    /// Clip gradients to this global L2 norm.
+    #[arg(long)]
+    pub clip_norm: Option<f32>,
+    /// Clip each gradient element to [-v, v].
+    #[arg(long)]
+    pub clip_value: Option<f32>,
+    /// Accumulate gradients over this many batches per update.
+    #[arg(long, default_value_t = 1)]
+    pub accumulate: usize,
+    /// Learning-rate schedule: NAME or NAME:key=value,... (constant, step:size=N, multistep:milestones=a/b,
+    /// exp:gamma=G, cosine, linear, poly:power=P, cyclic, onecycle:pct=P, restarts:t0=N,mult=M, plateau:patience=N).
+    #[arg(long, default_value = "constant")]
+    pub schedule: String,
+    /// Warmup steps in front of the schedule (linear from 0 unless --warmup-factor).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Constant warmup at this fraction of the learning rate instead of a linear ramp.
+    #[arg(long)]
+    pub warmup_factor: Option<f32>,
+    /// Step the schedule per batch or per epoch.
+    #[arg(long, default_value = "batch")]
+    pub schedule_unit: String,
+    /// Weight penalty added to the loss: l1:LAMBDA, l2:LAMBDA or elastic:LAMBDA:BETA.
+    #[arg(long)]
+    pub penalty: Option<String>,
+}
+
+pub fn optimizer(a: &OptimArgs) -> Result<Optim> {
+    let cfg = OptimConfig {
+        weight_decay: a.weight_decay,
+        clip_norm: a.clip_norm,
+        clip_value: a.clip_value,
+        accumulate: a.accumulate,
+        ..Default::default()
+    };
+    let sgd_only = |what: &str| -> Result<()> {
+        if a.optimizer != "sgd"
+            && a.optimizer != "rmsprop"
+            && (what == "momentum" && a.momentum != 0.0)
+        {
+            bail!("--momentum applies to sgd and rmsprop, not {}", a.optimizer);
+        }
+        Ok(())
+    };
+    sgd_only("momentum")?;
+    if a.nesterov && a.optimizer != "sgd" {
+        bail!("--nesterov applies to sgd, not {}", a.optimizer);
+    }
+    Ok(match a.optimizer.as_str() {
+        "sgd" => Optim::new(
+            Sgd {
+                momentum: a.momentum,
+                dampening: 0.0,
+                nesterov: a.nesterov,
+            },
+            cfg,
+        )?,
+        "adagrad" => Optim::new(
+            Adagrad {
+                eps: a.eps.unwrap_or(1e-10),
+                ..Default::default()
+            },
+            cfg,
+        )?,
+        "rmsprop" => Optim::new(
+            RmsProp {
+                alpha: a.alpha,
+                eps: a.eps.unwrap_or(1e-8),
+                momentum: a.momentum,
+                centered: a.centered,
+            },
+            cfg,
+        )?,
+        kind @ ("adam" | "adamw") => Optim::new(
+            Adam {
+                beta1: a.beta1,
+                beta2: a.beta2,
+                eps: a.eps.unwrap_or(1e-8),
+                amsgrad: a.amsgrad,
+                decoupled: kind == "adamw",
+            },
+            cfg,
+        )?,
+        other => {
+            bail!("invalid --optimizer {other:?}: expected sgd, adagrad, rmsprop, adam or adamw")
+        }
+    })
+}
+
+/// The schedule over `epochs` epochs of `per_epoch` batches, and its unit.
+pub fn schedule(
+    a: &OptimArgs,
+    epochs: usize,
+    per_epoch: usize,
+) -> Result<(Box<dyn Schedule>, Unit)> {
+    let unit = match a.schedule_unit.as_str() {
+        "batch" => Unit::Batch,
+        "epoch" => Unit::Epoch,
+        other => bail!("invalid --schedule-unit {other:?}: expected batch or epoch"),
+    };
+    let total = match unit {
+        Unit::Batch => epochs * per_epoch,
+        Unit::Epoch => epochs,
+    };
+    Ok((
+        parse_schedule(&a.schedule, a.lr, total, a.warmup, a.warmup_factor)?,
+        unit,
+    ))
+}
+
+pub fn penalty(a: &OptimArgs) -> Result<Option<Penalty>> {
+    Ok(match &a.penalty {
+        Some(spec) => Some(parse_penalty(spec)?),
+        None => None,
+    })
+}
