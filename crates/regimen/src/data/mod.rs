@@ -1,8 +1,15 @@
 //! Datasets in memory: images `[N, C, H, W]` as f32 with one class label each.
 
+mod cifar;
 mod digits;
+pub mod idx;
+pub mod preprocess;
+mod sources;
 
+pub use cifar::read_batch as read_cifar_batch;
 pub use digits::digits;
+pub use preprocess::{PreprocessKind, Preprocessor};
+pub use sources::{load, search_dirs, Splits, CIFAR_CLASSES, DATASETS, DATA_ENV, FASHION_CLASSES};
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
