@@ -71,6 +71,37 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
+    /// Gamma(shape, 1) sample (Marsaglia & Tsang, 2000; for shape < 1, `G(a + 1) U^(1/a)`).
+    pub fn gamma(&mut self, shape: f64) -> f64 {
+        if shape < 1.0 {
+            let u = 1.0 - self.next_f64(); // (0, 1]
+            return self.gamma(shape + 1.0) * u.powf(1.0 / shape);
+        }
+        let d = shape - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = self.normal();
+            let v = (1.0 + c * x).powi(3);
+            if v <= 0.0 {
+                continue;
+            }
+            let u = 1.0 - self.next_f64();
+            if u < 1.0 - 0.0331 * x.powi(4) || u.ln() < 0.5 * x * x + d * (1.0 - v + v.ln()) {
+                return d * v;
+            }
+        }
+    }
+
+    /// Beta(a, b) sample: `X / (X + Y)` with `X ~ Gamma(a)`, `Y ~ Gamma(b)`.
+    pub fn beta(&mut self, a: f64, b: f64) -> f64 {
+        let x = self.gamma(a);
+        let y = self.gamma(b);
+        if x + y == 0.0 {
+            return 0.5;
+        }
+        x / (x + y)
+    }
+
     /// Uniform integer in `[0, n)` (n > 0), without modulo bias worth caring about for n < 2^32.
     #[inline]
     pub fn below(&mut self, n: usize) -> usize {
@@ -110,6 +141,23 @@ mod tests {
         assert!((m - 0.5).abs() < 0.003, "hash_uniform mean {m}");
         assert!(us.iter().all(|&u| (0.0..1.0).contains(&u)));
         assert_ne!(hash_uniform(3, 5), hash_uniform(4, 5));
+    }
+
+    #[test]
+    fn beta_has_the_right_mean_and_variance() {
+        let mut r = Rng::new(4);
+        for (a, b) in [(0.2, 0.2), (1.0, 1.0), (2.0, 5.0)] {
+            let n = 100_000;
+            let xs: Vec<f64> = (0..n).map(|_| r.beta(a, b)).collect();
+            let m = xs.iter().sum::<f64>() / n as f64;
+            let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
+            let (wm, wv) = (a / (a + b), a * b / ((a + b).powi(2) * (a + b + 1.0)));
+            assert!(
+                (m - wm).abs() < 0.005 && (v - wv).abs() < 0.005,
+                "Beta({a},{b}): mean {m} var {v}, want {wm} {wv}"
+            );
+            assert!(xs.iter().all(|x| (0.0..=1.0).contains(x)));
+        }
     }
 
     #[test]

@@ -11,14 +11,15 @@
 use std::time::Instant;
 
 use crate::backend::Target;
-use crate::data::Dataset;
+use std::sync::Arc;
+
+use crate::data::{Dataset, Loader, Pipeline};
 use crate::error::{Error, Result};
 use crate::layer::{Layer, Mode};
 use crate::loss::{CrossEntropy, Penalty};
 use crate::optim::{Optim, OptimConfig, Sgd};
-use crate::rng::Rng;
 use crate::schedule::{Constant, Schedule, Unit};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{Device, Indices, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct SgdConfig {
@@ -134,6 +135,12 @@ pub struct FitConfig {
     pub unit: Unit,
     /// A weight penalty added to the loss (its gradient to the weights').
     pub penalty: Option<Penalty>,
+    /// Label smoothing of the cross-entropy.
+    pub label_smoothing: f32,
+    /// Augmentation of the training batches.
+    pub augment: Pipeline,
+    /// Background threads preparing batches (0: in the training thread).
+    pub workers: usize,
 }
 
 impl Default for FitConfig {
@@ -145,15 +152,19 @@ impl Default for FitConfig {
             device: Device::Cpu,
             unit: Unit::Batch,
             penalty: None,
+            label_smoothing: 0.0,
+            augment: Pipeline::default(),
+            workers: 1,
         }
     }
 }
 
 /// Train `model`; `on_epoch` sees each epoch's statistics as they come. The reported training
-/// loss is the data loss (without the penalty).
+/// loss is the data loss (without the penalty) on the augmented batches, against the mixed
+/// labels under Mixup/CutMix; the training accuracy counts the original label of each sample.
 pub fn fit(
     model: &mut dyn Layer,
-    train: &Dataset,
+    train: Arc<Dataset>,
     test: &Dataset,
     cfg: &FitConfig,
     optim: &mut Optim,
@@ -170,23 +181,37 @@ pub fn fit(
             "needs at least one sample",
         ));
     }
-    let ce = CrossEntropy::new();
-    let mut rng = Rng::new(cfg.seed);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let per_epoch = train.len().div_ceil(cfg.batch_size);
+    let ce = CrossEntropy::with_label_smoothing(cfg.label_smoothing)?;
+    let classes = train.num_classes();
+    let loader = Loader {
+        pipeline: Arc::new(cfg.augment.clone()),
+        workers: cfg.workers,
+        ..Loader::new(train, cfg.batch_size, cfg.seed)
+    };
+    let per_epoch = loader.batches_per_epoch();
     let mut history = Vec::with_capacity(cfg.epochs);
     // Nothing uses the gradient of the input images.
     model.set_input_grad(false);
     let mut batch_index = 0;
     for epoch in 1..=cfg.epochs {
         let start = Instant::now();
-        rng.shuffle(&mut order);
         let mut meter = Meter::new(cfg.device);
         let mut lr = 0.0;
-        for chunk in order.chunks(cfg.batch_size) {
-            let (x, y) = train.batch(chunk, cfg.device)?;
+        for batch in loader.epoch(epoch - 1) {
+            let x = Tensor::from_host(&batch.shape, batch.images, cfg.device)?;
+            let y = Indices::from_vec(batch.labels).to_device(cfg.device);
             let logits = model.forward(&x, Mode::Train)?;
-            let out = ce.forward(&logits, Target::Hard(&y))?;
+            let out = match batch.soft {
+                Some(soft) => ce.forward(
+                    &logits,
+                    Target::Soft(&Tensor::from_host(
+                        &[batch.shape[0], classes],
+                        soft,
+                        cfg.device,
+                    )?),
+                )?,
+                None => ce.forward(&logits, Target::Hard(&y))?,
+            };
             model.backward(&out.grad)?;
             if let Some(p) = &cfg.penalty {
                 p.apply(model);
@@ -233,7 +258,7 @@ pub fn fit_sgd(
     };
     fit(
         model,
-        train,
+        Arc::new(train.clone()),
         test,
         &fit_cfg,
         &mut optim,

@@ -1,13 +1,17 @@
 //! Datasets in memory: images `[N, C, H, W]` as f32 with one class label each.
 
+pub mod augment;
 mod cifar;
 mod digits;
 pub mod idx;
+mod loader;
 pub mod preprocess;
 mod sources;
 
+pub use augment::{Augment, Pipeline};
 pub use cifar::read_batch as read_cifar_batch;
 pub use digits::digits;
+pub use loader::{Batch, Epoch, Loader};
 pub use preprocess::{PreprocessKind, Preprocessor};
 pub use sources::{load, search_dirs, Splits, CIFAR_CLASSES, DATASETS, DATA_ENV, FASHION_CLASSES};
 

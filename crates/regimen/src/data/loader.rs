@@ -1,0 +1,180 @@
+//! Batches for training: shuffled per epoch with a seed, augmented in background threads,
+//! delivered in order through bounded queues.
+//!
+//! Each batch is built from `(seed, epoch, batch index)` alone — its sample order and every
+//! random draw of its augmentations — so the batches are the same whatever the number of
+//! worker threads and however the threads are scheduled. Worker `w` builds batches
+//! `w, w + W, w + 2W, ...` into its own queue of `depth` batches; the consumer takes them
+//! round-robin, which restores the order. With zero workers batches are built on demand in
+//! the consumer's thread.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::{Dataset, Pipeline};
+use crate::rng::{mix64, Rng};
+
+/// One batch on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// `[B, C, H, W]` row-major.
+    pub images: Vec<f32>,
+    pub shape: [usize; 4],
+    pub labels: Vec<u32>,
+    /// `[B, classes]` when the pipeline mixes samples (Mixup, CutMix).
+    pub soft: Option<Vec<f32>>,
+}
+
+#[derive(Clone)]
+pub struct Loader {
+    pub data: Arc<Dataset>,
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    pub pipeline: Arc<Pipeline>,
+    /// Background threads (0: build batches in the caller's thread).
+    pub workers: usize,
+    /// Batches each worker may have ready ahead of the consumer.
+    pub depth: usize,
+}
+
+impl Loader {
+    pub fn new(data: Arc<Dataset>, batch_size: usize, seed: u64) -> Loader {
+        Loader {
+            data,
+            batch_size: batch_size.max(1),
+            shuffle: true,
+            seed,
+            pipeline: Arc::new(Pipeline::default()),
+            workers: 1,
+            depth: 2,
+        }
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.data.len().div_ceil(self.batch_size)
+    }
+
+    fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.data.len()).collect();
+        if self.shuffle {
+            Rng::new(mix64(self.seed ^ mix64(epoch as u64 + 1))).shuffle(&mut order);
+        }
+        order
+    }
+
+    /// Build batch `b` of an epoch whose sample order is `order`.
+    pub fn build(&self, epoch: usize, b: usize, order: &[usize]) -> Batch {
+        let data = &self.data;
+        let idx = &order[b * self.batch_size..((b + 1) * self.batch_size).min(order.len())];
+        let d = data.image_len();
+        let mut images = Vec::with_capacity(idx.len() * d);
+        for &i in idx {
+            images.extend_from_slice(&data.images[i * d..(i + 1) * d]);
+        }
+        let labels: Vec<u32> = idx.iter().map(|&i| data.labels[i]).collect();
+        let mut rng = Rng::new(mix64(
+            self.seed ^ mix64((epoch as u64) << 32 | b as u64) ^ 0xA06,
+        ));
+        let soft = self.pipeline.apply(
+            &mut images,
+            data.image_shape,
+            &labels,
+            data.num_classes(),
+            &mut rng,
+        );
+        let [c, h, w] = data.image_shape;
+        Batch {
+            images,
+            shape: [idx.len(), c, h, w],
+            labels,
+            soft,
+        }
+    }
+
+    /// The batches of epoch `epoch` (0-based), in order.
+    pub fn epoch(&self, epoch: usize) -> Epoch {
+        let order = Arc::new(self.order(epoch));
+        let n = self.batches_per_epoch();
+        if self.workers == 0 {
+            return Epoch {
+                inner: Inner::Inline {
+                    loader: self.clone(),
+                    order,
+                    epoch,
+                },
+                next: 0,
+                n,
+            };
+        }
+        let mut queues = Vec::new();
+        let mut threads = Vec::new();
+        for w in 0..self.workers {
+            let (tx, rx) = sync_channel(self.depth.max(1));
+            let (loader, order) = (self.clone(), order.clone());
+            threads.push(std::thread::spawn(move || {
+                for b in (w..n).step_by(loader.workers) {
+                    if tx.send(loader.build(epoch, b, &order)).is_err() {
+                        return; // the consumer stopped early
+                    }
+                }
+            }));
+            queues.push(rx);
+        }
+        Epoch {
+            inner: Inner::Threads { queues, threads },
+            next: 0,
+            n,
+        }
+    }
+}
+
+enum Inner {
+    Inline {
+        loader: Loader,
+        order: Arc<Vec<usize>>,
+        epoch: usize,
+    },
+    Threads {
+        queues: Vec<Receiver<Batch>>,
+        threads: Vec<JoinHandle<()>>,
+    },
+}
+
+/// An epoch's batches; dropping it early stops its workers.
+pub struct Epoch {
+    inner: Inner,
+    next: usize,
+    n: usize,
+}
+
+impl Iterator for Epoch {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        if self.next >= self.n {
+            return None;
+        }
+        let b = self.next;
+        self.next += 1;
+        match &self.inner {
+            Inner::Inline {
+                loader,
+                order,
+                epoch,
+            } => Some(loader.build(*epoch, b, order)),
+            Inner::Threads { queues, .. } => queues[b % queues.len()].recv().ok(),
+        }
+    }
+}
+
+impl Drop for Epoch {
+    fn drop(&mut self) {
+        if let Inner::Threads { queues, threads } = &mut self.inner {
+            queues.clear(); // senders now fail, workers return
+            for t in threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
