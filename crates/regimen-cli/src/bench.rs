@@ -12,7 +12,7 @@ use regimen::{models, Device, Indices, Rng, Target, Tensor};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// mlp-step or cnn-step.
+    /// mlp-step, cnn-step, or augment (crop+flip images/s on one core; --batch images per call).
     #[arg(long, default_value = "mlp-step")]
     workload: String,
     #[arg(long, default_value_t = 128)]
@@ -28,12 +28,51 @@ pub struct BenchArgs {
     json: bool,
 }
 
+/// Augmentation throughput: crop (pad 2) + flip on one thread, 28x28 grey and 32x32 RGB.
+fn augment(args: &BenchArgs) -> Result<()> {
+    let pipeline = regimen::data::Pipeline::parse("crop=2,flip")?;
+    let mut rows = Vec::new();
+    for shape in [[1usize, 28, 28], [3, 32, 32]] {
+        let d: usize = shape.iter().product();
+        let n = args.batch.max(1);
+        let mut rng = Rng::new(0);
+        let base: Vec<f32> = (0..n * d).map(|_| rng.next_f64() as f32).collect();
+        let labels = vec![0u32; n];
+        let mut rates = Vec::new();
+        for _ in 0..args.reps {
+            let t = Instant::now();
+            for _ in 0..args.steps {
+                let mut images = base.clone();
+                pipeline.apply(&mut images, shape, &labels, 10, &mut rng);
+                std::hint::black_box(&images);
+            }
+            rates.push((n * args.steps) as f64 / t.elapsed().as_secs_f64());
+        }
+        rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        rows.push((shape, rates[rates.len() / 2]));
+    }
+    for (shape, rate) in rows {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"framework": "regimen", "workload": "augment", "pipeline": "crop=2,flip", "shape": shape, "threads": 1, "images_per_s_per_core": rate})
+            );
+        } else {
+            println!("regimen augment crop=2,flip {shape:?}: {rate:.0} images/s on one core");
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.workload == "augment" {
+        return augment(args);
+    }
     let mut rng = Rng::new(0);
     let mut model = match args.workload.as_str() {
         "mlp-step" => models::bench_mlp(&mut rng)?,
         "cnn-step" => models::bench_cnn(&mut rng)?,
-        other => bail!("unknown workload {other:?}: expected mlp-step or cnn-step"),
+        other => bail!("unknown workload {other:?}: expected mlp-step, cnn-step or augment"),
     };
     if args.batch == 0 || args.steps == 0 || args.reps == 0 {
         bail!("--batch, --steps and --reps must be at least 1");

@@ -1,11 +1,16 @@
 //! `regimen`: the command-line program.
 
 mod bench;
+mod data_cmd;
 mod recipe;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use regimen::layer::Layer;
+use std::sync::Arc;
+
+use regimen::data::{Pipeline, PreprocessKind, Preprocessor};
+use regimen::loss::CrossEntropy;
 use regimen::train::{fit, FitConfig};
 use regimen::{models, Rng};
 
@@ -35,20 +40,35 @@ enum Command {
     },
     /// Time training steps of the BENCH.md workloads (regimen's side of bench/compare).
     Bench(bench::BenchArgs),
+    /// Inspect datasets and augmentation pipelines.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
 }
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// One of: digits-mlp, digits-cnn.
-    #[arg(long, default_value = "digits-cnn")]
-    model: String,
+    /// digits-mlp, digits-cnn, mlp or cnn (default: digits-cnn on digits, cnn otherwise).
+    #[arg(long)]
+    model: Option<String>,
+    #[command(flatten)]
+    source: data_cmd::Source,
+    /// Preprocessing fitted on the training split: none, center, normalize, mean-image,
+    /// channel-mean, per-channel, pca:K or whiten:K.
+    #[arg(long, default_value = "normalize")]
+    preprocess: String,
+    /// Augmentation pipeline, like crop=2,flip,cutmix=1.0 (none by default).
+    #[arg(long, default_value = "none")]
+    augment: String,
+    /// Label smoothing of the cross-entropy, in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f32,
+    /// Background threads preparing batches.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     #[arg(long, default_value_t = 20)]
     epochs: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Fraction of the data held out for testing.
-    #[arg(long, default_value_t = 0.2)]
-    test_fraction: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
@@ -59,29 +79,51 @@ fn train(args: &TrainArgs) -> Result<()> {
     if args.batch_size == 0 {
         anyhow::bail!("invalid --batch-size 0: must be at least 1");
     }
-    let mut rng = Rng::new(args.seed);
-    let (mut model, input) = models::by_name(&args.model, &mut rng)?;
-    if input != [1, 8, 8] {
-        anyhow::bail!("model {} takes {:?} images; `regimen train` trains on the embedded 8x8 digits: use digits-mlp or digits-cnn", args.model, input);
-    }
-    let data = regimen::data::digits()?;
-    let (mut train_set, mut test_set) = data.split(args.test_fraction, args.seed)?;
-    // Build everything that can fail on a bad flag before printing anything.
+    // Everything that can fail on a bad flag is checked before any data is read.
+    let preprocess = PreprocessKind::parse(&args.preprocess)?;
+    let augment = Pipeline::parse(&args.augment)?;
     let mut optim = recipe::optimizer(&args.optim)?;
+    let penalty = recipe::penalty(&args.optim)?;
+    let ls = CrossEntropy::with_label_smoothing(args.label_smoothing)?;
+    let model_name = args.model.clone().unwrap_or_else(|| {
+        if args.source.dataset == "digits" {
+            "digits-cnn".into()
+        } else {
+            "cnn".into()
+        }
+    });
+    if !models::NAMES.contains(&model_name.as_str()) {
+        anyhow::bail!(
+            "invalid --model {model_name:?}: expected one of {}",
+            models::NAMES.join(", ")
+        );
+    }
+    let splits = args.source.load()?;
+    let (mut train_set, mut test_set) = (splits.train, splits.test);
+    // Statistics from the training split only, applied unchanged to the test split.
+    let pre = Preprocessor::fit(preprocess, &train_set)?;
+    pre.apply(&mut train_set)?;
+    pre.apply(&mut test_set)?;
     let per_epoch = train_set.len().div_ceil(args.batch_size);
     let (mut schedule, unit) = recipe::schedule(&args.optim, args.epochs, per_epoch)?;
-    let penalty = recipe::penalty(&args.optim)?;
-    // Zero-center and normalize with the training split's statistics only.
-    let (mean, std) = train_set.pixel_mean_std();
-    train_set.normalize(mean, std);
-    test_set.normalize(mean, std);
+    let mut rng = Rng::new(args.seed);
+    let mut model = models::for_input(
+        &model_name,
+        train_set.image_shape,
+        train_set.num_classes(),
+        &mut rng,
+    )?;
+    let input = train_set.image_shape.to_vec();
     println!("{}", model.summary(&input)?);
     let o = &args.optim;
     println!(
-        "training {} on digits: {} train / {} test images, {} epochs, batch {}, {} lr {} schedule {}{}",
-        args.model,
+        "training {model_name} on {} ({}): {} train / {} test images, preprocess {}, augment {}, {} epochs, batch {}, {} lr {} schedule {}{}",
+        splits.name,
+        splits.source,
         train_set.len(),
         test_set.len(),
+        args.preprocess,
+        args.augment,
         args.epochs,
         args.batch_size,
         optim.name(),
@@ -95,6 +137,9 @@ fn train(args: &TrainArgs) -> Result<()> {
         seed: args.seed,
         unit,
         penalty,
+        label_smoothing: ls.label_smoothing,
+        augment,
+        workers: args.workers,
         ..Default::default()
     };
     println!(
@@ -103,7 +148,7 @@ fn train(args: &TrainArgs) -> Result<()> {
     );
     let history = fit(
         &mut model,
-        &train_set,
+        Arc::new(train_set),
         &test_set,
         &cfg,
         &mut optim,
@@ -151,6 +196,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Some(Command::Bench(args)) => bench::run(&args),
+        Some(Command::Data(cmd)) => data_cmd::run(&cmd),
     }
 }
 

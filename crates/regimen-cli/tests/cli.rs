@@ -195,3 +195,104 @@ fn bad_optimizer_and_schedule_flags_are_one_line() {
         assert!(out.is_empty(), "nothing printed before the error: {out}");
     }
 }
+
+#[test]
+fn data_info_and_preview() {
+    let (code, out, err) = regimen(&["data", "info", "--dataset", "digits"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("dataset digits from embedded")
+            && out.contains("train: 1438 images")
+            && out.contains("test: 359 images"),
+        "{out}"
+    );
+    let png = std::env::temp_dir().join(format!("regimen-preview-{}.png", std::process::id()));
+    let (code, out, err) = regimen(&[
+        "data",
+        "preview",
+        "--dataset",
+        "digits",
+        "--augment",
+        "crop=1,flip,cutmix=1.0",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("CLASS:WEIGHT"), "{out}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    std::fs::remove_file(&png).ok();
+    // A missing dataset and a bad pipeline are one line each.
+    let empty = std::env::temp_dir().join(format!("regimen-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, _, err) = regimen(&[
+        "data",
+        "info",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        empty.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("fashion-mnist not found") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let (code, _, err) = regimen(&[
+        "data",
+        "preview",
+        "--augment",
+        "blur",
+        "--out",
+        "/tmp/x.png",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("augment = blur"), "{err}");
+}
+
+#[test]
+fn train_with_preprocessing_and_augmentation_flags() {
+    let (code, out, err) = regimen(&[
+        "--threads",
+        "1",
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "5",
+        "--preprocess",
+        "per-channel",
+        "--augment",
+        "translate=1,mixup=0.2",
+        "--label-smoothing",
+        "0.1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let last = out
+        .lines()
+        .find(|l| l.starts_with("final test accuracy"))
+        .expect(&out);
+    let acc: f32 = last
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap();
+    assert!(acc > 70.0, "{last}");
+    for (args, needle) in [
+        (&["--preprocess", "zca"][..], "preprocess = zca"),
+        (&["--augment", "crop=-1"], "augment crop = -1"),
+        (&["--label-smoothing", "2"], "label_smoothing = 2"),
+        (&["--dataset", "imagenet"], "dataset = imagenet"),
+        (&["--model", "resnet"], "invalid --model"),
+    ] {
+        let mut all = vec!["train"];
+        all.extend_from_slice(args);
+        let (code, out, err) = regimen(&all);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(err.contains(needle) && out.is_empty(), "{args:?}: {err}");
+    }
+}

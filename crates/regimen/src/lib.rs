@@ -17,6 +17,7 @@ pub mod layers;
 pub mod loss;
 pub mod models;
 pub mod optim;
+pub mod png;
 pub mod rng;
 pub mod schedule;
 pub mod tensor;

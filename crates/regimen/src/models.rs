@@ -49,8 +49,21 @@ pub fn bench_mlp(rng: &mut Rng) -> Result<Sequential> {
 /// [same] x2 (64 ch), maxpool 2, dropout 0.25, Linear 3136->256, ReLU, dropout 0.25,
 /// Linear 256->10.
 pub fn bench_cnn(rng: &mut Rng) -> Result<Sequential> {
+    cnn([1, 28, 28], 10, rng)
+}
+
+/// BENCH.md's CNN for any `[C, H, W]` input (H and W divisible by 4) and class count.
+pub fn cnn(input: [usize; 3], classes: usize, rng: &mut Rng) -> Result<Sequential> {
+    let [c, h, w] = input;
+    if h < 4 || w < 4 {
+        return Err(Error::config(
+            "model cnn",
+            format!("{input:?}"),
+            "needs images of at least 4x4 (two 2x2 poolings)",
+        ));
+    }
     let mut m = Sequential::new();
-    m = conv_bn_relu(m, 1, 32, rng);
+    m = conv_bn_relu(m, c, 32, rng);
     m = conv_bn_relu(m, 32, 32, rng);
     m = m.push(MaxPool2d::new(2));
     m = conv_bn_relu(m, 32, 64, rng);
@@ -58,37 +71,66 @@ pub fn bench_cnn(rng: &mut Rng) -> Result<Sequential> {
     Ok(m.push(MaxPool2d::new(2))
         .push(Dropout::new(0.25)?)
         .push(Flatten::new())
-        .push(Linear::new(3136, 256, rng))
+        .push(Linear::new(64 * (h / 4) * (w / 4), 256, rng))
         .push(Activation::new(Unary::Relu))
         .push(Dropout::new(0.25)?)
-        .push(Linear::new(256, 10, rng)))
+        .push(Linear::new(256, classes, rng)))
 }
 
 /// A small CNN for the 8x8 digits: [conv3x3 -> BN -> ReLU] (16 ch), maxpool 2,
 /// [conv3x3 -> BN -> ReLU] (32 ch), global average pool, Linear 32->10.
 pub fn digits_cnn(rng: &mut Rng) -> Result<Sequential> {
-    let mut m = conv_bn_relu(Sequential::new(), 1, 16, rng);
+    small_cnn([1, 8, 8], 10, rng)
+}
+
+/// The digits CNN for any `[C, H, W]` input (H, W >= 2): global pooling makes it size-agnostic.
+pub fn small_cnn(input: [usize; 3], classes: usize, rng: &mut Rng) -> Result<Sequential> {
+    if input[1] < 2 || input[2] < 2 {
+        return Err(Error::config(
+            "model small-cnn",
+            format!("{input:?}"),
+            "needs images of at least 2x2",
+        ));
+    }
+    let mut m = conv_bn_relu(Sequential::new(), input[0], 16, rng);
     m = m.push(MaxPool2d::new(2));
     m = conv_bn_relu(m, 16, 32, rng);
-    Ok(m.push(GlobalAvgPool::new()).push(Linear::new(32, 10, rng)))
+    Ok(m.push(GlobalAvgPool::new())
+        .push(Linear::new(32, classes, rng)))
 }
 
 /// The names [`by_name`] knows.
 pub const NAMES: &[&str] = &["digits-mlp", "digits-cnn", "mlp", "cnn"];
 
-/// A built-in model by name, and the shape of one input sample.
+/// A built-in model by name for `[C, H, W]` inputs and `classes` classes:
+/// `digits-mlp` (one hidden layer of 128), `digits-cnn` (two conv blocks and global pooling),
+/// `mlp` and `cnn` (the BENCH.md models).
+pub fn for_input(
+    name: &str,
+    input: [usize; 3],
+    classes: usize,
+    rng: &mut Rng,
+) -> Result<Sequential> {
+    let d: usize = input.iter().product();
+    match name {
+        "digits-mlp" => mlp(d, &[128], classes, Unary::Relu, 0.0, rng),
+        "digits-cnn" => small_cnn(input, classes, rng),
+        "mlp" => mlp(d, &[512, 512], classes, Unary::Relu, 0.2, rng),
+        "cnn" => cnn(input, classes, rng),
+        other => Err(Error::config(
+            "model",
+            other,
+            &format!("expected one of {}", NAMES.join(", ")),
+        )),
+    }
+}
+
+/// A built-in model by name with its usual input: 8x8 digits for `digits-*`, 28x28 otherwise.
 pub fn by_name(name: &str, rng: &mut Rng) -> Result<(Sequential, Vec<usize>)> {
-    Ok(match name {
-        "digits-mlp" => (mlp(64, &[128], 10, Unary::Relu, 0.0, rng)?, vec![1, 8, 8]),
-        "digits-cnn" => (digits_cnn(rng)?, vec![1, 8, 8]),
-        "mlp" => (bench_mlp(rng)?, vec![1, 28, 28]),
-        "cnn" => (bench_cnn(rng)?, vec![1, 28, 28]),
-        other => {
-            return Err(Error::config(
-                "model",
-                other,
-                &format!("expected one of {}", NAMES.join(", ")),
-            ))
-        }
-    })
+    let input = if name.starts_with("digits") {
+        [1, 8, 8]
+    } else {
+        [1, 28, 28]
+    };
+    Ok((for_input(name, input, 10, rng)?, input.to_vec()))
 }

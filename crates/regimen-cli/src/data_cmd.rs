@@ -1,0 +1,163 @@
+//! `regimen data info` and `regimen data preview`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use regimen::data::{self, Dataset, Pipeline, Splits};
+use regimen::png::Canvas;
+use regimen::Rng;
+
+#[derive(clap::Subcommand)]
+pub enum DataCommand {
+    /// Where the files were found, counts per split and class, image shape, pixel mean/std.
+    Info(Source),
+    /// A PNG grid of real samples before (top row) and after (bottom row) an augmentation pipeline.
+    Preview {
+        #[command(flatten)]
+        source: Source,
+        /// The pipeline, like crop=2,flip,cutmix=1.0.
+        #[arg(long, default_value = "crop=2,flip")]
+        augment: String,
+        /// The PNG file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// How many samples.
+        #[arg(long, default_value_t = 8)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct Source {
+    /// digits (embedded), fashion-mnist, mnist or cifar10.
+    #[arg(long, default_value = "digits")]
+    pub dataset: String,
+    /// Directory holding the dataset's files (else $REGIMEN_DATA, else /usr/share/datasets/NAME).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Source {
+    pub fn load(&self) -> Result<Splits> {
+        Ok(data::load(&self.dataset, self.data_dir.as_deref())?)
+    }
+}
+
+fn describe(name: &str, d: &Dataset) {
+    let mut counts = vec![0usize; d.num_classes()];
+    d.labels.iter().for_each(|&l| counts[l as usize] += 1);
+    let (m, s) = d.pixel_mean_std();
+    println!("{name}: {} images, pixel mean {m:.4}, std {s:.4}", d.len());
+    for (c, n) in counts.iter().enumerate() {
+        println!("  {c:>2} {:<12} {n}", d.class_names[c]);
+    }
+}
+
+pub fn run(cmd: &DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Info(source) => {
+            let s = source.load()?;
+            println!("dataset {} from {}", s.name, s.source);
+            println!(
+                "image shape {:?} (C, H, W), {} classes",
+                s.train.image_shape,
+                s.train.num_classes()
+            );
+            describe("train", &s.train);
+            describe("test", &s.test);
+            Ok(())
+        }
+        DataCommand::Preview {
+            source,
+            augment,
+            out,
+            count,
+            seed,
+        } => {
+            let pipeline = Pipeline::parse(augment)?;
+            if *count == 0 || *count > 64 {
+                bail!("invalid --count {count}: must be in 1..=64");
+            }
+            let s = source.load()?;
+            let d = &s.train;
+            let n = (*count).min(d.len());
+            let mut rng = Rng::new(*seed);
+            let idx: Vec<usize> = (0..n).map(|_| rng.below(d.len())).collect();
+            let before = d.subset(&idx);
+            let mut after = before.images.clone();
+            let soft = pipeline.apply(
+                &mut after,
+                d.image_shape,
+                &before.labels,
+                d.num_classes(),
+                &mut rng,
+            );
+            let [_, h, w] = d.image_shape;
+            let scale = (96 / h.max(w)).max(1);
+            let (cell_w, cell_h) = (w * scale + 8, h * scale + 8);
+            let label_h = 3 * 5 * 2 + 8;
+            let mut canvas = Canvas::new(cell_w * n + 8, 2 * cell_h + label_h + 8, [255, 255, 255]);
+            let dim = d.image_len();
+            for i in 0..n {
+                canvas.image(
+                    &before.images[i * dim..(i + 1) * dim],
+                    d.image_shape,
+                    8 + i * cell_w,
+                    8,
+                    scale,
+                );
+                canvas.image(
+                    &after[i * dim..(i + 1) * dim],
+                    d.image_shape,
+                    8 + i * cell_w,
+                    8 + cell_h,
+                    scale,
+                );
+                // Under each augmented sample: its label(s) as CLASS:WEIGHT, heaviest first.
+                let mut parts: Vec<(usize, f32)> = match &soft {
+                    Some(y) => (0..d.num_classes())
+                        .map(|c| (c, y[i * d.num_classes() + c]))
+                        .filter(|&(_, w)| w > 0.005)
+                        .collect(),
+                    None => vec![(before.labels[i] as usize, 1.0)],
+                };
+                parts.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+                for (line, (c, wgt)) in parts.iter().take(2).enumerate() {
+                    let text = if soft.is_some() {
+                        format!("{c}:{wgt:.2}")
+                    } else {
+                        format!("{c}")
+                    };
+                    canvas.text(
+                        &text,
+                        8 + i * cell_w,
+                        2 * cell_h + 4 + line * 14,
+                        2,
+                        [0, 0, 0],
+                    );
+                }
+            }
+            canvas.save(out)?;
+            println!(
+                "wrote {} ({} samples of {}, top: original, bottom: {})",
+                out.display(),
+                n,
+                s.name,
+                if pipeline.is_empty() { "none" } else { augment }
+            );
+            let names: Vec<String> = d
+                .class_names
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{i}={c}"))
+                .collect();
+            println!(
+                "labels under the samples are CLASS:WEIGHT; classes: {}",
+                names.join(", ")
+            );
+            Ok(())
+        }
+    }
+}
