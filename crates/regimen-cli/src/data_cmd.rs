@@ -11,6 +11,18 @@ use regimen::Rng;
 pub enum DataCommand {
     /// Where the files were found, counts per split and class, image shape, pixel mean/std.
     Info(Source),
+    /// Download a dataset (fashion-mnist) into DIR/NAME, checking each file's SHA-256.
+    Download {
+        /// Only fashion-mnist has an official plain-HTTP location.
+        #[arg(long, default_value = "fashion-mnist")]
+        dataset: String,
+        /// Where to put it (default: $REGIMEN_DATA, else ./data); the files go in DIR/NAME.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Base URL of the files (default: the official location; http:// only).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// A PNG grid of real samples before (top row) and after (bottom row) an augmentation pipeline.
     Preview {
         #[command(flatten)]
@@ -57,6 +69,32 @@ fn describe(name: &str, d: &Dataset) {
 
 pub fn run(cmd: &DataCommand) -> Result<()> {
     match cmd {
+        DataCommand::Download {
+            dataset,
+            data_dir,
+            url,
+        } => {
+            if dataset != "fashion-mnist" {
+                bail!("invalid --dataset {dataset:?}: only fashion-mnist can be downloaded (put other datasets' files in --data-dir)");
+            }
+            let root = data_dir
+                .clone()
+                .or_else(|| std::env::var_os(data::DATA_ENV).map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("data"));
+            let dir = root.join(dataset);
+            let base = url
+                .clone()
+                .unwrap_or_else(|| data::download::FASHION_MNIST_URL.to_string());
+            data::download::download(&base, &data::download::FASHION_MNIST_FILES, &dir, |m| {
+                eprintln!("{m}")
+            })?;
+            println!(
+                "{dataset} is in {} (use --data-dir {})",
+                dir.display(),
+                root.display()
+            );
+            Ok(())
+        }
         DataCommand::Info(source) => {
             let s = source.load()?;
             println!("dataset {} from {}", s.name, s.source);

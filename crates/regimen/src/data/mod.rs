@@ -3,6 +3,7 @@
 pub mod augment;
 mod cifar;
 mod digits;
+pub mod download;
 pub mod idx;
 mod loader;
 pub mod preprocess;
