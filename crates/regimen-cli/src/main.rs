@@ -29,8 +29,9 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
-    /// Train a built-in model on the embedded 8x8 digits with mini-batch SGD (the default command).
+    /// Train a built-in model on a dataset (default: the embedded 8x8 digits; the default command).
     Train(TrainArgs),
     /// Print a built-in model's layers: output shapes, parameters and FLOPs per sample.
     Summary {

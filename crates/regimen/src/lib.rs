@@ -1,4 +1,6 @@
 #![doc = include_str!("../../../README.md")]
+// `!(x > 0.0)` is how validation rejects NaN along with the out-of-range values.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
 //! regimen: train neural networks natively in Rust.
 //!
 //! Layers with explicit `forward(x, mode)` / `backward(dy)` ([`Layer`]), a device-agnostic

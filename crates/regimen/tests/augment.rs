@@ -19,7 +19,8 @@ fn flip_twice_is_the_identity_and_once_mirrors() {
     let x = image(shape, 1);
     let mut y = x.clone();
     flip_horizontal(&mut y, shape);
-    assert_eq!(y[2 * 35 + 1 * 7 + 0], x[2 * 35 + 1 * 7 + 6]);
+    // Channel 2, row 1: the first pixel is the old last one.
+    assert_eq!(y[2 * 35 + 7], x[2 * 35 + 7 + 6]);
     flip_horizontal(&mut y, shape);
     assert_eq!(x, y);
 }

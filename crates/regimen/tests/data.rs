@@ -294,3 +294,35 @@ fn preprocessing_is_fitted_on_train_and_applied_unchanged() {
         PreprocessKind::Whiten(5)
     );
 }
+
+#[test]
+fn fitted_preprocessing_saves_and_loads_exactly() {
+    let d = synthetic();
+    let dir = std::env::temp_dir().join(format!("regimen-pre-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for kind in [
+        PreprocessKind::Normalize,
+        PreprocessKind::PerChannel,
+        PreprocessKind::MeanImage,
+        PreprocessKind::Whiten(3),
+    ] {
+        let p = Preprocessor::fit(kind, &d).unwrap();
+        let path = dir.join("pre.safetensors");
+        p.save(&path).unwrap();
+        let q = Preprocessor::load(&path).unwrap();
+        assert_eq!(p, q, "{kind:?}");
+        let (mut a, mut b) = (d.clone(), d.clone());
+        p.apply(&mut a).unwrap();
+        q.apply(&mut b).unwrap();
+        assert_eq!(a.images, b.images);
+    }
+    std::fs::write(dir.join("junk.safetensors"), b"not a file").unwrap();
+    let err = Preprocessor::load(&dir.join("junk.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("junk.safetensors") && err.contains("not a safetensors file"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

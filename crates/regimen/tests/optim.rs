@@ -22,6 +22,7 @@ fn net() -> Sequential {
         .push(Linear::new(3, 2, rng))
 }
 
+#[allow(clippy::type_complexity)]
 fn optimizer_of(
     meta: &HashMap<String, String>,
 ) -> (

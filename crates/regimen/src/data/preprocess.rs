@@ -247,6 +247,64 @@ impl Preprocessor {
     }
 }
 
+impl Preprocessor {
+    /// Save the fitted statistics (safetensors, atomically), to ship with a model.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let t = |name: &str, v: &Vec<f32>| (name.to_string(), vec![v.len()], v.clone());
+        let mut tensors = vec![t("mean", &self.mean), t("std", &self.std)];
+        if !self.components.is_empty() {
+            tensors.push(t("components", &self.components));
+            tensors.push(t("eigenvalues", &self.eigenvalues));
+        }
+        let [c, h, w] = self.input_shape;
+        let meta = std::collections::HashMap::from([
+            ("kind".to_string(), self.kind.spec()),
+            ("input_shape".to_string(), format!("{c},{h},{w}")),
+        ]);
+        crate::io::write_safetensors(path, &tensors, meta)
+    }
+
+    /// Load what [`Preprocessor::save`] wrote.
+    pub fn load(path: &std::path::Path) -> Result<Preprocessor> {
+        let (tensors, meta) = crate::io::read_safetensors(path)?;
+        let bad = |reason: String| Error::Data {
+            file: path.display().to_string(),
+            reason,
+        };
+        let kind = PreprocessKind::parse(
+            meta.get("kind")
+                .ok_or_else(|| bad("no 'kind' metadata: not a preprocessing file".into()))?,
+        )?;
+        let dims: Vec<usize> = meta
+            .get("input_shape")
+            .map(|s| s.split(',').filter_map(|v| v.parse().ok()).collect())
+            .unwrap_or_default();
+        if dims.len() != 3 {
+            return Err(bad("missing or bad 'input_shape' metadata".into()));
+        }
+        let get = |name: &str| tensors.iter().find(|t| t.0 == name).map(|t| t.2.clone());
+        let p = Preprocessor {
+            kind,
+            mean: get("mean").ok_or_else(|| bad("no 'mean' tensor".into()))?,
+            std: get("std").ok_or_else(|| bad("no 'std' tensor".into()))?,
+            components: get("components").unwrap_or_default(),
+            eigenvalues: get("eigenvalues").unwrap_or_default(),
+            input_shape: [dims[0], dims[1], dims[2]],
+        };
+        if let PreprocessKind::Pca(k) | PreprocessKind::Whiten(k) = kind {
+            if p.components.len() != k * dims.iter().product::<usize>() || p.eigenvalues.len() != k
+            {
+                return Err(bad(format!(
+                    "{} needs {k} components of {} values",
+                    kind.spec(),
+                    dims.iter().product::<usize>()
+                )));
+            }
+        }
+        Ok(p)
+    }
+}
+
 /// The `k` leading eigenvectors (as `k x d` rows) and eigenvalues of the covariance of the
 /// centered data, by subspace iteration with Rayleigh–Ritz refinement.
 fn principal_components(
@@ -397,6 +455,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::excessive_precision)]
     fn jacobi_and_subspace_iteration_find_known_eigenvalues() {
         let mut a = vec![4.0, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 1.0];
         let (vals, _) = jacobi_eigen(&mut a, 3);
