@@ -2,6 +2,20 @@
 
 use std::process::Command;
 
+/// The percentage on the "final test accuracy" line of `regimen train`.
+fn final_accuracy(out: &str) -> f32 {
+    let last = out
+        .lines()
+        .find(|l| l.starts_with("final test accuracy"))
+        .unwrap_or_else(|| panic!("no final accuracy in:\n{out}"));
+    last.split_whitespace()
+        .nth(3)
+        .unwrap()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap()
+}
+
 fn regimen(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_regimen"))
         .args(args)
@@ -30,18 +44,8 @@ fn train_prints_epochs_and_learns() {
         out.contains("Linear(64 -> 128)"),
         "the summary comes first:\n{out}"
     );
-    let last = out
-        .lines()
-        .find(|l| l.starts_with("final test accuracy"))
-        .expect(&out);
-    let acc: f32 = last
-        .split_whitespace()
-        .nth(3)
-        .unwrap()
-        .trim_end_matches('%')
-        .parse()
-        .unwrap();
-    assert!(acc > 85.0, "{last}");
+    let acc = final_accuracy(&out);
+    assert!(acc > 85.0, "{out}");
 }
 
 #[test]
@@ -150,18 +154,8 @@ fn optimizers_and_schedules_from_flags() {
         all.extend_from_slice(args);
         let (code, out, err) = regimen(&all);
         assert_eq!(code, 0, "{args:?}: {err}");
-        let last = out
-            .lines()
-            .find(|l| l.starts_with("final test accuracy"))
-            .expect(&out);
-        let acc: f32 = last
-            .split_whitespace()
-            .nth(3)
-            .unwrap()
-            .trim_end_matches('%')
-            .parse()
-            .unwrap();
-        assert!(acc > 85.0, "{args:?}: {last}");
+        let acc = final_accuracy(&out);
+        assert!(acc > 85.0, "{args:?}: {out}");
     }
 }
 
@@ -270,18 +264,8 @@ fn train_with_preprocessing_and_augmentation_flags() {
         "0.1",
     ]);
     assert_eq!(code, 0, "{err}");
-    let last = out
-        .lines()
-        .find(|l| l.starts_with("final test accuracy"))
-        .expect(&out);
-    let acc: f32 = last
-        .split_whitespace()
-        .nth(3)
-        .unwrap()
-        .trim_end_matches('%')
-        .parse()
-        .unwrap();
-    assert!(acc > 70.0, "{last}");
+    let acc = final_accuracy(&out);
+    assert!(acc > 70.0, "{out}");
     for (args, needle) in [
         (&["--preprocess", "zca"][..], "preprocess = zca"),
         (&["--augment", "crop=-1"], "augment crop = -1"),
