@@ -26,6 +26,74 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     json: bool,
+    /// Also print where a step's time goes: forward and backward time of each layer.
+    #[arg(long)]
+    profile: bool,
+}
+
+/// Per-layer forward and backward times over `steps` steps (the step run layer by layer).
+fn profile(
+    model: &mut regimen::layers::Sequential,
+    x: &Tensor,
+    y: &Indices,
+    steps: usize,
+) -> Result<()> {
+    let ce = CrossEntropy::new();
+    let n = model.len();
+    let (mut fwd, mut bwd) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut names = Vec::new();
+    let mut other = 0.0;
+    for _ in 0..steps {
+        let mut h = x.clone();
+        names.clear();
+        for (i, (_, layer)) in model.layers_mut().enumerate() {
+            let t = Instant::now();
+            h = layer.forward(&h, Mode::Train)?;
+            fwd[i] += t.elapsed().as_secs_f64();
+            names.push(layer.describe());
+        }
+        let t = Instant::now();
+        let out = ce.forward(&h, Target::Hard(y))?;
+        other += t.elapsed().as_secs_f64();
+        let mut g = out.grad;
+        let layers: Vec<_> = model.layers_mut().collect();
+        for (i, (_, layer)) in layers.into_iter().enumerate().rev() {
+            let t = Instant::now();
+            g = layer.backward(&g)?;
+            bwd[i] += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
+        sgd_step(model, 0.01);
+        zero_grads(model);
+        other += t.elapsed().as_secs_f64();
+    }
+    let total: f64 = fwd.iter().sum::<f64>() + bwd.iter().sum::<f64>() + other;
+    println!(
+        "{:<4} {:<34} {:>10} {:>10} {:>7}",
+        "", "layer", "fwd ms", "bwd ms", "share"
+    );
+    for i in 0..n {
+        let (f, b) = (1e3 * fwd[i] / steps as f64, 1e3 * bwd[i] / steps as f64);
+        println!(
+            "{i:<4} {:<34} {f:>10.2} {b:>10.2} {:>6.1}%",
+            names[i],
+            100.0 * (fwd[i] + bwd[i]) / total
+        );
+    }
+    println!(
+        "{:<4} {:<34} {:>21.2} {:>6.1}%",
+        "",
+        "loss + SGD update + zero grads",
+        1e3 * other / steps as f64,
+        100.0 * other / total
+    );
+    println!(
+        "{:<4} {:<34} {:>21.2}",
+        "",
+        "step total (ms)",
+        1e3 * total / steps as f64
+    );
+    Ok(())
 }
 
 /// Augmentation throughput: crop (pad 2) + flip on one thread, 28x28 grey and 32x32 RGB.
@@ -101,6 +169,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             step()?;
         }
         rates.push(args.steps as f64 / t.elapsed().as_secs_f64());
+    }
+    if args.profile {
+        profile(&mut model, &x, &y, args.steps)?;
     }
     let mut sorted = rates.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());

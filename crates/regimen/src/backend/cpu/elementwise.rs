@@ -8,56 +8,51 @@ use crate::backend::Unary;
 pub const PAR_MIN: usize = 1 << 15;
 const CHUNK: usize = 1 << 13;
 
-/// `out[i] = f(i, a[i])` in parallel chunks.
-pub fn map1(a: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+// The maps collect into a new vector instead of writing into a zeroed one: zeroing is a
+// whole extra memory pass, and these kernels are memory-bound.
+
+/// `f(a[i])` for every element.
+pub fn map1(a: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
     if a.len() < PAR_MIN {
-        out.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x));
+        a.iter().map(|&x| f(x)).collect()
     } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK))
-            .for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x)));
+        a.par_iter().with_min_len(CHUNK).map(|&x| f(x)).collect()
     }
 }
 
-/// `out[i] = f(a[i], b[i])`.
-pub fn map2(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+/// `f(a[i], b[i])`.
+pub fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
     if a.len() < PAR_MIN {
-        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-            *o = f(x, y);
-        }
+        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
     } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                    *o = f(x, y);
-                }
-            });
+        a.par_iter()
+            .zip(b.par_iter())
+            .with_min_len(CHUNK)
+            .map(|(&x, &y)| f(x, y))
+            .collect()
     }
 }
 
-/// `out[i] = f(a[i], b[i], c[i])`.
+/// `f(a[i], b[i], c[i])`.
 pub fn map3(
     a: &[f32],
     b: &[f32],
     c: &[f32],
-    out: &mut [f32],
-    f: impl Fn(f32, f32, f32) -> f32 + Sync,
-) {
-    let run = |o: &mut [f32], a: &[f32], b: &[f32], c: &[f32]| {
-        for i in 0..o.len() {
-            o[i] = f(a[i], b[i], c[i]);
-        }
-    };
+    f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
+) -> Vec<f32> {
     if a.len() < PAR_MIN {
-        run(out, a, b, c);
+        a.iter()
+            .zip(b)
+            .zip(c)
+            .map(|((&x, &y), &z)| f(x, y, z))
+            .collect()
     } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(
-                a.par_chunks(CHUNK)
-                    .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))),
-            )
-            .for_each(|(o, (a, (b, c)))| run(o, a, b, c));
+        a.par_iter()
+            .zip(b.par_iter())
+            .zip(c.par_iter())
+            .with_min_len(CHUNK)
+            .map(|((&x, &y), &z)| f(x, y, z))
+            .collect()
     }
 }
 

@@ -140,14 +140,12 @@ impl Backend for Cpu {
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Tensor {
-        let mut out = vec![0.0; a.numel()];
-        map2(a.cpu(), b.cpu(), &mut out, |x, y| x + y);
+        let out = map2(a.cpu(), b.cpu(), |x, y| x + y);
         t(a.shape(), out)
     }
 
     fn mul(&self, a: &Tensor, b: &Tensor) -> Tensor {
-        let mut out = vec![0.0; a.numel()];
-        map2(a.cpu(), b.cpu(), &mut out, |x, y| x * y);
+        let out = map2(a.cpu(), b.cpu(), |x, y| x * y);
         t(a.shape(), out)
     }
 
@@ -226,16 +224,21 @@ impl Backend for Cpu {
     }
 
     fn unary_forward(&self, op: Unary, x: &Tensor) -> Tensor {
-        let mut out = vec![0.0; x.numel()];
-        map1(x.cpu(), &mut out, |v| elementwise::forward(op, v));
+        // ReLU gets its own loop so that it vectorizes; the others share the generic one.
+        let out = match op {
+            Unary::Relu => map1(x.cpu(), |v| v.max(0.0)),
+            _ => map1(x.cpu(), |v| elementwise::forward(op, v)),
+        };
         t(x.shape(), out)
     }
 
     fn unary_backward(&self, op: Unary, x: &Tensor, y: &Tensor, dy: &Tensor) -> Tensor {
-        let mut out = vec![0.0; x.numel()];
-        map3(x.cpu(), y.cpu(), dy.cpu(), &mut out, |xv, yv, g| {
-            g * elementwise::derivative(op, xv, yv)
-        });
+        let out = match op {
+            Unary::Relu => map2(x.cpu(), dy.cpu(), |xv, g| if xv > 0.0 { g } else { 0.0 }),
+            _ => map3(x.cpu(), y.cpu(), dy.cpu(), |xv, yv, g| {
+                g * elementwise::derivative(op, xv, yv)
+            }),
+        };
         t(x.shape(), out)
     }
 
@@ -584,9 +587,8 @@ impl Backend for Cpu {
             .zip(target.cpu())
             .map(|(&p, &q)| ((p - q) as f64).powi(2))
             .sum();
-        let mut grad = vec![0.0; pred.numel()];
         let g = (2.0 / n) as f32 * grad_scale;
-        map2(pred.cpu(), target.cpu(), &mut grad, |p, q| g * (p - q));
+        let grad = map2(pred.cpu(), target.cpu(), |p, q| g * (p - q));
         (scalar(total / n), t(pred.shape(), grad))
     }
 

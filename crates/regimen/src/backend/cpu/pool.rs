@@ -17,12 +17,57 @@ pub struct PoolDims {
 /// Padding acts as -inf; a window that lies fully in the padding yields -inf (cannot happen
 /// with PyTorch's constraint pad <= k / 2).
 pub fn max_forward(x: &[f32], d: &PoolDims, win: Window) -> (Vec<f32>, Vec<u32>) {
+    if win
+        == (Window {
+            kh: 2,
+            kw: 2,
+            stride: 2,
+            pad: 0,
+        })
+    {
+        return max_forward_2x2(x, d);
+    }
     regions_max(
         x,
         d,
         |oy| clipped(oy, win.kh, win, d.h),
         |ox| clipped(ox, win.kw, win, d.w),
     )
+}
+
+/// The common 2x2, stride-2 case without the general window bookkeeping (same results,
+/// including the first-maximum tie rule and NaN propagation).
+fn max_forward_2x2(x: &[f32], d: &PoolDims) -> (Vec<f32>, Vec<u32>) {
+    let (hw, ohw, w) = (d.h * d.w, d.oh * d.ow, d.w);
+    let mut y = vec![0.0f32; d.planes * ohw];
+    let mut idx = vec![0u32; d.planes * ohw];
+    y.par_chunks_mut(ohw)
+        .zip(idx.par_chunks_mut(ohw))
+        .zip(x.par_chunks(hw))
+        .for_each(|((y_p, i_p), x_p)| {
+            for oy in 0..d.oh {
+                let (r0, r1) = (&x_p[2 * oy * w..], &x_p[(2 * oy + 1) * w..]);
+                for ox in 0..d.ow {
+                    let c = 2 * ox;
+                    let cand = [
+                        (r0[c], 2 * oy * w + c),
+                        (r0[c + 1], 2 * oy * w + c + 1),
+                        (r1[c], (2 * oy + 1) * w + c),
+                        (r1[c + 1], (2 * oy + 1) * w + c + 1),
+                    ];
+                    let (mut best, mut at) = cand[0];
+                    for &(v, i) in &cand[1..] {
+                        if v > best || v.is_nan() {
+                            best = v;
+                            at = i;
+                        }
+                    }
+                    y_p[oy * d.ow + ox] = best;
+                    i_p[oy * d.ow + ox] = at as u32;
+                }
+            }
+        });
+    (y, idx)
 }
 
 /// Max pooling over arbitrary rectangular regions given per plane by `rows(oy)`, `cols(ox)`.
