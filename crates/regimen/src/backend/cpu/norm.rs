@@ -55,16 +55,72 @@ where
 }
 
 /// `out[i] = f(channel, i)` over every element, in parallel over `(n, c)` blocks.
-fn per_element(d: &NormDims, out: &mut [f32], f: impl Fn(usize, usize) -> f32 + Sync) {
-    out.par_chunks_mut(d.inner.max(1))
+/// A new vector of `d.n d.c d.inner` values `f(channel, i)`, written once (no zeroing pass:
+/// batch norm is memory-bound).
+fn per_element(d: &NormDims, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
+    let len = d.n * d.c * d.inner;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(d.inner.max(1))
         .enumerate()
         .for_each(|(b, blk)| {
             let c = b % d.c;
             let base = b * d.inner;
             for (j, o) in blk.iter_mut().enumerate() {
-                *o = f(c, base + j);
+                o.write(f(c, base + j));
             }
         });
+    // SAFETY: the chunks cover `0..len` and every element of every chunk was written above.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Per channel, the mean and the biased variance in one pass over memory: each contiguous
+/// block of `inner` values (in cache) gets its own mean and sum of squared deviations, and the
+/// blocks are merged with Chan et al.'s parallel formula in f64 (no `E[x^2] - E[x]^2`
+/// cancellation).
+fn channel_mean_var(x: &[f32], d: &NormDims) -> Vec<(f64, f64)> {
+    (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            let (mut n, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
+            for b in 0..d.n {
+                let blk = &x[(b * d.c + c) * d.inner..(b * d.c + c + 1) * d.inner];
+                let nb = blk.len() as f64;
+                let mut lanes = [0.0f32; 8];
+                let mut chunks = blk.chunks_exact(8);
+                for ch in &mut chunks {
+                    for k in 0..8 {
+                        lanes[k] += ch[k];
+                    }
+                }
+                let sum = lanes.iter().map(|&v| v as f64).sum::<f64>()
+                    + chunks.remainder().iter().map(|&v| v as f64).sum::<f64>();
+                let mb = sum / nb;
+                let mb32 = mb as f32;
+                let mut sq = [0.0f32; 8];
+                let mut chunks = blk.chunks_exact(8);
+                for ch in &mut chunks {
+                    for k in 0..8 {
+                        let t = ch[k] - mb32;
+                        sq[k] += t * t;
+                    }
+                }
+                let m2b = sq.iter().map(|&v| v as f64).sum::<f64>()
+                    + chunks
+                        .remainder()
+                        .iter()
+                        .map(|&v| ((v - mb32) as f64).powi(2))
+                        .sum::<f64>();
+                let total = n + nb;
+                let delta = mb - mean;
+                mean += delta * nb / total;
+                m2 += m2b + delta * delta * n * nb / total;
+                n = total;
+            }
+            (mean, m2 / n.max(1.0))
+        })
+        .collect()
 }
 
 /// Returns `(y, mean, invstd, var_biased)`.
@@ -75,27 +131,18 @@ pub fn forward_train(
     d: &NormDims,
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
-    let m = d.m() as f64;
-    let sums = channel_sums(d, |_, i| (x[i], 0.0));
-    let mean: Vec<f64> = sums.iter().map(|s| s.0 / m).collect();
-    let mean32: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
-    // Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2, which cancels.
-    let var: Vec<f64> = channel_sums(d, |c, i| {
-        let t = x[i] - mean32[c];
-        (t * t, 0.0)
-    })
-    .iter()
-    .map(|s| s.0 / m)
-    .collect();
+    let stats = channel_mean_var(x, d);
+    let mean: Vec<f64> = stats.iter().map(|s| s.0).collect();
+    let var: Vec<f64> = stats.iter().map(|s| s.1).collect();
     let invstd: Vec<f32> = var
         .iter()
         .map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32)
         .collect();
     let mean: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
-    let mut y = vec![0.0f32; x.len()];
-    per_element(d, &mut y, |c, i| {
-        gamma[c] * (x[i] - mean[c]) * invstd[c] + beta[c]
-    });
+    // y = scale x + shift with scale = gamma invstd, shift = beta - mean scale.
+    let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] * invstd[c]).collect();
+    let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - mean[c] * scale[c]).collect();
+    let y = per_element(d, |c, i| x[i] * scale[c] + shift[c]);
     (y, mean, invstd, var.iter().map(|&v| v as f32).collect())
 }
 
@@ -107,11 +154,7 @@ pub fn forward_eval(
     invstd: &[f32],
     d: &NormDims,
 ) -> Vec<f32> {
-    let mut y = vec![0.0f32; x.len()];
-    per_element(d, &mut y, |c, i| {
-        gamma[c] * (x[i] - mean[c]) * invstd[c] + beta[c]
-    });
-    y
+    per_element(d, |c, i| gamma[c] * (x[i] - mean[c]) * invstd[c] + beta[c])
 }
 
 /// `dbeta += sum dy`, `dgamma += sum dy xhat`, and
@@ -137,19 +180,17 @@ pub fn backward(
         dbeta[c] += s_dy as f32;
         dgamma[c] += s_dyx as f32;
     }
-    let mut dx = vec![0.0f32; x.len()];
     if batch_stats {
         let inv_m = 1.0 / d.m() as f64;
         let mean_dy: Vec<f32> = sums.iter().map(|s| (s.0 * inv_m) as f32).collect();
         let mean_dyx: Vec<f32> = sums.iter().map(|s| (s.1 * inv_m) as f32).collect();
-        per_element(d, &mut dx, |c, i| {
+        per_element(d, |c, i| {
             let xhat = (x[i] - mean[c]) * invstd[c];
             gamma[c] * invstd[c] * (dy[i] - mean_dy[c] - xhat * mean_dyx[c])
-        });
+        })
     } else {
-        per_element(d, &mut dx, |c, i| gamma[c] * invstd[c] * dy[i]);
+        per_element(d, |c, i| gamma[c] * invstd[c] * dy[i])
     }
-    dx
 }
 
 /// Inverted dropout; returns `(y, mask)`.
