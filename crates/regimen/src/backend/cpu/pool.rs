@@ -44,26 +44,32 @@ fn max_forward_2x2(x: &[f32], d: &PoolDims) -> (Vec<f32>, Vec<u32>) {
     y.par_chunks_mut(ohw)
         .zip(idx.par_chunks_mut(ohw))
         .zip(x.par_chunks(hw))
+        .with_min_len(16)
         .for_each(|((y_p, i_p), x_p)| {
             for oy in 0..d.oh {
-                let (r0, r1) = (&x_p[2 * oy * w..], &x_p[(2 * oy + 1) * w..]);
+                let (t0, t1) = (2 * oy * w, (2 * oy + 1) * w);
+                let (r0, r1) = (&x_p[t0..t0 + w], &x_p[t1..t1 + w]);
+                let (yo, io) = (
+                    &mut y_p[oy * d.ow..(oy + 1) * d.ow],
+                    &mut i_p[oy * d.ow..(oy + 1) * d.ow],
+                );
                 for ox in 0..d.ow {
                     let c = 2 * ox;
-                    let cand = [
-                        (r0[c], 2 * oy * w + c),
-                        (r0[c + 1], 2 * oy * w + c + 1),
-                        (r1[c], (2 * oy + 1) * w + c),
-                        (r1[c + 1], (2 * oy + 1) * w + c + 1),
-                    ];
-                    let (mut best, mut at) = cand[0];
-                    for &(v, i) in &cand[1..] {
-                        if v > best || v.is_nan() {
-                            best = v;
-                            at = i;
-                        }
+                    // Row-major order of the window, first maximum wins, NaN propagates:
+                    // `!(v <= best)` is `v > best || v is NaN` in one comparison, and the selects
+                    // compile to conditional moves (the branches mispredicted half the time).
+                    let (mut best, mut at) = (r0[c], (t0 + c) as u32);
+                    for (v, i) in [
+                        (r0[c + 1], t0 + c + 1),
+                        (r1[c], t1 + c),
+                        (r1[c + 1], t1 + c + 1),
+                    ] {
+                        let take = !(v <= best);
+                        best = if take { v } else { best };
+                        at = if take { i as u32 } else { at };
                     }
-                    y_p[oy * d.ow + ox] = best;
-                    i_p[oy * d.ow + ox] = at as u32;
+                    yo[ox] = best;
+                    io[ox] = at;
                 }
             }
         });
