@@ -102,6 +102,7 @@ def main():
     layer_case("conv_s1p1", nn.Conv2d(2, 3, 3, padding=1), randn((2, 2, 5, 5), 3))
     layer_case("conv_s2p0_nobias", nn.Conv2d(2, 3, 3, stride=2, bias=False), randn((2, 2, 7, 7), 4))
     layer_case("conv_1x1", nn.Conv2d(3, 4, 1), randn((2, 3, 4, 4), 5))
+    layer_case("conv_s2p1", nn.Conv2d(2, 3, 3, stride=2, padding=1), randn((2, 2, 7, 6), 60))
     layer_case("maxpool_k2", nn.MaxPool2d(2), away_from_kinks((2, 2, 6, 6), 6))
     layer_case("maxpool_k3s2p1", nn.MaxPool2d(3, stride=2, padding=1), away_from_kinks((2, 2, 7, 7), 7))
     layer_case("avgpool_k2", nn.AvgPool2d(2), randn((2, 2, 6, 6), 8))

@@ -133,6 +133,9 @@ fn augment(args: &BenchArgs) -> Result<()> {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.batch == 0 || args.steps == 0 || args.reps == 0 {
+        bail!("--batch, --steps and --reps must be at least 1");
+    }
     if args.workload == "augment" {
         return augment(args);
     }

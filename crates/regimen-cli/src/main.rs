@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use regimen::data::{Pipeline, PreprocessKind, Preprocessor};
 use regimen::loss::CrossEntropy;
-use regimen::train::{fit, FitConfig};
+use regimen::train::{evaluate, fit, FitConfig};
 use regimen::{models, Rng};
 
 #[derive(Parser)]
@@ -80,7 +80,8 @@ fn train(args: &TrainArgs) -> Result<()> {
     if args.batch_size == 0 {
         anyhow::bail!("invalid --batch-size 0: must be at least 1");
     }
-    // Everything that can fail on a bad flag is checked before any data is read.
+    // Every flag is checked before any data is read (the schedule's syntax and values here;
+    // only the warmup length against the real number of steps waits for the data).
     let preprocess = PreprocessKind::parse(&args.preprocess)?;
     let augment = Pipeline::parse(&args.augment)?;
     let mut optim = recipe::optimizer(&args.optim)?;
@@ -99,12 +100,24 @@ fn train(args: &TrainArgs) -> Result<()> {
             models::NAMES.join(", ")
         );
     }
+    recipe::schedule(&args.optim, args.epochs.max(1), 1 << 20)?;
     let splits = args.source.load()?;
     let (mut train_set, mut test_set) = (splits.train, splits.test);
+    // Reduce-on-plateau decides on held-out data: a validation split of the training set, so
+    // that the test set stays untouched by training decisions.
+    let mut validation = None;
+    if args.optim.schedule.starts_with("plateau") {
+        let (t, v) = train_set.split(0.1, args.seed)?;
+        train_set = t;
+        validation = Some(v);
+    }
     // Statistics from the training split only, applied unchanged to the test split.
     let pre = Preprocessor::fit(preprocess, &train_set)?;
     pre.apply(&mut train_set)?;
     pre.apply(&mut test_set)?;
+    if let Some(v) = &mut validation {
+        pre.apply(v)?;
+    }
     let per_epoch = train_set.len().div_ceil(args.batch_size);
     let (mut schedule, unit) = recipe::schedule(&args.optim, args.epochs, per_epoch)?;
     let mut rng = Rng::new(args.seed);
@@ -145,12 +158,26 @@ fn train(args: &TrainArgs) -> Result<()> {
     };
     println!(
         "{:>5} {:>10} {:>9} {:>10} {:>9} {:>10} {:>7}",
-        "epoch", "train loss", "train acc", "test loss", "test acc", "lr", "time"
+        "epoch",
+        "train loss",
+        "train acc",
+        if validation.is_some() {
+            "val loss"
+        } else {
+            "test loss"
+        },
+        if validation.is_some() {
+            "val acc"
+        } else {
+            "test acc"
+        },
+        "lr",
+        "time"
     );
     let history = fit(
         &mut model,
         Arc::new(train_set),
-        &test_set,
+        validation.as_ref().unwrap_or(&test_set),
         &cfg,
         &mut optim,
         schedule.as_mut(),
@@ -168,10 +195,14 @@ fn train(args: &TrainArgs) -> Result<()> {
         },
     )?;
     if let Some(last) = history.last() {
+        let test_acc = match validation {
+            Some(_) => evaluate(&mut model, &test_set, 256, regimen::Device::Cpu)?.1,
+            None => last.test_acc,
+        };
         println!(
             "final test accuracy {:.2}% (generalization gap {:.2} points)",
-            100.0 * last.test_acc,
-            100.0 * (last.train_acc - last.test_acc)
+            100.0 * test_acc,
+            100.0 * (last.train_acc - test_acc)
         );
     }
     Ok(())

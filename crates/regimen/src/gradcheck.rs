@@ -160,7 +160,8 @@ impl GradCheck {
                 .sum()
         };
 
-        // Analytic gradients.
+        // Analytic gradients (of the input too, whatever a training loop left set).
+        layer.set_input_grad(true);
         zero_grads(layer);
         layer.reseed(seed);
         layer.forward(x, mode)?;

@@ -159,7 +159,11 @@ impl Default for FitConfig {
     }
 }
 
-/// Train `model`; `on_epoch` sees each epoch's statistics as they come. The reported training
+/// Train `model`; `on_epoch` sees each epoch's statistics as they come. `test` is the held-out
+/// set evaluated after each epoch, and the loss a [`ReduceOnPlateau`](crate::schedule::ReduceOnPlateau)
+/// schedule observes: give it a validation split, not the final test set, when the schedule
+/// decides on it (`regimen train` does). The input gradient is switched off during training
+/// and on again after. The reported training
 /// loss is the data loss (without the penalty) on the augmented batches, against the mixed
 /// labels under Mixup/CutMix; the training accuracy counts the original label of each sample.
 pub fn fit(
@@ -188,10 +192,37 @@ pub fn fit(
         workers: cfg.workers,
         ..Loader::new(train, cfg.batch_size, cfg.seed)
     };
+    // Nothing uses the gradient of the input images; restored when training ends, however.
+    model.set_input_grad(false);
+    let result = run_epochs(
+        model,
+        test,
+        cfg,
+        optim,
+        schedule,
+        &loader,
+        &ce,
+        classes,
+        &mut on_epoch,
+    );
+    model.set_input_grad(true);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_epochs(
+    model: &mut dyn Layer,
+    test: &Dataset,
+    cfg: &FitConfig,
+    optim: &mut Optim,
+    schedule: &mut dyn Schedule,
+    loader: &Loader,
+    ce: &CrossEntropy,
+    classes: usize,
+    on_epoch: &mut impl FnMut(&EpochStats),
+) -> Result<Vec<EpochStats>> {
     let per_epoch = loader.batches_per_epoch();
     let mut history = Vec::with_capacity(cfg.epochs);
-    // Nothing uses the gradient of the input images.
-    model.set_input_grad(false);
     let mut batch_index = 0;
     for epoch in 1..=cfg.epochs {
         let start = Instant::now();

@@ -248,3 +248,57 @@ fn the_loader_is_reproducible_whatever_the_threads() {
     e.next();
     drop(e);
 }
+
+#[test]
+fn scale_keeps_a_constant_image_constant_up_to_the_borders() {
+    // Bilinear resampling of a constant image is that constant everywhere, borders included.
+    let shape = [1, 28, 28];
+    let p = Pipeline::parse("scale=0.09").unwrap();
+    let mut rng = Rng::new(3);
+    for _ in 0..50 {
+        let mut img = vec![1.0f32; 784];
+        p.apply(&mut img, shape, &[0], 1, &mut rng);
+        assert!(
+            img.iter().all(|&v| (v - 1.0).abs() < 1e-6),
+            "min {}",
+            img.iter().cloned().fold(1.0, f32::min)
+        );
+    }
+}
+
+#[test]
+fn spatial_augmentation_of_feature_vectors_is_refused() {
+    let p = Pipeline::parse("crop=2").unwrap();
+    let err = p.check_image_shape([50, 1, 1]).unwrap_err().to_string();
+    assert!(
+        err.contains("spatial transform") && err.contains("[50, 1, 1]"),
+        "{err}"
+    );
+    assert!(Pipeline::parse("noise,mixup")
+        .unwrap()
+        .check_image_shape([50, 1, 1])
+        .is_ok());
+    assert!(p.check_image_shape([1, 28, 28]).is_ok());
+}
+
+#[test]
+fn a_panicking_worker_is_not_a_short_epoch() {
+    // 40 labels but only 39 images: building the last batch panics inside a worker.
+    let data = Arc::new(Dataset {
+        images: vec![0.5; 39 * 4],
+        labels: vec![0; 40],
+        image_shape: [1, 2, 2],
+        class_names: vec!["a".into()],
+    });
+    let l = Loader {
+        workers: 2,
+        shuffle: false,
+        ..Loader::new(data, 4, 0)
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.epoch(0).count()));
+    assert!(
+        result.is_err(),
+        "the epoch must not end quietly after {:?} batches",
+        result.ok()
+    );
+}

@@ -51,31 +51,37 @@ fn two_dropout_layers_in_a_model_draw_different_masks() {
         .push(Dropout::new(0.5).unwrap())
         .push(Flatten::new())
         .push(Dropout::new(0.5).unwrap());
-    let x = Tensor::full(&[4, 64], 1.0, regimen::Device::Cpu);
-    let mut first = Vec::new();
-    let hook_out = Arc::new(Mutex::new(Vec::new()));
-    let h = hook_out.clone();
+    let outputs = Arc::new(Mutex::new(Vec::new()));
+    let h = outputs.clone();
     m.set_hook(Box::new(move |name, t| {
         h.lock().unwrap().push((name.to_string(), t.to_vec()))
     }));
-    m.forward(&x, Mode::Train).unwrap();
-    for (name, v) in hook_out.lock().unwrap().iter() {
-        if name == "0" {
-            first = v.iter().map(|&a| a != 0.0).collect();
-        }
-    }
-    let last = m
-        .forward(
-            &Tensor::full(&[4, 64], 1.0, regimen::Device::Cpu),
-            Mode::Train,
-        )
-        .unwrap();
-    // Layer 2 sees layer 0's output; if the masks were equal, dropping twice would keep
-    // exactly layer 0's survivors. Independent masks keep about a quarter.
-    let kept = last.to_vec().iter().filter(|&&v| v != 0.0).count();
+    m.forward(
+        &Tensor::full(&[4, 64], 1.0, regimen::Device::Cpu),
+        Mode::Train,
+    )
+    .unwrap();
+    let outs = outputs.lock().unwrap();
+    let kept = |name: &str| -> Vec<bool> {
+        outs.iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .iter()
+            .map(|&v| v != 0.0)
+            .collect()
+    };
+    // In the same forward, layer 2 sees layer 0's output: its survivors are a subset of layer
+    // 0's. Shared masks would keep all of them (about 128); independent masks about half.
+    let (first, second) = (kept("0"), kept("2"));
+    assert!(second.iter().zip(&first).all(|(s, f)| !s || *f));
+    let (n0, n2) = (
+        first.iter().filter(|&&k| k).count(),
+        second.iter().filter(|&&k| k).count(),
+    );
     assert!(
-        kept < first.iter().filter(|&&k| k).count(),
-        "independent masks drop more"
+        n0 > 100 && n2 < n0 * 3 / 4,
+        "layer 0 kept {n0}, layer 2 {n2}"
     );
 }
 
@@ -359,4 +365,44 @@ fn skipping_the_input_gradient_keeps_parameter_gradients() {
     assert_eq!(with, without);
     assert_eq!((s1, s2), (vec![6, 1, 4, 4], vec![6, 1, 4, 4]));
     assert_eq!((t1, t2), (vec![0], vec![0]));
+}
+
+#[test]
+fn training_restores_input_gradients_and_rejects_bad_data() {
+    let data = regimen::data::digits()
+        .unwrap()
+        .subset(&(0..64).collect::<Vec<_>>());
+    let mut m = models::mlp(64, &[8], 10, regimen::Unary::Tanh, 0.0, &mut Rng::new(1)).unwrap();
+    let cfg = regimen::train::SgdConfig {
+        epochs: 1,
+        batch_size: 16,
+        ..Default::default()
+    };
+    regimen::train::fit_sgd(&mut m, &data, &data, &cfg, |_| {}).unwrap();
+    m.forward(&randn(&[2, 1, 8, 8], 1), Mode::Train).unwrap();
+    assert_eq!(
+        m.backward(&randn(&[2, 10], 2)).unwrap().shape(),
+        &[2, 1, 8, 8],
+        "dx is back after training"
+    );
+    let mut bad = data.clone();
+    bad.labels[3] = 10;
+    let err = regimen::train::fit_sgd(&mut m, &bad, &data, &cfg, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("label 10 of sample 3"), "{err}");
+}
+
+#[test]
+fn zero_sized_kernels_are_refused() {
+    let x = Tensor::zeros(&[1, 1, 4, 4], regimen::Device::Cpu);
+    for mut l in [
+        Box::new(MaxPool2d::new(0).stride(1)) as Box<dyn Layer>,
+        Box::new(AvgPool2d::new(0).stride(1)),
+        Box::new(FractionalMaxPool2d::with_output_size(0, 2, 2)),
+        Box::new(Conv2d::new(1, 1, 0, &mut Rng::new(0))),
+    ] {
+        let err = l.forward(&x, Mode::Train).unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }), "{err}");
+    }
 }

@@ -210,6 +210,7 @@ fn preprocessing_statistics_match_numpy() {
     close(p.mean[0], 0.297_724_017_477_594_3); // x.mean()
     close(p.std[0], 0.732_026_497_106_703_5); // x.std()
     let p = Preprocessor::fit(PreprocessKind::PerChannel, &d).unwrap();
+    assert_eq!((p.mean.len(), p.std.len()), (3, 3));
     for (a, b) in p.mean.iter().zip([
         0.276_303_326_152_265,
         0.298_068_886_017_426_87,
@@ -230,6 +231,7 @@ fn preprocessing_statistics_match_numpy() {
     close(p.mean[11], 0.292_989_848_181_605_34);
     // np.linalg.eigh(X^T X / 10) of the centered data, largest first.
     let p = Preprocessor::fit(PreprocessKind::Pca(3), &d).unwrap();
+    assert_eq!((p.eigenvalues.len(), p.components.len()), (3, 3 * 12));
     for (a, b) in p.eigenvalues.iter().zip([
         3.499_804_012_398_978,
         2.767_804_053_196_416,
@@ -316,6 +318,17 @@ fn fitted_preprocessing_saves_and_loads_exactly() {
         q.apply(&mut b).unwrap();
         assert_eq!(a.images, b.images);
     }
+    // A per-channel file with one mean for three channels is refused at load, not at apply.
+    let mut short = Preprocessor::fit(PreprocessKind::PerChannel, &d).unwrap();
+    short.mean.truncate(1);
+    short.save(&dir.join("short.safetensors")).unwrap();
+    let err = Preprocessor::load(&dir.join("short.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("needs 3 means and 3 positive stds, the file has 1 and 3"),
+        "{err}"
+    );
     std::fs::write(dir.join("junk.safetensors"), b"not a file").unwrap();
     let err = Preprocessor::load(&dir.join("junk.safetensors"))
         .unwrap_err()

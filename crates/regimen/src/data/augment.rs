@@ -96,8 +96,9 @@ impl Pipeline {
                 "translate" => Augment::Translate { pixels: int(2, 64)? },
                 "noise" => Augment::Noise { std: num(0.1, 0.0, 10.0)? },
                 "cutout" => Augment::Cutout { size: int(8, 1024)? },
-                "mixup" => Augment::Mixup { alpha: num(0.2, 1e-3, 100.0)? },
-                "cutmix" => Augment::CutMix { alpha: num(1.0, 1e-3, 100.0)? },
+                // Below alpha = 0.01 the Beta sampler's `u^(1/alpha)` underflows too often.
+                "mixup" => Augment::Mixup { alpha: num(0.2, 0.01, 100.0)? },
+                "cutmix" => Augment::CutMix { alpha: num(1.0, 0.01, 100.0)? },
                 other => {
                     return Err(Error::config(
                         "augment",
@@ -112,6 +113,31 @@ impl Pipeline {
 
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+
+    /// Refuse spatial transforms of images that have no space: after PCA or whitening an
+    /// "image" is `[K, 1, 1]`, and a crop or a translation would zero it.
+    pub fn check_image_shape(&self, shape: [usize; 3]) -> Result<()> {
+        let spatial = self.steps.iter().find(|s| {
+            matches!(
+                s,
+                Augment::Crop { .. }
+                    | Augment::Flip { .. }
+                    | Augment::Scale { .. }
+                    | Augment::Rotate { .. }
+                    | Augment::Translate { .. }
+                    | Augment::Cutout { .. }
+                    | Augment::CutMix { .. }
+            )
+        });
+        match spatial {
+            Some(step) if shape[1] < 2 || shape[2] < 2 => Err(Error::config(
+                "augment",
+                format!("{step:?}"),
+                &format!("is a spatial transform, but the inputs are {shape:?} (after PCA or whitening?): use noise or mixup, or no augmentation"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// True when the pipeline mixes samples (Mixup, CutMix) and so makes soft labels.
@@ -305,7 +331,9 @@ fn resize_from(img: &mut [f32], shape: [usize; 3], (y0, x0, bh, bw): (f64, f64, 
                 // Pixel centres map to pixel centres.
                 let sy = y0 + (y as f64 + 0.5) * bh / h as f64 - 0.5;
                 let sx = x0 + (x as f64 + 0.5) * bw / w as f64 - 0.5;
-                img[ch * h * w + y * w + x] = bilinear(plane, h, w, sy.max(0.0), sx.max(0.0));
+                // Clamp to the pixel centres: edge replication, never a zero from outside.
+                let (sy, sx) = (sy.clamp(0.0, h as f64 - 1.0), sx.clamp(0.0, w as f64 - 1.0));
+                img[ch * h * w + y * w + x] = bilinear(plane, h, w, sy, sx);
             }
         }
     }

@@ -58,7 +58,8 @@ pub fn http_get(url: &str) -> Result<Vec<u8>> {
     } else {
         format!("{hostport}:80")
     };
-    let host = hostport.split(':').next().unwrap_or(hostport);
+    // RFC 7230: the Host header carries the port when it is not the default.
+    let host = hostport;
     let mut stream = TcpStream::connect(&addr)
         .map_err(|e| net(url, format!("cannot connect to {addr}: {e}")))?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).ok();

@@ -157,13 +157,27 @@ impl Iterator for Epoch {
         }
         let b = self.next;
         self.next += 1;
-        match &self.inner {
+        match &mut self.inner {
             Inner::Inline {
                 loader,
                 order,
                 epoch,
             } => Some(loader.build(*epoch, b, order)),
-            Inner::Threads { queues, .. } => queues[b % queues.len()].recv().ok(),
+            Inner::Threads { queues, threads } => match queues[b % queues.len()].recv() {
+                Ok(batch) => Some(batch),
+                // The worker stopped before its last batch: it panicked. Re-raise its panic
+                // here rather than ending the epoch early as if the data had run out.
+                Err(_) => {
+                    let w = b % threads.len();
+                    let handle = threads.remove(w);
+                    match handle.join() {
+                        Err(payload) => std::panic::resume_unwind(payload),
+                        Ok(()) => {
+                            panic!("loader worker {w} stopped before batch {b} of {}", self.n)
+                        }
+                    }
+                }
+            },
         }
     }
 }

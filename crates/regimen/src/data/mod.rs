@@ -48,6 +48,38 @@ impl Dataset {
         self.class_names.len()
     }
 
+    /// Check that images and labels agree: `N` labels for `N C H W` values, each below the
+    /// number of classes.
+    pub fn validate(&self) -> Result<()> {
+        let want = self.labels.len() * self.image_len();
+        if self.images.len() != want {
+            return Err(Error::Data {
+                file: "dataset".into(),
+                reason: format!(
+                    "{} values of images for {} labels of {:?} images (expected {want})",
+                    self.images.len(),
+                    self.labels.len(),
+                    self.image_shape
+                ),
+            });
+        }
+        if let Some((i, &l)) = self
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= self.num_classes())
+        {
+            return Err(Error::Data {
+                file: "dataset".into(),
+                reason: format!(
+                    "label {l} of sample {i} is not below the {} classes",
+                    self.num_classes()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The samples at `idx`, in that order.
     pub fn subset(&self, idx: &[usize]) -> Dataset {
         let d = self.image_len();

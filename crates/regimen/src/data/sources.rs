@@ -2,7 +2,7 @@
 //!
 //! | name | files | where |
 //! |---|---|---|
-//! | `digits` | embedded | always (1,437 train / 360 test, a fixed seeded split) |
+//! | `digits` | embedded | always (1,438 train / 359 test, a fixed seeded split) |
 //! | `fashion-mnist` | `train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`, `t10k-...` | see below |
 //! | `mnist` | the same names | see below |
 //! | `cifar10` | `data_batch_1.bin` ... `data_batch_5.bin`, `test_batch.bin` | see below |

@@ -96,7 +96,7 @@ impl Layer for Conv2d {
                 input,
             )
         };
-        if input.len() != 4 || input[1] != s[1] || self.stride == 0 {
+        if input.len() != 4 || input[1] != s[1] || self.stride == 0 || s[2] == 0 || s[3] == 0 {
             return Err(bad());
         }
         let oh = win.out_len(input[2], s[2]).ok_or_else(bad)?;

@@ -23,7 +23,12 @@ fn pooled_shape(name: String, win: Window, input: &[usize]) -> Result<Vec<usize>
             input,
         )
     };
-    if input.len() != 4 || win.stride == 0 || win.pad * 2 > win.kh.max(win.kw) {
+    if input.len() != 4
+        || win.kh == 0
+        || win.kw == 0
+        || win.stride == 0
+        || win.pad * 2 > win.kh.max(win.kw)
+    {
         return Err(bad());
     }
     Ok(vec![

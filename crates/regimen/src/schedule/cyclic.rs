@@ -118,6 +118,9 @@ pub struct CosineRestarts {
 impl Schedule for CosineRestarts {
     fn lr(&self, t: usize) -> f32 {
         let (mut t_cur, mut t_i) = (t, self.t_0.max(1));
+        if self.t_mult <= 1 {
+            t_cur %= t_i; // equal periods: no loop over the restarts
+        }
         while t_cur >= t_i {
             t_cur -= t_i;
             t_i *= self.t_mult.max(1);

@@ -86,8 +86,8 @@ pub fn sigmoid(x: f32) -> f32 {
 const SELU_ALPHA: f32 = 1.673_263_2;
 const SELU_SCALE: f32 = 1.050_701;
 
-/// The error function, Abramowitz & Stegun 7.1.26 refined (W. J. Cody's rational form would be
-/// tighter; this one has absolute error below 1.2e-7, under f32's resolution near 1).
+/// The error function from Numerical Recipes' Chebyshev fit of erfc (fractional error below
+/// 1.2e-7, under f32's resolution near 1), evaluated in f64.
 #[inline]
 pub fn erf(x: f32) -> f32 {
     let x = x as f64;
