@@ -185,6 +185,8 @@ pub fn fit(
             "needs at least one sample",
         ));
     }
+    train.validate()?;
+    cfg.augment.check_image_shape(train.image_shape)?;
     let ce = CrossEntropy::with_label_smoothing(cfg.label_smoothing)?;
     let classes = train.num_classes();
     let loader = Loader {

@@ -83,7 +83,11 @@ impl Layer for FractionalMaxPool2d {
         }
         let (oh, ow) = self.out_hw(input[2], input[3]);
         // PyTorch: out + k - 1 <= in, and out >= 1.
-        if oh == 0 || ow == 0 || oh + self.kernel - 1 > input[2] || ow + self.kernel - 1 > input[3]
+        if self.kernel == 0
+            || oh == 0
+            || ow == 0
+            || oh + self.kernel - 1 > input[2]
+            || ow + self.kernel - 1 > input[3]
         {
             return Err(Error::shape(
                 self.describe(),
