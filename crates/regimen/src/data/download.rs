@@ -127,6 +127,12 @@ pub fn http_get(url: &str) -> Result<Vec<u8>> {
         r.take(MAX_BYTES as u64 + 1)
             .read_to_end(&mut body)
             .map_err(|e| net(url, format!("while reading: {e}")))?;
+        if body.len() > MAX_BYTES {
+            return Err(net(
+                url,
+                format!("refusing a file of more than {MAX_BYTES} bytes"),
+            ));
+        }
         if let Some(n) = length {
             if body.len() != n {
                 return Err(net(

@@ -291,13 +291,28 @@ impl Preprocessor {
             eigenvalues: get("eigenvalues").unwrap_or_default(),
             input_shape: [dims[0], dims[1], dims[2]],
         };
+        let d: usize = dims.iter().product();
+        // The statistics' lengths each kind needs: (mean, std).
+        let (m, sd) = match kind {
+            PreprocessKind::None | PreprocessKind::Center | PreprocessKind::Normalize => (1, 1),
+            PreprocessKind::MeanImage | PreprocessKind::Pca(_) | PreprocessKind::Whiten(_) => {
+                (d, 1)
+            }
+            PreprocessKind::ChannelMean | PreprocessKind::PerChannel => (dims[0], dims[0]),
+        };
+        if p.mean.len() != m || p.std.len() != sd || p.std.iter().any(|&v| !(v > 0.0)) {
+            return Err(bad(format!(
+                "{} of {dims:?} images needs {m} means and {sd} positive stds, the file has {} and {}",
+                kind.spec(),
+                p.mean.len(),
+                p.std.len()
+            )));
+        }
         if let PreprocessKind::Pca(k) | PreprocessKind::Whiten(k) = kind {
-            if p.components.len() != k * dims.iter().product::<usize>() || p.eigenvalues.len() != k
-            {
+            if p.components.len() != k * d || p.eigenvalues.len() != k {
                 return Err(bad(format!(
-                    "{} needs {k} components of {} values",
-                    kind.spec(),
-                    dims.iter().product::<usize>()
+                    "{} needs {k} components of {d} values",
+                    kind.spec()
                 )));
             }
         }
