@@ -349,25 +349,23 @@ fn principal_components(
     let mut q: Vec<f32> = (0..d * p).map(|_| rng.normal() as f32).collect(); // d x p
     orthonormalize_columns(&mut q, d, p);
     let mut z = vec![0.0f32; d * p];
-    for _ in 0..60 {
+    // z = C q
+    let times_cov = |q: &[f32], z: &mut [f32]| {
         gemm(
             MatRef::new(&cov, d, d),
-            MatRef::new(&q, d, p),
-            &mut z,
+            MatRef::new(q, d, p),
+            z,
             false,
             gemm::Parallelism::None,
-        );
+        )
+    };
+    for _ in 0..60 {
+        times_cov(&q, &mut z);
         std::mem::swap(&mut q, &mut z);
         orthonormalize_columns(&mut q, d, p);
     }
     // Rayleigh–Ritz: T = Q^T C Q (p x p), eigen-decompose, rotate.
-    gemm(
-        MatRef::new(&cov, d, d),
-        MatRef::new(&q, d, p),
-        &mut z,
-        false,
-        gemm::Parallelism::None,
-    );
+    times_cov(&q, &mut z);
     let mut t = vec![0.0f64; p * p];
     for i in 0..p {
         for j in 0..p {
