@@ -1,6 +1,7 @@
 //! `regimen`: the command-line program.
 
 mod bench;
+mod config;
 mod data_cmd;
 mod recipe;
 
@@ -20,6 +21,7 @@ use regimen::{models, Rng};
     version,
     about = "Train neural networks natively in Rust: every technique of the lecture, explicit forward/backward layers, fast kernels."
 )]
+#[command(args_override_self = true)]
 struct Cli {
     /// CPU threads (default: all cores).
     #[arg(long, global = true)]
@@ -32,6 +34,7 @@ struct Cli {
 #[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Train a built-in model on a dataset (default: the embedded 8x8 digits; the default command).
+    #[command(args_override_self = true)]
     Train(TrainArgs),
     /// Print a built-in model's layers: output shapes, parameters and FLOPs per sample.
     Summary {
@@ -74,6 +77,9 @@ struct TrainArgs {
     seed: u64,
     #[command(flatten)]
     optim: recipe::OptimArgs,
+    /// A TOML file of these flags (`lr = 0.05`, `schedule = "cosine"`, ...); flags given here win.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
@@ -209,7 +215,7 @@ fn train(args: &TrainArgs) -> Result<()> {
 }
 
 fn run() -> Result<()> {
-    let mut cli = Cli::parse();
+    let mut cli = Cli::parse_from(config::expand(std::env::args().collect())?);
     if cli.command.is_none() {
         // `regimen` alone runs `regimen train` with its defaults.
         cli = Cli::parse_from(std::env::args().chain(["train".to_string()]));

@@ -280,3 +280,40 @@ fn train_with_preprocessing_and_augmentation_flags() {
         assert!(err.contains(needle) && out.is_empty(), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn config_files_set_flags_and_the_command_line_wins() {
+    let dir = std::env::temp_dir().join(format!("regimen-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("run.toml");
+    std::fs::write(&path, "model = \"digits-mlp\"\nepochs = 2\nlr = 0.05\nmomentum = 0.9\nnesterov = true\nschedule = \"cosine\"\naugment = \"translate=1,mixup\"\n").unwrap();
+    let p = path.to_str().unwrap();
+    let (code, out, err) = regimen(&["--threads", "1", "train", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("augment translate=1,mixup, 2 epochs")
+            && out.contains("sgd-nesterov lr 0.05 schedule cosine"),
+        "{out}"
+    );
+    let (code, out, err) = regimen(&[
+        "--threads",
+        "1",
+        "train",
+        "--config",
+        p,
+        "--lr",
+        "0.2",
+        "--epochs",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 epochs") && out.contains("lr 0.2 "), "{out}");
+    std::fs::write(dir.join("bad.toml"), "lr = 0.1\nlearning_rate = 3\n").unwrap();
+    let (code, _, err) = regimen(&["train", "--config", dir.join("bad.toml").to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("bad.toml") && err.contains("unknown key \"learning_rate\""),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
