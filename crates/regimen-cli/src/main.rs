@@ -160,6 +160,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         label_smoothing: ls.label_smoothing,
         augment,
         workers: args.workers,
+        progress: true,
         ..Default::default()
     };
     println!(

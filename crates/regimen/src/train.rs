@@ -141,6 +141,8 @@ pub struct FitConfig {
     pub augment: Pipeline,
     /// Background threads preparing batches (0: in the training thread).
     pub workers: usize,
+    /// Report progress on stderr during an epoch that runs longer than a couple of seconds.
+    pub progress: bool,
 }
 
 impl Default for FitConfig {
@@ -155,6 +157,7 @@ impl Default for FitConfig {
             label_smoothing: 0.0,
             augment: Pipeline::default(),
             workers: 1,
+            progress: false,
         }
     }
 }
@@ -230,7 +233,12 @@ fn run_epochs(
         let start = Instant::now();
         let mut meter = Meter::new(cfg.device);
         let mut lr = 0.0;
-        for batch in loader.epoch(epoch - 1) {
+        let mut last_report = Instant::now();
+        for (b, batch) in loader.epoch(epoch - 1).enumerate() {
+            if cfg.progress && last_report.elapsed().as_secs_f32() > 2.0 {
+                report_progress(epoch, cfg.epochs, b, per_epoch, start);
+                last_report = Instant::now();
+            }
             let x = Tensor::from_host(&batch.shape, batch.images, cfg.device)?;
             let y = Indices::from_vec(batch.labels).to_device(cfg.device);
             let logits = model.forward(&x, Mode::Train)?;
@@ -254,6 +262,9 @@ fn run_epochs(
             meter.add(&logits, &out.loss, &y);
             batch_index += 1;
         }
+        if cfg.progress && start.elapsed().as_secs_f32() > 2.0 {
+            clear_progress();
+        }
         let (train_loss, train_acc) = meter.read();
         let (test_loss, test_acc) = evaluate(model, test, 256, cfg.device)?;
         schedule.observe(test_loss);
@@ -270,6 +281,30 @@ fn run_epochs(
         history.push(stats);
     }
     Ok(history)
+}
+
+/// One line on stderr: where the epoch is and when it should end (rewritten in place on a
+/// terminal, a new line in a log).
+fn report_progress(epoch: usize, epochs: usize, batch: usize, per_epoch: usize, start: Instant) {
+    use std::io::{IsTerminal, Write};
+    let elapsed = start.elapsed().as_secs_f32();
+    let left = elapsed / batch.max(1) as f32 * (per_epoch - batch) as f32;
+    let line = format!("epoch {epoch}/{epochs}: batch {batch}/{per_epoch}, {elapsed:.0}s elapsed, about {left:.0}s left");
+    let mut err = std::io::stderr();
+    let _ = if err.is_terminal() {
+        write!(err, "\r{line}\x1b[K")
+    } else {
+        writeln!(err, "{line}")
+    };
+    let _ = err.flush();
+}
+
+fn clear_progress() {
+    use std::io::{IsTerminal, Write};
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = write!(err, "\r\x1b[K");
+    }
 }
 
 /// Train with plain mini-batch SGD at a constant learning rate.
