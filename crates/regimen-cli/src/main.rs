@@ -44,6 +44,14 @@ enum Command {
     },
     /// Time training steps of the BENCH.md workloads (regimen's side of bench/compare).
     Bench(bench::BenchArgs),
+    /// Evaluate a checkpoint written by `regimen train --save` on a dataset's test split.
+    Eval {
+        /// The checkpoint file.
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        #[command(flatten)]
+        source: data_cmd::Source,
+    },
     /// Inspect datasets and augmentation pipelines.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -77,6 +85,9 @@ struct TrainArgs {
     seed: u64,
     #[command(flatten)]
     optim: recipe::OptimArgs,
+    /// Save the trained model (and its preprocessing) to this safetensors file.
+    #[arg(long)]
+    save: Option<std::path::PathBuf>,
     /// A TOML file of these flags (`lr = 0.05`, `schedule = "cosine"`, ...); flags given here win.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
@@ -133,7 +144,8 @@ fn train(args: &TrainArgs) -> Result<()> {
         train_set.num_classes(),
         &mut rng,
     )?;
-    let input = train_set.image_shape.to_vec();
+    let (input_shape, classes) = (train_set.image_shape, train_set.num_classes());
+    let input = input_shape.to_vec();
     println!("{}", model.summary(&input)?);
     let o = &args.optim;
     println!(
@@ -201,6 +213,20 @@ fn train(args: &TrainArgs) -> Result<()> {
             );
         },
     )?;
+    if let Some(path) = &args.save {
+        let [c, h, w] = input_shape;
+        let meta = std::collections::HashMap::from([
+            ("model".to_string(), model_name.clone()),
+            ("dataset".to_string(), splits.name.clone()),
+            ("input_shape".to_string(), format!("{c},{h},{w}")),
+            ("classes".to_string(), classes.to_string()),
+        ]);
+        regimen::checkpoint::save(path, &mut model, Some(&pre), meta)?;
+        println!(
+            "saved the model and its preprocessing to {}",
+            path.display()
+        );
+    }
     if let Some(last) = history.last() {
         let test_acc = match validation {
             Some(_) => evaluate(&mut model, &test_set, 256, regimen::Device::Cpu)?.1,
@@ -212,6 +238,55 @@ fn train(args: &TrainArgs) -> Result<()> {
             100.0 * (last.train_acc - test_acc)
         );
     }
+    Ok(())
+}
+
+/// `regimen eval`: rebuild the model named in the checkpoint, load it, preprocess the test
+/// split with the stored statistics, and report loss and accuracy.
+fn eval_checkpoint(path: &std::path::Path, source: &data_cmd::Source) -> Result<()> {
+    let (_, meta) = regimen::io::read_safetensors(path)?;
+    let field = |k: &str| {
+        meta.get(k).cloned().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: not a regimen train checkpoint (no '{k}' metadata)",
+                path.display()
+            )
+        })
+    };
+    let dims: Vec<usize> = field("input_shape")?
+        .split(',')
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let classes: usize = field("classes")?.parse()?;
+    if dims.len() != 3 {
+        anyhow::bail!("{}: bad input_shape metadata", path.display());
+    }
+    let mut model = models::for_input(
+        &field("model")?,
+        [dims[0], dims[1], dims[2]],
+        classes,
+        &mut Rng::new(0),
+    )?;
+    let loaded = regimen::checkpoint::load(path, &mut model)?;
+    let mut test = source.load()?.test;
+    if let Some(p) = &loaded.preprocess {
+        p.apply(&mut test)?;
+    }
+    if test.num_classes() != classes {
+        anyhow::bail!(
+            "the checkpoint has {classes} classes, {} has {}",
+            source.dataset,
+            test.num_classes()
+        );
+    }
+    let (loss, acc) = evaluate(&mut model, &test, 256, regimen::Device::Cpu)?;
+    println!(
+        "{} on the {} test split ({} images): loss {loss:.4}, accuracy {:.2}%",
+        path.display(),
+        source.dataset,
+        test.len(),
+        100.0 * acc
+    );
     Ok(())
 }
 
@@ -236,6 +311,7 @@ fn run() -> Result<()> {
         }
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Data(cmd)) => data_cmd::run(&cmd),
+        Some(Command::Eval { checkpoint, source }) => eval_checkpoint(&checkpoint, &source),
     }
 }
 

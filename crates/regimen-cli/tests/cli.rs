@@ -317,3 +317,37 @@ fn config_files_set_flags_and_the_command_line_wins() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn train_save_then_eval_reports_the_same_accuracy() {
+    let path = std::env::temp_dir().join(format!(
+        "regimen-cli-ckpt-{}.safetensors",
+        std::process::id()
+    ));
+    let p = path.to_str().unwrap();
+    let (code, out, err) = regimen(&[
+        "--threads",
+        "1",
+        "train",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "2",
+        "--preprocess",
+        "per-channel",
+        "--save",
+        p,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let trained = final_accuracy(&out);
+    let (code, out, err) = regimen(&["eval", "--checkpoint", p]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("accuracy {trained:.2}%")),
+        "trained {trained}: {out}"
+    );
+    let (code, _, err) = regimen(&["eval", "--checkpoint", "/nonexistent.safetensors"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent.safetensors"), "{err}");
+    std::fs::remove_file(&path).ok();
+}

@@ -9,6 +9,7 @@
 //! See `ARCHITECTURE.md` for the layout and the data flow of a training step.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod gradcheck;

@@ -184,10 +184,7 @@ impl Preprocessor {
         if data.image_shape != self.input_shape {
             return Err(Error::shape(
                 format!("preprocess {}", self.kind.spec()),
-                format!(
-                    "images of shape {:?} (what it was fitted on)",
-                    self.input_shape
-                ),
+                format!("{:?} (the image shape it was fitted on)", self.input_shape),
                 &data.image_shape,
             ));
         }
@@ -264,6 +261,39 @@ impl Preprocessor {
         crate::io::write_safetensors(path, &tensors, meta)
     }
 
+    /// Check that the statistics have the lengths this kind needs for its input shape.
+    pub fn check(&self) -> Result<()> {
+        let (kind, dims) = (self.kind, self.input_shape);
+        let p = self;
+        let bad = |reason: String| Error::config("preprocess", kind.spec(), &reason);
+        let d: usize = dims.iter().product();
+        // The statistics' lengths each kind needs: (mean, std).
+        let (m, sd) = match kind {
+            PreprocessKind::None | PreprocessKind::Center | PreprocessKind::Normalize => (1, 1),
+            PreprocessKind::MeanImage | PreprocessKind::Pca(_) | PreprocessKind::Whiten(_) => {
+                (d, 1)
+            }
+            PreprocessKind::ChannelMean | PreprocessKind::PerChannel => (dims[0], dims[0]),
+        };
+        if p.mean.len() != m || p.std.len() != sd || p.std.iter().any(|&v| !(v > 0.0)) {
+            return Err(bad(format!(
+                "{} of {dims:?} images needs {m} means and {sd} positive stds, the file has {} and {}",
+                kind.spec(),
+                p.mean.len(),
+                p.std.len()
+            )));
+        }
+        if let PreprocessKind::Pca(k) | PreprocessKind::Whiten(k) = kind {
+            if p.components.len() != k * d || p.eigenvalues.len() != k {
+                return Err(bad(format!(
+                    "{} needs {k} components of {d} values",
+                    kind.spec()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Load what [`Preprocessor::save`] wrote.
     pub fn load(path: &std::path::Path) -> Result<Preprocessor> {
         let (tensors, meta) = crate::io::read_safetensors(path)?;
@@ -291,31 +321,7 @@ impl Preprocessor {
             eigenvalues: get("eigenvalues").unwrap_or_default(),
             input_shape: [dims[0], dims[1], dims[2]],
         };
-        let d: usize = dims.iter().product();
-        // The statistics' lengths each kind needs: (mean, std).
-        let (m, sd) = match kind {
-            PreprocessKind::None | PreprocessKind::Center | PreprocessKind::Normalize => (1, 1),
-            PreprocessKind::MeanImage | PreprocessKind::Pca(_) | PreprocessKind::Whiten(_) => {
-                (d, 1)
-            }
-            PreprocessKind::ChannelMean | PreprocessKind::PerChannel => (dims[0], dims[0]),
-        };
-        if p.mean.len() != m || p.std.len() != sd || p.std.iter().any(|&v| !(v > 0.0)) {
-            return Err(bad(format!(
-                "{} of {dims:?} images needs {m} means and {sd} positive stds, the file has {} and {}",
-                kind.spec(),
-                p.mean.len(),
-                p.std.len()
-            )));
-        }
-        if let PreprocessKind::Pca(k) | PreprocessKind::Whiten(k) = kind {
-            if p.components.len() != k * d || p.eigenvalues.len() != k {
-                return Err(bad(format!(
-                    "{} needs {k} components of {d} values",
-                    kind.spec()
-                )));
-            }
-        }
+        p.check().map_err(|e| bad(e.to_string()))?;
         Ok(p)
     }
 }

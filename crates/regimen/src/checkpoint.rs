@@ -1,0 +1,128 @@
+//! Model checkpoints: every parameter and buffer under its PyTorch-style name
+//! (`0.weight`, `1.running_mean`), in one safetensors file, written atomically (temp file +
+//! rename), so a crash never leaves a half-written checkpoint. A fitted preprocessing is
+//! stored in the same file (`preprocess.*` tensors and metadata), so that prediction applies
+//! exactly the transform the model was trained with.
+//!
+//! The file loads in PyTorch with `safetensors.torch.load_file` + `model.load_state_dict` for
+//! the same architecture (PyTorch's `num_batches_tracked` counters are not stored).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::data::Preprocessor;
+use crate::error::{Error, Result};
+use crate::io::{read_safetensors, write_safetensors, NamedTensor};
+use crate::layer::Layer;
+use crate::tensor::Tensor;
+
+/// Save `model`'s parameters and buffers, plus `preprocess` if given, and free-form `meta`.
+pub fn save(
+    path: &Path,
+    model: &mut dyn Layer,
+    preprocess: Option<&Preprocessor>,
+    mut meta: HashMap<String, String>,
+) -> Result<()> {
+    let mut tensors: Vec<NamedTensor> = Vec::new();
+    model.visit_params("", &mut |name, p| {
+        tensors.push((name.to_string(), p.value.shape().to_vec(), p.value.to_vec()))
+    });
+    model.visit_buffers("", &mut |name, b| {
+        tensors.push((name.to_string(), b.shape().to_vec(), b.to_vec()))
+    });
+    if let Some(p) = preprocess {
+        let [c, h, w] = p.input_shape;
+        meta.insert("preprocess.kind".into(), p.kind.spec());
+        meta.insert("preprocess.input_shape".into(), format!("{c},{h},{w}"));
+        for (name, v) in [
+            ("mean", &p.mean),
+            ("std", &p.std),
+            ("components", &p.components),
+            ("eigenvalues", &p.eigenvalues),
+        ] {
+            if !v.is_empty() {
+                tensors.push((format!("preprocess.{name}"), vec![v.len()], v.clone()));
+            }
+        }
+    }
+    meta.insert("format".into(), "regimen-checkpoint-1".into());
+    write_safetensors(path, &tensors, meta)
+}
+
+/// What [`load`] found besides the weights.
+pub struct Loaded {
+    pub preprocess: Option<Preprocessor>,
+    pub meta: HashMap<String, String>,
+}
+
+/// Load a checkpoint into `model`, which must have the same parameter and buffer names and
+/// shapes; a missing, extra or misshapen tensor is an error naming it.
+pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
+    let (tensors, meta) = read_safetensors(path)?;
+    let file = path.display().to_string();
+    let bad = |reason: String| Error::Data {
+        file: file.clone(),
+        reason,
+    };
+    let mut by_name: HashMap<String, (Vec<usize>, Vec<f32>)> =
+        tensors.into_iter().map(|(n, s, v)| (n, (s, v))).collect();
+    let mut problem: Option<String> = None;
+    let mut take = |name: &str, t: &mut Tensor| match by_name.remove(name) {
+        None => {
+            problem.get_or_insert(format!(
+                "no tensor {name} (is this a checkpoint of another model?)"
+            ));
+        }
+        Some((shape, _)) if shape != t.shape() => {
+            problem.get_or_insert(format!(
+                "{name} has shape {shape:?}, the model expects {:?}",
+                t.shape()
+            ));
+        }
+        Some((shape, values)) => match Tensor::from_host(&shape, values, t.device()) {
+            Ok(v) => *t = v,
+            Err(e) => {
+                problem.get_or_insert(e.to_string());
+            }
+        },
+    };
+    model.visit_params("", &mut |name, p| take(name, &mut p.value));
+    model.visit_buffers("", &mut |name, b| take(name, b));
+    if let Some(p) = problem {
+        return Err(bad(p));
+    }
+    let preprocess = match meta.get("preprocess.kind") {
+        None => None,
+        Some(kind) => {
+            let mut get = |n: &str| {
+                by_name
+                    .remove(&format!("preprocess.{n}"))
+                    .map(|t| t.1)
+                    .unwrap_or_default()
+            };
+            let dims: Vec<usize> = meta
+                .get("preprocess.input_shape")
+                .map(|s| s.split(',').filter_map(|v| v.parse().ok()).collect())
+                .unwrap_or_default();
+            if dims.len() != 3 {
+                return Err(bad("bad preprocess.input_shape metadata".into()));
+            }
+            let p = Preprocessor {
+                kind: crate::data::PreprocessKind::parse(kind)?,
+                mean: get("mean"),
+                std: get("std"),
+                components: get("components"),
+                eigenvalues: get("eigenvalues"),
+                input_shape: [dims[0], dims[1], dims[2]],
+            };
+            p.check()?;
+            Some(p)
+        }
+    };
+    if let Some(extra) = by_name.keys().next() {
+        return Err(bad(format!(
+            "tensor {extra} is not in the model (is this a checkpoint of another model?)"
+        )));
+    }
+    Ok(Loaded { preprocess, meta })
+}
