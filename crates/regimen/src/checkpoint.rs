@@ -5,7 +5,10 @@
 //! exactly the transform the model was trained with.
 //!
 //! The file loads in PyTorch with `safetensors.torch.load_file` + `model.load_state_dict` for
-//! the same architecture (PyTorch's `num_batches_tracked` counters are not stored).
+//! the same architecture, layer for layer (checked for the digits MLP with `strict=True`). Two
+//! caveats: PyTorch's batch-norm `num_batches_tracked` counters are not stored (load with
+//! `strict=False` or drop them), and regimen's `GlobalAvgPool` is one layer where PyTorch
+//! writes `AdaptiveAvgPool2d(1)` + `Flatten()`, which shifts the indices after it.
 
 use std::collections::HashMap;
 use std::path::Path;
