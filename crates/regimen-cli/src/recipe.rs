@@ -77,16 +77,9 @@ pub fn optimizer(a: &OptimArgs) -> Result<Optim> {
         accumulate: a.accumulate,
         ..Default::default()
     };
-    let sgd_only = |what: &str| -> Result<()> {
-        if a.optimizer != "sgd"
-            && a.optimizer != "rmsprop"
-            && (what == "momentum" && a.momentum != 0.0)
-        {
-            bail!("--momentum applies to sgd and rmsprop, not {}", a.optimizer);
-        }
-        Ok(())
-    };
-    sgd_only("momentum")?;
+    if a.momentum != 0.0 && a.optimizer != "sgd" && a.optimizer != "rmsprop" {
+        bail!("--momentum applies to sgd and rmsprop, not {}", a.optimizer);
+    }
     if a.nesterov && a.optimizer != "sgd" {
         bail!("--nesterov applies to sgd, not {}", a.optimizer);
     }

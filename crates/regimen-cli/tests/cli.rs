@@ -16,6 +16,18 @@ fn final_accuracy(out: &str) -> f32 {
         .unwrap()
 }
 
+/// `regimen train ARGS` must exit 2 with `needle` in its error and nothing on stdout;
+/// returns stderr.
+fn train_refuses(args: &[&str], needle: &str) -> String {
+    let all: Vec<&str> = std::iter::once("train")
+        .chain(args.iter().copied())
+        .collect();
+    let (code, out, err) = regimen(&all);
+    assert_eq!(code, 2, "{args:?}: {out}{err}");
+    assert!(err.contains(needle) && out.is_empty(), "{args:?}: {err}");
+    err
+}
+
 fn regimen(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_regimen"))
         .args(args)
@@ -180,13 +192,8 @@ fn bad_optimizer_and_schedule_flags_are_one_line() {
         (&["--clip-norm=-1"], "clip_norm = -1"),
         (&["--schedule-unit", "week"], "expected batch or epoch"),
     ] {
-        let mut all = vec!["train"];
-        all.extend_from_slice(args);
-        let (code, out, err) = regimen(&all);
-        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        let err = train_refuses(args, needle);
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(out.is_empty(), "nothing printed before the error: {out}");
     }
 }
 
@@ -273,11 +280,7 @@ fn train_with_preprocessing_and_augmentation_flags() {
         (&["--dataset", "imagenet"], "dataset = imagenet"),
         (&["--model", "resnet"], "invalid --model"),
     ] {
-        let mut all = vec!["train"];
-        all.extend_from_slice(args);
-        let (code, out, err) = regimen(&all);
-        assert_eq!(code, 2, "{args:?}: {out}{err}");
-        assert!(err.contains(needle) && out.is_empty(), "{args:?}: {err}");
+        train_refuses(args, needle);
     }
 }
 

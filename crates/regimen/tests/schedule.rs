@@ -20,6 +20,14 @@ fn u(v: &Value, k: &str) -> usize {
     v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}")) as usize
 }
 
+fn usizes(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_u64().unwrap() as usize)
+        .collect()
+}
+
 /// The regimen schedule for a PyTorch scheduler and its constructor arguments.
 fn build(class: &str, p: &Value, base: f32) -> Box<dyn Schedule> {
     let or = |k: &str, d: f32| {
@@ -36,12 +44,7 @@ fn build(class: &str, p: &Value, base: f32) -> Box<dyn Schedule> {
         }),
         "MultiStepLR" => Box::new(MultiStep {
             base,
-            milestones: p["milestones"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m.as_u64().unwrap() as usize)
-                .collect(),
+            milestones: usizes(&p["milestones"]),
             gamma: f(p, "gamma"),
         }),
         "ExponentialLR" => Box::new(Exponential {
@@ -140,12 +143,7 @@ fn build(class: &str, p: &Value, base: f32) -> Box<dyn Schedule> {
                 .iter()
                 .map(|s| build(s["scheduler"].as_str().unwrap(), &s["params"], base))
                 .collect(),
-            milestones: p["milestones"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m.as_u64().unwrap() as usize)
-                .collect(),
+            milestones: usizes(&p["milestones"]),
         }),
         other => panic!("no regimen schedule for {other}"),
     }
