@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use regimen::layer::{sgd_step, zero_grads, Layer, Mode};
+use regimen::layer::{Ctx, Layer};
+use regimen::optim::{Optim, OptimConfig, Sgd};
 use regimen::loss::CrossEntropy;
 use regimen::{models, Device, Indices, Rng, Target, Tensor};
 
@@ -39,6 +40,7 @@ fn profile(
     steps: usize,
 ) -> Result<()> {
     let ce = CrossEntropy::new();
+    let mut opt = Optim::new(Sgd::default(), OptimConfig::default())?;
     let n = model.len();
     let (mut fwd, mut bwd) = (vec![0.0f64; n], vec![0.0f64; n]);
     let mut names = Vec::new();
@@ -48,7 +50,7 @@ fn profile(
         names.clear();
         for (i, (_, layer)) in model.layers_mut().enumerate() {
             let t = Instant::now();
-            h = layer.forward(&h, Mode::Train)?;
+            h = layer.forward(&h, &Ctx::train())?;
             fwd[i] += t.elapsed().as_secs_f64();
             names.push(layer.describe());
         }
@@ -63,8 +65,7 @@ fn profile(
             bwd[i] += t.elapsed().as_secs_f64();
         }
         let t = Instant::now();
-        sgd_step(model, 0.01);
-        zero_grads(model);
+        opt.step(model, 0.01)?;
         other += t.elapsed().as_secs_f64();
     }
     let total: f64 = fwd.iter().sum::<f64>() + bwd.iter().sum::<f64>() + other;
@@ -151,12 +152,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let x = Tensor::from_host(&[b, 1, 28, 28], x, Device::Cpu)?;
     let y = Indices::from_vec((0..b).map(|_| rng.below(10) as u32).collect());
     let ce = CrossEntropy::new();
+    let mut opt = Optim::new(Sgd::default(), OptimConfig::default())?;
     let mut step = || -> Result<()> {
-        let logits = model.forward(&x, Mode::Train)?;
+        let logits = {
+            let ctx = Ctx::train().at_step(opt.step_counter(Device::Cpu));
+            model.forward(&x, &ctx)?
+        };
         let out = ce.forward(&logits, Target::Hard(&y))?;
         model.backward(&out.grad)?;
-        sgd_step(&mut model, 0.01);
-        zero_grads(&mut model);
+        opt.step(&mut model, 0.01)?;
         Ok(())
     };
     for _ in 0..args.warmup {

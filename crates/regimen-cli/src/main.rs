@@ -215,7 +215,7 @@ fn train(args: &TrainArgs) -> Result<()> {
     )?;
     if let Some(path) = &args.save {
         let [c, h, w] = input_shape;
-        let meta = std::collections::HashMap::from([
+        let meta = std::collections::BTreeMap::from([
             ("model".to_string(), model_name.clone()),
             ("dataset".to_string(), splits.name.clone()),
             ("input_shape".to_string(), format!("{c},{h},{w}")),

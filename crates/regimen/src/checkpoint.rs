@@ -10,7 +10,7 @@
 //! `strict=False` or drop them), and regimen's `GlobalAvgPool` is one layer where PyTorch
 //! writes `AdaptiveAvgPool2d(1)` + `Flatten()`, which shifts the indices after it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::data::Preprocessor;
@@ -24,7 +24,7 @@ pub fn save(
     path: &Path,
     model: &mut dyn Layer,
     preprocess: Option<&Preprocessor>,
-    mut meta: HashMap<String, String>,
+    mut meta: BTreeMap<String, String>,
 ) -> Result<()> {
     let mut tensors: Vec<NamedTensor> = Vec::new();
     model.visit_params("", &mut |name, p| {
@@ -55,7 +55,7 @@ pub fn save(
 /// What [`load`] found besides the weights.
 pub struct Loaded {
     pub preprocess: Option<Preprocessor>,
-    pub meta: HashMap<String, String>,
+    pub meta: BTreeMap<String, String>,
 }
 
 /// Load a checkpoint into `model`, which must have the same parameter and buffer names and
@@ -67,7 +67,7 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
         file: file.clone(),
         reason,
     };
-    let mut by_name: HashMap<String, (Vec<usize>, Vec<f32>)> =
+    let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
         tensors.into_iter().map(|(n, s, v)| (n, (s, v))).collect();
     let mut problem: Option<String> = None;
     let mut take = |name: &str, t: &mut Tensor| match by_name.remove(name) {

@@ -43,6 +43,9 @@ pub enum Error {
     /// Bad data in a file.
     #[error("{file}: {reason}")]
     Data { file: String, reason: String },
+    /// A device cannot be used (no driver, no such GPU, a build without its feature).
+    #[error("{device}: {reason}")]
+    Device { device: String, reason: String },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -16,7 +16,7 @@
 //! stochastic depth and fractional pooling regions are the same in every evaluation.
 
 use crate::error::Result;
-use crate::layer::{zero_grads, Layer, Mode};
+use crate::layer::{zero_grads, Ctx, Layer, Mode};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -152,6 +152,7 @@ impl GradCheck {
             .collect();
         let r_t = Tensor::from_host(&out_shape, r.clone(), x.device())?;
         let seed = self.seed;
+        let ctx = Ctx::new(mode);
         let project = |y: &Tensor| -> f64 {
             y.to_vec()
                 .iter()
@@ -164,7 +165,7 @@ impl GradCheck {
         layer.set_input_grad(true);
         zero_grads(layer);
         layer.reseed(seed);
-        layer.forward(x, mode)?;
+        layer.forward(x, &ctx)?;
         let dx = layer.backward(&r_t)?.to_vec();
         let mut params: Vec<(String, Vec<f32>, Vec<f32>)> = Vec::new();
         layer.visit_params("", &mut |name, p| {
@@ -177,7 +178,7 @@ impl GradCheck {
         tensors.push(self.compare("input", &xv, &dx, &idx, |w| {
             let xt = Tensor::from_host(x.shape(), w.to_vec(), x.device())?;
             layer.reseed(seed);
-            Ok(project(&layer.forward(&xt, mode)?))
+            Ok(project(&layer.forward(&xt, &ctx)?))
         })?);
 
         for (name, value, grad) in &params {
@@ -185,7 +186,7 @@ impl GradCheck {
             let check = self.compare(name, value, grad, &idx, |w| {
                 set_param(layer, name, w)?;
                 layer.reseed(seed);
-                Ok(project(&layer.forward(x, mode)?))
+                Ok(project(&layer.forward(x, &ctx)?))
             })?;
             set_param(layer, name, value)?;
             tensors.push(check);

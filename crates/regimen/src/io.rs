@@ -1,10 +1,10 @@
 //! Files: safetensors reading and atomic writing.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 
 use crate::error::{Error, Result};
 
@@ -16,46 +16,104 @@ fn io_err(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
-/// Write f32 tensors and metadata to `path` atomically: a temporary file in the same folder,
-/// flushed, then renamed over `path`, so a crash never leaves a half-written file.
+/// Write f32 tensors and metadata to `path` atomically.
+///
+/// The bytes depend only on the arguments: tensors are laid out in name order and the header
+/// (JSON with sorted keys) is written by regimen rather than by the `safetensors` crate, whose
+/// metadata map is a `HashMap` (random order), so the same run writes the same file. The file
+/// is written to a temporary file of its own in the same folder (a unique name, never another
+/// file of the user's), flushed to disk, renamed over `path`, and the folder is flushed: a
+/// crash leaves either the old file or the new one.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[NamedTensor],
-    meta: HashMap<String, String>,
+    meta: BTreeMap<String, String>,
 ) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, s, v)| {
-            (
-                n.clone(),
-                s.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).expect("length matches shape"),
-            )
-        })
-        .collect();
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Data {
-        file: path.display().to_string(),
-        reason: e.to_string(),
+    let mut order: Vec<&NamedTensor> = tensors.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    if !meta.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::Value::Object(
+                meta.into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect(),
+            ),
+        );
+    }
+    let mut offset = 0usize;
+    for (name, shape, values) in &order {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        let end = offset + 4 * values.len();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    // serde_json's Map is ordered by key (no `preserve_order` feature): a sorted header.
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| {
+        Error::Data {
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        }
     })?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp, "creating"))?;
-    f.write_all(&data).map_err(io_err(&tmp, "writing"))?;
-    f.sync_all().map_err(io_err(&tmp, "syncing"))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path, "renaming into"))?;
-    Ok(())
+    // The data starts 8-byte aligned; the format pads the header with spaces.
+    while (8 + head.len()) % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut data = Vec::with_capacity(8 + head.len() + offset);
+    data.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    data.extend_from_slice(&head);
+    for (_, _, values) in &order {
+        for v in values {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    write_atomic(path, &data)
+}
+
+/// Write `bytes` to `path` atomically (see [`write_safetensors`]).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp = dir.join(format!(
+        ".{file_name}.{}.{}.regimen-tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "creating"))?;
+        f.write_all(bytes).map_err(io_err(&tmp, "writing"))?;
+        f.sync_all().map_err(io_err(&tmp, "syncing"))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path, "renaming into"))?;
+        // The rename itself is durable once the folder is flushed.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Read every f32 tensor and the metadata of a safetensors file.
-pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, HashMap<String, String>)> {
+pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(io_err(path, "reading"))?;
     let file = path.display().to_string();
     let bad = |reason: String| Error::Data {
@@ -64,7 +122,12 @@ pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, HashMap<String
     };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let meta = header.metadata().clone().unwrap_or_default();
+    let meta: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut out = Vec::new();

@@ -1,21 +1,125 @@
 //! The `Layer` trait: explicit forward and backward, as the lecture teaches backpropagation.
 //!
-//! `forward(x, mode)` computes the output and, in [`Mode::Train`], caches what backward needs;
-//! `backward(dy)` returns `dx` and **accumulates** (`+=`) into the gradients of the layer's
-//! parameters, so gradients of several batches add up until the optimizer zeroes them.
-//! The mode is explicit in every call: dropout and batch norm behave differently in training
-//! and evaluation, "a very common source of bugs" (the lecture). Backward after an
-//! [`Mode::Eval`] forward is allowed too (for gradient checks and saliency), and differentiates
-//! the evaluation-mode function.
+//! `forward(x, ctx)` computes the output and, when the context asks for it (always in
+//! training), caches what backward needs; `backward(dy)` returns `dx` and **accumulates**
+//! (`+=`) into the gradients of the layer's parameters, so gradients of several batches add up
+//! until the optimizer zeroes them.
+//!
+//! The mode is explicit in every call ([`Ctx::train`], [`Ctx::eval`]): dropout and batch norm
+//! behave differently in training and evaluation, "a very common source of bugs" (the
+//! lecture). An evaluation forward caches nothing (inference keeps no activations); backward
+//! after an evaluation forward is allowed when the context keeps the cache
+//! ([`Ctx::keep_cache`], for gradient checks and saliency), and differentiates the
+//! evaluation-mode function.
+//!
+//! The context also carries the training step, on the device, which keys every random draw
+//! (dropout masks, stochastic depth, fractional pooling: see [`crate::rng`]); and the
+//! precision of matrix products ([`Precision`]).
 
 use crate::error::Result;
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{DType, Device, Indices, Tensor};
 
 /// Training or evaluation behaviour.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Train,
     Eval,
+}
+
+/// The element type of matrix products and convolutions in a forward (mixed precision):
+/// with `Bf16` or `F16`, Linear and Conv2d round their input and weight to that type and
+/// multiply with `f32` accumulation and an `f32` result; everything else stays `f32`, and
+/// master weights, gradients and optimizer state are always `f32`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    /// The element type of matrix-product inputs.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+}
+
+/// What a forward needs besides its input.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub mode: Mode,
+    /// Keep what backward needs. Default: in training only.
+    pub cache: bool,
+    /// The step counter (one `u32`, on the model's device) that keys random draws; `None`
+    /// reads as step 0. The trainer passes the optimizer's counter
+    /// ([`crate::optim::Optim::step_counter`]).
+    pub step: Option<Indices>,
+    pub precision: Precision,
+}
+
+impl Ctx {
+    /// Training: batch statistics, random masks, caches for backward.
+    pub fn train() -> Ctx {
+        Ctx {
+            mode: Mode::Train,
+            cache: true,
+            step: None,
+            precision: Precision::F32,
+        }
+    }
+
+    /// Evaluation (inference): running statistics, no randomness, nothing cached.
+    pub fn eval() -> Ctx {
+        Ctx {
+            mode: Mode::Eval,
+            cache: false,
+            step: None,
+            precision: Precision::F32,
+        }
+    }
+
+    /// The context of `mode` (with caches, so that backward can follow either way).
+    pub fn new(mode: Mode) -> Ctx {
+        match mode {
+            Mode::Train => Ctx::train(),
+            Mode::Eval => Ctx::eval().keep_cache(),
+        }
+    }
+
+    /// Keep caches for backward (an evaluation forward does not by default).
+    pub fn keep_cache(mut self) -> Ctx {
+        self.cache = true;
+        self
+    }
+
+    /// Key random draws by this step counter.
+    pub fn at_step(mut self, step: &Indices) -> Ctx {
+        self.step = Some(step.clone());
+        self
+    }
+
+    pub fn with_precision(mut self, precision: Precision) -> Ctx {
+        self.precision = precision;
+        self
+    }
+
+    pub fn is_train(&self) -> bool {
+        self.mode == Mode::Train
+    }
+
+    /// The step counter on `device` (a zero counter when none was given).
+    pub fn step_on(&self, device: Device) -> Indices {
+        match &self.step {
+            Some(s) if s.device() == device => s.clone(),
+            Some(s) => s.to_device(device),
+            None => Indices::zeros(1, device),
+        }
+    }
 }
 
 /// What a parameter is, so optimizers can choose defaults (no weight decay on biases and
@@ -64,13 +168,20 @@ pub trait Layer: Send {
     /// and both shapes when the input does not fit.
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>>;
 
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor>;
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor>;
 
     /// `dx` for `dy`; accumulates parameter gradients.
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor>;
 
     /// Visit learnable parameters with PyTorch-style names under `prefix` (`fc1.weight`).
     fn visit_params(&mut self, _prefix: &str, _f: &mut dyn FnMut(&str, &mut Param)) {}
+
+    /// Visit learnable parameters in the same order as [`Layer::visit_params`], without their
+    /// names: the per-step path of the optimizer, which formats no strings. The default calls
+    /// `visit_params`; layers with parameters override it.
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.visit_params("", &mut |_, p| f(p));
+    }
 
     /// Visit non-learned state saved with a model (`bn.running_mean`).
     fn visit_buffers(&mut self, _prefix: &str, _f: &mut dyn FnMut(&str, &mut Tensor)) {}
@@ -86,8 +197,9 @@ pub trait Layer: Send {
     /// an empty tensor (shape `[0]`) from `backward`; it still accumulates parameter gradients.
     fn set_input_grad(&mut self, _needed: bool) {}
 
-    /// Reset the random stream of this layer (and its children) from `seed`: dropout masks,
-    /// stochastic depth and fractional pooling regions are then reproduced exactly.
+    /// Set the random stream key of this layer (and derive its children's): with the step of
+    /// the context, it keys dropout masks, stochastic depth and fractional pooling regions
+    /// ([`crate::rng`]), so the same key and step reproduce them exactly.
     fn reseed(&mut self, _seed: u64) {}
 
     /// Child layers with their names, for summaries and hooks. Leaves have none.
@@ -108,13 +220,13 @@ pub fn join(prefix: &str, name: &str) -> String {
 /// Number of learnable scalars in a layer.
 pub fn param_count(layer: &mut dyn Layer) -> usize {
     let mut n = 0;
-    layer.visit_params("", &mut |_, p| n += p.value.numel());
+    layer.visit_params_unnamed(&mut |p| n += p.value.numel());
     n
 }
 
 /// Set every parameter gradient to zero.
 pub fn zero_grads(layer: &mut dyn Layer) {
-    layer.visit_params("", &mut |_, p| p.zero_grad());
+    layer.visit_params_unnamed(&mut |p| p.zero_grad());
 }
 
 /// Move every parameter and buffer to `device`.
@@ -126,9 +238,7 @@ pub fn to_device(layer: &mut dyn Layer, device: Device) {
 /// Plain gradient descent `theta -= lr * grad` over every parameter (the optimizers of
 /// `optim` build on the same visit).
 pub fn sgd_step(layer: &mut dyn Layer, lr: f32) {
-    layer.visit_params("", &mut |_, p| {
-        p.value.backend().axpy(-lr, &p.grad, &mut p.value)
-    });
+    layer.visit_params_unnamed(&mut |p| p.value.backend().axpy(-lr, &p.grad, &mut p.value));
 }
 
 /// The cached value a backward needs, or the error that says forward was not run.
@@ -148,4 +258,10 @@ pub(crate) fn check_dy(layer: &dyn Layer, want: &[usize], dy: &Tensor) -> Result
         ));
     }
     Ok(())
+}
+
+/// Store `value()` in a layer's cache slot when the context keeps caches; otherwise clear
+/// the slot (an evaluation forward keeps no activations, and a stale cache must not survive).
+pub(crate) fn keep<T>(ctx: &Ctx, slot: &mut Option<T>, value: impl FnOnce() -> T) {
+    *slot = if ctx.cache { Some(value()) } else { None };
 }

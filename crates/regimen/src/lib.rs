@@ -17,6 +17,7 @@ pub mod init;
 pub mod io;
 pub mod layer;
 pub mod layers;
+mod linalg;
 pub mod loss;
 pub mod models;
 pub mod optim;
@@ -30,9 +31,9 @@ pub use backend::{Target, Unary};
 pub use error::{Error, Result};
 pub use gradcheck::GradCheck;
 pub use init::{Fan, Init};
-pub use layer::{Layer, Mode, Param, ParamKind};
+pub use layer::{Ctx, Layer, Mode, Param, ParamKind, Precision};
 pub use rng::Rng;
-pub use tensor::{Device, Indices, Tensor};
+pub use tensor::{DType, Device, Indices, Tensor};
 
 /// Set the number of CPU threads (once, before any parallel work; later calls are ignored).
 pub fn set_threads(n: usize) {

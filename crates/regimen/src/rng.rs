@@ -1,14 +1,45 @@
-//! Seeded, reproducible randomness.
+//! Seeded, reproducible randomness: one scheme for everything that is drawn during training.
 //!
 //! regimen uses its own small generators instead of `rand`: the same seed must give the same
-//! numbers on every run, every platform and every crate version, and the random masks of dropout
-//! and stochastic depth must be reproducible on the GPU, where a kernel draws element `i` of a
-//! mask from `(seed, i)` alone. Two generators:
+//! numbers on every run, every platform, every crate version and every device. Two generators:
 //!
-//! - [`Rng`]: a sequential SplitMix64 stream (Steele, Lea & Flood 2014) for initialization and
-//!   shuffling. Normal samples use the Box–Muller transform.
-//! - [`hash_uniform`]: a counter-based generator: the SplitMix64 finalizer of `seed` and `index`,
-//!   so element `i` of a mask needs no state and any device can compute it in parallel.
+//! - [`Rng`]: a sequential SplitMix64 stream (Steele, Lea & Flood 2014), for what happens once
+//!   on the host: weight initialization, the per-epoch shuffle, splits. Normal samples use the
+//!   Box–Muller transform.
+//! - [`philox`]: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+//!   SC 2011), the counter-based generator of cuRAND and of PyTorch's CUDA generator, for
+//!   everything drawn *during* a training step: dropout masks, stochastic depth, fractional
+//!   pooling regions, augmentation draws. A counter-based generator has no state: the numbers
+//!   are a pure function of a key and a counter, so any element can be computed alone, in
+//!   parallel, by any device, and a captured GPU step stays valid when the step changes (the
+//!   step is read from device memory).
+//!
+//! ## The key and the counter
+//!
+//! A draw is identified by `(stream, step, purpose, index)`:
+//!
+//! - `stream`: a 64-bit key of the consumer, the run's seed mixed with the consumer's position
+//!   in the model (`Sequential` gives child `i` the key `mix64(seed ^ mix64(i + 1))`, and so on
+//!   down the tree, see [`crate::Layer::reseed`]); it is Philox's key `[lo, hi]`.
+//! - `step`: the training step (the optimizer's update count, read by kernels from the device
+//!   step counter), so each step draws fresh numbers.
+//! - `purpose`: which kind of draw ([`purpose`]), so that two uses within one consumer
+//!   never share numbers.
+//! - `index`: the element (or sample) index.
+//!
+//! Philox's 4-word counter is `[index / 4 (low word), index / 4 (high word), step, purpose]`;
+//! the 4 output words serve elements `4 (index / 4) .. 4 (index / 4) + 3`, word `index % 4`
+//! for element `index`. A uniform number in `[0, 1)` takes the top 24 bits of the word:
+//! `(w >> 8) * 2^-24`. The CUDA kernels implement exactly this (`backend/cuda/kernels.cu`),
+//! and `tests/` check that both devices draw the same masks.
+
+/// Kinds of draws (the counter's last word).
+pub mod purpose {
+    pub const DROPOUT: u32 = 1;
+    pub const STOCHASTIC_DEPTH: u32 = 2;
+    pub const FRACTIONAL_POOL: u32 = 3;
+    pub const AUGMENT: u32 = 4;
+}
 
 /// The SplitMix64 output function: a bijective 64-bit mixer.
 #[inline]
@@ -20,11 +51,68 @@ pub fn mix64(mut z: u64) -> u64 {
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// A uniform number in `[0, 1)` determined by `(seed, index)` alone (24 bits of precision).
+const PHILOX_M0: u32 = 0xD251_1F53;
+const PHILOX_M1: u32 = 0xCD9E_8D57;
+const PHILOX_W0: u32 = 0x9E37_79B9;
+const PHILOX_W1: u32 = 0xBB67_AE85;
+
+/// Philox4x32 with 10 rounds: four 32-bit words from a 4-word counter and a 2-word key.
 #[inline]
-pub fn hash_uniform(seed: u64, index: u64) -> f32 {
-    let h = mix64(seed ^ mix64(index.wrapping_add(1).wrapping_mul(GOLDEN)));
-    (h >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+pub fn philox(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (mut c, mut k) = (counter, key);
+    for round in 0..10 {
+        if round > 0 {
+            k[0] = k[0].wrapping_add(PHILOX_W0);
+            k[1] = k[1].wrapping_add(PHILOX_W1);
+        }
+        let p0 = PHILOX_M0 as u64 * c[0] as u64;
+        let p1 = PHILOX_M1 as u64 * c[2] as u64;
+        c = [
+            (p1 >> 32) as u32 ^ c[1] ^ k[0],
+            p1 as u32,
+            (p0 >> 32) as u32 ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
+    }
+    c
+}
+
+/// The four words of the block that holds element `index` (see the module doc).
+#[inline]
+pub fn philox_block(stream: u64, step: u32, purpose: u32, index: u64) -> [u32; 4] {
+    let block = index / 4;
+    philox(
+        [block as u32, (block >> 32) as u32, step, purpose],
+        [stream as u32, (stream >> 32) as u32],
+    )
+}
+
+/// A word as a uniform number in `[0, 1)` (24 bits).
+#[inline]
+pub fn word_to_uniform(w: u32) -> f32 {
+    (w >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
+/// The uniform number in `[0, 1)` of draw `(stream, step, purpose, index)`.
+#[inline]
+pub fn uniform(stream: u64, step: u32, purpose: u32, index: u64) -> f32 {
+    word_to_uniform(philox_block(stream, step, purpose, index)[(index % 4) as usize])
+}
+
+/// Fill `out` with the uniform numbers of elements `first..first + out.len()`, four per
+/// Philox call.
+pub fn fill_uniform(stream: u64, step: u32, purpose: u32, first: u64, out: &mut [f32]) {
+    let mut i = 0;
+    while i < out.len() {
+        let index = first + i as u64;
+        let words = philox_block(stream, step, purpose, index);
+        let mut w = (index % 4) as usize;
+        while w < 4 && i < out.len() {
+            out[i] = word_to_uniform(words[w]);
+            w += 1;
+            i += 1;
+        }
+    }
 }
 
 /// A sequential seeded generator (SplitMix64).
@@ -136,11 +224,41 @@ mod tests {
         // Standard errors: 1/sqrt(n) = 0.0022 for the mean, sqrt(2/n) = 0.0032 for the variance.
         assert!(mean.abs() < 0.01, "mean {mean}");
         assert!((var - 1.0).abs() < 0.015, "var {var}");
-        let us: Vec<f32> = (0..n as u64).map(|i| hash_uniform(3, i)).collect();
+        let us: Vec<f32> = (0..n as u64).map(|i| uniform(3, 0, 1, i)).collect();
         let m = us.iter().map(|&u| u as f64).sum::<f64>() / n as f64;
-        assert!((m - 0.5).abs() < 0.003, "hash_uniform mean {m}");
+        // Standard error of the mean of U[0, 1): sqrt(1/12 / n) = 0.00065.
+        assert!((m - 0.5).abs() < 0.003, "uniform mean {m}");
         assert!(us.iter().all(|&u| (0.0..1.0).contains(&u)));
-        assert_ne!(hash_uniform(3, 5), hash_uniform(4, 5));
+        assert_ne!(uniform(3, 0, 1, 5), uniform(4, 0, 1, 5));
+        assert_ne!(uniform(3, 0, 1, 5), uniform(3, 1, 1, 5), "the step changes the draw");
+        assert_ne!(uniform(3, 0, 1, 5), uniform(3, 0, 2, 5), "the purpose changes the draw");
+    }
+
+    /// Random123's known-answer vectors (`tests/kat_vectors`, the three `philox4x32 10` lines:
+    /// counter, key, expected output).
+    #[test]
+    fn philox_matches_the_random123_known_answers() {
+        let cases = [
+            ([0u32; 4], [0u32; 2], [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]),
+            ([u32::MAX; 4], [u32::MAX; 2], [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]),
+            (
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0],
+                [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1],
+            ),
+        ];
+        for (ctr, key, want) in cases {
+            assert_eq!(philox(ctr, key), want, "counter {ctr:08x?} key {key:08x?}");
+        }
+    }
+
+    #[test]
+    fn fill_uniform_equals_uniform_per_element() {
+        let mut out = vec![0.0; 11];
+        fill_uniform(9, 4, 2, 3, &mut out);
+        for (i, &v) in out.iter().enumerate() {
+            assert_eq!(v, uniform(9, 4, 2, 3 + i as u64), "element {i}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::data::{Dataset, Loader, Pipeline};
 use crate::error::{Error, Result};
-use crate::layer::{Layer, Mode};
+use crate::layer::{Ctx, Layer};
 use crate::loss::{CrossEntropy, Penalty};
 use crate::optim::{Optim, OptimConfig, Sgd};
 use crate::schedule::{Constant, Schedule, Unit};
@@ -117,7 +117,7 @@ pub fn evaluate(
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
         let (x, y) = data.batch(chunk, device)?;
-        let logits = model.forward(&x, Mode::Eval)?;
+        let logits = model.forward(&x, &Ctx::eval())?;
         let out = ce.forward(&logits, Target::Hard(&y))?;
         meter.add(&logits, &out.loss, &y);
     }
@@ -241,7 +241,12 @@ fn run_epochs(
             }
             let x = Tensor::from_host(&batch.shape, batch.images, cfg.device)?;
             let y = Indices::from_vec(batch.labels).to_device(cfg.device);
-            let logits = model.forward(&x, Mode::Train)?;
+            // The optimizer's step counter keys this step's random draws. The context is
+            // dropped before the update increments the counter (no second owner, no copy).
+            let logits = {
+                let ctx = Ctx::train().at_step(optim.step_counter(cfg.device));
+                model.forward(&x, &ctx)?
+            };
             let out = match batch.soft {
                 Some(soft) => ce.forward(
                     &logits,

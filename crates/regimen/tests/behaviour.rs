@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::randn;
-use regimen::layer::{Layer, Mode};
+use regimen::layer::{Ctx, Layer};
 use regimen::layers::*;
 use regimen::loss::CrossEntropy;
 use regimen::{models, Error, Fan, Indices, Init, Rng, Target, Tensor};
@@ -24,7 +24,7 @@ fn mean_std(v: &[f32]) -> (f64, f64) {
 fn dropout_drops_p_scales_survivors_and_is_identity_in_eval() {
     let mut d = Dropout::new(0.3).unwrap();
     let x = Tensor::full(&[100, 100], 1.0, regimen::Device::Cpu);
-    let y = d.forward(&x, Mode::Train).unwrap().to_vec();
+    let y = d.forward(&x, &Ctx::train()).unwrap().to_vec();
     let zeros = y.iter().filter(|&&v| v == 0.0).count() as f64 / 1e4;
     // 10,000 Bernoulli(0.3) draws: standard error 0.0046.
     assert!((zeros - 0.3).abs() < 0.02, "dropped fraction {zeros}");
@@ -34,14 +34,18 @@ fn dropout_drops_p_scales_survivors_and_is_identity_in_eval() {
         (m - 1.0).abs() < 0.03,
         "inverted dropout keeps the mean: {m}"
     );
-    // A new mask on the next call, and the same masks again after reseeding.
-    let y2 = d.forward(&x, Mode::Train).unwrap().to_vec();
+    // A new mask at the next step, the same mask again at the same step and stream, and
+    // another mask under another stream key.
+    let step1 = Indices::from_vec(vec![1]);
+    let y2 = d.forward(&x, &Ctx::train().at_step(&step1)).unwrap().to_vec();
     assert_ne!(y, y2);
-    d.reseed(0);
-    let a = d.forward(&x, Mode::Train).unwrap().to_vec();
-    d.reseed(0);
-    assert_eq!(a, d.forward(&x, Mode::Train).unwrap().to_vec());
-    assert_eq!(d.forward(&x, Mode::Eval).unwrap().to_vec(), x.to_vec());
+    assert_eq!(y, d.forward(&x, &Ctx::train()).unwrap().to_vec());
+    d.reseed(5);
+    let a = d.forward(&x, &Ctx::train()).unwrap().to_vec();
+    assert_ne!(a, y);
+    d.reseed(5);
+    assert_eq!(a, d.forward(&x, &Ctx::train()).unwrap().to_vec());
+    assert_eq!(d.forward(&x, &Ctx::eval()).unwrap().to_vec(), x.to_vec());
     assert!(Dropout::new(1.0).is_err() && Dropout::new(-0.1).is_err());
 }
 
@@ -57,9 +61,7 @@ fn two_dropout_layers_in_a_model_draw_different_masks() {
         h.lock().unwrap().push((name.to_string(), t.to_vec()))
     }));
     m.forward(
-        &Tensor::full(&[4, 64], 1.0, regimen::Device::Cpu),
-        Mode::Train,
-    )
+        &Tensor::full(&[4, 64], 1.0, regimen::Device::Cpu), &Ctx::train())
     .unwrap();
     let outs = outputs.lock().unwrap();
     let kept = |name: &str| -> Vec<bool> {
@@ -91,7 +93,7 @@ fn stochastic_depth_drops_whole_branches_in_training_and_scales_in_eval() {
     let branch = Sequential::new().push(Linear::new(4, 4, rng)).push(tanh());
     let mut r = Residual::new(branch).stochastic_depth(0.5).unwrap();
     let x = randn(&[64, 4], 2);
-    let y = r.forward(&x, Mode::Train).unwrap().to_vec();
+    let y = r.forward(&x, &Ctx::train()).unwrap().to_vec();
     let xv = x.to_vec();
     let dropped = (0..64)
         .filter(|&n| (0..4).all(|j| y[n * 4 + j] == xv[n * 4 + j]))
@@ -107,8 +109,8 @@ fn stochastic_depth_drops_whole_branches_in_training_and_scales_in_eval() {
             .push(Linear::new(4, 4, &mut Rng::new(1)))
             .push(tanh()),
     );
-    let full = plain.forward(&x, Mode::Eval).unwrap().to_vec();
-    let eval = r.forward(&x, Mode::Eval).unwrap().to_vec();
+    let full = plain.forward(&x, &Ctx::eval()).unwrap().to_vec();
+    let eval = r.forward(&x, &Ctx::eval()).unwrap().to_vec();
     for i in 0..xv.len() {
         let want = xv[i] + 0.5 * (full[i] - xv[i]);
         assert!((eval[i] - want).abs() < 1e-6);
@@ -125,9 +127,9 @@ fn batch_norm_normalizes_in_training_and_uses_running_stats_in_eval() {
         .collect();
     let x = Tensor::from_vec(&[8, 2, 3, 3], x).unwrap();
     for _ in 0..200 {
-        bn.forward(&x, Mode::Train).unwrap();
+        bn.forward(&x, &Ctx::train()).unwrap();
     }
-    let y = bn.forward(&x, Mode::Train).unwrap().to_vec();
+    let y = bn.forward(&x, &Ctx::train()).unwrap().to_vec();
     for c in 0..2 {
         let vals: Vec<f32> = (0..8)
             .flat_map(|n| y[(n * 2 + c) * 9..(n * 2 + c + 1) * 9].to_vec())
@@ -140,14 +142,14 @@ fn batch_norm_normalizes_in_training_and_uses_running_stats_in_eval() {
     }
     // After many steps the running averages equal the batch statistics (var unbiased), so eval
     // output differs from train output only by the unbiasing factor sqrt((m-1)/m).
-    let e = bn.forward(&x, Mode::Eval).unwrap().to_vec();
+    let e = bn.forward(&x, &Ctx::eval()).unwrap().to_vec();
     let f = ((72.0 - 1.0) / 72.0f32).sqrt();
     for (a, b) in e.iter().zip(&y) {
         assert!((a - b * f).abs() < 1e-3, "{a} vs {}", b * f);
     }
     // One sample per channel cannot be normalized in training.
     let err = BatchNorm::d1(3)
-        .forward(&Tensor::zeros(&[1, 3], regimen::Device::Cpu), Mode::Train)
+        .forward(&Tensor::zeros(&[1, 3], regimen::Device::Cpu), &Ctx::train())
         .unwrap_err();
     assert!(
         err.to_string().contains("more than one value per channel"),
@@ -161,9 +163,7 @@ fn bad_shapes_name_the_layer_and_both_shapes() {
     let (mut model, _) = models::by_name("mlp", &mut rng).unwrap();
     let err = model
         .forward(
-            &Tensor::zeros(&[2, 1, 10, 10], regimen::Device::Cpu),
-            Mode::Train,
-        )
+            &Tensor::zeros(&[2, 1, 10, 10], regimen::Device::Cpu), &Ctx::train())
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Shape { .. }));
@@ -177,9 +177,7 @@ fn bad_shapes_name_the_layer_and_both_shapes() {
     let (mut cnn, _) = models::by_name("cnn", &mut rng).unwrap();
     let msg = cnn
         .forward(
-            &Tensor::zeros(&[2, 3, 28, 28], regimen::Device::Cpu),
-            Mode::Eval,
-        )
+            &Tensor::zeros(&[2, 3, 28, 28], regimen::Device::Cpu), &Ctx::eval())
         .unwrap_err()
         .to_string();
     assert!(
@@ -198,7 +196,7 @@ fn bad_shapes_name_the_layer_and_both_shapes() {
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("label[3]") && msg.contains("10 classes"),
+        msg.contains("labels = up to 10") && msg.contains("10 classes"),
         "{msg}"
     );
 
@@ -208,7 +206,7 @@ fn bad_shapes_name_the_layer_and_both_shapes() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("backward called before forward"), "{msg}");
-    lin.forward(&Tensor::zeros(&[5, 3], regimen::Device::Cpu), Mode::Train)
+    lin.forward(&Tensor::zeros(&[5, 3], regimen::Device::Cpu), &Ctx::train())
         .unwrap();
     let msg = lin
         .backward(&Tensor::zeros(&[5, 3], regimen::Device::Cpu))
@@ -283,7 +281,7 @@ fn lecture_initialization_experiment() {
                 s.lock().unwrap().push(mean_std(&t.to_vec()));
             }
         }));
-        m.forward(&x, Mode::Eval).unwrap();
+        m.forward(&x, &Ctx::eval()).unwrap();
         let v = stats.lock().unwrap().clone();
         v
     };
@@ -351,9 +349,9 @@ fn skipping_the_input_gradient_keeps_parameter_gradients() {
         mlp.set_input_grad(input_grad);
         let x = randn(&[6, 1, 4, 4], 9);
         let dy = randn(&[6, 3], 10);
-        m.forward(&x, Mode::Train).unwrap();
+        m.forward(&x, &Ctx::train()).unwrap();
         let dx = m.backward(&dy).unwrap();
-        mlp.forward(&x, Mode::Train).unwrap();
+        mlp.forward(&x, &Ctx::train()).unwrap();
         let dx2 = mlp.backward(&dy).unwrap();
         let mut g = Vec::new();
         m.visit_params("", &mut |_, p| g.extend(p.grad.to_vec()));
@@ -379,7 +377,7 @@ fn training_restores_input_gradients_and_rejects_bad_data() {
         ..Default::default()
     };
     regimen::train::fit_sgd(&mut m, &data, &data, &cfg, |_| {}).unwrap();
-    m.forward(&randn(&[2, 1, 8, 8], 1), Mode::Train).unwrap();
+    m.forward(&randn(&[2, 1, 8, 8], 1), &Ctx::train()).unwrap();
     assert_eq!(
         m.backward(&randn(&[2, 10], 2)).unwrap().shape(),
         &[2, 1, 8, 8],
@@ -402,7 +400,7 @@ fn zero_sized_kernels_are_refused() {
         Box::new(FractionalMaxPool2d::with_output_size(0, 2, 2)),
         Box::new(Conv2d::new(1, 1, 0, &mut Rng::new(0))),
     ] {
-        let err = l.forward(&x, Mode::Train).unwrap_err();
+        let err = l.forward(&x, &Ctx::train()).unwrap_err();
         assert!(matches!(err, Error::Shape { .. }), "{err}");
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::randn;
 use regimen::data::{PreprocessKind, Preprocessor};
-use regimen::layer::{Layer, Mode};
+use regimen::layer::{Ctx, Layer};
 use regimen::{checkpoint, models, Rng};
 
 #[test]
@@ -16,7 +16,7 @@ fn save_then_load_reproduces_the_model_and_its_preprocessing() {
     let mut a = models::for_input("digits-cnn", [1, 8, 8], 10, &mut Rng::new(1)).unwrap();
     // Train-mode forwards move the batch-norm running statistics away from their defaults.
     for s in 0..3 {
-        a.forward(&randn(&[16, 1, 8, 8], s), Mode::Train).unwrap();
+        a.forward(&randn(&[16, 1, 8, 8], s), &Ctx::train()).unwrap();
     }
     let data = regimen::data::digits().unwrap();
     let pre = Preprocessor::fit(PreprocessKind::PerChannel, &data).unwrap();
@@ -27,8 +27,8 @@ fn save_then_load_reproduces_the_model_and_its_preprocessing() {
     assert_eq!(loaded.preprocess.as_ref(), Some(&pre));
     let x = randn(&[4, 1, 8, 8], 7);
     assert_eq!(
-        a.forward(&x, Mode::Eval).unwrap().to_vec(),
-        b.forward(&x, Mode::Eval).unwrap().to_vec()
+        a.forward(&x, &Ctx::eval()).unwrap().to_vec(),
+        b.forward(&x, &Ctx::eval()).unwrap().to_vec()
     );
 
     let mut other = models::for_input("digits-mlp", [1, 8, 8], 10, &mut Rng::new(1)).unwrap();

@@ -8,7 +8,7 @@
 mod common;
 
 use common::{assert_close, Fixture};
-use regimen::layer::{zero_grads, Layer, Mode};
+use regimen::layer::{zero_grads, Ctx, Layer, Mode};
 use regimen::layers::*;
 use regimen::loss::{CrossEntropy, Mse, Penalty};
 use regimen::{Indices, Rng, Target};
@@ -101,7 +101,7 @@ fn check_layer_case(case: &str) {
         Mode::Train
     };
 
-    let y = layer.forward(&fx.tensor("x"), mode).unwrap();
+    let y = layer.forward(&fx.tensor("x"), &Ctx::new(mode)).unwrap();
     assert_close(&format!("{case} y"), &y, &fx.tensor("y"), ATOL, RTOL);
     let dx = layer.backward(&fx.tensor("dy")).unwrap();
     assert_close(&format!("{case} dx"), &dx, &fx.tensor("dx"), ATOL, RTOL);

@@ -6,7 +6,7 @@ mod common;
 
 use common::{randn, spaced};
 use regimen::backend::Unary;
-use regimen::layer::{Layer, Mode};
+use regimen::layer::{Ctx, Layer, Mode};
 use regimen::layers::*;
 use regimen::loss::{CrossEntropy, Mse, Penalty};
 use regimen::{GradCheck, Indices, Rng, Target, Tensor};
@@ -117,10 +117,10 @@ fn fractional_max_pool() {
 #[test]
 fn batch_norm() {
     let mut bn = BatchNorm::d1(4);
-    bn.forward(&randn(&[8, 4], 9), Mode::Train).unwrap(); // non-trivial running statistics
+    bn.forward(&randn(&[8, 4], 9), &Ctx::train()).unwrap(); // non-trivial running statistics
     both_modes(&mut bn, &randn(&[5, 4], 10));
     let mut bn = BatchNorm::d2(3);
-    bn.forward(&randn(&[4, 3, 3, 3], 11), Mode::Train).unwrap();
+    bn.forward(&randn(&[4, 3, 3, 3], 11), &Ctx::train()).unwrap();
     both_modes(&mut bn, &randn(&[2, 3, 3, 4], 12));
 }
 
@@ -264,7 +264,7 @@ fn losses() {
     let logits = randn(&[5, 4], 28);
     let labels = Indices::from_vec(vec![0, 3, 1, 1, 2]);
     let soft = Softmax::new()
-        .forward(&randn(&[5, 4], 29), Mode::Eval)
+        .forward(&randn(&[5, 4], 29), &Ctx::eval())
         .unwrap();
     for eps in [0.0, 0.1] {
         let ce = CrossEntropy::with_label_smoothing(eps).unwrap();
@@ -312,7 +312,7 @@ impl Layer for WrongSigmoid {
     fn output_shape(&self, input: &[usize]) -> regimen::Result<Vec<usize>> {
         Ok(input.to_vec())
     }
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> regimen::Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, mode: &Ctx) -> regimen::Result<Tensor> {
         self.inner.forward(x, mode)
     }
     fn backward(&mut self, dy: &Tensor) -> regimen::Result<Tensor> {
@@ -346,7 +346,7 @@ fn the_checker_catches_a_wrong_backward() {
         fn output_shape(&self, i: &[usize]) -> regimen::Result<Vec<usize>> {
             self.0.output_shape(i)
         }
-        fn forward(&mut self, x: &Tensor, m: Mode) -> regimen::Result<Tensor> {
+        fn forward(&mut self, x: &Tensor, m: &Ctx) -> regimen::Result<Tensor> {
             self.0.forward(x, m)
         }
         fn backward(&mut self, dy: &Tensor) -> regimen::Result<Tensor> {

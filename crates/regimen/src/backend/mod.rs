@@ -1,16 +1,71 @@
 //! The device boundary: every numeric operation a layer, loss or optimizer needs.
 //!
-//! Layers are written once against [`Backend`]; each device implements it. The operations are
-//! coarse (a whole convolution, a whole batch-norm pass, a fused softmax cross-entropy) so that
-//! each device can use its best kernel (im2col + `gemm` on the CPU; cuDNN/cuBLAS or a fused
-//! kernel on the GPU) and so that a training step never needs a round trip through the host:
-//! losses and counts come back as one-element tensors that stay on the device until read.
+//! Layers are written once against [`Backend`]; each device implements it in its own module
+//! (`cpu/`, `cuda/`) and reaches only its own variant of the tensor storage. The operations
+//! are coarse (a whole convolution, a whole batch-norm pass, a fused softmax cross-entropy, one
+//! optimizer update over every parameter) so that each device can use its best kernel, and so
+//! that a training step never needs a round trip through the host: losses, counts, gradient
+//! norms and clipping coefficients come back as one-element tensors that stay on the device;
+//! the learning rate and the step count are device scalars that kernels read; random draws
+//! are Philox numbers keyed by the device step counter ([`crate::rng`]).
+//!
+//! The backend owns allocation: outputs come from its buffer pool ([`pool`]), so a
+//! steady-state step allocates nothing new. Host reads go through [`strict`].
+//!
+//! This module imports nothing from `optim`, `layers` or `train`: the dependency points one
+//! way, from those to here.
 //!
 //! Shapes are checked by the layers before they call the backend; a backend may assume them.
+//! Element types: values are `f32` unless a method says otherwise; matrix products and
+//! convolutions also take `bf16`/`f16` inputs (with `f32` outputs and accumulation).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod pool;
+pub mod strict;
+mod update;
 
-use crate::tensor::{Indices, Tensor};
+pub use pool::PoolStats;
+pub use update::{update_element, UpdateRule};
+
+use crate::error::Result;
+use crate::tensor::{DType, Device, Indices, Tensor};
+
+/// Host-side data for uploads and downloads, by element width.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostBuf {
+    F32(Vec<f32>),
+    /// The bit patterns of `bf16` or `f16` elements.
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+}
+
+impl HostBuf {
+    /// The values as `f32`, reading 16-bit patterns as `dtype`.
+    pub fn into_f32(self, dtype: DType) -> Vec<f32> {
+        match self {
+            HostBuf::F32(v) => v,
+            HostBuf::U16(v) => match dtype {
+                DType::BF16 => v.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect(),
+                _ => v.into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect(),
+            },
+            HostBuf::U32(v) => v.into_iter().map(|x| x as f32).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            HostBuf::F32(v) => v.len(),
+            HostBuf::U16(v) => v.len(),
+            HostBuf::U32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// An element-wise activation `y = f(x)`. The formulas are on [`crate::layers::Activation`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,6 +121,37 @@ pub enum Target<'a> {
     Soft(&'a Tensor),
 }
 
+/// Where random draws come from: the consumer's stream key and the device step counter
+/// (see [`crate::rng`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RandomKey<'a> {
+    pub stream: u64,
+    pub step: &'a Indices,
+    pub purpose: u32,
+}
+
+/// One parameter in an optimizer update.
+pub struct ParamUpdate<'a> {
+    pub value: &'a mut Tensor,
+    /// Read, then set to zero.
+    pub grad: &'a mut Tensor,
+    /// [`UpdateRule::slots`] tensors of the value's shape.
+    pub state: &'a mut [Tensor],
+    /// Multiplies the learning rate for this parameter (parameter groups).
+    pub lr_scale: f32,
+    pub weight_decay: f32,
+}
+
+/// The device scalars an update reads.
+pub struct UpdateScalars<'a> {
+    /// `[1]`: the learning rate of this step.
+    pub lr: &'a Tensor,
+    /// `[1]`: the step count, already counting this update (1 on the first).
+    pub step: &'a Indices,
+    /// `[1]`: multiplies every gradient (the clipping coefficient), if given.
+    pub grad_scale: Option<&'a Tensor>,
+}
+
 /// The numeric operations of one device. See the module doc.
 ///
 /// Conventions: image tensors are `[N, C, H, W]`; "channel" tensors are `[N, C, inner]` where
@@ -73,15 +159,31 @@ pub enum Target<'a> {
 /// in `_backward` accumulate (`+=`) into parameter gradients and return the input gradient.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
+    fn device(&self) -> Device;
 
     // ---- memory
-    fn zeros(&self, shape: &[usize]) -> Tensor;
-    fn to_host(&self, t: &Tensor) -> Vec<f32>;
+    /// A tensor from the pool; its values are unspecified until written.
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Tensor;
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Tensor;
+    /// A tensor holding host data (the length matches the shape; the variant fits `dtype`).
+    fn upload(&self, shape: &[usize], dtype: DType, data: HostBuf) -> Tensor;
+    /// Overwrite a tensor with host data of its size (a host-to-device write, not a read).
+    fn write(&self, t: &mut Tensor, data: HostBuf);
+    /// Copy a tensor's values to the host: a host read ([`strict::note_host_read`]).
+    fn download(&self, t: &Tensor) -> HostBuf;
     fn fill(&self, t: &mut Tensor, value: f32);
+    /// `dst = src` (same element count and type).
+    fn copy(&self, src: &Tensor, dst: &mut Tensor);
+    /// Convert between floating-point types (round to nearest even).
+    fn cast(&self, x: &Tensor, dtype: DType) -> Tensor;
+    /// Wait until every queued operation has finished.
+    fn synchronize(&self) {}
+    /// Allocation counters of this device's pool.
+    fn pool_stats(&self) -> PoolStats;
 
     // ---- linear algebra and element-wise arithmetic
     /// `c = op(a) op(b)` (or `c += ...` when `accumulate`), `op` transposing when asked.
-    /// `a`, `b`, `c` are 2-D.
+    /// `a`, `b`, `c` are 2-D; `a` and `b` may be `bf16`/`f16`, `c` is `f32`.
     fn matmul(
         &self,
         a: &Tensor,
@@ -105,7 +207,7 @@ pub trait Backend: Send + Sync {
     fn mul(&self, a: &Tensor, b: &Tensor) -> Tensor;
     /// `y[n, ...] = x[n, ...] * s[n]`: one factor per sample (first axis).
     fn scale_rows(&self, x: &Tensor, s: &Tensor) -> Tensor;
-    /// `x = clamp(x, lo, hi)`.
+    /// `x = clamp(x, lo, hi)` (NaN stays NaN).
     fn clamp(&self, x: &mut Tensor, lo: f32, hi: f32);
     /// One-element tensors: `sum |x|` and `sum x^2`.
     fn sum_abs(&self, x: &Tensor) -> Tensor;
@@ -126,7 +228,7 @@ pub trait Backend: Send + Sync {
         da: &mut Tensor,
         channels: usize,
     ) -> Tensor;
-    /// Swish with a learned scalar beta (`beta` has one element).
+    /// Swish with a learned scalar beta (`beta` has one element, read on the device).
     fn swish_forward(&self, x: &Tensor, beta: &Tensor) -> Tensor;
     fn swish_backward(&self, x: &Tensor, beta: &Tensor, dy: &Tensor, dbeta: &mut Tensor) -> Tensor;
     /// Softmax over axis 1 of `[N, C, inner]`.
@@ -134,9 +236,10 @@ pub trait Backend: Send + Sync {
     fn softmax_backward(&self, y: &Tensor, dy: &Tensor, channels: usize) -> Tensor;
 
     // ---- convolution and pooling (`[N, C, H, W]`)
-    /// `w`: `[OC, C, KH, KW]`; `b`: `[OC]`.
+    /// `w`: `[OC, C, KH, KW]`; `b`: `[OC]`. `x` and `w` may be `bf16`/`f16` (of one type);
+    /// the output is `f32`.
     fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor;
-    /// Returns `dx`, or an empty tensor when `input_grad` is false.
+    /// Returns `dx` (`f32`), or an empty tensor when `input_grad` is false.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(
         &self,
@@ -148,8 +251,8 @@ pub trait Backend: Send + Sync {
         db: Option<&mut Tensor>,
         input_grad: bool,
     ) -> Tensor;
-    /// Max pooling; padding acts as -inf. Returns the output and, per output element, the
-    /// position (`h * W + w`) of the maximum within its input plane.
+    /// Max pooling; padding acts as -inf; NaN propagates. Returns the output and, per output
+    /// element, the position (`h * W + w`) of the maximum within its input plane.
     fn max_pool2d_forward(&self, x: &Tensor, win: Window) -> (Tensor, Indices);
     /// Scatter `dy` to the arg-max positions (shared by max, fractional max pooling and maxout:
     /// `dx[plane, idx] += dy[plane, j]` where each plane of `dy` has `dy_plane` elements and
@@ -168,14 +271,14 @@ pub trait Backend: Send + Sync {
     /// Mean over each `inner` block of `[N, C, inner]`: output `[N, C]`.
     fn global_avg_pool_forward(&self, x: &Tensor, channels: usize) -> Tensor;
     fn global_avg_pool_backward(&self, dy: &Tensor, x_shape: &[usize]) -> Tensor;
-    /// Fractional max pooling (Graham 2014) with PyTorch's interval rule: `samples` holds, per
-    /// plane (n, c), two numbers in [0, 1): `[u_w, u_h]`.
+    /// Fractional max pooling (Graham 2014) with PyTorch's interval rule: `samples` `[N C, 2]`
+    /// holds, per plane, two numbers in [0, 1): `[u_w, u_h]`.
     fn fractional_max_pool2d_forward(
         &self,
         x: &Tensor,
         kernel: (usize, usize),
         out: (usize, usize),
-        samples: &[f32],
+        samples: &Tensor,
     ) -> (Tensor, Indices);
     /// Maxout over groups: `x` is `[N, F * k]`, `y[n, j] = max_{i<k} x[n, j k + i]`.
     fn max_groups_forward(&self, x: &Tensor, k: usize) -> (Tensor, Indices);
@@ -222,29 +325,30 @@ pub trait Backend: Send + Sync {
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Tensor;
-    /// Inverted dropout: `mask[i] = (u(seed, i) >= p) / (1 - p)`; returns `(x * mask, mask)`.
-    fn dropout_forward(&self, x: &Tensor, p: f32, seed: u64) -> (Tensor, Tensor);
+    /// Inverted dropout: `mask[i] = (u_i >= p) / (1 - p)` with `u_i` the Philox uniform of
+    /// element `i` under `key`; returns `(x * mask, mask)`.
+    fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor);
+    /// `u_i` (Philox uniforms in `[0, 1)`, element `i` under `key`) of a new tensor.
+    fn uniform(&self, shape: &[usize], key: RandomKey<'_>) -> Tensor;
+    /// `(u_i >= p) as f32`: a keep mask (Bernoulli with keep probability `1 - p`).
+    fn bernoulli_keep(&self, shape: &[usize], p: f32, key: RandomKey<'_>) -> Tensor;
 
     // ---- optimizers
-    /// One optimizer update of parameter `p` with gradient `g` and its state `slots` (as many
-    /// as the rule's optimizer asks for, each of `p`'s shape); `step` counts from 1; `wd` is
-    /// the weight decay (L2 added to the gradient, or decoupled for AdamW).
-    #[allow(clippy::too_many_arguments)]
-    fn optim_update(
-        &self,
-        rule: crate::optim::UpdateRule,
-        step: u64,
-        lr: f32,
-        wd: f32,
-        p: &mut Tensor,
-        g: &Tensor,
-        slots: &mut [Tensor],
-    );
+    /// `counter += 1` (the step counter, on the device).
+    fn increment(&self, counter: &mut Indices);
+    /// The global gradient norm `sqrt(sum_t sum x_t^2)` over several tensors and the clipping
+    /// coefficient `min(1, max_norm / (norm + 1e-6))` (PyTorch's `clip_grad_norm_`), both
+    /// one-element tensors on the device.
+    fn clip_coefficient(&self, grads: &[&Tensor], max_norm: f32) -> (Tensor, Tensor);
+    /// One update of every parameter with `rule`, in one pass (see [`UpdateRule`]); each
+    /// gradient is zeroed after use.
+    fn optim_update(&self, rule: &UpdateRule, scalars: &UpdateScalars<'_>, params: &mut [ParamUpdate<'_>]);
 
     // ---- losses and metrics
     /// Mean softmax cross-entropy over the rows of `logits` `[N, C]`, with label smoothing
     /// `eps` (target `(1 - eps) t + eps / C`). Returns the loss (one element) and
-    /// `d loss / d logits` multiplied by `grad_scale`.
+    /// `d loss / d logits` multiplied by `grad_scale`. Hard labels are valid (checked by the
+    /// caller through [`Indices::bound`]).
     fn softmax_cross_entropy(
         &self,
         logits: &Tensor,
@@ -256,4 +360,37 @@ pub trait Backend: Send + Sync {
     fn mse(&self, pred: &Tensor, target: &Tensor, grad_scale: f32) -> (Tensor, Tensor);
     /// Number of rows whose arg-max equals the label (one element, on the device).
     fn count_correct(&self, logits: &Tensor, labels: &Indices) -> Tensor;
+    /// Whether every element is finite (one element, 1 or 0, on the device).
+    fn all_finite(&self, x: &Tensor) -> Tensor;
+}
+
+/// The CUDA backend of GPU `n` (initialized on first use; panics if it cannot be, which
+/// [`Device::cuda`] checks first).
+pub(crate) fn cuda_backend(n: usize) -> &'static dyn Backend {
+    #[cfg(feature = "cuda")]
+    {
+        match cuda::get(n) {
+            Ok(b) => b,
+            Err(e) => panic!("GPU cuda:{n} cannot be used: {e}"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        panic!("GPU cuda:{n} cannot be used: regimen was built without the `cuda` feature")
+    }
+}
+
+/// Check that GPU `n` can be used and initialize its backend.
+pub(crate) fn init_cuda(n: usize) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::get(n).map(|_| ())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(crate::Error::Device {
+            device: format!("cuda:{n}"),
+            reason: "regimen was built without the `cuda` feature".into(),
+        })
+    }
 }

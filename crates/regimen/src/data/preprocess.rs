@@ -18,7 +18,7 @@
 //! an image into a vector of K features (shape `[K, 1, 1]`).
 
 use super::Dataset;
-use crate::backend::cpu::{gemm, MatRef};
+use crate::linalg::{gemm, MatRef};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -254,7 +254,7 @@ impl Preprocessor {
             tensors.push(t("eigenvalues", &self.eigenvalues));
         }
         let [c, h, w] = self.input_shape;
-        let meta = std::collections::HashMap::from([
+        let meta = std::collections::BTreeMap::from([
             ("kind".to_string(), self.kind.spec()),
             ("input_shape".to_string(), format!("{c},{h},{w}")),
         ]);

@@ -19,7 +19,7 @@
 
 use crate::backend::Unary;
 use crate::error::{Error, Result};
-use crate::layer::{cached, check_dy, join, Layer, Mode, Param, ParamKind};
+use crate::layer::{cached, check_dy, join, keep, Ctx, Layer, Param, ParamKind};
 use crate::tensor::{Device, Tensor};
 
 /// A parameter-free element-wise activation.
@@ -85,9 +85,9 @@ impl Layer for Activation {
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         Ok(input.to_vec())
     }
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let y = x.backend().unary_forward(self.op, x);
-        self.cache = Some((x.clone(), y.clone()));
+        keep(ctx, &mut self.cache, || (x.clone(), y.clone()));
         Ok(y)
     }
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
@@ -143,9 +143,9 @@ impl Layer for PReLU {
         }
         Ok(input.to_vec())
     }
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
-        self.cache = Some(x.clone());
+        keep(ctx, &mut self.cache, || x.clone());
         Ok(x.backend()
             .prelu_forward(x, &self.a.value, self.channels_of(x.shape())))
     }
@@ -159,6 +159,9 @@ impl Layer for PReLU {
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {
         f(&join(prefix, "weight"), &mut self.a);
+    }
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.a);
     }
     fn flops(&self, input: &[usize]) -> u64 {
         input.iter().skip(1).product::<usize>() as u64
@@ -192,8 +195,8 @@ impl Layer for Swish {
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         Ok(input.to_vec())
     }
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        self.cache = Some(x.clone());
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        keep(ctx, &mut self.cache, || x.clone());
         Ok(x.backend().swish_forward(x, &self.beta.value))
     }
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
@@ -205,6 +208,9 @@ impl Layer for Swish {
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {
         f(&join(prefix, "beta"), &mut self.beta);
+    }
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.beta);
     }
     fn flops(&self, input: &[usize]) -> u64 {
         4 * input.iter().skip(1).product::<usize>() as u64
@@ -235,10 +241,10 @@ impl Layer for Softmax {
         }
         Ok(input.to_vec())
     }
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
         let y = x.backend().softmax_forward(x, x.shape()[1]);
-        self.cache = Some(y.clone());
+        keep(ctx, &mut self.cache, || y.clone());
         Ok(y)
     }
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {

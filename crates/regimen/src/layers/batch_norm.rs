@@ -18,7 +18,7 @@
 //! `BatchNorm::d2(C)` takes `[N, C, H, W]` (`BatchNorm2d`).
 
 use crate::error::{Error, Result};
-use crate::layer::{cached, check_dy, join, Layer, Mode, Param, ParamKind};
+use crate::layer::{cached, check_dy, join, keep, Ctx, Layer, Mode, Param, ParamKind};
 use crate::tensor::{Device, Tensor};
 
 pub struct BatchNorm {
@@ -94,10 +94,10 @@ impl Layer for BatchNorm {
         Ok(input.to_vec())
     }
 
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
         let be = x.backend();
-        match mode {
+        match ctx.mode {
             Mode::Train => {
                 let per_channel = x.numel() / self.channels();
                 if per_channel < 2 {
@@ -116,7 +116,7 @@ impl Layer for BatchNorm {
                     self.momentum,
                     self.eps,
                 );
-                self.cache = Some((x.clone(), mean, invstd, true));
+                keep(ctx, &mut self.cache, || (x.clone(), mean, invstd, true));
                 Ok(y)
             }
             Mode::Eval => {
@@ -128,8 +128,10 @@ impl Layer for BatchNorm {
                     &self.running_var,
                     self.eps,
                 );
-                let invstd = be.invstd(&self.running_var, self.eps);
-                self.cache = Some((x.clone(), self.running_mean.clone(), invstd, false));
+                let (mean, var, eps) = (&self.running_mean, &self.running_var, self.eps);
+                keep(ctx, &mut self.cache, || {
+                    (x.clone(), mean.clone(), be.invstd(var, eps), false)
+                });
                 Ok(y)
             }
         }
@@ -153,6 +155,11 @@ impl Layer for BatchNorm {
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {
         f(&join(prefix, "weight"), &mut self.gamma);
         f(&join(prefix, "bias"), &mut self.beta);
+    }
+
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.gamma);
+        f(&mut self.beta);
     }
 
     fn visit_buffers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor)) {

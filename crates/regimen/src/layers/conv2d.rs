@@ -8,7 +8,7 @@
 use crate::backend::Window;
 use crate::error::{Error, Result};
 use crate::init::Init;
-use crate::layer::{cached, check_dy, join, Layer, Mode, Param, ParamKind};
+use crate::layer::{cached, check_dy, join, keep, Ctx, Layer, Param, ParamKind};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -104,15 +104,18 @@ impl Layer for Conv2d {
         Ok(vec![input[0], s[0], oh, ow])
     }
 
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
+        // Mixed precision: input and weight rounded to the product type, f32 out.
+        let dtype = ctx.precision.dtype();
+        let xq = x.to_dtype(dtype);
         let y = x.backend().conv2d_forward(
-            x,
-            &self.weight.value,
+            &xq,
+            &self.weight.value.to_dtype(dtype),
             self.bias.as_ref().map(|b| &b.value),
             self.window(),
         );
-        self.x = Some(x.clone());
+        keep(ctx, &mut self.x, || xq);
         Ok(y)
     }
 
@@ -122,7 +125,7 @@ impl Layer for Conv2d {
         let win = self.window();
         Ok(dy.backend().conv2d_backward(
             x,
-            &self.weight.value,
+            &self.weight.value.to_dtype(x.dtype()),
             dy,
             win,
             &mut self.weight.grad,
@@ -135,6 +138,13 @@ impl Layer for Conv2d {
         f(&join(prefix, "weight"), &mut self.weight);
         if let Some(b) = &mut self.bias {
             f(&join(prefix, "bias"), b);
+        }
+    }
+
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(b);
         }
     }
 

@@ -10,18 +10,19 @@
 //! needs no scaling. The two networks differ only by the constant factor `1 - p` on that layer's
 //! output, which the next layer's weights absorb: they compute the same family of functions.
 //!
-//! Masks come from the counter-based generator of [`crate::rng`]: element `i` of the mask of
-//! the `t`-th training forward depends only on `(seed, t, i)`.
+//! Masks come from the counter-based generator of [`crate::rng`]: element `i` of the mask at
+//! training step `t` depends only on `(stream, t, DROPOUT, i)`, where the stream is the layer's
+//! key (its position in the model under the run's seed), and is the same on every device.
 
+use crate::backend::RandomKey;
 use crate::error::{Error, Result};
-use crate::layer::{cached, check_dy, Layer, Mode};
-use crate::rng::mix64;
+use crate::layer::{cached, check_dy, keep, Ctx, Layer, Mode};
+use crate::rng::purpose;
 use crate::tensor::Tensor;
 
 pub struct Dropout {
     p: f32,
-    seed: u64,
-    calls: u64,
+    stream: u64,
     /// `None` after an eval forward (identity), `Some(mask)` after a training one.
     cache: Option<(Vec<usize>, Option<Tensor>)>,
 }
@@ -38,8 +39,7 @@ impl Dropout {
         }
         Ok(Dropout {
             p,
-            seed: 0,
-            calls: 0,
+            stream: 0,
             cache: None,
         })
     }
@@ -58,15 +58,19 @@ impl Layer for Dropout {
         Ok(input.to_vec())
     }
 
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        if mode == Mode::Eval || self.p == 0.0 {
-            self.cache = Some((x.shape().to_vec(), None));
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if ctx.mode == Mode::Eval || self.p == 0.0 {
+            keep(ctx, &mut self.cache, || (x.shape().to_vec(), None));
             return Ok(x.clone());
         }
-        let seed = mix64(self.seed ^ mix64(self.calls));
-        self.calls += 1;
-        let (y, mask) = x.backend().dropout_forward(x, self.p, seed);
-        self.cache = Some((x.shape().to_vec(), Some(mask)));
+        let step = ctx.step_on(x.device());
+        let key = RandomKey {
+            stream: self.stream,
+            step: &step,
+            purpose: purpose::DROPOUT,
+        };
+        let (y, mask) = x.backend().dropout_forward(x, self.p, key);
+        keep(ctx, &mut self.cache, || (x.shape().to_vec(), Some(mask)));
         Ok(y)
     }
 
@@ -80,7 +84,6 @@ impl Layer for Dropout {
     }
 
     fn reseed(&mut self, seed: u64) {
-        self.seed = seed;
-        self.calls = 0;
+        self.stream = seed;
     }
 }

@@ -1,7 +1,7 @@
 //! `[N, d1, d2, ...] -> [N, d1 d2 ...]` (no copy). Backward reshapes back.
 
 use crate::error::{Error, Result};
-use crate::layer::{cached, Layer, Mode};
+use crate::layer::{cached, keep, Ctx, Layer};
 use crate::tensor::Tensor;
 
 #[derive(Default)]
@@ -25,9 +25,9 @@ impl Layer for Flatten {
         }
         Ok(vec![input[0], input[1..].iter().product()])
     }
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let out = self.output_shape(x.shape())?;
-        self.x_shape = Some(x.shape().to_vec());
+        keep(ctx, &mut self.x_shape, || x.shape().to_vec());
         x.reshape(&out)
     }
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {

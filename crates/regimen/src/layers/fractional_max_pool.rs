@@ -6,21 +6,23 @@
 //! flush with the border, with one `u ~ U[0, 1)` per plane and axis. This is PyTorch's
 //! `nn.FractionalMaxPool2d` exactly, so given the same `u`s both give the same output.
 //!
-//! In training a fresh `u` is drawn per plane at every forward (the regularizing randomness).
+//! In training a fresh `u` is drawn per plane at every step (the regularizing randomness):
+//! element `2 p` (`u_w`) and `2 p + 1` (`u_h`) of plane `p` are the Philox uniforms of
+//! `(stream, step, FRACTIONAL_POOL, index)` ([`crate::rng`]), drawn on the device.
 //! In evaluation regimen uses the fixed `u = 0.5` for every plane, so the eval function is
 //! deterministic (PyTorch keeps drawing; Graham averages several draws at test time — run the
 //! model several times in training mode and average to get that).
 
+use crate::backend::RandomKey;
 use crate::error::{Error, Result};
-use crate::layer::{cached, check_dy, Layer, Mode};
-use crate::rng::{mix64, Rng};
+use crate::layer::{cached, check_dy, keep, Ctx, Layer, Mode};
+use crate::rng::purpose;
 use crate::tensor::{Indices, Tensor};
 
 pub struct FractionalMaxPool2d {
     kernel: usize,
     size: Target,
-    seed: u64,
-    calls: u64,
+    stream: u64,
     /// Fixed samples (tests, or reproducing PyTorch): `[u_w, u_h]` per plane.
     samples: Option<Vec<f32>>,
     cache: Option<(Vec<usize>, Vec<usize>, Indices)>,
@@ -48,8 +50,7 @@ impl FractionalMaxPool2d {
         FractionalMaxPool2d {
             kernel,
             size,
-            seed: 0,
-            calls: 0,
+            stream: 0,
             samples: None,
             cache: None,
         }
@@ -102,10 +103,10 @@ impl Layer for FractionalMaxPool2d {
         Ok(vec![input[0], input[1], oh, ow])
     }
 
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let out = self.output_shape(x.shape())?;
         let planes = out[0] * out[1];
-        let samples = match (&self.samples, mode) {
+        let samples = match (&self.samples, ctx.mode) {
             (Some(s), _) => {
                 if s.len() != 2 * planes {
                     return Err(Error::shape(
@@ -114,13 +115,17 @@ impl Layer for FractionalMaxPool2d {
                         &[s.len()],
                     ));
                 }
-                s.clone()
+                Tensor::from_host(&[planes, 2], s.clone(), x.device())?
             }
-            (None, Mode::Eval) => vec![0.5; 2 * planes],
+            (None, Mode::Eval) => Tensor::full(&[planes, 2], 0.5, x.device()),
             (None, Mode::Train) => {
-                let mut rng = Rng::new(mix64(self.seed ^ self.calls));
-                self.calls += 1;
-                (0..2 * planes).map(|_| rng.next_f64() as f32).collect()
+                let step = ctx.step_on(x.device());
+                let key = RandomKey {
+                    stream: self.stream,
+                    step: &step,
+                    purpose: purpose::FRACTIONAL_POOL,
+                };
+                x.backend().uniform(&[planes, 2], key)
             }
         };
         let (y, idx) = x.backend().fractional_max_pool2d_forward(
@@ -129,7 +134,7 @@ impl Layer for FractionalMaxPool2d {
             (out[2], out[3]),
             &samples,
         );
-        self.cache = Some((x.shape().to_vec(), out, idx));
+        keep(ctx, &mut self.cache, || (x.shape().to_vec(), out, idx));
         Ok(y)
     }
 
@@ -142,8 +147,7 @@ impl Layer for FractionalMaxPool2d {
     }
 
     fn reseed(&mut self, seed: u64) {
-        self.seed = seed;
-        self.calls = 0;
+        self.stream = seed;
     }
 
     fn flops(&self, input: &[usize]) -> u64 {

@@ -8,9 +8,9 @@
 
 use crate::error::{Error, Result};
 use crate::init::{fans, Init};
-use crate::layer::{cached, check_dy, join, Layer, Mode, Param, ParamKind};
+use crate::layer::{cached, check_dy, join, keep, Ctx, Layer, Param, ParamKind};
 use crate::rng::Rng;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 pub struct Linear {
     pub weight: Param,
@@ -74,16 +74,18 @@ impl Layer for Linear {
         Ok(vec![input[0], self.out_features()])
     }
 
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let shape = self.output_shape(x.shape())?;
         let be = x.backend();
-        let mut y = Tensor::zeros(&shape, x.device());
-        be.matmul(x, false, &self.weight.value, true, &mut y, false);
+        // Mixed precision: input and weight rounded to the product type, f32 out.
+        let dtype = ctx.precision.dtype();
+        let xq = x.to_dtype(dtype);
+        let mut y = be.alloc(&shape, DType::F32);
+        be.matmul(&xq, false, &self.weight.value.to_dtype(dtype), true, &mut y, false);
         if let Some(b) = &self.bias {
             be.add_channel_bias(&mut y, &b.value, shape[1]);
         }
-        let _ = mode; // the same function in both modes
-        self.x = Some(x.clone());
+        keep(ctx, &mut self.x, || xq);
         Ok(y)
     }
 
@@ -91,15 +93,17 @@ impl Layer for Linear {
         let x = cached(&self.x, self)?;
         check_dy(self, &[x.shape()[0], self.out_features()], dy)?;
         let be = dy.backend();
-        be.matmul(dy, true, x, false, &mut self.weight.grad, true);
+        // Under mixed precision `x` is the rounded input and dy is rounded to match.
+        let dyq = dy.to_dtype(x.dtype());
+        be.matmul(&dyq, true, x, false, &mut self.weight.grad, true);
         if let Some(b) = &mut self.bias {
             be.channel_bias_backward(dy, &mut b.grad, dy.shape()[1]);
         }
         if !self.input_grad {
             return Ok(Tensor::zeros(&[0], x.device()));
         }
-        let mut dx = Tensor::zeros(x.shape(), x.device());
-        be.matmul(dy, false, &self.weight.value, false, &mut dx, false);
+        let mut dx = be.alloc(x.shape(), DType::F32);
+        be.matmul(&dyq, false, &self.weight.value.to_dtype(x.dtype()), false, &mut dx, false);
         Ok(dx)
     }
 
@@ -107,6 +111,13 @@ impl Layer for Linear {
         f(&join(prefix, "weight"), &mut self.weight);
         if let Some(b) = &mut self.bias {
             f(&join(prefix, "bias"), b);
+        }
+    }
+
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(b);
         }
     }
 

@@ -8,7 +8,7 @@
 //! `linear.bias`.
 
 use crate::error::{Error, Result};
-use crate::layer::{cached, check_dy, join, Layer, Mode, Param};
+use crate::layer::{cached, check_dy, join, keep, Ctx, Layer, Param};
 use crate::layers::Linear;
 use crate::rng::Rng;
 use crate::tensor::{Indices, Tensor};
@@ -66,11 +66,11 @@ impl Layer for Maxout {
         Ok(vec![input[0], self.out_features()])
     }
 
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
-        let z = self.linear.forward(x, mode)?;
+        let z = self.linear.forward(x, ctx)?;
         let (y, idx) = z.backend().max_groups_forward(&z, self.pieces);
-        self.cache = Some((z.shape().to_vec(), idx));
+        keep(ctx, &mut self.cache, || (z.shape().to_vec(), idx));
         Ok(y)
     }
 
@@ -83,6 +83,14 @@ impl Layer for Maxout {
 
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {
         self.linear.visit_params(&join(prefix, "linear"), f);
+    }
+
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.linear.visit_params_unnamed(f);
+    }
+
+    fn set_input_grad(&mut self, needed: bool) {
+        self.linear.set_input_grad(needed);
     }
 
     fn flops(&self, input: &[usize]) -> u64 {

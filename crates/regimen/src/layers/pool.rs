@@ -9,7 +9,7 @@
 
 use crate::backend::Window;
 use crate::error::{Error, Result};
-use crate::layer::{cached, check_dy, Layer, Mode};
+use crate::layer::{cached, check_dy, keep, Ctx, Layer};
 use crate::tensor::{Indices, Tensor};
 
 fn pooled_shape(name: String, win: Window, input: &[usize]) -> Result<Vec<usize>> {
@@ -76,10 +76,12 @@ impl Layer for MaxPool2d {
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         pooled_shape(self.describe(), self.win, input)
     }
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
         let (y, idx) = x.backend().max_pool2d_forward(x, self.win);
-        self.cache = Some((x.shape().to_vec(), y.shape().to_vec(), idx));
+        keep(ctx, &mut self.cache, || {
+            (x.shape().to_vec(), y.shape().to_vec(), idx)
+        });
         Ok(y)
     }
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
@@ -133,9 +135,9 @@ impl Layer for AvgPool2d {
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         pooled_shape(self.describe(), self.win, input)
     }
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
-        self.x_shape = Some(x.shape().to_vec());
+        keep(ctx, &mut self.x_shape, || x.shape().to_vec());
         Ok(x.backend().avg_pool2d_forward(x, self.win))
     }
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
@@ -175,9 +177,9 @@ impl Layer for GlobalAvgPool {
         }
         Ok(vec![input[0], input[1]])
     }
-    fn forward(&mut self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
-        self.x_shape = Some(x.shape().to_vec());
+        keep(ctx, &mut self.x_shape, || x.shape().to_vec());
         Ok(x.backend().global_avg_pool_forward(x, x.shape()[1]))
     }
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {

@@ -9,17 +9,17 @@
 //! the channel count). A ReLU after the sum, as in ResNet, is the next layer of the model.
 //! Parameter names: `branch.*`, `shortcut.*`.
 
+use crate::backend::RandomKey;
 use crate::error::{Error, Result};
-use crate::layer::{cached, join, Layer, Mode, Param};
-use crate::rng::{hash_uniform, mix64};
+use crate::layer::{cached, join, keep, Ctx, Layer, Mode, Param};
+use crate::rng::{mix64, purpose};
 use crate::tensor::Tensor;
 
 pub struct Residual {
     branch: Box<dyn Layer>,
     shortcut: Option<Box<dyn Layer>>,
     drop_prob: f32,
-    seed: u64,
-    calls: u64,
+    stream: u64,
     /// How the branch was scaled in the last forward: per-sample factors, or one constant.
     cache: Option<(Vec<usize>, Scale)>,
 }
@@ -35,8 +35,7 @@ impl Residual {
             branch: Box::new(branch),
             shortcut: None,
             drop_prob: 0.0,
-            seed: 0,
-            calls: 0,
+            stream: 0,
             cache: None,
         }
     }
@@ -88,26 +87,27 @@ impl Layer for Residual {
         Ok(b)
     }
 
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
         let be = x.backend();
         let b = self
             .branch
-            .forward(x, mode)
+            .forward(x, ctx)
             .map_err(|e| e.in_layer("branch"))?;
         let s = match &mut self.shortcut {
-            Some(l) => l.forward(x, mode).map_err(|e| e.in_layer("shortcut"))?,
+            Some(l) => l.forward(x, ctx).map_err(|e| e.in_layer("shortcut"))?,
             None => x.clone(),
         };
-        let scale = match mode {
+        let scale = match ctx.mode {
             Mode::Train if self.drop_prob > 0.0 => {
-                let seed = mix64(self.seed ^ mix64(self.calls));
-                self.calls += 1;
-                let n = x.shape()[0];
-                let keep: Vec<f32> = (0..n as u64)
-                    .map(|i| (hash_uniform(seed, i) >= self.drop_prob) as u8 as f32)
-                    .collect();
-                Scale::Rows(Tensor::from_host(&[n], keep, x.device())?)
+                // Sample n keeps its branch when u(stream, step, STOCHASTIC_DEPTH, n) >= p.
+                let step = ctx.step_on(x.device());
+                let key = RandomKey {
+                    stream: self.stream,
+                    step: &step,
+                    purpose: purpose::STOCHASTIC_DEPTH,
+                };
+                Scale::Rows(be.bernoulli_keep(&[x.shape()[0]], self.drop_prob, key))
             }
             Mode::Eval => Scale::Constant(1.0 - self.drop_prob),
             Mode::Train => Scale::Constant(1.0),
@@ -121,7 +121,7 @@ impl Layer for Residual {
                 y
             }
         };
-        self.cache = Some((y.shape().to_vec(), scale));
+        keep(ctx, &mut self.cache, || (y.shape().to_vec(), scale));
         Ok(y)
     }
 
@@ -171,9 +171,15 @@ impl Layer for Residual {
         self.branch.flops(input) + self.shortcut.as_ref().map_or(0, |s| s.flops(input)) + out as u64
     }
 
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.branch.visit_params_unnamed(f);
+        if let Some(s) = &mut self.shortcut {
+            s.visit_params_unnamed(f);
+        }
+    }
+
     fn reseed(&mut self, seed: u64) {
-        self.seed = seed;
-        self.calls = 0;
+        self.stream = seed;
         self.branch.reseed(mix64(seed ^ 1));
         if let Some(s) = &mut self.shortcut {
             s.reseed(mix64(seed ^ 2));

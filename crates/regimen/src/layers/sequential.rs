@@ -10,7 +10,7 @@
 use std::fmt;
 
 use crate::error::Result;
-use crate::layer::{join, param_count, ForwardHook, Layer, Mode, Param};
+use crate::layer::{join, param_count, Ctx, ForwardHook, Layer, Param};
 use crate::rng::mix64;
 use crate::tensor::Tensor;
 
@@ -103,10 +103,10 @@ impl Layer for Sequential {
         Ok(shape)
     }
 
-    fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let mut h = x.clone();
         for (name, layer) in &mut self.layers {
-            h = layer.forward(&h, mode).map_err(|e| e.in_layer(name))?;
+            h = layer.forward(&h, ctx).map_err(|e| e.in_layer(name))?;
             if let Some(hook) = &mut self.hook {
                 hook(name, &h);
             }
@@ -128,6 +128,12 @@ impl Layer for Sequential {
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {
         for (name, layer) in &mut self.layers {
             layer.visit_params(&join(prefix, name), f);
+        }
+    }
+
+    fn visit_params_unnamed(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        for (_, layer) in &mut self.layers {
+            layer.visit_params_unnamed(f);
         }
     }
 

@@ -59,15 +59,12 @@ impl CrossEntropy {
                         &[labels.len()],
                     ));
                 }
-                if let Some((i, &l)) = labels
-                    .cpu()
-                    .iter()
-                    .enumerate()
-                    .find(|(_, &l)| l as usize >= c)
-                {
+                // Labels are validated where they are made (a dataset checks its labels when it
+                // is loaded); their bound says so without reading the device.
+                if labels.bound() > c as u64 {
                     return Err(Error::config(
-                        &format!("label[{i}]"),
-                        l,
+                        "labels",
+                        format!("up to {}", labels.bound() - 1),
                         &format!("class index must be below the {c} classes of the logits"),
                     ));
                 }

@@ -13,7 +13,8 @@
 //! root); PyTorch and regimen add eps outside. Either only guards the division. As the lecture
 //! warns, `G` only grows, so the steps shrink until learning stalls; RMSprop fixes that.
 
-use super::{Optimizer, UpdateRule};
+use super::Optimizer;
+use crate::backend::UpdateRule;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -31,13 +32,6 @@ impl Default for Adagrad {
             initial_accumulator_value: 0.0,
         }
     }
-}
-
-#[inline]
-pub(crate) fn update(a: &Adagrad, step: u64, lr: f32, theta: &mut f32, g: f32, sum: &mut f32) {
-    let clr = (lr as f64 / (1.0 + (step - 1) as f64 * a.lr_decay)) as f32;
-    *sum += g * g;
-    *theta -= clr * g / (sum.sqrt() + a.eps as f32);
 }
 
 impl Optimizer for Adagrad {
@@ -60,13 +54,11 @@ impl Optimizer for Adagrad {
         }
         Ok(())
     }
-    fn slots(&self) -> usize {
-        1
-    }
-    fn initial_state(&self) -> f32 {
-        self.initial_accumulator_value as f32
-    }
     fn rule(&self) -> UpdateRule {
-        UpdateRule::Adagrad(*self)
+        UpdateRule::Adagrad {
+            lr_decay: self.lr_decay,
+            eps: self.eps,
+            initial: self.initial_accumulator_value,
+        }
     }
 }

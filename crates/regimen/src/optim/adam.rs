@@ -20,7 +20,8 @@
 //! decayed; AdamW shrinks every weight by the same factor `1 - lr wd` whatever its gradient
 //! history. With plain SGD the two are the same thing. See `tests/optim.rs`.
 
-use super::{Optimizer, UpdateRule};
+use super::Optimizer;
+use crate::backend::UpdateRule;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -55,38 +56,6 @@ impl Adam {
     }
 }
 
-/// Slots: `[m, v, vmax (AMSGrad)]`. `g` has no weight decay in it for AdamW.
-#[inline]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn update(
-    a: &Adam,
-    step: u64,
-    lr: f32,
-    wd: f32,
-    theta: &mut f32,
-    g: f32,
-    m: &mut f32,
-    v: &mut f32,
-    vmax: &mut f32,
-) {
-    if a.decoupled {
-        *theta *= 1.0 - lr * wd;
-    }
-    // Hyperparameters and bias corrections in double precision, as PyTorch's Python floats.
-    let bc1 = (1.0 - a.beta1.powi(step as i32)) as f32;
-    let bc2 = (1.0 - a.beta2.powi(step as i32)).sqrt() as f32;
-    *m += (1.0 - a.beta1) as f32 * (g - *m); // PyTorch's lerp
-    *v = a.beta2 as f32 * *v + (1.0 - a.beta2) as f32 * g * g;
-    let second = if a.amsgrad {
-        *vmax = vmax.max(*v);
-        *vmax
-    } else {
-        *v
-    };
-    let denom = second.sqrt() / bc2 + a.eps as f32;
-    *theta -= (lr / bc1) * *m / denom;
-}
-
 impl Optimizer for Adam {
     fn name(&self) -> &'static str {
         if self.decoupled {
@@ -107,13 +76,13 @@ impl Optimizer for Adam {
         }
         Ok(())
     }
-    fn slots(&self) -> usize {
-        2 + usize::from(self.amsgrad)
-    }
-    fn decoupled_decay(&self) -> bool {
-        self.decoupled
-    }
     fn rule(&self) -> UpdateRule {
-        UpdateRule::Adam(*self)
+        UpdateRule::Adam {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            amsgrad: self.amsgrad,
+            decoupled: self.decoupled,
+        }
     }
 }

@@ -21,43 +21,20 @@ pub use adam::Adam;
 pub use rmsprop::RmsProp;
 pub use sgd::Sgd;
 
-pub(crate) use adagrad::update as adagrad_update;
-pub(crate) use adam::update as adam_update;
-pub(crate) use rmsprop::update as rmsprop_update;
-pub(crate) use sgd::update as sgd_update;
-
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::backend::{ParamUpdate, UpdateRule, UpdateScalars};
 use crate::error::{Error, Result};
 use crate::layer::{Layer, ParamKind};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Indices, Tensor};
 
-/// An update rule, as data: what a backend needs to run it over a whole parameter tensor.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum UpdateRule {
-    Sgd(Sgd),
-    Adagrad(Adagrad),
-    RmsProp(RmsProp),
-    Adam(Adam),
-}
-
-/// An optimizer: its hyperparameters, their validation, and its update rule.
+/// An optimizer: its hyperparameters, their validation, and its update rule (whose
+/// per-element maths the backend runs, see [`crate::backend::UpdateRule`]).
 pub trait Optimizer: Send {
     fn name(&self) -> &'static str;
     /// Check the hyperparameters; the error names the field and the bad value.
     fn validate(&self) -> Result<()>;
-    /// Number of state tensors per parameter (each the parameter's shape).
-    fn slots(&self) -> usize;
-    /// The initial value of the state (Adagrad's `initial_accumulator_value`).
-    fn initial_state(&self) -> f32 {
-        0.0
-    }
-    /// True when weight decay is applied by the rule itself (AdamW) rather than added to the
-    /// gradient as `wd theta` (L2).
-    fn decoupled_decay(&self) -> bool {
-        false
-    }
     fn rule(&self) -> UpdateRule;
 }
 
@@ -138,21 +115,39 @@ impl OptimConfig {
 }
 
 /// What one call to [`Optim::step`] did.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct StepInfo {
     /// False while gradients are still being accumulated.
     pub applied: bool,
-    /// The global gradient norm before clipping (computed only when clipping by norm).
-    pub grad_norm: Option<f32>,
+    /// The global gradient norm before clipping (computed only when clipping by norm), one
+    /// element on the device: read it with `item()` when you need it on the host.
+    pub grad_norm: Option<Tensor>,
+}
+
+/// Per parameter, in visiting order: what the update needs that does not change between
+/// steps (computed once, from the names, when the model's parameters are first seen).
+#[derive(Clone, Debug)]
+struct Plan {
+    names: Vec<String>,
+    lr_scale: Vec<f32>,
+    weight_decay: Vec<f32>,
 }
 
 /// The optimizer bookkeeping: state per parameter name, groups, clipping, accumulation.
+///
+/// The learning rate and the step count live on the parameters' device, where the update
+/// kernel reads them: a step writes the learning rate there (a host-to-device write) and never
+/// reads anything back.
 pub struct Optim {
     optimizer: Box<dyn Optimizer>,
+    rule: UpdateRule,
     cfg: OptimConfig,
     state: BTreeMap<String, Vec<Tensor>>,
     step: u64,
     micro: usize,
+    plan: Option<Plan>,
+    /// `(learning rate [1], step counter [1])` on the parameters' device.
+    scalars: Option<(Tensor, Indices)>,
 }
 
 impl Optim {
@@ -160,11 +155,14 @@ impl Optim {
         optimizer.validate()?;
         cfg.validate()?;
         Ok(Optim {
+            rule: optimizer.rule(),
             optimizer: Box::new(optimizer),
             cfg,
             state: BTreeMap::new(),
             step: 0,
             micro: 0,
+            plan: None,
+            scalars: None,
         })
     }
 
@@ -176,9 +174,28 @@ impl Optim {
         &self.cfg
     }
 
+    pub fn rule(&self) -> UpdateRule {
+        self.rule
+    }
+
     /// Updates applied so far.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// The step counter on `device` (the key of the random draws of the next forward: it
+    /// counts the updates applied so far). Created on first use.
+    pub fn step_counter(&mut self, device: Device) -> &Indices {
+        &self.device_scalars(device).1
+    }
+
+    fn device_scalars(&mut self, device: Device) -> &mut (Tensor, Indices) {
+        let stale = !matches!(&self.scalars, Some((lr, _)) if lr.device() == device);
+        if stale {
+            let step = Indices::from_host(vec![self.step as u32], device);
+            self.scalars = Some((Tensor::zeros(&[1], device), step));
+        }
+        self.scalars.as_mut().expect("set above")
     }
 
     /// `(lr scale, weight decay)` for a parameter.
@@ -194,8 +211,57 @@ impl Optim {
         }
     }
 
+    /// The plan for `model`'s parameters, made from their names on first sight (or when the
+    /// parameter count changes), with their state created and checked.
+    fn plan_for(&mut self, model: &mut dyn Layer) -> Result<()> {
+        let mut count = 0;
+        model.visit_params_unnamed(&mut |_| count += 1);
+        if self.plan.as_ref().is_some_and(|p| p.names.len() == count) {
+            return Ok(());
+        }
+        let mut plan = Plan {
+            names: Vec::new(),
+            lr_scale: Vec::new(),
+            weight_decay: Vec::new(),
+        };
+        let mut error = None;
+        let (slots, init) = (self.rule.slots(), self.rule.initial_state());
+        let mut found = Vec::new();
+        model.visit_params("", &mut |name, p| {
+            found.push((name.to_string(), p.kind, p.value.shape().to_vec(), p.value.device()));
+        });
+        for (name, kind, shape, device) in found {
+            let (scale, wd) = self.group_of(&name, kind);
+            let entry = self.state.entry(name.clone()).or_insert_with(|| {
+                (0..slots)
+                    .map(|_| Tensor::full(&shape, init, device))
+                    .collect()
+            });
+            if let Some(bad) = entry.iter().find(|s| s.shape() != shape) {
+                error.get_or_insert(Error::shape(
+                    format!("optimizer state of {name}"),
+                    format!("{:?} (the state's shape)", bad.shape()),
+                    &shape,
+                ));
+            }
+            for s in entry.iter_mut() {
+                if s.device() != device {
+                    *s = s.to_device(device);
+                }
+            }
+            plan.names.push(name);
+            plan.lr_scale.push(scale);
+            plan.weight_decay.push(wd);
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        self.plan = Some(plan);
+        Ok(())
+    }
+
     /// Count one backward pass; every `accumulate`-th call, update the parameters of `model`
-    /// with learning rate `lr` and zero the gradients.
+    /// with learning rate `lr` and zero the gradients. Nothing is read back from the device.
     pub fn step(&mut self, model: &mut dyn Layer, lr: f32) -> Result<StepInfo> {
         if !(lr >= 0.0 && lr.is_finite()) {
             return Err(Error::config(
@@ -211,78 +277,86 @@ impl Optim {
                 grad_norm: None,
             });
         }
-        self.micro = 0;
-        self.step += 1;
+        self.plan_for(model)?;
+        // Take every value and gradient out of the model (no copy: the storages move), so
+        // that one backend call updates them all; put them back after.
+        let mut values = Vec::new();
+        let mut grads = Vec::new();
+        model.visit_params_unnamed(&mut |p| {
+            let empty = Tensor::zeros(&[0], p.value.device());
+            values.push(std::mem::replace(&mut p.value, empty.clone()));
+            grads.push(std::mem::replace(&mut p.grad, empty));
+        });
+        let Some(device) = values.first().map(Tensor::device) else {
+            self.micro = 0;
+            self.step += 1;
+            return Ok(StepInfo {
+                applied: true,
+                grad_norm: None,
+            });
+        };
+        let be = device.backend();
         let accumulate = self.cfg.accumulate;
         if accumulate > 1 {
-            model.visit_params("", &mut |_, p| {
-                p.grad.backend().scale(&mut p.grad, 1.0 / accumulate as f32)
-            });
+            grads
+                .iter_mut()
+                .for_each(|g| be.scale(g, 1.0 / accumulate as f32));
         }
         if let Some(v) = self.cfg.clip_value {
-            model.visit_params("", &mut |_, p| p.grad.backend().clamp(&mut p.grad, -v, v));
+            grads.iter_mut().for_each(|g| be.clamp(g, -v, v));
         }
-        let grad_norm = match self.cfg.clip_norm {
-            Some(max) => {
-                let norm = global_grad_norm(model);
-                // PyTorch: clip_coef = max_norm / (total_norm + 1e-6), applied when < 1.
-                let coef = max / (norm + 1e-6);
-                if coef < 1.0 {
-                    model.visit_params("", &mut |_, p| p.grad.backend().scale(&mut p.grad, coef));
-                }
-                Some(norm)
-            }
-            None => None,
-        };
-        let rule = self.optimizer.rule();
-        let slots = self.optimizer.slots();
-        let init = self.optimizer.initial_state();
-        let step = self.step;
-        let mut error = None;
-        let groups: Vec<(String, f32, f32)> = {
-            let mut v = Vec::new();
-            model.visit_params("", &mut |name, p| {
-                let (s, wd) = self.group_of(name, p.kind);
-                v.push((name.to_string(), s, wd));
-            });
-            v
-        };
-        let state = &mut self.state;
-        let mut i = 0;
-        model.visit_params("", &mut |name, p| {
-            let (_, scale, wd) = &groups[i];
-            i += 1;
-            let entry = state.entry(name.to_string()).or_insert_with(|| {
-                (0..slots)
-                    .map(|_| Tensor::full(p.value.shape(), init, p.value.device()))
-                    .collect()
-            });
-            if entry.iter().any(|s| s.shape() != p.value.shape()) {
-                error.get_or_insert(Error::shape(
-                    format!("optimizer state of {name}"),
-                    format!("{:?} (the state's shape)", entry[0].shape()),
-                    p.value.shape(),
-                ));
-                return;
-            }
-            p.value.backend().optim_update(
-                rule,
-                step,
-                lr * scale,
-                *wd,
-                &mut p.value,
-                &p.grad,
-                entry,
-            );
-            p.zero_grad();
+        let clip = self
+            .cfg
+            .clip_norm
+            .map(|max| be.clip_coefficient(&grads.iter().collect::<Vec<_>>(), max));
+        let plan = self.plan.take().expect("planned above");
+        let mut states: Vec<Vec<Tensor>> = plan
+            .names
+            .iter()
+            .map(|n| std::mem::take(self.state.get_mut(n).expect("created by the plan")))
+            .collect();
+        let (lr_t, step_t) = self.device_scalars(device);
+        be.write(lr_t, crate::backend::HostBuf::F32(vec![lr]));
+        be.increment(step_t);
+        let mut params: Vec<ParamUpdate<'_>> = values
+            .iter_mut()
+            .zip(grads.iter_mut())
+            .zip(states.iter_mut())
+            .enumerate()
+            .map(|(i, ((value, grad), state))| ParamUpdate {
+                value,
+                grad,
+                state,
+                lr_scale: plan.lr_scale[i],
+                weight_decay: plan.weight_decay[i],
+            })
+            .collect();
+        let (lr_t, step_t) = self.scalars.as_ref().expect("set above");
+        be.optim_update(
+            &self.rule,
+            &UpdateScalars {
+                lr: lr_t,
+                step: step_t,
+                grad_scale: clip.as_ref().map(|c| &c.1),
+            },
+            &mut params,
+        );
+        drop(params);
+        for (name, s) in plan.names.iter().zip(states) {
+            *self.state.get_mut(name).expect("created by the plan") = s;
+        }
+        self.plan = Some(plan);
+        let (mut values, mut grads) = (values.into_iter(), grads.into_iter());
+        model.visit_params_unnamed(&mut |p| {
+            p.value = values.next().expect("same parameters");
+            p.grad = grads.next().expect("same parameters");
         });
-        match error {
-            Some(e) => Err(e),
-            None => Ok(StepInfo {
-                applied: true,
-                grad_norm,
-            }),
-        }
+        self.micro = 0;
+        self.step += 1;
+        Ok(StepInfo {
+            applied: true,
+            grad_norm: clip.map(|c| c.0),
+        })
     }
 
     /// Save the step count and every state tensor to a safetensors file (atomically: written
@@ -294,7 +368,7 @@ impl Optim {
                 tensors.push((format!("{name}.{k}"), t.shape().to_vec(), t.to_vec()));
             }
         }
-        let meta = HashMap::from([
+        let meta = BTreeMap::from([
             ("optimizer".to_string(), self.name().to_string()),
             ("step".to_string(), self.step.to_string()),
             ("micro".to_string(), self.micro.to_string()),
@@ -347,28 +421,36 @@ impl Optim {
         }
         if let Some((name, s)) = state
             .iter()
-            .find(|(_, s)| s.len() != self.optimizer.slots())
+            .find(|(_, s)| s.len() != self.rule.slots())
         {
             return Err(bad(format!(
                 "{name} has {} state tensors, {} expected",
                 s.len(),
-                self.optimizer.slots()
+                self.rule.slots()
             )));
         }
         self.state = state;
         self.step = step;
         self.micro = micro;
+        self.plan = None;
+        self.scalars = None;
         Ok(())
     }
 }
 
-/// `sqrt(sum over parameters of sum(grad^2))` (one value read back to the host).
+/// `sqrt(sum over parameters of sum(grad^2))`, read back to the host (a host read: for
+/// diagnostics, not for the training step, which clips on the device).
 pub fn global_grad_norm(model: &mut dyn Layer) -> f32 {
-    let mut total = 0.0f64;
-    model.visit_params("", &mut |_, p| {
-        total += p.grad.backend().sum_sq(&p.grad).item() as f64
-    });
-    total.sqrt() as f32
+    let mut grads = Vec::new();
+    model.visit_params_unnamed(&mut |p| grads.push(p.grad.clone()));
+    match grads.first() {
+        None => 0.0,
+        Some(g) => g
+            .backend()
+            .clip_coefficient(&grads.iter().collect::<Vec<_>>(), 1.0)
+            .0
+            .item(),
+    }
 }
 
 /// The linear scaling rule (Goyal et al., 2017; the lecture's rule of thumb): when the batch

@@ -14,7 +14,8 @@
 //! `centered = false`. The centered form divides by an estimate of the gradient's variance
 //! instead of its second moment.
 
-use super::{Optimizer, UpdateRule};
+use super::Optimizer;
+use crate::backend::UpdateRule;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,41 +34,6 @@ impl Default for RmsProp {
             momentum: 0.0,
             centered: false,
         }
-    }
-}
-
-/// Slots: `[square_avg, grad_avg (centered), momentum buffer (momentum > 0)]`, unused ones ignored.
-#[inline]
-pub(crate) fn update(
-    r: &RmsProp,
-    lr: f32,
-    theta: &mut f32,
-    g: f32,
-    sq: &mut f32,
-    avg: &mut f32,
-    buf: &mut f32,
-) {
-    // Hyperparameters are f64 like PyTorch's Python floats: `1 - alpha` is rounded once.
-    let (alpha, one_minus, eps, mu) = (
-        r.alpha as f32,
-        (1.0 - r.alpha) as f32,
-        r.eps as f32,
-        r.momentum as f32,
-    );
-    *sq = alpha * *sq + one_minus * g * g;
-    let d = if r.centered {
-        // PyTorch's lerp form, which rounds differently from alpha c + (1 - alpha) g; the
-        // centered denominator cancels and amplifies the difference.
-        *avg += one_minus * (g - *avg);
-        (*sq - *avg * *avg).sqrt() + eps
-    } else {
-        sq.sqrt() + eps
-    };
-    if r.momentum > 0.0 {
-        *buf = mu * *buf + g / d;
-        *theta -= lr * *buf;
-    } else {
-        *theta -= lr * g / d;
     }
 }
 
@@ -91,10 +57,12 @@ impl Optimizer for RmsProp {
         }
         Ok(())
     }
-    fn slots(&self) -> usize {
-        3
-    }
     fn rule(&self) -> UpdateRule {
-        UpdateRule::RmsProp(*self)
+        UpdateRule::RmsProp {
+            alpha: self.alpha,
+            eps: self.eps,
+            momentum: self.momentum,
+            centered: self.centered,
+        }
     }
 }

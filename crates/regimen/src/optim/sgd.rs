@@ -28,7 +28,8 @@
 //! the current parameters, which are the lecture's look-ahead point. The test
 //! `nesterov_equals_the_lecture_lookahead_form` checks both trajectories on a quadratic.
 
-use super::{Optimizer, UpdateRule};
+use super::Optimizer;
+use crate::backend::UpdateRule;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -62,23 +63,6 @@ impl Sgd {
             ..Default::default()
         }
     }
-}
-
-/// One element: `theta`, gradient `g` (weight decay already added), momentum buffer `v`.
-#[inline]
-pub(crate) fn update(s: &Sgd, first: bool, lr: f32, theta: &mut f32, g: f32, v: &mut f32) {
-    let (mu, keep) = (s.momentum as f32, (1.0 - s.dampening) as f32);
-    let step = if s.momentum != 0.0 {
-        *v = if first { g } else { mu * *v + keep * g };
-        if s.nesterov {
-            g + mu * *v
-        } else {
-            *v
-        }
-    } else {
-        g
-    };
-    *theta -= lr * step;
 }
 
 impl Optimizer for Sgd {
@@ -115,10 +99,11 @@ impl Optimizer for Sgd {
         }
         Ok(())
     }
-    fn slots(&self) -> usize {
-        usize::from(self.momentum != 0.0)
-    }
     fn rule(&self) -> UpdateRule {
-        UpdateRule::Sgd(*self)
+        UpdateRule::Sgd {
+            momentum: self.momentum,
+            dampening: self.dampening,
+            nesterov: self.nesterov,
+        }
     }
 }

@@ -5,7 +5,8 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm, parallelism, MatRef};
+use crate::linalg::{gemm, parallelism, MatRef};
+use super::Scratch;
 use crate::backend::Window;
 
 #[derive(Clone, Copy)]
@@ -134,12 +135,12 @@ fn outer_parallel(n: usize) -> bool {
     n >= rayon::current_num_threads() && rayon::current_num_threads() > 1
 }
 
-pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims) -> Vec<f32> {
+/// Writes `y` (`[N, OC, OH, OW]`).
+pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f32]) {
     let (k, p) = (d.k(), d.p());
-    let mut y = vec![0.0f32; d.n * d.oc * p];
     let outer = outer_parallel(d.n);
     let par = parallelism(d.oc, k, p, outer);
-    let one = |col: &mut Vec<f32>, x_s: &[f32], y_s: &mut [f32]| {
+    let one = |col: &mut [f32], x_s: &[f32], y_s: &mut [f32]| {
         let cols: &[f32] = if d.is_pointwise() {
             x_s
         } else {
@@ -165,19 +166,24 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims) -> Vec<f32
         y.par_chunks_mut(d.oc * p)
             .zip(x.par_chunks(xs))
             .for_each_init(
-                || vec![0.0f32; col_len],
-                |col, (y_s, x_s)| one(col, x_s, y_s),
+                || Scratch::new(col_len),
+                |col, (y_s, x_s)| one(col.f32_mut(), x_s, y_s),
             );
     } else {
-        let mut col = vec![0.0f32; col_len];
+        let mut col = Scratch::new(col_len);
         for (y_s, x_s) in y.chunks_mut(d.oc * p).zip(x.chunks(xs)) {
-            one(&mut col, x_s, y_s);
+            one(col.f32_mut(), x_s, y_s);
         }
     }
-    y
 }
 
-/// Returns `dx` (`None` when `input_grad` is false); accumulates into `dw` and `db`.
+/// Samples are summed into the weight gradient in this many fixed groups (fewer when the batch
+/// is smaller), each group in order, then the groups in order: the result does not depend on
+/// the number of threads.
+const DW_GROUPS: usize = 16;
+
+/// Writes `dx` when given; accumulates into `dw` and `db`.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
     wt: &[f32],
@@ -185,99 +191,85 @@ pub fn backward(
     d: ConvDims,
     dw: &mut [f32],
     db: Option<&mut [f32]>,
-    input_grad: bool,
-) -> Option<Vec<f32>> {
+    dx: Option<&mut [f32]>,
+) {
     let (k, p) = (d.k(), d.p());
     let xs = d.c * d.h * d.w;
-    let mut dx = vec![0.0f32; if input_grad { d.n * xs } else { 0 }];
-    let outer = outer_parallel(d.n);
-    let par = parallelism(k, d.oc, p, outer);
     let pointwise = d.is_pointwise();
-    // Per sample: dw_acc += dy_s col^T; then, if wanted, dcol = W^T dy_s; dx_s = col2im(dcol).
-    let one = |col: &mut [f32],
-               dcol: &mut [f32],
-               dw_acc: &mut [f32],
-               x_s: &[f32],
-               dy_s: &[f32],
-               dx_s: Option<&mut [f32]>| {
-        let cols: &[f32] = if pointwise {
-            x_s
-        } else {
-            im2col(x_s, &d, col);
-            col
-        };
-        gemm(
-            MatRef::new(dy_s, d.oc, p),
-            MatRef::t(cols, p, k),
-            dw_acc,
-            true,
-            par,
-        );
-        let Some(dx_s) = dx_s else { return };
-        if pointwise {
-            gemm(
-                MatRef::t(wt, k, d.oc),
-                MatRef::new(dy_s, d.oc, p),
-                dx_s,
-                false,
-                par,
-            );
-        } else {
-            gemm(
-                MatRef::t(wt, k, d.oc),
-                MatRef::new(dy_s, d.oc, p),
-                dcol,
-                false,
-                par,
-            );
-            col2im(dcol, &d, dx_s);
-        }
-    };
+    let groups = d.n.clamp(1, DW_GROUPS);
+    let outer = outer_parallel(groups);
+    let par = parallelism(k, d.oc, p, outer);
     let col_len = if pointwise { 0 } else { k * p };
-    let dcol_len = if input_grad { col_len } else { 0 };
-    let dx_chunks: Vec<Option<&mut [f32]>> = if input_grad {
-        dx.chunks_mut(xs).map(Some).collect()
-    } else {
-        (0..d.n).map(|_| None).collect()
+    let dcol_len = if dx.is_some() { col_len } else { 0 };
+    let mut partial = Scratch::new(groups * d.oc * k);
+    let mut dx_chunks: Vec<Option<&mut [f32]>> = match dx {
+        Some(dx) => dx.chunks_mut(xs).map(Some).collect(),
+        None => (0..d.n).map(|_| None).collect(),
+    };
+    // Group g: samples [g n / groups, (g + 1) n / groups).
+    let bounds = |g: usize| (g * d.n / groups, (g + 1) * d.n / groups);
+    let mut work: Vec<(&mut [f32], Vec<Option<&mut [f32]>>, usize, usize)> = Vec::new();
+    {
+        let mut rest = dx_chunks.as_mut_slice();
+        let mut taken = 0;
+        for (g, acc) in partial.f32_mut().chunks_mut(d.oc * k).enumerate() {
+            let (lo, hi) = bounds(g);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(hi - taken);
+            let _ = lo;
+            taken = hi;
+            rest = tail;
+            work.push((acc, mine.iter_mut().map(|c| c.take()).collect(), lo, hi));
+        }
+    }
+    let run = |(acc, dxs, lo, hi): (&mut [f32], Vec<Option<&mut [f32]>>, usize, usize)| {
+        let mut col = Scratch::new(col_len);
+        let mut dcol = Scratch::new(dcol_len);
+        for (j, (s, dx_s)) in (lo..hi).zip(dxs).enumerate() {
+            let x_s = &x[s * xs..(s + 1) * xs];
+            let dy_s = &dy[s * d.oc * p..(s + 1) * d.oc * p];
+            let cols: &[f32] = if pointwise {
+                x_s
+            } else {
+                im2col(x_s, &d, col.f32_mut());
+                col.f32()
+            };
+            // dW_g (+)= dy_s col^T: the first sample of the group writes, the rest add.
+            gemm(
+                MatRef::new(dy_s, d.oc, p),
+                MatRef::t(cols, p, k),
+                acc,
+                j > 0,
+                par,
+            );
+            let Some(dx_s) = dx_s else { continue };
+            if pointwise {
+                gemm(
+                    MatRef::t(wt, k, d.oc),
+                    MatRef::new(dy_s, d.oc, p),
+                    dx_s,
+                    false,
+                    par,
+                );
+            } else {
+                gemm(
+                    MatRef::t(wt, k, d.oc),
+                    MatRef::new(dy_s, d.oc, p),
+                    dcol.f32_mut(),
+                    false,
+                    par,
+                );
+                dx_s.fill(0.0);
+                col2im(dcol.f32(), &d, dx_s);
+            }
+        }
     };
     if outer {
-        let threads = rayon::current_num_threads();
-        let partial = dx_chunks
-            .into_par_iter()
-            .zip(x.par_chunks(xs).zip(dy.par_chunks(d.oc * p)))
-            .with_min_len(d.n.div_ceil(threads))
-            .fold(
-                || {
-                    (
-                        vec![0.0f32; col_len],
-                        vec![0.0f32; dcol_len],
-                        vec![0.0f32; d.oc * k],
-                    )
-                },
-                |(mut col, mut dcol, mut acc), (dx_s, (x_s, dy_s))| {
-                    one(&mut col, &mut dcol, &mut acc, x_s, dy_s, dx_s);
-                    (col, dcol, acc)
-                },
-            )
-            .map(|(_, _, acc)| acc)
-            .reduce(
-                || vec![0.0f32; d.oc * k],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
-        dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
+        work.into_par_iter().with_max_len(1).for_each(run);
     } else {
-        let mut col = vec![0.0f32; col_len];
-        let mut dcol = vec![0.0f32; dcol_len];
-        for ((dx_s, x_s), dy_s) in dx_chunks
-            .into_iter()
-            .zip(x.chunks(xs))
-            .zip(dy.chunks(d.oc * p))
-        {
-            one(&mut col, &mut dcol, dw, x_s, dy_s, dx_s);
-        }
+        work.into_iter().for_each(run);
+    }
+    for acc in partial.f32().chunks(d.oc * k) {
+        dw.iter_mut().zip(acc).for_each(|(a, &b)| *a += b);
     }
     if let Some(db) = db {
         for dy_s in dy.chunks(d.oc * p) {
@@ -286,5 +278,4 @@ pub fn backward(
             }
         }
     }
-    input_grad.then_some(dx)
 }

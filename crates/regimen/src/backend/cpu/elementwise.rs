@@ -8,51 +8,57 @@ use crate::backend::Unary;
 pub const PAR_MIN: usize = 1 << 15;
 const CHUNK: usize = 1 << 13;
 
-// The maps collect into a new vector instead of writing into a zeroed one: zeroing is a
-// whole extra memory pass, and these kernels are memory-bound.
+// The maps write each output once into a buffer from the pool (no zeroing pass: these
+// kernels are memory-bound).
 
-/// `f(a[i])` for every element.
-pub fn map1(a: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+/// `out[i] = f(a[i])`.
+pub fn map1(a: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) {
     if a.len() < PAR_MIN {
-        a.iter().map(|&x| f(x)).collect()
+        out.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x));
     } else {
-        a.par_iter().with_min_len(CHUNK).map(|&x| f(x)).collect()
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x)));
     }
 }
 
-/// `f(a[i], b[i])`.
-pub fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+/// `out[i] = f(a[i], b[i])`.
+pub fn map2(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) {
     if a.len() < PAR_MIN {
-        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+        out.iter_mut()
+            .zip(a.iter().zip(b))
+            .for_each(|(o, (&x, &y))| *o = f(x, y));
     } else {
-        a.par_iter()
-            .zip(b.par_iter())
-            .with_min_len(CHUNK)
-            .map(|(&x, &y)| f(x, y))
-            .collect()
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                o.iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(o, (&x, &y))| *o = f(x, y))
+            });
     }
 }
 
-/// `f(a[i], b[i], c[i])`.
+/// `out[i] = f(a[i], b[i], c[i])`.
 pub fn map3(
     a: &[f32],
     b: &[f32],
     c: &[f32],
+    out: &mut [f32],
     f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
-) -> Vec<f32> {
+) {
     if a.len() < PAR_MIN {
-        a.iter()
-            .zip(b)
-            .zip(c)
-            .map(|((&x, &y), &z)| f(x, y, z))
-            .collect()
+        out.iter_mut()
+            .zip(a.iter().zip(b).zip(c))
+            .for_each(|(o, ((&x, &y), &z))| *o = f(x, y, z));
     } else {
-        a.par_iter()
-            .zip(b.par_iter())
-            .zip(c.par_iter())
-            .with_min_len(CHUNK)
-            .map(|((&x, &y), &z)| f(x, y, z))
-            .collect()
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(c.par_chunks(CHUNK)))
+            .for_each(|(o, ((a, b), c))| {
+                o.iter_mut()
+                    .zip(a.iter().zip(b).zip(c))
+                    .for_each(|(o, ((&x, &y), &z))| *o = f(x, y, z))
+            });
     }
 }
 
@@ -67,14 +73,17 @@ pub fn update(acc: &mut [f32], a: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     }
 }
 
-/// Sum of `f(x)` in double precision.
+/// Sum of `f(x)` in double precision: chunk sums in parallel, then added in chunk order, so
+/// the result does not depend on the number of threads.
 pub fn sum_f64(a: &[f32], f: impl Fn(f32) -> f64 + Sync) -> f64 {
     if a.len() < PAR_MIN {
         a.iter().map(|&x| f(x)).sum()
     } else {
-        a.par_chunks(CHUNK)
+        let parts: Vec<f64> = a
+            .par_chunks(CHUNK)
             .map(|c| c.iter().map(|&x| f(x)).sum::<f64>())
-            .sum()
+            .collect();
+        parts.iter().sum()
     }
 }
 

@@ -2,23 +2,25 @@
 
 use rayon::prelude::*;
 
-/// Rows of `[N, C]` logits: the loss summed over rows (f64) and `dlogits`, given a per-row
-/// target writer `target(row, out)` that fills the row's target distribution.
+/// Rows of `[N, C]` logits: the loss summed over rows (f64, in row order whatever the thread
+/// count) and `dlogits` written to `grad`, given a per-row target writer `target(row, out)`
+/// that fills the row's target distribution.
 pub fn softmax_cross_entropy(
     logits: &[f32],
     c: usize,
     smoothing: f32,
     grad_scale: f32,
     target: impl Fn(usize, &mut [f32]) + Sync,
-) -> (f64, Vec<f32>) {
+    grad: &mut [f32],
+) -> f64 {
     let n = logits.len() / c;
-    let mut grad = vec![0.0f32; logits.len()];
     let g = grad_scale / n as f32;
-    let total: f64 = grad
-        .par_chunks_mut(c)
+    let mut losses = vec![0.0f64; n];
+    grad.par_chunks_mut(c)
         .zip(logits.par_chunks(c))
+        .zip(losses.par_iter_mut())
         .enumerate()
-        .map(|(row, (g_r, x_r))| {
+        .for_each(|(row, ((g_r, x_r), loss))| {
             // g_r first holds the target distribution, then the gradient.
             target(row, g_r);
             if smoothing > 0.0 {
@@ -38,10 +40,9 @@ pub fn softmax_cross_entropy(
                 let p = ((v as f64) - lse).exp();
                 *gr = ((p * t_sum) as f32 - *gr) * g;
             }
-            lse * t_sum - t_dot_x
-        })
-        .sum();
-    (total, grad)
+            *loss = lse * t_sum - t_dot_x;
+        });
+    losses.iter().sum()
 }
 
 /// Number of rows whose first arg-max equals the label.

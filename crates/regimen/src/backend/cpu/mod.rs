@@ -1,34 +1,71 @@
 //! The CPU backend: `gemm` for matrix products, `rayon` for parallel loops, f64 accumulation
 //! for reductions. The thread count is rayon's global pool (`RAYON_NUM_THREADS`, or
-//! [`crate::set_threads`]).
+//! [`crate::set_threads`]). Every reduction adds its parts in a fixed order, so results do not
+//! depend on the number of threads. `bf16`/`f16` inputs are computed through `f32`.
 
 mod conv;
 mod elementwise;
 mod loss;
-mod matmul;
 mod norm;
 mod pool;
+mod storage;
 
 pub use elementwise::erf;
-pub(crate) use matmul::{gemm, MatRef};
+pub use storage::CpuBuffer;
+pub(crate) use storage::{f32s, u32s};
 
-use crate::backend::{Backend, Target, Unary, Window};
-use crate::optim::{self, UpdateRule};
-use crate::tensor::{Indices, Tensor};
+use half::{bf16, f16};
+
+use crate::backend::{
+    strict, Backend, HostBuf, ParamUpdate, PoolStats, RandomKey, Target, Unary, UpdateRule,
+    UpdateScalars, Window,
+};
+use crate::tensor::{DType, Device, Indices, Tensor};
 use elementwise::{map1, map2, map3, sum_f64, update};
+use crate::linalg::{self as matmul, gemm, MatRef};
+use storage::{alloc, f32s_mut, read_f32, u16s, u16s_mut, u32s_mut};
 
-/// The CPU backend (a unit struct: all state is in the tensors).
+/// The CPU backend (a unit struct: all state is in the tensors and the pool).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Cpu;
 
 pub static CPU: Cpu = Cpu;
 
-fn t(shape: &[usize], data: Vec<f32>) -> Tensor {
-    Tensor::from_cpu(shape.to_vec(), data)
+/// Scratch memory from the pool (im2col columns, partial sums), returned when dropped.
+pub(crate) struct Scratch(CpuBuffer, usize);
+
+impl Scratch {
+    pub fn new(len: usize) -> Scratch {
+        Scratch(CpuBuffer::uninit(len), len)
+    }
+    pub fn f32(&self) -> &[f32] {
+        // SAFETY: as in `storage`: 4-byte aligned words, any bits are a valid f32.
+        unsafe { std::slice::from_raw_parts(self.0.words().as_ptr() as *const f32, self.1) }
+    }
+    pub fn f32_mut(&mut self) -> &mut [f32] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.words_mut().as_mut_ptr() as *mut f32, self.1) }
+    }
+}
+
+/// A new `f32` tensor of `shape` written by `f`.
+fn make(shape: &[usize], f: impl FnOnce(&mut [f32])) -> Tensor {
+    let mut t = alloc(shape, DType::F32);
+    f(f32s_mut(&mut t));
+    t
+}
+
+/// A new `f32` tensor holding `v`.
+fn from_slice(shape: &[usize], v: &[f32]) -> Tensor {
+    make(shape, |o| o.copy_from_slice(v))
 }
 
 fn scalar(v: f64) -> Tensor {
-    t(&[1], vec![v as f32])
+    from_slice(&[1], &[v as f32])
+}
+
+/// The device step counter's value (a CPU "device" read, not a host read).
+fn step_of(step: &Indices) -> u32 {
+    u32s(step.tensor())[0]
 }
 
 /// `(n, inner)` of a `[N, C, inner...]` tensor.
@@ -66,16 +103,96 @@ impl Backend for Cpu {
         "cpu"
     }
 
-    fn zeros(&self, shape: &[usize]) -> Tensor {
-        t(shape, vec![0.0; shape.iter().product()])
+    fn device(&self) -> Device {
+        Device::Cpu
     }
 
-    fn to_host(&self, x: &Tensor) -> Vec<f32> {
-        x.cpu().to_vec()
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Tensor {
+        alloc(shape, dtype)
     }
 
-    fn fill(&self, x: &mut Tensor, value: f32) {
-        x.cpu_mut().fill(value);
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Tensor {
+        let mut t = alloc(shape, dtype);
+        match dtype {
+            DType::F32 => f32s_mut(&mut t).fill(0.0),
+            DType::U32 => u32s_mut(&mut t).fill(0),
+            DType::BF16 | DType::F16 => u16s_mut(&mut t).fill(0),
+        }
+        t
+    }
+
+    fn upload(&self, shape: &[usize], dtype: DType, data: HostBuf) -> Tensor {
+        let mut t = alloc(shape, dtype);
+        self.write(&mut t, data);
+        t
+    }
+
+    fn write(&self, t: &mut Tensor, data: HostBuf) {
+        assert_eq!(data.len(), t.numel(), "write: length of the host data");
+        match (t.dtype(), data) {
+            (DType::F32, HostBuf::F32(v)) => f32s_mut(t).copy_from_slice(&v),
+            (DType::U32, HostBuf::U32(v)) => u32s_mut(t).copy_from_slice(&v),
+            (DType::BF16 | DType::F16, HostBuf::U16(v)) => u16s_mut(t).copy_from_slice(&v),
+            (DType::BF16, HostBuf::F32(v)) => u16s_mut(t)
+                .iter_mut()
+                .zip(v)
+                .for_each(|(o, x)| *o = bf16::from_f32(x).to_bits()),
+            (DType::F16, HostBuf::F32(v)) => u16s_mut(t)
+                .iter_mut()
+                .zip(v)
+                .for_each(|(o, x)| *o = f16::from_f32(x).to_bits()),
+            (d, v) => panic!("write: {d} tensor from {v:?}"),
+        }
+    }
+
+    fn download(&self, t: &Tensor) -> HostBuf {
+        strict::note_host_read("a CPU tensor");
+        match t.dtype() {
+            DType::F32 => HostBuf::F32(f32s(t).to_vec()),
+            DType::U32 => HostBuf::U32(u32s(t).to_vec()),
+            DType::BF16 | DType::F16 => HostBuf::U16(u16s(t).to_vec()),
+        }
+    }
+
+    fn fill(&self, t: &mut Tensor, value: f32) {
+        match t.dtype() {
+            DType::F32 => f32s_mut(t).fill(value),
+            DType::U32 => u32s_mut(t).fill(value as u32),
+            DType::BF16 => u16s_mut(t).fill(bf16::from_f32(value).to_bits()),
+            DType::F16 => u16s_mut(t).fill(f16::from_f32(value).to_bits()),
+        }
+    }
+
+    fn copy(&self, src: &Tensor, dst: &mut Tensor) {
+        assert_eq!((src.numel(), src.dtype()), (dst.numel(), dst.dtype()), "copy");
+        match src.dtype() {
+            DType::F32 => f32s_mut(dst).copy_from_slice(f32s(src)),
+            DType::U32 => u32s_mut(dst).copy_from_slice(u32s(src)),
+            _ => u16s_mut(dst).copy_from_slice(u16s(src)),
+        }
+    }
+
+    fn cast(&self, x: &Tensor, dtype: DType) -> Tensor {
+        assert!(x.dtype().is_float() && dtype.is_float(), "cast between floating-point types");
+        let v = read_f32(x);
+        let mut t = alloc(x.shape(), dtype);
+        match dtype {
+            DType::F32 => f32s_mut(&mut t).copy_from_slice(&v),
+            DType::BF16 => u16s_mut(&mut t)
+                .iter_mut()
+                .zip(v.iter())
+                .for_each(|(o, &x)| *o = bf16::from_f32(x).to_bits()),
+            DType::F16 => u16s_mut(&mut t)
+                .iter_mut()
+                .zip(v.iter())
+                .for_each(|(o, &x)| *o = f16::from_f32(x).to_bits()),
+            DType::U32 => unreachable!(),
+        }
+        t
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        storage::POOL.stats()
     }
 
     fn matmul(
@@ -89,24 +206,25 @@ impl Backend for Cpu {
     ) {
         let (ar, ac) = (a.shape()[0], a.shape()[1]);
         let (br, bc) = (b.shape()[0], b.shape()[1]);
+        let (av, bv) = (read_f32(a), read_f32(b));
         let am = if trans_a {
-            MatRef::t(a.cpu(), ac, ar)
+            MatRef::t(&av, ac, ar)
         } else {
-            MatRef::new(a.cpu(), ar, ac)
+            MatRef::new(&av, ar, ac)
         };
         let bm = if trans_b {
-            MatRef::t(b.cpu(), bc, br)
+            MatRef::t(&bv, bc, br)
         } else {
-            MatRef::new(b.cpu(), br, bc)
+            MatRef::new(&bv, br, bc)
         };
         let par = matmul::parallelism(am.rows, am.cols, bm.cols, false);
-        gemm(am, bm, c.cpu_mut(), accumulate, par);
+        gemm(am, bm, f32s_mut(c), accumulate, par);
     }
 
     fn add_channel_bias(&self, y: &mut Tensor, bias: &Tensor, channels: usize) {
         let (_, inner) = n_inner(y.shape(), channels);
-        let b = bias.cpu();
-        for blk in y.cpu_mut().chunks_mut(channels * inner) {
+        let b = f32s(bias);
+        for blk in f32s_mut(y).chunks_mut(channels * inner) {
             for (c, &bc) in b.iter().enumerate() {
                 blk[c * inner..(c + 1) * inner]
                     .iter_mut()
@@ -118,7 +236,7 @@ impl Backend for Cpu {
     fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize) {
         let (_, inner) = n_inner(dy.shape(), channels);
         let mut acc = vec![0.0f64; channels];
-        for blk in dy.cpu().chunks(channels * inner) {
+        for blk in f32s(dy).chunks(channels * inner) {
             for (c, a) in acc.iter_mut().enumerate() {
                 *a += blk[c * inner..(c + 1) * inner]
                     .iter()
@@ -126,92 +244,55 @@ impl Backend for Cpu {
                     .sum::<f64>();
             }
         }
-        for (g, a) in dbias.cpu_mut().iter_mut().zip(acc) {
+        for (g, a) in f32s_mut(dbias).iter_mut().zip(acc) {
             *g += a as f32;
         }
     }
 
     fn axpy(&self, alpha: f32, x: &Tensor, y: &mut Tensor) {
-        update(y.cpu_mut(), x.cpu(), |s, v| s + alpha * v);
+        update(f32s_mut(y), f32s(x), |s, v| s + alpha * v);
     }
 
     fn scale(&self, x: &mut Tensor, alpha: f32) {
-        x.cpu_mut().iter_mut().for_each(|v| *v *= alpha);
+        f32s_mut(x).iter_mut().for_each(|v| *v *= alpha);
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Tensor {
-        let out = map2(a.cpu(), b.cpu(), |x, y| x + y);
-        t(a.shape(), out)
+        make(a.shape(), |o| map2(f32s(a), f32s(b), o, |x, y| x + y))
     }
 
     fn mul(&self, a: &Tensor, b: &Tensor) -> Tensor {
-        let out = map2(a.cpu(), b.cpu(), |x, y| x * y);
-        t(a.shape(), out)
+        make(a.shape(), |o| map2(f32s(a), f32s(b), o, |x, y| x * y))
     }
 
     fn scale_rows(&self, x: &Tensor, s: &Tensor) -> Tensor {
         let row = x.numel() / x.shape()[0].max(1);
-        let mut out = x.cpu().to_vec();
-        for (r, &f) in out.chunks_mut(row.max(1)).zip(s.cpu()) {
-            r.iter_mut().for_each(|v| *v *= f);
-        }
-        t(x.shape(), out)
+        make(x.shape(), |o| {
+            for ((o, x), &f) in o
+                .chunks_mut(row.max(1))
+                .zip(f32s(x).chunks(row.max(1)))
+                .zip(f32s(s))
+            {
+                o.iter_mut().zip(x).for_each(|(o, &v)| *o = v * f);
+            }
+        })
     }
 
     fn clamp(&self, x: &mut Tensor, lo: f32, hi: f32) {
-        x.cpu_mut().iter_mut().for_each(|v| *v = v.clamp(lo, hi));
-    }
-
-    fn optim_update(
-        &self,
-        rule: UpdateRule,
-        step: u64,
-        lr: f32,
-        wd: f32,
-        p: &mut Tensor,
-        g: &Tensor,
-        slots: &mut [Tensor],
-    ) {
-        let theta = p.cpu_mut();
-        let g = g.cpu();
-        let mut s: Vec<&mut [f32]> = slots.iter_mut().map(|t| t.cpu_mut()).collect();
-        // L2 weight decay joins the gradient, except for decoupled rules (AdamW).
-        let l2 = if matches!(rule, UpdateRule::Adam(a) if a.decoupled) {
-            0.0
-        } else {
-            wd
-        };
-        let mut scratch = [0.0f32; 3];
-        for i in 0..theta.len() {
-            let gi = g[i] + l2 * theta[i];
-            for (k, v) in s.iter().enumerate() {
-                scratch[k] = v[i];
-            }
-            let [a, b, c] = &mut scratch;
-            match rule {
-                UpdateRule::Sgd(r) => optim::sgd_update(&r, step == 1, lr, &mut theta[i], gi, a),
-                UpdateRule::Adagrad(r) => optim::adagrad_update(&r, step, lr, &mut theta[i], gi, a),
-                UpdateRule::RmsProp(r) => optim::rmsprop_update(&r, lr, &mut theta[i], gi, a, b, c),
-                UpdateRule::Adam(r) => {
-                    optim::adam_update(&r, step, lr, wd, &mut theta[i], gi, a, b, c)
-                }
-            }
-            for (k, v) in s.iter_mut().enumerate() {
-                v[i] = scratch[k];
-            }
-        }
+        // `f32::clamp` keeps NaN; so does `max`/`min` in this order only by accident, so say it.
+        f32s_mut(x).iter_mut().for_each(|v| *v = v.clamp(lo, hi));
     }
 
     fn sum_abs(&self, x: &Tensor) -> Tensor {
-        scalar(sum_f64(x.cpu(), |v| v.abs() as f64))
+        scalar(sum_f64(f32s(x), |v| v.abs() as f64))
     }
 
     fn sum_sq(&self, x: &Tensor) -> Tensor {
-        scalar(sum_f64(x.cpu(), |v| (v as f64) * (v as f64)))
+        scalar(sum_f64(f32s(x), |v| (v as f64) * (v as f64)))
     }
 
     fn add_sign(&self, alpha: f32, w: &Tensor, g: &mut Tensor) {
-        update(g.cpu_mut(), w.cpu(), |s, v| {
+        update(f32s_mut(g), f32s(w), |s, v| {
             s + alpha
                 * if v > 0.0 {
                     1.0
@@ -224,37 +305,42 @@ impl Backend for Cpu {
     }
 
     fn unary_forward(&self, op: Unary, x: &Tensor) -> Tensor {
-        // ReLU gets its own loop so that it vectorizes; the others share the generic one.
-        let out = match op {
-            Unary::Relu => map1(x.cpu(), |v| v.max(0.0)),
-            _ => map1(x.cpu(), |v| elementwise::forward(op, v)),
-        };
-        t(x.shape(), out)
+        make(x.shape(), |o| match op {
+            // ReLU gets its own loop so that it vectorizes; NaN propagates (as PyTorch):
+            // `v > 0 ? v : 0` would turn NaN into 0, `!(v <= 0)` keeps it.
+            Unary::Relu => map1(f32s(x), o, |v| if v <= 0.0 { 0.0 } else { v }),
+            _ => map1(f32s(x), o, |v| elementwise::forward(op, v)),
+        })
     }
 
     fn unary_backward(&self, op: Unary, x: &Tensor, y: &Tensor, dy: &Tensor) -> Tensor {
-        let out = match op {
-            Unary::Relu => map2(x.cpu(), dy.cpu(), |xv, g| if xv > 0.0 { g } else { 0.0 }),
-            _ => map3(x.cpu(), y.cpu(), dy.cpu(), |xv, yv, g| {
+        make(x.shape(), |o| match op {
+            Unary::Relu => map2(f32s(x), f32s(dy), o, |xv, g| {
+                if xv > 0.0 {
+                    g
+                } else if xv.is_nan() {
+                    xv
+                } else {
+                    0.0
+                }
+            }),
+            _ => map3(f32s(x), f32s(y), f32s(dy), o, |xv, yv, g| {
                 g * elementwise::derivative(op, xv, yv)
             }),
-        };
-        t(x.shape(), out)
+        })
     }
 
     fn prelu_forward(&self, x: &Tensor, a: &Tensor, channels: usize) -> Tensor {
         let (_, inner) = n_inner(x.shape(), channels);
-        let a = a.cpu();
-        let mut out = x.cpu().to_vec();
-        for (b, blk) in out.chunks_mut(inner).enumerate() {
-            let s = a[if a.len() == 1 { 0 } else { b % channels }];
-            blk.iter_mut().for_each(|v| {
-                if *v <= 0.0 {
-                    *v *= s
-                }
-            });
-        }
-        t(x.shape(), out)
+        let a = f32s(a);
+        make(x.shape(), |o| {
+            for (b, (blk, xb)) in o.chunks_mut(inner).zip(f32s(x).chunks(inner)).enumerate() {
+                let s = a[if a.len() == 1 { 0 } else { b % channels }];
+                blk.iter_mut()
+                    .zip(xb)
+                    .for_each(|(o, &v)| *o = if v <= 0.0 { v * s } else { v });
+            }
+        })
     }
 
     fn prelu_backward(
@@ -266,92 +352,96 @@ impl Backend for Cpu {
         channels: usize,
     ) -> Tensor {
         let (_, inner) = n_inner(x.shape(), channels);
-        let av = a.cpu();
-        let mut dx = dy.cpu().to_vec();
+        let av = f32s(a);
         let mut acc = vec![0.0f64; av.len()];
-        for (b, (dblk, xblk)) in dx.chunks_mut(inner).zip(x.cpu().chunks(inner)).enumerate() {
-            let k = if av.len() == 1 { 0 } else { b % channels };
-            for (g, &xv) in dblk.iter_mut().zip(xblk) {
-                if xv <= 0.0 {
-                    acc[k] += (*g * xv) as f64;
-                    *g *= av[k];
+        let dx = make(x.shape(), |dx| {
+            dx.copy_from_slice(f32s(dy));
+            for (b, (dblk, xblk)) in dx.chunks_mut(inner).zip(f32s(x).chunks(inner)).enumerate() {
+                let k = if av.len() == 1 { 0 } else { b % channels };
+                for (g, &xv) in dblk.iter_mut().zip(xblk) {
+                    if xv <= 0.0 {
+                        acc[k] += (*g * xv) as f64;
+                        *g *= av[k];
+                    }
                 }
             }
-        }
-        for (g, s) in da.cpu_mut().iter_mut().zip(acc) {
+        });
+        for (g, s) in f32s_mut(da).iter_mut().zip(acc) {
             *g += s as f32;
         }
-        t(x.shape(), dx)
+        dx
     }
 
     fn swish_forward(&self, x: &Tensor, beta: &Tensor) -> Tensor {
-        self.unary_forward(Unary::Swish(beta.cpu()[0]), x)
+        self.unary_forward(Unary::Swish(f32s(beta)[0]), x)
     }
 
     fn swish_backward(&self, x: &Tensor, beta: &Tensor, dy: &Tensor, dbeta: &mut Tensor) -> Tensor {
-        let b = beta.cpu()[0];
+        let b = f32s(beta)[0];
         // d/d beta [x s(beta x)] = x^2 s (1 - s)
-        let s: f64 = x
-            .cpu()
+        let s: f64 = f32s(x)
             .iter()
-            .zip(dy.cpu())
+            .zip(f32s(dy))
             .map(|(&xv, &g)| {
                 let sg = elementwise::sigmoid(b * xv);
                 (g * xv * xv * sg * (1.0 - sg)) as f64
             })
             .sum();
-        dbeta.cpu_mut()[0] += s as f32;
+        f32s_mut(dbeta)[0] += s as f32;
         let y = self.swish_forward(x, beta);
         self.unary_backward(Unary::Swish(b), x, &y, dy)
     }
 
     fn softmax_forward(&self, x: &Tensor, channels: usize) -> Tensor {
         let (_, inner) = n_inner(x.shape(), channels);
-        let mut out = x.cpu().to_vec();
-        for blk in out.chunks_mut(channels * inner) {
-            for i in 0..inner {
-                let mx = (0..channels)
-                    .map(|c| blk[c * inner + i])
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let mut s = 0.0f64;
-                for c in 0..channels {
-                    let e = (blk[c * inner + i] - mx).exp();
-                    blk[c * inner + i] = e;
-                    s += e as f64;
+        make(x.shape(), |out| {
+            out.copy_from_slice(f32s(x));
+            for blk in out.chunks_mut(channels * inner) {
+                for i in 0..inner {
+                    let mx = (0..channels)
+                        .map(|c| blk[c * inner + i])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let mut s = 0.0f64;
+                    for c in 0..channels {
+                        let e = (blk[c * inner + i] - mx).exp();
+                        blk[c * inner + i] = e;
+                        s += e as f64;
+                    }
+                    let inv = (1.0 / s) as f32;
+                    (0..channels).for_each(|c| blk[c * inner + i] *= inv);
                 }
-                let inv = (1.0 / s) as f32;
-                (0..channels).for_each(|c| blk[c * inner + i] *= inv);
             }
-        }
-        t(x.shape(), out)
+        })
     }
 
     fn softmax_backward(&self, y: &Tensor, dy: &Tensor, channels: usize) -> Tensor {
         // dx = y (dy - sum_c dy y)
         let (_, inner) = n_inner(y.shape(), channels);
-        let mut dx = vec![0.0f32; y.numel()];
-        for ((d, yb), gb) in dx
-            .chunks_mut(channels * inner)
-            .zip(y.cpu().chunks(channels * inner))
-            .zip(dy.cpu().chunks(channels * inner))
-        {
-            for i in 0..inner {
-                let dot: f32 = (0..channels)
-                    .map(|c| yb[c * inner + i] * gb[c * inner + i])
-                    .sum();
-                for c in 0..channels {
-                    let k = c * inner + i;
-                    d[k] = yb[k] * (gb[k] - dot);
+        make(y.shape(), |dx| {
+            for ((d, yb), gb) in dx
+                .chunks_mut(channels * inner)
+                .zip(f32s(y).chunks(channels * inner))
+                .zip(f32s(dy).chunks(channels * inner))
+            {
+                for i in 0..inner {
+                    let dot: f32 = (0..channels)
+                        .map(|c| yb[c * inner + i] * gb[c * inner + i])
+                        .sum();
+                    for c in 0..channels {
+                        let k = c * inner + i;
+                        d[k] = yb[k] * (gb[k] - dot);
+                    }
                 }
             }
-        }
-        t(y.shape(), dx)
+        })
     }
 
     fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
-        let y = conv::forward(x.cpu(), w.cpu(), b.map(|b| b.cpu()), d);
-        t(&[d.n, d.oc, d.oh, d.ow], y)
+        let (xv, wv) = (read_f32(x), read_f32(w));
+        make(&[d.n, d.oc, d.oh, d.ow], |y| {
+            conv::forward(&xv, &wv, b.map(f32s), d, y)
+        })
     }
 
     fn conv2d_backward(
@@ -365,18 +455,18 @@ impl Backend for Cpu {
         input_grad: bool,
     ) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
-        match conv::backward(
-            x.cpu(),
-            w.cpu(),
-            dy.cpu(),
+        let (xv, wv) = (read_f32(x), read_f32(w));
+        let mut dx = alloc(if input_grad { x.shape() } else { &[0] }, DType::F32);
+        conv::backward(
+            &xv,
+            &wv,
+            f32s(dy),
             d,
-            dw.cpu_mut(),
-            db.map(|b| b.cpu_mut()),
-            input_grad,
-        ) {
-            Some(dx) => t(x.shape(), dx),
-            None => t(&[0], Vec::new()),
-        }
+            f32s_mut(dw),
+            db.map(f32s_mut),
+            input_grad.then(|| f32s_mut(&mut dx)),
+        );
+        dx
     }
 
     fn max_pool2d_forward(&self, x: &Tensor, win: Window) -> (Tensor, Indices) {
@@ -385,8 +475,12 @@ impl Backend for Cpu {
             win.out_len(s[2], win.kh).unwrap(),
             win.out_len(s[3], win.kw).unwrap(),
         );
-        let (y, idx) = pool::max_forward(x.cpu(), &pool_dims(s, oh, ow), win);
-        (t(&[s[0], s[1], oh, ow], y), Indices::from_vec(idx))
+        let shape = [s[0], s[1], oh, ow];
+        let mut idx = alloc(&[shape.iter().product()], DType::U32);
+        let y = make(&shape, |y| {
+            pool::max_forward(f32s(x), &pool_dims(s, oh, ow), win, y, u32s_mut(&mut idx))
+        });
+        (y, Indices::from_tensor(idx, (s[2] * s[3]) as u64))
     }
 
     fn max_backward(
@@ -398,10 +492,9 @@ impl Backend for Cpu {
         x_plane: usize,
     ) -> Tensor {
         let planes = dy.numel() / dy_plane.max(1);
-        t(
-            x_shape,
-            pool::max_backward(dy.cpu(), idx.cpu(), planes, dy_plane, x_plane),
-        )
+        make(x_shape, |dx| {
+            pool::max_backward(f32s(dy), u32s(idx.tensor()), planes, dy_plane, x_plane, dx)
+        })
     }
 
     fn avg_pool2d_forward(&self, x: &Tensor, win: Window) -> Tensor {
@@ -410,38 +503,35 @@ impl Backend for Cpu {
             win.out_len(s[2], win.kh).unwrap(),
             win.out_len(s[3], win.kw).unwrap(),
         );
-        t(
-            &[s[0], s[1], oh, ow],
-            pool::avg_forward(x.cpu(), &pool_dims(s, oh, ow), win),
-        )
+        make(&[s[0], s[1], oh, ow], |y| {
+            pool::avg_forward(f32s(x), &pool_dims(s, oh, ow), win, y)
+        })
     }
 
     fn avg_pool2d_backward(&self, dy: &Tensor, x_shape: &[usize], win: Window) -> Tensor {
         let d = pool_dims(x_shape, dy.shape()[2], dy.shape()[3]);
-        t(x_shape, pool::avg_backward(dy.cpu(), &d, win))
+        make(x_shape, |dx| pool::avg_backward(f32s(dy), &d, win, dx))
     }
 
     fn global_avg_pool_forward(&self, x: &Tensor, channels: usize) -> Tensor {
         let (n, inner) = n_inner(x.shape(), channels);
         let inv = 1.0 / inner as f64;
-        let y = x
-            .cpu()
-            .chunks(inner)
-            .map(|b| (b.iter().map(|&v| v as f64).sum::<f64>() * inv) as f32)
-            .collect();
-        t(&[n, channels], y)
+        make(&[n, channels], |y| {
+            for (o, b) in y.iter_mut().zip(f32s(x).chunks(inner)) {
+                *o = (b.iter().map(|&v| v as f64).sum::<f64>() * inv) as f32;
+            }
+        })
     }
 
     fn global_avg_pool_backward(&self, dy: &Tensor, x_shape: &[usize]) -> Tensor {
         let planes = dy.numel();
         let inner = x_shape.iter().product::<usize>() / planes.max(1);
         let inv = 1.0 / inner as f32;
-        let dx = dy
-            .cpu()
-            .iter()
-            .flat_map(|&g| std::iter::repeat_n(g * inv, inner))
-            .collect();
-        t(x_shape, dx)
+        make(x_shape, |dx| {
+            for (blk, &g) in dx.chunks_mut(inner.max(1)).zip(f32s(dy)) {
+                blk.fill(g * inv);
+            }
+        })
     }
 
     fn fractional_max_pool2d_forward(
@@ -449,18 +539,31 @@ impl Backend for Cpu {
         x: &Tensor,
         kernel: (usize, usize),
         out: (usize, usize),
-        samples: &[f32],
+        samples: &Tensor,
     ) -> (Tensor, Indices) {
         let s = x.shape();
-        let (y, idx) =
-            pool::fractional_forward(x.cpu(), &pool_dims(s, out.0, out.1), kernel, samples);
-        (t(&[s[0], s[1], out.0, out.1], y), Indices::from_vec(idx))
+        let shape = [s[0], s[1], out.0, out.1];
+        let mut idx = alloc(&[shape.iter().product()], DType::U32);
+        let y = make(&shape, |y| {
+            pool::fractional_forward(
+                f32s(x),
+                &pool_dims(s, out.0, out.1),
+                kernel,
+                f32s(samples),
+                y,
+                u32s_mut(&mut idx),
+            )
+        });
+        (y, Indices::from_tensor(idx, (s[2] * s[3]) as u64))
     }
 
     fn max_groups_forward(&self, x: &Tensor, k: usize) -> (Tensor, Indices) {
         let (rows, fk) = (x.shape()[0], x.shape()[1]);
-        let (y, idx) = pool::max_groups_forward(x.cpu(), rows, fk / k, k);
-        (t(&[rows, fk / k], y), Indices::from_vec(idx))
+        let mut idx = alloc(&[rows * (fk / k)], DType::U32);
+        let y = make(&[rows, fk / k], |y| {
+            pool::max_groups_forward(f32s(x), fk / k, k, y, u32s_mut(&mut idx))
+        });
+        (y, Indices::from_tensor(idx, fk as u64))
     }
 
     fn batch_norm_forward_train(
@@ -476,16 +579,27 @@ impl Backend for Cpu {
         let c = gamma.numel();
         let (n, inner) = n_inner(x.shape(), c);
         let d = norm::NormDims { n, c, inner };
-        let (y, mean, invstd, var) = norm::forward_train(x.cpu(), gamma.cpu(), beta.cpu(), &d, eps);
+        let mut stats = None;
+        let y = make(x.shape(), |y| {
+            stats = Some(norm::forward_train(
+                f32s(x),
+                f32s(gamma),
+                f32s(beta),
+                &d,
+                eps,
+                y,
+            ))
+        });
+        let (mean, invstd, var) = stats.expect("written above");
         let m = d.m() as f32;
         let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
-        update(running_mean.cpu_mut(), &mean, |r, b| {
+        update(f32s_mut(running_mean), &mean, |r, b| {
             (1.0 - momentum) * r + momentum * b
         });
-        update(running_var.cpu_mut(), &var, |r, b| {
+        update(f32s_mut(running_var), &var, |r, b| {
             (1.0 - momentum) * r + momentum * b * unbias
         });
-        (t(x.shape(), y), t(&[c], mean), t(&[c], invstd))
+        (y, from_slice(&[c], &mean), from_slice(&[c], &invstd))
     }
 
     fn batch_norm_forward_eval(
@@ -500,24 +614,25 @@ impl Backend for Cpu {
         let c = gamma.numel();
         let (n, inner) = n_inner(x.shape(), c);
         let invstd = self.invstd(var, eps);
-        let y = norm::forward_eval(
-            x.cpu(),
-            gamma.cpu(),
-            beta.cpu(),
-            mean.cpu(),
-            invstd.cpu(),
-            &norm::NormDims { n, c, inner },
-        );
-        t(x.shape(), y)
+        make(x.shape(), |y| {
+            norm::forward_eval(
+                f32s(x),
+                f32s(gamma),
+                f32s(beta),
+                f32s(mean),
+                f32s(&invstd),
+                &norm::NormDims { n, c, inner },
+                y,
+            )
+        })
     }
 
     fn invstd(&self, var: &Tensor, eps: f32) -> Tensor {
-        let v = var
-            .cpu()
-            .iter()
-            .map(|&v| (1.0 / (v as f64 + eps as f64).sqrt()) as f32)
-            .collect();
-        t(var.shape(), v)
+        make(var.shape(), |o| {
+            for (o, &v) in o.iter_mut().zip(f32s(var)) {
+                *o = (1.0 / (v as f64 + eps as f64).sqrt()) as f32;
+            }
+        })
     }
 
     fn batch_norm_backward(
@@ -534,23 +649,103 @@ impl Backend for Cpu {
         let c = gamma.numel();
         let (n, inner) = n_inner(x.shape(), c);
         let d = norm::NormDims { n, c, inner };
-        let dx = norm::backward(
-            x.cpu(),
-            dy.cpu(),
-            gamma.cpu(),
-            mean.cpu(),
-            invstd.cpu(),
-            &d,
-            batch_stats,
-            dgamma.cpu_mut(),
-            dbeta.cpu_mut(),
-        );
-        t(x.shape(), dx)
+        make(x.shape(), |dx| {
+            norm::backward(
+                f32s(x),
+                f32s(dy),
+                f32s(gamma),
+                f32s(mean),
+                f32s(invstd),
+                &d,
+                batch_stats,
+                f32s_mut(dgamma),
+                f32s_mut(dbeta),
+                dx,
+            )
+        })
     }
 
-    fn dropout_forward(&self, x: &Tensor, p: f32, seed: u64) -> (Tensor, Tensor) {
-        let (y, mask) = norm::dropout(x.cpu(), p, seed);
-        (t(x.shape(), y), t(x.shape(), mask))
+    fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
+        let mut mask = alloc(x.shape(), DType::F32);
+        let y = make(x.shape(), |y| {
+            norm::dropout(
+                f32s(x),
+                p,
+                key.stream,
+                step_of(key.step),
+                key.purpose,
+                y,
+                f32s_mut(&mut mask),
+            )
+        });
+        (y, mask)
+    }
+
+    fn uniform(&self, shape: &[usize], key: RandomKey<'_>) -> Tensor {
+        make(shape, |o| {
+            crate::rng::fill_uniform(key.stream, step_of(key.step), key.purpose, 0, o)
+        })
+    }
+
+    fn bernoulli_keep(&self, shape: &[usize], p: f32, key: RandomKey<'_>) -> Tensor {
+        make(shape, |o| {
+            crate::rng::fill_uniform(key.stream, step_of(key.step), key.purpose, 0, o);
+            o.iter_mut().for_each(|u| *u = (*u >= p) as u8 as f32);
+        })
+    }
+
+    fn increment(&self, counter: &mut Indices) {
+        let c = &mut u32s_mut(counter.tensor_mut())[0];
+        *c = c.wrapping_add(1);
+    }
+
+    fn clip_coefficient(&self, grads: &[&Tensor], max_norm: f32) -> (Tensor, Tensor) {
+        // Per tensor in f64, then the tensors in order (PyTorch: the norm of the norms).
+        let total: f64 = grads
+            .iter()
+            .map(|g| sum_f64(f32s(g), |v| (v as f64) * (v as f64)))
+            .sum();
+        let norm = total.sqrt() as f32;
+        // PyTorch: clip_coef = max_norm / (total_norm + 1e-6), clamped to at most 1.
+        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        // `min` would hide a NaN norm; keep it visible in the coefficient.
+        let coef = if norm.is_nan() { f32::NAN } else { coef };
+        (scalar(norm as f64), from_slice(&[1], &[coef]))
+    }
+
+    fn optim_update(&self, rule: &UpdateRule, s: &UpdateScalars<'_>, params: &mut [ParamUpdate<'_>]) {
+        let lr = f32s(s.lr)[0];
+        let step = step_of(s.step) as u64;
+        let coef = s.grad_scale.map(|c| f32s(c)[0]);
+        let l2 = !rule.decoupled();
+        let slots = rule.slots();
+        for p in params.iter_mut() {
+            let lr_p = lr * p.lr_scale;
+            let wd = p.weight_decay;
+            let sc = rule.step_scalars(lr_p, step);
+            let theta = f32s_mut(p.value);
+            let g = f32s_mut(p.grad);
+            let mut st: Vec<&mut [f32]> = p.state.iter_mut().map(|t| f32s_mut(t)).collect();
+            debug_assert_eq!(st.len(), slots);
+            let mut e = [0.0f32; 3];
+            for i in 0..theta.len() {
+                let mut gi = g[i];
+                if let Some(c) = coef {
+                    gi *= c;
+                }
+                if l2 {
+                    gi += wd * theta[i];
+                }
+                g[i] = 0.0;
+                for (k, v) in st.iter().enumerate() {
+                    e[k] = v[i];
+                }
+                crate::backend::update_element(rule, step == 1, sc, lr_p, wd, &mut theta[i], gi, &mut e);
+                for (k, v) in st.iter_mut().enumerate() {
+                    v[i] = e[k];
+                }
+            }
+        }
     }
 
     fn softmax_cross_entropy(
@@ -561,38 +756,58 @@ impl Backend for Cpu {
         grad_scale: f32,
     ) -> (Tensor, Tensor) {
         let (n, c) = (logits.shape()[0], logits.shape()[1]);
-        let (total, grad) = match target {
-            Target::Hard(labels) => {
-                let l = labels.cpu();
-                loss::softmax_cross_entropy(logits.cpu(), c, smoothing, grad_scale, |row, out| {
-                    out.fill(0.0);
-                    out[l[row] as usize] = 1.0;
-                })
+        let mut total = 0.0;
+        let grad = make(logits.shape(), |grad| {
+            total = match target {
+                Target::Hard(labels) => {
+                    let l = u32s(labels.tensor());
+                    loss::softmax_cross_entropy(
+                        f32s(logits),
+                        c,
+                        smoothing,
+                        grad_scale,
+                        |row, out| {
+                            out.fill(0.0);
+                            out[l[row] as usize] = 1.0;
+                        },
+                        grad,
+                    )
+                }
+                Target::Soft(probs) => {
+                    let p = f32s(probs);
+                    loss::softmax_cross_entropy(
+                        f32s(logits),
+                        c,
+                        smoothing,
+                        grad_scale,
+                        |row, out| out.copy_from_slice(&p[row * c..(row + 1) * c]),
+                        grad,
+                    )
+                }
             }
-            Target::Soft(probs) => {
-                let p = probs.cpu();
-                loss::softmax_cross_entropy(logits.cpu(), c, smoothing, grad_scale, |row, out| {
-                    out.copy_from_slice(&p[row * c..(row + 1) * c]);
-                })
-            }
-        };
-        (scalar(total / n as f64), t(logits.shape(), grad))
+        });
+        (scalar(total / n as f64), grad)
     }
 
     fn mse(&self, pred: &Tensor, target: &Tensor, grad_scale: f32) -> (Tensor, Tensor) {
         let n = pred.numel() as f64;
-        let total: f64 = pred
-            .cpu()
+        let total: f64 = f32s(pred)
             .iter()
-            .zip(target.cpu())
+            .zip(f32s(target))
             .map(|(&p, &q)| ((p - q) as f64).powi(2))
             .sum();
         let g = (2.0 / n) as f32 * grad_scale;
-        let grad = map2(pred.cpu(), target.cpu(), |p, q| g * (p - q));
-        (scalar(total / n), t(pred.shape(), grad))
+        let grad = make(pred.shape(), |o| {
+            map2(f32s(pred), f32s(target), o, |p, q| g * (p - q))
+        });
+        (scalar(total / n), grad)
     }
 
     fn count_correct(&self, logits: &Tensor, labels: &Indices) -> Tensor {
-        scalar(loss::count_correct(logits.cpu(), logits.shape()[1], labels.cpu()) as f64)
+        scalar(loss::count_correct(f32s(logits), logits.shape()[1], u32s(labels.tensor())) as f64)
+    }
+
+    fn all_finite(&self, x: &Tensor) -> Tensor {
+        scalar(f64::from(u8::from(f32s(x).iter().all(|v| v.is_finite()))))
     }
 }

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::rng::hash_uniform;
+use crate::rng::fill_uniform;
 
 pub struct NormDims {
     pub n: usize,
@@ -54,25 +54,19 @@ where
         .collect()
 }
 
-/// `out[i] = f(channel, i)` over every element, in parallel over `(n, c)` blocks.
-/// A new vector of `d.n d.c d.inner` values `f(channel, i)`, written once (no zeroing pass:
-/// batch norm is memory-bound).
-fn per_element(d: &NormDims, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
-    let len = d.n * d.c * d.inner;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(d.inner.max(1))
+/// `out[i] = f(channel, i)` over every element, in parallel over `(n, c)` blocks, written
+/// once (no zeroing pass: batch norm is memory-bound).
+fn per_element(d: &NormDims, out: &mut [f32], f: impl Fn(usize, usize) -> f32 + Sync) {
+    debug_assert_eq!(out.len(), d.n * d.c * d.inner);
+    out.par_chunks_mut(d.inner.max(1))
         .enumerate()
         .for_each(|(b, blk)| {
             let c = b % d.c;
             let base = b * d.inner;
             for (j, o) in blk.iter_mut().enumerate() {
-                o.write(f(c, base + j));
+                *o = f(c, base + j);
             }
         });
-    // SAFETY: the chunks cover `0..len` and every element of every chunk was written above.
-    unsafe { out.set_len(len) };
-    out
 }
 
 /// Per channel, the mean and the biased variance in one pass over memory: each contiguous
@@ -123,14 +117,15 @@ fn channel_mean_var(x: &[f32], d: &NormDims) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Returns `(y, mean, invstd, var_biased)`.
+/// Writes `y`; returns `(mean, invstd, var_biased)`.
 pub fn forward_train(
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
     d: &NormDims,
     eps: f32,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    y: &mut [f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let stats = channel_mean_var(x, d);
     let mean: Vec<f64> = stats.iter().map(|s| s.0).collect();
     let var: Vec<f64> = stats.iter().map(|s| s.1).collect();
@@ -142,8 +137,8 @@ pub fn forward_train(
     // y = scale x + shift with scale = gamma invstd, shift = beta - mean scale.
     let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] * invstd[c]).collect();
     let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - mean[c] * scale[c]).collect();
-    let y = per_element(d, |c, i| x[i] * scale[c] + shift[c]);
-    (y, mean, invstd, var.iter().map(|&v| v as f32).collect())
+    per_element(d, y, |c, i| x[i] * scale[c] + shift[c]);
+    (mean, invstd, var.iter().map(|&v| v as f32).collect())
 }
 
 pub fn forward_eval(
@@ -153,8 +148,9 @@ pub fn forward_eval(
     mean: &[f32],
     invstd: &[f32],
     d: &NormDims,
-) -> Vec<f32> {
-    per_element(d, |c, i| gamma[c] * (x[i] - mean[c]) * invstd[c] + beta[c])
+    y: &mut [f32],
+) {
+    per_element(d, y, |c, i| gamma[c] * (x[i] - mean[c]) * invstd[c] + beta[c])
 }
 
 /// `dbeta += sum dy`, `dgamma += sum dy xhat`, and
@@ -171,7 +167,8 @@ pub fn backward(
     batch_stats: bool,
     dgamma: &mut [f32],
     dbeta: &mut [f32],
-) -> Vec<f32> {
+    dx: &mut [f32],
+) {
     let sums = channel_sums(d, |c, i| {
         let xhat = (x[i] - mean[c]) * invstd[c];
         (dy[i], dy[i] * xhat)
@@ -184,32 +181,38 @@ pub fn backward(
         let inv_m = 1.0 / d.m() as f64;
         let mean_dy: Vec<f32> = sums.iter().map(|s| (s.0 * inv_m) as f32).collect();
         let mean_dyx: Vec<f32> = sums.iter().map(|s| (s.1 * inv_m) as f32).collect();
-        per_element(d, |c, i| {
+        per_element(d, dx, |c, i| {
             let xhat = (x[i] - mean[c]) * invstd[c];
             gamma[c] * invstd[c] * (dy[i] - mean_dy[c] - xhat * mean_dyx[c])
         })
     } else {
-        per_element(d, |c, i| gamma[c] * invstd[c] * dy[i])
+        per_element(d, dx, |c, i| gamma[c] * invstd[c] * dy[i])
     }
 }
 
-/// Inverted dropout; returns `(y, mask)`.
-pub fn dropout(x: &[f32], p: f32, seed: u64) -> (Vec<f32>, Vec<f32>) {
+/// Inverted dropout: `mask[i] = (u_i >= p) / (1 - p)` with the Philox uniforms of
+/// `(stream, step, purpose, i)`; `y = x * mask`.
+#[allow(clippy::too_many_arguments)]
+pub fn dropout(
+    x: &[f32],
+    p: f32,
+    stream: u64,
+    step: u32,
+    purpose: u32,
+    y: &mut [f32],
+    mask: &mut [f32],
+) {
     let keep = 1.0 / (1.0 - p);
-    let mut mask = vec![0.0f32; x.len()];
     const CHUNK: usize = 1 << 13;
     mask.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks_mut(CHUNK))
+        .zip(x.par_chunks(CHUNK))
         .enumerate()
-        .for_each(|(ci, blk)| {
-            let base = (ci * CHUNK) as u64;
-            for (j, m) in blk.iter_mut().enumerate() {
-                *m = if hash_uniform(seed, base + j as u64) >= p {
-                    keep
-                } else {
-                    0.0
-                };
+        .for_each(|(ci, ((m, y), x))| {
+            fill_uniform(stream, step, purpose, (ci * CHUNK) as u64, m);
+            for ((m, y), &x) in m.iter_mut().zip(y).zip(x) {
+                *m = if *m >= p { keep } else { 0.0 };
+                *y = x * *m;
             }
         });
-    let y = super::elementwise::map2(x, &mask, |a, b| a * b);
-    (y, mask)
 }

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use crate::backend::Window;
 
 pub struct PoolDims {
+    #[allow(dead_code)] // the planes follow from the slices; kept for the shape in one place
     pub planes: usize,
     pub h: usize,
     pub w: usize,
@@ -16,7 +17,7 @@ pub struct PoolDims {
 /// Max over the window of each output; returns values and in-plane arg-max positions.
 /// Padding acts as -inf; a window that lies fully in the padding yields -inf (cannot happen
 /// with PyTorch's constraint pad <= k / 2).
-pub fn max_forward(x: &[f32], d: &PoolDims, win: Window) -> (Vec<f32>, Vec<u32>) {
+pub fn max_forward(x: &[f32], d: &PoolDims, win: Window, y: &mut [f32], idx: &mut [u32]) {
     if win
         == (Window {
             kh: 2,
@@ -25,22 +26,22 @@ pub fn max_forward(x: &[f32], d: &PoolDims, win: Window) -> (Vec<f32>, Vec<u32>)
             pad: 0,
         })
     {
-        return max_forward_2x2(x, d);
+        return max_forward_2x2(x, d, y, idx);
     }
     regions_max(
         x,
         d,
         |oy| clipped(oy, win.kh, win, d.h),
         |ox| clipped(ox, win.kw, win, d.w),
+        y,
+        idx,
     )
 }
 
 /// The common 2x2, stride-2 case without the general window bookkeeping (same results,
 /// including the first-maximum tie rule and NaN propagation).
-fn max_forward_2x2(x: &[f32], d: &PoolDims) -> (Vec<f32>, Vec<u32>) {
+fn max_forward_2x2(x: &[f32], d: &PoolDims, y: &mut [f32], idx: &mut [u32]) {
     let (hw, ohw, w) = (d.h * d.w, d.oh * d.ow, d.w);
-    let mut y = vec![0.0f32; d.planes * ohw];
-    let mut idx = vec![0u32; d.planes * ohw];
     y.par_chunks_mut(ohw)
         .zip(idx.par_chunks_mut(ohw))
         .zip(x.par_chunks(hw))
@@ -56,7 +57,8 @@ fn max_forward_2x2(x: &[f32], d: &PoolDims) -> (Vec<f32>, Vec<u32>) {
                 for ox in 0..d.ow {
                     let c = 2 * ox;
                     // Row-major order of the window, first maximum wins, NaN propagates:
-                    // `!(v <= best)` is `v > best || v is NaN` in one comparison, and the selects
+                    // `!(v <= best)` is `v > best || v is NaN` in one comparison, and a NaN
+                    // already taken stays (`best == best` is false for NaN). The selects
                     // compile to conditional moves (the branches mispredicted half the time).
                     let (mut best, mut at) = (r0[c], (t0 + c) as u32);
                     for (v, i) in [
@@ -64,7 +66,8 @@ fn max_forward_2x2(x: &[f32], d: &PoolDims) -> (Vec<f32>, Vec<u32>) {
                         (r1[c], t1 + c),
                         (r1[c + 1], t1 + c + 1),
                     ] {
-                        let take = !(v <= best);
+                        #[allow(clippy::eq_op)]
+                        let take = !(v <= best) & (best == best);
                         best = if take { v } else { best };
                         at = if take { i as u32 } else { at };
                     }
@@ -73,18 +76,15 @@ fn max_forward_2x2(x: &[f32], d: &PoolDims) -> (Vec<f32>, Vec<u32>) {
                 }
             }
         });
-    (y, idx)
 }
 
 /// Max pooling over arbitrary rectangular regions given per plane by `rows(oy)`, `cols(ox)`.
-fn regions_max<R, C>(x: &[f32], d: &PoolDims, rows: R, cols: C) -> (Vec<f32>, Vec<u32>)
+fn regions_max<R, C>(x: &[f32], d: &PoolDims, rows: R, cols: C, y: &mut [f32], idx: &mut [u32])
 where
     R: Fn(usize) -> (usize, usize) + Sync,
     C: Fn(usize) -> (usize, usize) + Sync,
 {
     let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
-    let mut y = vec![0.0f32; d.planes * ohw];
-    let mut idx = vec![0u32; d.planes * ohw];
     y.par_chunks_mut(ohw)
         .zip(idx.par_chunks_mut(ohw))
         .zip(x.par_chunks(hw))
@@ -108,7 +108,6 @@ where
                 }
             }
         });
-    (y, idx)
 }
 
 /// `dx[plane, idx[j]] += dy[plane, j]`.
@@ -118,8 +117,10 @@ pub fn max_backward(
     planes: usize,
     dy_plane: usize,
     x_plane: usize,
-) -> Vec<f32> {
-    let mut dx = vec![0.0f32; planes * x_plane];
+    dx: &mut [f32],
+) {
+    debug_assert_eq!(dx.len(), planes * x_plane);
+    dx.fill(0.0);
     dx.par_chunks_mut(x_plane)
         .zip(dy.par_chunks(dy_plane).zip(idx.par_chunks(dy_plane)))
         .for_each(|(dx_p, (dy_p, i_p))| {
@@ -127,7 +128,6 @@ pub fn max_backward(
                 dx_p[i as usize] += g;
             }
         });
-    dx
 }
 
 /// The window of output `o` along an axis of length `n`: `[start, end)` clipped to the input.
@@ -139,10 +139,9 @@ fn clipped(o: usize, win_k: usize, win: Window, n: usize) -> (usize, usize) {
     )
 }
 
-pub fn avg_forward(x: &[f32], d: &PoolDims, win: Window) -> Vec<f32> {
+pub fn avg_forward(x: &[f32], d: &PoolDims, win: Window, y: &mut [f32]) {
     let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
     let inv = 1.0 / (win.kh * win.kw) as f32;
-    let mut y = vec![0.0f32; d.planes * ohw];
     y.par_chunks_mut(ohw)
         .zip(x.par_chunks(hw))
         .for_each(|(y_p, x_p)| {
@@ -158,13 +157,12 @@ pub fn avg_forward(x: &[f32], d: &PoolDims, win: Window) -> Vec<f32> {
                 }
             }
         });
-    y
 }
 
-pub fn avg_backward(dy: &[f32], d: &PoolDims, win: Window) -> Vec<f32> {
+pub fn avg_backward(dy: &[f32], d: &PoolDims, win: Window, dx: &mut [f32]) {
     let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
     let inv = 1.0 / (win.kh * win.kw) as f32;
-    let mut dx = vec![0.0f32; d.planes * hw];
+    dx.fill(0.0);
     dx.par_chunks_mut(hw)
         .zip(dy.par_chunks(ohw))
         .for_each(|(dx_p, dy_p)| {
@@ -181,7 +179,6 @@ pub fn avg_backward(dy: &[f32], d: &PoolDims, win: Window) -> Vec<f32> {
                 }
             }
         });
-    dx
 }
 
 /// PyTorch's interval rule for fractional max pooling (`generate_intervals` in
@@ -206,11 +203,11 @@ pub fn fractional_forward(
     d: &PoolDims,
     kernel: (usize, usize),
     samples: &[f32],
-) -> (Vec<f32>, Vec<u32>) {
+    y: &mut [f32],
+    idx: &mut [u32],
+) {
     let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
     let (kh, kw) = kernel;
-    let mut y = vec![0.0f32; d.planes * ohw];
-    let mut idx = vec![0u32; d.planes * ohw];
     y.par_chunks_mut(ohw)
         .zip(idx.par_chunks_mut(ohw))
         .zip(x.par_chunks(hw))
@@ -235,13 +232,16 @@ pub fn fractional_forward(
                 }
             }
         });
-    (y, idx)
 }
 
 /// Maxout: `x` rows of `f k` values, `y[n, j] = max_i x[n, j k + i]`; positions within the row.
-pub fn max_groups_forward(x: &[f32], rows: usize, f: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
-    let mut y = vec![0.0f32; rows * f];
-    let mut idx = vec![0u32; rows * f];
+pub fn max_groups_forward(
+    x: &[f32],
+    f: usize,
+    k: usize,
+    y: &mut [f32],
+    idx: &mut [u32],
+) {
     y.par_chunks_mut(f)
         .zip(idx.par_chunks_mut(f))
         .zip(x.par_chunks(f * k))
@@ -259,7 +259,6 @@ pub fn max_groups_forward(x: &[f32], rows: usize, f: usize, k: usize) -> (Vec<f3
                 i_r[j] = at as u32;
             }
         });
-    (y, idx)
 }
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
-//! Matrix multiplication on the CPU through the `gemm` crate.
+//! Host linear algebra: row-major matrix products on slices through the `gemm` crate. The CPU
+//! backend's matrix products and convolutions use it, and so does preprocessing (PCA,
+//! whitening), which works on host data before any tensor exists.
 
 use gemm::Parallelism;
 

@@ -1,0 +1,133 @@
+//! CPU storage: a buffer of 4-byte words from the CPU pool, viewed as `f32`, `u32` or 16-bit
+//! elements according to the tensor's [`DType`]. Dropping it returns the words to the pool.
+
+use std::sync::LazyLock;
+
+use half::{bf16, f16};
+
+use crate::backend::pool::Pool;
+use crate::tensor::{DType, Storage, Tensor};
+
+/// Free CPU buffers kept for reuse: at most 2 GiB.
+pub(super) static POOL: LazyLock<Pool<Vec<u32>>> = LazyLock::new(|| Pool::new(2 << 30));
+
+#[derive(Debug)]
+pub struct CpuBuffer {
+    words: Vec<u32>,
+}
+
+impl CpuBuffer {
+    /// `words` words from the pool (or fresh, zeroed); contents unspecified.
+    pub(super) fn uninit(words: usize) -> CpuBuffer {
+        let words = POOL.take(words).unwrap_or_else(|| vec![0; words]);
+        CpuBuffer { words }
+    }
+
+    pub(super) fn words(&self) -> &[u32] {
+        &self.words
+    }
+
+    pub(super) fn words_mut(&mut self) -> &mut [u32] {
+        &mut self.words
+    }
+}
+
+impl Clone for CpuBuffer {
+    fn clone(&self) -> CpuBuffer {
+        let mut b = CpuBuffer::uninit(self.words.len());
+        b.words.copy_from_slice(&self.words);
+        b
+    }
+}
+
+impl Drop for CpuBuffer {
+    fn drop(&mut self) {
+        let words = std::mem::take(&mut self.words);
+        if !words.is_empty() {
+            // A full pool hands the buffer back, and it is freed here.
+            drop(POOL.put(words.len(), words));
+        }
+    }
+}
+
+/// Words needed for `n` elements of `dtype`.
+fn words_for(n: usize, dtype: DType) -> usize {
+    (n * dtype.size()).div_ceil(4)
+}
+
+fn buffer(t: &Tensor) -> &CpuBuffer {
+    match t.storage() {
+        Storage::Cpu(b) => b,
+        #[allow(unreachable_patterns)]
+        _ => panic!("a {} tensor reached the CPU backend", t.device()),
+    }
+}
+
+fn buffer_mut(t: &mut Tensor) -> &mut CpuBuffer {
+    let device = t.device();
+    match t.storage_mut() {
+        Storage::Cpu(b) => b,
+        #[allow(unreachable_patterns)]
+        _ => panic!("a {device} tensor reached the CPU backend"),
+    }
+}
+
+// SAFETY (all casts below): a `Vec<u32>` is 4-byte aligned, which covers f32 (4), and u16,
+// bf16, f16 (2); every bit pattern is a valid value of each of these types; the lengths are
+// within the buffer (`words_for` rounds up).
+
+/// The `f32` elements of an `f32` tensor.
+pub fn f32s(t: &Tensor) -> &[f32] {
+    assert_eq!(t.dtype(), DType::F32, "the CPU backend expected an f32 tensor");
+    let w = buffer(t).words();
+    unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, t.numel()) }
+}
+
+pub fn f32s_mut(t: &mut Tensor) -> &mut [f32] {
+    assert_eq!(t.dtype(), DType::F32, "the CPU backend expected an f32 tensor");
+    let n = t.numel();
+    let w = buffer_mut(t).words_mut();
+    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut f32, n) }
+}
+
+pub fn u32s(t: &Tensor) -> &[u32] {
+    assert_eq!(t.dtype(), DType::U32, "the CPU backend expected a u32 tensor");
+    &buffer(t).words()[..t.numel()]
+}
+
+pub fn u32s_mut(t: &mut Tensor) -> &mut [u32] {
+    assert_eq!(t.dtype(), DType::U32, "the CPU backend expected a u32 tensor");
+    let n = t.numel();
+    &mut buffer_mut(t).words_mut()[..n]
+}
+
+/// The 16-bit patterns of a `bf16` or `f16` tensor.
+pub fn u16s(t: &Tensor) -> &[u16] {
+    assert_eq!(t.dtype().size(), 2, "the CPU backend expected a 16-bit tensor");
+    let w = buffer(t).words();
+    unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u16, t.numel()) }
+}
+
+pub fn u16s_mut(t: &mut Tensor) -> &mut [u16] {
+    assert_eq!(t.dtype().size(), 2, "the CPU backend expected a 16-bit tensor");
+    let n = t.numel();
+    let w = buffer_mut(t).words_mut();
+    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u16, n) }
+}
+
+/// A new CPU tensor from the pool (contents unspecified).
+pub fn alloc(shape: &[usize], dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_parts(shape, dtype, Storage::Cpu(CpuBuffer::uninit(words_for(n, dtype))))
+}
+
+/// The values of a floating-point tensor as `f32`: borrowed for `f32`, converted otherwise
+/// (the "through f32" path of reduced precision on the CPU).
+pub fn read_f32(t: &Tensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.dtype() {
+        DType::F32 => std::borrow::Cow::Borrowed(f32s(t)),
+        DType::BF16 => u16s(t).iter().map(|&b| bf16::from_bits(b).to_f32()).collect(),
+        DType::F16 => u16s(t).iter().map(|&b| f16::from_bits(b).to_f32()).collect(),
+        DType::U32 => panic!("the CPU backend expected a floating-point tensor, got u32"),
+    }
+}
