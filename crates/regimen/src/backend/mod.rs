@@ -28,6 +28,7 @@ mod update;
 
 pub use pool::PoolStats;
 pub use update::{update_element, UpdateRule};
+pub(crate) use update::{adagrad as adagrad_element, adam as adam_element, rmsprop as rmsprop_element, sgd as sgd_element};
 
 use crate::error::Result;
 use crate::tensor::{DType, Device, Indices, Tensor};

@@ -105,73 +105,120 @@ pub fn update_element(
             momentum,
             dampening,
             nesterov,
-        } => {
-            let step = if momentum != 0.0 {
-                let (mu, keep) = (momentum as f32, (1.0 - dampening) as f32);
-                s[0] = if first { g } else { mu * s[0] + keep * g };
-                if nesterov {
-                    g + mu * s[0]
-                } else {
-                    s[0]
-                }
-            } else {
-                g
-            };
-            *theta -= sc[0] * step;
-        }
-        UpdateRule::Adagrad { eps, .. } => {
-            s[0] += g * g;
-            *theta -= sc[0] * g / (s[0].sqrt() + eps as f32);
-        }
+        } => sgd(momentum, dampening, nesterov, first, sc, theta, g, s),
+        UpdateRule::Adagrad { eps, .. } => adagrad(eps, sc, theta, g, s),
         UpdateRule::RmsProp {
             alpha,
             eps,
             momentum,
             centered,
-        } => {
-            let (a, one_minus, eps, mu) = (
-                alpha as f32,
-                (1.0 - alpha) as f32,
-                eps as f32,
-                momentum as f32,
-            );
-            s[0] = a * s[0] + one_minus * g * g;
-            let d = if centered {
-                // PyTorch's lerp form, which rounds differently from alpha c + (1 - alpha) g;
-                // the centered denominator cancels and amplifies the difference.
-                s[1] += one_minus * (g - s[1]);
-                (s[0] - s[1] * s[1]).sqrt() + eps
-            } else {
-                s[0].sqrt() + eps
-            };
-            if momentum > 0.0 {
-                let b = usize::from(centered) + 1;
-                s[b] = mu * s[b] + g / d;
-                *theta -= sc[0] * s[b];
-            } else {
-                *theta -= sc[0] * g / d;
-            }
-        }
+        } => rmsprop(alpha, eps, momentum, centered, sc, theta, g, s),
         UpdateRule::Adam {
             beta1,
             beta2,
             eps,
             amsgrad,
             decoupled,
-        } => {
-            if decoupled {
-                *theta *= 1.0 - lr * wd;
-            }
-            s[0] += (1.0 - beta1) as f32 * (g - s[0]); // PyTorch's lerp
-            s[1] = beta2 as f32 * s[1] + (1.0 - beta2) as f32 * g * g;
-            let second = if amsgrad {
-                s[2] = s[2].max(s[1]);
-                s[2]
-            } else {
-                s[1]
-            };
-            let denom = second.sqrt() / sc[1] + eps as f32;
-            *theta -= sc[0] * s[0] / denom;
-        }
+        } => adam(beta1, beta2, eps, amsgrad, decoupled, sc, lr, wd, theta, g, s),
     }
+}
+
+// One function per rule, so that a backend can pick the rule once, outside its loop.
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn sgd(
+    momentum: f64,
+    dampening: f64,
+    nesterov: bool,
+    first: bool,
+    sc: [f32; 2],
+    theta: &mut f32,
+    g: f32,
+    s: &mut [f32; 3],
+) {
+    let step = if momentum != 0.0 {
+        let (mu, keep) = (momentum as f32, (1.0 - dampening) as f32);
+        s[0] = if first { g } else { mu * s[0] + keep * g };
+        if nesterov {
+            g + mu * s[0]
+        } else {
+            s[0]
+        }
+    } else {
+        g
+    };
+    *theta -= sc[0] * step;
+}
+
+#[inline(always)]
+pub fn adagrad(eps: f64, sc: [f32; 2], theta: &mut f32, g: f32, s: &mut [f32; 3]) {
+    s[0] += g * g;
+    *theta -= sc[0] * g / (s[0].sqrt() + eps as f32);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn rmsprop(
+    alpha: f64,
+    eps: f64,
+    momentum: f64,
+    centered: bool,
+    sc: [f32; 2],
+    theta: &mut f32,
+    g: f32,
+    s: &mut [f32; 3],
+) {
+    let (a, one_minus, eps, mu) = (
+        alpha as f32,
+        (1.0 - alpha) as f32,
+        eps as f32,
+        momentum as f32,
+    );
+    s[0] = a * s[0] + one_minus * g * g;
+    let d = if centered {
+        // PyTorch's lerp form, which rounds differently from alpha c + (1 - alpha) g; the
+        // centered denominator cancels and amplifies the difference.
+        s[1] += one_minus * (g - s[1]);
+        (s[0] - s[1] * s[1]).sqrt() + eps
+    } else {
+        s[0].sqrt() + eps
+    };
+    if momentum > 0.0 {
+        let b = usize::from(centered) + 1;
+        s[b] = mu * s[b] + g / d;
+        *theta -= sc[0] * s[b];
+    } else {
+        *theta -= sc[0] * g / d;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn adam(
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    amsgrad: bool,
+    decoupled: bool,
+    sc: [f32; 2],
+    lr: f32,
+    wd: f32,
+    theta: &mut f32,
+    g: f32,
+    s: &mut [f32; 3],
+) {
+    if decoupled {
+        *theta *= 1.0 - lr * wd;
+    }
+    s[0] += (1.0 - beta1) as f32 * (g - s[0]); // PyTorch's lerp
+    s[1] = beta2 as f32 * s[1] + (1.0 - beta2) as f32 * g * g;
+    let second = if amsgrad {
+        s[2] = s[2].max(s[1]);
+        s[2]
+    } else {
+        s[1]
+    };
+    let denom = second.sqrt() / sc[1] + eps as f32;
+    *theta -= sc[0] * s[0] / denom;
 }

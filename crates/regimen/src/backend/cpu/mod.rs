@@ -716,34 +716,48 @@ impl Backend for Cpu {
     fn optim_update(&self, rule: &UpdateRule, s: &UpdateScalars<'_>, params: &mut [ParamUpdate<'_>]) {
         let lr = f32s(s.lr)[0];
         let step = step_of(s.step) as u64;
-        let coef = s.grad_scale.map(|c| f32s(c)[0]);
-        let l2 = !rule.decoupled();
-        let slots = rule.slots();
+        let coef = s.grad_scale.map_or(1.0, |c| f32s(c)[0]);
         for p in params.iter_mut() {
             let lr_p = lr * p.lr_scale;
-            let wd = p.weight_decay;
             let sc = rule.step_scalars(lr_p, step);
-            let theta = f32s_mut(p.value);
-            let g = f32s_mut(p.grad);
-            let mut st: Vec<&mut [f32]> = p.state.iter_mut().map(|t| f32s_mut(t)).collect();
-            debug_assert_eq!(st.len(), slots);
-            let mut e = [0.0f32; 3];
-            for i in 0..theta.len() {
-                let mut gi = g[i];
-                if let Some(c) = coef {
-                    gi *= c;
+            let l2 = if rule.decoupled() { 0.0 } else { p.weight_decay };
+            let wd = p.weight_decay;
+            let first = step == 1;
+            let mut state: Vec<&mut [f32]> = p.state.iter_mut().map(|t| f32s_mut(t)).collect();
+            let (theta, g) = (f32s_mut(p.value), f32s_mut(p.grad));
+            // The rule is chosen once, outside the element loop.
+            match *rule {
+                UpdateRule::Sgd {
+                    momentum,
+                    dampening,
+                    nesterov,
+                } => update_loop(theta, g, &mut state, coef, l2, |t, g, e| {
+                    crate::backend::sgd_element(momentum, dampening, nesterov, first, sc, t, g, e)
+                }),
+                UpdateRule::Adagrad { eps, .. } => {
+                    update_loop(theta, g, &mut state, coef, l2, |t, g, e| {
+                        crate::backend::adagrad_element(eps, sc, t, g, e)
+                    })
                 }
-                if l2 {
-                    gi += wd * theta[i];
-                }
-                g[i] = 0.0;
-                for (k, v) in st.iter().enumerate() {
-                    e[k] = v[i];
-                }
-                crate::backend::update_element(rule, step == 1, sc, lr_p, wd, &mut theta[i], gi, &mut e);
-                for (k, v) in st.iter_mut().enumerate() {
-                    v[i] = e[k];
-                }
+                UpdateRule::RmsProp {
+                    alpha,
+                    eps,
+                    momentum,
+                    centered,
+                } => update_loop(theta, g, &mut state, coef, l2, |t, g, e| {
+                    crate::backend::rmsprop_element(alpha, eps, momentum, centered, sc, t, g, e)
+                }),
+                UpdateRule::Adam {
+                    beta1,
+                    beta2,
+                    eps,
+                    amsgrad,
+                    decoupled,
+                } => update_loop(theta, g, &mut state, coef, l2, |t, g, e| {
+                    crate::backend::adam_element(
+                        beta1, beta2, eps, amsgrad, decoupled, sc, lr_p, wd, t, g, e,
+                    )
+                }),
             }
         }
     }
@@ -809,5 +823,53 @@ impl Backend for Cpu {
 
     fn all_finite(&self, x: &Tensor) -> Tensor {
         scalar(f64::from(u8::from(f32s(x).iter().all(|v| v.is_finite()))))
+    }
+}
+
+/// The element loop of an optimizer update, in parallel chunks: `g = grad * coef + l2 theta`,
+/// the rule `f(theta, g, state)`, and the gradient set to zero.
+fn update_loop(
+    theta: &mut [f32],
+    grad: &mut [f32],
+    state: &mut [&mut [f32]],
+    coef: f32,
+    l2: f32,
+    f: impl Fn(&mut f32, f32, &mut [f32; 3]) + Sync,
+) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let n = theta.len();
+    let slots = state.len();
+    // Split every state slot into the same chunks as theta and the gradient.
+    let mut state_chunks: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(CHUNK)).map(|_| Vec::new()).collect();
+    for slot in state.iter_mut() {
+        for (c, chunk) in slot.chunks_mut(CHUNK).enumerate() {
+            state_chunks[c].push(chunk);
+        }
+    }
+    let body = |(t, g, st): (&mut [f32], &mut [f32], Vec<&mut [f32]>)| {
+        let mut st = st;
+        let mut e = [0.0f32; 3];
+        for i in 0..t.len() {
+            let gi = g[i] * coef + l2 * t[i];
+            g[i] = 0.0;
+            for k in 0..slots {
+                e[k] = st[k][i];
+            }
+            f(&mut t[i], gi, &mut e);
+            for k in 0..slots {
+                st[k][i] = e[k];
+            }
+        }
+    };
+    let work = theta
+        .chunks_mut(CHUNK)
+        .zip(grad.chunks_mut(CHUNK))
+        .zip(state_chunks)
+        .map(|((t, g), s)| (t, g, s));
+    if n >= 2 * CHUNK {
+        work.collect::<Vec<_>>().into_par_iter().for_each(body);
+    } else {
+        work.for_each(body);
     }
 }
