@@ -63,8 +63,11 @@ What is timed (time.perf_counter; on CUDA the device is synchronized before ever
     epoch whose test accuracy is at least 93%; null if never.
   * test_accuracy: after the last epoch.
   * peak_memory_mb: CPU: the process's peak resident set size (resource.getrusage ru_maxrss),
-    MiB; CUDA: torch.cuda.max_memory_allocated() over the whole run (dataset on the GPU included),
-    MiB.
+    MiB; CUDA: torch.cuda.max_memory_allocated() over the whole run, MiB. Both include the
+    dataset held on the device (about 220 MB as float32, 270 MB with cnn-fit's padding), the
+    epoch's shuffled copy (about 190 MB) and, on CUDA, the gather's index tensors for cnn-fit
+    (on an H200: mlp-fit about 650 MiB, cnn-fit about 1.8 GiB), so they are upper bounds on
+    what the model itself needs.
 
 Per-epoch lines (epoch, train loss, test accuracy, seconds) go to stderr; a summary line, or one
 JSON object with --json, to stdout. JSON keys: framework ("pytorch"), recipe, device, mode,

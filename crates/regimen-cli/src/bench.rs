@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use regimen::layer::{Ctx, Layer};
-use regimen::optim::{Optim, OptimConfig, Sgd};
 use regimen::loss::CrossEntropy;
-use regimen::{models, Device, Indices, Rng, Target, Tensor};
+use regimen::optim::{Optim, OptimConfig, Sgd};
+use regimen::{models, Device, Indices, Precision, Rng, Target, Tensor};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -30,6 +30,25 @@ pub struct BenchArgs {
     /// Also print where a step's time goes: forward and backward time of each layer.
     #[arg(long)]
     profile: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Record one step as a CUDA graph and time its replays (GPU only).
+    #[arg(long)]
+    graph: bool,
+    /// Matrix products in f32, bf16 or f16 (mixed precision; master weights stay f32).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+}
+
+/// `f32`, `bf16` or `f16`.
+pub fn parse_precision(s: &str) -> Result<Precision> {
+    Ok(match s {
+        "f32" | "fp32" => Precision::F32,
+        "bf16" => Precision::Bf16,
+        "f16" | "fp16" => Precision::F16,
+        other => bail!("invalid --precision {other:?}: expected f32, bf16 or f16"),
+    })
 }
 
 /// Per-layer forward and backward times over `steps` steps (the step run layer by layer).
@@ -140,6 +159,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.workload == "augment" {
         return augment(args);
     }
+    let precision = parse_precision(&args.precision)?;
+    let device = Device::parse(&args.device)?;
+    if args.graph && device == Device::Cpu {
+        bail!("--graph records a CUDA graph: it needs --device cuda");
+    }
     let mut rng = Rng::new(0);
     let mut model = match args.workload.as_str() {
         "mlp-step" => models::bench_mlp(&mut rng)?,
@@ -147,31 +171,51 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         other => bail!("unknown workload {other:?}: expected mlp-step, cnn-step or augment"),
     };
     model.set_input_grad(false); // as PyTorch: the input does not require grad
+    regimen::layer::to_device(&mut model, device);
     let b = args.batch;
     let x: Vec<f32> = (0..b * 784).map(|_| rng.normal() as f32).collect();
-    let x = Tensor::from_host(&[b, 1, 28, 28], x, Device::Cpu)?;
-    let y = Indices::from_vec((0..b).map(|_| rng.below(10) as u32).collect());
+    let x = Tensor::from_host(&[b, 1, 28, 28], x, device)?;
+    let y = Indices::from_host((0..b).map(|_| rng.below(10) as u32).collect(), device);
     let ce = CrossEntropy::new();
     let mut opt = Optim::new(Sgd::default(), OptimConfig::default())?;
-    let mut step = || -> Result<()> {
+    // The rate lives on the device (a recorded graph reads it there).
+    opt.set_lr_table(vec![0.01])?;
+    let be = device.backend();
+    let step = |model: &mut regimen::layers::Sequential, opt: &mut Optim| -> Result<()> {
         let logits = {
-            let ctx = Ctx::train().at_step(opt.step_counter(Device::Cpu));
+            let ctx = Ctx::train()
+                .at_step(opt.step_counter(device))
+                .with_precision(precision);
             model.forward(&x, &ctx)?
         };
         let out = ce.forward(&logits, Target::Hard(&y))?;
         model.backward(&out.grad)?;
-        opt.step(&mut model, 0.01)?;
+        opt.step(model, 0.01)?;
         Ok(())
     };
-    for _ in 0..args.warmup {
-        step()?;
+    for _ in 0..args.warmup.max(usize::from(args.graph)) {
+        step(&mut model, &mut opt)?;
     }
+    let graph = if args.graph {
+        be.begin_capture()?;
+        let recorded = step(&mut model, &mut opt);
+        let g = be.end_capture();
+        recorded?;
+        Some(g?)
+    } else {
+        None
+    };
+    be.synchronize();
     let mut rates = Vec::with_capacity(args.reps);
     for _ in 0..args.reps {
         let t = Instant::now();
         for _ in 0..args.steps {
-            step()?;
+            match &graph {
+                Some(g) => g.replay()?,
+                None => step(&mut model, &mut opt)?,
+            }
         }
+        be.synchronize();
         rates.push(args.steps as f64 / t.elapsed().as_secs_f64());
     }
     if args.profile {
@@ -181,15 +225,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = sorted[sorted.len() / 2];
     let threads = rayon::current_num_threads();
+    let mode = if args.graph { "graph" } else { "eager" };
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"framework": "regimen", "workload": args.workload, "batch": b, "threads": threads, "steps_per_s": median, "reps": rates})
+            serde_json::json!({"framework": "regimen", "workload": args.workload, "batch": b, "threads": threads, "steps_per_s": median, "reps": rates, "device": device.to_string(), "mode": mode, "precision": args.precision})
         );
     } else {
         println!(
-            "regimen {} batch {b} threads {threads}: {median:.2} steps/s (reps: {rates:.2?})",
-            args.workload
+            "regimen {} batch {b} device {device} {mode} {}: {median:.2} steps/s (reps: {rates:.2?})",
+            args.workload, args.precision
         );
     }
     Ok(())

@@ -91,6 +91,20 @@ struct TrainArgs {
     /// A TOML file of these flags (`lr = 0.05`, `schedule = "cosine"`, ...); flags given here win.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// Where to train: cpu, cuda (GPU 0) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Matrix products in f32, bf16 or f16 (mixed precision: master weights, gradients and
+    /// optimizer state stay f32).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Record one training step as a CUDA graph and replay it for every batch (GPU only;
+    /// the training set then lives on the GPU).
+    #[arg(long)]
+    graph: bool,
+    /// On a GPU, build batches on the host (with every augmentation) instead of on the GPU.
+    #[arg(long)]
+    host_data: bool,
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
@@ -104,6 +118,18 @@ fn train(args: &TrainArgs) -> Result<()> {
     let mut optim = recipe::optimizer(&args.optim)?;
     let penalty = recipe::penalty(&args.optim)?;
     let ls = CrossEntropy::with_label_smoothing(args.label_smoothing)?;
+    let precision = bench::parse_precision(&args.precision)?;
+    let device = regimen::Device::parse(&args.device)?;
+    if args.graph && device == regimen::Device::Cpu {
+        anyhow::bail!("--graph records a CUDA graph: it needs --device cuda");
+    }
+    // On a GPU the training set lives there and batches are built by a kernel when the
+    // augmentation allows it (crop and flip).
+    let device_data =
+        device != regimen::Device::Cpu && !args.host_data && augment.crop_flip().is_some();
+    if args.graph && !device_data {
+        anyhow::bail!("--graph builds batches on the GPU: it takes --augment with crop and flip only, and not --host-data");
+    }
     let model_name = args.model.clone().unwrap_or_else(|| {
         if args.source.dataset == "digits" {
             "digits-cnn".into()
@@ -144,6 +170,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         train_set.num_classes(),
         &mut rng,
     )?;
+    regimen::layer::to_device(&mut model, device);
     let (input_shape, classes) = (train_set.image_shape, train_set.num_classes());
     let input = input_shape.to_vec();
     println!("{}", model.summary(&input)?);
@@ -173,6 +200,10 @@ fn train(args: &TrainArgs) -> Result<()> {
         augment,
         workers: args.workers,
         progress: true,
+        device,
+        precision,
+        device_data,
+        graph: args.graph,
         ..Default::default()
     };
     println!(
@@ -229,7 +260,7 @@ fn train(args: &TrainArgs) -> Result<()> {
     }
     if let Some(last) = history.last() {
         let test_acc = match validation {
-            Some(_) => evaluate(&mut model, &test_set, 256, regimen::Device::Cpu)?.1,
+            Some(_) => evaluate(&mut model, &test_set, 256, device)?.1,
             None => last.test_acc,
         };
         println!(

@@ -53,12 +53,11 @@ pub fn write_safetensors(
         offset = end;
     }
     // serde_json's Map is ordered by key (no `preserve_order` feature): a sorted header.
-    let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| {
-        Error::Data {
+    let mut head =
+        serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::Data {
             file: path.display().to_string(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     // The data starts 8-byte aligned; the format pads the header with spaces.
     while (8 + head.len()) % 8 != 0 {
         head.push(b' ');

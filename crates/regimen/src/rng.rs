@@ -230,8 +230,16 @@ mod tests {
         assert!((m - 0.5).abs() < 0.003, "uniform mean {m}");
         assert!(us.iter().all(|&u| (0.0..1.0).contains(&u)));
         assert_ne!(uniform(3, 0, 1, 5), uniform(4, 0, 1, 5));
-        assert_ne!(uniform(3, 0, 1, 5), uniform(3, 1, 1, 5), "the step changes the draw");
-        assert_ne!(uniform(3, 0, 1, 5), uniform(3, 0, 2, 5), "the purpose changes the draw");
+        assert_ne!(
+            uniform(3, 0, 1, 5),
+            uniform(3, 1, 1, 5),
+            "the step changes the draw"
+        );
+        assert_ne!(
+            uniform(3, 0, 1, 5),
+            uniform(3, 0, 2, 5),
+            "the purpose changes the draw"
+        );
     }
 
     /// Random123's known-answer vectors (`tests/kat_vectors`, the three `philox4x32 10` lines:
@@ -239,8 +247,16 @@ mod tests {
     #[test]
     fn philox_matches_the_random123_known_answers() {
         let cases = [
-            ([0u32; 4], [0u32; 2], [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]),
-            ([u32::MAX; 4], [u32::MAX; 2], [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]),
+            (
+                [0u32; 4],
+                [0u32; 2],
+                [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
+            ),
+            (
+                [u32::MAX; 4],
+                [u32::MAX; 2],
+                [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd],
+            ),
             (
                 [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
                 [0xa4093822, 0x299f31d0],

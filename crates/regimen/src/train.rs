@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::data::{Dataset, Loader, Pipeline};
 use crate::error::{Error, Result};
-use crate::layer::{Ctx, Layer};
+use crate::layer::{Ctx, Layer, Precision};
 use crate::loss::{CrossEntropy, Penalty};
 use crate::optim::{Optim, OptimConfig, Sgd};
 use crate::schedule::{Constant, Schedule, Unit};
@@ -143,6 +143,15 @@ pub struct FitConfig {
     pub workers: usize,
     /// Report progress on stderr during an epoch that runs longer than a couple of seconds.
     pub progress: bool,
+    /// The element type of matrix products (mixed precision).
+    pub precision: Precision,
+    /// Keep the training set on the device and build each batch there with one kernel
+    /// (gather, crop, flip): no per-batch copy from the host. Needs a pipeline of crop and
+    /// flip only.
+    pub device_data: bool,
+    /// Record one training step as a graph and replay it for every full batch (CUDA; implies
+    /// `device_data`). The learning rate schedule is uploaded as a table.
+    pub graph: bool,
 }
 
 impl Default for FitConfig {
@@ -158,6 +167,9 @@ impl Default for FitConfig {
             augment: Pipeline::default(),
             workers: 1,
             progress: false,
+            precision: Precision::F32,
+            device_data: false,
+            graph: false,
         }
     }
 }
@@ -199,6 +211,20 @@ pub fn fit(
     };
     // Nothing uses the gradient of the input images; restored when training ends, however.
     model.set_input_grad(false);
+    if cfg.device_data || cfg.graph {
+        let result = run_epochs_on_device(
+            model,
+            &loader.data,
+            test,
+            cfg,
+            optim,
+            schedule,
+            &ce,
+            &mut on_epoch,
+        );
+        model.set_input_grad(true);
+        return result;
+    }
     let result = run_epochs(
         model,
         test,
@@ -244,7 +270,9 @@ fn run_epochs(
             // The optimizer's step counter keys this step's random draws. The context is
             // dropped before the update increments the counter (no second owner, no copy).
             let logits = {
-                let ctx = Ctx::train().at_step(optim.step_counter(cfg.device));
+                let ctx = Ctx::train()
+                    .at_step(optim.step_counter(cfg.device))
+                    .with_precision(cfg.precision);
                 model.forward(&x, &ctx)?
             };
             let out = match batch.soft {
@@ -280,6 +308,186 @@ fn run_epochs(
             test_loss,
             test_acc,
             lr,
+            seconds: start.elapsed().as_secs_f32(),
+        };
+        on_epoch(&stats);
+        history.push(stats);
+    }
+    Ok(history)
+}
+
+/// The training loop with the data on the device: the training set is uploaded once; each
+/// epoch uploads its shuffled order (the same order as the host [`Loader`]); each step
+/// gathers and augments its batch with one kernel, reading a batch cursor that the step
+/// itself advances; loss and correct counts accumulate on the device. With `cfg.graph` the
+/// second step is recorded as a graph, and every later full batch is one replay of it.
+#[allow(clippy::too_many_arguments)]
+fn run_epochs_on_device(
+    model: &mut dyn Layer,
+    train: &Dataset,
+    test: &Dataset,
+    cfg: &FitConfig,
+    optim: &mut Optim,
+    schedule: &mut dyn Schedule,
+    ce: &CrossEntropy,
+    on_epoch: &mut impl FnMut(&EpochStats),
+) -> Result<Vec<EpochStats>> {
+    use crate::backend::RandomKey;
+    use crate::tensor::DType;
+    let Some((pad, flip_p)) = cfg.augment.crop_flip() else {
+        return Err(Error::config(
+            "augment",
+            format!("{:?}", cfg.augment.steps),
+            "batches built on the device support crop and flip only; train with the host \
+             loader for the others",
+        ));
+    };
+    let device = cfg.device;
+    if cfg.graph && device == Device::Cpu {
+        return Err(Error::config(
+            "graph",
+            true,
+            "recording a training step needs a CUDA device",
+        ));
+    }
+    let be = device.backend();
+    let (n, bsz) = (train.len(), cfg.batch_size);
+    let [c, h, w] = train.image_shape;
+    let per_epoch = n.div_ceil(bsz);
+    let (full, rem) = (n / bsz, n % bsz);
+    let images = Tensor::from_host(&[n, c, h, w], train.images.clone(), device)?;
+    let labels = Indices::from_host(train.labels.clone(), device);
+    let classes = train.num_classes() as u64;
+    let mut order = Indices::zeros(n, device);
+    let mut cursor = Indices::zeros(1, device);
+    let mut x_full = be.alloc(&[bsz, c, h, w], DType::F32);
+    let mut y_full = Indices::from_tensor(be.zeros(&[bsz], DType::U32), classes);
+    let mut x_rem = be.alloc(&[rem.max(1), c, h, w], DType::F32);
+    let mut y_rem = Indices::from_tensor(be.zeros(&[rem.max(1)], DType::U32), classes);
+    let mut loss_sum = Tensor::zeros(&[1], device);
+    let mut correct_sum = Tensor::zeros(&[1], device);
+    let stream = crate::rng::mix64(cfg.seed ^ 0xA06_A06);
+    let first_update = optim.steps() as usize;
+    let lr_table = |schedule: &dyn Schedule| -> Vec<f32> {
+        let total = first_update + cfg.epochs * per_epoch;
+        (0..total)
+            .map(|t| schedule.lr(cfg.unit.step(t.saturating_sub(first_update), per_epoch)))
+            .collect()
+    };
+    optim.set_lr_table(lr_table(schedule))?;
+    // One step on the batch buffers `x`, `y` of `rows` samples.
+    let step = |model: &mut dyn Layer,
+                optim: &mut Optim,
+                x: &mut Tensor,
+                y: &mut Indices,
+                cursor: &mut Indices,
+                loss_sum: &mut Tensor,
+                correct_sum: &mut Tensor,
+                order: &Indices|
+     -> Result<()> {
+        {
+            let counter = optim.step_counter(device).clone();
+            let key = RandomKey {
+                stream,
+                step: &counter,
+                purpose: crate::rng::purpose::AUGMENT,
+            };
+            be.gather_augment(&images, &labels, order, cursor, x, y, pad, flip_p, key);
+        }
+        let logits = {
+            let ctx = Ctx::train()
+                .at_step(optim.step_counter(device))
+                .with_precision(cfg.precision);
+            model.forward(x, &ctx)?
+        };
+        let out = ce.forward(&logits, Target::Hard(y))?;
+        model.backward(&out.grad)?;
+        if let Some(p) = &cfg.penalty {
+            p.apply(model);
+        }
+        optim.step(model, 0.0)?;
+        let rows = x.shape()[0];
+        be.axpy(rows as f32, &out.loss, loss_sum);
+        let correct = be.count_correct(&logits, y);
+        be.axpy(1.0, &correct, correct_sum);
+        be.increment(cursor, rows as u32);
+        Ok(())
+    };
+    let mut graph: Option<Box<dyn crate::backend::Graph>> = None;
+    let mut history = Vec::with_capacity(cfg.epochs);
+    for epoch in 1..=cfg.epochs {
+        let start = Instant::now();
+        let order_host: Vec<u32> = crate::data::shuffled_order(cfg.seed, n, epoch - 1)
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        be.write(order.tensor_mut(), crate::backend::HostBuf::U32(order_host));
+        be.write(cursor.tensor_mut(), crate::backend::HostBuf::U32(vec![0]));
+        be.fill(&mut loss_sum, 0.0);
+        be.fill(&mut correct_sum, 0.0);
+        for b in 0..full {
+            let first_ever = epoch == 1 && b == 0;
+            match &graph {
+                Some(g) => {
+                    g.replay()?;
+                    optim.count_replayed(1);
+                }
+                None if cfg.graph && !first_ever => {
+                    be.begin_capture()?;
+                    let recorded = step(
+                        model,
+                        optim,
+                        &mut x_full,
+                        &mut y_full,
+                        &mut cursor,
+                        &mut loss_sum,
+                        &mut correct_sum,
+                        &order,
+                    );
+                    let g = be.end_capture();
+                    recorded?;
+                    let g = g?;
+                    // Recording ran nothing: this step runs now.
+                    g.replay()?;
+                    graph = Some(g);
+                }
+                None => step(
+                    model,
+                    optim,
+                    &mut x_full,
+                    &mut y_full,
+                    &mut cursor,
+                    &mut loss_sum,
+                    &mut correct_sum,
+                    &order,
+                )?,
+            }
+        }
+        if rem > 0 {
+            step(
+                model,
+                optim,
+                &mut x_rem,
+                &mut y_rem,
+                &mut cursor,
+                &mut loss_sum,
+                &mut correct_sum,
+                &order,
+            )?;
+        }
+        let (train_loss, train_acc) = (loss_sum.item() / n as f32, correct_sum.item() / n as f32);
+        let (test_loss, test_acc) = evaluate(model, test, 256, device)?;
+        schedule.observe(test_loss);
+        // A schedule that listens (reduce on plateau) may have changed the rates ahead.
+        optim.set_lr_table(lr_table(schedule))?;
+        let last = first_update + epoch * per_epoch - 1;
+        let stats = EpochStats {
+            epoch,
+            train_loss,
+            train_acc,
+            test_loss,
+            test_acc,
+            lr: schedule.lr(cfg.unit.step(last - first_update, per_epoch)),
             seconds: start.elapsed().as_secs_f32(),
         };
         on_epoch(&stats);

@@ -37,7 +37,10 @@ fn dropout_drops_p_scales_survivors_and_is_identity_in_eval() {
     // A new mask at the next step, the same mask again at the same step and stream, and
     // another mask under another stream key.
     let step1 = Indices::from_vec(vec![1]);
-    let y2 = d.forward(&x, &Ctx::train().at_step(&step1)).unwrap().to_vec();
+    let y2 = d
+        .forward(&x, &Ctx::train().at_step(&step1))
+        .unwrap()
+        .to_vec();
     assert_ne!(y, y2);
     assert_eq!(y, d.forward(&x, &Ctx::train()).unwrap().to_vec());
     d.reseed(5);
@@ -61,7 +64,9 @@ fn two_dropout_layers_in_a_model_draw_different_masks() {
         h.lock().unwrap().push((name.to_string(), t.to_vec()))
     }));
     m.forward(
-        &Tensor::full(&[4, 64], 1.0, regimen::Device::Cpu), &Ctx::train())
+        &Tensor::full(&[4, 64], 1.0, regimen::Device::Cpu),
+        &Ctx::train(),
+    )
     .unwrap();
     let outs = outputs.lock().unwrap();
     let kept = |name: &str| -> Vec<bool> {
@@ -163,7 +168,9 @@ fn bad_shapes_name_the_layer_and_both_shapes() {
     let (mut model, _) = models::by_name("mlp", &mut rng).unwrap();
     let err = model
         .forward(
-            &Tensor::zeros(&[2, 1, 10, 10], regimen::Device::Cpu), &Ctx::train())
+            &Tensor::zeros(&[2, 1, 10, 10], regimen::Device::Cpu),
+            &Ctx::train(),
+        )
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Shape { .. }));
@@ -177,7 +184,9 @@ fn bad_shapes_name_the_layer_and_both_shapes() {
     let (mut cnn, _) = models::by_name("cnn", &mut rng).unwrap();
     let msg = cnn
         .forward(
-            &Tensor::zeros(&[2, 3, 28, 28], regimen::Device::Cpu), &Ctx::eval())
+            &Tensor::zeros(&[2, 3, 28, 28], regimen::Device::Cpu),
+            &Ctx::eval(),
+        )
         .unwrap_err()
         .to_string();
     assert!(

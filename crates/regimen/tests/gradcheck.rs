@@ -120,7 +120,8 @@ fn batch_norm() {
     bn.forward(&randn(&[8, 4], 9), &Ctx::train()).unwrap(); // non-trivial running statistics
     both_modes(&mut bn, &randn(&[5, 4], 10));
     let mut bn = BatchNorm::d2(3);
-    bn.forward(&randn(&[4, 3, 3, 3], 11), &Ctx::train()).unwrap();
+    bn.forward(&randn(&[4, 3, 3, 3], 11), &Ctx::train())
+        .unwrap();
     both_modes(&mut bn, &randn(&[2, 3, 3, 4], 12));
 }
 

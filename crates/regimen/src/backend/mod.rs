@@ -27,8 +27,11 @@ pub mod strict;
 mod update;
 
 pub use pool::PoolStats;
+pub(crate) use update::{
+    adagrad as adagrad_element, adam as adam_element, rmsprop as rmsprop_element,
+    sgd as sgd_element,
+};
 pub use update::{update_element, UpdateRule};
-pub(crate) use update::{adagrad as adagrad_element, adam as adam_element, rmsprop as rmsprop_element, sgd as sgd_element};
 
 use crate::error::Result;
 use crate::tensor::{DType, Device, Indices, Tensor};
@@ -48,8 +51,14 @@ impl HostBuf {
         match self {
             HostBuf::F32(v) => v,
             HostBuf::U16(v) => match dtype {
-                DType::BF16 => v.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect(),
-                _ => v.into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect(),
+                DType::BF16 => v
+                    .into_iter()
+                    .map(|b| half::bf16::from_bits(b).to_f32())
+                    .collect(),
+                _ => v
+                    .into_iter()
+                    .map(|b| half::f16::from_bits(b).to_f32())
+                    .collect(),
             },
             HostBuf::U32(v) => v.into_iter().map(|x| x as f32).collect(),
         }
@@ -145,12 +154,21 @@ pub struct ParamUpdate<'a> {
 
 /// The device scalars an update reads.
 pub struct UpdateScalars<'a> {
-    /// `[1]`: the learning rate of this step.
+    /// The learning rate: `lr[min(step - 1, len - 1)]`, so a one-element tensor that the host
+    /// writes before each step, or a whole schedule uploaded once (what a recorded graph
+    /// needs: it cannot take a new value from the host).
     pub lr: &'a Tensor,
     /// `[1]`: the step count, already counting this update (1 on the first).
     pub step: &'a Indices,
     /// `[1]`: multiplies every gradient (the clipping coefficient), if given.
     pub grad_scale: Option<&'a Tensor>,
+}
+
+/// A recorded sequence of operations ([`Backend::begin_capture`]) that can be run again: the
+/// same kernels on the same buffers, reading whatever those buffers hold at replay time (the
+/// next batch, the step counter, the learning rate).
+pub trait Graph: Send {
+    fn replay(&self) -> Result<()>;
 }
 
 /// The numeric operations of one device. See the module doc.
@@ -181,6 +199,22 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) {}
     /// Allocation counters of this device's pool.
     fn pool_stats(&self) -> PoolStats;
+    /// Start recording the operations this thread queues into a replayable graph (a CUDA
+    /// graph) instead of running them. Devices that cannot record say so with an error.
+    fn begin_capture(&self) -> Result<()> {
+        Err(crate::Error::Device {
+            device: self.device().to_string(),
+            reason: "this device does not record graphs".into(),
+        })
+    }
+    /// Stop recording and return the graph; an error when the recording failed (then the
+    /// operations since `begin_capture` did not run and must be run again).
+    fn end_capture(&self) -> Result<Box<dyn Graph>> {
+        Err(crate::Error::Device {
+            device: self.device().to_string(),
+            reason: "this device does not record graphs".into(),
+        })
+    }
 
     // ---- linear algebra and element-wise arithmetic
     /// `c = op(a) op(b)` (or `c += ...` when `accumulate`), `op` transposing when asked.
@@ -334,16 +368,43 @@ pub trait Backend: Send + Sync {
     /// `(u_i >= p) as f32`: a keep mask (Bernoulli with keep probability `1 - p`).
     fn bernoulli_keep(&self, shape: &[usize], p: f32, key: RandomKey<'_>) -> Tensor;
 
+    // ---- data on the device
+    /// Gather a batch `out` `[B, C, H, W]` (and its labels) from `images` `[N, C, H, W]`:
+    /// sample `i` is image `order[cursor[0] + i]`, shifted by a random crop of the zero-padded
+    /// image (offsets `dy, dx` in `[-pad, pad]`) then flipped horizontally with probability
+    /// `flip_p`, as the CPU pipeline `crop=pad,flip=p` does. The draws of sample `i` are the
+    /// Philox uniforms `(key.stream, step, key.purpose, 4 i + k)`, `k` = 0 (dy), 1 (dx),
+    /// 2 (flip). Everything is read on the device, so a recorded step gathers the next batch
+    /// when the host has written the next cursor.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_augment(
+        &self,
+        images: &Tensor,
+        labels: &Indices,
+        order: &Indices,
+        cursor: &Indices,
+        out: &mut Tensor,
+        labels_out: &mut Indices,
+        pad: usize,
+        flip_p: f32,
+        key: RandomKey<'_>,
+    );
+
     // ---- optimizers
-    /// `counter += 1` (the step counter, on the device).
-    fn increment(&self, counter: &mut Indices);
+    /// `counter += by` (the step counter, a batch cursor: on the device).
+    fn increment(&self, counter: &mut Indices, by: u32);
     /// The global gradient norm `sqrt(sum_t sum x_t^2)` over several tensors and the clipping
     /// coefficient `min(1, max_norm / (norm + 1e-6))` (PyTorch's `clip_grad_norm_`), both
     /// one-element tensors on the device.
     fn clip_coefficient(&self, grads: &[&Tensor], max_norm: f32) -> (Tensor, Tensor);
     /// One update of every parameter with `rule`, in one pass (see [`UpdateRule`]); each
     /// gradient is zeroed after use.
-    fn optim_update(&self, rule: &UpdateRule, scalars: &UpdateScalars<'_>, params: &mut [ParamUpdate<'_>]);
+    fn optim_update(
+        &self,
+        rule: &UpdateRule,
+        scalars: &UpdateScalars<'_>,
+        params: &mut [ParamUpdate<'_>],
+    );
 
     // ---- losses and metrics
     /// Mean softmax cross-entropy over the rows of `logits` `[N, C]`, with label smoothing

@@ -20,7 +20,11 @@ pub enum UpdateRule {
         nesterov: bool,
     },
     /// State: `[sum of squares]`, starting at `initial`.
-    Adagrad { lr_decay: f64, eps: f64, initial: f64 },
+    Adagrad {
+        lr_decay: f64,
+        eps: f64,
+        initial: f64,
+    },
     /// State: `[square average]`, then `[gradient average]` when centered, then
     /// `[momentum buffer]` when `momentum > 0`.
     RmsProp {
@@ -63,7 +67,13 @@ impl UpdateRule {
     /// Whether weight decay is applied by the rule itself (AdamW) instead of joining the
     /// gradient as `wd theta` (L2).
     pub fn decoupled(&self) -> bool {
-        matches!(self, UpdateRule::Adam { decoupled: true, .. })
+        matches!(
+            self,
+            UpdateRule::Adam {
+                decoupled: true,
+                ..
+            }
+        )
     }
 
     /// The scalars of one step that do not depend on the element, computed once per
@@ -71,9 +81,10 @@ impl UpdateRule {
     pub fn step_scalars(&self, lr: f32, step: u64) -> [f32; 2] {
         match *self {
             UpdateRule::Sgd { .. } | UpdateRule::RmsProp { .. } => [lr, 0.0],
-            UpdateRule::Adagrad { lr_decay, .. } => {
-                [(lr as f64 / (1.0 + (step - 1) as f64 * lr_decay)) as f32, 0.0]
-            }
+            UpdateRule::Adagrad { lr_decay, .. } => [
+                (lr as f64 / (1.0 + (step - 1) as f64 * lr_decay)) as f32,
+                0.0,
+            ],
             UpdateRule::Adam { beta1, beta2, .. } => {
                 // Bias corrections in double precision, as PyTorch's Python floats.
                 let bc1 = (1.0 - beta1.powi(step as i32)) as f32;
@@ -119,7 +130,9 @@ pub fn update_element(
             eps,
             amsgrad,
             decoupled,
-        } => adam(beta1, beta2, eps, amsgrad, decoupled, sc, lr, wd, theta, g, s),
+        } => adam(
+            beta1, beta2, eps, amsgrad, decoupled, sc, lr, wd, theta, g, s,
+        ),
     }
 }
 

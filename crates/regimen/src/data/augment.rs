@@ -141,6 +141,20 @@ impl Pipeline {
     }
 
     /// True when the pipeline mixes samples (Mixup, CutMix) and so makes soft labels.
+    /// `(pad, flip probability)` when the pipeline is only a crop and/or a flip (the
+    /// augmentations the device gather kernel does), else `None`.
+    pub fn crop_flip(&self) -> Option<(usize, f32)> {
+        let (mut pad, mut flip) = (0, 0.0);
+        for s in &self.steps {
+            match *s {
+                Augment::Crop { pad: p } => pad = p,
+                Augment::Flip { p } => flip = p,
+                _ => return None,
+            }
+        }
+        Some((pad, flip))
+    }
+
     pub fn mixes(&self) -> bool {
         self.steps
             .iter()

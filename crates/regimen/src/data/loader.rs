@@ -26,6 +26,14 @@ pub struct Batch {
     pub soft: Option<Vec<f32>>,
 }
 
+/// The sample order of `epoch` (0-based) for `n` samples under `seed`: the loader's shuffle,
+/// also used by the on-device training loop so that both see the same batches.
+pub fn shuffled_order(seed: u64, n: usize, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::new(mix64(seed ^ mix64(epoch as u64 + 1))).shuffle(&mut order);
+    order
+}
+
 #[derive(Clone)]
 pub struct Loader {
     pub data: Arc<Dataset>,
@@ -57,11 +65,11 @@ impl Loader {
     }
 
     fn order(&self, epoch: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.data.len()).collect();
         if self.shuffle {
-            Rng::new(mix64(self.seed ^ mix64(epoch as u64 + 1))).shuffle(&mut order);
+            shuffled_order(self.seed, self.data.len(), epoch)
+        } else {
+            (0..self.data.len()).collect()
         }
-        order
     }
 
     /// Build batch `b` of an epoch whose sample order is `order`.

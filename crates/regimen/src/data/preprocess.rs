@@ -18,8 +18,8 @@
 //! an image into a vector of K features (shape `[K, 1, 1]`).
 
 use super::Dataset;
-use crate::linalg::{gemm, MatRef};
 use crate::error::{Error, Result};
+use crate::linalg::{gemm, MatRef};
 use crate::rng::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq)]

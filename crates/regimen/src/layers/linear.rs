@@ -81,7 +81,14 @@ impl Layer for Linear {
         let dtype = ctx.precision.dtype();
         let xq = x.to_dtype(dtype);
         let mut y = be.alloc(&shape, DType::F32);
-        be.matmul(&xq, false, &self.weight.value.to_dtype(dtype), true, &mut y, false);
+        be.matmul(
+            &xq,
+            false,
+            &self.weight.value.to_dtype(dtype),
+            true,
+            &mut y,
+            false,
+        );
         if let Some(b) = &self.bias {
             be.add_channel_bias(&mut y, &b.value, shape[1]);
         }
@@ -103,7 +110,14 @@ impl Layer for Linear {
             return Ok(Tensor::zeros(&[0], x.device()));
         }
         let mut dx = be.alloc(x.shape(), DType::F32);
-        be.matmul(&dyq, false, &self.weight.value.to_dtype(x.dtype()), false, &mut dx, false);
+        be.matmul(
+            &dyq,
+            false,
+            &self.weight.value.to_dtype(x.dtype()),
+            false,
+            &mut dx,
+            false,
+        );
         Ok(dx)
     }
 

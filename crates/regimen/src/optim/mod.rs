@@ -146,8 +146,10 @@ pub struct Optim {
     step: u64,
     micro: usize,
     plan: Option<Plan>,
-    /// `(learning rate [1], step counter [1])` on the parameters' device.
+    /// `(learning rate, step counter [1])` on the parameters' device.
     scalars: Option<(Tensor, Indices)>,
+    /// The learning rate of every step, when set: uploaded once instead of written per step.
+    lr_table: Option<Vec<f32>>,
 }
 
 impl Optim {
@@ -163,7 +165,46 @@ impl Optim {
             micro: 0,
             plan: None,
             scalars: None,
+            lr_table: None,
         })
+    }
+
+    /// Take the learning rate of update `t` (1-based) from `lrs[min(t - 1, len - 1)]`, a table
+    /// uploaded to the device once, instead of the `lr` argument of [`Optim::step`] (which is
+    /// then only validated). This is what a step recorded as a CUDA graph needs: the graph
+    /// reads the rate from device memory and cannot take a new value from the host.
+    pub fn set_lr_table(&mut self, lrs: Vec<f32>) -> Result<()> {
+        if lrs.is_empty() {
+            return Err(Error::config(
+                "lr table",
+                "empty",
+                "needs at least one rate",
+            ));
+        }
+        if let Some((i, v)) = lrs
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(**v >= 0.0 && v.is_finite()))
+        {
+            return Err(Error::config(
+                &format!("lr table[{i}]"),
+                v,
+                "the learning rate must be a finite number >= 0",
+            ));
+        }
+        // The same length on a device that already holds a table: rewrite it in place (a
+        // recorded graph keeps reading the same buffer).
+        if let (Some(old), Some((lr_t, _))) = (&self.lr_table, &mut self.scalars) {
+            if old.len() == lrs.len() {
+                lr_t.backend()
+                    .write(lr_t, crate::backend::HostBuf::F32(lrs.clone()));
+                self.lr_table = Some(lrs);
+                return Ok(());
+            }
+        }
+        self.lr_table = Some(lrs);
+        self.scalars = None;
+        Ok(())
     }
 
     pub fn name(&self) -> &'static str {
@@ -183,6 +224,12 @@ impl Optim {
         self.step
     }
 
+    /// Count `n` updates that ran as replays of a recorded step (a CUDA graph runs the update
+    /// and the device step counter without this host code).
+    pub fn count_replayed(&mut self, n: u64) {
+        self.step += n;
+    }
+
     /// The step counter on `device` (the key of the random draws of the next forward: it
     /// counts the updates applied so far). Created on first use.
     pub fn step_counter(&mut self, device: Device) -> &Indices {
@@ -193,7 +240,13 @@ impl Optim {
         let stale = !matches!(&self.scalars, Some((lr, _)) if lr.device() == device);
         if stale {
             let step = Indices::from_host(vec![self.step as u32], device);
-            self.scalars = Some((Tensor::zeros(&[1], device), step));
+            let lr = match &self.lr_table {
+                Some(t) => {
+                    Tensor::from_host(&[t.len()], t.clone(), device).expect("length matches")
+                }
+                None => Tensor::zeros(&[1], device),
+            };
+            self.scalars = Some((lr, step));
         }
         self.scalars.as_mut().expect("set above")
     }
@@ -228,7 +281,12 @@ impl Optim {
         let (slots, init) = (self.rule.slots(), self.rule.initial_state());
         let mut found = Vec::new();
         model.visit_params("", &mut |name, p| {
-            found.push((name.to_string(), p.kind, p.value.shape().to_vec(), p.value.device()));
+            found.push((
+                name.to_string(),
+                p.kind,
+                p.value.shape().to_vec(),
+                p.value.device(),
+            ));
         });
         for (name, kind, shape, device) in found {
             let (scale, wd) = self.group_of(&name, kind);
@@ -315,9 +373,12 @@ impl Optim {
             .iter()
             .map(|n| std::mem::take(self.state.get_mut(n).expect("created by the plan")))
             .collect();
+        let table = self.lr_table.is_some();
         let (lr_t, step_t) = self.device_scalars(device);
-        be.write(lr_t, crate::backend::HostBuf::F32(vec![lr]));
-        be.increment(step_t);
+        if !table {
+            be.write(lr_t, crate::backend::HostBuf::F32(vec![lr]));
+        }
+        be.increment(step_t, 1);
         let mut params: Vec<ParamUpdate<'_>> = values
             .iter_mut()
             .zip(grads.iter_mut())
@@ -419,10 +480,7 @@ impl Optim {
             }
             slots.push(t);
         }
-        if let Some((name, s)) = state
-            .iter()
-            .find(|(_, s)| s.len() != self.rule.slots())
-        {
+        if let Some((name, s)) = state.iter().find(|(_, s)| s.len() != self.rule.slots()) {
             return Err(bad(format!(
                 "{name} has {} state tensors, {} expected",
                 s.len(),

@@ -88,7 +88,10 @@ struct Shape {
 
 impl Shape {
     fn new(s: &[usize]) -> Shape {
-        assert!(s.len() <= MAX_RANK, "tensors have at most {MAX_RANK} dimensions, got {s:?}");
+        assert!(
+            s.len() <= MAX_RANK,
+            "tensors have at most {MAX_RANK} dimensions, got {s:?}"
+        );
         let mut dims = [0; MAX_RANK];
         dims[..s.len()].copy_from_slice(s);
         Shape {
@@ -141,7 +144,9 @@ impl Tensor {
     /// An `f32` tensor on `device` from host data.
     pub fn from_host(shape: &[usize], data: Vec<f32>, device: Device) -> Result<Tensor> {
         check_len("Tensor::from_host", shape, data.len())?;
-        Ok(device.backend().upload(shape, DType::F32, HostBuf::F32(data)))
+        Ok(device
+            .backend()
+            .upload(shape, DType::F32, HostBuf::F32(data)))
     }
 
     /// A `bf16` or `f16` tensor from the raw 16-bit patterns of its elements.
@@ -153,7 +158,11 @@ impl Tensor {
     ) -> Result<Tensor> {
         check_len("Tensor::from_half_bits", shape, bits.len())?;
         if !matches!(dtype, DType::BF16 | DType::F16) {
-            return Err(Error::config("dtype", dtype, "16-bit patterns need bf16 or f16"));
+            return Err(Error::config(
+                "dtype",
+                dtype,
+                "16-bit patterns need bf16 or f16",
+            ));
         }
         Ok(device.backend().upload(shape, dtype, HostBuf::U16(bits)))
     }

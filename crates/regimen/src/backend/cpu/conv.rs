@@ -5,9 +5,9 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{gemm, parallelism, MatRef};
 use super::Scratch;
 use crate::backend::Window;
+use crate::linalg::{gemm, parallelism, MatRef};
 
 #[derive(Clone, Copy)]
 pub struct ConvDims {

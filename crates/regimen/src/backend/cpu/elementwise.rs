@@ -53,7 +53,11 @@ pub fn map3(
             .for_each(|(o, ((&x, &y), &z))| *o = f(x, y, z));
     } else {
         out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(c.par_chunks(CHUNK)))
+            .zip(
+                a.par_chunks(CHUNK)
+                    .zip(b.par_chunks(CHUNK))
+                    .zip(c.par_chunks(CHUNK)),
+            )
             .for_each(|(o, ((a, b), c))| {
                 o.iter_mut()
                     .zip(a.iter().zip(b).zip(c))

@@ -20,9 +20,9 @@ use crate::backend::{
     strict, Backend, HostBuf, ParamUpdate, PoolStats, RandomKey, Target, Unary, UpdateRule,
     UpdateScalars, Window,
 };
+use crate::linalg::{self as matmul, gemm, MatRef};
 use crate::tensor::{DType, Device, Indices, Tensor};
 use elementwise::{map1, map2, map3, sum_f64, update};
-use crate::linalg::{self as matmul, gemm, MatRef};
 use storage::{alloc, f32s_mut, read_f32, u16s, u16s_mut, u32s_mut};
 
 /// The CPU backend (a unit struct: all state is in the tensors and the pool).
@@ -43,7 +43,9 @@ impl Scratch {
         unsafe { std::slice::from_raw_parts(self.0.words().as_ptr() as *const f32, self.1) }
     }
     pub fn f32_mut(&mut self) -> &mut [f32] {
-        unsafe { std::slice::from_raw_parts_mut(self.0.words_mut().as_mut_ptr() as *mut f32, self.1) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.words_mut().as_mut_ptr() as *mut f32, self.1)
+        }
     }
 }
 
@@ -164,7 +166,11 @@ impl Backend for Cpu {
     }
 
     fn copy(&self, src: &Tensor, dst: &mut Tensor) {
-        assert_eq!((src.numel(), src.dtype()), (dst.numel(), dst.dtype()), "copy");
+        assert_eq!(
+            (src.numel(), src.dtype()),
+            (dst.numel(), dst.dtype()),
+            "copy"
+        );
         match src.dtype() {
             DType::F32 => f32s_mut(dst).copy_from_slice(f32s(src)),
             DType::U32 => u32s_mut(dst).copy_from_slice(u32s(src)),
@@ -173,7 +179,10 @@ impl Backend for Cpu {
     }
 
     fn cast(&self, x: &Tensor, dtype: DType) -> Tensor {
-        assert!(x.dtype().is_float() && dtype.is_float(), "cast between floating-point types");
+        assert!(
+            x.dtype().is_float() && dtype.is_float(),
+            "cast between floating-point types"
+        );
         let v = read_f32(x);
         let mut t = alloc(x.shape(), dtype);
         match dtype {
@@ -694,9 +703,65 @@ impl Backend for Cpu {
         })
     }
 
-    fn increment(&self, counter: &mut Indices) {
+    fn gather_augment(
+        &self,
+        images: &Tensor,
+        labels: &Indices,
+        order: &Indices,
+        cursor: &Indices,
+        out: &mut Tensor,
+        labels_out: &mut Indices,
+        pad: usize,
+        flip_p: f32,
+        key: RandomKey<'_>,
+    ) {
+        let s = out.shape().to_vec();
+        let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
+        let per = c * h * w;
+        let first = u32s(cursor.tensor())[0] as usize;
+        let step = step_of(key.step);
+        let order = u32s(order.tensor());
+        let (src, lab) = (f32s(images), u32s(labels.tensor()));
+        let draw =
+            |i: usize, k: u64| crate::rng::uniform(key.stream, step, key.purpose, 4 * i as u64 + k);
+        let mut picked = vec![0usize; b];
+        for (i, o) in f32s_mut(out).chunks_mut(per).enumerate() {
+            let j = order[first + i] as usize;
+            picked[i] = j;
+            let (dy, dx) = if pad > 0 {
+                let span = (2 * pad + 1) as f32;
+                (
+                    (draw(i, 0) * span) as isize - pad as isize,
+                    (draw(i, 1) * span) as isize - pad as isize,
+                )
+            } else {
+                (0, 0)
+            };
+            let flip = flip_p > 0.0 && draw(i, 2) < flip_p;
+            let img = &src[j * per..(j + 1) * per];
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        let sx = if flip { w - 1 - x } else { x } as isize;
+                        let (iy, ix) = (y as isize + dy, sx + dx);
+                        o[(ch * h + y) * w + x] =
+                            if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
+                                img[(ch * h + iy as usize) * w + ix as usize]
+                            } else {
+                                0.0
+                            };
+                    }
+                }
+            }
+        }
+        for (o, j) in u32s_mut(labels_out.tensor_mut()).iter_mut().zip(picked) {
+            *o = lab[j];
+        }
+    }
+
+    fn increment(&self, counter: &mut Indices, by: u32) {
         let c = &mut u32s_mut(counter.tensor_mut())[0];
-        *c = c.wrapping_add(1);
+        *c = c.wrapping_add(by);
     }
 
     fn clip_coefficient(&self, grads: &[&Tensor], max_norm: f32) -> (Tensor, Tensor) {
@@ -713,14 +778,24 @@ impl Backend for Cpu {
         (scalar(norm as f64), from_slice(&[1], &[coef]))
     }
 
-    fn optim_update(&self, rule: &UpdateRule, s: &UpdateScalars<'_>, params: &mut [ParamUpdate<'_>]) {
-        let lr = f32s(s.lr)[0];
+    fn optim_update(
+        &self,
+        rule: &UpdateRule,
+        s: &UpdateScalars<'_>,
+        params: &mut [ParamUpdate<'_>],
+    ) {
         let step = step_of(s.step) as u64;
+        let lrs = f32s(s.lr);
+        let lr = lrs[(step.max(1) as usize - 1).min(lrs.len() - 1)];
         let coef = s.grad_scale.map_or(1.0, |c| f32s(c)[0]);
         for p in params.iter_mut() {
             let lr_p = lr * p.lr_scale;
             let sc = rule.step_scalars(lr_p, step);
-            let l2 = if rule.decoupled() { 0.0 } else { p.weight_decay };
+            let l2 = if rule.decoupled() {
+                0.0
+            } else {
+                p.weight_decay
+            };
             let wd = p.weight_decay;
             let first = step == 1;
             let mut state: Vec<&mut [f32]> = p.state.iter_mut().map(|t| f32s_mut(t)).collect();
@@ -841,7 +916,8 @@ fn update_loop(
     let n = theta.len();
     let slots = state.len();
     // Split every state slot into the same chunks as theta and the gradient.
-    let mut state_chunks: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(CHUNK)).map(|_| Vec::new()).collect();
+    let mut state_chunks: Vec<Vec<&mut [f32]>> =
+        (0..n.div_ceil(CHUNK)).map(|_| Vec::new()).collect();
     for slot in state.iter_mut() {
         for (c, chunk) in slot.chunks_mut(CHUNK).enumerate() {
             state_chunks[c].push(chunk);

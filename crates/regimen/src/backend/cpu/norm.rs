@@ -150,7 +150,9 @@ pub fn forward_eval(
     d: &NormDims,
     y: &mut [f32],
 ) {
-    per_element(d, y, |c, i| gamma[c] * (x[i] - mean[c]) * invstd[c] + beta[c])
+    per_element(d, y, |c, i| {
+        gamma[c] * (x[i] - mean[c]) * invstd[c] + beta[c]
+    })
 }
 
 /// `dbeta += sum dy`, `dgamma += sum dy xhat`, and

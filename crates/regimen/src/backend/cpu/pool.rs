@@ -235,13 +235,7 @@ pub fn fractional_forward(
 }
 
 /// Maxout: `x` rows of `f k` values, `y[n, j] = max_i x[n, j k + i]`; positions within the row.
-pub fn max_groups_forward(
-    x: &[f32],
-    f: usize,
-    k: usize,
-    y: &mut [f32],
-    idx: &mut [u32],
-) {
+pub fn max_groups_forward(x: &[f32], f: usize, k: usize, y: &mut [f32], idx: &mut [u32]) {
     y.par_chunks_mut(f)
         .zip(idx.par_chunks_mut(f))
         .zip(x.par_chunks(f * k))

@@ -78,38 +78,62 @@ fn buffer_mut(t: &mut Tensor) -> &mut CpuBuffer {
 
 /// The `f32` elements of an `f32` tensor.
 pub fn f32s(t: &Tensor) -> &[f32] {
-    assert_eq!(t.dtype(), DType::F32, "the CPU backend expected an f32 tensor");
+    assert_eq!(
+        t.dtype(),
+        DType::F32,
+        "the CPU backend expected an f32 tensor"
+    );
     let w = buffer(t).words();
     unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, t.numel()) }
 }
 
 pub fn f32s_mut(t: &mut Tensor) -> &mut [f32] {
-    assert_eq!(t.dtype(), DType::F32, "the CPU backend expected an f32 tensor");
+    assert_eq!(
+        t.dtype(),
+        DType::F32,
+        "the CPU backend expected an f32 tensor"
+    );
     let n = t.numel();
     let w = buffer_mut(t).words_mut();
     unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut f32, n) }
 }
 
 pub fn u32s(t: &Tensor) -> &[u32] {
-    assert_eq!(t.dtype(), DType::U32, "the CPU backend expected a u32 tensor");
+    assert_eq!(
+        t.dtype(),
+        DType::U32,
+        "the CPU backend expected a u32 tensor"
+    );
     &buffer(t).words()[..t.numel()]
 }
 
 pub fn u32s_mut(t: &mut Tensor) -> &mut [u32] {
-    assert_eq!(t.dtype(), DType::U32, "the CPU backend expected a u32 tensor");
+    assert_eq!(
+        t.dtype(),
+        DType::U32,
+        "the CPU backend expected a u32 tensor"
+    );
     let n = t.numel();
     &mut buffer_mut(t).words_mut()[..n]
 }
 
 /// The 16-bit patterns of a `bf16` or `f16` tensor.
 pub fn u16s(t: &Tensor) -> &[u16] {
-    assert_eq!(t.dtype().size(), 2, "the CPU backend expected a 16-bit tensor");
+    assert_eq!(
+        t.dtype().size(),
+        2,
+        "the CPU backend expected a 16-bit tensor"
+    );
     let w = buffer(t).words();
     unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u16, t.numel()) }
 }
 
 pub fn u16s_mut(t: &mut Tensor) -> &mut [u16] {
-    assert_eq!(t.dtype().size(), 2, "the CPU backend expected a 16-bit tensor");
+    assert_eq!(
+        t.dtype().size(),
+        2,
+        "the CPU backend expected a 16-bit tensor"
+    );
     let n = t.numel();
     let w = buffer_mut(t).words_mut();
     unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u16, n) }
@@ -118,7 +142,11 @@ pub fn u16s_mut(t: &mut Tensor) -> &mut [u16] {
 /// A new CPU tensor from the pool (contents unspecified).
 pub fn alloc(shape: &[usize], dtype: DType) -> Tensor {
     let n: usize = shape.iter().product();
-    Tensor::from_parts(shape, dtype, Storage::Cpu(CpuBuffer::uninit(words_for(n, dtype))))
+    Tensor::from_parts(
+        shape,
+        dtype,
+        Storage::Cpu(CpuBuffer::uninit(words_for(n, dtype))),
+    )
 }
 
 /// The values of a floating-point tensor as `f32`: borrowed for `f32`, converted otherwise
@@ -126,8 +154,14 @@ pub fn alloc(shape: &[usize], dtype: DType) -> Tensor {
 pub fn read_f32(t: &Tensor) -> std::borrow::Cow<'_, [f32]> {
     match t.dtype() {
         DType::F32 => std::borrow::Cow::Borrowed(f32s(t)),
-        DType::BF16 => u16s(t).iter().map(|&b| bf16::from_bits(b).to_f32()).collect(),
-        DType::F16 => u16s(t).iter().map(|&b| f16::from_bits(b).to_f32()).collect(),
+        DType::BF16 => u16s(t)
+            .iter()
+            .map(|&b| bf16::from_bits(b).to_f32())
+            .collect(),
+        DType::F16 => u16s(t)
+            .iter()
+            .map(|&b| f16::from_bits(b).to_f32())
+            .collect(),
         DType::U32 => panic!("the CPU backend expected a floating-point tensor, got u32"),
     }
 }

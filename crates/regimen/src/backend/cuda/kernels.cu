@@ -1,0 +1,971 @@
+// regimen's CUDA kernels, compiled at run time by NVRTC (once per process) and loaded as one
+// module. Each kernel mirrors one operation of the CPU backend (`backend/cpu/`), with the
+// same formulas and the same rules for ties and NaN; the conformance tests compare the two.
+//
+// Conventions: `n` counts elements; indices are 64-bit where a tensor may exceed 2^31
+// elements. Grid-stride loops make every kernel correct for any grid size. Reductions are
+// deterministic: each block reduces a fixed range in a fixed order, partial results are
+// combined in a fixed order by a second kernel (no floating-point atomics), so a result does
+// not depend on timing.
+//
+// 16-bit types are stored as raw `unsigned short` bits and converted with PTX `cvt`
+// (round to nearest even), so no header is needed.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+
+#define INFINITY __int_as_float(0x7f800000)
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// ---------------------------------------------------------------------------------------
+// 16-bit conversions
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = f32_to_bf16(x[i]);
+}
+extern "C" __global__ void cast_f32_f16(const float* x, u16* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = f32_to_f16(x[i]);
+}
+extern "C" __global__ void cast_bf16_f32(const u16* x, float* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = bf16_to_f32(x[i]);
+}
+extern "C" __global__ void cast_f16_f32(const u16* x, float* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = f16_to_f32(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Philox4x32-10 (rng.rs documents the key and counter layout; the CPU implements the same).
+
+__device__ __forceinline__ void philox(u32 c[4], u32 k0, u32 k1) {
+    for (int r = 0; r < 10; r++) {
+        if (r > 0) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        u32 hi0 = __umulhi(0xD2511F53u, c[0]), lo0 = 0xD2511F53u * c[0];
+        u32 hi1 = __umulhi(0xCD9E8D57u, c[2]), lo1 = 0xCD9E8D57u * c[2];
+        u32 n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+        c[0] = n0;
+        c[1] = lo1;
+        c[2] = n2;
+        c[3] = lo0;
+    }
+}
+
+// The uniform in [0, 1) of draw (stream, step, purpose, index).
+__device__ __forceinline__ float philox_uniform(u64 stream, u32 step, u32 purpose, u64 index) {
+    u64 block = index >> 2;
+    u32 c[4] = {(u32)block, (u32)(block >> 32), step, purpose};
+    philox(c, (u32)stream, (u32)(stream >> 32));
+    return (float)(c[index & 3] >> 8) * (1.0f / 16777216.0f);
+}
+
+extern "C" __global__ void uniform_fill(float* out, long long n, u64 stream, const u32* step,
+                                        u32 purpose) {
+    u32 s = *step;
+    GRID_STRIDE(i, n) out[i] = philox_uniform(stream, s, purpose, (u64)i);
+}
+
+extern "C" __global__ void bernoulli_keep(float* out, long long n, float p, u64 stream,
+                                          const u32* step, u32 purpose) {
+    u32 s = *step;
+    GRID_STRIDE(i, n) out[i] = philox_uniform(stream, s, purpose, (u64)i) >= p ? 1.0f : 0.0f;
+}
+
+extern "C" __global__ void dropout_fwd(const float* x, float* y, float* mask, long long n,
+                                       float p, u64 stream, const u32* step, u32 purpose) {
+    u32 s = *step;
+    float keep = 1.0f / (1.0f - p);
+    GRID_STRIDE(i, n) {
+        float m = philox_uniform(stream, s, purpose, (u64)i) >= p ? keep : 0.0f;
+        mask[i] = m;
+        y[i] = x[i] * m;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Element-wise arithmetic
+
+extern "C" __global__ void axpy(float alpha, const float* x, float* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = y[i] + alpha * x[i];
+}
+extern "C" __global__ void scale(float* x, float alpha, long long n) {
+    GRID_STRIDE(i, n) x[i] = x[i] * alpha;
+}
+extern "C" __global__ void add(const float* a, const float* b, float* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = a[i] + b[i];
+}
+extern "C" __global__ void mul(const float* a, const float* b, float* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = a[i] * b[i];
+}
+extern "C" __global__ void scale_rows(const float* x, const float* s, float* y, long long n,
+                                      long long row) {
+    GRID_STRIDE(i, n) y[i] = x[i] * s[i / row];
+}
+// f32::clamp keeps NaN.
+extern "C" __global__ void clamp(float* x, float lo, float hi, long long n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        x[i] = v < lo ? lo : (v > hi ? hi : v);
+    }
+}
+extern "C" __global__ void add_sign(float alpha, const float* w, float* g, long long n) {
+    GRID_STRIDE(i, n) {
+        float v = w[i];
+        g[i] = g[i] + alpha * (v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f));
+    }
+}
+// y[n, c, i] += bias[c] over [N, C, inner].
+extern "C" __global__ void add_channel_bias(float* y, const float* bias, long long n, int c,
+                                            long long inner) {
+    GRID_STRIDE(i, n) y[i] += bias[(i / inner) % c];
+}
+
+// ---------------------------------------------------------------------------------------
+// Deterministic reductions. A block sums `per_block` consecutive elements (threads stride
+// through them, then a fixed tree), writing one double partial; `finish_sum` adds the
+// partials in order with one block.
+
+#define RBLOCK 256
+
+__device__ __forceinline__ double block_sum(double v) {
+    __shared__ double sh[RBLOCK];
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = RBLOCK / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    double r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+// op: 0 sum x, 1 sum |x|, 2 sum x^2, 3 count non-finite
+extern "C" __global__ void reduce_partial(const float* x, long long n, long long per_block, int op,
+                                          double* partial) {
+    long long lo = (long long)blockIdx.x * per_block;
+    long long hi = lo + per_block < n ? lo + per_block : n;
+    double acc = 0.0;
+    for (long long i = lo + threadIdx.x; i < hi; i += RBLOCK) {
+        float v = x[i];
+        double d = (double)v;
+        acc += op == 0 ? d : op == 1 ? fabs(d) : op == 2 ? d * d : (isfinite(v) ? 0.0 : 1.0);
+    }
+    double s = block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// out = f(sum of partials): mode 0 plain (as f32), 1 all-finite flag (1 if the count is 0),
+// 2 mean (divide by `div`).
+extern "C" __global__ void finish_sum(const double* partial, int count, int mode, double div,
+                                      float* out) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += RBLOCK) acc += partial[i];
+    double s = block_sum(acc);
+    if (threadIdx.x == 0) {
+        out[0] = mode == 0 ? (float)s : mode == 1 ? (s == 0.0 ? 1.0f : 0.0f) : (float)(s / div);
+    }
+}
+
+// Global gradient norm over several tensors: partials of sum x^2 per tensor have been
+// written (in tensor order) into `partial`; this adds them in order and writes the norm and
+// PyTorch's clipping coefficient min(1, max_norm / (norm + 1e-6)) (NaN stays NaN).
+extern "C" __global__ void finish_clip(const double* partial, int count, float max_norm,
+                                       float* norm_out, float* coef_out) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += RBLOCK) acc += partial[i];
+    double s = block_sum(acc);
+    if (threadIdx.x == 0) {
+        float norm = (float)sqrt(s);
+        float coef = max_norm / (norm + 1e-6f);
+        coef = coef < 1.0f ? coef : 1.0f;
+        if (isnan(norm)) coef = norm;
+        norm_out[0] = norm;
+        coef_out[0] = coef;
+    }
+}
+
+// dbias[c] += sum over n, i of dy[n, c, i]: one block per channel, samples in order.
+extern "C" __global__ void channel_sum_acc(const float* dy, float* dbias, int nb, int c,
+                                           long long inner) {
+    int ch = blockIdx.x;
+    double acc = 0.0;
+    for (int s = 0; s < nb; s++) {
+        const float* p = dy + ((long long)s * c + ch) * inner;
+        for (long long i = threadIdx.x; i < inner; i += RBLOCK) acc += (double)p[i];
+    }
+    double t = block_sum(acc);
+    if (threadIdx.x == 0) dbias[ch] += (float)t;
+}
+
+// ---------------------------------------------------------------------------------------
+// Activations. op codes: 0 sigmoid, 1 tanh, 2 relu, 3 leaky relu(a), 4 elu(a), 5 selu,
+// 6 softplus(a = beta, b = threshold), 7 gelu (erf), 8 mish, 9 swish(a = beta).
+
+#define SELU_ALPHA 1.6732632f
+#define SELU_SCALE 1.050701f
+
+__device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float softplus(float x, float beta, float thr) {
+    return x * beta > thr ? x : log1pf(expf(beta * x)) / beta;
+}
+
+__device__ __forceinline__ float act_fwd(int op, float x, float a, float b) {
+    switch (op) {
+    case 0: return sigm(x);
+    case 1: return tanhf(x);
+    case 2: return x <= 0.0f ? 0.0f : x;  // NaN propagates
+    case 3: return x > 0.0f ? x : a * x;
+    case 4: return x > 0.0f ? x : a * expm1f(x);
+    case 5: return SELU_SCALE * (x > 0.0f ? x : SELU_ALPHA * expm1f(x));
+    case 6: return softplus(x, a, b);
+    case 7: return 0.5f * x * (1.0f + (float)erf((double)(x * 0.70710678f)));
+    case 8: return x * tanhf(softplus(x, 1.0f, 20.0f));
+    default: return x * sigm(a * x);
+    }
+}
+
+__device__ __forceinline__ float act_grad(int op, float x, float y, float a, float b) {
+    switch (op) {
+    case 0: return y * (1.0f - y);
+    case 1: return 1.0f - y * y;
+    case 2: return x > 0.0f ? 1.0f : 0.0f;
+    case 3: return x > 0.0f ? 1.0f : a;
+    case 4: return x > 0.0f ? 1.0f : y + a;
+    case 5: return x > 0.0f ? SELU_SCALE : SELU_SCALE * SELU_ALPHA * expf(x);
+    case 6: return x * a > b ? 1.0f : sigm(a * x);
+    case 7:
+        return 0.5f * (1.0f + (float)erf((double)(x * 0.70710678f))) +
+               x * 0.3989423f * expf(-0.5f * x * x);
+    case 8: {
+        float t = tanhf(softplus(x, 1.0f, 20.0f));
+        return t + x * (1.0f - t * t) * sigm(x);
+    }
+    default: {
+        float s = sigm(a * x);
+        return s + a * x * s * (1.0f - s);
+    }
+    }
+}
+
+extern "C" __global__ void unary_fwd(int op, float a, float b, const float* x, float* y,
+                                     long long n) {
+    GRID_STRIDE(i, n) y[i] = act_fwd(op, x[i], a, b);
+}
+
+// ReLU's gradient lets NaN through (as the CPU).
+extern "C" __global__ void unary_bwd(int op, float a, float b, const float* x, const float* y,
+                                     const float* dy, float* dx, long long n) {
+    GRID_STRIDE(i, n) {
+        float xv = x[i];
+        if (op == 2) {
+            dx[i] = xv > 0.0f ? dy[i] : (isnan(xv) ? xv : 0.0f);
+        } else {
+            dx[i] = dy[i] * act_grad(op, xv, y[i], a, b);
+        }
+    }
+}
+
+// Swish with a learned beta read on the device.
+extern "C" __global__ void swish_fwd(const float* x, const float* beta, float* y, long long n) {
+    float b = beta[0];
+    GRID_STRIDE(i, n) y[i] = x[i] * sigm(b * x[i]);
+}
+extern "C" __global__ void swish_bwd(const float* x, const float* beta, const float* dy,
+                                     float* dx, long long n, long long per_block,
+                                     double* partial) {
+    float b = beta[0];
+    long long lo = (long long)blockIdx.x * per_block;
+    long long hi = lo + per_block < n ? lo + per_block : n;
+    double acc = 0.0;
+    for (long long i = lo + threadIdx.x; i < hi; i += RBLOCK) {
+        float xv = x[i], g = dy[i], s = sigm(b * xv);
+        acc += (double)(g * xv * xv * s * (1.0f - s));
+        dx[i] = g * (s + b * xv * s * (1.0f - s));
+    }
+    double t = block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = t;
+}
+// target[0] += sum of partials (in order).
+extern "C" __global__ void finish_acc(const double* partial, int count, float* target) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += RBLOCK) acc += partial[i];
+    double s = block_sum(acc);
+    if (threadIdx.x == 0) target[0] += (float)s;
+}
+
+// PReLU over [N, C, inner] with `na` slopes (1 or C).
+extern "C" __global__ void prelu_fwd(const float* x, const float* a, float* y, long long n, int c,
+                                     long long inner, int na) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        float s = a[na == 1 ? 0 : (i / inner) % c];
+        y[i] = v <= 0.0f ? v * s : v;
+    }
+}
+// One block per slope k: dx for its channel(s) and da[k] += sum dy x over x <= 0.
+extern "C" __global__ void prelu_bwd(const float* x, const float* a, const float* dy, float* dx,
+                                     float* da, int nb, int c, long long inner, int na) {
+    int k = blockIdx.x;
+    double acc = 0.0;
+    float s = a[k];
+    for (int smp = 0; smp < nb; smp++) {
+        for (int ch = (na == 1 ? 0 : k); ch < (na == 1 ? c : k + 1); ch++) {
+            long long base = ((long long)smp * c + ch) * inner;
+            for (long long i = threadIdx.x; i < inner; i += RBLOCK) {
+                float xv = x[base + i], g = dy[base + i];
+                if (xv <= 0.0f) {
+                    acc += (double)(g * xv);
+                    dx[base + i] = g * s;
+                } else {
+                    dx[base + i] = g;
+                }
+            }
+        }
+    }
+    double t = block_sum(acc);
+    if (threadIdx.x == 0) da[k] += (float)t;
+}
+
+// Softmax over axis 1 of [N, C, inner]: one thread per (n, i) column.
+extern "C" __global__ void softmax_fwd(const float* x, float* y, long long cols, int c,
+                                       long long inner) {
+    GRID_STRIDE(col, cols) {
+        long long nidx = col / inner, i = col % inner;
+        const float* xb = x + nidx * c * inner + i;
+        float* yb = y + nidx * c * inner + i;
+        float mx = -INFINITY;
+        for (int k = 0; k < c; k++) mx = fmaxf(mx, xb[k * inner]);
+        double s = 0.0;
+        for (int k = 0; k < c; k++) {
+            float e = expf(xb[k * inner] - mx);
+            yb[k * inner] = e;
+            s += (double)e;
+        }
+        float inv = (float)(1.0 / s);
+        for (int k = 0; k < c; k++) yb[k * inner] *= inv;
+    }
+}
+extern "C" __global__ void softmax_bwd(const float* y, const float* dy, float* dx, long long cols,
+                                       int c, long long inner) {
+    GRID_STRIDE(col, cols) {
+        long long base = (col / inner) * c * inner + col % inner;
+        float dot = 0.0f;
+        for (int k = 0; k < c; k++) dot += y[base + k * inner] * dy[base + k * inner];
+        for (int k = 0; k < c; k++) {
+            long long j = base + k * inner;
+            dx[j] = y[j] * (dy[j] - dot);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Convolution by im2col + GEMM. The column matrix is [K, N P] (K = C KH KW, P = OH OW),
+// columns ordered (sample, position), so that one GEMM covers the whole batch:
+// Y' [OC, N P] = W [OC, K] col, then Y [N, OC, P] is Y' with the first two axes swapped.
+
+template <typename T, typename L>
+__device__ void im2col_impl(const T* x, T* col, int nb, int c, int h, int w, int kh, int kw,
+                            int stride, int pad, int oh, int ow, L zero) {
+    long long p = (long long)oh * ow, np = (long long)nb * p;
+    long long total = (long long)c * kh * kw * np;
+    GRID_STRIDE(idx, total) {
+        long long row = idx / np, colj = idx % np;
+        int smp = (int)(colj / p);
+        int pos = (int)(colj % p);
+        int oy = pos / ow, ox = pos % ow;
+        int kj = (int)(row % kw), ki = (int)((row / kw) % kh), ci = (int)(row / ((long long)kw * kh));
+        int iy = oy * stride + ki - pad, ix = ox * stride + kj - pad;
+        T v = zero;
+        if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+            v = x[(((long long)smp * c + ci) * h + iy) * w + ix];
+        col[idx] = v;
+    }
+}
+extern "C" __global__ void im2col_f32(const float* x, float* col, int nb, int c, int h, int w,
+                                      int kh, int kw, int stride, int pad, int oh, int ow) {
+    im2col_impl<float>(x, col, nb, c, h, w, kh, kw, stride, pad, oh, ow, 0.0f);
+}
+extern "C" __global__ void im2col_u16(const u16* x, u16* col, int nb, int c, int h, int w,
+                                      int kh, int kw, int stride, int pad, int oh, int ow) {
+    im2col_impl<u16>(x, col, nb, c, h, w, kh, kw, stride, pad, oh, ow, (u16)0);
+}
+
+// dx [N, C, H, W] = col2im(dcol [K, N P]): each input element gathers every window entry that
+// read it (no atomics: deterministic).
+extern "C" __global__ void col2im(const float* dcol, float* dx, int nb, int c, int h, int w,
+                                  int kh, int kw, int stride, int pad, int oh, int ow) {
+    long long p = (long long)oh * ow, np = (long long)nb * p;
+    long long total = (long long)nb * c * h * w;
+    GRID_STRIDE(idx, total) {
+        int ix = (int)(idx % w), iy = (int)((idx / w) % h);
+        int ci = (int)((idx / ((long long)w * h)) % c);
+        int smp = (int)(idx / ((long long)w * h * c));
+        float acc = 0.0f;
+        for (int ki = 0; ki < kh; ki++) {
+            int ty = iy + pad - ki;
+            if (ty < 0 || ty % stride != 0) continue;
+            int oy = ty / stride;
+            if (oy >= oh) continue;
+            for (int kj = 0; kj < kw; kj++) {
+                int tx = ix + pad - kj;
+                if (tx < 0 || tx % stride != 0) continue;
+                int ox = tx / stride;
+                if (ox >= ow) continue;
+                long long row = ((long long)ci * kh + ki) * kw + kj;
+                acc += dcol[row * np + (long long)smp * p + (long long)oy * ow + ox];
+            }
+        }
+        dx[idx] = acc;
+    }
+}
+
+// y [N, OC, P] (+ bias) from y' [OC, N P].
+extern "C" __global__ void conv_out(const float* yt, const float* bias, float* y, int nb, int oc,
+                                    long long p) {
+    long long total = (long long)nb * oc * p;
+    GRID_STRIDE(idx, total) {
+        long long pos = idx % p;
+        int o = (int)((idx / p) % oc);
+        int smp = (int)(idx / (p * oc));
+        float v = yt[(long long)o * nb * p + (long long)smp * p + pos];
+        y[idx] = bias ? v + bias[o] : v;
+    }
+}
+// dy' [OC, N P] from dy [N, OC, P], in f32 or rounded to 16 bits (mode 0 f32, 1 bf16, 2 f16).
+extern "C" __global__ void conv_dy_t(const float* dy, void* out, int nb, int oc, long long p,
+                                     int mode) {
+    long long total = (long long)nb * oc * p;
+    GRID_STRIDE(idx, total) {
+        long long pos = idx % p;
+        int o = (int)((idx / p) % oc);
+        int smp = (int)(idx / (p * oc));
+        long long j = (long long)o * nb * p + (long long)smp * p + pos;
+        float v = dy[idx];
+        if (mode == 0) ((float*)out)[j] = v;
+        else if (mode == 1) ((u16*)out)[j] = f32_to_bf16(v);
+        else ((u16*)out)[j] = f32_to_f16(v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Pooling
+
+// Max pooling over clipped windows; first maximum wins, NaN propagates; positions in-plane.
+extern "C" __global__ void max_pool_fwd(const float* x, float* y, u32* idx, long long planes,
+                                        int h, int w, int oh, int ow, int kh, int kw, int stride,
+                                        int pad) {
+    long long total = planes * oh * ow;
+    GRID_STRIDE(o, total) {
+        int ox = (int)(o % ow), oy = (int)((o / ow) % oh);
+        long long pl = o / ((long long)ow * oh);
+        const float* xp = x + pl * h * w;
+        int r0 = oy * stride - pad, c0 = ox * stride - pad;
+        int r1 = min(r0 + kh, h), c1 = min(c0 + kw, w);
+        r0 = max(r0, 0);
+        c0 = max(c0, 0);
+        float best = -INFINITY;
+        u32 at = (u32)(r0 * w + c0);
+        for (int iy = r0; iy < r1; iy++)
+            for (int ix = c0; ix < c1; ix++) {
+                float v = xp[iy * w + ix];
+                if (!isnan(best) && (v > best || isnan(v))) {
+                    best = v;
+                    at = (u32)(iy * w + ix);
+                }
+            }
+        y[o] = best;
+        idx[o] = at;
+    }
+}
+
+// dx[plane, idx[j]] += dy[plane, j] (dx zeroed first). Atomics: with overlapping windows the
+// order of additions is not fixed (non-overlapping windows, the common case, are exact).
+extern "C" __global__ void max_bwd(const float* dy, const u32* idx, float* dx, long long n,
+                                   long long dy_plane, long long x_plane) {
+    GRID_STRIDE(j, n) {
+        long long pl = j / dy_plane;
+        atomicAdd(dx + pl * x_plane + idx[j], dy[j]);
+    }
+}
+
+extern "C" __global__ void avg_pool_fwd(const float* x, float* y, long long planes, int h, int w,
+                                        int oh, int ow, int kh, int kw, int stride, int pad) {
+    long long total = planes * oh * ow;
+    float inv = 1.0f / (float)(kh * kw);
+    GRID_STRIDE(o, total) {
+        int ox = (int)(o % ow), oy = (int)((o / ow) % oh);
+        const float* xp = x + (o / ((long long)ow * oh)) * h * w;
+        int r0 = oy * stride - pad, c0 = ox * stride - pad;
+        int r1 = min(r0 + kh, h), c1 = min(c0 + kw, w);
+        r0 = max(r0, 0);
+        c0 = max(c0, 0);
+        float s = 0.0f;
+        for (int iy = r0; iy < r1; iy++) {
+            float row = 0.0f;
+            for (int ix = c0; ix < c1; ix++) row += xp[iy * w + ix];
+            s += row;
+        }
+        y[o] = s * inv;
+    }
+}
+// Each input gathers the outputs whose window covers it.
+extern "C" __global__ void avg_pool_bwd(const float* dy, float* dx, long long planes, int h, int w,
+                                        int oh, int ow, int kh, int kw, int stride, int pad) {
+    long long total = planes * h * w;
+    float inv = 1.0f / (float)(kh * kw);
+    GRID_STRIDE(i, total) {
+        int ix = (int)(i % w), iy = (int)((i / w) % h);
+        const float* dp = dy + (i / ((long long)w * h)) * oh * ow;
+        float acc = 0.0f;
+        for (int oy = 0; oy < oh; oy++) {
+            int r0 = oy * stride - pad;
+            if (iy < max(r0, 0) || iy >= min(r0 + kh, h)) continue;
+            for (int ox = 0; ox < ow; ox++) {
+                int c0 = ox * stride - pad;
+                if (ix < max(c0, 0) || ix >= min(c0 + kw, w)) continue;
+                acc += dp[oy * ow + ox] * inv;
+            }
+        }
+        dx[i] = acc;
+    }
+}
+
+// Mean of each plane: one block per plane.
+extern "C" __global__ void plane_mean(const float* x, float* y, long long inner) {
+    const float* p = x + (long long)blockIdx.x * inner;
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < inner; i += RBLOCK) acc += (double)p[i];
+    double s = block_sum(acc);
+    if (threadIdx.x == 0) y[blockIdx.x] = (float)(s / (double)inner);
+}
+extern "C" __global__ void plane_broadcast(const float* dy, float* dx, long long n,
+                                           long long inner) {
+    float invf = 1.0f / (float)inner;
+    GRID_STRIDE(i, n) dx[i] = dy[i / inner] * invf;
+}
+
+// PyTorch's interval rule for fractional max pooling (as pool::fractional_starts).
+__device__ __forceinline__ int frac_start(float u, int n, int out, int k, int i) {
+    if (i == out - 1) return n - k;
+    float alpha = (float)(n - k) / (float)(out - 1);
+    return (int)((long long)(((float)i + u) * alpha) - (long long)(u * alpha));
+}
+extern "C" __global__ void fractional_fwd(const float* x, const float* samples, float* y, u32* idx,
+                                          long long planes, int h, int w, int oh, int ow, int kh,
+                                          int kw) {
+    long long total = planes * oh * ow;
+    GRID_STRIDE(o, total) {
+        int ox = (int)(o % ow), oy = (int)((o / ow) % oh);
+        long long pl = o / ((long long)ow * oh);
+        const float* xp = x + pl * h * w;
+        int c0 = frac_start(samples[2 * pl], w, ow, kw, ox);
+        int r0 = frac_start(samples[2 * pl + 1], h, oh, kh, oy);
+        float best = -INFINITY;
+        u32 at = (u32)(r0 * w + c0);
+        for (int iy = r0; iy < r0 + kh; iy++)
+            for (int ix = c0; ix < c0 + kw; ix++) {
+                float v = xp[iy * w + ix];
+                if (!isnan(best) && (v > best || isnan(v))) {
+                    best = v;
+                    at = (u32)(iy * w + ix);
+                }
+            }
+        y[o] = best;
+        idx[o] = at;
+    }
+}
+
+// Maxout: rows of f k values, y[r, j] = max_i x[r, j k + i]; positions within the row.
+extern "C" __global__ void max_groups_fwd(const float* x, float* y, u32* idx, long long n, int f,
+                                          int k) {
+    GRID_STRIDE(o, n) {
+        long long r = o / f;
+        int j = (int)(o % f);
+        const float* xr = x + r * (long long)f * k;
+        float best = -INFINITY;
+        u32 at = (u32)(j * k);
+        for (int i = 0; i < k; i++) {
+            float v = xr[j * k + i];
+            if (!isnan(best) && (v > best || isnan(v))) {
+                best = v;
+                at = (u32)(j * k + i);
+            }
+        }
+        y[o] = best;
+        idx[o] = at;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Batch normalization over [N, C, inner]. Statistics: block (c, s) covers samples
+// [s N / S, (s + 1) N / S) of channel c and writes (count, mean, M2) in double; the finishing
+// kernel merges the S parts in order with Chan et al.'s formula.
+
+extern "C" __global__ void bn_stats_partial(const float* x, int nb, int c, long long inner,
+                                            int splits, double* part) {
+    int ch = blockIdx.x, s = blockIdx.y;
+    int n0 = (int)((long long)s * nb / splits), n1 = (int)((long long)(s + 1) * nb / splits);
+    double sum = 0.0;
+    for (int smp = n0; smp < n1; smp++) {
+        const float* p = x + ((long long)smp * c + ch) * inner;
+        for (long long i = threadIdx.x; i < inner; i += RBLOCK) sum += (double)p[i];
+    }
+    double total = block_sum(sum);
+    double cnt = (double)(n1 - n0) * (double)inner;
+    double mean = cnt > 0.0 ? total / cnt : 0.0;
+    double m2 = 0.0;
+    for (int smp = n0; smp < n1; smp++) {
+        const float* p = x + ((long long)smp * c + ch) * inner;
+        for (long long i = threadIdx.x; i < inner; i += RBLOCK) {
+            double d = (double)p[i] - mean;
+            m2 += d * d;
+        }
+    }
+    double m2t = block_sum(m2);
+    if (threadIdx.x == 0) {
+        double* o = part + ((long long)ch * splits + s) * 3;
+        o[0] = cnt;
+        o[1] = mean;
+        o[2] = m2t;
+    }
+}
+
+// Per channel: mean, invstd (f32, for backward), scale and shift for the normalization, and
+// the running averages (variance unbiased).
+extern "C" __global__ void bn_stats_finish(const double* part, int c, int splits, float eps,
+                                           float momentum, const float* gamma, const float* beta,
+                                           float* mean_out, float* invstd_out, float* scale,
+                                           float* shift, float* run_mean, float* run_var) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double n = 0.0, mean = 0.0, m2 = 0.0;
+    for (int s = 0; s < splits; s++) {
+        const double* p = part + ((long long)ch * splits + s) * 3;
+        double nb = p[0];
+        if (nb == 0.0) continue;
+        double tot = n + nb, delta = p[1] - mean;
+        mean += delta * nb / tot;
+        m2 += p[2] + delta * delta * n * nb / tot;
+        n = tot;
+    }
+    double var = m2 / (n > 1.0 ? n : 1.0);
+    float invstd = (float)(1.0 / sqrt(var + (double)eps));
+    float meanf = (float)mean;
+    mean_out[ch] = meanf;
+    invstd_out[ch] = invstd;
+    float sc = gamma[ch] * invstd;
+    scale[ch] = sc;
+    shift[ch] = beta[ch] - meanf * sc;
+    float m = (float)n;
+    float unbias = m > 1.0f ? m / (m - 1.0f) : 1.0f;
+    run_mean[ch] = (1.0f - momentum) * run_mean[ch] + momentum * meanf;
+    run_var[ch] = (1.0f - momentum) * run_var[ch] + momentum * (float)var * unbias;
+}
+
+extern "C" __global__ void bn_apply(const float* x, const float* scale, const float* shift,
+                                    float* y, long long n, int c, long long inner) {
+    GRID_STRIDE(i, n) {
+        int ch = (int)((i / inner) % c);
+        y[i] = x[i] * scale[ch] + shift[ch];
+    }
+}
+extern "C" __global__ void bn_eval(const float* x, const float* gamma, const float* beta,
+                                   const float* mean, const float* invstd, float* y, long long n,
+                                   int c, long long inner) {
+    GRID_STRIDE(i, n) {
+        int ch = (int)((i / inner) % c);
+        y[i] = gamma[ch] * (x[i] - mean[ch]) * invstd[ch] + beta[ch];
+    }
+}
+extern "C" __global__ void invstd_kernel(const float* var, float* out, float eps, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = (float)(1.0 / sqrt((double)var[i] + (double)eps));
+}
+
+// Backward sums per channel: part (c, s) = (sum dy, sum dy xhat) in double.
+extern "C" __global__ void bn_bwd_partial(const float* x, const float* dy, const float* mean,
+                                          const float* invstd, int nb, int c, long long inner,
+                                          int splits, double* part) {
+    int ch = blockIdx.x, s = blockIdx.y;
+    int n0 = (int)((long long)s * nb / splits), n1 = (int)((long long)(s + 1) * nb / splits);
+    float mu = mean[ch], is = invstd[ch];
+    double a = 0.0, b = 0.0;
+    for (int smp = n0; smp < n1; smp++) {
+        long long base = ((long long)smp * c + ch) * inner;
+        for (long long i = threadIdx.x; i < inner; i += RBLOCK) {
+            float g = dy[base + i];
+            float xhat = (x[base + i] - mu) * is;
+            a += (double)g;
+            b += (double)(g * xhat);
+        }
+    }
+    double ta = block_sum(a);
+    double tb = block_sum(b);
+    if (threadIdx.x == 0) {
+        double* o = part + ((long long)ch * splits + s) * 2;
+        o[0] = ta;
+        o[1] = tb;
+    }
+}
+// dbeta += sum dy, dgamma += sum dy xhat; coefficients of dx per channel.
+extern "C" __global__ void bn_bwd_finish(const double* part, int c, int splits, double m,
+                                         float* dgamma, float* dbeta, float* mean_dy,
+                                         float* mean_dyx) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double a = 0.0, b = 0.0;
+    for (int s = 0; s < splits; s++) {
+        a += part[((long long)ch * splits + s) * 2];
+        b += part[((long long)ch * splits + s) * 2 + 1];
+    }
+    dbeta[ch] += (float)a;
+    dgamma[ch] += (float)b;
+    mean_dy[ch] = (float)(a / m);
+    mean_dyx[ch] = (float)(b / m);
+}
+extern "C" __global__ void bn_bwd_dx(const float* x, const float* dy, const float* gamma,
+                                     const float* mean, const float* invstd, const float* mean_dy,
+                                     const float* mean_dyx, int batch_stats, float* dx,
+                                     long long n, int c, long long inner) {
+    GRID_STRIDE(i, n) {
+        int ch = (int)((i / inner) % c);
+        float is = invstd[ch];
+        if (batch_stats) {
+            float xhat = (x[i] - mean[ch]) * is;
+            dx[i] = gamma[ch] * is * (dy[i] - mean_dy[ch] - xhat * mean_dyx[ch]);
+        } else {
+            dx[i] = gamma[ch] * is * dy[i];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Losses and metrics. One warp per row of [N, C] logits.
+
+// Per row: the loss (double, into row_loss) and dlogits = (p t_sum - t) * g, with target t
+// from a hard label or a soft distribution, smoothed: (1 - eps) t + eps / C.
+extern "C" __global__ void softmax_ce(const float* logits, const u32* labels, const float* soft,
+                                      int nrows, int c, float smoothing, float g,
+                                      double* row_loss, float* grad) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (warp >= nrows) return;
+    const float* x = logits + (long long)warp * c;
+    float* gr = grad + (long long)warp * c;
+    float mx = -INFINITY;
+    for (int k = lane; k < c; k += 32) mx = fmaxf(mx, x[k]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    double se = 0.0;
+    for (int k = lane; k < c; k += 32) se += exp((double)(x[k] - mx));
+    for (int o = 16; o > 0; o >>= 1) se += __shfl_xor_sync(0xffffffffu, se, o);
+    double lse = (double)mx + log(se);
+    float u = smoothing / (float)c;
+    double tsum = 0.0, tdot = 0.0;
+    for (int k = lane; k < c; k += 32) {
+        float t = labels ? (labels[warp] == (u32)k ? 1.0f : 0.0f) : soft[(long long)warp * c + k];
+        if (smoothing > 0.0f) t = (1.0f - smoothing) * t + u;
+        tsum += (double)t;
+        tdot += (double)t * (double)x[k];
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        tsum += __shfl_xor_sync(0xffffffffu, tsum, o);
+        tdot += __shfl_xor_sync(0xffffffffu, tdot, o);
+    }
+    for (int k = lane; k < c; k += 32) {
+        float t = labels ? (labels[warp] == (u32)k ? 1.0f : 0.0f) : soft[(long long)warp * c + k];
+        if (smoothing > 0.0f) t = (1.0f - smoothing) * t + u;
+        double p = exp((double)x[k] - lse);
+        gr[k] = ((float)(p * tsum) - t) * g;
+    }
+    if (lane == 0) row_loss[warp] = lse * tsum - tdot;
+}
+
+// Per row: 1 if the first arg-max equals the label.
+extern "C" __global__ void correct_rows(const float* logits, const u32* labels, int nrows, int c,
+                                        double* out) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= nrows) return;
+    const float* x = logits + (long long)r * c;
+    int best = 0;
+    for (int k = 1; k < c; k++)
+        if (x[k] > x[best]) best = k;
+    out[r] = (u32)best == labels[r] ? 1.0 : 0.0;
+}
+
+extern "C" __global__ void mse_grad(const float* p, const float* q, float* grad, float g,
+                                    long long n) {
+    GRID_STRIDE(i, n) grad[i] = g * (p[i] - q[i]);
+}
+extern "C" __global__ void mse_partial(const float* p, const float* q, long long n,
+                                       long long per_block, double* partial) {
+    long long lo = (long long)blockIdx.x * per_block;
+    long long hi = lo + per_block < n ? lo + per_block : n;
+    double acc = 0.0;
+    for (long long i = lo + threadIdx.x; i < hi; i += RBLOCK) {
+        double d = (double)(p[i] - q[i]);
+        acc += d * d;
+    }
+    double s = block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Optimizer: the step counter and one multi-tensor update per rule.
+
+extern "C" __global__ void increment(u32* counter, u32 by) { counter[0] += by; }
+
+// One parameter tensor in a multi-tensor update.
+struct ParamSlot {
+    float* p;
+    float* g;
+    float* s0;
+    float* s1;
+    float* s2;
+    long long n;
+    long long first_block;  // blocks before this tensor's
+    float lr_scale;
+    float wd;
+};
+
+// rule: 0 sgd, 1 adagrad, 2 rmsprop, 3 adam. h: hyperparameters (f64, as the CPU):
+// sgd [momentum, dampening, nesterov], adagrad [lr_decay, eps], rmsprop [alpha, eps, momentum,
+// centered], adam [beta1, beta2, eps, amsgrad, decoupled]. lr[min(step - 1, lr_len - 1)] is the
+// learning rate (a one-element tensor, or a schedule table). The gradient is scaled by
+// grad_scale[0] when given, gets L2 decay (not AdamW), and is zeroed after use.
+extern "C" __global__ void optim_update(const ParamSlot* slots, int nslots, int rule,
+                                        double h0, double h1, double h2, double h3, double h4,
+                                        const float* lr, int lr_len, const u32* step_ptr,
+                                        const float* grad_scale, long long per_block) {
+    // The tensor of this block (a short linear scan: models have tens of tensors).
+    int t = 0;
+    while (t + 1 < nslots && slots[t + 1].first_block <= (long long)blockIdx.x) t++;
+    ParamSlot sl = slots[t];
+    u64 step = (u64)step_ptr[0];
+    int li = (int)(step - 1 < (u64)lr_len ? step - 1 : (u64)(lr_len - 1));
+    float lr_p = lr[li] * sl.lr_scale;
+    float coef = grad_scale ? grad_scale[0] : 1.0f;
+    bool decoupled = rule == 3 && h4 != 0.0;
+    float l2 = decoupled ? 0.0f : sl.wd;
+    // Per-tensor scalars, in double as the CPU's step_scalars.
+    float sc0 = lr_p, sc1 = 0.0f;
+    if (rule == 1) sc0 = (float)((double)lr_p / (1.0 + (double)(step - 1) * h0));
+    if (rule == 3) {
+        float bc1 = (float)(1.0 - pow(h0, (double)step));
+        sc1 = (float)sqrt(1.0 - pow(h1, (double)step));
+        sc0 = lr_p / bc1;
+    }
+    long long lo = ((long long)blockIdx.x - sl.first_block) * per_block;
+    long long hi = lo + per_block < sl.n ? lo + per_block : sl.n;
+    for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        float theta = sl.p[i];
+        float g = sl.g[i] * coef + l2 * theta;
+        sl.g[i] = 0.0f;
+        if (rule == 0) {
+            float step_v = g;
+            if (h0 != 0.0) {
+                float mu = (float)h0, keep = (float)(1.0 - h1);
+                float v = step == 1 ? g : mu * sl.s0[i] + keep * g;
+                sl.s0[i] = v;
+                step_v = h2 != 0.0 ? g + mu * v : v;
+            }
+            theta -= sc0 * step_v;
+        } else if (rule == 1) {
+            float s = sl.s0[i] + g * g;
+            sl.s0[i] = s;
+            theta -= sc0 * g / (sqrtf(s) + (float)h1);
+        } else if (rule == 2) {
+            float a = (float)h0, om = (float)(1.0 - h0), eps = (float)h1, mu = (float)h2;
+            bool centered = h3 != 0.0;
+            float sq = a * sl.s0[i] + om * g * g;
+            sl.s0[i] = sq;
+            float d;
+            if (centered) {
+                float av = sl.s1[i];
+                av += om * (g - av);
+                sl.s1[i] = av;
+                d = sqrtf(sq - av * av) + eps;
+            } else {
+                d = sqrtf(sq) + eps;
+            }
+            if (h2 > 0.0) {
+                float* bufp = centered ? sl.s2 : sl.s1;
+                float b = mu * bufp[i] + g / d;
+                bufp[i] = b;
+                theta -= sc0 * b;
+            } else {
+                theta -= sc0 * g / d;
+            }
+        } else {
+            if (decoupled) theta *= 1.0f - lr_p * sl.wd;
+            float m = sl.s0[i];
+            m += (float)(1.0 - h0) * (g - m);
+            sl.s0[i] = m;
+            float v = (float)h1 * sl.s1[i] + (float)(1.0 - h1) * g * g;
+            sl.s1[i] = v;
+            float second = v;
+            if (h3 != 0.0) {
+                float vm = fmaxf(sl.s2[i], v);
+                sl.s2[i] = vm;
+                second = vm;
+            }
+            float denom = sqrtf(second) / sc1 + (float)h2;
+            theta -= sc0 * m / denom;
+        }
+        sl.p[i] = theta;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Data on the device: gather a batch of images by index, with random crop (zero padding) and
+// horizontal flip drawn from Philox (stream, step, purpose, sample * 4 + k).
+
+extern "C" __global__ void gather_augment(const float* images, const u32* labels_in,
+                                          const u32* order, const u32* cursor, float* out,
+                                          u32* labels_out, int b, int c, int h, int w, int pad,
+                                          float flip_p, u64 stream, const u32* step,
+                                          u32 purpose) {
+    long long per = (long long)c * h * w;
+    long long total = (long long)b * per;
+    u32 s = *step;
+    u32 first = *cursor;
+    GRID_STRIDE(idx, total) {
+        int smp = (int)(idx / per);
+        long long r = idx % per;
+        int x = (int)(r % w), y = (int)((r / w) % h), ch = (int)(r / ((long long)w * h));
+        u32 src = order[first + smp];
+        int dy = 0, dx = 0;
+        if (pad > 0) {
+            dy = (int)(philox_uniform(stream, s, purpose, (u64)smp * 4 + 0) * (float)(2 * pad + 1)) - pad;
+            dx = (int)(philox_uniform(stream, s, purpose, (u64)smp * 4 + 1) * (float)(2 * pad + 1)) - pad;
+        }
+        bool flip = flip_p > 0.0f && philox_uniform(stream, s, purpose, (u64)smp * 4 + 2) < flip_p;
+        int sx = flip ? w - 1 - x : x;
+        int iy = y + dy, ix = sx + dx;
+        float v = 0.0f;
+        if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = images[(long long)src * per + ((long long)ch * h + iy) * w + ix];
+        out[idx] = v;
+        if (r == 0) labels_out[smp] = labels_in[src];
+    }
+}

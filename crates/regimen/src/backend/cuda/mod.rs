@@ -1,0 +1,2219 @@
+//! The CUDA backend: NVIDIA GPUs through the driver API, NVRTC and cuBLAS, all loaded at run
+//! time by `cudarc` (no CUDA toolkit is needed to build, and the same binary runs on machines
+//! with and without a GPU).
+//!
+//! - **Kernels**: `kernels.cu`, CUDA C compiled once per process by NVRTC for the GPU's
+//!   architecture and loaded as one module. They mirror the CPU backend operation by
+//!   operation (same formulas, same rules for ties and NaN, the same Philox draws), which the
+//!   conformance tests check (`tests/conformance.rs`).
+//! - **Matrix products**: cuBLAS (`cublasGemmEx`), f32 or bf16/f16 inputs with f32 results.
+//!   Linear layers multiply in full f32 (as PyTorch's default); convolutions are im2col +
+//!   one GEMM over the whole batch and use TF32 tensor cores unless
+//!   [`set_conv_tf32`]`(false)` (as PyTorch's default for cuDNN convolutions).
+//! - **Memory**: one stream per GPU; buffers come from a pool ([`crate::backend::pool`]) and
+//!   return to it when dropped; a steady-state step allocates nothing.
+//! - **Graphs**: [`Backend::begin_capture`] / [`Backend::end_capture`] record the operations
+//!   of a step as one CUDA graph. Buffers allocated while recording belong to the graph (an
+//!   arena kept alive by it), so no other tensor can reuse them between replays.
+//! - **Errors**: a missing driver, library or GPU is an [`Error::Device`] from
+//!   [`crate::Device::cuda`], never a panic. A CUDA error inside an operation (which returns a
+//!   tensor, not a `Result`) is a broken invariant and panics with the driver's message.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::{result as blas, sys as bsys};
+use cudarc::driver::{result as dr, sys, CudaContext, CudaFunction, CudaStream};
+
+use crate::backend::pool::Pool;
+use crate::backend::{
+    strict, Backend, Graph, HostBuf, ParamUpdate, PoolStats, RandomKey, Target, Unary, UpdateRule,
+    UpdateScalars, Window,
+};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Device, Indices, Storage, Tensor};
+
+/// The kernel source (compiled at run time).
+pub const KERNELS: &str = include_str!("kernels.cu");
+
+/// Threads per block of the element-wise and reduction kernels (`RBLOCK` in kernels.cu).
+const BLOCK: u32 = 256;
+
+static CONV_TF32: AtomicBool = AtomicBool::new(true);
+
+/// Whether convolutions may use TF32 tensor cores (default true, as PyTorch's
+/// `torch.backends.cudnn.allow_tf32`). Linear layers always multiply in full f32.
+pub fn set_conv_tf32(on: bool) {
+    CONV_TF32.store(on, Ordering::Relaxed);
+}
+
+fn derr(what: &str) -> impl FnOnce(dr::DriverError) -> Error + '_ {
+    move |e| Error::Device {
+        device: "cuda".into(),
+        reason: format!("{what}: {e:?}"),
+    }
+}
+
+/// NVRTC options for a compute capability like `(9, 0)`.
+fn nvrtc_options(arch: (i32, i32)) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture=compute_{}{}", arch.0, arch.1),
+        "-default-device".into(),
+        "--std=c++17".into(),
+    ]
+}
+
+/// Compile `kernels.cu` to PTX for `arch` with NVRTC: needs only `libnvrtc.so.13`, no GPU.
+/// The ordinary test run calls this to prove the kernels compile; an error carries NVRTC's
+/// log.
+pub fn compile_kernels(arch: (i32, i32)) -> Result<String> {
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::Device {
+            device: "cuda".into(),
+            reason: "NVRTC (libnvrtc.so.13) not found: install the CUDA 13 runtime compiler \
+                     (e.g. pip install nvidia-cuda-nvrtc) and put it on LD_LIBRARY_PATH"
+                .into(),
+        });
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: nvrtc_options(arch),
+        name: Some("kernels.cu".into()),
+        ..Default::default()
+    };
+    match cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => Err(Error::Device {
+            device: "cuda".into(),
+            reason: format!("kernels.cu does not compile:\n{}", log.to_string_lossy()),
+        }),
+        Err(e) => Err(Error::Device {
+            device: "cuda".into(),
+            reason: format!("NVRTC: {e:?}"),
+        }),
+    }
+}
+
+/// Every kernel of `kernels.cu` that the backend launches.
+const KERNEL_NAMES: &[&str] = &[
+    "cast_f32_bf16",
+    "cast_f32_f16",
+    "cast_bf16_f32",
+    "cast_f16_f32",
+    "uniform_fill",
+    "bernoulli_keep",
+    "dropout_fwd",
+    "axpy",
+    "scale",
+    "add",
+    "mul",
+    "scale_rows",
+    "clamp",
+    "add_sign",
+    "add_channel_bias",
+    "reduce_partial",
+    "finish_sum",
+    "finish_clip",
+    "channel_sum_acc",
+    "unary_fwd",
+    "unary_bwd",
+    "swish_fwd",
+    "swish_bwd",
+    "finish_acc",
+    "prelu_fwd",
+    "prelu_bwd",
+    "softmax_fwd",
+    "softmax_bwd",
+    "im2col_f32",
+    "im2col_u16",
+    "col2im",
+    "conv_out",
+    "conv_dy_t",
+    "max_pool_fwd",
+    "max_bwd",
+    "avg_pool_fwd",
+    "avg_pool_bwd",
+    "plane_mean",
+    "plane_broadcast",
+    "fractional_fwd",
+    "max_groups_fwd",
+    "bn_stats_partial",
+    "bn_stats_finish",
+    "bn_apply",
+    "bn_eval",
+    "invstd_kernel",
+    "bn_bwd_partial",
+    "bn_bwd_finish",
+    "bn_bwd_dx",
+    "softmax_ce",
+    "correct_rows",
+    "mse_grad",
+    "mse_partial",
+    "increment",
+    "optim_update",
+    "gather_augment",
+];
+
+/// Buffers allocated while a graph was recorded: they belong to the graph, and return here
+/// (not to the pool) when their tensors are dropped, until the graph is gone.
+pub(crate) struct Arena {
+    free: Mutex<HashMap<usize, Vec<u64>>>,
+    ordinal: usize,
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        let free = std::mem::take(&mut *self.free.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(be) = SLOTS.get(self.ordinal).and_then(OnceLock::get) {
+            for (words, ptrs) in free {
+                for p in ptrs {
+                    be.give_back(words, p);
+                }
+            }
+        }
+    }
+}
+
+/// Device memory of one tensor: `words` 4-byte words at `ptr`.
+pub struct CudaBuffer {
+    ptr: u64,
+    words: usize,
+    ordinal: usize,
+    arena: Option<Arc<Arena>>,
+}
+
+impl std::fmt::Debug for CudaBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBuffer(cuda:{}, {} words)", self.ordinal, self.words)
+    }
+}
+
+impl CudaBuffer {
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Clone for CudaBuffer {
+    fn clone(&self) -> CudaBuffer {
+        let be = backend_of(self.ordinal);
+        let b = be.alloc_words(self.words);
+        be.copy_words(self.ptr, b.ptr, self.words);
+        b
+    }
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        if self.words == 0 || self.ptr == 0 {
+            return;
+        }
+        match &self.arena {
+            Some(a) => a
+                .free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(self.words)
+                .or_default()
+                .push(self.ptr),
+            None => {
+                if let Some(be) = SLOTS.get(self.ordinal).and_then(OnceLock::get) {
+                    be.give_back(self.words, self.ptr);
+                }
+            }
+        }
+    }
+}
+
+struct Raw {
+    stream: sys::CUstream,
+    blas: bsys::cublasHandle_t,
+}
+// SAFETY: the handles are used under `CudaBackend::lock` or on the backend's own stream, whose
+// operations the driver serializes.
+unsafe impl Send for Raw {}
+unsafe impl Sync for Raw {}
+
+/// The CUDA backend of one GPU.
+pub struct CudaBackend {
+    ordinal: usize,
+    name: String,
+    ctx: Arc<CudaContext>,
+    _stream: Arc<CudaStream>,
+    raw: Raw,
+    funcs: HashMap<&'static str, CudaFunction>,
+    pool: Pool<u64>,
+    /// Serializes cuBLAS calls and capture state changes.
+    lock: Mutex<()>,
+    /// The arena of the graph being recorded, if any.
+    capturing: Mutex<Option<Arc<Arena>>>,
+    /// Set when a buffer was needed while recording and none was free (the recording is
+    /// then discarded by `end_capture`).
+    capture_miss: AtomicBool,
+    /// Uploaded optimizer tables (parameter pointers), by content.
+    tables: Mutex<HashMap<Vec<u8>, CudaBuffer>>,
+    _workspace: u64,
+}
+
+const MAX_GPUS: usize = 16;
+static SLOTS: [OnceLock<CudaBackend>; MAX_GPUS] = [const { OnceLock::new() }; MAX_GPUS];
+static INIT: Mutex<()> = Mutex::new(());
+
+fn backend_of(ordinal: usize) -> &'static CudaBackend {
+    SLOTS[ordinal]
+        .get()
+        .expect("a CUDA buffer outlived nothing: its backend exists")
+}
+
+/// The backend of GPU `n`, initialized on first use.
+pub fn get(n: usize) -> Result<&'static CudaBackend> {
+    if n >= MAX_GPUS {
+        return Err(Error::Device {
+            device: format!("cuda:{n}"),
+            reason: format!("regimen supports GPU ordinals below {MAX_GPUS}"),
+        });
+    }
+    if let Some(b) = SLOTS[n].get() {
+        return Ok(b);
+    }
+    let _g = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = SLOTS[n].get() {
+        return Ok(b);
+    }
+    let b = CudaBackend::new(n).map_err(|e| match e {
+        Error::Device { reason, .. } => Error::Device {
+            device: format!("cuda:{n}"),
+            reason,
+        },
+        other => other,
+    })?;
+    let _ = SLOTS[n].set(b);
+    Ok(SLOTS[n].get().expect("set above"))
+}
+
+/// Why no CUDA device can be used here, checked without panicking (cudarc panics when a
+/// library is missing, so the libraries are probed first).
+pub fn probe() -> Result<usize> {
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::Device {
+            device: "cuda".into(),
+            reason: "no CUDA driver found (libcuda.so.1)".into(),
+        });
+    }
+    let mut v = 0i32;
+    unsafe { sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(derr("cuDriverGetVersion"))?;
+    if v < 13000 {
+        return Err(Error::Device {
+            device: "cuda".into(),
+            reason: format!(
+                "the CUDA driver supports CUDA {}.{}; regimen needs 13.0 or later",
+                v / 1000,
+                (v % 1000) / 10
+            ),
+        });
+    }
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(Error::Device {
+            device: "cuda".into(),
+            reason: "cuBLAS (libcublas.so.13) not found: install the CUDA 13 toolkit libraries \
+                     or put them on LD_LIBRARY_PATH"
+                .into(),
+        });
+    }
+    let count = CudaContext::device_count().map_err(derr("counting GPUs"))?;
+    Ok(count.max(0) as usize)
+}
+
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {
+        [$( $a as *const _ as *mut c_void ),*]
+    };
+}
+
+fn blocks_for(n: usize) -> u32 {
+    n.div_ceil(BLOCK as usize).clamp(1, 1 << 20) as u32
+}
+
+/// Blocks and elements per block of a deterministic reduction over `n` elements.
+fn reduce_split(n: usize) -> (u32, i64) {
+    let blocks = n.div_ceil(BLOCK as usize * 16).clamp(1, 1024);
+    let per = n.div_ceil(blocks).max(1);
+    (blocks as u32, per as i64)
+}
+
+impl CudaBackend {
+    fn new(n: usize) -> Result<CudaBackend> {
+        let count = probe()?;
+        if n >= count {
+            return Err(Error::Device {
+                device: format!("cuda:{n}"),
+                reason: format!("no such GPU ({count} found)"),
+            });
+        }
+        let ctx = CudaContext::new(n).map_err(derr("creating a context"))?;
+        // No event tracking: it would record events that break graph capture (regimen keeps
+        // every operation on one stream, so it needs none).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(derr("creating a stream"))?;
+        let arch = ctx
+            .compute_capability()
+            .map_err(derr("reading the compute capability"))?;
+        let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
+        let ptx = ptx_for(arch)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(derr("loading the kernels"))?;
+        let mut funcs = HashMap::new();
+        for &k in KERNEL_NAMES {
+            funcs.insert(k, module.load_function(k).map_err(derr(k))?);
+        }
+        let blas_h = blas::create_handle().map_err(|e| Error::Device {
+            device: "cuda".into(),
+            reason: format!("cuBLAS: {e:?}"),
+        })?;
+        let cs = stream.cu_stream();
+        // cuBLAS gets a workspace of its own (32 MiB, NVIDIA's advice for Hopper), so that it
+        // never allocates during graph capture.
+        let ws_bytes = 32usize << 20;
+        let workspace = unsafe { dr::malloc_sync(ws_bytes) }.map_err(derr("allocating"))?;
+        unsafe {
+            blas::set_stream(blas_h, cs as bsys::cudaStream_t).map_err(|e| Error::Device {
+                device: "cuda".into(),
+                reason: format!("cuBLAS: {e:?}"),
+            })?;
+            bsys::cublasSetWorkspace_v2(blas_h, workspace as *mut c_void, ws_bytes)
+                .result()
+                .map_err(|e| Error::Device {
+                    device: "cuda".into(),
+                    reason: format!("cuBLAS workspace: {e:?}"),
+                })?;
+        }
+        Ok(CudaBackend {
+            ordinal: n,
+            name,
+            ctx,
+            _stream: stream,
+            raw: Raw {
+                stream: cs,
+                blas: blas_h,
+            },
+            funcs,
+            pool: Pool::new(16 << 30),
+            lock: Mutex::new(()),
+            capturing: Mutex::new(None),
+            capture_miss: AtomicBool::new(false),
+            tables: Mutex::new(HashMap::new()),
+            _workspace: workspace,
+        })
+    }
+
+    /// The GPU's name, as the driver reports it.
+    pub fn gpu_name(&self) -> &str {
+        &self.name
+    }
+
+    fn bind(&self) {
+        thread_local! { static BOUND: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) }; }
+        if BOUND.with(|b| b.get()) != self.ordinal {
+            self.ctx
+                .bind_to_thread()
+                .unwrap_or_else(|e| panic!("cuda:{}: binding the context: {e:?}", self.ordinal));
+            BOUND.with(|b| b.set(self.ordinal));
+        }
+    }
+
+    fn check(&self, r: std::result::Result<(), dr::DriverError>, what: &str) {
+        if let Err(e) = r {
+            panic!("cuda:{}: {what}: {e:?}", self.ordinal);
+        }
+    }
+
+    fn alloc_words(&self, words: usize) -> CudaBuffer {
+        if words == 0 {
+            return CudaBuffer {
+                ptr: 0,
+                words: 0,
+                ordinal: self.ordinal,
+                arena: None,
+            };
+        }
+        let arena = self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(a) = &arena {
+            let from_arena = a
+                .free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&words)
+                .and_then(Vec::pop);
+            let ptr = from_arena.or_else(|| self.pool.take(words));
+            return match ptr {
+                Some(ptr) => CudaBuffer {
+                    ptr,
+                    words,
+                    ordinal: self.ordinal,
+                    arena,
+                },
+                None => {
+                    // Allocating is not allowed while recording: the recording fails, and
+                    // nothing runs on this placeholder.
+                    self.capture_miss.store(true, Ordering::Relaxed);
+                    CudaBuffer {
+                        ptr: 0,
+                        words,
+                        ordinal: self.ordinal,
+                        arena: None,
+                    }
+                }
+            };
+        }
+        let ptr = match self.pool.take(words) {
+            Some(p) => p,
+            None => {
+                self.bind();
+                unsafe { dr::malloc_sync(words * 4) }.unwrap_or_else(|e| {
+                    panic!(
+                        "cuda:{}: out of GPU memory allocating {} MiB: {e:?}",
+                        self.ordinal,
+                        words * 4 >> 20
+                    )
+                })
+            }
+        };
+        CudaBuffer {
+            ptr,
+            words,
+            ordinal: self.ordinal,
+            arena: None,
+        }
+    }
+
+    fn give_back(&self, words: usize, ptr: u64) {
+        if let Some(p) = self.pool.put(words, ptr) {
+            self.bind();
+            // The stream may still use it: wait, then free (rare: only when the pool is full).
+            let _ = unsafe { dr::stream::synchronize(self.raw.stream) };
+            let _ = unsafe { dr::free_sync(p) };
+        }
+    }
+
+    fn copy_words(&self, src: u64, dst: u64, words: usize) {
+        if words == 0 {
+            return;
+        }
+        self.bind();
+        self.check(
+            unsafe { dr::memcpy_dtod_async(dst, src, words * 4, self.raw.stream) },
+            "device copy",
+        );
+    }
+
+    fn launch(&self, name: &str, grid: u32, block: u32, args: &mut [*mut c_void]) {
+        self.launch3(name, (grid, 1, 1), block, args)
+    }
+
+    fn launch3(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &mut [*mut c_void]) {
+        self.bind();
+        let f = &self.funcs[name];
+        self.check(
+            unsafe {
+                dr::launch_kernel(
+                    f.cu_function(),
+                    grid,
+                    (block, 1, 1),
+                    0,
+                    self.raw.stream,
+                    args,
+                )
+            },
+            name,
+        );
+    }
+
+    fn new_tensor(&self, shape: &[usize], dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let words = (n * dtype.size()).div_ceil(4);
+        Tensor::from_parts(shape, dtype, Storage::Cuda(self.alloc_words(words)))
+    }
+
+    /// Scratch of `n` doubles.
+    fn scratch_f64(&self, n: usize) -> CudaBuffer {
+        self.alloc_words(2 * n.max(1))
+    }
+
+    fn gemm(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        (c, ldc): (u64, usize),
+        dtype: DType,
+        beta: f32,
+        tf32: bool,
+    ) {
+        use bsys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        if m == 0 || n == 0 {
+            return;
+        }
+        let (ab_type, compute) = match dtype {
+            DType::F32 => (
+                bsys::cudaDataType_t::CUDA_R_32F,
+                if tf32 {
+                    bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+                } else {
+                    bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+                },
+            ),
+            DType::BF16 => (
+                bsys::cudaDataType_t::CUDA_R_16BF,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+            DType::F16 => (
+                bsys::cudaDataType_t::CUDA_R_16F,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+            DType::U32 => unreachable!("integer matrix product"),
+        };
+        let alpha = 1.0f32;
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        self.bind();
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Row-major C[m, n] = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+        let r = unsafe {
+            blas::gemm_ex(
+                self.raw.blas,
+                op(tb),
+                op(ta),
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                ab_type,
+                ldb as i32,
+                a as *const c_void,
+                ab_type,
+                lda as i32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                bsys::cudaDataType_t::CUDA_R_32F,
+                ldc as i32,
+                compute,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            panic!("cuda:{}: cublasGemmEx {m}x{n}x{k}: {e:?}", self.ordinal);
+        }
+    }
+
+    /// Sum (op 0), sum |x| (1), sum x^2 (2) or "all finite" (3) of a tensor, as a new `[1]`.
+    fn reduce(&self, x: &Tensor, op: i32) -> Tensor {
+        let n = x.numel();
+        let (blocks, per) = reduce_split(n);
+        let part = self.scratch_f64(blocks as usize);
+        let (xp, pp, n64) = (ptr(x), part.ptr, n as i64);
+        if n > 0 {
+            self.launch(
+                "reduce_partial",
+                blocks,
+                BLOCK,
+                &mut args![&xp, &n64, &per, &op, &pp],
+            );
+        }
+        let out = self.new_tensor(&[1], DType::F32);
+        let (op_, count, mode, div) = (
+            ptr(&out),
+            if n > 0 { blocks as i32 } else { 0 },
+            if op == 3 { 1i32 } else { 0 },
+            1.0f64,
+        );
+        self.launch(
+            "finish_sum",
+            1,
+            BLOCK,
+            &mut args![&pp, &count, &mode, &div, &op_],
+        );
+        out
+    }
+}
+
+static PTX: Mutex<Vec<((i32, i32), String)>> = Mutex::new(Vec::new());
+
+/// The PTX for `arch`, compiled once per process.
+fn ptx_for(arch: (i32, i32)) -> Result<String> {
+    let mut cache = PTX.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = cache.iter().find(|(a, _)| *a == arch) {
+        return Ok(p.clone());
+    }
+    let p = compile_kernels(arch)?;
+    cache.push((arch, p.clone()));
+    Ok(p)
+}
+
+fn buf(t: &Tensor) -> &CudaBuffer {
+    match t.storage() {
+        Storage::Cuda(b) => b,
+        _ => panic!("a {} tensor reached the CUDA backend", t.device()),
+    }
+}
+
+/// The device address of a tensor's data.
+fn ptr(t: &Tensor) -> u64 {
+    buf(t).ptr
+}
+
+/// The device address of a tensor's data, for writing (copied first if shared).
+fn ptr_mut(t: &mut Tensor) -> u64 {
+    let device = t.device();
+    match t.storage_mut() {
+        Storage::Cuda(b) => b.ptr,
+        _ => panic!("a {device} tensor reached the CUDA backend"),
+    }
+}
+
+fn n_inner(shape: &[usize], channels: usize) -> (usize, usize) {
+    let n = shape[0];
+    let total: usize = shape.iter().product();
+    (n, total / (n * channels).max(1))
+}
+
+fn unary_code(op: Unary) -> (i32, f32, f32) {
+    match op {
+        Unary::Sigmoid => (0, 0.0, 0.0),
+        Unary::Tanh => (1, 0.0, 0.0),
+        Unary::Relu => (2, 0.0, 0.0),
+        Unary::LeakyRelu(a) => (3, a, 0.0),
+        Unary::Elu(a) => (4, a, 0.0),
+        Unary::Selu => (5, 0.0, 0.0),
+        Unary::Softplus { beta, threshold } => (6, beta, threshold),
+        Unary::Gelu => (7, 0.0, 0.0),
+        Unary::Mish => (8, 0.0, 0.0),
+        Unary::Swish(b) => (9, b, 0.0),
+    }
+}
+
+/// Splits of the batch axis for per-channel statistics: enough blocks to fill the GPU,
+/// a function of the shape alone (so results do not depend on timing).
+fn bn_splits(nb: usize, c: usize) -> usize {
+    264usize.div_ceil(c.max(1)).clamp(1, nb.max(1))
+}
+
+/// One parameter tensor in the update kernel's table (the `ParamSlot` of kernels.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ParamSlot {
+    p: u64,
+    g: u64,
+    s0: u64,
+    s1: u64,
+    s2: u64,
+    n: i64,
+    first_block: i64,
+    lr_scale: f32,
+    wd: f32,
+}
+
+const UPDATE_PER_BLOCK: i64 = 4096;
+
+struct CudaGraph {
+    exec: sys::CUgraphExec,
+    graph: sys::CUgraph,
+    backend: &'static CudaBackend,
+    _arena: Arc<Arena>,
+}
+// SAFETY: the handles are only used through the backend's stream.
+unsafe impl Send for CudaGraph {}
+
+impl Graph for CudaGraph {
+    fn replay(&self) -> Result<()> {
+        self.backend.bind();
+        unsafe { dr::graph::launch(self.exec, self.backend.raw.stream) }
+            .map_err(derr("replaying a graph"))
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        self.backend.bind();
+        unsafe {
+            let _ = dr::stream::synchronize(self.backend.raw.stream);
+            let _ = dr::graph::exec_destroy(self.exec);
+            let _ = dr::graph::destroy(self.graph);
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Tensor {
+        self.new_tensor(shape, dtype)
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Tensor {
+        let mut t = self.new_tensor(shape, dtype);
+        self.fill(&mut t, 0.0);
+        t
+    }
+
+    fn upload(&self, shape: &[usize], dtype: DType, data: HostBuf) -> Tensor {
+        let mut t = self.new_tensor(shape, dtype);
+        self.write(&mut t, data);
+        t
+    }
+
+    fn write(&self, t: &mut Tensor, data: HostBuf) {
+        assert_eq!(data.len(), t.numel(), "write: length of the host data");
+        if t.numel() == 0 {
+            return;
+        }
+        let data = match (t.dtype(), data) {
+            (DType::BF16, HostBuf::F32(v)) => HostBuf::U16(
+                v.into_iter()
+                    .map(|x| half::bf16::from_f32(x).to_bits())
+                    .collect(),
+            ),
+            (DType::F16, HostBuf::F32(v)) => HostBuf::U16(
+                v.into_iter()
+                    .map(|x| half::f16::from_f32(x).to_bits())
+                    .collect(),
+            ),
+            (_, d) => d,
+        };
+        let dst = ptr_mut(t);
+        self.bind();
+        let cs = self.raw.stream;
+        let r = unsafe {
+            match &data {
+                HostBuf::F32(v) => dr::memcpy_htod_async(dst, v, cs),
+                HostBuf::U16(v) => dr::memcpy_htod_async(dst, v, cs),
+                HostBuf::U32(v) => dr::memcpy_htod_async(dst, v, cs),
+            }
+        };
+        self.check(r, "copy to the GPU");
+        // A pageable source may be read after the call returns: wait before it is dropped.
+        self.check(unsafe { dr::stream::synchronize(cs) }, "copy to the GPU");
+    }
+
+    fn download(&self, t: &Tensor) -> HostBuf {
+        strict::note_host_read("a GPU tensor");
+        self.bind();
+        let n = t.numel();
+        let src = if n == 0 { 0 } else { ptr(t) };
+        let cs = self.raw.stream;
+        let out = match t.dtype() {
+            DType::F32 => {
+                let mut v = vec![0f32; n];
+                if n > 0 {
+                    self.check(
+                        unsafe { dr::memcpy_dtoh_async(&mut v, src, cs) },
+                        "copy from the GPU",
+                    );
+                }
+                HostBuf::F32(v)
+            }
+            DType::U32 => {
+                let mut v = vec![0u32; n];
+                if n > 0 {
+                    self.check(
+                        unsafe { dr::memcpy_dtoh_async(&mut v, src, cs) },
+                        "copy from the GPU",
+                    );
+                }
+                HostBuf::U32(v)
+            }
+            _ => {
+                let mut v = vec![0u16; n];
+                if n > 0 {
+                    self.check(
+                        unsafe { dr::memcpy_dtoh_async(&mut v, src, cs) },
+                        "copy from the GPU",
+                    );
+                }
+                HostBuf::U16(v)
+            }
+        };
+        self.check(unsafe { dr::stream::synchronize(cs) }, "copy from the GPU");
+        out
+    }
+
+    fn fill(&self, t: &mut Tensor, value: f32) {
+        let n = t.numel();
+        if n == 0 {
+            return;
+        }
+        let dtype = t.dtype();
+        let p = ptr_mut(t);
+        self.bind();
+        let cs = self.raw.stream;
+        let r = unsafe {
+            match dtype {
+                DType::F32 => sys::cuMemsetD32Async(p, value.to_bits(), n, cs).result(),
+                DType::U32 => sys::cuMemsetD32Async(p, value as u32, n, cs).result(),
+                DType::BF16 => {
+                    sys::cuMemsetD16Async(p, half::bf16::from_f32(value).to_bits(), n, cs).result()
+                }
+                DType::F16 => {
+                    sys::cuMemsetD16Async(p, half::f16::from_f32(value).to_bits(), n, cs).result()
+                }
+            }
+        };
+        self.check(r, "fill");
+    }
+
+    fn copy(&self, src: &Tensor, dst: &mut Tensor) {
+        assert_eq!(
+            (src.numel(), src.dtype()),
+            (dst.numel(), dst.dtype()),
+            "copy"
+        );
+        let words = (src.numel() * src.dtype().size()).div_ceil(4);
+        let d = ptr_mut(dst);
+        self.copy_words(ptr(src), d, words);
+    }
+
+    fn cast(&self, x: &Tensor, dtype: DType) -> Tensor {
+        let y = self.new_tensor(x.shape(), dtype);
+        let n = x.numel() as i64;
+        let k = match (x.dtype(), dtype) {
+            (a, b) if a == b => {
+                self.copy_words(ptr(x), ptr(&y), (x.numel() * a.size()).div_ceil(4));
+                return y;
+            }
+            (DType::F32, DType::BF16) => "cast_f32_bf16",
+            (DType::F32, DType::F16) => "cast_f32_f16",
+            (DType::BF16, DType::F32) => "cast_bf16_f32",
+            (DType::F16, DType::F32) => "cast_f16_f32",
+            (DType::BF16, DType::F16) | (DType::F16, DType::BF16) => {
+                return self.cast(&self.cast(x, DType::F32), dtype);
+            }
+            (a, b) => panic!("cast from {a} to {b}"),
+        };
+        if n > 0 {
+            let (xp, yp) = (ptr(x), ptr(&y));
+            self.launch(k, blocks_for(n as usize), BLOCK, &mut args![&xp, &yp, &n]);
+        }
+        y
+    }
+
+    fn synchronize(&self) {
+        self.bind();
+        self.check(
+            unsafe { dr::stream::synchronize(self.raw.stream) },
+            "synchronize",
+        );
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cap = self.capturing.lock().unwrap_or_else(|e| e.into_inner());
+        if cap.is_some() {
+            return Err(Error::Device {
+                device: self.device().to_string(),
+                reason: "already recording a graph".into(),
+            });
+        }
+        self.bind();
+        unsafe {
+            dr::stream::begin_capture(
+                self.raw.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(derr("starting a graph capture"))?;
+        self.capture_miss.store(false, Ordering::Relaxed);
+        *cap = Some(Arc::new(Arena {
+            free: Mutex::new(HashMap::new()),
+            ordinal: self.ordinal,
+        }));
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn Graph>> {
+        let arena = {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.capturing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+        };
+        let Some(arena) = arena else {
+            return Err(Error::Device {
+                device: self.device().to_string(),
+                reason: "end_capture without begin_capture".into(),
+            });
+        };
+        self.bind();
+        let graph = unsafe { dr::stream::end_capture(self.raw.stream) }
+            .map_err(derr("ending a graph capture"))?;
+        if self.capture_miss.load(Ordering::Relaxed) {
+            unsafe {
+                let _ = dr::graph::destroy(graph);
+            }
+            return Err(Error::Device {
+                device: self.device().to_string(),
+                reason: "a buffer was needed while recording and the pool had none free: run \
+                         the step once before recording it"
+                    .into(),
+            });
+        }
+        let exec = unsafe { dr::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+            .map_err(derr("instantiating a graph"))?;
+        Ok(Box::new(CudaGraph {
+            exec,
+            graph,
+            backend: backend_of(self.ordinal),
+            _arena: arena,
+        }))
+    }
+
+    fn matmul(
+        &self,
+        a: &Tensor,
+        trans_a: bool,
+        b: &Tensor,
+        trans_b: bool,
+        c: &mut Tensor,
+        accumulate: bool,
+    ) {
+        let (ar, ac) = (a.shape()[0], a.shape()[1]);
+        let (br, bc) = (b.shape()[0], b.shape()[1]);
+        let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
+        let n = if trans_b { br } else { bc };
+        assert_eq!(a.dtype(), b.dtype(), "matmul operands of one type");
+        let cp = ptr_mut(c);
+        if k == 0 {
+            if !accumulate {
+                self.fill(c, 0.0);
+            }
+            return;
+        }
+        self.gemm(
+            (trans_a, trans_b),
+            (m, n, k),
+            (ptr(a), ac),
+            (ptr(b), bc),
+            (cp, n),
+            a.dtype(),
+            if accumulate { 1.0 } else { 0.0 },
+            false,
+        );
+    }
+
+    fn add_channel_bias(&self, y: &mut Tensor, bias: &Tensor, channels: usize) {
+        let (_, inner) = n_inner(y.shape(), channels);
+        let n = y.numel() as i64;
+        let (yp, bp, c, inner) = (ptr_mut(y), ptr(bias), channels as i32, inner as i64);
+        if n > 0 {
+            self.launch(
+                "add_channel_bias",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&yp, &bp, &n, &c, &inner],
+            );
+        }
+    }
+
+    fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize) {
+        let (nb, inner) = n_inner(dy.shape(), channels);
+        let (dp, bp, nb, c, inner) = (
+            ptr(dy),
+            ptr_mut(dbias),
+            nb as i32,
+            channels as i32,
+            inner as i64,
+        );
+        self.launch(
+            "channel_sum_acc",
+            channels as u32,
+            BLOCK,
+            &mut args![&dp, &bp, &nb, &c, &inner],
+        );
+    }
+
+    fn axpy(&self, alpha: f32, x: &Tensor, y: &mut Tensor) {
+        let n = x.numel() as i64;
+        let (xp, yp) = (ptr(x), ptr_mut(y));
+        if n > 0 {
+            self.launch(
+                "axpy",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&alpha, &xp, &yp, &n],
+            );
+        }
+    }
+
+    fn scale(&self, x: &mut Tensor, alpha: f32) {
+        let n = x.numel() as i64;
+        let xp = ptr_mut(x);
+        if n > 0 {
+            self.launch(
+                "scale",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &alpha, &n],
+            );
+        }
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Tensor {
+        self.binary("add", a, b)
+    }
+
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Tensor {
+        self.binary("mul", a, b)
+    }
+
+    fn scale_rows(&self, x: &Tensor, s: &Tensor) -> Tensor {
+        let y = self.new_tensor(x.shape(), DType::F32);
+        let n = x.numel() as i64;
+        let row = (x.numel() / x.shape()[0].max(1)).max(1) as i64;
+        let (xp, sp, yp) = (ptr(x), ptr(s), ptr(&y));
+        if n > 0 {
+            self.launch(
+                "scale_rows",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &sp, &yp, &n, &row],
+            );
+        }
+        y
+    }
+
+    fn clamp(&self, x: &mut Tensor, lo: f32, hi: f32) {
+        let n = x.numel() as i64;
+        let xp = ptr_mut(x);
+        if n > 0 {
+            self.launch(
+                "clamp",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &lo, &hi, &n],
+            );
+        }
+    }
+
+    fn sum_abs(&self, x: &Tensor) -> Tensor {
+        self.reduce(x, 1)
+    }
+
+    fn sum_sq(&self, x: &Tensor) -> Tensor {
+        self.reduce(x, 2)
+    }
+
+    fn add_sign(&self, alpha: f32, w: &Tensor, g: &mut Tensor) {
+        let n = w.numel() as i64;
+        let (wp, gp) = (ptr(w), ptr_mut(g));
+        if n > 0 {
+            self.launch(
+                "add_sign",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&alpha, &wp, &gp, &n],
+            );
+        }
+    }
+
+    fn unary_forward(&self, op: Unary, x: &Tensor) -> Tensor {
+        let (code, a, b) = unary_code(op);
+        let y = self.new_tensor(x.shape(), DType::F32);
+        let n = x.numel() as i64;
+        let (xp, yp) = (ptr(x), ptr(&y));
+        if n > 0 {
+            self.launch(
+                "unary_fwd",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&code, &a, &b, &xp, &yp, &n],
+            );
+        }
+        y
+    }
+
+    fn unary_backward(&self, op: Unary, x: &Tensor, y: &Tensor, dy: &Tensor) -> Tensor {
+        let (code, a, b) = unary_code(op);
+        let dx = self.new_tensor(x.shape(), DType::F32);
+        let n = x.numel() as i64;
+        let (xp, yp, dyp, dxp) = (ptr(x), ptr(y), ptr(dy), ptr(&dx));
+        if n > 0 {
+            self.launch(
+                "unary_bwd",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&code, &a, &b, &xp, &yp, &dyp, &dxp, &n],
+            );
+        }
+        dx
+    }
+
+    fn prelu_forward(&self, x: &Tensor, a: &Tensor, channels: usize) -> Tensor {
+        let (_, inner) = n_inner(x.shape(), channels);
+        let y = self.new_tensor(x.shape(), DType::F32);
+        let n = x.numel() as i64;
+        let (xp, ap, yp, c, inner, na) = (
+            ptr(x),
+            ptr(a),
+            ptr(&y),
+            channels as i32,
+            inner as i64,
+            a.numel() as i32,
+        );
+        if n > 0 {
+            self.launch(
+                "prelu_fwd",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &ap, &yp, &n, &c, &inner, &na],
+            );
+        }
+        y
+    }
+
+    fn prelu_backward(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        dy: &Tensor,
+        da: &mut Tensor,
+        channels: usize,
+    ) -> Tensor {
+        let (nb, inner) = n_inner(x.shape(), channels);
+        let dx = self.new_tensor(x.shape(), DType::F32);
+        let na = a.numel();
+        let (xp, ap, dyp, dxp, dap) = (ptr(x), ptr(a), ptr(dy), ptr(&dx), ptr_mut(da));
+        let (nb, c, inner, na32) = (nb as i32, channels as i32, inner as i64, na as i32);
+        self.launch(
+            "prelu_bwd",
+            na as u32,
+            BLOCK,
+            &mut args![&xp, &ap, &dyp, &dxp, &dap, &nb, &c, &inner, &na32],
+        );
+        dx
+    }
+
+    fn swish_forward(&self, x: &Tensor, beta: &Tensor) -> Tensor {
+        let y = self.new_tensor(x.shape(), DType::F32);
+        let n = x.numel() as i64;
+        let (xp, bp, yp) = (ptr(x), ptr(beta), ptr(&y));
+        if n > 0 {
+            self.launch(
+                "swish_fwd",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &bp, &yp, &n],
+            );
+        }
+        y
+    }
+
+    fn swish_backward(&self, x: &Tensor, beta: &Tensor, dy: &Tensor, dbeta: &mut Tensor) -> Tensor {
+        let dx = self.new_tensor(x.shape(), DType::F32);
+        let n = x.numel();
+        let (blocks, per) = reduce_split(n);
+        let part = self.scratch_f64(blocks as usize);
+        let (xp, bp, dyp, dxp, pp, n64) =
+            (ptr(x), ptr(beta), ptr(dy), ptr(&dx), part.ptr, n as i64);
+        let dbp = ptr_mut(dbeta);
+        if n > 0 {
+            self.launch(
+                "swish_bwd",
+                blocks,
+                BLOCK,
+                &mut args![&xp, &bp, &dyp, &dxp, &n64, &per, &pp],
+            );
+            let count = blocks as i32;
+            self.launch("finish_acc", 1, BLOCK, &mut args![&pp, &count, &dbp]);
+        }
+        dx
+    }
+
+    fn softmax_forward(&self, x: &Tensor, channels: usize) -> Tensor {
+        let (nb, inner) = n_inner(x.shape(), channels);
+        let y = self.new_tensor(x.shape(), DType::F32);
+        let cols = (nb * inner) as i64;
+        let (xp, yp, c, inner) = (ptr(x), ptr(&y), channels as i32, inner as i64);
+        if cols > 0 {
+            self.launch(
+                "softmax_fwd",
+                blocks_for(cols as usize),
+                BLOCK,
+                &mut args![&xp, &yp, &cols, &c, &inner],
+            );
+        }
+        y
+    }
+
+    fn softmax_backward(&self, y: &Tensor, dy: &Tensor, channels: usize) -> Tensor {
+        let (nb, inner) = n_inner(y.shape(), channels);
+        let dx = self.new_tensor(y.shape(), DType::F32);
+        let cols = (nb * inner) as i64;
+        let (yp, dyp, dxp, c, inner) = (ptr(y), ptr(dy), ptr(&dx), channels as i32, inner as i64);
+        if cols > 0 {
+            self.launch(
+                "softmax_bwd",
+                blocks_for(cols as usize),
+                BLOCK,
+                &mut args![&yp, &dyp, &dxp, &cols, &c, &inner],
+            );
+        }
+        dx
+    }
+
+    fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor {
+        let g = ConvGeom::new(x.shape(), w.shape(), win);
+        let col = self.im2col(x, &g);
+        let yt = self.new_tensor(&[g.oc, g.nb * g.p], DType::F32);
+        // y' [OC, N P] = W [OC, K] col [K, N P]
+        self.gemm(
+            (false, false),
+            (g.oc, g.nb * g.p, g.k),
+            (ptr(w), g.k),
+            (ptr(&col), g.nb * g.p),
+            (ptr(&yt), g.nb * g.p),
+            x.dtype(),
+            0.0,
+            x.dtype() == DType::F32 && CONV_TF32.load(Ordering::Relaxed),
+        );
+        drop(col);
+        let y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
+        let (ytp, bp, yp, nb, oc, p) = (
+            ptr(&yt),
+            b.map_or(0, ptr),
+            ptr(&y),
+            g.nb as i32,
+            g.oc as i32,
+            g.p as i64,
+        );
+        self.launch(
+            "conv_out",
+            blocks_for(y.numel()),
+            BLOCK,
+            &mut args![&ytp, &bp, &yp, &nb, &oc, &p],
+        );
+        y
+    }
+
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        win: Window,
+        dw: &mut Tensor,
+        db: Option<&mut Tensor>,
+        input_grad: bool,
+    ) -> Tensor {
+        let g = ConvGeom::new(x.shape(), w.shape(), win);
+        let dtype = x.dtype();
+        let tf32 = dtype == DType::F32 && CONV_TF32.load(Ordering::Relaxed);
+        // dy' [OC, N P] in the product type.
+        let dyt = self.new_tensor(&[g.oc, g.nb * g.p], dtype);
+        let mode: i32 = match dtype {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            _ => 2,
+        };
+        let (dyp, dytp, nb, oc, p) = (ptr(dy), ptr(&dyt), g.nb as i32, g.oc as i32, g.p as i64);
+        self.launch(
+            "conv_dy_t",
+            blocks_for(dy.numel()),
+            BLOCK,
+            &mut args![&dyp, &dytp, &nb, &oc, &p, &mode],
+        );
+        if let Some(db) = db {
+            self.channel_bias_backward(dy, db, g.oc);
+        }
+        let col = self.im2col(x, &g);
+        // dW [OC, K] += dy' [OC, N P] col^T
+        let dwp = ptr_mut(dw);
+        self.gemm(
+            (false, true),
+            (g.oc, g.k, g.nb * g.p),
+            (ptr(&dyt), g.nb * g.p),
+            (ptr(&col), g.nb * g.p),
+            (dwp, g.k),
+            dtype,
+            1.0,
+            tf32,
+        );
+        drop(col);
+        if !input_grad {
+            return self.new_tensor(&[0], DType::F32);
+        }
+        // dcol [K, N P] = W^T [K, OC] dy' [OC, N P]
+        let dcol = self.new_tensor(&[g.k, g.nb * g.p], DType::F32);
+        self.gemm(
+            (true, false),
+            (g.k, g.nb * g.p, g.oc),
+            (ptr(w), g.k),
+            (ptr(&dyt), g.nb * g.p),
+            (ptr(&dcol), g.nb * g.p),
+            dtype,
+            0.0,
+            tf32,
+        );
+        let dx = self.new_tensor(x.shape(), DType::F32);
+        let (dcp, dxp) = (ptr(&dcol), ptr(&dx));
+        let gi = g.ints();
+        self.launch(
+            "col2im",
+            blocks_for(dx.numel()),
+            BLOCK,
+            &mut args![
+                &dcp, &dxp, &gi[0], &gi[1], &gi[2], &gi[3], &gi[4], &gi[5], &gi[6], &gi[7], &gi[8],
+                &gi[9]
+            ],
+        );
+        dx
+    }
+
+    fn max_pool2d_forward(&self, x: &Tensor, win: Window) -> (Tensor, Indices) {
+        let s = x.shape();
+        let (oh, ow) = (
+            win.out_len(s[2], win.kh).unwrap(),
+            win.out_len(s[3], win.kw).unwrap(),
+        );
+        let y = self.new_tensor(&[s[0], s[1], oh, ow], DType::F32);
+        let idx = self.new_tensor(&[y.numel()], DType::U32);
+        let planes = (s[0] * s[1]) as i64;
+        let (xp, yp, ip) = (ptr(x), ptr(&y), ptr(&idx));
+        let d = [
+            s[2] as i32,
+            s[3] as i32,
+            oh as i32,
+            ow as i32,
+            win.kh as i32,
+            win.kw as i32,
+            win.stride as i32,
+            win.pad as i32,
+        ];
+        if y.numel() > 0 {
+            self.launch(
+                "max_pool_fwd",
+                blocks_for(y.numel()),
+                BLOCK,
+                &mut args![
+                    &xp, &yp, &ip, &planes, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5], &d[6], &d[7]
+                ],
+            );
+        }
+        (y, Indices::from_tensor(idx, (s[2] * s[3]) as u64))
+    }
+
+    fn max_backward(
+        &self,
+        dy: &Tensor,
+        idx: &Indices,
+        x_shape: &[usize],
+        dy_plane: usize,
+        x_plane: usize,
+    ) -> Tensor {
+        let mut dx = self.new_tensor(x_shape, DType::F32);
+        self.fill(&mut dx, 0.0);
+        let n = dy.numel() as i64;
+        let (dyp, ip, dxp, dpl, xpl) = (
+            ptr(dy),
+            ptr(idx.tensor()),
+            ptr(&dx),
+            dy_plane as i64,
+            x_plane as i64,
+        );
+        if n > 0 {
+            self.launch(
+                "max_bwd",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&dyp, &ip, &dxp, &n, &dpl, &xpl],
+            );
+        }
+        dx
+    }
+
+    fn avg_pool2d_forward(&self, x: &Tensor, win: Window) -> Tensor {
+        let s = x.shape();
+        let (oh, ow) = (
+            win.out_len(s[2], win.kh).unwrap(),
+            win.out_len(s[3], win.kw).unwrap(),
+        );
+        let y = self.new_tensor(&[s[0], s[1], oh, ow], DType::F32);
+        let planes = (s[0] * s[1]) as i64;
+        let (xp, yp) = (ptr(x), ptr(&y));
+        let d = [
+            s[2] as i32,
+            s[3] as i32,
+            oh as i32,
+            ow as i32,
+            win.kh as i32,
+            win.kw as i32,
+            win.stride as i32,
+            win.pad as i32,
+        ];
+        if y.numel() > 0 {
+            self.launch(
+                "avg_pool_fwd",
+                blocks_for(y.numel()),
+                BLOCK,
+                &mut args![
+                    &xp, &yp, &planes, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5], &d[6], &d[7]
+                ],
+            );
+        }
+        y
+    }
+
+    fn avg_pool2d_backward(&self, dy: &Tensor, x_shape: &[usize], win: Window) -> Tensor {
+        let dx = self.new_tensor(x_shape, DType::F32);
+        let planes = (x_shape[0] * x_shape[1]) as i64;
+        let (dyp, dxp) = (ptr(dy), ptr(&dx));
+        let d = [
+            x_shape[2] as i32,
+            x_shape[3] as i32,
+            dy.shape()[2] as i32,
+            dy.shape()[3] as i32,
+            win.kh as i32,
+            win.kw as i32,
+            win.stride as i32,
+            win.pad as i32,
+        ];
+        if dx.numel() > 0 {
+            self.launch(
+                "avg_pool_bwd",
+                blocks_for(dx.numel()),
+                BLOCK,
+                &mut args![
+                    &dyp, &dxp, &planes, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5], &d[6], &d[7]
+                ],
+            );
+        }
+        dx
+    }
+
+    fn global_avg_pool_forward(&self, x: &Tensor, channels: usize) -> Tensor {
+        let (nb, inner) = n_inner(x.shape(), channels);
+        let y = self.new_tensor(&[nb, channels], DType::F32);
+        let (xp, yp, inner) = (ptr(x), ptr(&y), inner as i64);
+        if y.numel() > 0 {
+            self.launch(
+                "plane_mean",
+                y.numel() as u32,
+                BLOCK,
+                &mut args![&xp, &yp, &inner],
+            );
+        }
+        y
+    }
+
+    fn global_avg_pool_backward(&self, dy: &Tensor, x_shape: &[usize]) -> Tensor {
+        let dx = self.new_tensor(x_shape, DType::F32);
+        let n = dx.numel() as i64;
+        let inner = (dx.numel() / dy.numel().max(1)) as i64;
+        let (dyp, dxp) = (ptr(dy), ptr(&dx));
+        if n > 0 {
+            self.launch(
+                "plane_broadcast",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&dyp, &dxp, &n, &inner],
+            );
+        }
+        dx
+    }
+
+    fn fractional_max_pool2d_forward(
+        &self,
+        x: &Tensor,
+        kernel: (usize, usize),
+        out: (usize, usize),
+        samples: &Tensor,
+    ) -> (Tensor, Indices) {
+        let s = x.shape();
+        let y = self.new_tensor(&[s[0], s[1], out.0, out.1], DType::F32);
+        let idx = self.new_tensor(&[y.numel()], DType::U32);
+        let planes = (s[0] * s[1]) as i64;
+        let (xp, sp, yp, ip) = (ptr(x), ptr(samples), ptr(&y), ptr(&idx));
+        let d = [
+            s[2] as i32,
+            s[3] as i32,
+            out.0 as i32,
+            out.1 as i32,
+            kernel.0 as i32,
+            kernel.1 as i32,
+        ];
+        if y.numel() > 0 {
+            self.launch(
+                "fractional_fwd",
+                blocks_for(y.numel()),
+                BLOCK,
+                &mut args![&xp, &sp, &yp, &ip, &planes, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5]],
+            );
+        }
+        (y, Indices::from_tensor(idx, (s[2] * s[3]) as u64))
+    }
+
+    fn max_groups_forward(&self, x: &Tensor, k: usize) -> (Tensor, Indices) {
+        let (rows, fk) = (x.shape()[0], x.shape()[1]);
+        let f = fk / k;
+        let y = self.new_tensor(&[rows, f], DType::F32);
+        let idx = self.new_tensor(&[rows * f], DType::U32);
+        let n = (rows * f) as i64;
+        let (xp, yp, ip, f32_, k32) = (ptr(x), ptr(&y), ptr(&idx), f as i32, k as i32);
+        if n > 0 {
+            self.launch(
+                "max_groups_fwd",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &yp, &ip, &n, &f32_, &k32],
+            );
+        }
+        (y, Indices::from_tensor(idx, fk as u64))
+    }
+
+    fn batch_norm_forward_train(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> (Tensor, Tensor, Tensor) {
+        let c = gamma.numel();
+        let (nb, inner) = n_inner(x.shape(), c);
+        let splits = bn_splits(nb, c);
+        let part = self.scratch_f64(3 * c * splits);
+        let (xp, pp, nb32, c32, inner64, sp32) = (
+            ptr(x),
+            part.ptr,
+            nb as i32,
+            c as i32,
+            inner as i64,
+            splits as i32,
+        );
+        self.launch3(
+            "bn_stats_partial",
+            (c as u32, splits as u32, 1),
+            BLOCK,
+            &mut args![&xp, &nb32, &c32, &inner64, &sp32, &pp],
+        );
+        let mean = self.new_tensor(&[c], DType::F32);
+        let invstd = self.new_tensor(&[c], DType::F32);
+        let scale = self.new_tensor(&[c], DType::F32);
+        let shift = self.new_tensor(&[c], DType::F32);
+        let (gp, bp, mp, ip, scp, shp) = (
+            ptr(gamma),
+            ptr(beta),
+            ptr(&mean),
+            ptr(&invstd),
+            ptr(&scale),
+            ptr(&shift),
+        );
+        let (rmp, rvp) = (ptr_mut(running_mean), ptr_mut(running_var));
+        self.launch(
+            "bn_stats_finish",
+            (c as u32).div_ceil(BLOCK),
+            BLOCK,
+            &mut args![
+                &pp, &c32, &sp32, &eps, &momentum, &gp, &bp, &mp, &ip, &scp, &shp, &rmp, &rvp
+            ],
+        );
+        let y = self.new_tensor(x.shape(), DType::F32);
+        let (yp, n) = (ptr(&y), x.numel() as i64);
+        self.launch(
+            "bn_apply",
+            blocks_for(n as usize),
+            BLOCK,
+            &mut args![&xp, &scp, &shp, &yp, &n, &c32, &inner64],
+        );
+        (y, mean, invstd)
+    }
+
+    fn batch_norm_forward_eval(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f32,
+    ) -> Tensor {
+        let c = gamma.numel();
+        let (_, inner) = n_inner(x.shape(), c);
+        let invstd = self.invstd(var, eps);
+        let y = self.new_tensor(x.shape(), DType::F32);
+        let (xp, gp, bp, mp, ip, yp) = (
+            ptr(x),
+            ptr(gamma),
+            ptr(beta),
+            ptr(mean),
+            ptr(&invstd),
+            ptr(&y),
+        );
+        let (n, c32, inner64) = (x.numel() as i64, c as i32, inner as i64);
+        if n > 0 {
+            self.launch(
+                "bn_eval",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &n, &c32, &inner64],
+            );
+        }
+        y
+    }
+
+    fn invstd(&self, var: &Tensor, eps: f32) -> Tensor {
+        let out = self.new_tensor(var.shape(), DType::F32);
+        let (vp, op, n) = (ptr(var), ptr(&out), var.numel() as i32);
+        if n > 0 {
+            self.launch(
+                "invstd_kernel",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&vp, &op, &eps, &n],
+            );
+        }
+        out
+    }
+
+    fn batch_norm_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        batch_stats: bool,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Tensor {
+        let c = gamma.numel();
+        let (nb, inner) = n_inner(x.shape(), c);
+        let splits = bn_splits(nb, c);
+        let part = self.scratch_f64(2 * c * splits);
+        let (xp, dyp, mp, ip, pp) = (ptr(x), ptr(dy), ptr(mean), ptr(invstd), part.ptr);
+        let (nb32, c32, inner64, sp32) = (nb as i32, c as i32, inner as i64, splits as i32);
+        self.launch3(
+            "bn_bwd_partial",
+            (c as u32, splits as u32, 1),
+            BLOCK,
+            &mut args![&xp, &dyp, &mp, &ip, &nb32, &c32, &inner64, &sp32, &pp],
+        );
+        let mean_dy = self.new_tensor(&[c], DType::F32);
+        let mean_dyx = self.new_tensor(&[c], DType::F32);
+        let (dgp, dbp) = (ptr_mut(dgamma), ptr_mut(dbeta));
+        let (mdp, mdxp, m) = (ptr(&mean_dy), ptr(&mean_dyx), (nb * inner) as f64);
+        self.launch(
+            "bn_bwd_finish",
+            (c as u32).div_ceil(BLOCK),
+            BLOCK,
+            &mut args![&pp, &c32, &sp32, &m, &dgp, &dbp, &mdp, &mdxp],
+        );
+        let dx = self.new_tensor(x.shape(), DType::F32);
+        let (gp, dxp, bs, n) = (
+            ptr(gamma),
+            ptr(&dx),
+            i32::from(batch_stats),
+            x.numel() as i64,
+        );
+        if n > 0 {
+            self.launch(
+                "bn_bwd_dx",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &dyp, &gp, &mp, &ip, &mdp, &mdxp, &bs, &dxp, &n, &c32, &inner64],
+            );
+        }
+        dx
+    }
+
+    fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
+        let y = self.new_tensor(x.shape(), DType::F32);
+        let mask = self.new_tensor(x.shape(), DType::F32);
+        let n = x.numel() as i64;
+        let (xp, yp, mp, sp) = (ptr(x), ptr(&y), ptr(&mask), ptr(key.step.tensor()));
+        if n > 0 {
+            self.launch(
+                "dropout_fwd",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&xp, &yp, &mp, &n, &p, &key.stream, &sp, &key.purpose],
+            );
+        }
+        (y, mask)
+    }
+
+    fn uniform(&self, shape: &[usize], key: RandomKey<'_>) -> Tensor {
+        let y = self.new_tensor(shape, DType::F32);
+        let n = y.numel() as i64;
+        let (yp, sp) = (ptr(&y), ptr(key.step.tensor()));
+        if n > 0 {
+            self.launch(
+                "uniform_fill",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&yp, &n, &key.stream, &sp, &key.purpose],
+            );
+        }
+        y
+    }
+
+    fn bernoulli_keep(&self, shape: &[usize], p: f32, key: RandomKey<'_>) -> Tensor {
+        let y = self.new_tensor(shape, DType::F32);
+        let n = y.numel() as i64;
+        let (yp, sp) = (ptr(&y), ptr(key.step.tensor()));
+        if n > 0 {
+            self.launch(
+                "bernoulli_keep",
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&yp, &n, &p, &key.stream, &sp, &key.purpose],
+            );
+        }
+        y
+    }
+
+    fn gather_augment(
+        &self,
+        images: &Tensor,
+        labels: &Indices,
+        order: &Indices,
+        cursor: &Indices,
+        out: &mut Tensor,
+        labels_out: &mut Indices,
+        pad: usize,
+        flip_p: f32,
+        key: RandomKey<'_>,
+    ) {
+        let s = out.shape().to_vec();
+        let (ip, lp, op, cp, sp) = (
+            ptr(images),
+            ptr(labels.tensor()),
+            ptr(order.tensor()),
+            ptr(cursor.tensor()),
+            ptr(key.step.tensor()),
+        );
+        let (outp, lop) = (ptr_mut(out), ptr_mut(labels_out.tensor_mut()));
+        let (b, c, h, w, pad) = (
+            s[0] as i32,
+            s[1] as i32,
+            s[2] as i32,
+            s[3] as i32,
+            pad as i32,
+        );
+        let n: usize = s.iter().product();
+        if n > 0 {
+            self.launch(
+                "gather_augment",
+                blocks_for(n),
+                BLOCK,
+                &mut args![
+                    &ip,
+                    &lp,
+                    &op,
+                    &cp,
+                    &outp,
+                    &lop,
+                    &b,
+                    &c,
+                    &h,
+                    &w,
+                    &pad,
+                    &flip_p,
+                    &key.stream,
+                    &sp,
+                    &key.purpose
+                ],
+            );
+        }
+    }
+
+    fn increment(&self, counter: &mut Indices, by: u32) {
+        let p = ptr_mut(counter.tensor_mut());
+        self.launch("increment", 1, 1, &mut args![&p, &by]);
+    }
+
+    fn clip_coefficient(&self, grads: &[&Tensor], max_norm: f32) -> (Tensor, Tensor) {
+        let splits: Vec<(u32, i64)> = grads.iter().map(|g| reduce_split(g.numel())).collect();
+        let total: usize = splits.iter().map(|s| s.0 as usize).sum();
+        let part = self.scratch_f64(total);
+        let mut offset = 0usize;
+        let op = 2i32;
+        for (g, &(blocks, per)) in grads.iter().zip(&splits) {
+            let (gp, n) = (ptr(g), g.numel() as i64);
+            let pp = part.ptr + 8 * offset as u64;
+            if n > 0 {
+                self.launch(
+                    "reduce_partial",
+                    blocks,
+                    BLOCK,
+                    &mut args![&gp, &n, &per, &op, &pp],
+                );
+            } else {
+                // An empty tensor's partial is zero.
+                self.bind();
+                self.check(
+                    unsafe { dr::memset_d8_async(pp, 0, 8, self.raw.stream) },
+                    "memset",
+                );
+            }
+            offset += blocks as usize;
+        }
+        let norm = self.new_tensor(&[1], DType::F32);
+        let coef = self.new_tensor(&[1], DType::F32);
+        let (pp, count, np, cp) = (part.ptr, total as i32, ptr(&norm), ptr(&coef));
+        self.launch(
+            "finish_clip",
+            1,
+            BLOCK,
+            &mut args![&pp, &count, &max_norm, &np, &cp],
+        );
+        (norm, coef)
+    }
+
+    fn optim_update(
+        &self,
+        rule: &UpdateRule,
+        s: &UpdateScalars<'_>,
+        params: &mut [ParamUpdate<'_>],
+    ) {
+        let (code, h): (i32, [f64; 5]) = match *rule {
+            UpdateRule::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+            } => (
+                0,
+                [momentum, dampening, f64::from(u8::from(nesterov)), 0.0, 0.0],
+            ),
+            UpdateRule::Adagrad { lr_decay, eps, .. } => (1, [lr_decay, eps, 0.0, 0.0, 0.0]),
+            UpdateRule::RmsProp {
+                alpha,
+                eps,
+                momentum,
+                centered,
+            } => (
+                2,
+                [alpha, eps, momentum, f64::from(u8::from(centered)), 0.0],
+            ),
+            UpdateRule::Adam {
+                beta1,
+                beta2,
+                eps,
+                amsgrad,
+                decoupled,
+            } => (
+                3,
+                [
+                    beta1,
+                    beta2,
+                    eps,
+                    f64::from(u8::from(amsgrad)),
+                    f64::from(u8::from(decoupled)),
+                ],
+            ),
+        };
+        let mut slots = Vec::with_capacity(params.len());
+        let mut blocks = 0i64;
+        for p in params.iter_mut() {
+            let n = p.value.numel() as i64;
+            if n == 0 {
+                continue;
+            }
+            let mut st = [0u64; 3];
+            for (k, t) in p.state.iter_mut().enumerate() {
+                st[k] = ptr_mut(t);
+            }
+            slots.push(ParamSlot {
+                p: ptr_mut(p.value),
+                g: ptr_mut(p.grad),
+                s0: st[0],
+                s1: st[1],
+                s2: st[2],
+                n,
+                first_block: blocks,
+                lr_scale: p.lr_scale,
+                wd: p.weight_decay,
+            });
+            blocks += (n + UPDATE_PER_BLOCK - 1) / UPDATE_PER_BLOCK;
+        }
+        if slots.is_empty() {
+            return;
+        }
+        let table = self.table(&slots);
+        let (tp, ns, lp, ll, sp) = (
+            table,
+            slots.len() as i32,
+            ptr(s.lr),
+            s.lr.numel() as i32,
+            ptr(s.step.tensor()),
+        );
+        let gs = s.grad_scale.map_or(0, ptr);
+        let per = UPDATE_PER_BLOCK;
+        self.launch(
+            "optim_update",
+            blocks as u32,
+            BLOCK,
+            &mut args![
+                &tp, &ns, &code, &h[0], &h[1], &h[2], &h[3], &h[4], &lp, &ll, &sp, &gs, &per
+            ],
+        );
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Tensor,
+        target: Target<'_>,
+        smoothing: f32,
+        grad_scale: f32,
+    ) -> (Tensor, Tensor) {
+        let (n, c) = (logits.shape()[0], logits.shape()[1]);
+        let grad = self.new_tensor(logits.shape(), DType::F32);
+        let rows = self.scratch_f64(n);
+        let (labels, soft) = match target {
+            Target::Hard(l) => (ptr(l.tensor()), 0u64),
+            Target::Soft(t) => (0u64, ptr(t)),
+        };
+        let g = grad_scale / n as f32;
+        let (lp, gp, rp, n32, c32) = (ptr(logits), ptr(&grad), rows.ptr, n as i32, c as i32);
+        let warps_per_block = BLOCK / 32;
+        self.launch(
+            "softmax_ce",
+            (n as u32).div_ceil(warps_per_block),
+            BLOCK,
+            &mut args![&lp, &labels, &soft, &n32, &c32, &smoothing, &g, &rp, &gp],
+        );
+        let loss = self.new_tensor(&[1], DType::F32);
+        let (outp, mode, div) = (ptr(&loss), 2i32, n as f64);
+        self.launch(
+            "finish_sum",
+            1,
+            BLOCK,
+            &mut args![&rp, &n32, &mode, &div, &outp],
+        );
+        (loss, grad)
+    }
+
+    fn mse(&self, pred: &Tensor, target: &Tensor, grad_scale: f32) -> (Tensor, Tensor) {
+        let n = pred.numel();
+        let grad = self.new_tensor(pred.shape(), DType::F32);
+        let g = (2.0 / n as f64) as f32 * grad_scale;
+        let (pp, qp, gp, n64) = (ptr(pred), ptr(target), ptr(&grad), n as i64);
+        let (blocks, per) = reduce_split(n);
+        let part = self.scratch_f64(blocks as usize);
+        let partp = part.ptr;
+        if n > 0 {
+            self.launch(
+                "mse_grad",
+                blocks_for(n),
+                BLOCK,
+                &mut args![&pp, &qp, &gp, &g, &n64],
+            );
+            self.launch(
+                "mse_partial",
+                blocks,
+                BLOCK,
+                &mut args![&pp, &qp, &n64, &per, &partp],
+            );
+        }
+        let loss = self.new_tensor(&[1], DType::F32);
+        let (lp, count, mode, div) = (
+            ptr(&loss),
+            if n > 0 { blocks as i32 } else { 0 },
+            2i32,
+            n.max(1) as f64,
+        );
+        self.launch(
+            "finish_sum",
+            1,
+            BLOCK,
+            &mut args![&partp, &count, &mode, &div, &lp],
+        );
+        (loss, grad)
+    }
+
+    fn count_correct(&self, logits: &Tensor, labels: &Indices) -> Tensor {
+        let (n, c) = (logits.shape()[0], logits.shape()[1]);
+        let rows = self.scratch_f64(n);
+        let (lp, ip, n32, c32, rp) = (
+            ptr(logits),
+            ptr(labels.tensor()),
+            n as i32,
+            c as i32,
+            rows.ptr,
+        );
+        if n > 0 {
+            self.launch(
+                "correct_rows",
+                blocks_for(n),
+                BLOCK,
+                &mut args![&lp, &ip, &n32, &c32, &rp],
+            );
+        }
+        let out = self.new_tensor(&[1], DType::F32);
+        let (op, mode, div) = (ptr(&out), 0i32, 1.0f64);
+        self.launch(
+            "finish_sum",
+            1,
+            BLOCK,
+            &mut args![&rp, &n32, &mode, &div, &op],
+        );
+        out
+    }
+
+    fn all_finite(&self, x: &Tensor) -> Tensor {
+        self.reduce(x, 3)
+    }
+}
+
+/// The geometry of a convolution, in the forms the kernels take.
+struct ConvGeom {
+    nb: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oc: usize,
+    oh: usize,
+    ow: usize,
+    k: usize,
+    p: usize,
+    win: Window,
+}
+
+impl ConvGeom {
+    fn new(x: &[usize], w: &[usize], win: Window) -> ConvGeom {
+        let oh = win.out_len(x[2], win.kh).expect("checked by the layer");
+        let ow = win.out_len(x[3], win.kw).expect("checked by the layer");
+        ConvGeom {
+            nb: x[0],
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            oc: w[0],
+            oh,
+            ow,
+            k: x[1] * win.kh * win.kw,
+            p: oh * ow,
+            win,
+        }
+    }
+    /// `nb, c, h, w, kh, kw, stride, pad, oh, ow` as i32.
+    fn ints(&self) -> [i32; 10] {
+        [
+            self.nb as i32,
+            self.c as i32,
+            self.h as i32,
+            self.w as i32,
+            self.win.kh as i32,
+            self.win.kw as i32,
+            self.win.stride as i32,
+            self.win.pad as i32,
+            self.oh as i32,
+            self.ow as i32,
+        ]
+    }
+}
+
+impl CudaBackend {
+    fn binary(&self, k: &str, a: &Tensor, b: &Tensor) -> Tensor {
+        let y = self.new_tensor(a.shape(), DType::F32);
+        let n = a.numel() as i64;
+        let (ap, bp, yp) = (ptr(a), ptr(b), ptr(&y));
+        if n > 0 {
+            self.launch(
+                k,
+                blocks_for(n as usize),
+                BLOCK,
+                &mut args![&ap, &bp, &yp, &n],
+            );
+        }
+        y
+    }
+
+    /// The column matrix `[K, N P]` of `x` (in `x`'s element type).
+    fn im2col(&self, x: &Tensor, g: &ConvGeom) -> Tensor {
+        let col = self.new_tensor(&[g.k, g.nb * g.p], x.dtype());
+        let k = if x.dtype() == DType::F32 {
+            "im2col_f32"
+        } else {
+            "im2col_u16"
+        };
+        let (xp, cp) = (ptr(x), ptr(&col));
+        let gi = g.ints();
+        if col.numel() > 0 {
+            self.launch(
+                k,
+                blocks_for(col.numel()),
+                BLOCK,
+                &mut args![
+                    &xp, &cp, &gi[0], &gi[1], &gi[2], &gi[3], &gi[4], &gi[5], &gi[6], &gi[7],
+                    &gi[8], &gi[9]
+                ],
+            );
+        }
+        col
+    }
+
+    /// The device copy of an update table, uploaded once per distinct table (parameters are
+    /// updated in place, so a model's table stays the same from step to step and a recorded
+    /// graph never uploads).
+    fn table(&self, slots: &[ParamSlot]) -> u64 {
+        // SAFETY: ParamSlot is plain old data (repr(C), no padding: 5 x 8 + 2 x 8 + 2 x 4).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(slots.as_ptr() as *const u8, std::mem::size_of_val(slots))
+        }
+        .to_vec();
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = tables.get(&bytes) {
+            return b.ptr;
+        }
+        let words = bytes.len().div_ceil(4);
+        // Not from a graph's arena: the table outlives any recording.
+        let b = {
+            let cap = self
+                .capturing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let b = self.alloc_words(words);
+            *self.capturing.lock().unwrap_or_else(|e| e.into_inner()) = cap;
+            b
+        };
+        self.bind();
+        self.check(
+            unsafe { dr::memcpy_htod_async(b.ptr, &bytes, self.raw.stream) },
+            "uploading an update table",
+        );
+        self.check(
+            unsafe { dr::stream::synchronize(self.raw.stream) },
+            "uploading an update table",
+        );
+        let p = b.ptr;
+        if tables.len() > 64 {
+            tables.clear();
+        }
+        tables.insert(bytes, b);
+        p
+    }
+}

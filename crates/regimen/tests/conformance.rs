@@ -1,0 +1,658 @@
+//! Backend conformance: every `Backend` operation on random inputs, on every device present,
+//! compared with the CPU backend; then whole training steps of the benchmark models, and a
+//! step recorded as a CUDA graph and replayed.
+//!
+//! Tolerances: f32 operations within `1e-5 + 1e-4 |x|` of the CPU (different summation
+//! orders); matrix products and convolutions in f32 (TF32 switched off here) within
+//! `1e-4 + 1e-3 |x|` (long sums); bf16 products within `2e-2 + 2e-2 |x|` of the CPU's bf16
+//! path (both round the same inputs; they differ in accumulation order only, but a bf16
+//! rounding of an intermediate can flip); random draws (dropout masks, uniforms) exactly.
+//!
+//! Without a GPU (or without the `cuda` feature) the CUDA part prints why it was skipped.
+
+use regimen::backend::{ParamUpdate, RandomKey, Target, Unary, UpdateRule, UpdateScalars, Window};
+use regimen::layer::{Ctx, Layer};
+use regimen::loss::CrossEntropy;
+use regimen::optim::{Optim, OptimConfig, Sgd};
+use regimen::{models, DType, Device, Indices, Precision, Rng, Tensor};
+
+/// The GPU to test, or `None` (with the reason printed).
+fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("CUDA conformance skipped: {e}");
+            None
+        }
+    }
+}
+
+fn rand(shape: &[usize], seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..shape.iter().product::<usize>())
+        .map(|_| r.normal() as f32)
+        .collect()
+}
+
+fn t(shape: &[usize], seed: u64, d: Device) -> Tensor {
+    Tensor::from_host(shape, rand(shape, seed), d).unwrap()
+}
+
+#[derive(Clone, Copy)]
+struct Tol(f64, f64);
+const EXACT: Tol = Tol(0.0, 0.0);
+const F32: Tol = Tol(1e-5, 1e-4);
+const GEMM: Tol = Tol(1e-4, 1e-3);
+const BF16: Tol = Tol(2e-2, 2e-2);
+
+fn close(name: &str, a: &[f32], b: &[f32], tol: Tol) {
+    assert_eq!(a.len(), b.len(), "{name}: lengths");
+    let mut worst = (0usize, 0.0f64);
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        if x.is_nan() || y.is_nan() {
+            assert!(x.is_nan() && y.is_nan(), "{name}[{i}]: cpu {x} vs gpu {y}");
+            continue;
+        }
+        let err = (x as f64 - y as f64).abs();
+        let allowed = tol.0 + tol.1 * (x as f64).abs();
+        assert!(
+            err <= allowed,
+            "{name}[{i}]: cpu {x} vs gpu {y} (|diff| {err:.3e} > {allowed:.3e})"
+        );
+        if err > worst.1 {
+            worst = (i, err);
+        }
+    }
+}
+
+/// Run `f` on the CPU and on the GPU with the same inputs and compare every output.
+fn same(name: &str, tol: Tol, f: impl Fn(Device) -> Vec<Tensor>) {
+    let Some(g) = gpu() else { return };
+    let a = f(Device::Cpu);
+    let b = f(g);
+    assert_eq!(a.len(), b.len(), "{name}: outputs");
+    for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.shape(), y.shape(), "{name} output {k}: shapes");
+        assert_eq!(y.device(), g, "{name} output {k} stays on the GPU");
+        close(&format!("{name} output {k}"), &x.to_vec(), &y.to_vec(), tol);
+    }
+}
+
+fn step0(d: Device) -> Indices {
+    Indices::from_host(vec![3], d)
+}
+
+#[test]
+fn memory_and_casts() {
+    same("upload/download/fill/copy", EXACT, |d| {
+        let be = d.backend();
+        let x = t(&[3, 5], 1, d);
+        let mut y = be.zeros(&[3, 5], DType::F32);
+        be.copy(&x, &mut y);
+        let mut z = be.alloc(&[7], DType::F32);
+        be.fill(&mut z, -2.5);
+        let idx = Indices::from_host(vec![4, 0, 9], d);
+        let as_f =
+            Tensor::from_host(&[3], idx.to_vec().iter().map(|&v| v as f32).collect(), d).unwrap();
+        vec![x, y, z, as_f]
+    });
+    same("casts round to nearest even", EXACT, |d| {
+        let x = t(&[1000], 2, d);
+        vec![
+            x.to_dtype(DType::BF16).to_dtype(DType::F32),
+            x.to_dtype(DType::F16).to_dtype(DType::F32),
+            x.to_dtype(DType::BF16)
+                .to_dtype(DType::F16)
+                .to_dtype(DType::F32),
+        ]
+    });
+}
+
+#[test]
+fn matrix_products_in_every_layout() {
+    regimen_cuda_exact_convs();
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        for acc in [false, true] {
+            same(&format!("matmul ta={ta} tb={tb} acc={acc}"), GEMM, |d| {
+                let be = d.backend();
+                let (m, k, n) = (37, 53, 29);
+                let a = t(&if ta { [k, m] } else { [m, k] }, 3, d);
+                let b = t(&if tb { [n, k] } else { [k, n] }, 4, d);
+                let mut c = t(&[m, n], 5, d);
+                be.matmul(&a, ta, &b, tb, &mut c, acc);
+                vec![c]
+            });
+        }
+    }
+    for dt in [DType::BF16, DType::F16] {
+        same(&format!("matmul {dt}"), BF16, |d| {
+            let be = d.backend();
+            let a = t(&[64, 96], 6, d).to_dtype(dt);
+            let b = t(&[48, 96], 7, d).to_dtype(dt);
+            let mut c = be.zeros(&[64, 48], DType::F32);
+            be.matmul(&a, false, &b, true, &mut c, false);
+            vec![c]
+        });
+    }
+}
+
+/// Convolutions compared in exact f32 (the GPU would use TF32 tensor cores by default).
+fn regimen_cuda_exact_convs() {
+    #[cfg(feature = "cuda")]
+    regimen::backend::cuda::set_conv_tf32(false);
+}
+
+#[test]
+fn elementwise_and_reductions() {
+    same("elementwise", F32, |d| {
+        let be = d.backend();
+        let a = t(&[4, 3, 5], 8, d);
+        let b = t(&[4, 3, 5], 9, d);
+        let s = t(&[4], 10, d);
+        let mut y = a.clone();
+        be.axpy(0.7, &b, &mut y);
+        let mut z = a.clone();
+        be.scale(&mut z, -1.5);
+        let mut c = a.clone();
+        be.clamp(&mut c, -0.5, 0.25);
+        let mut g = b.clone();
+        be.add_sign(0.3, &a, &mut g);
+        let mut biased = a.clone();
+        let bias = t(&[3], 11, d);
+        be.add_channel_bias(&mut biased, &bias, 3);
+        let mut db = t(&[3], 12, d);
+        be.channel_bias_backward(&a, &mut db, 3);
+        vec![
+            y,
+            z,
+            c,
+            g,
+            be.add(&a, &b),
+            be.mul(&a, &b),
+            be.scale_rows(&a, &s),
+            biased,
+            db,
+            be.sum_abs(&a),
+            be.sum_sq(&a),
+            be.all_finite(&a),
+        ]
+    });
+    same("reductions over many blocks", Tol(1e-3, 1e-6), |d| {
+        let be = d.backend();
+        let a = t(&[300_001], 13, d);
+        vec![be.sum_abs(&a), be.sum_sq(&a)]
+    });
+    same("NaN and infinity", EXACT, |d| {
+        let be = d.backend();
+        let x = Tensor::from_host(&[4], vec![1.0, f32::NAN, -2.0, f32::INFINITY], d).unwrap();
+        let mut c = x.clone();
+        be.clamp(&mut c, -1.0, 1.0);
+        vec![be.all_finite(&x), c, be.unary_forward(Unary::Relu, &x)]
+    });
+}
+
+#[test]
+fn activations_forward_and_backward() {
+    let ops = [
+        Unary::Sigmoid,
+        Unary::Tanh,
+        Unary::Relu,
+        Unary::LeakyRelu(0.1),
+        Unary::Elu(0.7),
+        Unary::Selu,
+        Unary::Softplus {
+            beta: 2.0,
+            threshold: 5.0,
+        },
+        Unary::Gelu,
+        Unary::Mish,
+        Unary::Swish(1.5),
+    ];
+    for op in ops {
+        same(&format!("{op:?}"), Tol(2e-6, 2e-5), |d| {
+            let be = d.backend();
+            let x = t(&[6, 7], 14, d);
+            let dy = t(&[6, 7], 15, d);
+            let y = be.unary_forward(op, &x);
+            let dx = be.unary_backward(op, &x, &y, &dy);
+            vec![y, dx]
+        });
+    }
+    same("prelu, swish, softmax", F32, |d| {
+        let be = d.backend();
+        let x = t(&[3, 4, 5], 16, d);
+        let dy = t(&[3, 4, 5], 17, d);
+        let a4 = t(&[4], 18, d);
+        let a1 = t(&[1], 19, d);
+        let (mut da4, mut da1) = (be.zeros(&[4], DType::F32), be.zeros(&[1], DType::F32));
+        let beta = Tensor::from_host(&[1], vec![1.3], d).unwrap();
+        let mut dbeta = be.zeros(&[1], DType::F32);
+        let y = be.softmax_forward(&x, 4);
+        vec![
+            be.prelu_forward(&x, &a4, 4),
+            be.prelu_backward(&x, &a4, &dy, &mut da4, 4),
+            da4,
+            be.prelu_forward(&x, &a1, 4),
+            be.prelu_backward(&x, &a1, &dy, &mut da1, 4),
+            da1,
+            be.swish_forward(&x, &beta),
+            be.swish_backward(&x, &beta, &dy, &mut dbeta),
+            dbeta,
+            be.softmax_backward(&y, &dy, 4),
+            y,
+        ]
+    });
+}
+
+#[test]
+fn convolutions() {
+    regimen_cuda_exact_convs();
+    let cases = [
+        (3, 3, 1, 1, true),
+        (3, 3, 2, 1, false),
+        (1, 1, 1, 0, true),
+        (5, 3, 2, 0, true),
+    ];
+    for (kh, kw, stride, pad, bias) in cases {
+        same(
+            &format!("conv k{kh}x{kw} s{stride} p{pad} bias={bias}"),
+            GEMM,
+            |d| {
+                let be = d.backend();
+                let win = Window {
+                    kh,
+                    kw,
+                    stride,
+                    pad,
+                };
+                let x = t(&[3, 4, 9, 8], 20, d);
+                let w = t(&[6, 4, kh, kw], 21, d);
+                let b = t(&[6], 22, d);
+                let y = be.conv2d_forward(&x, &w, bias.then_some(&b), win);
+                let dy = t(y.shape(), 23, d);
+                let mut dw = t(&[6, 4, kh, kw], 24, d);
+                let mut db = t(&[6], 25, d);
+                let dx =
+                    be.conv2d_backward(&x, &w, &dy, win, &mut dw, bias.then_some(&mut db), true);
+                let mut dw2 = be.zeros(&[6, 4, kh, kw], DType::F32);
+                let none = be.conv2d_backward(&x, &w, &dy, win, &mut dw2, None, false);
+                assert_eq!(none.numel(), 0);
+                vec![y, dx, dw, db, dw2]
+            },
+        );
+    }
+    same("conv bf16", BF16, |d| {
+        let be = d.backend();
+        let win = Window {
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let x = t(&[2, 8, 6, 6], 26, d).to_dtype(DType::BF16);
+        let w = t(&[5, 8, 3, 3], 27, d).to_dtype(DType::BF16);
+        let y = be.conv2d_forward(&x, &w, None, win);
+        let dy = t(y.shape(), 28, d);
+        let mut dw = be.zeros(&[5, 8, 3, 3], DType::F32);
+        let dx = be.conv2d_backward(&x, &w, &dy, win, &mut dw, None, true);
+        vec![y, dx, dw]
+    });
+}
+
+#[test]
+fn pooling() {
+    for (k, s, p) in [(2, 2, 0), (3, 2, 1), (3, 1, 1)] {
+        same(&format!("pool k{k} s{s} p{p}"), F32, |d| {
+            let be = d.backend();
+            let win = Window {
+                kh: k,
+                kw: k,
+                stride: s,
+                pad: p,
+            };
+            let x = t(&[2, 3, 8, 7], 30, d);
+            let (y, idx) = be.max_pool2d_forward(&x, win);
+            let dy = t(y.shape(), 31, d);
+            let dx = be.max_backward(&dy, &idx, x.shape(), y.shape()[2] * y.shape()[3], 56);
+            let ya = be.avg_pool2d_forward(&x, win);
+            let dxa = be.avg_pool2d_backward(&dy, x.shape(), win);
+            let idxf = Tensor::from_host(
+                &[idx.len()],
+                idx.to_vec().iter().map(|&v| v as f32).collect(),
+                d,
+            )
+            .unwrap();
+            vec![y, dx, ya, dxa, idxf]
+        });
+    }
+    same("max pool 2x2 propagates NaN", EXACT, |d| {
+        let be = d.backend();
+        let x = Tensor::from_host(&[1, 1, 2, 2], vec![f32::NAN, 1.0, 2.0, 3.0], d).unwrap();
+        let win = Window {
+            kh: 2,
+            kw: 2,
+            stride: 2,
+            pad: 0,
+        };
+        vec![be.max_pool2d_forward(&x, win).0]
+    });
+    same("global, fractional, maxout", F32, |d| {
+        let be = d.backend();
+        let x = t(&[2, 3, 9, 10], 32, d);
+        let g = be.global_avg_pool_forward(&x, 3);
+        let dg = be.global_avg_pool_backward(&t(&[2, 3], 33, d), x.shape());
+        let samples = Tensor::from_host(
+            &[6, 2],
+            (0..12).map(|i| (i as f32 * 0.37) % 1.0).collect(),
+            d,
+        )
+        .unwrap();
+        let (f, fi) = be.fractional_max_pool2d_forward(&x, (2, 2), (5, 6), &samples);
+        let m = t(&[4, 12], 34, d);
+        let (mo, mi) = be.max_groups_forward(&m, 3);
+        let idx = |i: &Indices| {
+            Tensor::from_host(
+                &[i.len()],
+                i.to_vec().iter().map(|&v| v as f32).collect(),
+                d,
+            )
+            .unwrap()
+        };
+        vec![g, dg, f, idx(&fi), mo, idx(&mi)]
+    });
+}
+
+#[test]
+fn batch_norm_and_randomness() {
+    same("batch norm", Tol(2e-5, 2e-4), |d| {
+        let be = d.backend();
+        let x = t(&[5, 3, 4, 4], 40, d);
+        let gamma = t(&[3], 41, d);
+        let beta = t(&[3], 42, d);
+        let mut rm = t(&[3], 43, d);
+        let mut rv = Tensor::full(&[3], 1.5, d);
+        let (y, mean, invstd) =
+            be.batch_norm_forward_train(&x, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5);
+        let dy = t(x.shape(), 44, d);
+        let (mut dg, mut db) = (be.zeros(&[3], DType::F32), be.zeros(&[3], DType::F32));
+        let dx = be.batch_norm_backward(&x, &dy, &gamma, &mean, &invstd, true, &mut dg, &mut db);
+        let ye = be.batch_norm_forward_eval(&x, &gamma, &beta, &rm, &rv, 1e-5);
+        let ie = be.invstd(&rv, 1e-5);
+        let (mut dg2, mut db2) = (be.zeros(&[3], DType::F32), be.zeros(&[3], DType::F32));
+        let dxe = be.batch_norm_backward(&x, &dy, &gamma, &rm, &ie, false, &mut dg2, &mut db2);
+        vec![y, mean, invstd, rm, rv, dx, dg, db, ye, dxe, dg2, db2]
+    });
+    same("Philox draws are the same on every device", EXACT, |d| {
+        let be = d.backend();
+        let step = step0(d);
+        let key = |purpose| RandomKey {
+            stream: 0x1234_5678_9abc,
+            step: &step,
+            purpose,
+        };
+        let x = t(&[1001], 45, d);
+        let (y, mask) = be.dropout_forward(&x, 0.3, key(1));
+        vec![
+            y,
+            mask,
+            be.uniform(&[77], key(3)),
+            be.bernoulli_keep(&[50], 0.4, key(2)),
+        ]
+    });
+}
+
+#[test]
+fn losses_and_metrics() {
+    same("cross-entropy", F32, |d| {
+        let be = d.backend();
+        let logits = t(&[9, 10], 50, d);
+        let labels = Indices::from_host((0..9).map(|i| (i * 7 % 10) as u32).collect(), d);
+        let soft = be.softmax_forward(&t(&[9, 10], 51, d), 10);
+        let (l1, g1) = be.softmax_cross_entropy(&logits, Target::Hard(&labels), 0.0, 1.0);
+        let (l2, g2) = be.softmax_cross_entropy(&logits, Target::Hard(&labels), 0.1, 0.5);
+        let (l3, g3) = be.softmax_cross_entropy(&logits, Target::Soft(&soft), 0.2, 1.0);
+        let (l4, g4) = be.mse(&logits, &soft, 2.0);
+        vec![
+            l1,
+            g1,
+            l2,
+            g2,
+            l3,
+            g3,
+            l4,
+            g4,
+            be.count_correct(&logits, &labels),
+        ]
+    });
+}
+
+#[test]
+fn optimizer_updates_and_clipping() {
+    let rules = [
+        UpdateRule::Sgd {
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+        },
+        UpdateRule::Sgd {
+            momentum: 0.9,
+            dampening: 0.1,
+            nesterov: false,
+        },
+        UpdateRule::Sgd {
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: true,
+        },
+        UpdateRule::Adagrad {
+            lr_decay: 0.01,
+            eps: 1e-10,
+            initial: 0.1,
+        },
+        UpdateRule::RmsProp {
+            alpha: 0.99,
+            eps: 1e-8,
+            momentum: 0.5,
+            centered: true,
+        },
+        UpdateRule::RmsProp {
+            alpha: 0.9,
+            eps: 1e-8,
+            momentum: 0.0,
+            centered: false,
+        },
+        UpdateRule::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            amsgrad: true,
+            decoupled: true,
+        },
+    ];
+    for rule in rules {
+        same(&format!("{rule:?}"), Tol(1e-6, 1e-5), |d| {
+            let be = d.backend();
+            let mut out = Vec::new();
+            let mut values = [t(&[5000], 60, d), t(&[7, 3], 61, d)];
+            let mut states: Vec<Vec<Tensor>> = values
+                .iter()
+                .map(|v| {
+                    (0..rule.slots())
+                        .map(|_| Tensor::full(v.shape(), rule.initial_state(), d))
+                        .collect()
+                })
+                .collect();
+            let lr = Tensor::from_host(&[3], vec![0.1, 0.05, 0.02], d).unwrap();
+            let mut step = Indices::zeros(1, d);
+            for s in 0..3 {
+                let mut grads = [t(&[5000], 70 + s, d), t(&[7, 3], 80 + s, d)];
+                let (norm, coef) = be.clip_coefficient(&[&grads[0], &grads[1]], 5.0);
+                be.increment(&mut step, 1);
+                let [v0, v1] = &mut values;
+                let [g0, g1] = &mut grads;
+                let (s0, s1) = states.split_at_mut(1);
+                let mut params = [
+                    ParamUpdate {
+                        value: v0,
+                        grad: g0,
+                        state: &mut s0[0],
+                        lr_scale: 1.0,
+                        weight_decay: 0.01,
+                    },
+                    ParamUpdate {
+                        value: v1,
+                        grad: g1,
+                        state: &mut s1[0],
+                        lr_scale: 0.5,
+                        weight_decay: 0.0,
+                    },
+                ];
+                be.optim_update(
+                    &rule,
+                    &UpdateScalars {
+                        lr: &lr,
+                        step: &step,
+                        grad_scale: Some(&coef),
+                    },
+                    &mut params,
+                );
+                out.extend([norm, coef]);
+                out.extend(grads);
+            }
+            out.extend(values);
+            out.extend(states.into_iter().flatten());
+            out
+        });
+    }
+}
+
+/// Three training steps of a benchmark model (dropout, batch norm, momentum, clipping) on
+/// both devices from the same weights and batch: the weights stay together.
+fn train_steps(name: &str, d: Device, precision: Precision, steps: usize) -> Vec<Tensor> {
+    let mut rng = Rng::new(0);
+    let mut model = match name {
+        "mlp" => models::bench_mlp(&mut rng).unwrap(),
+        _ => models::bench_cnn(&mut rng).unwrap(),
+    };
+    regimen::layer::to_device(&mut model, d);
+    model.set_input_grad(false);
+    let x = t(&[32, 1, 28, 28], 90, d);
+    let y = Indices::from_host((0..32).map(|i| (i % 10) as u32).collect(), d);
+    let mut opt = Optim::new(
+        Sgd::nesterov(0.9),
+        OptimConfig {
+            weight_decay: 5e-4,
+            clip_norm: Some(5.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ce = CrossEntropy::with_label_smoothing(0.1).unwrap();
+    for _ in 0..steps {
+        let logits = {
+            let ctx = Ctx::train()
+                .at_step(opt.step_counter(d))
+                .with_precision(precision);
+            model.forward(&x, &ctx).unwrap()
+        };
+        let out = ce.forward(&logits, Target::Hard(&y)).unwrap();
+        model.backward(&out.grad).unwrap();
+        opt.step(&mut model, 0.05).unwrap();
+    }
+    let mut out = Vec::new();
+    model.visit_params("", &mut |_, p| out.push(p.value.clone()));
+    model.visit_buffers("", &mut |_, b| out.push(b.clone()));
+    out
+}
+
+#[test]
+fn whole_training_steps_match() {
+    regimen_cuda_exact_convs();
+    for name in ["mlp", "cnn"] {
+        same(&format!("{name} 3 steps"), Tol(1e-4, 1e-3), |d| {
+            train_steps(name, d, Precision::F32, 3)
+        });
+    }
+    same("mlp 3 steps bf16", BF16, |d| {
+        train_steps("mlp", d, Precision::Bf16, 3)
+    });
+}
+
+#[test]
+fn a_recorded_step_replays_as_the_eager_steps() {
+    let Some(g) = gpu() else { return };
+    regimen_cuda_exact_convs();
+    for name in ["mlp", "cnn"] {
+        let eager = train_steps(name, g, Precision::F32, 4);
+        // The same four steps: one eager (warms the pool and the optimizer state), one
+        // recorded, then three replays (the recording itself runs nothing).
+        let mut rng = Rng::new(0);
+        let mut model = match name {
+            "mlp" => models::bench_mlp(&mut rng).unwrap(),
+            _ => models::bench_cnn(&mut rng).unwrap(),
+        };
+        regimen::layer::to_device(&mut model, g);
+        model.set_input_grad(false);
+        let x = t(&[32, 1, 28, 28], 90, g);
+        let y = Indices::from_host((0..32).map(|i| (i % 10) as u32).collect(), g);
+        let mut opt = Optim::new(
+            Sgd::nesterov(0.9),
+            OptimConfig {
+                weight_decay: 5e-4,
+                clip_norm: Some(5.0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        opt.set_lr_table(vec![0.05]).unwrap();
+        let ce = CrossEntropy::with_label_smoothing(0.1).unwrap();
+        let step = |model: &mut regimen::layers::Sequential, opt: &mut Optim| {
+            let logits = {
+                let ctx = Ctx::train().at_step(opt.step_counter(g));
+                model.forward(&x, &ctx).unwrap()
+            };
+            let out = ce.forward(&logits, Target::Hard(&y)).unwrap();
+            model.backward(&out.grad).unwrap();
+            opt.step(model, 0.05).unwrap();
+        };
+        step(&mut model, &mut opt);
+        let be = g.backend();
+        be.begin_capture().unwrap();
+        regimen::backend::strict::set_strict(true);
+        step(&mut model, &mut opt);
+        regimen::backend::strict::set_strict(false);
+        let graph = be.end_capture().unwrap();
+        for _ in 0..3 {
+            graph.replay().unwrap();
+        }
+        let mut replayed = Vec::new();
+        model.visit_params("", &mut |_, p| replayed.push(p.value.clone()));
+        model.visit_buffers("", &mut |_, b| replayed.push(b.clone()));
+        for (k, (a, b)) in eager.iter().zip(&replayed).enumerate() {
+            close(
+                &format!("{name} graph tensor {k}"),
+                &a.to_vec(),
+                &b.to_vec(),
+                Tol(1e-5, 1e-4),
+            );
+        }
+        drop(graph);
+    }
+}
+
+#[test]
+fn kernels_compile_with_nvrtc() {
+    #[cfg(feature = "cuda")]
+    match regimen::backend::cuda::compile_kernels((9, 0)) {
+        Ok(ptx) => assert!(
+            ptx.contains(".entry optim_update"),
+            "the PTX has the update kernel"
+        ),
+        Err(e) if e.to_string().contains("not found") => {
+            eprintln!("NVRTC compile check skipped: {e}")
+        }
+        Err(e) => panic!("{e}"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("NVRTC compile check skipped: built without the cuda feature");
+}
