@@ -320,7 +320,8 @@ fn run_epochs(
 /// epoch uploads its shuffled order (the same order as the host [`Loader`]); each step
 /// gathers and augments its batch with one kernel, reading a batch cursor that the step
 /// itself advances; loss and correct counts accumulate on the device. With `cfg.graph` the
-/// second step is recorded as a graph, and every later full batch is one replay of it.
+/// third step is recorded as a graph (after two eager steps, the buffer pool holds everything
+/// a step needs), and every later full batch is one replay of it.
 #[allow(clippy::too_many_arguments)]
 fn run_epochs_on_device(
     model: &mut dyn Layer,
@@ -426,13 +427,13 @@ fn run_epochs_on_device(
         be.fill(&mut loss_sum, 0.0);
         be.fill(&mut correct_sum, 0.0);
         for b in 0..full {
-            let first_ever = epoch == 1 && b == 0;
+            let warming = epoch == 1 && b < 2;
             match &graph {
                 Some(g) => {
                     g.replay()?;
                     optim.count_replayed(1);
                 }
-                None if cfg.graph && !first_ever => {
+                None if cfg.graph && !warming => {
                     be.begin_capture()?;
                     let recorded = step(
                         model,

@@ -53,6 +53,9 @@ fn close(name: &str, a: &[f32], b: &[f32], tol: Tol) {
             assert!(x.is_nan() && y.is_nan(), "{name}[{i}]: cpu {x} vs gpu {y}");
             continue;
         }
+        if x == y {
+            continue; // equal, infinities included
+        }
         let err = (x as f64 - y as f64).abs();
         let allowed = tol.0 + tol.1 * (x as f64).abs();
         assert!(
@@ -527,7 +530,10 @@ fn optimizer_updates_and_clipping() {
 }
 
 /// Three training steps of a benchmark model (dropout, batch norm, momentum, clipping) on
-/// both devices from the same weights and batch: the weights stay together.
+/// both devices from the same weights and batch: the weights stay together. (Batch norm over
+/// 32 samples amplifies the summation-order differences of the convolutions: after three
+/// steps the CNN's weights agree within 5e-4 + 5e-3 |w|, where one wrong gradient would move
+/// them by the step size, about 5e-2.)
 fn train_steps(name: &str, d: Device, precision: Precision, steps: usize) -> Vec<Tensor> {
     let mut rng = Rng::new(0);
     let mut model = match name {
@@ -568,11 +574,12 @@ fn train_steps(name: &str, d: Device, precision: Precision, steps: usize) -> Vec
 #[test]
 fn whole_training_steps_match() {
     regimen_cuda_exact_convs();
-    for name in ["mlp", "cnn"] {
-        same(&format!("{name} 3 steps"), Tol(1e-4, 1e-3), |d| {
-            train_steps(name, d, Precision::F32, 3)
-        });
-    }
+    same("mlp 3 steps", Tol(1e-4, 1e-3), |d| {
+        train_steps("mlp", d, Precision::F32, 3)
+    });
+    same("cnn 3 steps", Tol(5e-4, 5e-3), |d| {
+        train_steps("cnn", d, Precision::F32, 3)
+    });
     same("mlp 3 steps bf16", BF16, |d| {
         train_steps("mlp", d, Precision::Bf16, 3)
     });
@@ -584,8 +591,8 @@ fn a_recorded_step_replays_as_the_eager_steps() {
     regimen_cuda_exact_convs();
     for name in ["mlp", "cnn"] {
         let eager = train_steps(name, g, Precision::F32, 4);
-        // The same four steps: one eager (warms the pool and the optimizer state), one
-        // recorded, then three replays (the recording itself runs nothing).
+        // The same four steps: two eager (the pool and the optimizer state reach their steady
+        // state), one recorded, then two replays (the recording itself runs nothing).
         let mut rng = Rng::new(0);
         let mut model = match name {
             "mlp" => models::bench_mlp(&mut rng).unwrap(),
@@ -616,13 +623,14 @@ fn a_recorded_step_replays_as_the_eager_steps() {
             opt.step(model, 0.05).unwrap();
         };
         step(&mut model, &mut opt);
+        step(&mut model, &mut opt);
         let be = g.backend();
         be.begin_capture().unwrap();
         regimen::backend::strict::set_strict(true);
         step(&mut model, &mut opt);
         regimen::backend::strict::set_strict(false);
         let graph = be.end_capture().unwrap();
-        for _ in 0..3 {
+        for _ in 0..2 {
             graph.replay().unwrap();
         }
         let mut replayed = Vec::new();

@@ -465,11 +465,17 @@ impl Backend for Cpu {
     ) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
         let (xv, wv) = (read_f32(x), read_f32(w));
+        // Mixed precision: the output gradient enters the products in the inputs' type too.
+        let dyq = if x.dtype() == DType::F32 {
+            dy.clone()
+        } else {
+            self.cast(&self.cast(dy, x.dtype()), DType::F32)
+        };
         let mut dx = alloc(if input_grad { x.shape() } else { &[0] }, DType::F32);
         conv::backward(
             &xv,
             &wv,
-            f32s(dy),
+            f32s(&dyq),
             d,
             f32s_mut(dw),
             db.map(f32s_mut),

@@ -97,7 +97,7 @@ where
                     for iy in r0..r1 {
                         for ix in c0..c1 {
                             let v = x_p[iy * d.w + ix];
-                            if v > best || v.is_nan() {
+                            if !best.is_nan() && (v > best || v.is_nan()) {
                                 best = v;
                                 at = (iy * d.w + ix) as u32;
                             }
@@ -221,7 +221,7 @@ pub fn fractional_forward(
                     for iy in r0..r0 + kh {
                         for ix in c0..c0 + kw {
                             let v = x_p[iy * d.w + ix];
-                            if v > best || v.is_nan() {
+                            if !best.is_nan() && (v > best || v.is_nan()) {
                                 best = v;
                                 at = (iy * d.w + ix) as u32;
                             }
@@ -244,7 +244,7 @@ pub fn max_groups_forward(x: &[f32], f: usize, k: usize, y: &mut [f32], idx: &mu
                 let (mut best, mut at) = (f32::NEG_INFINITY, j * k);
                 for i in 0..k {
                     let v = x_r[j * k + i];
-                    if v > best || v.is_nan() {
+                    if !best.is_nan() && (v > best || v.is_nan()) {
                         best = v;
                         at = j * k + i;
                     }

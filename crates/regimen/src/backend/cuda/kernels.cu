@@ -21,6 +21,14 @@ typedef unsigned short u16;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
          i += (long long)blockDim.x * gridDim.x)
 
+// Planes on the y axis of the grid (strided), the positions of a plane on the x axis
+// (strided), with 32-bit arithmetic inside a plane: per-element 64-bit divisions cost tens of
+// instructions each, which made the channel kernels compute-bound.
+#define PLANE_LOOP(plane, i, planes, inner)                                                 \
+    for (long long plane = blockIdx.y; plane < (long long)(planes); plane += gridDim.y)     \
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(inner);    \
+             i += blockDim.x * gridDim.x)
+
 // ---------------------------------------------------------------------------------------
 // 16-bit conversions
 
@@ -119,9 +127,9 @@ extern "C" __global__ void add(const float* a, const float* b, float* y, long lo
 extern "C" __global__ void mul(const float* a, const float* b, float* y, long long n) {
     GRID_STRIDE(i, n) y[i] = a[i] * b[i];
 }
-extern "C" __global__ void scale_rows(const float* x, const float* s, float* y, long long n,
+extern "C" __global__ void scale_rows(const float* x, const float* s, float* y, long long rows,
                                       long long row) {
-    GRID_STRIDE(i, n) y[i] = x[i] * s[i / row];
+    PLANE_LOOP(r, i, rows, row) y[r * row + i] = x[r * row + i] * s[r];
 }
 // f32::clamp keeps NaN.
 extern "C" __global__ void clamp(float* x, float lo, float hi, long long n) {
@@ -136,10 +144,10 @@ extern "C" __global__ void add_sign(float alpha, const float* w, float* g, long 
         g[i] = g[i] + alpha * (v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f));
     }
 }
-// y[n, c, i] += bias[c] over [N, C, inner].
-extern "C" __global__ void add_channel_bias(float* y, const float* bias, long long n, int c,
+// y[n, c, i] += bias[c] over [N, C, inner] (planes = N C).
+extern "C" __global__ void add_channel_bias(float* y, const float* bias, long long planes, int c,
                                             long long inner) {
-    GRID_STRIDE(i, n) y[i] += bias[(i / inner) % c];
+    PLANE_LOOP(pl, i, planes, inner) y[pl * inner + i] += bias[pl % c];
 }
 
 // ---------------------------------------------------------------------------------------
@@ -317,12 +325,13 @@ extern "C" __global__ void finish_acc(const double* partial, int count, float* t
 }
 
 // PReLU over [N, C, inner] with `na` slopes (1 or C).
-extern "C" __global__ void prelu_fwd(const float* x, const float* a, float* y, long long n, int c,
-                                     long long inner, int na) {
-    GRID_STRIDE(i, n) {
-        float v = x[i];
-        float s = a[na == 1 ? 0 : (i / inner) % c];
-        y[i] = v <= 0.0f ? v * s : v;
+extern "C" __global__ void prelu_fwd(const float* x, const float* a, float* y, long long planes,
+                                     int c, long long inner, int na) {
+    PLANE_LOOP(pl, i, planes, inner) {
+        long long j = pl * inner + i;
+        float v = x[j];
+        float s = a[na == 1 ? 0 : pl % c];
+        y[j] = v <= 0.0f ? v * s : v;
     }
 }
 // One block per slope k: dx for its channel(s) and da[k] += sum dy x over x <= 0.
@@ -386,22 +395,25 @@ extern "C" __global__ void softmax_bwd(const float* y, const float* dy, float* d
 // columns ordered (sample, position), so that one GEMM covers the whole batch:
 // Y' [OC, N P] = W [OC, K] col, then Y [N, OC, P] is Y' with the first two axes swapped.
 
-template <typename T, typename L>
+// Row `r` of the column matrix (channel ci, kernel offset ki, kj) on the y axis of the grid;
+// its N P columns on the x axis.
+template <typename T>
 __device__ void im2col_impl(const T* x, T* col, int nb, int c, int h, int w, int kh, int kw,
-                            int stride, int pad, int oh, int ow, L zero) {
-    long long p = (long long)oh * ow, np = (long long)nb * p;
-    long long total = (long long)c * kh * kw * np;
-    GRID_STRIDE(idx, total) {
-        long long row = idx / np, colj = idx % np;
-        int smp = (int)(colj / p);
-        int pos = (int)(colj % p);
-        int oy = pos / ow, ox = pos % ow;
-        int kj = (int)(row % kw), ki = (int)((row / kw) % kh), ci = (int)(row / ((long long)kw * kh));
-        int iy = oy * stride + ki - pad, ix = ox * stride + kj - pad;
-        T v = zero;
-        if (iy >= 0 && iy < h && ix >= 0 && ix < w)
-            v = x[(((long long)smp * c + ci) * h + iy) * w + ix];
-        col[idx] = v;
+                            int stride, int pad, int oh, int ow, T zero) {
+    unsigned p = (unsigned)oh * ow, np = (unsigned)nb * p;
+    int rows = c * kh * kw;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        int kj = r % kw, ki = (r / kw) % kh, ci = r / (kw * kh);
+        T* out = col + (long long)r * np;
+        for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < np; j += blockDim.x * gridDim.x) {
+            unsigned smp = j / p, pos = j - smp * p;
+            int oy = (int)(pos / ow), ox = (int)(pos - (unsigned)oy * ow);
+            int iy = oy * stride + ki - pad, ix = ox * stride + kj - pad;
+            T v = zero;
+            if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+                v = x[((long long)smp * c + ci) * h * w + iy * w + ix];
+            out[j] = v;
+        }
     }
 }
 extern "C" __global__ void im2col_f32(const float* x, float* col, int nb, int c, int h, int w,
@@ -414,56 +426,50 @@ extern "C" __global__ void im2col_u16(const u16* x, u16* col, int nb, int c, int
 }
 
 // dx [N, C, H, W] = col2im(dcol [K, N P]): each input element gathers every window entry that
-// read it (no atomics: deterministic).
+// read it (no atomics: deterministic). Planes (sample, channel) on the y axis.
 extern "C" __global__ void col2im(const float* dcol, float* dx, int nb, int c, int h, int w,
                                   int kh, int kw, int stride, int pad, int oh, int ow) {
-    long long p = (long long)oh * ow, np = (long long)nb * p;
-    long long total = (long long)nb * c * h * w;
-    GRID_STRIDE(idx, total) {
-        int ix = (int)(idx % w), iy = (int)((idx / w) % h);
-        int ci = (int)((idx / ((long long)w * h)) % c);
-        int smp = (int)(idx / ((long long)w * h * c));
+    unsigned p = (unsigned)oh * ow;
+    long long np = (long long)nb * p;
+    PLANE_LOOP(pl, i, (long long)nb * c, (unsigned)(h * w)) {
+        int smp = (int)(pl / c), ci = (int)(pl % c);
+        int iy = (int)(i / (unsigned)w), ix = (int)(i - (unsigned)iy * w);
+        const float* base = dcol + (long long)smp * p;
         float acc = 0.0f;
         for (int ki = 0; ki < kh; ki++) {
             int ty = iy + pad - ki;
-            if (ty < 0 || ty % stride != 0) continue;
+            if (ty < 0) continue;
             int oy = ty / stride;
-            if (oy >= oh) continue;
+            if (oy * stride != ty || oy >= oh) continue;
             for (int kj = 0; kj < kw; kj++) {
                 int tx = ix + pad - kj;
-                if (tx < 0 || tx % stride != 0) continue;
+                if (tx < 0) continue;
                 int ox = tx / stride;
-                if (ox >= ow) continue;
+                if (ox * stride != tx || ox >= ow) continue;
                 long long row = ((long long)ci * kh + ki) * kw + kj;
-                acc += dcol[row * np + (long long)smp * p + (long long)oy * ow + ox];
+                acc += base[row * np + oy * ow + ox];
             }
         }
-        dx[idx] = acc;
+        dx[pl * h * w + i] = acc;
     }
 }
 
-// y [N, OC, P] (+ bias) from y' [OC, N P].
+// y [N, OC, P] (+ bias) from y' [OC, N P]: plane (sample, o) is a contiguous row piece.
 extern "C" __global__ void conv_out(const float* yt, const float* bias, float* y, int nb, int oc,
                                     long long p) {
-    long long total = (long long)nb * oc * p;
-    GRID_STRIDE(idx, total) {
-        long long pos = idx % p;
-        int o = (int)((idx / p) % oc);
-        int smp = (int)(idx / (p * oc));
-        float v = yt[(long long)o * nb * p + (long long)smp * p + pos];
-        y[idx] = bias ? v + bias[o] : v;
+    PLANE_LOOP(pl, i, (long long)nb * oc, p) {
+        int smp = (int)(pl / oc), o = (int)(pl % oc);
+        float v = yt[((long long)o * nb + smp) * p + i];
+        y[pl * p + i] = bias ? v + bias[o] : v;
     }
 }
 // dy' [OC, N P] from dy [N, OC, P], in f32 or rounded to 16 bits (mode 0 f32, 1 bf16, 2 f16).
 extern "C" __global__ void conv_dy_t(const float* dy, void* out, int nb, int oc, long long p,
                                      int mode) {
-    long long total = (long long)nb * oc * p;
-    GRID_STRIDE(idx, total) {
-        long long pos = idx % p;
-        int o = (int)((idx / p) % oc);
-        int smp = (int)(idx / (p * oc));
-        long long j = (long long)o * nb * p + (long long)smp * p + pos;
-        float v = dy[idx];
+    PLANE_LOOP(pl, i, (long long)nb * oc, p) {
+        int smp = (int)(pl / oc), o = (int)(pl % oc);
+        long long j = ((long long)o * nb + smp) * p + i;
+        float v = dy[pl * p + i];
         if (mode == 0) ((float*)out)[j] = v;
         else if (mode == 1) ((u16*)out)[j] = f32_to_bf16(v);
         else ((u16*)out)[j] = f32_to_f16(v);
@@ -477,10 +483,9 @@ extern "C" __global__ void conv_dy_t(const float* dy, void* out, int nb, int oc,
 extern "C" __global__ void max_pool_fwd(const float* x, float* y, u32* idx, long long planes,
                                         int h, int w, int oh, int ow, int kh, int kw, int stride,
                                         int pad) {
-    long long total = planes * oh * ow;
-    GRID_STRIDE(o, total) {
-        int ox = (int)(o % ow), oy = (int)((o / ow) % oh);
-        long long pl = o / ((long long)ow * oh);
+    PLANE_LOOP(pl, i, planes, (unsigned)(oh * ow)) {
+        int oy = (int)(i / (unsigned)ow), ox = (int)(i - (unsigned)oy * ow);
+        long long o = pl * oh * ow + i;
         const float* xp = x + pl * h * w;
         int r0 = oy * stride - pad, c0 = ox * stride - pad;
         int r1 = min(r0 + kh, h), c1 = min(c0 + kw, w);
@@ -513,11 +518,11 @@ extern "C" __global__ void max_bwd(const float* dy, const u32* idx, float* dx, l
 
 extern "C" __global__ void avg_pool_fwd(const float* x, float* y, long long planes, int h, int w,
                                         int oh, int ow, int kh, int kw, int stride, int pad) {
-    long long total = planes * oh * ow;
     float inv = 1.0f / (float)(kh * kw);
-    GRID_STRIDE(o, total) {
-        int ox = (int)(o % ow), oy = (int)((o / ow) % oh);
-        const float* xp = x + (o / ((long long)ow * oh)) * h * w;
+    PLANE_LOOP(pl, i, planes, (unsigned)(oh * ow)) {
+        int oy = (int)(i / (unsigned)ow), ox = (int)(i - (unsigned)oy * ow);
+        long long o = pl * oh * ow + i;
+        const float* xp = x + pl * h * w;
         int r0 = oy * stride - pad, c0 = ox * stride - pad;
         int r1 = min(r0 + kh, h), c1 = min(c0 + kw, w);
         r0 = max(r0, 0);
@@ -534,11 +539,11 @@ extern "C" __global__ void avg_pool_fwd(const float* x, float* y, long long plan
 // Each input gathers the outputs whose window covers it.
 extern "C" __global__ void avg_pool_bwd(const float* dy, float* dx, long long planes, int h, int w,
                                         int oh, int ow, int kh, int kw, int stride, int pad) {
-    long long total = planes * h * w;
     float inv = 1.0f / (float)(kh * kw);
-    GRID_STRIDE(i, total) {
-        int ix = (int)(i % w), iy = (int)((i / w) % h);
-        const float* dp = dy + (i / ((long long)w * h)) * oh * ow;
+    PLANE_LOOP(pl, j, planes, (unsigned)(h * w)) {
+        int iy = (int)(j / (unsigned)w), ix = (int)(j - (unsigned)iy * w);
+        long long i = pl * h * w + j;
+        const float* dp = dy + pl * oh * ow;
         float acc = 0.0f;
         for (int oy = 0; oy < oh; oy++) {
             int r0 = oy * stride - pad;
@@ -561,10 +566,10 @@ extern "C" __global__ void plane_mean(const float* x, float* y, long long inner)
     double s = block_sum(acc);
     if (threadIdx.x == 0) y[blockIdx.x] = (float)(s / (double)inner);
 }
-extern "C" __global__ void plane_broadcast(const float* dy, float* dx, long long n,
+extern "C" __global__ void plane_broadcast(const float* dy, float* dx, long long planes,
                                            long long inner) {
     float invf = 1.0f / (float)inner;
-    GRID_STRIDE(i, n) dx[i] = dy[i / inner] * invf;
+    PLANE_LOOP(pl, i, planes, inner) dx[pl * inner + i] = dy[pl] * invf;
 }
 
 // PyTorch's interval rule for fractional max pooling (as pool::fractional_starts).
@@ -576,10 +581,9 @@ __device__ __forceinline__ int frac_start(float u, int n, int out, int k, int i)
 extern "C" __global__ void fractional_fwd(const float* x, const float* samples, float* y, u32* idx,
                                           long long planes, int h, int w, int oh, int ow, int kh,
                                           int kw) {
-    long long total = planes * oh * ow;
-    GRID_STRIDE(o, total) {
-        int ox = (int)(o % ow), oy = (int)((o / ow) % oh);
-        long long pl = o / ((long long)ow * oh);
+    PLANE_LOOP(pl, i, planes, (unsigned)(oh * ow)) {
+        int oy = (int)(i / (unsigned)ow), ox = (int)(i - (unsigned)oy * ow);
+        long long o = pl * oh * ow + i;
         const float* xp = x + pl * h * w;
         int c0 = frac_start(samples[2 * pl], w, ow, kw, ox);
         int r0 = frac_start(samples[2 * pl + 1], h, oh, kh, oy);
@@ -686,18 +690,20 @@ extern "C" __global__ void bn_stats_finish(const double* part, int c, int splits
 }
 
 extern "C" __global__ void bn_apply(const float* x, const float* scale, const float* shift,
-                                    float* y, long long n, int c, long long inner) {
-    GRID_STRIDE(i, n) {
-        int ch = (int)((i / inner) % c);
-        y[i] = x[i] * scale[ch] + shift[ch];
+                                    float* y, long long planes, int c, long long inner) {
+    PLANE_LOOP(pl, i, planes, inner) {
+        int ch = (int)(pl % c);
+        long long j = pl * inner + i;
+        y[j] = x[j] * scale[ch] + shift[ch];
     }
 }
 extern "C" __global__ void bn_eval(const float* x, const float* gamma, const float* beta,
-                                   const float* mean, const float* invstd, float* y, long long n,
-                                   int c, long long inner) {
-    GRID_STRIDE(i, n) {
-        int ch = (int)((i / inner) % c);
-        y[i] = gamma[ch] * (x[i] - mean[ch]) * invstd[ch] + beta[ch];
+                                   const float* mean, const float* invstd, float* y,
+                                   long long planes, int c, long long inner) {
+    PLANE_LOOP(pl, i, planes, inner) {
+        int ch = (int)(pl % c);
+        long long j = pl * inner + i;
+        y[j] = gamma[ch] * (x[j] - mean[ch]) * invstd[ch] + beta[ch];
     }
 }
 extern "C" __global__ void invstd_kernel(const float* var, float* out, float eps, int n) {
@@ -749,9 +755,10 @@ extern "C" __global__ void bn_bwd_finish(const double* part, int c, int splits, 
 extern "C" __global__ void bn_bwd_dx(const float* x, const float* dy, const float* gamma,
                                      const float* mean, const float* invstd, const float* mean_dy,
                                      const float* mean_dyx, int batch_stats, float* dx,
-                                     long long n, int c, long long inner) {
-    GRID_STRIDE(i, n) {
-        int ch = (int)((i / inner) % c);
+                                     long long planes, int c, long long inner) {
+    PLANE_LOOP(pl, j, planes, inner) {
+        int ch = (int)(pl % c);
+        long long i = pl * inner + j;
         float is = invstd[ch];
         if (batch_stats) {
             float xhat = (x[i] - mean[ch]) * is;
@@ -946,14 +953,15 @@ extern "C" __global__ void gather_augment(const float* images, const u32* labels
                                           u32* labels_out, int b, int c, int h, int w, int pad,
                                           float flip_p, u64 stream, const u32* step,
                                           u32 purpose) {
-    long long per = (long long)c * h * w;
-    long long total = (long long)b * per;
+    unsigned per = (unsigned)(c * h * w), hw = (unsigned)(h * w);
     u32 s = *step;
     u32 first = *cursor;
-    GRID_STRIDE(idx, total) {
-        int smp = (int)(idx / per);
-        long long r = idx % per;
-        int x = (int)(r % w), y = (int)((r / w) % h), ch = (int)(r / ((long long)w * h));
+    PLANE_LOOP(smpl, r, b, per) {
+        int smp = (int)smpl;
+        long long idx = smpl * per + r;
+        int ch = (int)(r / hw);
+        unsigned rr = r - (unsigned)ch * hw;
+        int y = (int)(rr / (unsigned)w), x = (int)(rr - (unsigned)y * w);
         u32 src = order[first + smp];
         int dy = 0, dx = 0;
         if (pad > 0) {

@@ -507,7 +507,9 @@ impl CudaBackend {
     }
 
     fn copy_words(&self, src: u64, dst: u64, words: usize) {
-        if words == 0 {
+        // A placeholder of a failed recording (address 0) is never copied: the recording is
+        // discarded anyway.
+        if words == 0 || src == 0 || dst == 0 {
             return;
         }
         self.bind();
@@ -519,6 +521,14 @@ impl CudaBackend {
 
     fn launch(&self, name: &str, grid: u32, block: u32, args: &mut [*mut c_void]) {
         self.launch3(name, (grid, 1, 1), block, args)
+    }
+
+    /// A kernel over `planes` planes of `inner` elements (`PLANE_LOOP` in kernels.cu): planes
+    /// on the grid's y axis, positions on its x axis.
+    fn launch_planes(&self, name: &str, planes: usize, inner: usize, args: &mut [*mut c_void]) {
+        let x = inner.div_ceil(BLOCK as usize).clamp(1, 4096) as u32;
+        let y = planes.clamp(1, 65535) as u32;
+        self.launch3(name, (x, y, 1), BLOCK, args)
     }
 
     fn launch3(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &mut [*mut c_void]) {
@@ -1025,12 +1035,13 @@ impl Backend for CudaBackend {
         let (_, inner) = n_inner(y.shape(), channels);
         let n = y.numel() as i64;
         let (yp, bp, c, inner) = (ptr_mut(y), ptr(bias), channels as i32, inner as i64);
+        let planes = n / inner.max(1);
         if n > 0 {
-            self.launch(
+            self.launch_planes(
                 "add_channel_bias",
-                blocks_for(n as usize),
-                BLOCK,
-                &mut args![&yp, &bp, &n, &c, &inner],
+                (n / inner) as usize,
+                inner as usize,
+                &mut args![&yp, &bp, &planes, &c, &inner],
             );
         }
     }
@@ -1090,13 +1101,14 @@ impl Backend for CudaBackend {
         let y = self.new_tensor(x.shape(), DType::F32);
         let n = x.numel() as i64;
         let row = (x.numel() / x.shape()[0].max(1)).max(1) as i64;
+        let rows = x.shape()[0] as i64;
         let (xp, sp, yp) = (ptr(x), ptr(s), ptr(&y));
         if n > 0 {
-            self.launch(
+            self.launch_planes(
                 "scale_rows",
-                blocks_for(n as usize),
-                BLOCK,
-                &mut args![&xp, &sp, &yp, &n, &row],
+                x.shape()[0],
+                row as usize,
+                &mut args![&xp, &sp, &yp, &rows, &row],
             );
         }
         y
@@ -1180,12 +1192,13 @@ impl Backend for CudaBackend {
             inner as i64,
             a.numel() as i32,
         );
+        let planes = n / inner.max(1);
         if n > 0 {
-            self.launch(
+            self.launch_planes(
                 "prelu_fwd",
-                blocks_for(n as usize),
-                BLOCK,
-                &mut args![&xp, &ap, &yp, &n, &c, &inner, &na],
+                (n / inner.max(1)) as usize,
+                inner as usize,
+                &mut args![&xp, &ap, &yp, &planes, &c, &inner, &na],
             );
         }
         y
@@ -1306,10 +1319,10 @@ impl Backend for CudaBackend {
             g.oc as i32,
             g.p as i64,
         );
-        self.launch(
+        self.launch_planes(
             "conv_out",
-            blocks_for(y.numel()),
-            BLOCK,
+            g.nb * g.oc,
+            g.p,
             &mut args![&ytp, &bp, &yp, &nb, &oc, &p],
         );
         y
@@ -1336,10 +1349,10 @@ impl Backend for CudaBackend {
             _ => 2,
         };
         let (dyp, dytp, nb, oc, p) = (ptr(dy), ptr(&dyt), g.nb as i32, g.oc as i32, g.p as i64);
-        self.launch(
+        self.launch_planes(
             "conv_dy_t",
-            blocks_for(dy.numel()),
-            BLOCK,
+            g.nb * g.oc,
+            g.p,
             &mut args![&dyp, &dytp, &nb, &oc, &p, &mode],
         );
         if let Some(db) = db {
@@ -1377,10 +1390,10 @@ impl Backend for CudaBackend {
         let dx = self.new_tensor(x.shape(), DType::F32);
         let (dcp, dxp) = (ptr(&dcol), ptr(&dx));
         let gi = g.ints();
-        self.launch(
+        self.launch_planes(
             "col2im",
-            blocks_for(dx.numel()),
-            BLOCK,
+            g.nb * g.c,
+            g.h * g.w,
             &mut args![
                 &dcp, &dxp, &gi[0], &gi[1], &gi[2], &gi[3], &gi[4], &gi[5], &gi[6], &gi[7], &gi[8],
                 &gi[9]
@@ -1410,10 +1423,10 @@ impl Backend for CudaBackend {
             win.pad as i32,
         ];
         if y.numel() > 0 {
-            self.launch(
+            self.launch_planes(
                 "max_pool_fwd",
-                blocks_for(y.numel()),
-                BLOCK,
+                s[0] * s[1],
+                oh * ow,
                 &mut args![
                     &xp, &yp, &ip, &planes, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5], &d[6], &d[7]
                 ],
@@ -1471,10 +1484,10 @@ impl Backend for CudaBackend {
             win.pad as i32,
         ];
         if y.numel() > 0 {
-            self.launch(
+            self.launch_planes(
                 "avg_pool_fwd",
-                blocks_for(y.numel()),
-                BLOCK,
+                s[0] * s[1],
+                oh * ow,
                 &mut args![
                     &xp, &yp, &planes, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5], &d[6], &d[7]
                 ],
@@ -1498,10 +1511,10 @@ impl Backend for CudaBackend {
             win.pad as i32,
         ];
         if dx.numel() > 0 {
-            self.launch(
+            self.launch_planes(
                 "avg_pool_bwd",
-                blocks_for(dx.numel()),
-                BLOCK,
+                x_shape[0] * x_shape[1],
+                x_shape[2] * x_shape[3],
                 &mut args![
                     &dyp, &dxp, &planes, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5], &d[6], &d[7]
                 ],
@@ -1529,13 +1542,14 @@ impl Backend for CudaBackend {
         let dx = self.new_tensor(x_shape, DType::F32);
         let n = dx.numel() as i64;
         let inner = (dx.numel() / dy.numel().max(1)) as i64;
+        let planes = dy.numel() as i64;
         let (dyp, dxp) = (ptr(dy), ptr(&dx));
         if n > 0 {
-            self.launch(
+            self.launch_planes(
                 "plane_broadcast",
-                blocks_for(n as usize),
-                BLOCK,
-                &mut args![&dyp, &dxp, &n, &inner],
+                dy.numel(),
+                inner as usize,
+                &mut args![&dyp, &dxp, &planes, &inner],
             );
         }
         dx
@@ -1562,10 +1576,10 @@ impl Backend for CudaBackend {
             kernel.1 as i32,
         ];
         if y.numel() > 0 {
-            self.launch(
+            self.launch_planes(
                 "fractional_fwd",
-                blocks_for(y.numel()),
-                BLOCK,
+                s[0] * s[1],
+                out.0 * out.1,
                 &mut args![&xp, &sp, &yp, &ip, &planes, &d[0], &d[1], &d[2], &d[3], &d[4], &d[5]],
             );
         }
@@ -1640,12 +1654,12 @@ impl Backend for CudaBackend {
             ],
         );
         let y = self.new_tensor(x.shape(), DType::F32);
-        let (yp, n) = (ptr(&y), x.numel() as i64);
-        self.launch(
+        let (yp, planes) = (ptr(&y), (nb * c) as i64);
+        self.launch_planes(
             "bn_apply",
-            blocks_for(n as usize),
-            BLOCK,
-            &mut args![&xp, &scp, &shp, &yp, &n, &c32, &inner64],
+            nb * c,
+            inner,
+            &mut args![&xp, &scp, &shp, &yp, &planes, &c32, &inner64],
         );
         (y, mean, invstd)
     }
@@ -1672,12 +1686,13 @@ impl Backend for CudaBackend {
             ptr(&y),
         );
         let (n, c32, inner64) = (x.numel() as i64, c as i32, inner as i64);
+        let planes = n / inner64.max(1);
         if n > 0 {
-            self.launch(
+            self.launch_planes(
                 "bn_eval",
-                blocks_for(n as usize),
-                BLOCK,
-                &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &n, &c32, &inner64],
+                (n as usize) / inner.max(1),
+                inner,
+                &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &planes, &c32, &inner64],
             );
         }
         y
@@ -1737,12 +1752,15 @@ impl Backend for CudaBackend {
             i32::from(batch_stats),
             x.numel() as i64,
         );
+        let planes = (nb * c) as i64;
         if n > 0 {
-            self.launch(
+            self.launch_planes(
                 "bn_bwd_dx",
-                blocks_for(n as usize),
-                BLOCK,
-                &mut args![&xp, &dyp, &gp, &mp, &ip, &mdp, &mdxp, &bs, &dxp, &n, &c32, &inner64],
+                nb * c,
+                inner,
+                &mut args![
+                    &xp, &dyp, &gp, &mp, &ip, &mdp, &mdxp, &bs, &dxp, &planes, &c32, &inner64
+                ],
             );
         }
         dx
@@ -1824,10 +1842,10 @@ impl Backend for CudaBackend {
         );
         let n: usize = s.iter().product();
         if n > 0 {
-            self.launch(
+            self.launch_planes(
                 "gather_augment",
-                blocks_for(n),
-                BLOCK,
+                s[0],
+                n / s[0].max(1),
                 &mut args![
                     &ip,
                     &lp,
@@ -2162,10 +2180,10 @@ impl CudaBackend {
         let (xp, cp) = (ptr(x), ptr(&col));
         let gi = g.ints();
         if col.numel() > 0 {
-            self.launch(
+            self.launch_planes(
                 k,
-                blocks_for(col.numel()),
-                BLOCK,
+                g.k,
+                g.nb * g.p,
                 &mut args![
                     &xp, &cp, &gi[0], &gi[1], &gi[2], &gi[3], &gi[4], &gi[5], &gi[6], &gi[7],
                     &gi[8], &gi[9]
