@@ -1,5 +1,5 @@
-//! `regimen bench`: training-step throughput of the BENCH.md workloads on synthetic data.
-//! Timing protocol (BENCH.md): `warmup` steps, then `reps` repetitions of `steps` steps; the
+//! `regimen bench`: training-step throughput of the benchmark workloads (`bench/README.md`) on
+//! synthetic data. Timing protocol (`bench/README.md`): `warmup` steps, then `reps` repetitions of `steps` steps; the
 //! median repetition is reported. A step is forward, softmax cross-entropy, backward and a
 //! plain SGD update (lr 0.01), exactly what `bench/pytorch.py` times on its side.
 

@@ -42,7 +42,7 @@ enum Command {
         #[arg(long, default_value = "cnn")]
         model: String,
     },
-    /// Time training steps of the BENCH.md workloads (regimen's side of bench/compare).
+    /// Time training steps of the benchmark workloads (bench/README.md; regimen's side of bench/compare).
     Bench(bench::BenchArgs),
     /// Evaluate a checkpoint written by `regimen train --save` on a dataset's test split.
     Eval {

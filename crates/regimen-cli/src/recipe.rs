@@ -13,7 +13,7 @@ pub struct OptimArgs {
     pub optimizer: String,
     /// Base learning rate (the peak for onecycle and after warmup).
     #[arg(long, default_value_t = 0.1)]
-    pub lr: f32,
+    pub lr: f64,
     /// Momentum (SGD; RMSprop).
     #[arg(long, default_value_t = 0.0)]
     pub momentum: f64,
@@ -60,7 +60,7 @@ pub struct OptimArgs {
     pub warmup: usize,
     /// Constant warmup at this fraction of the learning rate instead of a linear ramp.
     #[arg(long)]
-    pub warmup_factor: Option<f32>,
+    pub warmup_factor: Option<f64>,
     /// Step the schedule per batch or per epoch.
     #[arg(long, default_value = "batch")]
     pub schedule_unit: String,

@@ -1,5 +1,5 @@
 //! Built-in models: the ones the command line trains and the benchmark workloads of
-//! `BENCH.md`. Each is an ordinary [`Sequential`]; build your own the same way.
+//! `bench/README.md`. Each is an ordinary [`Sequential`]; build your own the same way.
 
 use crate::backend::Unary;
 use crate::error::{Error, Result};
@@ -39,20 +39,20 @@ fn conv_bn_relu(m: Sequential, cin: usize, cout: usize, rng: &mut Rng) -> Sequen
         .push(Activation::new(Unary::Relu))
 }
 
-/// BENCH.md's mlp-step model: Linear 784->512, ReLU, Dropout 0.2, Linear 512->512, ReLU,
+/// The mlp-step benchmark model: Linear 784->512, ReLU, Dropout 0.2, Linear 512->512, ReLU,
 /// Dropout 0.2, Linear 512->10.
 pub fn bench_mlp(rng: &mut Rng) -> Result<Sequential> {
     mlp(784, &[512, 512], 10, Unary::Relu, 0.2, rng)
 }
 
-/// BENCH.md's cnn-step model for 1x28x28 input: [conv3x3 -> BN -> ReLU] x2 (32 ch), maxpool 2,
+/// The cnn-step benchmark model for 1x28x28 input: [conv3x3 -> BN -> ReLU] x2 (32 ch), maxpool 2,
 /// [same] x2 (64 ch), maxpool 2, dropout 0.25, Linear 3136->256, ReLU, dropout 0.25,
 /// Linear 256->10.
 pub fn bench_cnn(rng: &mut Rng) -> Result<Sequential> {
     cnn([1, 28, 28], 10, rng)
 }
 
-/// BENCH.md's CNN for any `[C, H, W]` input (H and W divisible by 4) and class count.
+/// The benchmark CNN for any `[C, H, W]` input (H and W divisible by 4) and class count.
 pub fn cnn(input: [usize; 3], classes: usize, rng: &mut Rng) -> Result<Sequential> {
     let [c, h, w] = input;
     if h < 4 || w < 4 {
@@ -104,7 +104,7 @@ pub const NAMES: &[&str] = &["digits-mlp", "digits-cnn", "mlp", "cnn"];
 
 /// A built-in model by name for `[C, H, W]` inputs and `classes` classes:
 /// `digits-mlp` (one hidden layer of 128), `digits-cnn` (two conv blocks and global pooling),
-/// `mlp` and `cnn` (the BENCH.md models).
+/// `mlp` and `cnn` (the benchmark models of `bench/README.md`).
 pub fn for_input(
     name: &str,
     input: [usize; 3],

@@ -544,7 +544,7 @@ pub fn fit_sgd(
         test,
         &fit_cfg,
         &mut optim,
-        &mut Constant(cfg.lr),
+        &mut Constant(cfg.lr as f64),
         on_epoch,
     )
 }

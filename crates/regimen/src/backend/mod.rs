@@ -77,7 +77,8 @@ impl HostBuf {
     }
 }
 
-/// An element-wise activation `y = f(x)`. The formulas are on [`crate::layers::Activation`].
+/// An element-wise activation `y = f(x)`. The formulas are on the `Activation` layer
+/// (`layers/activation.rs`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Unary {
     Sigmoid,

@@ -18,12 +18,12 @@ use super::Schedule;
 pub enum CyclicMode {
     Triangular,
     Triangular2,
-    ExpRange { gamma: f32 },
+    ExpRange { gamma: f64 },
 }
 
 pub struct Cyclic {
-    pub base: f32,
-    pub max: f32,
+    pub base: f64,
+    pub max: f64,
     pub up: usize,
     pub down: usize,
     pub mode: CyclicMode,
@@ -65,11 +65,11 @@ impl Anneal {
 }
 
 pub struct OneCycle {
-    pub max: f32,
+    pub max: f64,
     pub total: usize,
-    pub pct_start: f32,
-    pub div: f32,
-    pub final_div: f32,
+    pub pct_start: f64,
+    pub div: f64,
+    pub final_div: f64,
     pub anneal: Anneal,
     pub three_phase: bool,
 }
@@ -109,10 +109,10 @@ impl Schedule for OneCycle {
 }
 
 pub struct CosineRestarts {
-    pub base: f32,
+    pub base: f64,
     pub t_0: usize,
     pub t_mult: usize,
-    pub eta_min: f32,
+    pub eta_min: f64,
 }
 
 impl Schedule for CosineRestarts {

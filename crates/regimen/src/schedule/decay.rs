@@ -9,44 +9,44 @@
 
 use super::Schedule;
 
-pub struct Constant(pub f32);
+pub struct Constant(pub f64);
 
 impl Schedule for Constant {
     fn lr(&self, _step: usize) -> f32 {
-        self.0
+        self.0 as f32
     }
 }
 
 pub struct StepDecay {
-    pub base: f32,
+    pub base: f64,
     pub step_size: usize,
-    pub gamma: f32,
+    pub gamma: f64,
 }
 
 impl Schedule for StepDecay {
     fn lr(&self, t: usize) -> f32 {
-        self.base * self.gamma.powi((t / self.step_size.max(1)) as i32)
+        (self.base * self.gamma.powi((t / self.step_size.max(1)) as i32)) as f32
     }
 }
 
 pub struct MultiStep {
-    pub base: f32,
+    pub base: f64,
     pub milestones: Vec<usize>,
-    pub gamma: f32,
+    pub gamma: f64,
 }
 
 impl Schedule for MultiStep {
     fn lr(&self, t: usize) -> f32 {
-        self.base
+        (self.base
             * self
                 .gamma
-                .powi(self.milestones.iter().filter(|&&m| m <= t).count() as i32)
+                .powi(self.milestones.iter().filter(|&&m| m <= t).count() as i32)) as f32
     }
 }
 
 pub struct Exponential {
-    pub base: f32,
-    pub gamma: f32,
+    pub base: f64,
+    pub gamma: f64,
 }
 
 impl Schedule for Exponential {
@@ -56,9 +56,9 @@ impl Schedule for Exponential {
 }
 
 pub struct Cosine {
-    pub base: f32,
+    pub base: f64,
     pub t_max: usize,
-    pub eta_min: f32,
+    pub eta_min: f64,
 }
 
 impl Schedule for Cosine {
@@ -70,9 +70,9 @@ impl Schedule for Cosine {
 }
 
 pub struct Polynomial {
-    pub base: f32,
+    pub base: f64,
     pub total: usize,
-    pub power: f32,
+    pub power: f64,
 }
 
 impl Schedule for Polynomial {

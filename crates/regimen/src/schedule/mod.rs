@@ -65,9 +65,9 @@ impl Unit {
 pub enum WarmupKind {
     /// `factor` times the learning rate for the whole warmup (the lecture's "constant warmup";
     /// PyTorch's `ConstantLR`).
-    Constant { factor: f32 },
+    Constant { factor: f64 },
     /// From `start_factor` to 1 linearly (the lecture's "gradual warmup"; `LinearLR`).
-    Linear { start_factor: f32 },
+    Linear { start_factor: f64 },
 }
 
 /// A warmup of `steps` steps in front of `then`, which starts its own step count at 0 when the
@@ -83,13 +83,13 @@ impl Schedule for Warmup {
         if step >= self.steps {
             return self.then.lr(step - self.steps);
         }
-        let target = self.then.lr(0);
-        match self.kind {
+        let target = self.then.lr(0) as f64;
+        (match self.kind {
             WarmupKind::Constant { factor } => target * factor,
             WarmupKind::Linear { start_factor } => {
-                target * (start_factor + (1.0 - start_factor) * step as f32 / self.steps as f32)
+                target * (start_factor + (1.0 - start_factor) * step as f64 / self.steps as f64)
             }
-        }
+        }) as f32
     }
     fn observe(&mut self, metric: f32) {
         self.then.observe(metric);

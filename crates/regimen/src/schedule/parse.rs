@@ -90,10 +90,10 @@ impl Args<'_> {
 /// a constant `f lr`).
 pub fn parse_schedule(
     spec: &str,
-    lr: f32,
+    lr: f64,
     total: usize,
     warmup: usize,
-    warmup_factor: Option<f32>,
+    warmup_factor: Option<f64>,
 ) -> Result<Box<dyn Schedule>> {
     let s = ScheduleSpec::parse(spec)?;
     let a = Args {
@@ -112,7 +112,7 @@ pub fn parse_schedule(
     }
     let rest = total.saturating_sub(warmup).max(1);
     let tenth = (rest / 10).max(1);
-    let positive = |key: &str, v: f32| -> Result<f32> {
+    let positive = |key: &str, v: f64| -> Result<f64> {
         if v > 0.0 && v.is_finite() {
             Ok(v)
         } else {
@@ -184,7 +184,7 @@ pub fn parse_schedule(
             if warmup > 0 {
                 return Err(Error::config("warmup", warmup, "onecycle has its own warmup (pct); drop --warmup"));
             }
-            let pct: f32 = a.num("pct", Some(0.3))?;
+            let pct: f64 = a.num("pct", Some(0.3))?;
             if !(pct > 0.0 && pct < 1.0) {
                 return Err(Error::config(&a.field("pct"), pct, "must be in (0, 1)"));
             }
@@ -214,7 +214,7 @@ pub fn parse_schedule(
         }
         "plateau" => {
             a.check_keys(&["factor", "patience", "threshold", "cooldown", "min_lr"])?;
-            let factor: f32 = a.num("factor", Some(0.1))?;
+            let factor: f64 = a.num("factor", Some(0.1))?;
             if !(factor > 0.0 && factor < 1.0) {
                 return Err(Error::config(&a.field("factor"), factor, "must be in (0, 1)"));
             }

@@ -9,25 +9,25 @@
 use super::Schedule;
 
 pub struct ReduceOnPlateau {
-    pub factor: f32,
+    pub factor: f64,
     pub patience: usize,
-    pub threshold: f32,
+    pub threshold: f64,
     pub cooldown: usize,
-    pub min_lr: f32,
-    lr: f32,
-    best: f32,
+    pub min_lr: f64,
+    lr: f64,
+    best: f64,
     bad: usize,
     cooldown_left: usize,
 }
 
 impl ReduceOnPlateau {
     pub fn new(
-        base: f32,
-        factor: f32,
+        base: f64,
+        factor: f64,
         patience: usize,
-        threshold: f32,
+        threshold: f64,
         cooldown: usize,
-        min_lr: f32,
+        min_lr: f64,
     ) -> ReduceOnPlateau {
         ReduceOnPlateau {
             factor,
@@ -36,7 +36,7 @@ impl ReduceOnPlateau {
             cooldown,
             min_lr,
             lr: base,
-            best: f32::INFINITY,
+            best: f64::INFINITY,
             bad: 0,
             cooldown_left: 0,
         }
@@ -45,11 +45,12 @@ impl ReduceOnPlateau {
 
 impl Schedule for ReduceOnPlateau {
     fn lr(&self, _step: usize) -> f32 {
-        self.lr
+        self.lr as f32
     }
 
     fn observe(&mut self, metric: f32) {
-        if (metric as f64) < self.best as f64 * (1.0 - self.threshold as f64) {
+        let metric = metric as f64;
+        if metric < self.best * (1.0 - self.threshold) {
             self.best = metric;
             self.bad = 0;
         } else {
