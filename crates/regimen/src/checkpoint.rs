@@ -53,13 +53,15 @@ pub fn save(
 }
 
 /// What [`load`] found besides the weights.
+#[derive(Debug)]
 pub struct Loaded {
     pub preprocess: Option<Preprocessor>,
     pub meta: BTreeMap<String, String>,
 }
 
 /// Load a checkpoint into `model`, which must have the same parameter and buffer names and
-/// shapes; a missing, extra or misshapen tensor is an error naming it.
+/// shapes; a missing, extra or misshapen tensor is an error naming it. Everything is checked
+/// before anything changes: a failed load leaves the model as it was.
 pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
     let (tensors, meta) = read_safetensors(path)?;
     let file = path.display().to_string();
@@ -69,30 +71,37 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
     };
     let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
         tensors.into_iter().map(|(n, s, v)| (n, (s, v))).collect();
-    let mut problem: Option<String> = None;
-    let mut take = |name: &str, t: &mut Tensor| match by_name.remove(name) {
-        None => {
-            problem.get_or_insert(format!(
-                "no tensor {name} (is this a checkpoint of another model?)"
-            ));
-        }
-        Some((shape, _)) if shape != t.shape() => {
-            problem.get_or_insert(format!(
-                "{name} has shape {shape:?}, the model expects {:?}",
-                t.shape()
-            ));
-        }
-        Some((shape, values)) => match Tensor::from_host(&shape, values, t.device()) {
-            Ok(v) => *t = v,
-            Err(e) => {
-                problem.get_or_insert(e.to_string());
+    // Pass 1: what the model holds, checked against the file.
+    let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
+    model.visit_params("", &mut |name, p| {
+        wanted.push((name.to_string(), p.value.shape().to_vec()))
+    });
+    model.visit_buffers("", &mut |name, b| {
+        wanted.push((name.to_string(), b.shape().to_vec()))
+    });
+    let mut values = Vec::with_capacity(wanted.len());
+    for (name, shape) in &wanted {
+        match by_name.remove(name) {
+            None => {
+                return Err(bad(format!(
+                    "no tensor {name} (is this a checkpoint of another model?)"
+                )))
             }
-        },
-    };
-    model.visit_params("", &mut |name, p| take(name, &mut p.value));
-    model.visit_buffers("", &mut |name, b| take(name, b));
-    if let Some(p) = problem {
-        return Err(bad(p));
+            Some((s, _)) if &s != shape => {
+                return Err(bad(format!(
+                    "{name} has shape {s:?}, the model expects {shape:?}"
+                )))
+            }
+            Some((_, v)) => {
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(bad(format!(
+                        "{name}[{i}] is {} (the checkpoint holds a diverged model)",
+                        v[i]
+                    )));
+                }
+                values.push(v)
+            }
+        }
     }
     let preprocess = match meta.get("preprocess.kind") {
         None => None,
@@ -127,5 +136,13 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
             "tensor {extra} is not in the model (is this a checkpoint of another model?)"
         )));
     }
+    // Pass 2: every check passed; now the model changes.
+    let mut values = values.into_iter().zip(wanted);
+    let mut put = |t: &mut Tensor| {
+        let (v, (_, shape)) = values.next().expect("visited in the same order");
+        *t = Tensor::from_host(&shape, v, t.device()).expect("the length was checked");
+    };
+    model.visit_params("", &mut |_, p| put(&mut p.value));
+    model.visit_buffers("", &mut |_, b| put(b));
     Ok(Loaded { preprocess, meta })
 }

@@ -23,6 +23,7 @@ pub mod models;
 pub mod optim;
 pub mod png;
 pub mod rng;
+pub mod run_state;
 pub mod schedule;
 pub mod tensor;
 pub mod train;
@@ -33,6 +34,7 @@ pub use gradcheck::GradCheck;
 pub use init::{Fan, Init};
 pub use layer::{Ctx, Layer, Mode, Param, ParamKind, Precision};
 pub use rng::Rng;
+pub use run_state::RunState;
 pub use tensor::{DType, Device, Indices, Tensor};
 
 /// Set the number of CPU threads (once, before any parallel work; later calls are ignored).

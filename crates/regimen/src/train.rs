@@ -152,6 +152,9 @@ pub struct FitConfig {
     /// Record one training step as a graph and replay it for every full batch (CUDA; implies
     /// `device_data`). The learning rate schedule is uploaded as a table.
     pub graph: bool,
+    /// The epoch to start from (1-based): a run resumed from a [`crate::RunState`] saved after
+    /// epoch `e` continues with `first_epoch = e + 1`.
+    pub first_epoch: usize,
 }
 
 impl Default for FitConfig {
@@ -170,6 +173,7 @@ impl Default for FitConfig {
             precision: Precision::F32,
             device_data: false,
             graph: false,
+            first_epoch: 1,
         }
     }
 }
@@ -254,8 +258,9 @@ fn run_epochs(
 ) -> Result<Vec<EpochStats>> {
     let per_epoch = loader.batches_per_epoch();
     let mut history = Vec::with_capacity(cfg.epochs);
-    let mut batch_index = 0;
-    for epoch in 1..=cfg.epochs {
+    let first = cfg.first_epoch.max(1);
+    let mut batch_index = (first - 1) * per_epoch;
+    for epoch in first..=cfg.epochs {
         let start = Instant::now();
         let mut meter = Meter::new(cfg.device);
         let mut lr = 0.0;
@@ -368,11 +373,24 @@ fn run_epochs_on_device(
     let mut loss_sum = Tensor::zeros(&[1], device);
     let mut correct_sum = Tensor::zeros(&[1], device);
     let stream = crate::rng::mix64(cfg.seed ^ 0xA06_A06);
+    if optim.config().accumulate > 1 {
+        return Err(Error::config(
+            "accumulate",
+            optim.config().accumulate,
+            "batches built on the device take one update per batch; train with the host loader \
+             to accumulate gradients",
+        ));
+    }
+    // Update u (0-based, the device step counter minus one) trains on batch
+    // u - first_update + first_batch of the run.
+    let first = cfg.first_epoch.max(1);
     let first_update = optim.steps() as usize;
+    let first_batch = (first - 1) * per_epoch;
+    let batch_of = move |u: usize| u.saturating_sub(first_update) + first_batch;
     let lr_table = |schedule: &dyn Schedule| -> Vec<f32> {
-        let total = first_update + cfg.epochs * per_epoch;
-        (0..total)
-            .map(|t| schedule.lr(cfg.unit.step(t.saturating_sub(first_update), per_epoch)))
+        let total = first_update + (cfg.epochs + 1 - first.min(cfg.epochs + 1)) * per_epoch;
+        (0..total.max(1))
+            .map(|u| schedule.lr(cfg.unit.step(batch_of(u), per_epoch)))
             .collect()
     };
     optim.set_lr_table(lr_table(schedule))?;
@@ -416,7 +434,7 @@ fn run_epochs_on_device(
     };
     let mut graph: Option<Box<dyn crate::backend::Graph>> = None;
     let mut history = Vec::with_capacity(cfg.epochs);
-    for epoch in 1..=cfg.epochs {
+    for epoch in first..=cfg.epochs {
         let start = Instant::now();
         let order_host: Vec<u32> = crate::data::shuffled_order(cfg.seed, n, epoch - 1)
             .into_iter()
@@ -427,7 +445,7 @@ fn run_epochs_on_device(
         be.fill(&mut loss_sum, 0.0);
         be.fill(&mut correct_sum, 0.0);
         for b in 0..full {
-            let warming = epoch == 1 && b < 2;
+            let warming = epoch == first && b < 2;
             match &graph {
                 Some(g) => {
                     g.replay()?;
@@ -481,14 +499,14 @@ fn run_epochs_on_device(
         schedule.observe(test_loss);
         // A schedule that listens (reduce on plateau) may have changed the rates ahead.
         optim.set_lr_table(lr_table(schedule))?;
-        let last = first_update + epoch * per_epoch - 1;
+        let last = epoch * per_epoch - 1;
         let stats = EpochStats {
             epoch,
             train_loss,
             train_acc,
             test_loss,
             test_acc,
-            lr: schedule.lr(cfg.unit.step(last - first_update, per_epoch)),
+            lr: schedule.lr(cfg.unit.step(last, per_epoch)),
             seconds: start.elapsed().as_secs_f32(),
         };
         on_epoch(&stats);

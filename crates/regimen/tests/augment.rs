@@ -295,10 +295,18 @@ fn a_panicking_worker_is_not_a_short_epoch() {
         shuffle: false,
         ..Loader::new(data, 4, 0)
     };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.epoch(0).count()));
+    // The failure this guards against is a consumer waiting for ever on a dead worker: the
+    // epoch runs in a thread of its own, and 60 seconds without an answer is a failure.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.epoch(0).count()));
+        let _ = tx.send(r.ok());
+    });
+    let result = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the epoch hung instead of re-raising the worker's panic");
     assert!(
-        result.is_err(),
-        "the epoch must not end quietly after {:?} batches",
-        result.ok()
+        result.is_none(),
+        "the epoch must not end quietly after {result:?} batches"
     );
 }

@@ -420,9 +420,9 @@ impl Optim {
         })
     }
 
-    /// Save the step count and every state tensor to a safetensors file (atomically: written
-    /// to a temporary file, then renamed).
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// The whole state as named host tensors (`{param}.{slot}`) and metadata (optimizer,
+    /// step, micro-step): what [`Optim::save`] writes and a run state carries.
+    pub fn export_state(&self) -> (Vec<crate::io::NamedTensor>, BTreeMap<String, String>) {
         let mut tensors = Vec::new();
         for (name, slots) in &self.state {
             for (k, t) in slots.iter().enumerate() {
@@ -434,15 +434,20 @@ impl Optim {
             ("step".to_string(), self.step.to_string()),
             ("micro".to_string(), self.micro.to_string()),
         ]);
-        crate::io::write_safetensors(path, &tensors, meta)
+        (tensors, meta)
     }
 
-    /// Load what [`Optim::save`] wrote. The optimizer kind must match.
-    pub fn load(&mut self, path: &Path) -> Result<()> {
-        let (tensors, meta) = crate::io::read_safetensors(path)?;
-        let file = path.display().to_string();
+    /// Restore what [`Optim::export_state`] gave. Everything is checked first (the optimizer
+    /// kind, names, slot counts, counters); on an error the optimizer is unchanged. `source`
+    /// names where the state came from in errors.
+    pub fn import_state(
+        &mut self,
+        tensors: Vec<crate::io::NamedTensor>,
+        meta: &BTreeMap<String, String>,
+        source: &str,
+    ) -> Result<()> {
         let bad = |reason: String| Error::Data {
-            file: file.clone(),
+            file: source.to_string(),
             reason,
         };
         if meta.get("optimizer").map(String::as_str) != Some(self.name()) {
@@ -458,6 +463,12 @@ impl Optim {
                 .ok_or_else(|| bad(format!("missing or bad metadata '{k}'")))
         };
         let (step, micro) = (parse("step")?, parse("micro")? as usize);
+        if micro >= self.cfg.accumulate {
+            return Err(bad(format!(
+                "micro-step {micro} is not below accumulate = {}",
+                self.cfg.accumulate
+            )));
+        }
         let mut state: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
         let mut entries: Vec<(String, usize, Tensor)> = Vec::new();
         for (key, shape, data) in tensors {
@@ -493,6 +504,19 @@ impl Optim {
         self.plan = None;
         self.scalars = None;
         Ok(())
+    }
+
+    /// Save the step count and every state tensor to a safetensors file, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let (tensors, meta) = self.export_state();
+        crate::io::write_safetensors(path, &tensors, meta)
+    }
+
+    /// Load what [`Optim::save`] wrote. The optimizer kind must match; a failed load changes
+    /// nothing.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let (tensors, meta) = crate::io::read_safetensors(path)?;
+        self.import_state(tensors, &meta, &path.display().to_string())
     }
 }
 

@@ -41,6 +41,23 @@ pub trait Schedule: Send {
     fn lr(&self, step: usize) -> f32;
     /// Report a validation metric (lower is better); only [`ReduceOnPlateau`] listens.
     fn observe(&mut self, _metric: f32) {}
+    /// What the schedule has learned from `observe` (empty for the pure functions of the step),
+    /// for a run state; [`Schedule::set_state`] restores it.
+    fn state(&self) -> Vec<f64> {
+        Vec::new()
+    }
+    /// Restore [`Schedule::state`]; an error (and no change) when it does not fit.
+    fn set_state(&mut self, state: &[f64]) -> crate::Result<()> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::Error::config(
+                "schedule state",
+                format!("{} values", state.len()),
+                "this schedule keeps no state",
+            ))
+        }
+    }
 }
 
 /// Whether a schedule's step counts batches or epochs.
@@ -94,6 +111,12 @@ impl Schedule for Warmup {
     fn observe(&mut self, metric: f32) {
         self.then.observe(metric);
     }
+    fn state(&self) -> Vec<f64> {
+        self.then.state()
+    }
+    fn set_state(&mut self, state: &[f64]) -> crate::Result<()> {
+        self.then.set_state(state)
+    }
 }
 
 /// Schedules one after another: `schedules[i]` runs from `milestones[i - 1]` (its step 0)
@@ -113,5 +136,43 @@ impl Schedule for Sequential {
         for s in &mut self.schedules {
             s.observe(metric);
         }
+    }
+    /// Each schedule's state, preceded by its length.
+    fn state(&self) -> Vec<f64> {
+        let mut out = Vec::new();
+        for s in &self.schedules {
+            let st = s.state();
+            out.push(st.len() as f64);
+            out.extend(st);
+        }
+        out
+    }
+    fn set_state(&mut self, state: &[f64]) -> crate::Result<()> {
+        // Split first, so that a bad state changes nothing.
+        let mut parts = Vec::new();
+        let mut rest = state;
+        for _ in &self.schedules {
+            let n = rest.first().copied().unwrap_or(-1.0);
+            if !(n >= 0.0 && n.fract() == 0.0 && (n as usize) < rest.len()) {
+                return Err(crate::Error::config(
+                    "schedule state",
+                    format!("{} values", state.len()),
+                    "does not fit these schedules",
+                ));
+            }
+            parts.push(&rest[1..1 + n as usize]);
+            rest = &rest[1 + n as usize..];
+        }
+        if !rest.is_empty() {
+            return Err(crate::Error::config(
+                "schedule state",
+                format!("{} values", state.len()),
+                "does not fit these schedules",
+            ));
+        }
+        for (s, p) in self.schedules.iter_mut().zip(parts) {
+            s.set_state(p)?;
+        }
+        Ok(())
     }
 }

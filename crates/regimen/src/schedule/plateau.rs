@@ -69,4 +69,33 @@ impl Schedule for ReduceOnPlateau {
             self.bad = 0;
         }
     }
+
+    /// `[lr, best, bad, cooldown_left]`.
+    fn state(&self) -> Vec<f64> {
+        vec![
+            self.lr,
+            self.best,
+            self.bad as f64,
+            self.cooldown_left as f64,
+        ]
+    }
+
+    fn set_state(&mut self, state: &[f64]) -> crate::Result<()> {
+        match *state {
+            [lr, best, bad, cooldown]
+                if lr.is_finite() && lr >= 0.0 && bad >= 0.0 && cooldown >= 0.0 =>
+            {
+                self.lr = lr;
+                self.best = best;
+                self.bad = bad as usize;
+                self.cooldown_left = cooldown as usize;
+                Ok(())
+            }
+            _ => Err(crate::Error::config(
+                "schedule state",
+                format!("{state:?}"),
+                "reduce-on-plateau keeps [lr, best, bad, cooldown_left]",
+            )),
+        }
+    }
 }

@@ -19,6 +19,9 @@ pub struct CpuBuffer {
 impl CpuBuffer {
     /// `words` words from the pool (or fresh, zeroed); contents unspecified.
     pub(super) fn uninit(words: usize) -> CpuBuffer {
+        if words == 0 {
+            return CpuBuffer { words: Vec::new() }; // no memory: not the pool's business
+        }
         let words = POOL.take(words).unwrap_or_else(|| vec![0; words]);
         CpuBuffer { words }
     }

@@ -1,0 +1,188 @@
+//! Exact run state: everything a training run needs to continue where it stopped.
+//!
+//! A [`RunState`] holds the model's parameters and buffers (`model.{name}`), the optimizer's
+//! state tensors (`optim.{name}.{slot}`) with its step and micro-step counters, the state the
+//! schedule learned from the metrics it observed (reduce-on-plateau), the run's seed and the
+//! number of epochs completed. Everything random in a step is a pure function of the seed, the
+//! optimizer's step counter and the position in the model ([`crate::rng`]), and the loader's
+//! order is a pure function of the seed and the epoch, so restoring these values and
+//! continuing with `first_epoch = epochs_done + 1` ([`crate::train::FitConfig`]) gives bit for
+//! bit the run that was never interrupted (`tests/engine.rs` checks it).
+//!
+//! It saves to one safetensors file (atomically, see [`crate::io::write_safetensors`]), and
+//! [`RunState::restore`] checks everything (names, shapes, the optimizer kind, the counters, the
+//! schedule state) before it changes anything: a failed restore leaves the model, the optimizer
+//! and the schedule as they were.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::io::{read_safetensors, write_safetensors, NamedTensor};
+use crate::layer::Layer;
+use crate::optim::Optim;
+use crate::schedule::Schedule;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunState {
+    pub tensors: Vec<NamedTensor>,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// Where a restored run continues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub seed: u64,
+    pub epochs_done: usize,
+}
+
+impl RunState {
+    /// The state of a run after `epochs_done` epochs (a host read of every tensor).
+    pub fn capture(
+        model: &mut dyn Layer,
+        optim: &Optim,
+        schedule: &dyn Schedule,
+        seed: u64,
+        epochs_done: usize,
+    ) -> RunState {
+        let mut tensors = Vec::new();
+        model.visit_params("", &mut |name, p| {
+            tensors.push((
+                format!("model.{name}"),
+                p.value.shape().to_vec(),
+                p.value.to_vec(),
+            ))
+        });
+        model.visit_buffers("", &mut |name, b| {
+            tensors.push((format!("model.{name}"), b.shape().to_vec(), b.to_vec()))
+        });
+        let (opt_tensors, opt_meta) = optim.export_state();
+        tensors.extend(
+            opt_tensors
+                .into_iter()
+                .map(|(n, s, v)| (format!("optim.{n}"), s, v)),
+        );
+        let mut meta: BTreeMap<String, String> = opt_meta
+            .into_iter()
+            .map(|(k, v)| (format!("optim.{k}"), v))
+            .collect();
+        meta.insert("regimen".into(), "run-state".into());
+        meta.insert("seed".into(), seed.to_string());
+        meta.insert("epochs_done".into(), epochs_done.to_string());
+        // Rust prints f64 in the shortest form that reads back to the same bits.
+        let st: Vec<String> = schedule.state().iter().map(|v| v.to_string()).collect();
+        meta.insert("schedule_state".into(), st.join(","));
+        RunState { tensors, meta }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_safetensors(path, &self.tensors, self.meta.clone())
+    }
+
+    pub fn load(path: &Path) -> Result<RunState> {
+        let (tensors, meta) = read_safetensors(path)?;
+        if meta.get("regimen").map(String::as_str) != Some("run-state") {
+            return Err(Error::Data {
+                file: path.display().to_string(),
+                reason: "not a regimen run state (no 'regimen = run-state' metadata)".into(),
+            });
+        }
+        Ok(RunState { tensors, meta })
+    }
+
+    /// Put the state back into `model`, `optim` and `schedule`; returns where to continue.
+    /// `source` names the state in errors (a file name). Nothing changes on an error.
+    pub fn restore(
+        &self,
+        model: &mut dyn Layer,
+        optim: &mut Optim,
+        schedule: &mut dyn Schedule,
+        source: &str,
+    ) -> Result<Position> {
+        let bad = |reason: String| Error::Data {
+            file: source.to_string(),
+            reason,
+        };
+        let num = |k: &str| -> Result<u64> {
+            self.meta
+                .get(k)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad(format!("missing or bad metadata '{k}'")))
+        };
+        let position = Position {
+            seed: num("seed")?,
+            epochs_done: num("epochs_done")? as usize,
+        };
+        let schedule_state: Vec<f64> = match self.meta.get("schedule_state").map(String::as_str) {
+            None | Some("") => Vec::new(),
+            Some(s) => s
+                .split(',')
+                .map(|v| v.parse::<f64>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| bad(format!("bad schedule_state {s:?}")))?,
+        };
+        // The model's tensors, checked against the state (nothing changes yet).
+        let by_name: BTreeMap<&str, (&Vec<usize>, &Vec<f32>)> = self
+            .tensors
+            .iter()
+            .filter_map(|(n, s, v)| n.strip_prefix("model.").map(|n| (n, (s, v))))
+            .collect();
+        let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
+        model.visit_params("", &mut |n, p| {
+            wanted.push((n.to_string(), p.value.shape().to_vec()))
+        });
+        model.visit_buffers("", &mut |n, b| {
+            wanted.push((n.to_string(), b.shape().to_vec()))
+        });
+        for (name, shape) in &wanted {
+            match by_name.get(name.as_str()) {
+                None => return Err(bad(format!("no tensor model.{name} for this model"))),
+                Some((s, _)) if *s != shape => {
+                    return Err(bad(format!(
+                        "model.{name} has shape {s:?}, the model expects {shape:?}"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        if by_name.len() != wanted.len() {
+            let known: Vec<&str> = wanted.iter().map(|(n, _)| n.as_str()).collect();
+            let extra = by_name
+                .keys()
+                .find(|n| !known.contains(n))
+                .copied()
+                .unwrap_or("?");
+            return Err(bad(format!("model.{extra} is not in this model")));
+        }
+        // The schedule and the optimizer check their own parts; roll the schedule back if the
+        // optimizer refuses.
+        let old_schedule = schedule.state();
+        schedule.set_state(&schedule_state)?;
+        let opt_tensors: Vec<NamedTensor> = self
+            .tensors
+            .iter()
+            .filter_map(|(n, s, v)| {
+                n.strip_prefix("optim.")
+                    .map(|n| (n.to_string(), s.clone(), v.clone()))
+            })
+            .collect();
+        let opt_meta: BTreeMap<String, String> = self
+            .meta
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        if let Err(e) = optim.import_state(opt_tensors, &opt_meta, source) {
+            schedule.set_state(&old_schedule)?;
+            return Err(e);
+        }
+        // Everything fits: the model changes last.
+        let put = |name: &str, t: &mut Tensor| {
+            let (shape, values) = by_name[name];
+            *t = Tensor::from_host(shape, values.clone(), t.device()).expect("checked above");
+        };
+        model.visit_params("", &mut |n, p| put(n, &mut p.value));
+        model.visit_buffers("", &mut |n, b| put(n, b));
+        Ok(position)
+    }
+}

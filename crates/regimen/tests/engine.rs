@@ -1,0 +1,423 @@
+//! The engine's contracts: a training step reads nothing from the device (strict mode);
+//! gradients accumulate with `+=` in every layer; an evaluation forward caches nothing;
+//! reduced precision round-trips and trains close to f32; max pooling propagates NaN; failed
+//! loads change nothing; a run saved and resumed equals the uninterrupted run bit for bit.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::randn;
+use regimen::backend::strict;
+use regimen::layer::{Ctx, Layer, Precision};
+use regimen::layers::*;
+use regimen::loss::CrossEntropy;
+use regimen::optim::{Adagrad, Adam, Optim, OptimConfig, Optimizer, RmsProp, Sgd};
+use regimen::schedule::{Constant, ReduceOnPlateau, Schedule};
+use regimen::train::{fit, FitConfig};
+use regimen::{models, DType, Device, Error, Indices, Rng, RunState, Target, Tensor};
+
+/// A small residual CNN with stochastic depth, batch norm and dropout: every random and
+/// stateful layer in one model.
+fn residual_model(rng: &mut Rng) -> Sequential {
+    let block = Sequential::new()
+        .push(Conv2d::new(8, 8, 3, rng).padding(1).without_bias())
+        .push(BatchNorm::d2(8))
+        .push(relu());
+    Sequential::new()
+        .push(Conv2d::new(1, 8, 3, rng).padding(1))
+        .push(Residual::new(block).stochastic_depth(0.3).unwrap())
+        .push(MaxPool2d::new(2))
+        .push(Dropout::new(0.2).unwrap())
+        .push(Flatten::new())
+        .push(Linear::new(8 * 14 * 14, 10, rng))
+}
+
+fn optimizers() -> Vec<(&'static str, Box<dyn Fn() -> Optim>)> {
+    let cfg = || OptimConfig {
+        weight_decay: 1e-4,
+        clip_norm: Some(1.0),
+        clip_value: Some(5.0),
+        ..Default::default()
+    };
+    fn make(o: impl Optimizer + 'static, cfg: OptimConfig) -> Optim {
+        Optim::new(o, cfg).unwrap()
+    }
+    vec![
+        ("sgd", Box::new(move || make(Sgd::default(), cfg()))),
+        (
+            "nesterov",
+            Box::new(move || make(Sgd::nesterov(0.9), cfg())),
+        ),
+        ("adagrad", Box::new(move || make(Adagrad::default(), cfg()))),
+        (
+            "rmsprop",
+            Box::new(move || {
+                make(
+                    RmsProp {
+                        momentum: 0.5,
+                        centered: true,
+                        ..Default::default()
+                    },
+                    cfg(),
+                )
+            }),
+        ),
+        ("adamw", Box::new(move || make(Adam::adamw(), cfg()))),
+    ]
+}
+
+#[test]
+fn training_steps_read_nothing_from_the_device() {
+    let mut rng = Rng::new(1);
+    let models: Vec<(&str, Sequential)> = vec![
+        ("mlp-step", models::bench_mlp(&mut rng).unwrap()),
+        ("cnn-step", models::bench_cnn(&mut rng).unwrap()),
+        ("residual", residual_model(&mut rng)),
+    ];
+    let x = randn(&[4, 1, 28, 28], 2);
+    let y = Indices::from_vec(vec![1, 5, 0, 9]);
+    let ce = CrossEntropy::with_label_smoothing(0.1).unwrap();
+    for (name, mut model) in models {
+        for (oname, make) in optimizers() {
+            let mut opt = make();
+            let be = x.backend();
+            let mut loss_sum = Tensor::zeros(&[1], Device::Cpu);
+            let reads_before = strict::host_reads();
+            strict::set_strict(true);
+            for _ in 0..3 {
+                let logits = {
+                    let ctx = Ctx::train().at_step(opt.step_counter(Device::Cpu));
+                    model.forward(&x, &ctx).unwrap()
+                };
+                let out = ce.forward(&logits, Target::Hard(&y)).unwrap();
+                model.backward(&out.grad).unwrap();
+                opt.step(&mut model, 0.01).unwrap();
+                be.axpy(1.0, &out.loss, &mut loss_sum);
+            }
+            strict::set_strict(false);
+            assert_eq!(
+                strict::host_reads(),
+                reads_before,
+                "{name} + {oname}: host reads in a step"
+            );
+            // The epoch's one metric read.
+            let total = loss_sum.item();
+            assert!(total.is_finite(), "{name} + {oname}: loss {total}");
+            assert_eq!(strict::host_reads(), reads_before + 1);
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "host read")]
+fn strict_mode_refuses_a_host_read() {
+    let t = Tensor::zeros(&[2], Device::Cpu);
+    strict::set_strict(true);
+    let _ = t.to_vec();
+}
+
+/// Every layer with parameters: forward once, backward twice with the same `dy`: the
+/// parameter gradients are exactly twice those of one backward.
+#[test]
+fn every_layer_accumulates_parameter_gradients() {
+    let mut rng = Rng::new(4);
+    let cases: Vec<(&str, Box<dyn Layer>, Vec<usize>)> = vec![
+        ("linear", Box::new(Linear::new(6, 4, &mut rng)), vec![3, 6]),
+        (
+            "conv2d",
+            Box::new(Conv2d::new(2, 3, 3, &mut rng).padding(1)),
+            vec![2, 2, 5, 5],
+        ),
+        ("batchnorm1d", Box::new(BatchNorm::d1(6)), vec![5, 6]),
+        ("batchnorm2d", Box::new(BatchNorm::d2(2)), vec![3, 2, 4, 4]),
+        ("prelu", Box::new(PReLU::new(2)), vec![3, 2, 4]),
+        ("swish", Box::new(Swish::learned(1.3)), vec![3, 5]),
+        (
+            "maxout",
+            Box::new(Maxout::new(6, 4, 3, &mut rng).unwrap()),
+            vec![3, 6],
+        ),
+        (
+            "residual",
+            Box::new(
+                Residual::new(Linear::new(6, 6, &mut rng))
+                    .with_shortcut(Linear::new(6, 6, &mut rng)),
+            ),
+            vec![3, 6],
+        ),
+        (
+            "sequential",
+            Box::new(
+                Sequential::new()
+                    .push(Linear::new(6, 5, &mut rng))
+                    .push(tanh())
+                    .push(Linear::new(5, 2, &mut rng)),
+            ),
+            vec![3, 6],
+        ),
+    ];
+    for (name, mut layer, shape) in cases {
+        let x = randn(&shape, 5);
+        let y = layer.forward(&x, &Ctx::train()).unwrap();
+        let dy = randn(y.shape(), 6);
+        layer.backward(&dy).unwrap();
+        let mut once = Vec::new();
+        layer.visit_params("", &mut |n, p| once.push((n.to_string(), p.grad.to_vec())));
+        layer.backward(&dy).unwrap();
+        let mut twice = Vec::new();
+        layer.visit_params("", &mut |_, p| twice.push(p.grad.to_vec()));
+        assert!(!once.is_empty(), "{name} has parameters");
+        for ((pname, a), b) in once.iter().zip(&twice) {
+            assert!(
+                a.iter().any(|v| *v != 0.0),
+                "{name}.{pname}: a zero gradient proves nothing"
+            );
+            for (i, (x1, x2)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (x2 - 2.0 * x1).abs() <= 1e-6 * (1.0 + x1.abs()),
+                    "{name}.{pname}[{i}]: {x1} then {x2}, not twice"
+                );
+            }
+        }
+    }
+}
+
+/// An evaluation forward keeps no activations: backward after it is refused (and keeps none
+/// from an earlier training forward either); with `keep_cache` it works.
+#[test]
+fn evaluation_forwards_cache_nothing() {
+    let mut rng = Rng::new(7);
+    let mut model = models::bench_cnn(&mut rng).unwrap();
+    let x = randn(&[2, 1, 28, 28], 8);
+    model.forward(&x, &Ctx::train()).unwrap();
+    let y = model.forward(&x, &Ctx::eval()).unwrap();
+    let err = model.backward(&randn(y.shape(), 9)).unwrap_err();
+    assert!(matches!(err, Error::NoForwardCache { .. }), "{err}");
+    let y = model.forward(&x, &Ctx::eval().keep_cache()).unwrap();
+    model.backward(&randn(y.shape(), 9)).unwrap();
+}
+
+#[test]
+fn half_precision_round_trips_and_trains_close_to_f32() {
+    // Values exactly representable in bf16 and f16 survive the round trip; others round to
+    // nearest even, as half's conversions.
+    let exact = vec![1.0f32, -2.5, 0.15625, 1024.0, 0.0];
+    for dt in [DType::BF16, DType::F16] {
+        let t = Tensor::from_vec(&[5], exact.clone()).unwrap().to_dtype(dt);
+        assert_eq!(t.dtype(), dt);
+        assert_eq!(t.to_dtype(DType::F32).to_vec(), exact, "{dt}");
+    }
+    let x = randn(&[1000], 3);
+    let rounded = x.to_dtype(DType::BF16).to_vec();
+    for (a, b) in x.to_vec().iter().zip(&rounded) {
+        assert_eq!(*b, half::bf16::from_f32(*a).to_f32());
+    }
+    let bits =
+        Tensor::from_half_bits(&[2], DType::BF16, vec![0x3F80, 0xC000], Device::Cpu).unwrap();
+    assert_eq!(bits.to_vec(), vec![1.0, -2.0]);
+    // Ten MLP steps in bf16 products stay close to the f32 run (bf16 has 8 bits of mantissa).
+    let run = |p: Precision| {
+        let mut model = models::bench_mlp(&mut Rng::new(0)).unwrap();
+        let mut opt = Optim::new(Sgd::momentum(0.9), OptimConfig::default()).unwrap();
+        let x = randn(&[32, 1, 28, 28], 1);
+        let y = Indices::from_vec((0..32).map(|i| i % 10).collect());
+        let mut losses = Vec::new();
+        for _ in 0..10 {
+            let logits = {
+                let ctx = Ctx::train()
+                    .at_step(opt.step_counter(Device::Cpu))
+                    .with_precision(p);
+                model.forward(&x, &ctx).unwrap()
+            };
+            let out = CrossEntropy::new()
+                .forward(&logits, Target::Hard(&y))
+                .unwrap();
+            model.backward(&out.grad).unwrap();
+            opt.step(&mut model, 0.05).unwrap();
+            losses.push(out.loss.item());
+        }
+        losses
+    };
+    let (f, b) = (run(Precision::F32), run(Precision::Bf16));
+    assert!(f[9] < 0.75 * f[0], "f32 learns: {f:?}");
+    for (i, (a, c)) in f.iter().zip(&b).enumerate() {
+        assert!(
+            (a - c).abs() < 0.02 * a.abs().max(0.1),
+            "step {i}: f32 {a} vs bf16 {c}"
+        );
+    }
+    assert_ne!(f, b, "bf16 products do round");
+}
+
+#[test]
+fn max_pooling_propagates_nan() {
+    for (k, s) in [(2, 2), (3, 1)] {
+        let mut pool = MaxPool2d::new(k).stride(s);
+        let mut v = vec![1.0f32; 16];
+        v[0] = f32::NAN;
+        let x = Tensor::from_vec(&[1, 1, 4, 4], v).unwrap();
+        let y = pool.forward(&x, &Ctx::train()).unwrap().to_vec();
+        assert!(
+            y[0].is_nan(),
+            "k{k} s{s}: the window holding a NaN gives NaN: {y:?}"
+        );
+        assert!(
+            y[y.len() - 1] == 1.0,
+            "k{k} s{s}: other windows are untouched: {y:?}"
+        );
+    }
+}
+
+#[test]
+fn failed_loads_change_nothing() {
+    let dir = std::env::temp_dir().join(format!("regimen-engine-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng::new(2);
+    let mut small = models::mlp(4, &[3], 2, regimen::Unary::Relu, 0.0, &mut rng).unwrap();
+    let other = dir.join("other.safetensors");
+    regimen::checkpoint::save(&other, &mut small, None, Default::default()).unwrap();
+    // A checkpoint whose first tensors fit and whose last does not.
+    let mut model = models::mlp(4, &[3], 5, regimen::Unary::Relu, 0.0, &mut rng).unwrap();
+    let mut before = Vec::new();
+    model.visit_params("", &mut |_, p| before.push(p.value.to_vec()));
+    let err = regimen::checkpoint::load(&other, &mut model).unwrap_err();
+    assert!(err.to_string().contains("shape"), "{err}");
+    let mut after = Vec::new();
+    model.visit_params("", &mut |_, p| after.push(p.value.to_vec()));
+    assert_eq!(
+        before, after,
+        "a failed checkpoint load left the model as it was"
+    );
+    // An optimizer state of another optimizer kind.
+    let mut opt = Optim::new(Adam::default(), OptimConfig::default()).unwrap();
+    let mut sgd = Optim::new(Sgd::momentum(0.9), OptimConfig::default()).unwrap();
+    let x = randn(&[2, 4], 1);
+    let y = model.forward(&x, &Ctx::train()).unwrap();
+    model.backward(&randn(y.shape(), 2)).unwrap();
+    sgd.step(&mut model, 0.1).unwrap();
+    let path = dir.join("sgd.safetensors");
+    sgd.save(&path).unwrap();
+    let (t0, m0) = opt.export_state();
+    assert!(opt.load(&path).is_err());
+    assert_eq!(
+        opt.export_state(),
+        (t0, m0),
+        "a failed optimizer load changed the state"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Train 4 epochs in one go; train 2, save the run state to a file, restore it into a fresh
+/// model, optimizer and schedule, train epochs 3 and 4: the same weights and the same metrics,
+/// bit for bit (dropout, batch norm, crop and flip augmentation, a schedule that observes).
+#[test]
+fn a_resumed_run_equals_the_uninterrupted_run() {
+    let data = regimen::data::digits().unwrap();
+    let (mut train, mut test) = data.split(0.2, 1).unwrap();
+    let (mean, std) = train.pixel_mean_std();
+    train.normalize(mean, std);
+    test.normalize(mean, std);
+    let train = Arc::new(train);
+    let build = || {
+        let mut rng = Rng::new(9);
+        let model = Sequential::new()
+            .push(Conv2d::new(1, 8, 3, &mut rng).padding(1).without_bias())
+            .push(BatchNorm::d2(8))
+            .push(relu())
+            .push(Dropout::new(0.2).unwrap())
+            .push(Flatten::new())
+            .push(Linear::new(8 * 64, 10, &mut rng));
+        let opt = Optim::new(Sgd::nesterov(0.9), OptimConfig::default()).unwrap();
+        let sched = ReduceOnPlateau::new(0.05, 0.5, 0, 0.0, 0, 1e-4);
+        (model, opt, sched)
+    };
+    let cfg = |first_epoch: usize, epochs: usize| FitConfig {
+        epochs,
+        first_epoch,
+        batch_size: 64,
+        seed: 11,
+        augment: regimen::data::Pipeline::parse("crop=1,flip").unwrap(),
+        workers: 0,
+        ..Default::default()
+    };
+    let weights = |m: &mut Sequential| {
+        let mut w = Vec::new();
+        m.visit_params("", &mut |_, p| w.extend(p.value.to_vec()));
+        m.visit_buffers("", &mut |_, b| w.extend(b.to_vec()));
+        w
+    };
+    let strip = |h: Vec<regimen::train::EpochStats>| -> Vec<_> {
+        h.into_iter()
+            .map(|s| (s.epoch, s.train_loss, s.test_loss, s.test_acc, s.lr))
+            .collect()
+    };
+    let (mut m1, mut o1, mut s1) = build();
+    let full = fit(
+        &mut m1,
+        train.clone(),
+        &test,
+        &cfg(1, 4),
+        &mut o1,
+        &mut s1,
+        |_| {},
+    )
+    .unwrap();
+
+    let (mut m2, mut o2, mut s2) = build();
+    let first = fit(
+        &mut m2,
+        train.clone(),
+        &test,
+        &cfg(1, 2),
+        &mut o2,
+        &mut s2,
+        |_| {},
+    )
+    .unwrap();
+    let path =
+        std::env::temp_dir().join(format!("regimen-resume-{}.safetensors", std::process::id()));
+    RunState::capture(&mut m2, &o2, &s2, 11, 2)
+        .save(&path)
+        .unwrap();
+    drop((m2, o2, s2));
+
+    let (mut m3, mut o3, mut s3) = build();
+    let state = RunState::load(&path).unwrap();
+    let pos = state.restore(&mut m3, &mut o3, &mut s3, "resume").unwrap();
+    assert_eq!((pos.seed, pos.epochs_done), (11, 2));
+    let rest = fit(
+        &mut m3,
+        train,
+        &test,
+        &cfg(pos.epochs_done + 1, 4),
+        &mut o3,
+        &mut s3,
+        |_| {},
+    )
+    .unwrap();
+    let mut resumed = first;
+    resumed.extend(rest);
+    assert_eq!(
+        strip(full),
+        strip(resumed),
+        "the same metrics, epoch by epoch"
+    );
+    assert_eq!(
+        weights(&mut m1),
+        weights(&mut m3),
+        "the same weights, bit for bit"
+    );
+    let _ = std::fs::remove_file(path);
+    // A state that does not fit another model is refused, and changes nothing.
+    let mut other =
+        models::mlp(64, &[16], 10, regimen::Unary::Relu, 0.0, &mut Rng::new(1)).unwrap();
+    let mut o4 = Optim::new(Sgd::nesterov(0.9), OptimConfig::default()).unwrap();
+    let mut s4 = Constant(0.1);
+    let before = weights(&mut other);
+    assert!(state
+        .restore(&mut other, &mut o4, &mut s4, "resume")
+        .is_err());
+    assert_eq!(before, weights(&mut other));
+    assert!(s4.state().is_empty());
+}
