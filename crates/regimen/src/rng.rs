@@ -4,8 +4,9 @@
 //! numbers on every run, every platform, every crate version and every device. Two generators:
 //!
 //! - [`Rng`]: a sequential SplitMix64 stream (Steele, Lea & Flood 2014), for what happens once
-//!   on the host: weight initialization, the per-epoch shuffle, splits. Normal samples use the
-//!   Box–Muller transform.
+//!   on the host before training: weight initialization, the per-epoch shuffle, splits. Normal
+//!   samples use the Box–Muller transform. [`Rng::philox`] gives the same interface over a
+//!   Philox stream, for sequential draws during training (the host loader's augmentations).
 //! - [`philox`]: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 //!   SC 2011), the counter-based generator of cuRAND and of PyTorch's CUDA generator, for
 //!   everything drawn *during* a training step: dropout masks, stochastic depth, fractional
@@ -26,6 +27,13 @@
 //! - `purpose`: which kind of draw ([`purpose`]), so that two uses within one consumer
 //!   never share numbers.
 //! - `index`: the element (or sample) index.
+//!
+//! Who draws what: dropout masks `(layer, step, DROPOUT, element)`; stochastic depth
+//! `(layer, step, STOCHASTIC_DEPTH, sample)`; fractional pooling `(layer, step,
+//! FRACTIONAL_POOL, 2 plane + axis)`; the on-device batch gather `(run, step, AUGMENT, 4 sample
+//! + k)` for crop offsets (k = 0, 1) and the flip (k = 2); the host loader's augmentations read
+//! `(run, global batch index, AUGMENT, ...)` sequentially through [`Rng::philox`] (Mixup's
+//! Beta draws need a variable number of numbers).
 //!
 //! Philox's 4-word counter is `[index / 4 (low word), index / 4 (high word), step, purpose]`;
 //! the 4 output words serve elements `4 (index / 4) .. 4 (index / 4) + 3`, word `index % 4`
@@ -115,16 +123,32 @@ pub fn fill_uniform(stream: u64, step: u32, purpose: u32, first: u64, out: &mut 
     }
 }
 
-/// A sequential seeded generator (SplitMix64).
+/// A sequential seeded generator: SplitMix64 ([`Rng::new`]), or a sequential view of a Philox
+/// stream ([`Rng::philox`]).
 #[derive(Clone, Debug)]
 pub struct Rng {
     state: u64,
+    /// `Some` for a Philox stream: `(stream key, step, purpose)`; `state` then counts the
+    /// 64-bit draws made so far.
+    philox: Option<(u64, u32, u32)>,
 }
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng {
             state: mix64(seed ^ GOLDEN),
+            philox: None,
+        }
+    }
+
+    /// A sequential view of the Philox draws `(stream, step, purpose, index)`, index 0, 1, 2,
+    /// ...: draw `j` of 64 bits is the words `2j` and `2j + 1`. The host loader's augmentations
+    /// read their numbers this way, so that every random number drawn during training comes
+    /// from the one counter-based scheme of this module.
+    pub fn philox(stream: u64, step: u32, purpose: u32) -> Rng {
+        Rng {
+            state: 0,
+            philox: Some((stream, step, purpose)),
         }
     }
 
@@ -135,6 +159,13 @@ impl Rng {
 
     #[inline]
     pub fn next_u64(&mut self) -> u64 {
+        if let Some((stream, step, purpose)) = self.philox {
+            let j = self.state;
+            self.state += 1;
+            let w = philox_block(stream, step, purpose, 2 * j);
+            let k = ((2 * j) % 4) as usize;
+            return (w[k] as u64) << 32 | w[k + 1] as u64;
+        }
         self.state = self.state.wrapping_add(GOLDEN);
         mix64(self.state)
     }
@@ -275,6 +306,26 @@ mod tests {
         for (i, &v) in out.iter().enumerate() {
             assert_eq!(v, uniform(9, 4, 2, 3 + i as u64), "element {i}");
         }
+    }
+
+    #[test]
+    fn philox_streams_are_sequences_of_philox_words() {
+        let mut r = Rng::philox(77, 5, purpose::AUGMENT);
+        for j in 0..6u64 {
+            let w = philox_block(77, 5, purpose::AUGMENT, 2 * j);
+            let k = ((2 * j) % 4) as usize;
+            assert_eq!(
+                r.next_u64(),
+                (w[k] as u64) << 32 | w[k + 1] as u64,
+                "draw {j}"
+            );
+        }
+        let mut a = Rng::philox(77, 6, purpose::AUGMENT);
+        let mut b = Rng::philox(77, 5, purpose::AUGMENT);
+        assert_ne!(a.next_u64(), b.next_u64(), "another step, other numbers");
+        let xs: Vec<f64> = (0..50_000).map(|_| a.normal()).collect();
+        let m = xs.iter().sum::<f64>() / xs.len() as f64;
+        assert!(m.abs() < 0.02, "normal mean {m}");
     }
 
     #[test]

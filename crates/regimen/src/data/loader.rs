@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::{Dataset, Pipeline};
-use crate::rng::{mix64, Rng};
+use crate::rng::{mix64, purpose, Rng};
 
 /// One batch on the host.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,9 +82,9 @@ impl Loader {
             images.extend_from_slice(&data.images[i * d..(i + 1) * d]);
         }
         let labels: Vec<u32> = idx.iter().map(|&i| data.labels[i]).collect();
-        let mut rng = Rng::new(mix64(
-            self.seed ^ mix64((epoch as u64) << 32 | b as u64) ^ 0xA06,
-        ));
+        // Augmentation draws: the Philox stream (seed, global batch index, AUGMENT).
+        let global = (epoch * self.batches_per_epoch() + b) as u32;
+        let mut rng = Rng::philox(mix64(self.seed ^ 0xA06), global, purpose::AUGMENT);
         let soft = self.pipeline.apply(
             &mut images,
             data.image_shape,

@@ -163,12 +163,21 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
     let xs = d.c * d.h * d.w;
     let col_len = if d.is_pointwise() { 0 } else { k * p };
     if outer {
-        y.par_chunks_mut(d.oc * p)
-            .zip(x.par_chunks(xs))
-            .for_each_init(
-                || Scratch::new(col_len),
-                |col, (y_s, x_s)| one(col.f32_mut(), x_s, y_s),
-            );
+        // One contiguous run of samples per thread, its scratch allocated here: the number of
+        // buffers a call takes is fixed (rayon's work stealing would vary it).
+        let t = rayon::current_num_threads().min(d.n).max(1);
+        let per = d.n.div_ceil(t);
+        let mut cols: Vec<Scratch> = (0..d.n.div_ceil(per))
+            .map(|_| Scratch::new(col_len))
+            .collect();
+        y.par_chunks_mut(per * d.oc * p)
+            .zip(x.par_chunks(per * xs))
+            .zip(cols.par_iter_mut())
+            .for_each(|((ys, xs_), col)| {
+                for (y_s, x_s) in ys.chunks_mut(d.oc * p).zip(xs_.chunks(xs)) {
+                    one(col.f32_mut(), x_s, y_s);
+                }
+            });
     } else {
         let mut col = Scratch::new(col_len);
         for (y_s, x_s) in y.chunks_mut(d.oc * p).zip(x.chunks(xs)) {
@@ -221,9 +230,8 @@ pub fn backward(
             work.push((acc, mine.iter_mut().map(|c| c.take()).collect(), lo, hi));
         }
     }
-    let run = |(acc, dxs, lo, hi): (&mut [f32], Vec<Option<&mut [f32]>>, usize, usize)| {
-        let mut col = Scratch::new(col_len);
-        let mut dcol = Scratch::new(dcol_len);
+    type Work<'a> = (&'a mut [f32], Vec<Option<&'a mut [f32]>>, usize, usize);
+    let run = |(acc, dxs, lo, hi): Work<'_>, col: &mut Scratch, dcol: &mut Scratch| {
         for (j, (s, dx_s)) in (lo..hi).zip(dxs).enumerate() {
             let x_s = &x[s * xs..(s + 1) * xs];
             let dy_s = &dy[s * d.oc * p..(s + 1) * d.oc * p];
@@ -263,10 +271,35 @@ pub fn backward(
             }
         }
     };
-    if outer {
-        work.into_par_iter().with_max_len(1).for_each(run);
+    // Groups go to workers round-robin; each worker's scratch is allocated here, so a call
+    // takes a fixed number of buffers whatever rayon's scheduling.
+    let workers = if outer {
+        rayon::current_num_threads().min(groups).max(1)
     } else {
-        work.into_iter().for_each(run);
+        1
+    };
+    let mut per_worker: Vec<Vec<Work<'_>>> = (0..workers).map(|_| Vec::new()).collect();
+    for (g, w) in work.into_iter().enumerate() {
+        per_worker[g % workers].push(w);
+    }
+    let mut scratch: Vec<(Scratch, Scratch)> = (0..workers)
+        .map(|_| (Scratch::new(col_len), Scratch::new(dcol_len)))
+        .collect();
+    let body = |(items, (col, dcol)): (Vec<Work<'_>>, &mut (Scratch, Scratch))| {
+        for w in items {
+            run(w, col, dcol);
+        }
+    };
+    if workers > 1 {
+        per_worker
+            .into_par_iter()
+            .zip(scratch.par_iter_mut())
+            .for_each(body);
+    } else {
+        per_worker
+            .into_iter()
+            .zip(scratch.iter_mut())
+            .for_each(body);
     }
     for acc in partial.f32().chunks(d.oc * k) {
         dw.iter_mut().zip(acc).for_each(|(a, &b)| *a += b);
