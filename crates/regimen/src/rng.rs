@@ -30,8 +30,9 @@
 //!
 //! Who draws what: dropout masks `(layer, step, DROPOUT, element)`; stochastic depth
 //! `(layer, step, STOCHASTIC_DEPTH, sample)`; fractional pooling `(layer, step,
-//! FRACTIONAL_POOL, 2 plane + axis)`; the on-device batch gather `(run, step, AUGMENT, 4 sample
-//! + k)` for crop offsets (k = 0, 1) and the flip (k = 2); the host loader's augmentations read
+//! FRACTIONAL_POOL, 2 plane + axis)`; the on-device batch gather
+//! `(run, step, AUGMENT, 4 sample + k)` for crop offsets (k = 0, 1) and the flip (k = 2); the
+//! host loader's augmentations read
 //! `(run, global batch index, AUGMENT, ...)` sequentially through [`Rng::philox`] (Mixup's
 //! Beta draws need a variable number of numbers).
 //!

@@ -9,7 +9,7 @@ use common::randn;
 use regimen::layer::{Ctx, Layer};
 use regimen::layers::*;
 use regimen::loss::CrossEntropy;
-use regimen::{models, Error, Fan, Indices, Init, Rng, Target, Tensor};
+use regimen::{models, Error, Indices, Init, Rng, Target, Tensor};
 
 fn mean_std(v: &[f32]) -> (f64, f64) {
     let n = v.len() as f64;

@@ -33,7 +33,9 @@ fn residual_model(rng: &mut Rng) -> Sequential {
         .push(Linear::new(8 * 14 * 14, 10, rng))
 }
 
-fn optimizers() -> Vec<(&'static str, Box<dyn Fn() -> Optim>)> {
+type MakeOptim = Box<dyn Fn() -> Optim>;
+
+fn optimizers() -> Vec<(&'static str, MakeOptim)> {
     let cfg = || OptimConfig {
         weight_decay: 1e-4,
         clip_norm: Some(1.0),

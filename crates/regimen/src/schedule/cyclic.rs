@@ -43,9 +43,9 @@ impl Schedule for Cyclic {
         let scale = match self.mode {
             CyclicMode::Triangular => 1.0,
             CyclicMode::Triangular2 => 1.0 / 2f64.powf(cycle - 1.0),
-            CyclicMode::ExpRange { gamma } => (gamma as f64).powi(t as i32),
+            CyclicMode::ExpRange { gamma } => gamma.powi(t as i32),
         };
-        (self.base as f64 + (self.max - self.base) as f64 * height * scale) as f32
+        (self.base + (self.max - self.base) * height * scale) as f32
     }
 }
 
@@ -76,20 +76,16 @@ pub struct OneCycle {
 
 impl Schedule for OneCycle {
     fn lr(&self, t: usize) -> f32 {
-        let max = self.max as f64;
-        let initial = max / self.div as f64;
-        let min = initial / self.final_div as f64;
-        let up_end = self.pct_start as f64 * self.total as f64 - 1.0;
+        let max = self.max;
+        let initial = max / self.div;
+        let min = initial / self.final_div;
+        let up_end = self.pct_start * self.total as f64 - 1.0;
         let last = self.total as f64 - 1.0;
         // (end step, start lr, end lr) of each phase, as PyTorch lays them out.
         let phases: Vec<(f64, f64, f64)> = if self.three_phase {
             vec![
                 (up_end, initial, max),
-                (
-                    2.0 * self.pct_start as f64 * self.total as f64 - 2.0,
-                    max,
-                    initial,
-                ),
+                (2.0 * self.pct_start * self.total as f64 - 2.0, max, initial),
                 (last, initial, min),
             ]
         } else {
@@ -125,7 +121,7 @@ impl Schedule for CosineRestarts {
             t_cur -= t_i;
             t_i *= self.t_mult.max(1);
         }
-        let (b, m) = (self.base as f64, self.eta_min as f64);
+        let (b, m) = (self.base, self.eta_min);
         let c = (std::f64::consts::PI * t_cur as f64 / t_i as f64).cos();
         (m + (b - m) * (1.0 + c) / 2.0) as f32
     }

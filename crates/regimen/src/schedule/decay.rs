@@ -51,7 +51,7 @@ pub struct Exponential {
 
 impl Schedule for Exponential {
     fn lr(&self, t: usize) -> f32 {
-        (self.base as f64 * (self.gamma as f64).powi(t as i32)) as f32
+        (self.base * self.gamma.powi(t as i32)) as f32
     }
 }
 
@@ -63,7 +63,7 @@ pub struct Cosine {
 
 impl Schedule for Cosine {
     fn lr(&self, t: usize) -> f32 {
-        let (b, m) = (self.base as f64, self.eta_min as f64);
+        let (b, m) = (self.base, self.eta_min);
         let c = (std::f64::consts::PI * t as f64 / self.t_max.max(1) as f64).cos();
         (m + (b - m) * (1.0 + c) / 2.0) as f32
     }
@@ -78,6 +78,6 @@ pub struct Polynomial {
 impl Schedule for Polynomial {
     fn lr(&self, t: usize) -> f32 {
         let frac = t.min(self.total) as f64 / self.total.max(1) as f64;
-        (self.base as f64 * (1.0 - frac).powf(self.power as f64)) as f32
+        (self.base * (1.0 - frac).powf(self.power)) as f32
     }
 }

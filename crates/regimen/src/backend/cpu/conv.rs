@@ -191,6 +191,10 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
 /// the number of threads.
 const DW_GROUPS: usize = 16;
 
+/// One group of samples of the weight-gradient sum: its partial sum, the input-gradient
+/// slices of its samples, and its sample range.
+type Work<'a> = (&'a mut [f32], Vec<Option<&'a mut [f32]>>, usize, usize);
+
 /// Writes `dx` when given; accumulates into `dw` and `db`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
@@ -217,7 +221,7 @@ pub fn backward(
     };
     // Group g: samples [g n / groups, (g + 1) n / groups).
     let bounds = |g: usize| (g * d.n / groups, (g + 1) * d.n / groups);
-    let mut work: Vec<(&mut [f32], Vec<Option<&mut [f32]>>, usize, usize)> = Vec::new();
+    let mut work: Vec<Work<'_>> = Vec::new();
     {
         let mut rest = dx_chunks.as_mut_slice();
         let mut taken = 0;
@@ -230,7 +234,6 @@ pub fn backward(
             work.push((acc, mine.iter_mut().map(|c| c.take()).collect(), lo, hi));
         }
     }
-    type Work<'a> = (&'a mut [f32], Vec<Option<&'a mut [f32]>>, usize, usize);
     let run = |(acc, dxs, lo, hi): Work<'_>, col: &mut Scratch, dcol: &mut Scratch| {
         for (j, (s, dx_s)) in (lo..hi).zip(dxs).enumerate() {
             let x_s = &x[s * xs..(s + 1) * xs];

@@ -804,7 +804,7 @@ impl Backend for Cpu {
             };
             let wd = p.weight_decay;
             let first = step == 1;
-            let mut state: Vec<&mut [f32]> = p.state.iter_mut().map(|t| f32s_mut(t)).collect();
+            let mut state: Vec<&mut [f32]> = p.state.iter_mut().map(f32s_mut).collect();
             let (theta, g) = (f32s_mut(p.value), f32s_mut(p.grad));
             // The rule is chosen once, outside the element loop.
             match *rule {

@@ -484,7 +484,7 @@ impl CudaBackend {
                     panic!(
                         "cuda:{}: out of GPU memory allocating {} MiB: {e:?}",
                         self.ordinal,
-                        words * 4 >> 20
+                        (words * 4) >> 20
                     )
                 })
             }
@@ -560,6 +560,7 @@ impl CudaBackend {
         self.alloc_words(2 * n.max(1))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
         (ta, tb): (bool, bool),
