@@ -364,14 +364,14 @@ fn run_epochs_on_device(
     let images = Tensor::from_host(&[n, c, h, w], train.images.clone(), device)?;
     let labels = Indices::from_host(train.labels.clone(), device);
     let classes = train.num_classes() as u64;
-    let mut order = Indices::zeros(n, device);
-    let mut cursor = Indices::zeros(1, device);
-    let mut x_full = be.alloc(&[bsz, c, h, w], DType::F32);
-    let mut y_full = Indices::from_tensor(be.zeros(&[bsz], DType::U32), classes);
-    let mut x_rem = be.alloc(&[rem.max(1), c, h, w], DType::F32);
-    let mut y_rem = Indices::from_tensor(be.zeros(&[rem.max(1)], DType::U32), classes);
-    let mut loss_sum = Tensor::zeros(&[1], device);
-    let mut correct_sum = Tensor::zeros(&[1], device);
+    let order = Indices::zeros(n, device);
+    let cursor = Indices::zeros(1, device);
+    let x_full = be.alloc(&[bsz, c, h, w], DType::F32);
+    let y_full = Indices::from_tensor(be.zeros(&[bsz], DType::U32), classes);
+    let x_rem = be.alloc(&[rem.max(1), c, h, w], DType::F32);
+    let y_rem = Indices::from_tensor(be.zeros(&[rem.max(1)], DType::U32), classes);
+    let loss_sum = Tensor::zeros(&[1], device);
+    let correct_sum = Tensor::zeros(&[1], device);
     let stream = crate::rng::mix64(cfg.seed ^ 0xA06_A06);
     if optim.config().accumulate > 1 {
         return Err(Error::config(
@@ -394,44 +394,63 @@ fn run_epochs_on_device(
             .collect()
     };
     optim.set_lr_table(lr_table(schedule))?;
-    // One step on the batch buffers `x`, `y` of `rows` samples.
-    let step = |model: &mut dyn Layer,
-                optim: &mut Optim,
-                x: &mut Tensor,
-                y: &mut Indices,
-                cursor: &mut Indices,
-                loss_sum: &mut Tensor,
-                correct_sum: &mut Tensor,
-                order: &Indices|
-     -> Result<()> {
-        {
-            let counter = optim.step_counter(device).clone();
-            let key = RandomKey {
-                stream,
-                step: &counter,
-                purpose: crate::rng::purpose::AUGMENT,
-            };
-            be.gather_augment(&images, &labels, order, cursor, x, y, pad, flip_p, key);
-        }
-        let logits = {
-            let ctx = Ctx::train()
-                .at_step(optim.step_counter(device))
-                .with_precision(cfg.precision);
-            model.forward(x, &ctx)?
-        };
-        let out = ce.forward(&logits, Target::Hard(y))?;
-        model.backward(&out.grad)?;
-        if let Some(p) = &cfg.penalty {
-            p.apply(model);
-        }
-        optim.step(model, 0.0)?;
-        let rows = x.shape()[0];
-        be.axpy(rows as f32, &out.loss, loss_sum);
-        let correct = be.count_correct(&logits, y);
-        be.axpy(1.0, &correct, correct_sum);
-        be.increment(cursor, rows as u32);
-        Ok(())
+    // The device state the steps share; a step uses the full-batch buffers or the last
+    // (partial) batch's.
+    struct Buffers {
+        full: (Tensor, Indices),
+        rem: (Tensor, Indices),
+        order: Indices,
+        cursor: Indices,
+        loss_sum: Tensor,
+        correct_sum: Tensor,
+    }
+    let mut st = Buffers {
+        full: (x_full, y_full),
+        rem: (x_rem, y_rem),
+        order,
+        cursor,
+        loss_sum,
+        correct_sum,
     };
+    let step =
+        |model: &mut dyn Layer, optim: &mut Optim, st: &mut Buffers, last: bool| -> Result<()> {
+            let Buffers {
+                full,
+                rem,
+                order,
+                cursor,
+                loss_sum,
+                correct_sum,
+            } = st;
+            let (x, y) = if last { rem } else { full };
+            {
+                let counter = optim.step_counter(device).clone();
+                let key = RandomKey {
+                    stream,
+                    step: &counter,
+                    purpose: crate::rng::purpose::AUGMENT,
+                };
+                be.gather_augment(&images, &labels, order, cursor, x, y, pad, flip_p, key);
+            }
+            let logits = {
+                let ctx = Ctx::train()
+                    .at_step(optim.step_counter(device))
+                    .with_precision(cfg.precision);
+                model.forward(x, &ctx)?
+            };
+            let out = ce.forward(&logits, Target::Hard(y))?;
+            model.backward(&out.grad)?;
+            if let Some(p) = &cfg.penalty {
+                p.apply(model);
+            }
+            optim.step(model, 0.0)?;
+            let rows = x.shape()[0];
+            be.axpy(rows as f32, &out.loss, loss_sum);
+            let correct = be.count_correct(&logits, y);
+            be.axpy(1.0, &correct, correct_sum);
+            be.increment(cursor, rows as u32);
+            Ok(())
+        };
     let mut graph: Option<Box<dyn crate::backend::Graph>> = None;
     let mut history = Vec::with_capacity(cfg.epochs);
     for epoch in first..=cfg.epochs {
@@ -440,10 +459,16 @@ fn run_epochs_on_device(
             .into_iter()
             .map(|i| i as u32)
             .collect();
-        be.write(order.tensor_mut(), crate::backend::HostBuf::U32(order_host));
-        be.write(cursor.tensor_mut(), crate::backend::HostBuf::U32(vec![0]));
-        be.fill(&mut loss_sum, 0.0);
-        be.fill(&mut correct_sum, 0.0);
+        be.write(
+            st.order.tensor_mut(),
+            crate::backend::HostBuf::U32(order_host),
+        );
+        be.write(
+            st.cursor.tensor_mut(),
+            crate::backend::HostBuf::U32(vec![0]),
+        );
+        be.fill(&mut st.loss_sum, 0.0);
+        be.fill(&mut st.correct_sum, 0.0);
         for b in 0..full {
             let warming = epoch == first && b < 2;
             match &graph {
@@ -453,16 +478,7 @@ fn run_epochs_on_device(
                 }
                 None if cfg.graph && !warming => {
                     be.begin_capture()?;
-                    let recorded = step(
-                        model,
-                        optim,
-                        &mut x_full,
-                        &mut y_full,
-                        &mut cursor,
-                        &mut loss_sum,
-                        &mut correct_sum,
-                        &order,
-                    );
+                    let recorded = step(model, optim, &mut st, false);
                     let g = be.end_capture();
                     recorded?;
                     let g = g?;
@@ -470,31 +486,16 @@ fn run_epochs_on_device(
                     g.replay()?;
                     graph = Some(g);
                 }
-                None => step(
-                    model,
-                    optim,
-                    &mut x_full,
-                    &mut y_full,
-                    &mut cursor,
-                    &mut loss_sum,
-                    &mut correct_sum,
-                    &order,
-                )?,
+                None => step(model, optim, &mut st, false)?,
             }
         }
         if rem > 0 {
-            step(
-                model,
-                optim,
-                &mut x_rem,
-                &mut y_rem,
-                &mut cursor,
-                &mut loss_sum,
-                &mut correct_sum,
-                &order,
-            )?;
+            step(model, optim, &mut st, true)?;
         }
-        let (train_loss, train_acc) = (loss_sum.item() / n as f32, correct_sum.item() / n as f32);
+        let (train_loss, train_acc) = (
+            st.loss_sum.item() / n as f32,
+            st.correct_sum.item() / n as f32,
+        );
         let (test_loss, test_acc) = evaluate(model, test, 256, device)?;
         schedule.observe(test_loss);
         // A schedule that listens (reduce on plateau) may have changed the rates ahead.

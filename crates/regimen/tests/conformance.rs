@@ -529,46 +529,78 @@ fn optimizer_updates_and_clipping() {
     }
 }
 
+/// A benchmark model on `d` with its batch, optimizer (Nesterov, weight decay, clipping) and
+/// loss: everything a training step of the tests below needs.
+struct Setup {
+    model: regimen::layers::Sequential,
+    x: Tensor,
+    y: Indices,
+    opt: Optim,
+    ce: CrossEntropy,
+}
+
+impl Setup {
+    fn new(name: &str, d: Device) -> Setup {
+        let mut rng = Rng::new(0);
+        let mut model = match name {
+            "mlp" => models::bench_mlp(&mut rng).unwrap(),
+            _ => models::bench_cnn(&mut rng).unwrap(),
+        };
+        regimen::layer::to_device(&mut model, d);
+        model.set_input_grad(false);
+        let opt = Optim::new(
+            Sgd::nesterov(0.9),
+            OptimConfig {
+                weight_decay: 5e-4,
+                clip_norm: Some(5.0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        Setup {
+            model,
+            x: t(&[32, 1, 28, 28], 90, d),
+            y: Indices::from_host((0..32).map(|i| (i % 10) as u32).collect(), d),
+            opt,
+            ce: CrossEntropy::with_label_smoothing(0.1).unwrap(),
+        }
+    }
+
+    fn step(&mut self, precision: Precision) {
+        let d = self.x.device();
+        let logits = {
+            let ctx = Ctx::train()
+                .at_step(self.opt.step_counter(d))
+                .with_precision(precision);
+            self.model.forward(&self.x, &ctx).unwrap()
+        };
+        let out = self.ce.forward(&logits, Target::Hard(&self.y)).unwrap();
+        self.model.backward(&out.grad).unwrap();
+        self.opt.step(&mut self.model, 0.05).unwrap();
+    }
+
+    /// Parameters, then buffers.
+    fn state(&mut self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        self.model
+            .visit_params("", &mut |_, p| out.push(p.value.clone()));
+        self.model
+            .visit_buffers("", &mut |_, b| out.push(b.clone()));
+        out
+    }
+}
+
 /// Three training steps of a benchmark model (dropout, batch norm, momentum, clipping) on
 /// both devices from the same weights and batch: the weights stay together. (Batch norm over
 /// 32 samples amplifies the summation-order differences of the convolutions: after three
 /// steps the CNN's weights agree within 5e-4 + 5e-3 |w|, where one wrong gradient would move
 /// them by the step size, about 5e-2.)
 fn train_steps(name: &str, d: Device, precision: Precision, steps: usize) -> Vec<Tensor> {
-    let mut rng = Rng::new(0);
-    let mut model = match name {
-        "mlp" => models::bench_mlp(&mut rng).unwrap(),
-        _ => models::bench_cnn(&mut rng).unwrap(),
-    };
-    regimen::layer::to_device(&mut model, d);
-    model.set_input_grad(false);
-    let x = t(&[32, 1, 28, 28], 90, d);
-    let y = Indices::from_host((0..32).map(|i| (i % 10) as u32).collect(), d);
-    let mut opt = Optim::new(
-        Sgd::nesterov(0.9),
-        OptimConfig {
-            weight_decay: 5e-4,
-            clip_norm: Some(5.0),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let ce = CrossEntropy::with_label_smoothing(0.1).unwrap();
+    let mut s = Setup::new(name, d);
     for _ in 0..steps {
-        let logits = {
-            let ctx = Ctx::train()
-                .at_step(opt.step_counter(d))
-                .with_precision(precision);
-            model.forward(&x, &ctx).unwrap()
-        };
-        let out = ce.forward(&logits, Target::Hard(&y)).unwrap();
-        model.backward(&out.grad).unwrap();
-        opt.step(&mut model, 0.05).unwrap();
+        s.step(precision);
     }
-    let mut out = Vec::new();
-    model.visit_params("", &mut |_, p| out.push(p.value.clone()));
-    model.visit_buffers("", &mut |_, b| out.push(b.clone()));
-    out
+    s.state()
 }
 
 #[test]
@@ -593,49 +625,20 @@ fn a_recorded_step_replays_as_the_eager_steps() {
         let eager = train_steps(name, g, Precision::F32, 4);
         // The same four steps: two eager (the pool and the optimizer state reach their steady
         // state), one recorded, then two replays (the recording itself runs nothing).
-        let mut rng = Rng::new(0);
-        let mut model = match name {
-            "mlp" => models::bench_mlp(&mut rng).unwrap(),
-            _ => models::bench_cnn(&mut rng).unwrap(),
-        };
-        regimen::layer::to_device(&mut model, g);
-        model.set_input_grad(false);
-        let x = t(&[32, 1, 28, 28], 90, g);
-        let y = Indices::from_host((0..32).map(|i| (i % 10) as u32).collect(), g);
-        let mut opt = Optim::new(
-            Sgd::nesterov(0.9),
-            OptimConfig {
-                weight_decay: 5e-4,
-                clip_norm: Some(5.0),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        opt.set_lr_table(vec![0.05]).unwrap();
-        let ce = CrossEntropy::with_label_smoothing(0.1).unwrap();
-        let step = |model: &mut regimen::layers::Sequential, opt: &mut Optim| {
-            let logits = {
-                let ctx = Ctx::train().at_step(opt.step_counter(g));
-                model.forward(&x, &ctx).unwrap()
-            };
-            let out = ce.forward(&logits, Target::Hard(&y)).unwrap();
-            model.backward(&out.grad).unwrap();
-            opt.step(model, 0.05).unwrap();
-        };
-        step(&mut model, &mut opt);
-        step(&mut model, &mut opt);
+        let mut s = Setup::new(name, g);
+        s.opt.set_lr_table(vec![0.05]).unwrap();
+        s.step(Precision::F32);
+        s.step(Precision::F32);
         let be = g.backend();
         be.begin_capture().unwrap();
         regimen::backend::strict::set_strict(true);
-        step(&mut model, &mut opt);
+        s.step(Precision::F32);
         regimen::backend::strict::set_strict(false);
         let graph = be.end_capture().unwrap();
         for _ in 0..2 {
             graph.replay().unwrap();
         }
-        let mut replayed = Vec::new();
-        model.visit_params("", &mut |_, p| replayed.push(p.value.clone()));
-        model.visit_buffers("", &mut |_, b| replayed.push(b.clone()));
+        let replayed = s.state();
         for (k, (a, b)) in eager.iter().zip(&replayed).enumerate() {
             close(
                 &format!("{name} graph tensor {k}"),
