@@ -88,26 +88,26 @@ fn profile(
         other += t.elapsed().as_secs_f64();
     }
     let total: f64 = fwd.iter().sum::<f64>() + bwd.iter().sum::<f64>() + other;
-    println!(
+    say!(
         "{:<4} {:<34} {:>10} {:>10} {:>7}",
         "", "layer", "fwd ms", "bwd ms", "share"
     );
     for i in 0..n {
         let (f, b) = (1e3 * fwd[i] / steps as f64, 1e3 * bwd[i] / steps as f64);
-        println!(
+        say!(
             "{i:<4} {:<34} {f:>10.2} {b:>10.2} {:>6.1}%",
             names[i],
             100.0 * (fwd[i] + bwd[i]) / total
         );
     }
-    println!(
+    say!(
         "{:<4} {:<34} {:>21.2} {:>6.1}%",
         "",
         "loss + SGD update + zero grads",
         1e3 * other / steps as f64,
         100.0 * other / total
     );
-    println!(
+    say!(
         "{:<4} {:<34} {:>21.2}",
         "",
         "step total (ms)",
@@ -141,12 +141,12 @@ fn augment(args: &BenchArgs) -> Result<()> {
     }
     for (shape, rate) in rows {
         if args.json {
-            println!(
+            say!(
                 "{}",
                 serde_json::json!({"framework": "regimen", "workload": "augment", "pipeline": "crop=2,flip", "shape": shape, "threads": 1, "images_per_s_per_core": rate})
             );
         } else {
-            println!("regimen augment crop=2,flip {shape:?}: {rate:.0} images/s on one core");
+            say!("regimen augment crop=2,flip {shape:?}: {rate:.0} images/s on one core");
         }
     }
     Ok(())
@@ -227,12 +227,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mode = if args.graph { "graph" } else { "eager" };
     if args.json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({"framework": "regimen", "workload": args.workload, "batch": b, "threads": threads, "steps_per_s": median, "reps": rates, "device": device.to_string(), "mode": mode, "precision": args.precision})
         );
     } else {
-        println!(
+        say!(
             "regimen {} batch {b} device {device} {mode} {}: {median:.2} steps/s (reps: {rates:.2?})",
             args.workload, args.precision
         );

@@ -21,14 +21,27 @@ fn train_flags() -> Vec<String> {
         .collect()
 }
 
+/// The arguments with `--config FILE` expanded, and where each flag from the file came from.
+pub struct Expanded {
+    pub args: Vec<String>,
+    /// `(flag, key, file)` of every flag taken from a config file.
+    pub from_file: Vec<(String, String, String)>,
+}
+
 /// Expand `--config FILE` of `regimen train` into flags placed before the command line's own.
-pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
+pub fn expand(args: Vec<String>) -> Result<Expanded> {
     let Some(ti) = args.iter().position(|a| a == "train") else {
-        return Ok(args);
+        return Ok(Expanded {
+            args,
+            from_file: Vec::new(),
+        });
     };
     let (mut path, mut rest) = (None, Vec::new());
     let mut i = ti + 1;
     while i < args.len() {
+        if (args[i] == "--config" || args[i].starts_with("--config=")) && path.is_some() {
+            bail!("--config given twice: give one file (flags on the command line override it)");
+        }
         if args[i] == "--config" {
             path = Some(
                 args.get(i + 1)
@@ -44,12 +57,18 @@ pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
             i += 1;
         }
     }
-    let Some(path) = path else { return Ok(args) };
+    let Some(path) = path else {
+        return Ok(Expanded {
+            args,
+            from_file: Vec::new(),
+        });
+    };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading the config file {path}"))?;
     let table: toml::Table = text.parse().map_err(|e| anyhow!("config {path}: {e}"))?;
     let known = train_flags();
     let mut from_file = Vec::new();
+    let mut origins = Vec::new();
     for (key, value) in table {
         let flag = key.replace('_', "-");
         if !known.contains(&flag) {
@@ -58,6 +77,7 @@ pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
                 known.join(", ")
             );
         }
+        origins.push((format!("--{flag}"), format!("{key} = {value}"), path.clone()));
         match value {
             toml::Value::String(s) => from_file.extend([format!("--{flag}"), s]),
             toml::Value::Integer(n) => from_file.push(format!("--{flag}={n}")),
@@ -69,10 +89,13 @@ pub fn expand(args: Vec<String>) -> Result<Vec<String>> {
             }
         }
     }
-    Ok(args[..=ti]
-        .iter()
-        .cloned()
-        .chain(from_file)
-        .chain(rest)
-        .collect())
+    Ok(Expanded {
+        args: args[..=ti]
+            .iter()
+            .cloned()
+            .chain(from_file)
+            .chain(rest)
+            .collect(),
+        from_file: origins,
+    })
 }

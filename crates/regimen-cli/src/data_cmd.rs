@@ -61,9 +61,9 @@ fn describe(name: &str, d: &Dataset) {
     let mut counts = vec![0usize; d.num_classes()];
     d.labels.iter().for_each(|&l| counts[l as usize] += 1);
     let (m, s) = d.pixel_mean_std();
-    println!("{name}: {} images, pixel mean {m:.4}, std {s:.4}", d.len());
+    say!("{name}: {} images, pixel mean {m:.4}, std {s:.4}", d.len());
     for (c, n) in counts.iter().enumerate() {
-        println!("  {c:>2} {:<12} {n}", d.class_names[c]);
+        say!("  {c:>2} {:<12} {n}", d.class_names[c]);
     }
 }
 
@@ -88,7 +88,7 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
             data::download::download(&base, &data::download::FASHION_MNIST_FILES, &dir, |m| {
                 eprintln!("{m}")
             })?;
-            println!(
+            say!(
                 "{dataset} is in {} (use --data-dir {})",
                 dir.display(),
                 root.display()
@@ -97,8 +97,8 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
         }
         DataCommand::Info(source) => {
             let s = source.load()?;
-            println!("dataset {} from {}", s.name, s.source);
-            println!(
+            say!("dataset {} from {}", s.name, s.source);
+            say!(
                 "image shape {:?} (C, H, W), {} classes",
                 s.train.image_shape,
                 s.train.num_classes()
@@ -178,7 +178,7 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
                 }
             }
             canvas.save(out)?;
-            println!(
+            say!(
                 "wrote {} ({} samples of {}, top: original, bottom: {})",
                 out.display(),
                 n,
@@ -191,7 +191,7 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
                 .enumerate()
                 .map(|(i, c)| format!("{i}={c}"))
                 .collect();
-            println!(
+            say!(
                 "labels under the samples are CLASS:WEIGHT; classes: {}",
                 names.join(", ")
             );

@@ -1,5 +1,7 @@
 //! `regimen`: the command-line program.
 
+#[macro_use]
+mod out;
 mod bench;
 mod config;
 mod data_cmd;
@@ -23,7 +25,7 @@ use regimen::{models, Rng};
 )]
 #[command(args_override_self = true)]
 struct Cli {
-    /// CPU threads (default: all cores).
+    /// CPU threads for the numeric work, 1 to 1024 (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -34,7 +36,7 @@ struct Cli {
 #[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Train a built-in model on a dataset (default: the embedded 8x8 digits; the default command).
-    #[command(args_override_self = true)]
+    #[command(args_override_self = true, allow_negative_numbers = true)]
     Train(TrainArgs),
     /// Print a built-in model's layers: output shapes, parameters and FLOPs per sample.
     Summary {
@@ -49,8 +51,12 @@ enum Command {
         /// The checkpoint file.
         #[arg(long)]
         checkpoint: std::path::PathBuf,
-        #[command(flatten)]
-        source: data_cmd::Source,
+        /// The dataset (default: the one the checkpoint was trained on).
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Directory holding the dataset's files (else $REGIMEN_DATA, else /usr/share/datasets/NAME).
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
     },
     /// Inspect datasets and augmentation pipelines.
     #[command(subcommand)]
@@ -74,13 +80,17 @@ struct TrainArgs {
     /// Label smoothing of the cross-entropy, in [0, 1].
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f32,
-    /// Background threads preparing batches.
+    /// Background threads preparing batches on the host, 0 to 64 (0: in the training thread).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Passes over the training set, 1 to 1,000,000.
     #[arg(long, default_value_t = 20)]
     epochs: usize,
+    /// Images per training step (mini-batch size), 1 to 65,536.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Seed of everything random: initialization, validation split, shuffling, dropout masks,
+    /// augmentation draws. The same seed gives the same run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
@@ -108,8 +118,13 @@ struct TrainArgs {
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
-    if args.batch_size == 0 {
-        anyhow::bail!("invalid --batch-size 0: must be at least 1");
+    check_range("--batch-size", args.batch_size, 1, 65_536)?;
+    check_range("--epochs", args.epochs, 1, 1_000_000)?;
+    check_range("--workers", args.workers, 0, 64)?;
+    // The output file is checked before any training: a run's result must not be lost to a
+    // missing folder at the end.
+    if let Some(path) = &args.save {
+        check_writable(path)?;
     }
     // Every flag is checked before any data is read (the schedule's syntax and values here;
     // only the warmup length against the real number of steps waits for the data).
@@ -143,7 +158,7 @@ fn train(args: &TrainArgs) -> Result<()> {
             models::NAMES.join(", ")
         );
     }
-    recipe::schedule(&args.optim, args.epochs.max(1), 1 << 20)?;
+    recipe::schedule(&args.optim, args.epochs.max(1), 1 << 20, false)?;
     let splits = args.source.load()?;
     let (mut train_set, mut test_set) = (splits.train, splits.test);
     // Reduce-on-plateau decides on held-out data: a validation split of the training set, so
@@ -157,12 +172,21 @@ fn train(args: &TrainArgs) -> Result<()> {
     // Statistics from the training split only, applied unchanged to the test split.
     let pre = Preprocessor::fit(preprocess, &train_set)?;
     pre.apply(&mut train_set)?;
+    augment.check_image_shape(train_set.image_shape)?;
     pre.apply(&mut test_set)?;
     if let Some(v) = &mut validation {
         pre.apply(v)?;
     }
     let per_epoch = train_set.len().div_ceil(args.batch_size);
-    let (mut schedule, unit) = recipe::schedule(&args.optim, args.epochs, per_epoch)?;
+    let (mut schedule, unit) = recipe::schedule(&args.optim, args.epochs, per_epoch, true)?;
+    if args.optim.accumulate > args.epochs * per_epoch {
+        anyhow::bail!(
+            "invalid --accumulate {}: the run has only {} batches ({} epochs of {per_epoch}), so no update would ever be applied",
+            args.optim.accumulate,
+            args.epochs * per_epoch,
+            args.epochs
+        );
+    }
     let mut rng = Rng::new(args.seed);
     let mut model = models::for_input(
         &model_name,
@@ -173,9 +197,9 @@ fn train(args: &TrainArgs) -> Result<()> {
     regimen::layer::to_device(&mut model, device);
     let (input_shape, classes) = (train_set.image_shape, train_set.num_classes());
     let input = input_shape.to_vec();
-    println!("{}", model.summary(&input)?);
+    say!("{}", model.summary(&input)?);
     let o = &args.optim;
-    println!(
+    say!(
         "training {model_name} on {} ({}): {} train / {} test images, preprocess {}, augment {}, {} epochs, batch {}, {} lr {} schedule {}{}",
         splits.name,
         splits.source,
@@ -206,7 +230,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         graph: args.graph,
         ..Default::default()
     };
-    println!(
+    say!(
         "{:>5} {:>10} {:>9} {:>10} {:>9} {:>10} {:>7}",
         "epoch",
         "train loss",
@@ -232,7 +256,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         &mut optim,
         schedule.as_mut(),
         |s| {
-            println!(
+            say!(
                 "{:>5} {:>10.4} {:>8.2}% {:>10.4} {:>8.2}% {:>10.3e} {:>6.2}s",
                 s.epoch,
                 s.train_loss,
@@ -253,7 +277,7 @@ fn train(args: &TrainArgs) -> Result<()> {
             ("classes".to_string(), classes.to_string()),
         ]);
         regimen::checkpoint::save(path, &mut model, Some(&pre), meta)?;
-        println!(
+        say!(
             "saved the model and its preprocessing to {}",
             path.display()
         );
@@ -263,7 +287,7 @@ fn train(args: &TrainArgs) -> Result<()> {
             Some(_) => evaluate(&mut model, &test_set, 256, device)?.1,
             None => last.test_acc,
         };
-        println!(
+        say!(
             "final test accuracy {:.2}% (generalization gap {:.2} points)",
             100.0 * test_acc,
             100.0 * (last.train_acc - test_acc)
@@ -274,7 +298,11 @@ fn train(args: &TrainArgs) -> Result<()> {
 
 /// `regimen eval`: rebuild the model named in the checkpoint, load it, preprocess the test
 /// split with the stored statistics, and report loss and accuracy.
-fn eval_checkpoint(path: &std::path::Path, source: &data_cmd::Source) -> Result<()> {
+fn eval_checkpoint(
+    path: &std::path::Path,
+    dataset: Option<String>,
+    data_dir: Option<std::path::PathBuf>,
+) -> Result<()> {
     let (_, meta) = regimen::io::read_safetensors(path)?;
     let field = |k: &str| {
         meta.get(k).cloned().ok_or_else(|| {
@@ -292,16 +320,41 @@ fn eval_checkpoint(path: &std::path::Path, source: &data_cmd::Source) -> Result<
     if dims.len() != 3 {
         anyhow::bail!("{}: bad input_shape metadata", path.display());
     }
-    let mut model = models::for_input(
-        &field("model")?,
-        [dims[0], dims[1], dims[2]],
-        classes,
-        &mut Rng::new(0),
-    )?;
+    // The metadata is checked against the tensors in the file before the model is built: a
+    // file claiming a huge input or class count would otherwise allocate it.
+    let name = field("model")?;
+    let input = [dims[0], dims[1], dims[2]];
+    let want = models::param_count(&name, input, classes)?;
+    let (tensors, _) = regimen::io::read_safetensors(path)?;
+    let have: usize = tensors
+        .iter()
+        .filter(|(n, _, _)| !n.starts_with("preprocess.") && !n.contains("running_"))
+        .map(|(_, s, _)| s.iter().product::<usize>())
+        .sum();
+    if want != have {
+        anyhow::bail!(
+            "{}: the metadata describes {name} for {input:?} inputs and {classes} classes ({want} parameters), but the file holds {have}",
+            path.display()
+        );
+    }
+    drop(tensors);
+    let mut model = models::for_input(&name, input, classes, &mut Rng::new(0))?;
     let loaded = regimen::checkpoint::load(path, &mut model)?;
+    let dataset = match dataset {
+        Some(d) => d,
+        None => field("dataset")?,
+    };
+    let source = data_cmd::Source { dataset, data_dir };
     let mut test = source.load()?.test;
     if let Some(p) = &loaded.preprocess {
         p.apply(&mut test)?;
+    }
+    if test.image_shape != input {
+        anyhow::bail!(
+            "the checkpoint takes {input:?} inputs, {} gives {:?}",
+            source.dataset,
+            test.image_shape
+        );
     }
     if test.num_classes() != classes {
         anyhow::bail!(
@@ -311,7 +364,7 @@ fn eval_checkpoint(path: &std::path::Path, source: &data_cmd::Source) -> Result<
         );
     }
     let (loss, acc) = evaluate(&mut model, &test, 256, regimen::Device::Cpu)?;
-    println!(
+    say!(
         "{} on the {} test split ({} images): loss {loss:.4}, accuracy {:.2}%",
         path.display(),
         source.dataset,
@@ -322,12 +375,17 @@ fn eval_checkpoint(path: &std::path::Path, source: &data_cmd::Source) -> Result<
 }
 
 fn run() -> Result<()> {
-    let mut cli = Cli::parse_from(config::expand(std::env::args().collect())?);
+    let expanded = config::expand(std::env::args().collect())?;
+    let mut cli = parse(expanded.args, &expanded.from_file)?;
     if cli.command.is_none() {
         // `regimen` alone runs `regimen train` with its defaults.
-        cli = Cli::parse_from(std::env::args().chain(["train".to_string()]));
+        cli = parse(
+            std::env::args().chain(["train".to_string()]).collect(),
+            &[],
+        )?;
     }
     if let Some(t) = cli.threads {
+        check_range("--threads", t, 1, 1024)?;
         regimen::set_threads(t);
     }
     match cli.command {
@@ -336,14 +394,75 @@ fn run() -> Result<()> {
         Some(Command::Summary { model }) => {
             let mut rng = Rng::new(0);
             let (mut m, input) = models::by_name(&model, &mut rng)?;
-            println!("{model}: {}", m.describe());
-            println!("{}", m.summary(&input).context("building the summary")?);
+            say!("{model}: {}", m.describe());
+            say!("{}", m.summary(&input).context("building the summary")?);
             Ok(())
         }
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Data(cmd)) => data_cmd::run(&cmd),
-        Some(Command::Eval { checkpoint, source }) => eval_checkpoint(&checkpoint, &source),
+        Some(Command::Eval {
+            checkpoint,
+            dataset,
+            data_dir,
+        }) => eval_checkpoint(&checkpoint, dataset, data_dir),
     }
+}
+
+/// Parse the command line; help and version print and exit as usual. A bad value that came
+/// from a config file is reported with the file and the key, not only the flag.
+fn parse(args: Vec<String>, from_file: &[(String, String, String)]) -> Result<Cli> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) => {
+            let arg = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(a)) => a.split_whitespace().next().unwrap_or("").to_string(),
+                _ => String::new(),
+            };
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("").trim_start_matches("error: ");
+            match from_file.iter().find(|(flag, _, _)| *flag == arg) {
+                Some((_, key, file)) => anyhow::bail!("config {file}: {key}: {first}"),
+                None if e.kind() == ErrorKind::UnknownArgument => anyhow::bail!(
+                    "{first} (a negative number goes after '=', like --lr=-0.1; see --help)"
+                ),
+                None => anyhow::bail!("{first} (see --help)"),
+            }
+        }
+    }
+}
+
+/// `value` must be in `[lo, hi]`; the error names the flag.
+fn check_range(flag: &str, value: usize, lo: usize, hi: usize) -> Result<()> {
+    if value < lo || value > hi {
+        anyhow::bail!("invalid {flag} {value}: must be from {lo} to {hi}");
+    }
+    Ok(())
+}
+
+/// That a file can be written at `path` (its folder exists and takes a new file), before the
+/// work that produces it starts.
+fn check_writable(path: &std::path::Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if path.is_dir() {
+        anyhow::bail!("cannot save to {}: it is a folder", path.display());
+    }
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "cannot save to {}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(".regimen-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| anyhow::anyhow!("cannot save to {}: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// Errors are one line on stderr and exit status 2 (no backtrace: they are the user's input).

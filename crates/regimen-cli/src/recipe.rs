@@ -48,14 +48,16 @@ pub struct OptimArgs {
     /// Clip each gradient element to [-v, v].
     #[arg(long)]
     pub clip_value: Option<f32>,
-    /// Accumulate gradients over this many batches per update.
+    /// Accumulate gradients over this many batches per update (at most the number of batches
+    /// of the whole run).
     #[arg(long, default_value_t = 1)]
     pub accumulate: usize,
     /// Learning-rate schedule: NAME or NAME:key=value,... (constant, step:size=N, multistep:milestones=a/b,
     /// exp:gamma=G, cosine, linear, poly:power=P, cyclic, onecycle:pct=P, restarts:t0=N,mult=M, plateau:patience=N).
     #[arg(long, default_value = "constant")]
     pub schedule: String,
-    /// Warmup steps in front of the schedule (linear from 0 unless --warmup-factor).
+    /// Warmup steps (batches, or epochs with --schedule-unit epoch) in front of the schedule,
+    /// linear from 0 unless --warmup-factor.
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
     /// Constant warmup at this fraction of the learning rate instead of a linear ramp.
@@ -82,6 +84,15 @@ pub fn optimizer(a: &OptimArgs) -> Result<Optim> {
     }
     if a.nesterov && a.optimizer != "sgd" {
         bail!("--nesterov applies to sgd, not {}", a.optimizer);
+    }
+    if a.eps.is_some() && a.optimizer == "sgd" {
+        bail!("--eps applies to adagrad, rmsprop, adam and adamw, not sgd");
+    }
+    if a.amsgrad && !a.optimizer.starts_with("adam") {
+        bail!("--amsgrad applies to adam and adamw, not {}", a.optimizer);
+    }
+    if a.centered && a.optimizer != "rmsprop" {
+        bail!("--centered applies to rmsprop, not {}", a.optimizer);
     }
     Ok(match a.optimizer.as_str() {
         "sgd" => Optim::new(
@@ -124,11 +135,13 @@ pub fn optimizer(a: &OptimArgs) -> Result<Optim> {
     })
 }
 
-/// The schedule over `epochs` epochs of `per_epoch` batches, and its unit.
+/// The schedule over `epochs` epochs of `per_epoch` batches, and its unit. With
+/// `check_rates`, every rate of the run is computed now and must be finite and >= 0.
 pub fn schedule(
     a: &OptimArgs,
     epochs: usize,
     per_epoch: usize,
+    check_rates: bool,
 ) -> Result<(Box<dyn Schedule>, Unit)> {
     let unit = match a.schedule_unit.as_str() {
         "batch" => Unit::Batch,
@@ -139,10 +152,20 @@ pub fn schedule(
         Unit::Batch => epochs * per_epoch,
         Unit::Epoch => epochs,
     };
-    Ok((
-        parse_schedule(&a.schedule, a.lr, total, a.warmup, a.warmup_factor)?,
-        unit,
-    ))
+    let schedule = parse_schedule(&a.schedule, a.lr, total, a.warmup, a.warmup_factor)?;
+    // Every rate of the run is checked now, not when training reaches it.
+    let stride = (total / 1_000_000).max(1);
+    let steps = if check_rates { total } else { 0 };
+    for t in (0..steps).step_by(stride).chain(steps.checked_sub(1)) {
+        let lr = schedule.lr(t);
+        if !(lr >= 0.0 && lr.is_finite()) {
+            bail!(
+                "invalid --schedule {}: the learning rate at step {t} would be {lr} (it must stay a finite number >= 0)",
+                a.schedule
+            );
+        }
+    }
+    Ok((schedule, unit))
 }
 
 pub fn penalty(a: &OptimArgs) -> Result<Option<Penalty>> {

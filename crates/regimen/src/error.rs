@@ -46,7 +46,9 @@ pub enum Error {
     /// A device cannot be used (no driver, no such GPU, a build without its feature).
     #[error("{device}: {reason}")]
     Device { device: String, reason: String },
-    #[error("{context}: {source}")]
+    /// An operating-system error, with what was being done (`reading data/x.idx`). Its
+    /// `source()` is the OS error (printed after the context by `{:#}` in anyhow chains).
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

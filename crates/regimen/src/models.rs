@@ -125,6 +125,46 @@ pub fn for_input(
     }
 }
 
+/// The number of learnable parameters of built-in model `name` for `[C, H, W]` inputs and
+/// `classes` classes, computed without building it: a checkpoint's metadata can be checked
+/// against the tensors in the file before any memory is allocated for the model.
+pub fn param_count(name: &str, input: [usize; 3], classes: usize) -> Result<usize> {
+    let [c, h, w] = input;
+    let d = c.checked_mul(h).and_then(|v| v.checked_mul(w));
+    let linear = |i: usize, o: usize| i.checked_mul(o).and_then(|v| v.checked_add(o));
+    let conv_bn = |i: usize, o: usize| o * i * 9 + 2 * o; // 3x3, no bias; BN weight and bias
+    let too_big = || Error::config("model size", name, "overflows (absurd input shape or classes)");
+    let n = match name {
+        "digits-mlp" => {
+            let d = d.ok_or_else(too_big)?;
+            linear(d, 128).zip(linear(128, classes)).map(|(a, b)| a + b)
+        }
+        "mlp" => {
+            let d = d.ok_or_else(too_big)?;
+            linear(d, 512)
+                .zip(linear(512, classes))
+                .map(|(a, b)| a + b + 512 * 512 + 512)
+        }
+        "digits-cnn" => linear(32, classes).map(|l| conv_bn(c, 16) + conv_bn(16, 32) + l),
+        "cnn" => (h / 4)
+            .checked_mul(w / 4)
+            .and_then(|hw| hw.checked_mul(64))
+            .and_then(|f| linear(f, 256))
+            .zip(linear(256, classes))
+            .map(|(a, b)| {
+                conv_bn(c, 32) + conv_bn(32, 32) + conv_bn(32, 64) + conv_bn(64, 64) + a + b
+            }),
+        other => {
+            return Err(Error::config(
+                "model",
+                other,
+                &format!("expected one of {}", NAMES.join(", ")),
+            ))
+        }
+    };
+    n.ok_or_else(too_big)
+}
+
 /// A built-in model by name with its usual input: 8x8 digits for `digits-*`, 28x28 otherwise.
 pub fn by_name(name: &str, rng: &mut Rng) -> Result<(Sequential, Vec<usize>)> {
     let input = if name.starts_with("digits") {
@@ -133,4 +173,26 @@ pub fn by_name(name: &str, rng: &mut Rng) -> Result<(Sequential, Vec<usize>)> {
         [1, 28, 28]
     };
     Ok((for_input(name, input, 10, rng)?, input.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn param_count_matches_the_built_models() {
+        for name in NAMES {
+            for (input, classes) in [([1, 8, 8], 10), ([3, 32, 32], 7), ([1, 28, 28], 10)] {
+                let Ok(mut m) = for_input(name, input, classes, &mut Rng::new(0)) else {
+                    continue;
+                };
+                assert_eq!(
+                    param_count(name, input, classes).unwrap(),
+                    crate::layer::param_count(&mut m),
+                    "{name} {input:?} {classes}"
+                );
+            }
+        }
+        assert!(param_count("mlp", [usize::MAX, 2, 2], 10).is_err());
+    }
 }

@@ -127,15 +127,7 @@ impl Canvas {
         chunk(&mut png, b"IHDR", &ihdr);
         chunk(&mut png, b"IDAT", &idat);
         chunk(&mut png, b"IEND", &[]);
-        let tmp = path.with_extension("png.tmp");
-        std::fs::write(&tmp, &png).map_err(|source| Error::Io {
-            context: format!("writing {}", tmp.display()),
-            source,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-            context: format!("writing {}", path.display()),
-            source,
-        })
+        crate::io::write_atomic(path, &png)
     }
 }
 

@@ -130,17 +130,35 @@ impl Pipeline {
                     | Augment::CutMix { .. }
             )
         });
-        match spatial {
-            Some(step) if shape[1] < 2 || shape[2] < 2 => Err(Error::config(
-                "augment",
-                format!("{step:?}"),
-                &format!("is a spatial transform, but the inputs are {shape:?} (after PCA or whitening?): use noise or mixup, or no augmentation"),
-            )),
-            _ => Ok(()),
+        if let Some(step) = spatial {
+            if shape[1] < 2 || shape[2] < 2 {
+                return Err(Error::config(
+                    "augment",
+                    format!("{step:?}"),
+                    &format!("is a spatial transform, but the inputs are {shape:?} (after PCA or whitening?): use noise or mixup, or no augmentation"),
+                ));
+            }
         }
+        // Sizes in pixels must fit the image: beyond it they erase it, or shift it out.
+        let side = shape[1].max(shape[2]);
+        for step in &self.steps {
+            let (what, size) = match *step {
+                Augment::Crop { pad } => ("crop padding", pad),
+                Augment::Translate { pixels } => ("translation", pixels),
+                Augment::Cutout { size } => ("cutout size", size),
+                _ => continue,
+            };
+            if size >= side {
+                return Err(Error::config(
+                    "augment",
+                    format!("{step:?}"),
+                    &format!("the {what} ({size} pixels) must be smaller than the images ({}x{})", shape[1], shape[2]),
+                ));
+            }
+        }
+        Ok(())
     }
 
-    /// True when the pipeline mixes samples (Mixup, CutMix) and so makes soft labels.
     /// `(pad, flip probability)` when the pipeline is only a crop and/or a flip (the
     /// augmentations the device gather kernel does), else `None`.
     pub fn crop_flip(&self) -> Option<(usize, f32)> {
@@ -155,6 +173,7 @@ impl Pipeline {
         Some((pad, flip))
     }
 
+    /// True when the pipeline mixes samples (Mixup, CutMix) and so makes soft labels.
     pub fn mixes(&self) -> bool {
         self.steps
             .iter()

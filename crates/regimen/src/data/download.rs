@@ -182,15 +182,7 @@ pub fn download(
                 ),
             });
         }
-        let tmp = dir.join(format!("{name}.part"));
-        std::fs::write(&tmp, &body).map_err(|source| Error::Io {
-            context: format!("writing {}", tmp.display()),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
-            context: format!("renaming into {}", path.display()),
-            source,
-        })?;
+        crate::io::write_atomic(&path, &body)?;
         progress(&format!("{name}: {} bytes, checksum ok", body.len()));
         out.push(path);
     }

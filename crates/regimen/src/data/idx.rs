@@ -42,7 +42,8 @@ pub(crate) fn open(path: &Path) -> Result<Box<dyn Read>> {
         source,
     })?;
     Ok(if n == 2 && magic == [0x1f, 0x8b] {
-        Box::new(flate2::read::GzDecoder::new(BufReader::new(f)))
+        // Several gzip members one after the other are one valid file (`cat a.gz b.gz`).
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f)))
     } else {
         Box::new(BufReader::new(f))
     })
@@ -99,14 +100,42 @@ fn header(r: &mut dyn Read, path: &Path, ndims: u8) -> Result<Vec<usize>> {
     Ok(dims)
 }
 
+/// The `len` bytes of data after the header. Nothing is allocated up front beyond what has
+/// been read (a header may lie about the size): the buffer grows as bytes arrive, in chunks of
+/// at most 16 MiB.
 fn body(r: &mut dyn Read, path: &Path, len: usize) -> Result<Vec<u8>> {
-    let mut data = vec![0u8; len];
-    read_exact(r, &mut data, path, "the data")?;
-    let mut extra = [0u8; 1];
-    if r.read(&mut extra).map_err(|e| bad(path, e.to_string()))? != 0 {
+    let mut data = Vec::with_capacity(len.min(16 << 20));
+    let got = r
+        .take(len as u64)
+        .read_to_end(&mut data)
+        .map_err(|e| bad(path, format!("corrupt data after {} bytes: {e}", data.len())))?;
+    if got < len {
         return Err(bad(
             path,
-            format!("trailing bytes after the {len} bytes of data the header announces"),
+            format!("truncated: the header announces {len} bytes of data, the file has {got}"),
+        ));
+    }
+    // Anything after the data is an error: read on to tell a corrupt compressed stream (the
+    // decoder fails) from plain trailing bytes.
+    let mut extra = vec![0u8; 1 << 16];
+    let mut more = 0usize;
+    loop {
+        match r.read(&mut extra) {
+            Ok(0) => break,
+            Ok(n) => {
+                more += n;
+                if more > len.max(1 << 20) {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(bad(path, format!("corrupt data: {e}"))),
+        }
+    }
+    if more > 0 {
+        return Err(bad(
+            path,
+            format!("{more}{} bytes after the {len} bytes of data the header announces", if more > len.max(1 << 20) { "+" } else { "" }),
         ));
     }
     Ok(data)

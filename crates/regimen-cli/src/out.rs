@@ -1,0 +1,32 @@
+//! Standard output that a closed pipe does not stop: with `regimen train | head -3` training
+//! goes on, and `--save` still writes the model, after `head` has exited; the rest of the
+//! output is dropped quietly (Rust's `println!` would panic on the broken pipe).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Write one line to standard output, unless it has been closed.
+pub fn line(args: std::fmt::Arguments<'_>) {
+    if CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        // A closed pipe (or a full disk behind a redirect): nothing more is printed.
+        CLOSED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `println!` that survives a closed standard output.
+#[macro_export]
+macro_rules! say {
+    () => { $crate::out::line(format_args!("")) };
+    ($($t:tt)*) => { $crate::out::line(format_args!($($t)*)) };
+}
