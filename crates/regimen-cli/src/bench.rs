@@ -16,12 +16,16 @@ pub struct BenchArgs {
     /// mlp-step, cnn-step, or augment (crop+flip images/s on one core; --batch images per call).
     #[arg(long, default_value = "mlp-step")]
     workload: String,
+    /// Images per step (1 to 65,536).
     #[arg(long, default_value_t = 128)]
     batch: usize,
+    /// Untimed steps before the timed ones (0 to 10,000).
     #[arg(long, default_value_t = 5)]
     warmup: usize,
+    /// Steps per timed repetition (1 to 100,000).
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Timed repetitions; their median is reported (1 to 1,000).
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Print one JSON object instead of a line of text.
@@ -90,7 +94,11 @@ fn profile(
     let total: f64 = fwd.iter().sum::<f64>() + bwd.iter().sum::<f64>() + other;
     say!(
         "{:<4} {:<34} {:>10} {:>10} {:>7}",
-        "", "layer", "fwd ms", "bwd ms", "share"
+        "",
+        "layer",
+        "fwd ms",
+        "bwd ms",
+        "share"
     );
     for i in 0..n {
         let (f, b) = (1e3 * fwd[i] / steps as f64, 1e3 * bwd[i] / steps as f64);
@@ -153,8 +161,15 @@ fn augment(args: &BenchArgs) -> Result<()> {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if args.batch == 0 || args.steps == 0 || args.reps == 0 {
-        bail!("--batch, --steps and --reps must be at least 1");
+    for (flag, v, lo, hi) in [
+        ("--batch", args.batch, 1, 65_536),
+        ("--warmup", args.warmup, 0, 10_000),
+        ("--steps", args.steps, 1, 100_000),
+        ("--reps", args.reps, 1, 1_000),
+    ] {
+        if v < lo || v > hi {
+            bail!("invalid {flag} {v}: must be from {lo} to {hi}");
+        }
     }
     if args.workload == "augment" {
         return augment(args);

@@ -77,7 +77,11 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
                 known.join(", ")
             );
         }
-        origins.push((format!("--{flag}"), format!("{key} = {value}"), path.clone()));
+        origins.push((
+            format!("--{flag}"),
+            format!("{key} = {value}"),
+            path.clone(),
+        ));
         match value {
             toml::Value::String(s) => from_file.extend([format!("--{flag}"), s]),
             toml::Value::Integer(n) => from_file.push(format!("--{flag}={n}")),

@@ -33,9 +33,10 @@ pub enum DataCommand {
         /// The PNG file to write.
         #[arg(long)]
         out: PathBuf,
-        /// How many samples.
+        /// How many samples, 1 to 64.
         #[arg(long, default_value_t = 8)]
         count: usize,
+        /// Seed of the sample choice and the augmentation draws.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },

@@ -267,21 +267,34 @@ fn train(args: &TrainArgs) -> Result<()> {
                 s.seconds
             );
         },
-    )?;
-    if let Some(path) = &args.save {
-        let [c, h, w] = input_shape;
-        let meta = std::collections::BTreeMap::from([
-            ("model".to_string(), model_name.clone()),
-            ("dataset".to_string(), splits.name.clone()),
-            ("input_shape".to_string(), format!("{c},{h},{w}")),
-            ("classes".to_string(), classes.to_string()),
-        ]);
-        regimen::checkpoint::save(path, &mut model, Some(&pre), meta)?;
-        say!(
-            "saved the model and its preprocessing to {}",
-            path.display()
-        );
-    }
+    );
+    let save = |model: &mut regimen::layers::Sequential| -> Result<()> {
+        if let Some(path) = &args.save {
+            let [c, h, w] = input_shape;
+            let meta = std::collections::BTreeMap::from([
+                ("model".to_string(), model_name.clone()),
+                ("dataset".to_string(), splits.name.clone()),
+                ("input_shape".to_string(), format!("{c},{h},{w}")),
+                ("classes".to_string(), classes.to_string()),
+            ]);
+            regimen::checkpoint::save(path, model, Some(&pre), meta)?;
+            say!(
+                "saved the model and its preprocessing to {}",
+                path.display()
+            );
+        }
+        Ok(())
+    };
+    let history = match history {
+        Ok(h) => h,
+        // A diverged run keeps its last finite model: save that one, then report.
+        Err(e @ regimen::Error::Diverged { .. }) => {
+            save(&mut model)?;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    save(&mut model)?;
     if let Some(last) = history.last() {
         let test_acc = match validation {
             Some(_) => evaluate(&mut model, &test_set, 256, device)?.1,
@@ -379,10 +392,7 @@ fn run() -> Result<()> {
     let mut cli = parse(expanded.args, &expanded.from_file)?;
     if cli.command.is_none() {
         // `regimen` alone runs `regimen train` with its defaults.
-        cli = parse(
-            std::env::args().chain(["train".to_string()]).collect(),
-            &[],
-        )?;
+        cli = parse(std::env::args().chain(["train".to_string()]).collect(), &[])?;
     }
     if let Some(t) = cli.threads {
         check_range("--threads", t, 1, 1024)?;
@@ -414,14 +424,22 @@ fn parse(args: Vec<String>, from_file: &[(String, String, String)]) -> Result<Cl
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     match Cli::try_parse_from(args) {
         Ok(cli) => Ok(cli),
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
         Err(e) => {
             let arg = match e.get(ContextKind::InvalidArg) {
-                Some(ContextValue::String(a)) => a.split_whitespace().next().unwrap_or("").to_string(),
+                Some(ContextValue::String(a)) => {
+                    a.split_whitespace().next().unwrap_or("").to_string()
+                }
                 _ => String::new(),
             };
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("").trim_start_matches("error: ");
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
             match from_file.iter().find(|(flag, _, _)| *flag == arg) {
                 Some((_, key, file)) => anyhow::bail!("config {file}: {key}: {first}"),
                 None if e.kind() == ErrorKind::UnknownArgument => anyhow::bail!(

@@ -394,3 +394,165 @@ fn same_seed_same_bytes_for_any_thread_count() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every value that can fail later is refused before training starts, with one line and exit
+/// status 2 (classes 1, 5, 7 and 8 of the reliability review).
+#[test]
+fn bad_values_are_refused_before_training() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--save", "no/such/dir/m.safetensors"],
+            "the folder no/such/dir does not exist",
+        ),
+        (
+            &["--schedule", "cosine:min=-0.05", "--epochs", "3"],
+            "the learning rate at step",
+        ),
+        (&["--epochs", "0"], "invalid --epochs 0"),
+        (&["--epochs", "99999999999999"], "invalid --epochs"),
+        (&["--workers", "100000"], "invalid --workers 100000"),
+        (&["--batch-size", "0"], "invalid --batch-size 0"),
+        (
+            &["--accumulate", "100000", "--epochs", "1"],
+            "no update would ever be applied",
+        ),
+        (
+            &["--augment", "cutout=1000"],
+            "the cutout size (1000 pixels) must be smaller",
+        ),
+        (
+            &["--eps", "1e-3"],
+            "--eps applies to adagrad, rmsprop, adam and adamw, not sgd",
+        ),
+        (&["--lr", "-0.1"], "invalid lr = -0.1"),
+        (&["--bogus"], "unexpected argument '--bogus'"),
+    ];
+    for (args, needle) in cases {
+        let err = train_refuses(args, needle);
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+    }
+    let (code, _, err) = regimen(&["--threads", "0", "train"]);
+    assert!(code == 2 && err.contains("invalid --threads 0"), "{err}");
+    let (code, _, err) = regimen(&["--threads", "100000", "train"]);
+    assert!(
+        code == 2 && err.contains("invalid --threads 100000"),
+        "{err}"
+    );
+}
+
+/// Config files: a bad value names the file and the key; a second --config is refused.
+#[test]
+fn config_errors_name_the_file_and_the_key() {
+    let path = std::env::temp_dir().join(format!("regimen-cfg-{}.toml", std::process::id()));
+    std::fs::write(&path, "lr = \"fast\"\n").unwrap();
+    let p = path.to_str().unwrap();
+    let err = train_refuses(&["--config", p], "lr = \"fast\"");
+    assert!(err.contains(p), "{err}");
+    train_refuses(&["--config", p, "--config", p], "--config given twice");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// `regimen ... | head`: a closed pipe ends the output quietly, and --save still happens.
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let path =
+        std::env::temp_dir().join(format!("regimen-pipe-{}.safetensors", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .args(["train", "--epochs", "3", "--save", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 64];
+    out.read_exact(&mut first).unwrap();
+    drop(out); // the reader goes away, as `head` does
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "exit {status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(path.is_file(), "--save still wrote the model");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A diverging run stops at the first non-finite loss with one line naming epoch and step,
+/// keeps (and saves) its last finite model, and exits non-zero; that model evaluates.
+#[test]
+fn divergence_stops_and_keeps_the_last_finite_model() {
+    let path = std::env::temp_dir().join(format!("regimen-nan-{}.safetensors", std::process::id()));
+    let p = path.to_str().unwrap();
+    let (code, out, err) = regimen(&[
+        "train",
+        "--model",
+        "digits-mlp",
+        "--lr",
+        "1e4",
+        "--epochs",
+        "5",
+        "--save",
+        p,
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("training diverged: the loss of step") && err.contains("(epoch "),
+        "{err}"
+    );
+    assert!(out.contains("saved the model"), "{out}");
+    let (code, out, err) = regimen(&["eval", "--checkpoint", p]);
+    assert_eq!(code, 0, "the kept model is finite: {err}");
+    assert!(out.contains("accuracy"), "{out}");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A checkpoint whose metadata claims more than its tensors hold is refused before anything
+/// the size of the claim is allocated.
+#[test]
+fn eval_checks_the_metadata_against_the_tensors() {
+    let dir = std::env::temp_dir().join(format!("regimen-crafted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.safetensors");
+    let (code, _, err) = regimen(&[
+        "train",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "1",
+        "--save",
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(&good).unwrap();
+    for (from, to) in [
+        ("\"classes\":\"10\"", "\"classes\":\"1000000000000\""),
+        (
+            "\"input_shape\":\"1,8,8\"",
+            "\"input_shape\":\"1,2048,2048\"",
+        ),
+    ] {
+        let text = String::from_utf8_lossy(&bytes[8..]).to_string();
+        assert!(text.contains(from), "{from} in the header");
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+        let mut new_header = header.replace(from, to);
+        while (8 + new_header.len()) % 8 != 0 {
+            new_header.push(' ');
+        }
+        let mut crafted = (new_header.len() as u64).to_le_bytes().to_vec();
+        crafted.extend_from_slice(new_header.as_bytes());
+        crafted.extend_from_slice(&bytes[8 + header_len..]);
+        let path = dir.join("crafted.safetensors");
+        std::fs::write(&path, crafted).unwrap();
+        let (code, _, err) = regimen(&["eval", "--checkpoint", path.to_str().unwrap()]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("but the file holds"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

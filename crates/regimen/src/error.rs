@@ -43,6 +43,13 @@ pub enum Error {
     /// Bad data in a file.
     #[error("{file}: {reason}")]
     Data { file: String, reason: String },
+    /// Training produced a non-finite loss; the model was put back to its last finite state.
+    #[error("training diverged: the loss of step {step} (epoch {epoch}) is not finite (NaN or infinity); the model is back at its state {restored}")]
+    Diverged {
+        epoch: usize,
+        step: u64,
+        restored: String,
+    },
     /// A device cannot be used (no driver, no such GPU, a build without its feature).
     #[error("{device}: {reason}")]
     Device { device: String, reason: String },

@@ -133,7 +133,13 @@ pub fn param_count(name: &str, input: [usize; 3], classes: usize) -> Result<usiz
     let d = c.checked_mul(h).and_then(|v| v.checked_mul(w));
     let linear = |i: usize, o: usize| i.checked_mul(o).and_then(|v| v.checked_add(o));
     let conv_bn = |i: usize, o: usize| o * i * 9 + 2 * o; // 3x3, no bias; BN weight and bias
-    let too_big = || Error::config("model size", name, "overflows (absurd input shape or classes)");
+    let too_big = || {
+        Error::config(
+            "model size",
+            name,
+            "overflows (absurd input shape or classes)",
+        )
+    };
     let n = match name {
         "digits-mlp" => {
             let d = d.ok_or_else(too_big)?;

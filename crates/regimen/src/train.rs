@@ -260,8 +260,10 @@ fn run_epochs(
     let mut history = Vec::with_capacity(cfg.epochs);
     let first = cfg.first_epoch.max(1);
     let mut batch_index = (first - 1) * per_epoch;
+    let mut guard = Guard::new(cfg.device);
     for epoch in first..=cfg.epochs {
         let start = Instant::now();
+        guard.begin_epoch(model);
         let mut meter = Meter::new(cfg.device);
         let mut lr = 0.0;
         let mut last_report = Instant::now();
@@ -291,6 +293,7 @@ fn run_epochs(
                 )?,
                 None => ce.forward(&logits, Target::Hard(&y))?,
             };
+            guard.note(&out.loss, optim.step_counter(cfg.device));
             model.backward(&out.grad)?;
             if let Some(p) = &cfg.penalty {
                 p.apply(model);
@@ -304,6 +307,7 @@ fn run_epochs(
             clear_progress();
         }
         let (train_loss, train_acc) = meter.read();
+        guard.end_epoch(model, epoch)?;
         let (test_loss, test_acc) = evaluate(model, test, 256, cfg.device)?;
         schedule.observe(test_loss);
         let stats = EpochStats {
@@ -412,49 +416,56 @@ fn run_epochs_on_device(
         loss_sum,
         correct_sum,
     };
-    let step =
-        |model: &mut dyn Layer, optim: &mut Optim, st: &mut Buffers, last: bool| -> Result<()> {
-            let Buffers {
-                full,
-                rem,
-                order,
-                cursor,
-                loss_sum,
-                correct_sum,
-            } = st;
-            let (x, y) = if last { rem } else { full };
-            {
-                let counter = optim.step_counter(device).clone();
-                let key = RandomKey {
-                    stream,
-                    step: &counter,
-                    purpose: crate::rng::purpose::AUGMENT,
-                };
-                be.gather_augment(&images, &labels, order, cursor, x, y, pad, flip_p, key);
-            }
-            let logits = {
-                let ctx = Ctx::train()
-                    .at_step(optim.step_counter(device))
-                    .with_precision(cfg.precision);
-                model.forward(x, &ctx)?
+    let step = |model: &mut dyn Layer,
+                optim: &mut Optim,
+                st: &mut Buffers,
+                guard: &mut Guard,
+                last: bool|
+     -> Result<()> {
+        let Buffers {
+            full,
+            rem,
+            order,
+            cursor,
+            loss_sum,
+            correct_sum,
+        } = st;
+        let (x, y) = if last { rem } else { full };
+        {
+            let counter = optim.step_counter(device).clone();
+            let key = RandomKey {
+                stream,
+                step: &counter,
+                purpose: crate::rng::purpose::AUGMENT,
             };
-            let out = ce.forward(&logits, Target::Hard(y))?;
-            model.backward(&out.grad)?;
-            if let Some(p) = &cfg.penalty {
-                p.apply(model);
-            }
-            optim.step(model, 0.0)?;
-            let rows = x.shape()[0];
-            be.axpy(rows as f32, &out.loss, loss_sum);
-            let correct = be.count_correct(&logits, y);
-            be.axpy(1.0, &correct, correct_sum);
-            be.increment(cursor, rows as u32);
-            Ok(())
+            be.gather_augment(&images, &labels, order, cursor, x, y, pad, flip_p, key);
+        }
+        let logits = {
+            let ctx = Ctx::train()
+                .at_step(optim.step_counter(device))
+                .with_precision(cfg.precision);
+            model.forward(x, &ctx)?
         };
+        let out = ce.forward(&logits, Target::Hard(y))?;
+        guard.note(&out.loss, optim.step_counter(device));
+        model.backward(&out.grad)?;
+        if let Some(p) = &cfg.penalty {
+            p.apply(model);
+        }
+        optim.step(model, 0.0)?;
+        let rows = x.shape()[0];
+        be.axpy(rows as f32, &out.loss, loss_sum);
+        let correct = be.count_correct(&logits, y);
+        be.axpy(1.0, &correct, correct_sum);
+        be.increment(cursor, rows as u32);
+        Ok(())
+    };
     let mut graph: Option<Box<dyn crate::backend::Graph>> = None;
+    let mut guard = Guard::new(device);
     let mut history = Vec::with_capacity(cfg.epochs);
     for epoch in first..=cfg.epochs {
         let start = Instant::now();
+        guard.begin_epoch(model);
         let order_host: Vec<u32> = crate::data::shuffled_order(cfg.seed, n, epoch - 1)
             .into_iter()
             .map(|i| i as u32)
@@ -478,7 +489,7 @@ fn run_epochs_on_device(
                 }
                 None if cfg.graph && !warming => {
                     be.begin_capture()?;
-                    let recorded = step(model, optim, &mut st, false);
+                    let recorded = step(model, optim, &mut st, &mut guard, false);
                     let g = be.end_capture();
                     recorded?;
                     let g = g?;
@@ -486,16 +497,17 @@ fn run_epochs_on_device(
                     g.replay()?;
                     graph = Some(g);
                 }
-                None => step(model, optim, &mut st, false)?,
+                None => step(model, optim, &mut st, &mut guard, false)?,
             }
         }
         if rem > 0 {
-            step(model, optim, &mut st, true)?;
+            step(model, optim, &mut st, &mut guard, true)?;
         }
         let (train_loss, train_acc) = (
             st.loss_sum.item() / n as f32,
             st.correct_sum.item() / n as f32,
         );
+        guard.end_epoch(model, epoch)?;
         let (test_loss, test_acc) = evaluate(model, test, 256, device)?;
         schedule.observe(test_loss);
         // A schedule that listens (reduce on plateau) may have changed the rates ahead.
@@ -514,6 +526,72 @@ fn run_epochs_on_device(
         history.push(stats);
     }
     Ok(history)
+}
+
+/// The non-finite guard of a training loop. Each step notes on the device the first step whose
+/// loss is not finite (no host read); the epoch's end reads it once, and if the epoch diverged
+/// puts the parameters and buffers back to their copy from the start of the epoch (the last
+/// state known finite) and stops with [`Error::Diverged`] naming the epoch and the step. The
+/// copies are device copies into buffers of their own, made in place, so a recorded graph keeps
+/// its pointers.
+struct Guard {
+    first_bad: Indices,
+    snapshot: Vec<Tensor>,
+}
+
+impl Guard {
+    fn new(device: Device) -> Guard {
+        Guard {
+            first_bad: Indices::zeros(1, device),
+            snapshot: Vec::new(),
+        }
+    }
+
+    /// Copy every parameter and buffer (into buffers kept from epoch to epoch).
+    fn begin_epoch(&mut self, model: &mut dyn Layer) {
+        let mut i = 0;
+        let snap = &mut self.snapshot;
+        let mut save = |t: &Tensor| {
+            let be = t.backend();
+            if i == snap.len() {
+                snap.push(be.alloc(t.shape(), t.dtype()));
+            }
+            be.copy(t, &mut snap[i]);
+            i += 1;
+        };
+        model.visit_params_unnamed(&mut |p| save(&p.value));
+        model.visit_buffers("", &mut |_, b| save(b));
+    }
+
+    fn note(&mut self, loss: &Tensor, step: &Indices) {
+        loss.backend()
+            .note_nonfinite(loss, step, &mut self.first_bad);
+    }
+
+    /// One read: `Ok` if every loss of the epoch was finite.
+    fn end_epoch(&mut self, model: &mut dyn Layer, epoch: usize) -> Result<()> {
+        let step = self.first_bad.to_vec()[0];
+        if step == 0 {
+            return Ok(());
+        }
+        let mut i = 0;
+        let snap = &self.snapshot;
+        let mut restore = |t: &mut Tensor| {
+            t.backend().copy(&snap[i], t);
+            i += 1;
+        };
+        model.visit_params_unnamed(&mut |p| restore(&mut p.value));
+        model.visit_buffers("", &mut |_, b| restore(b));
+        Err(Error::Diverged {
+            epoch,
+            step: step as u64,
+            restored: if epoch > 1 {
+                format!("after epoch {}", epoch - 1)
+            } else {
+                "before training".into()
+            },
+        })
+    }
 }
 
 /// One line on stderr: where the epoch is and when it should end (rewritten in place on a

@@ -63,6 +63,56 @@ fn expect_error(dir: &Path, needle: &str) {
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
 }
 
+/// gzip: several members one after the other are one valid file; a stream corrupted in the
+/// middle is reported as corrupt data, not as a size problem.
+#[test]
+fn gzip_members_and_corruption() {
+    let dir = tmpdir("gz");
+    write_idx_set(&dir, 20, true);
+    let path = dir.join("train-images-idx3-ubyte.gz");
+    let whole = std::fs::read(&path).unwrap();
+    let raw = {
+        let mut d = flate2::read::GzDecoder::new(&whole[..]);
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut d, &mut v).unwrap();
+        v
+    };
+    let member = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let two = [member(&raw[..50]), member(&raw[50..])].concat();
+    std::fs::write(&path, &two).unwrap();
+    let s = data::load("fashion-mnist", Some(&dir)).unwrap();
+    assert_eq!(s.train.len(), 20, "a two-member gzip loads");
+    let mut bad = whole.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xFF;
+    bad[mid + 1] ^= 0x5A;
+    std::fs::write(&path, &bad).unwrap();
+    let err = data::load("fashion-mnist", Some(&dir))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("corrupt") || err.contains("truncated"),
+        "{err}"
+    );
+    assert!(!err.contains("after the"), "not a size complaint: {err}");
+}
+
+/// Training and test images of different sizes are refused when the dataset loads.
+#[test]
+fn splits_of_different_image_sizes_are_refused() {
+    let dir = tmpdir("sizes");
+    write_idx_set(&dir, 20, false);
+    idx::write(&dir.join("t10k-images-idx3-ubyte"), &[10, 2, 3], &[0; 60]).unwrap();
+    expect_error(
+        &dir,
+        "the training images are [1, 3, 2] but the test images are [1, 2, 3]",
+    );
+}
+
 #[test]
 fn corrupted_idx_files_are_clear_errors() {
     let dir = tmpdir("bad");
@@ -73,12 +123,27 @@ fn corrupted_idx_files_are_clear_errors() {
     std::fs::write(&images, &good[..good.len() - 5]).unwrap();
     expect_error(
         &dir,
-        "truncated: the data needs 120 bytes, the file has 115",
+        "truncated: the header announces 120 bytes of data, the file has 115",
     );
     let mut extra = good.clone();
     extra.push(0);
     std::fs::write(&images, &extra).unwrap();
-    expect_error(&dir, "trailing bytes");
+    expect_error(
+        &dir,
+        "1 bytes after the 120 bytes of data the header announces",
+    );
+    // A header that claims 10,000,000 images of 20x20 (4 GB) in a file of a few bytes: a clear
+    // error, with nothing allocated for the claim (the buffer grows as bytes arrive).
+    let mut liar = good[..4].to_vec();
+    for d in [10_000_000u32, 20, 20] {
+        liar.extend_from_slice(&d.to_be_bytes());
+    }
+    liar.extend_from_slice(&[1, 2, 3]);
+    std::fs::write(&images, &liar).unwrap();
+    expect_error(
+        &dir,
+        "truncated: the header announces 4000000000 bytes of data, the file has 3",
+    );
     let mut magic = good.clone();
     magic[3] = 1;
     std::fs::write(&images, &magic).unwrap();
@@ -100,6 +165,7 @@ fn corrupted_idx_files_are_clear_errors() {
 
     std::fs::remove_file(&labels).unwrap();
     expect_error(&dir, "fashion-mnist not found");
+    expect_error(&dir, &dir.display().to_string());
     let err = data::load("imagenet", None).unwrap_err().to_string();
     assert!(
         err.contains("expected one of digits, fashion-mnist, mnist, cifar10"),

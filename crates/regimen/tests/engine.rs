@@ -423,3 +423,95 @@ fn a_resumed_run_equals_the_uninterrupted_run() {
     assert_eq!(before, weights(&mut other));
     assert!(s4.state().is_empty());
 }
+
+/// NaN propagates through every layer, as in PyTorch: a NaN in the input makes a NaN in the
+/// output (ReLU used to turn it into 0 and hide a diverged model).
+#[test]
+fn nan_propagates_through_every_layer() {
+    let mut rng = Rng::new(3);
+    let acts = [
+        relu(),
+        sigmoid(),
+        tanh(),
+        leaky_relu(0.1),
+        elu(1.0),
+        selu(),
+        softplus(),
+        gelu(),
+        mish(),
+        swish(1.0),
+    ];
+    let mut cases: Vec<(String, Box<dyn Layer>, Vec<usize>)> = acts
+        .into_iter()
+        .map(|a| (a.describe(), Box::new(a) as Box<dyn Layer>, vec![2, 6]))
+        .collect();
+    cases.extend([
+        (
+            "linear".to_string(),
+            Box::new(Linear::new(6, 4, &mut rng)) as Box<dyn Layer>,
+            vec![2, 6],
+        ),
+        (
+            "conv2d".into(),
+            Box::new(Conv2d::new(1, 2, 3, &mut rng).padding(1)),
+            vec![1, 1, 4, 4],
+        ),
+        (
+            "maxpool".into(),
+            Box::new(MaxPool2d::new(2)),
+            vec![1, 1, 4, 4],
+        ),
+        (
+            "avgpool".into(),
+            Box::new(AvgPool2d::new(2)),
+            vec![1, 1, 4, 4],
+        ),
+        (
+            "global avgpool".into(),
+            Box::new(GlobalAvgPool::new()),
+            vec![1, 1, 4, 4],
+        ),
+        (
+            "fractional maxpool".into(),
+            Box::new(FractionalMaxPool2d::with_output_size(2, 3, 3)),
+            vec![1, 1, 4, 4],
+        ),
+        ("batchnorm".into(), Box::new(BatchNorm::d1(6)), vec![2, 6]),
+        (
+            "dropout".into(),
+            Box::new(Dropout::new(0.5).unwrap()),
+            vec![2, 6],
+        ),
+        (
+            "maxout".into(),
+            Box::new(Maxout::new(6, 2, 2, &mut rng).unwrap()),
+            vec![2, 6],
+        ),
+        ("prelu".into(), Box::new(PReLU::new(1)), vec![2, 6]),
+        (
+            "learned swish".into(),
+            Box::new(Swish::learned(1.0)),
+            vec![2, 6],
+        ),
+        ("softmax".into(), Box::new(Softmax::new()), vec![2, 6]),
+        (
+            "residual".into(),
+            Box::new(Residual::new(Linear::new(6, 6, &mut rng))),
+            vec![2, 6],
+        ),
+        ("flatten".into(), Box::new(Flatten::new()), vec![2, 6]),
+    ]);
+    for (name, mut layer, shape) in cases {
+        let mut v = randn(&shape, 4).to_vec();
+        v[0] = f32::NAN;
+        let x = Tensor::from_vec(&shape, v).unwrap();
+        for ctx in [Ctx::train(), Ctx::eval()] {
+            let y = layer.forward(&x, &ctx).unwrap().to_vec();
+            assert!(
+                y.iter().any(|v| v.is_nan()),
+                "{name} ({:?}): NaN in, no NaN out: {y:?}",
+                ctx.mode
+            );
+        }
+    }
+}

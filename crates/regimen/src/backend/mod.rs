@@ -392,6 +392,9 @@ pub trait Backend: Send + Sync {
     );
 
     // ---- optimizers
+    /// If `loss[0]` is not finite and `first[0]` is 0, `first[0] = step[0] + 1`: the first
+    /// step (1-based) with a non-finite loss, noted on the device without a host read.
+    fn note_nonfinite(&self, loss: &Tensor, step: &Indices, first: &mut Indices);
     /// `counter += by` (the step counter, a batch cursor: on the device).
     fn increment(&self, counter: &mut Indices, by: u32);
     /// The global gradient norm `sqrt(sum_t sum x_t^2)` over several tensors and the clipping

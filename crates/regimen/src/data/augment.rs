@@ -152,7 +152,10 @@ impl Pipeline {
                 return Err(Error::config(
                     "augment",
                     format!("{step:?}"),
-                    &format!("the {what} ({size} pixels) must be smaller than the images ({}x{})", shape[1], shape[2]),
+                    &format!(
+                        "the {what} ({size} pixels) must be smaller than the images ({}x{})",
+                        shape[1], shape[2]
+                    ),
                 ));
             }
         }

@@ -8,8 +8,25 @@ use crate::error::{Error, Result};
 
 pub const RECORD: usize = 1 + 3 * 32 * 32;
 
+/// A batch file holds 10,000 records; at most this many are read (a bigger file is not one).
+pub const MAX_RECORDS: usize = 60_000;
+
 /// `(pixels [N, 3, 32, 32] as bytes, labels)` of one batch file.
 pub fn read_batch(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
+    let size = std::fs::metadata(path)
+        .map_err(|source| Error::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })?
+        .len();
+    if size > (MAX_RECORDS * RECORD) as u64 {
+        return Err(Error::Data {
+            file: path.display().to_string(),
+            reason: format!(
+                "{size} bytes: a CIFAR-10 batch has 10,000 records of {RECORD} bytes (at most {MAX_RECORDS} are accepted)"
+            ),
+        });
+    }
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         context: format!("reading {}", path.display()),
         source,

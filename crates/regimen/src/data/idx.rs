@@ -105,10 +105,12 @@ fn header(r: &mut dyn Read, path: &Path, ndims: u8) -> Result<Vec<usize>> {
 /// at most 16 MiB.
 fn body(r: &mut dyn Read, path: &Path, len: usize) -> Result<Vec<u8>> {
     let mut data = Vec::with_capacity(len.min(16 << 20));
-    let got = r
-        .take(len as u64)
-        .read_to_end(&mut data)
-        .map_err(|e| bad(path, format!("corrupt data after {} bytes: {e}", data.len())))?;
+    let got = r.take(len as u64).read_to_end(&mut data).map_err(|e| {
+        bad(
+            path,
+            format!("corrupt data after {} bytes: {e}", data.len()),
+        )
+    })?;
     if got < len {
         return Err(bad(
             path,
@@ -135,7 +137,10 @@ fn body(r: &mut dyn Read, path: &Path, len: usize) -> Result<Vec<u8>> {
     if more > 0 {
         return Err(bad(
             path,
-            format!("{more}{} bytes after the {len} bytes of data the header announces", if more > len.max(1 << 20) { "+" } else { "" }),
+            format!(
+                "{more}{} bytes after the {len} bytes of data the header announces",
+                if more > len.max(1 << 20) { "+" } else { "" }
+            ),
         ));
     }
     Ok(data)

@@ -160,8 +160,23 @@ fn cifar_split(paths: &[PathBuf]) -> Result<Dataset> {
     })
 }
 
-/// Load the dataset `name` (one of [`DATASETS`]).
+/// Load the dataset `name` (one of [`DATASETS`]). The training and test splits must hold
+/// images of one shape and one set of classes.
 pub fn load(name: &str, data_dir: Option<&Path>) -> Result<Splits> {
+    let s = load_splits(name, data_dir)?;
+    if s.train.image_shape != s.test.image_shape {
+        return Err(Error::Data {
+            file: s.source.clone(),
+            reason: format!(
+                "the training images are {:?} but the test images are {:?}",
+                s.train.image_shape, s.test.image_shape
+            ),
+        });
+    }
+    Ok(s)
+}
+
+fn load_splits(name: &str, data_dir: Option<&Path>) -> Result<Splits> {
     let splits = |train, test, source: &Path| Splits {
         name: name.to_string(),
         train,

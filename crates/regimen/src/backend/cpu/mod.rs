@@ -765,6 +765,14 @@ impl Backend for Cpu {
         }
     }
 
+    fn note_nonfinite(&self, loss: &Tensor, step: &Indices, first: &mut Indices) {
+        let s = step_of(step);
+        let f = &mut u32s_mut(first.tensor_mut())[0];
+        if *f == 0 && !f32s(loss)[0].is_finite() {
+            *f = s.wrapping_add(1);
+        }
+    }
+
     fn increment(&self, counter: &mut Indices, by: u32) {
         let c = &mut u32s_mut(counter.tensor_mut())[0];
         *c = c.wrapping_add(by);

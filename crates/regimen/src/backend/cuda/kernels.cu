@@ -843,6 +843,10 @@ extern "C" __global__ void mse_partial(const float* p, const float* q, long long
 
 extern "C" __global__ void increment(u32* counter, u32 by) { counter[0] += by; }
 
+extern "C" __global__ void note_nonfinite(const float* loss, const u32* step, u32* first) {
+    if (first[0] == 0u && !isfinite(loss[0])) first[0] = step[0] + 1u;
+}
+
 // One parameter tensor in a multi-tensor update.
 struct ParamSlot {
     float* p;

@@ -150,6 +150,7 @@ const KERNEL_NAMES: &[&str] = &[
     "correct_rows",
     "mse_grad",
     "mse_partial",
+    "note_nonfinite",
     "increment",
     "optim_update",
     "gather_augment",
@@ -1866,6 +1867,11 @@ impl Backend for CudaBackend {
                 ],
             );
         }
+    }
+
+    fn note_nonfinite(&self, loss: &Tensor, step: &Indices, first: &mut Indices) {
+        let (lp, sp, fp) = (ptr(loss), ptr(step.tensor()), ptr_mut(first.tensor_mut()));
+        self.launch("note_nonfinite", 1, 1, &mut args![&lp, &sp, &fp]);
     }
 
     fn increment(&self, counter: &mut Indices, by: u32) {
