@@ -103,3 +103,65 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
         from_file: origins,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Fuzzing the config files: edits of a valid TOML file (from its own alphabet) give an
+    /// error or a parse, never a panic. `REGIMEN_FUZZ_CASES` (default 300) or
+    /// `REGIMEN_FUZZ_SECONDS` set the budget, as for the library's fuzz targets.
+    #[test]
+    fn fuzz_config_files() {
+        let seed = "lr = 0.05\nschedule = \"onecycle:pct=0.2\"\naugment = \"crop=2,flip\"\nnesterov = true\nmomentum = 0.9\nepochs = 3\nbatch_size = 64\n";
+        let alphabet: Vec<char> = "=\"'[]{}.,:#\n \\-_+0123456789eEtruefalsnlrmpochs"
+            .chars()
+            .collect();
+        let cases: usize = std::env::var("REGIMEN_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        let limit = std::env::var("REGIMEN_FUZZ_SECONDS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_secs);
+        let path =
+            std::env::temp_dir().join(format!("regimen-fuzz-cfg-{}.toml", std::process::id()));
+        let start = std::time::Instant::now();
+        let mut r = regimen::Rng::new(7);
+        let mut done = 0usize;
+        while (limit.is_none() && done < cases) || limit.is_some_and(|l| start.elapsed() < l) {
+            let mut text: Vec<char> = seed.chars().collect();
+            for _ in 0..1 + r.below(6) {
+                let n = text.len();
+                match r.below(3) {
+                    0 if n > 0 => {
+                        text.remove(r.below(n));
+                    }
+                    1 => text.insert(r.below(n + 1), alphabet[r.below(alphabet.len())]),
+                    _ if n > 0 => text[r.below(n)] = alphabet[r.below(alphabet.len())],
+                    _ => {}
+                }
+            }
+            let s: String = text.into_iter().collect();
+            std::fs::write(&path, &s).unwrap();
+            let args: Vec<String> = ["regimen", "train", "--config", path.to_str().unwrap()]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            let ok = std::panic::catch_unwind(|| {
+                if let Ok(e) = expand(args) {
+                    let _ = crate::Cli::try_parse_from(e.args);
+                }
+            });
+            assert!(ok.is_ok(), "a panic on the config file:\n{s}");
+            done += 1;
+        }
+        let _ = std::fs::remove_file(&path);
+        eprintln!(
+            "fuzz config files: {done} cases in {:.1} s, no finding",
+            start.elapsed().as_secs_f64()
+        );
+    }
+}
