@@ -152,12 +152,7 @@ fn train(args: &TrainArgs) -> Result<()> {
             "cnn".into()
         }
     });
-    if !models::NAMES.contains(&model_name.as_str()) {
-        anyhow::bail!(
-            "invalid --model {model_name:?}: expected one of {}",
-            models::NAMES.join(", ")
-        );
-    }
+    models::ModelSpec::parse(&model_name).context("--model")?;
     recipe::schedule(&args.optim, args.epochs.max(1), 1 << 20, false)?;
     let splits = args.source.load()?;
     let (mut train_set, mut test_set) = (splits.train, splits.test);

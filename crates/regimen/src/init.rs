@@ -105,6 +105,63 @@ pub fn gain(nonlinearity: &str, a: f32) -> Result<f32> {
 }
 
 impl Init {
+    /// Parse `default`, `normal:STD`, `uniform:LO:HI`, `constant:V`, `xavier[:GAIN]` (normal),
+    /// `xavier_uniform[:GAIN]`, `he[:A]` / `kaiming[:A]` (normal, fan in, slope `A` of a
+    /// following leaky ReLU), `he_uniform[:A]`, `lecun`, `orthogonal[:GAIN]`.
+    pub fn parse(spec: &str) -> Result<Init> {
+        let mut parts = spec.split(':');
+        let name = parts.next().unwrap_or("");
+        let args: Vec<&str> = parts.collect();
+        let bad = |why: &str| Error::config("init", spec, why);
+        let num = |i: usize, default: Option<f32>| -> Result<f32> {
+            match args.get(i) {
+                Some(a) => a
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| bad("its parameters must be finite numbers")),
+                None => default.ok_or_else(|| bad("a parameter is missing")),
+            }
+        };
+        let max_args = match name {
+            "default" | "pytorch" | "lecun" => 0,
+            "uniform" => 2,
+            _ => 1,
+        };
+        if args.len() > max_args {
+            return Err(bad("too many parameters"));
+        }
+        Ok(match name {
+            "default" | "pytorch" => Init::PyTorchDefault,
+            "normal" => Init::Normal {
+                mean: 0.0,
+                std: num(0, None)?,
+            },
+            "uniform" => Init::Uniform {
+                low: num(0, None)?,
+                high: num(1, None)?,
+            },
+            "constant" => Init::Constant(num(0, None)?),
+            "xavier" | "xavier_normal" | "glorot" => Init::XavierNormal { gain: num(0, Some(1.0))? },
+            "xavier_uniform" => Init::XavierUniform { gain: num(0, Some(1.0))? },
+            "he" | "kaiming" | "he_normal" => Init::KaimingNormal {
+                a: num(0, Some(0.0))?,
+                fan: Fan::In,
+            },
+            "he_uniform" | "kaiming_uniform" => Init::KaimingUniform {
+                a: num(0, Some(0.0))?,
+                fan: Fan::In,
+            },
+            "lecun" => Init::LeCunNormal,
+            "orthogonal" => Init::Orthogonal { gain: num(0, Some(1.0))? },
+            _ => {
+                return Err(bad(
+                    "expected default, normal:STD, uniform:LO:HI, constant:V, xavier[:GAIN], xavier_uniform[:GAIN], he[:A], he_uniform[:A], lecun or orthogonal[:GAIN]",
+                ))
+            }
+        })
+    }
+
     /// The standard deviation this scheme gives a weight of this shape (None for orthogonal,
     /// whose entries have std `gain / sqrt(max(rows, cols))` only approximately).
     pub fn std(&self, shape: &[usize]) -> Option<f64> {

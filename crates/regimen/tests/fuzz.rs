@@ -345,6 +345,9 @@ fn fuzz_specs() {
         "whiten:2",
         "elastic:1e-4:0.5",
         "l2:0.01",
+        "conv:8:5:2:2:nobias,bn,prelu,fmp,conv:4,avgpool:2:1,flatten,maxout:6:3,linear:classes",
+        "resnet:1:4:0.2,init=he,activation=gelu",
+        "deep-mlp:3:20,activation=tanh,init=xavier",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())
@@ -361,5 +364,9 @@ fn fuzz_specs() {
         }
         let _ = PreprocessKind::parse(&s);
         let _ = parse_penalty(&s);
+        // Model specs are planned, never built: a spec's sizes are checked before allocation.
+        if let Ok(m) = regimen::models::ModelSpec::parse(&s) {
+            let _ = m.plan([3, 8, 8], 4);
+        }
     });
 }

@@ -8,6 +8,9 @@ use crate::layers::{
 };
 use crate::rng::Rng;
 
+mod spec;
+pub use spec::{ModelSpec, Plan, BUILT_IN, NAMES};
+
 /// A multi-layer perceptron on flattened input: `Flatten`, then for each hidden width
 /// `Linear -> activation [-> Dropout]`, then `Linear -> classes` (logits).
 pub fn mlp(
@@ -99,82 +102,32 @@ pub fn small_cnn(input: [usize; 3], classes: usize, rng: &mut Rng) -> Result<Seq
         .push(Linear::new(32, classes, rng)))
 }
 
-/// The names [`by_name`] knows.
-pub const NAMES: &[&str] = &["digits-mlp", "digits-cnn", "mlp", "cnn"];
-
-/// A built-in model by name for `[C, H, W]` inputs and `classes` classes:
-/// `digits-mlp` (one hidden layer of 128), `digits-cnn` (two conv blocks and global pooling),
-/// `mlp` and `cnn` (the benchmark models of `bench/README.md`).
+/// A model by built-in name or spec ([`ModelSpec`]) for `[C, H, W]` inputs and `classes`
+/// classes: `digits-mlp` (one hidden layer of 128), `digits-cnn` (two conv blocks and global
+/// pooling), `mlp` and `cnn` (the benchmark models of `bench/README.md`), `resnet`,
+/// `deep-mlp`, or a spec like `conv:32,bn,relu,maxpool:2,flatten,linear:classes`.
 pub fn for_input(
-    name: &str,
+    spec: &str,
     input: [usize; 3],
     classes: usize,
     rng: &mut Rng,
 ) -> Result<Sequential> {
-    let d: usize = input.iter().product();
-    match name {
-        "digits-mlp" => mlp(d, &[128], classes, Unary::Relu, 0.0, rng),
-        "digits-cnn" => small_cnn(input, classes, rng),
-        "mlp" => mlp(d, &[512, 512], classes, Unary::Relu, 0.2, rng),
-        "cnn" => cnn(input, classes, rng),
-        other => Err(Error::config(
-            "model",
-            other,
-            &format!("expected one of {}", NAMES.join(", ")),
-        )),
-    }
+    ModelSpec::parse(spec)?.build(input, classes, rng)
 }
 
-/// The number of learnable parameters of built-in model `name` for `[C, H, W]` inputs and
-/// `classes` classes, computed without building it: a checkpoint's metadata can be checked
-/// against the tensors in the file before any memory is allocated for the model.
-pub fn param_count(name: &str, input: [usize; 3], classes: usize) -> Result<usize> {
-    let [c, h, w] = input;
-    let d = c.checked_mul(h).and_then(|v| v.checked_mul(w));
-    let linear = |i: usize, o: usize| i.checked_mul(o).and_then(|v| v.checked_add(o));
-    let conv_bn = |i: usize, o: usize| o * i * 9 + 2 * o; // 3x3, no bias; BN weight and bias
-    let too_big = || {
-        Error::config(
-            "model size",
-            name,
-            "overflows (absurd input shape or classes)",
-        )
-    };
-    let n = match name {
-        "digits-mlp" => {
-            let d = d.ok_or_else(too_big)?;
-            linear(d, 128).zip(linear(128, classes)).map(|(a, b)| a + b)
-        }
-        "mlp" => {
-            let d = d.ok_or_else(too_big)?;
-            linear(d, 512)
-                .zip(linear(512, classes))
-                .map(|(a, b)| a + b + 512 * 512 + 512)
-        }
-        "digits-cnn" => linear(32, classes).map(|l| conv_bn(c, 16) + conv_bn(16, 32) + l),
-        "cnn" => (h / 4)
-            .checked_mul(w / 4)
-            .and_then(|hw| hw.checked_mul(64))
-            .and_then(|f| linear(f, 256))
-            .zip(linear(256, classes))
-            .map(|(a, b)| {
-                conv_bn(c, 32) + conv_bn(32, 32) + conv_bn(32, 64) + conv_bn(64, 64) + a + b
-            }),
-        other => {
-            return Err(Error::config(
-                "model",
-                other,
-                &format!("expected one of {}", NAMES.join(", ")),
-            ))
-        }
-    };
-    n.ok_or_else(too_big)
+/// The number of learnable parameters of model `spec` for `[C, H, W]` inputs and `classes`
+/// classes, computed without building it: a checkpoint's metadata can be checked against the
+/// tensors in the file before any memory is allocated for the model.
+pub fn param_count(spec: &str, input: [usize; 3], classes: usize) -> Result<usize> {
+    Ok(ModelSpec::parse(spec)?.plan(input, classes)?.params)
 }
 
 /// A built-in model by name with its usual input: 8x8 digits for `digits-*`, 28x28 otherwise.
 pub fn by_name(name: &str, rng: &mut Rng) -> Result<(Sequential, Vec<usize>)> {
     let input = if name.starts_with("digits") {
         [1, 8, 8]
+    } else if name.starts_with("resnet") {
+        [3, 32, 32]
     } else {
         [1, 28, 28]
     };
@@ -200,5 +153,79 @@ mod tests {
             }
         }
         assert!(param_count("mlp", [usize::MAX, 2, 2], 10).is_err());
+        for spec in [
+            "resnet",
+            "resnet:1:8:0.2",
+            "deep-mlp:3:20,activation=tanh,init=xavier",
+            "conv:8:5:2:2:nobias,bn,prelu,fmp,conv:4,prelu:shared,avgpool:2:1,flatten,maxout:6:3,swish:learned,dropout,linear:classes:nobias",
+            "flatten,linear:9,softmax,bn,selu,linear:classes",
+        ] {
+            let plan = ModelSpec::parse(spec).unwrap().plan([3, 16, 16], 5).unwrap();
+            let mut m = for_input(spec, [3, 16, 16], 5, &mut Rng::new(1)).unwrap();
+            assert_eq!(plan.params, crate::layer::param_count(&mut m), "{spec}");
+            // The plan's shapes are those the layers compute.
+            let summary = m.summary(&[3, 16, 16]).unwrap();
+            assert_eq!(&summary.rows.last().unwrap().output, plan.shapes.last().unwrap(), "{spec}");
+        }
+    }
+
+    /// The built-in specs draw the same weights as the constructors they replaced.
+    #[test]
+    fn built_in_specs_equal_the_constructors() {
+        let weights = |m: &mut Sequential| {
+            let mut v = Vec::new();
+            crate::layer::Layer::visit_params(m, "", &mut |n, p| {
+                v.push((n.to_string(), p.value.to_vec()))
+            });
+            v
+        };
+        let mut a = for_input("cnn", [1, 28, 28], 10, &mut Rng::new(3)).unwrap();
+        let mut b = cnn([1, 28, 28], 10, &mut Rng::new(3)).unwrap();
+        assert_eq!(weights(&mut a), weights(&mut b));
+        let mut a = for_input("mlp", [1, 28, 28], 10, &mut Rng::new(3)).unwrap();
+        let mut b = bench_mlp(&mut Rng::new(3)).unwrap();
+        assert_eq!(weights(&mut a), weights(&mut b));
+        let mut a = for_input("digits-cnn", [1, 8, 8], 10, &mut Rng::new(3)).unwrap();
+        let mut b = digits_cnn(&mut Rng::new(3)).unwrap();
+        assert_eq!(weights(&mut a), weights(&mut b));
+    }
+
+    #[test]
+    fn bad_specs_name_the_token() {
+        for (spec, want) in [
+            ("flatten,linear:x,linear:classes", "token 2 = linear:x"),
+            (
+                "conv:8,linear:classes",
+                "token 2 = linear:classes: a linear layer takes flat features",
+            ),
+            ("flatten,linear:10,relu,,linear:classes", "token 4"),
+            ("flatten,lineer:10", "unknown layer 'lineer'"),
+            ("flatten,linear:7", "the data has 5 classes"),
+            (
+                "conv:8:17:1:0,gap,linear:classes",
+                "token 1 = conv:8:17:1:0: a 17x17 window",
+            ),
+            (
+                "flatten,linear:classes,softmax",
+                "the loss applies the softmax itself",
+            ),
+            ("init=hee,flatten,linear:classes", "token 1 = init=hee"),
+            ("mlp:3", "takes no parameters"),
+            ("flatten,mlp", "may only open a spec"),
+            ("flatten,relu:2,linear:classes", "takes no parameter"),
+            ("flatten,dropout:1.5,linear:classes", "in [0, 1)"),
+            ("maxpool:2,gap,linear:classes,color=red", "unknown option"),
+            (
+                "flatten,linear:99999999999,linear:classes",
+                "from 1 to 16777216",
+            ),
+            ("maxpool:64,flatten,linear:classes", "token 1 = maxpool:64"),
+        ] {
+            let err = ModelSpec::parse(spec)
+                .and_then(|s| s.plan([3, 16, 16], 5))
+                .expect_err(spec)
+                .to_string();
+            assert!(err.contains(want), "{spec}: {err}");
+        }
     }
 }
