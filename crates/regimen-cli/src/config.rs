@@ -57,6 +57,50 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
             i += 1;
         }
     }
+    // `--resume DIR` reads the run's resolved config; only a few flags may change.
+    let resume = rest.iter().enumerate().find_map(|(i, a)| {
+        if a == "--resume" {
+            Some(rest.get(i + 1).cloned().unwrap_or_default())
+        } else {
+            a.strip_prefix("--resume=").map(str::to_string)
+        }
+    });
+    if let Some(dir) = resume {
+        if path.is_some() {
+            bail!("--resume takes the run's own config ({dir}/config.toml): give no --config");
+        }
+        if dir.is_empty() {
+            bail!("--resume needs the run folder");
+        }
+        let mut skip = false;
+        for a in &rest {
+            if std::mem::take(&mut skip) {
+                continue;
+            }
+            if a == "--resume" {
+                skip = true;
+                continue;
+            }
+            let flag = a.split('=').next().unwrap_or("");
+            if flag.starts_with("--")
+                && !flag.starts_with("--resume")
+                && !crate::train_cmd::RESUME_FLAGS.contains(&flag)
+            {
+                bail!(
+                    "{flag} cannot change when resuming: the run's settings come from {dir}/config.toml (only {} may be given with --resume)",
+                    crate::train_cmd::RESUME_FLAGS.join(", ")
+                );
+            }
+        }
+        let config = std::path::Path::new(&dir).join("config.toml");
+        if !config.is_file() {
+            bail!(
+                "--resume {dir}: no {} (is this a run folder of regimen train?)",
+                config.display()
+            );
+        }
+        path = Some(config.display().to_string());
+    }
     let Some(path) = path else {
         return Ok(Expanded {
             args,

@@ -42,7 +42,7 @@ pub enum DataCommand {
     },
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, serde::Serialize)]
 pub struct Source {
     /// digits (embedded), fashion-mnist, mnist or cifar10.
     #[arg(long, default_value = "digits")]

@@ -6,7 +6,7 @@ use regimen::optim::{Adagrad, Adam, Optim, OptimConfig, RmsProp, Sgd};
 use regimen::schedule::{parse_schedule, Schedule, Unit};
 
 /// The optimizer flags of `regimen train`.
-#[derive(clap::Args, Clone, Debug)]
+#[derive(clap::Args, Clone, Debug, serde::Serialize)]
 pub struct OptimArgs {
     /// sgd, adagrad, rmsprop, adam or adamw (SGD takes --momentum and --nesterov).
     #[arg(long, default_value = "sgd")]

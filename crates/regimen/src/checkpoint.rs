@@ -34,19 +34,9 @@ pub fn save(
         tensors.push((name.to_string(), b.shape().to_vec(), b.to_vec()))
     });
     if let Some(p) = preprocess {
-        let [c, h, w] = p.input_shape;
-        meta.insert("preprocess.kind".into(), p.kind.spec());
-        meta.insert("preprocess.input_shape".into(), format!("{c},{h},{w}"));
-        for (name, v) in [
-            ("mean", &p.mean),
-            ("std", &p.std),
-            ("components", &p.components),
-            ("eigenvalues", &p.eigenvalues),
-        ] {
-            if !v.is_empty() {
-                tensors.push((format!("preprocess.{name}"), vec![v.len()], v.clone()));
-            }
-        }
+        let (t, m) = p.to_named();
+        tensors.extend(t);
+        meta.extend(m);
     }
     meta.insert("format".into(), "regimen-checkpoint-1".into());
     write_safetensors(path, &tensors, meta)
@@ -69,8 +59,13 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
         file: file.clone(),
         reason,
     };
-    let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
-        tensors.into_iter().map(|(n, s, v)| (n, (s, v))).collect();
+    // A run checkpoint ([`crate::trainer::Trainer::save_checkpoint`]) also holds the
+    // optimizer's state: not part of the model.
+    let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> = tensors
+        .into_iter()
+        .filter(|(n, _, _)| !n.starts_with("optim."))
+        .map(|(n, s, v)| (n, (s, v)))
+        .collect();
     // Pass 1: what the model holds, checked against the file.
     let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
     model.visit_params("", &mut |name, p| {

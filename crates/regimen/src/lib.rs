@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod data;
+pub mod ensemble;
 pub mod error;
 pub mod gradcheck;
 pub mod init;
@@ -26,7 +27,9 @@ pub mod rng;
 pub mod run_state;
 pub mod schedule;
 pub mod tensor;
+pub mod tensorboard;
 pub mod train;
+pub mod trainer;
 
 pub use backend::{Target, Unary};
 pub use error::{Error, Result};

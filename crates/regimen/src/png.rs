@@ -160,3 +160,199 @@ mod tests {
         assert_eq!(super::crc32(b"IEND"), 0xAE42_6082);
     }
 }
+
+/// A decoded image: `channels` (1 gray, 3 RGB) planes of `height x width` values in `[0, 1]`,
+/// row-major per plane (`[C, H, W]`), alpha dropped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Image {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub pixels: Vec<f32>,
+}
+
+/// Decode a PNG (non-interlaced; gray, gray+alpha, RGB, RGBA or palette; 1 to 16 bits). Every
+/// size is checked against the bytes present before allocation; an unsupported or damaged
+/// file is an error naming `name` and what is wrong.
+pub fn decode(bytes: &[u8], name: &str) -> Result<Image> {
+    use std::io::Read;
+    let bad = |reason: String| Error::Data {
+        file: name.to_string(),
+        reason,
+    };
+    if bytes.len() < 8 || &bytes[..8] != b"\x89PNG\r\n\x1a\n" {
+        return Err(bad("not a PNG file (bad signature)".into()));
+    }
+    let (mut pos, mut ihdr, mut palette, mut idat) = (8usize, None, Vec::new(), Vec::new());
+    loop {
+        if pos + 8 > bytes.len() {
+            return Err(bad("truncated (no IEND chunk)".into()));
+        }
+        let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let kind = &bytes[pos + 4..pos + 8];
+        let Some(data) = bytes.get(pos + 8..pos + 8 + len) else {
+            return Err(bad(format!(
+                "chunk {:?} runs past the end of the file",
+                String::from_utf8_lossy(kind)
+            )));
+        };
+        match kind {
+            b"IHDR" => {
+                if len != 13 {
+                    return Err(bad("bad IHDR chunk".into()));
+                }
+                let be = |i: usize| {
+                    u32::from_be_bytes(data[i..i + 4].try_into().expect("4 bytes")) as usize
+                };
+                ihdr = Some((be(0), be(4), data[8], data[9], data[12]));
+            }
+            b"PLTE" => palette = data.to_vec(),
+            b"IDAT" => idat.extend_from_slice(data),
+            b"IEND" => break,
+            _ => {}
+        }
+        pos += 12 + len;
+    }
+    let Some((width, height, depth, color, interlace)) = ihdr else {
+        return Err(bad("no IHDR chunk".into()));
+    };
+    if interlace != 0 {
+        return Err(bad(
+            "interlaced PNGs are not supported: save it without interlacing".into(),
+        ));
+    }
+    let samples = match color {
+        0 => 1,
+        2 => 3,
+        3 => 1,
+        4 => 2,
+        6 => 4,
+        c => return Err(bad(format!("unknown color type {c}"))),
+    };
+    if ![1, 2, 4, 8, 16].contains(&depth)
+        || (color != 0 && color != 3 && depth < 8)
+        || (color == 3 && depth == 16)
+    {
+        return Err(bad(format!(
+            "unsupported bit depth {depth} for color type {color}"
+        )));
+    }
+    if width == 0 || height == 0 || width > 1 << 14 || height > 1 << 14 {
+        return Err(bad(format!(
+            "unsupported size {width}x{height} (at most 16384x16384)"
+        )));
+    }
+    let stride = (width * samples * depth as usize).div_ceil(8);
+    let expected = (stride + 1) * height;
+    // Inflate no more than the image needs (a small file cannot expand without bound).
+    let mut raw = Vec::with_capacity(expected.min(64 << 20));
+    flate2::read::ZlibDecoder::new(&idat[..])
+        .take(expected as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| bad(format!("bad compressed data: {e}")))?;
+    if raw.len() != expected {
+        return Err(bad(format!(
+            "the image data holds {} bytes, {width}x{height} needs {expected}",
+            raw.len()
+        )));
+    }
+    // Undo the filters, row by row.
+    let bpp = (samples * depth as usize).div_ceil(8);
+    let mut prev = vec![0u8; stride];
+    let mut out = Vec::with_capacity(stride * height);
+    for r in 0..height {
+        let filter = raw[r * (stride + 1)];
+        let mut row = raw[r * (stride + 1) + 1..(r + 1) * (stride + 1)].to_vec();
+        for i in 0..stride {
+            let a = if i >= bpp { row[i - bpp] as i32 } else { 0 };
+            let b = prev[i] as i32;
+            let c = if i >= bpp { prev[i - bpp] as i32 } else { 0 };
+            let add = match filter {
+                0 => 0,
+                1 => a,
+                2 => b,
+                3 => (a + b) / 2,
+                4 => {
+                    let p = a + b - c;
+                    let (pa, pb, pc) = ((p - a).abs(), (p - b).abs(), (p - c).abs());
+                    if pa <= pb && pa <= pc {
+                        a
+                    } else if pb <= pc {
+                        b
+                    } else {
+                        c
+                    }
+                }
+                f => return Err(bad(format!("unknown filter {f} in row {r}"))),
+            };
+            row[i] = row[i].wrapping_add(add as u8);
+        }
+        out.extend_from_slice(&row);
+        prev = row;
+    }
+    // Samples to [0, 1].
+    let max = ((1u32 << depth) - 1) as f32;
+    let sample = |r: usize, i: usize| -> u32 {
+        let row = &out[r * stride..(r + 1) * stride];
+        match depth {
+            16 => u16::from_be_bytes([row[2 * i], row[2 * i + 1]]) as u32,
+            8 => row[i] as u32,
+            d => {
+                let bit = i * d as usize;
+                ((row[bit / 8] >> (8 - d as usize - bit % 8)) & ((1 << d) - 1) as u8) as u32
+            }
+        }
+    };
+    let channels = if color == 0 || color == 4 { 1 } else { 3 };
+    let mut pixels = vec![0f32; channels * height * width];
+    let plane = height * width;
+    for y in 0..height {
+        for x in 0..width {
+            let o = y * width + x;
+            if color == 3 {
+                let idx = sample(y, x) as usize;
+                let Some(rgb) = palette.get(3 * idx..3 * idx + 3) else {
+                    return Err(bad(format!("palette index {idx} out of the palette")));
+                };
+                for ch in 0..3 {
+                    pixels[ch * plane + o] = rgb[ch] as f32 / 255.0;
+                }
+            } else {
+                for ch in 0..channels {
+                    pixels[ch * plane + o] = sample(y, x * samples + ch) as f32 / max;
+                }
+            }
+        }
+    }
+    Ok(Image {
+        channels,
+        height,
+        width,
+        pixels,
+    })
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    #[test]
+    fn decode_reads_what_save_writes() {
+        let mut c = Canvas::new(5, 3, [10, 20, 30]);
+        c.set(4, 2, [255, 0, 128]);
+        let dir = std::env::temp_dir().join(format!("regimen-png-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.png");
+        c.save(&p).unwrap();
+        let img = decode(&std::fs::read(&p).unwrap(), "x.png").unwrap();
+        assert_eq!((img.channels, img.height, img.width), (3, 3, 5));
+        assert_eq!(img.pixels[0], 10.0 / 255.0);
+        assert_eq!(img.pixels[15 + 14], 0.0); // green of (4, 2)
+        assert_eq!(img.pixels[30 + 14], 128.0 / 255.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(decode(b"\x89PNG\r\n\x1a\nxx", "y.png")
+            .unwrap_err()
+            .to_string()
+            .contains("y.png"));
+    }
+}

@@ -1,6 +1,7 @@
 //! Exact run state: everything a training run needs to continue where it stopped.
 //!
-//! A [`RunState`] holds the model's parameters and buffers (`model.{name}`), the optimizer's
+//! A [`RunState`] holds the model's parameters and buffers (under their own names, `0.weight`,
+//! so that the file loads into the PyTorch model as it is), the optimizer's
 //! state tensors (`optim.{name}.{slot}`) with its step and micro-step counters, the state the
 //! schedule learned from the metrics it observed (reduce-on-plateau), the run's seed and the
 //! number of epochs completed. Everything random in a step is a pure function of the seed, the
@@ -48,14 +49,10 @@ impl RunState {
     ) -> RunState {
         let mut tensors = Vec::new();
         model.visit_params("", &mut |name, p| {
-            tensors.push((
-                format!("model.{name}"),
-                p.value.shape().to_vec(),
-                p.value.to_vec(),
-            ))
+            tensors.push((name.to_string(), p.value.shape().to_vec(), p.value.to_vec()))
         });
         model.visit_buffers("", &mut |name, b| {
-            tensors.push((format!("model.{name}"), b.shape().to_vec(), b.to_vec()))
+            tensors.push((name.to_string(), b.shape().to_vec(), b.to_vec()))
         });
         let (opt_tensors, opt_meta) = optim.export_state();
         tensors.extend(
@@ -122,11 +119,13 @@ impl RunState {
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|_| bad(format!("bad schedule_state {s:?}")))?,
         };
-        // The model's tensors, checked against the state (nothing changes yet).
+        // The model's tensors (every name outside `optim.` and `preprocess.`), checked against
+        // the state (nothing changes yet).
         let by_name: BTreeMap<&str, (&Vec<usize>, &Vec<f32>)> = self
             .tensors
             .iter()
-            .filter_map(|(n, s, v)| n.strip_prefix("model.").map(|n| (n, (s, v))))
+            .filter(|(n, _, _)| !n.starts_with("optim.") && !n.starts_with("preprocess."))
+            .map(|(n, s, v)| (n.as_str(), (s, v)))
             .collect();
         let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
         model.visit_params("", &mut |n, p| {
@@ -137,10 +136,10 @@ impl RunState {
         });
         for (name, shape) in &wanted {
             match by_name.get(name.as_str()) {
-                None => return Err(bad(format!("no tensor model.{name} for this model"))),
+                None => return Err(bad(format!("no tensor {name} for this model"))),
                 Some((s, _)) if *s != shape => {
                     return Err(bad(format!(
-                        "model.{name} has shape {s:?}, the model expects {shape:?}"
+                        "{name} has shape {s:?}, the model expects {shape:?}"
                     )))
                 }
                 Some(_) => {}
@@ -153,7 +152,7 @@ impl RunState {
                 .find(|n| !known.contains(n))
                 .copied()
                 .unwrap_or("?");
-            return Err(bad(format!("model.{extra} is not in this model")));
+            return Err(bad(format!("tensor {extra} is not in this model")));
         }
         // The schedule and the optimizer check their own parts; roll the schedule back if the
         // optimizer refuses.

@@ -73,6 +73,10 @@ pub struct EpochStats {
     /// The learning rate of the epoch's last step.
     pub lr: f32,
     pub seconds: f32,
+    /// Training samples seen this epoch (fewer than the training set after a mid-epoch resume).
+    pub samples: usize,
+    /// Optimizer updates done since the start of the run, at the end of the epoch.
+    pub steps: u64,
 }
 
 /// Running sums of loss and correct predictions, kept on the device.
@@ -155,6 +159,13 @@ pub struct FitConfig {
     /// The epoch to start from (1-based): a run resumed from a [`crate::RunState`] saved after
     /// epoch `e` continues with `first_epoch = e + 1`.
     pub first_epoch: usize,
+    /// The batch of `first_epoch` to start from (0-based): a run stopped in the middle of an
+    /// epoch continues with the next batch.
+    pub first_batch: usize,
+    /// The training loss and correct-count sums of the batches of `first_epoch` before
+    /// `first_batch` (`[loss sum, correct, samples]`), so that a resumed epoch reports the
+    /// same training figures as an uninterrupted one.
+    pub partial: Option<[f64; 3]>,
 }
 
 impl Default for FitConfig {
@@ -174,7 +185,95 @@ impl Default for FitConfig {
             device_data: false,
             graph: false,
             first_epoch: 1,
+            first_batch: 0,
+            partial: None,
         }
+    }
+}
+
+/// What a training loop tells an observer between steps, and what the observer may change:
+/// the bridge from the loop to [`crate::trainer::Callback`]s.
+pub trait Hooks {
+    /// Before the first step of `epoch` (1-based).
+    fn epoch_begin(&mut self, _epoch: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Before every step: batch `batch` (0-based) of `epoch`.
+    fn step_begin(&mut self, _epoch: usize, _batch: usize) -> Result<()> {
+        Ok(())
+    }
+    /// After every step. The loss and the gradient norm are read from the device only for
+    /// the steps [`Hooks::wants_step_values`] asks for, and only by the host loop.
+    fn step_end(&mut self, _step: &StepEnd) -> Result<()> {
+        Ok(())
+    }
+    /// After each epoch, with its statistics; the model, the optimizer and the schedule are
+    /// in their end-of-epoch state (a checkpoint written now resumes at the next epoch).
+    fn epoch_end(
+        &mut self,
+        _stats: &EpochStats,
+        _model: &mut dyn Layer,
+        _optim: &Optim,
+        _schedule: &dyn Schedule,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// A factor on the schedule's learning rate (a callback's change of the rate). The host
+    /// loop reads it before every step, the device loop before every epoch.
+    fn lr_scale(&self) -> f64 {
+        1.0
+    }
+    /// Stop after the current step (an interrupt); checked after every step.
+    fn stop_now(&self) -> bool {
+        false
+    }
+    /// Stop at the end of this epoch (early stopping); checked after `epoch_end`.
+    fn stop_after_epoch(&self) -> bool {
+        false
+    }
+    /// Whether `step_end` of optimizer update `step` (1-based) wants the loss and the
+    /// gradient norm (each a device read).
+    fn wants_step_values(&self, _step: u64) -> bool {
+        false
+    }
+}
+
+/// One finished step, as [`Hooks::step_end`] sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepEnd {
+    pub epoch: usize,
+    /// The batch within the epoch (0-based).
+    pub batch: usize,
+    /// Optimizer updates since the start of the run.
+    pub step: u64,
+    pub lr: f64,
+    /// The batch's mean loss, when asked for.
+    pub loss: Option<f32>,
+    /// The global gradient norm before clipping, when asked for.
+    pub grad_norm: Option<f32>,
+}
+
+/// How a training loop ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ended {
+    pub history: Vec<EpochStats>,
+    /// Set when [`Hooks::stop_now`] stopped the loop inside an epoch: the epoch, the next
+    /// batch to train, and the partial sums ([`FitConfig::partial`]) to resume with.
+    pub interrupted: Option<(usize, usize, [f64; 3])>,
+}
+
+struct NoHooks<F: FnMut(&EpochStats)>(F);
+
+impl<F: FnMut(&EpochStats)> Hooks for NoHooks<F> {
+    fn epoch_end(
+        &mut self,
+        stats: &EpochStats,
+        _model: &mut dyn Layer,
+        _optim: &Optim,
+        _schedule: &dyn Schedule,
+    ) -> Result<()> {
+        (self.0)(stats);
+        Ok(())
     }
 }
 
@@ -192,8 +291,24 @@ pub fn fit(
     cfg: &FitConfig,
     optim: &mut Optim,
     schedule: &mut dyn Schedule,
-    mut on_epoch: impl FnMut(&EpochStats),
+    on_epoch: impl FnMut(&EpochStats),
 ) -> Result<Vec<EpochStats>> {
+    let mut hooks = NoHooks(on_epoch);
+    Ok(fit_with(model, train, Some(test), cfg, optim, schedule, &mut hooks)?.history)
+}
+
+/// [`fit`] with an optional held-out set (its loss and accuracy are NaN in the statistics
+/// without one) and [`Hooks`] that observe every step and epoch and may stop the run or scale
+/// its learning rate.
+pub fn fit_with(
+    model: &mut dyn Layer,
+    train: Arc<Dataset>,
+    held_out: Option<&Dataset>,
+    cfg: &FitConfig,
+    optim: &mut Optim,
+    schedule: &mut dyn Schedule,
+    hooks: &mut dyn Hooks,
+) -> Result<Ended> {
     if cfg.batch_size == 0 {
         return Err(Error::config("batch_size", 0, "must be at least 1"));
     }
@@ -213,65 +328,84 @@ pub fn fit(
         workers: cfg.workers,
         ..Loader::new(train, cfg.batch_size, cfg.seed)
     };
+    if cfg.first_batch >= loader.batches_per_epoch() {
+        return Err(Error::config(
+            "first_batch",
+            cfg.first_batch,
+            &format!("an epoch has {} batches", loader.batches_per_epoch()),
+        ));
+    }
     // Nothing uses the gradient of the input images; restored when training ends, however.
     model.set_input_grad(false);
-    if cfg.device_data || cfg.graph {
-        let result = run_epochs_on_device(
+    let result = if cfg.device_data || cfg.graph {
+        run_epochs_on_device(
             model,
             &loader.data,
-            test,
+            held_out,
             cfg,
             optim,
             schedule,
             &ce,
-            &mut on_epoch,
-        );
-        model.set_input_grad(true);
-        return result;
-    }
-    let result = run_epochs(
-        model,
-        test,
-        cfg,
-        optim,
-        schedule,
-        &loader,
-        &ce,
-        classes,
-        &mut on_epoch,
-    );
+            hooks,
+        )
+    } else {
+        run_epochs(
+            model, held_out, cfg, optim, schedule, &loader, &ce, classes, hooks,
+        )
+    };
     model.set_input_grad(true);
     result
+}
+
+/// Held-out loss and accuracy, NaN without a held-out set.
+fn held_out_figures(
+    model: &mut dyn Layer,
+    held_out: Option<&Dataset>,
+    device: Device,
+) -> Result<(f32, f32)> {
+    match held_out {
+        Some(d) if !d.is_empty() => evaluate(model, d, 256, device),
+        _ => Ok((f32::NAN, f32::NAN)),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run_epochs(
     model: &mut dyn Layer,
-    test: &Dataset,
+    held_out: Option<&Dataset>,
     cfg: &FitConfig,
     optim: &mut Optim,
     schedule: &mut dyn Schedule,
     loader: &Loader,
     ce: &CrossEntropy,
     classes: usize,
-    on_epoch: &mut impl FnMut(&EpochStats),
-) -> Result<Vec<EpochStats>> {
+    hooks: &mut dyn Hooks,
+) -> Result<Ended> {
     let per_epoch = loader.batches_per_epoch();
     let mut history = Vec::with_capacity(cfg.epochs);
     let first = cfg.first_epoch.max(1);
-    let mut batch_index = (first - 1) * per_epoch;
+    let mut batch_index = (first - 1) * per_epoch + cfg.first_batch;
     let mut guard = Guard::new(cfg.device);
     for epoch in first..=cfg.epochs {
         let start = Instant::now();
         guard.begin_epoch(model);
+        hooks.epoch_begin(epoch)?;
         let mut meter = Meter::new(cfg.device);
-        let mut lr = 0.0;
+        let start_batch = if epoch == first { cfg.first_batch } else { 0 };
+        if let (Some([loss, correct, n]), true) = (cfg.partial, epoch == first) {
+            be_write_scalar(&mut meter.loss, loss as f32);
+            be_write_scalar(&mut meter.correct, correct as f32);
+            meter.n = n as usize;
+        }
+        let mut lr = 0.0f32;
         let mut last_report = Instant::now();
-        for (b, batch) in loader.epoch(epoch - 1).enumerate() {
+        for (i, batch) in loader.epoch_from(epoch - 1, start_batch).enumerate() {
+            let b = start_batch + i;
             if cfg.progress && last_report.elapsed().as_secs_f32() > 2.0 {
                 report_progress(epoch, cfg.epochs, b, per_epoch, start);
                 last_report = Instant::now();
             }
+            hooks.step_begin(epoch, b)?;
             let x = Tensor::from_host(&batch.shape, batch.images, cfg.device)?;
             let y = Indices::from_vec(batch.labels).to_device(cfg.device);
             // The optimizer's step counter keys this step's random draws. The context is
@@ -298,31 +432,85 @@ fn run_epochs(
             if let Some(p) = &cfg.penalty {
                 p.apply(model);
             }
-            lr = schedule.lr(cfg.unit.step(batch_index, per_epoch));
-            optim.step(model, lr)?;
+            let scale = hooks.lr_scale();
+            lr = (schedule.lr(cfg.unit.step(batch_index, per_epoch)) as f64 * scale) as f32;
+            let wants = hooks.wants_step_values(optim.steps() + 1);
+            if wants {
+                optim.measure_grad_norm();
+            }
+            let info = optim.step(model, lr as f32)?;
             meter.add(&logits, &out.loss, &y);
             batch_index += 1;
+            hooks.step_end(&StepEnd {
+                epoch,
+                batch: b,
+                step: optim.steps(),
+                lr: lr as f64,
+                loss: wants.then(|| out.loss.item()),
+                grad_norm: if wants {
+                    info.grad_norm.map(|t| t.item())
+                } else {
+                    None
+                },
+            })?;
+            if hooks.stop_now() && b + 1 < per_epoch {
+                if cfg.progress {
+                    clear_progress();
+                }
+                guard.end_epoch(model, epoch)?;
+                let partial = [
+                    meter.loss.item() as f64,
+                    meter.correct.item() as f64,
+                    meter.n as f64,
+                ];
+                return Ok(Ended {
+                    history,
+                    interrupted: Some((epoch, b + 1, partial)),
+                });
+            }
         }
         if cfg.progress && start.elapsed().as_secs_f32() > 2.0 {
             clear_progress();
         }
+        let samples = meter.n;
         let (train_loss, train_acc) = meter.read();
         guard.end_epoch(model, epoch)?;
-        let (test_loss, test_acc) = evaluate(model, test, 256, cfg.device)?;
-        schedule.observe(test_loss);
+        let (test_loss, test_acc) = held_out_figures(model, held_out, cfg.device)?;
+        if held_out.is_some() {
+            schedule.observe(test_loss);
+        }
         let stats = EpochStats {
             epoch,
             train_loss,
             train_acc,
             test_loss,
             test_acc,
-            lr,
+            lr: lr as f32,
             seconds: start.elapsed().as_secs_f32(),
+            samples: samples
+                - if epoch == first {
+                    cfg.partial.map_or(0, |p| p[2] as usize)
+                } else {
+                    0
+                },
+            steps: optim.steps(),
         };
-        on_epoch(&stats);
+        hooks.epoch_end(&stats, model, optim, schedule)?;
         history.push(stats);
+        if hooks.stop_after_epoch() || (hooks.stop_now() && epoch < cfg.epochs) {
+            break;
+        }
     }
-    Ok(history)
+    Ok(Ended {
+        history,
+        interrupted: None,
+    })
+}
+
+/// Overwrite a one-element device tensor with `v`.
+fn be_write_scalar(t: &mut Tensor, v: f32) {
+    let be = t.backend();
+    be.write(t, crate::backend::HostBuf::F32(vec![v]));
 }
 
 /// The training loop with the data on the device: the training set is uploaded once; each
@@ -335,13 +523,13 @@ fn run_epochs(
 fn run_epochs_on_device(
     model: &mut dyn Layer,
     train: &Dataset,
-    test: &Dataset,
+    held_out: Option<&Dataset>,
     cfg: &FitConfig,
     optim: &mut Optim,
     schedule: &mut dyn Schedule,
     ce: &CrossEntropy,
-    on_epoch: &mut impl FnMut(&EpochStats),
-) -> Result<Vec<EpochStats>> {
+    hooks: &mut dyn Hooks,
+) -> Result<Ended> {
     use crate::backend::RandomKey;
     use crate::tensor::DType;
     let Some((pad, flip_p)) = cfg.augment.crop_flip() else {
@@ -389,15 +577,16 @@ fn run_epochs_on_device(
     // u - first_update + first_batch of the run.
     let first = cfg.first_epoch.max(1);
     let first_update = optim.steps() as usize;
-    let first_batch = (first - 1) * per_epoch;
+    let first_batch = (first - 1) * per_epoch + cfg.first_batch;
     let batch_of = move |u: usize| u.saturating_sub(first_update) + first_batch;
-    let lr_table = |schedule: &dyn Schedule| -> Vec<f32> {
+    let lr_table = |schedule: &dyn Schedule, scale: f64| -> Vec<f32> {
         let total = first_update + (cfg.epochs + 1 - first.min(cfg.epochs + 1)) * per_epoch;
         (0..total.max(1))
-            .map(|u| schedule.lr(cfg.unit.step(batch_of(u), per_epoch)))
+            .map(|u| (schedule.lr(cfg.unit.step(batch_of(u), per_epoch)) as f64 * scale) as f32)
             .collect()
     };
-    optim.set_lr_table(lr_table(schedule))?;
+    let mut scale = hooks.lr_scale();
+    optim.set_lr_table(lr_table(schedule, scale))?;
     // The device state the steps share; a step uses the full-batch buffers or the last
     // (partial) batch's.
     struct Buffers {
@@ -463,9 +652,17 @@ fn run_epochs_on_device(
     let mut graph: Option<Box<dyn crate::backend::Graph>> = None;
     let mut guard = Guard::new(device);
     let mut history = Vec::with_capacity(cfg.epochs);
+    let epoch_base = |epoch: usize| (epoch - 1) * per_epoch;
+    let mut interrupted = None;
     for epoch in first..=cfg.epochs {
         let start = Instant::now();
         guard.begin_epoch(model);
+        hooks.epoch_begin(epoch)?;
+        if hooks.lr_scale() != scale {
+            scale = hooks.lr_scale();
+            optim.set_lr_table(lr_table(schedule, scale))?;
+        }
+        let start_batch = if epoch == first { cfg.first_batch } else { 0 };
         let order_host: Vec<u32> = crate::data::shuffled_order(cfg.seed, n, epoch - 1)
             .into_iter()
             .map(|i| i as u32)
@@ -476,13 +673,21 @@ fn run_epochs_on_device(
         );
         be.write(
             st.cursor.tensor_mut(),
-            crate::backend::HostBuf::U32(vec![0]),
+            crate::backend::HostBuf::U32(vec![(start_batch * bsz) as u32]),
         );
-        be.fill(&mut st.loss_sum, 0.0);
-        be.fill(&mut st.correct_sum, 0.0);
-        for b in 0..full {
-            let warming = epoch == first && b < 2;
+        let partial = match (cfg.partial, epoch == first) {
+            (Some(p), true) => p,
+            _ => [0.0; 3],
+        };
+        be_write_scalar(&mut st.loss_sum, partial[0] as f32);
+        be_write_scalar(&mut st.correct_sum, partial[1] as f32);
+        let mut stopped = None;
+        for b in start_batch..per_epoch {
+            let last = b == full;
+            let warming = epoch == first && b < start_batch + 2;
+            hooks.step_begin(epoch, b)?;
             match &graph {
+                _ if last => step(model, optim, &mut st, &mut guard, true)?,
                 Some(g) => {
                     g.replay()?;
                     optim.count_replayed(1);
@@ -499,19 +704,42 @@ fn run_epochs_on_device(
                 }
                 None => step(model, optim, &mut st, &mut guard, false)?,
             }
+            let lr = schedule.lr(cfg.unit.step(epoch_base(epoch) + b, per_epoch)) as f64 * scale;
+            hooks.step_end(&StepEnd {
+                epoch,
+                batch: b,
+                step: optim.steps(),
+                lr,
+                loss: None,
+                grad_norm: None,
+            })?;
+            if hooks.stop_now() && b + 1 < per_epoch {
+                stopped = Some(b + 1);
+                break;
+            }
         }
-        if rem > 0 {
-            step(model, optim, &mut st, &mut guard, true)?;
+        let seen = stopped.map_or(n, |next| (next * bsz).min(n));
+        if let Some(next) = stopped {
+            guard.end_epoch(model, epoch)?;
+            let sums = [
+                st.loss_sum.item() as f64,
+                st.correct_sum.item() as f64,
+                seen as f64,
+            ];
+            interrupted = Some((epoch, next, sums));
+            break;
         }
         let (train_loss, train_acc) = (
             st.loss_sum.item() / n as f32,
             st.correct_sum.item() / n as f32,
         );
         guard.end_epoch(model, epoch)?;
-        let (test_loss, test_acc) = evaluate(model, test, 256, device)?;
-        schedule.observe(test_loss);
-        // A schedule that listens (reduce on plateau) may have changed the rates ahead.
-        optim.set_lr_table(lr_table(schedule))?;
+        let (test_loss, test_acc) = held_out_figures(model, held_out, device)?;
+        if held_out.is_some() {
+            schedule.observe(test_loss);
+            // A schedule that listens (reduce on plateau) may have changed the rates ahead.
+            optim.set_lr_table(lr_table(schedule, scale))?;
+        }
         let last = epoch * per_epoch - 1;
         let stats = EpochStats {
             epoch,
@@ -519,13 +747,25 @@ fn run_epochs_on_device(
             train_acc,
             test_loss,
             test_acc,
-            lr: schedule.lr(cfg.unit.step(last, per_epoch)),
+            lr: (schedule.lr(cfg.unit.step(last, per_epoch)) as f64 * scale) as f32,
             seconds: start.elapsed().as_secs_f32(),
+            samples: n - if epoch == first {
+                partial[2] as usize
+            } else {
+                0
+            },
+            steps: optim.steps(),
         };
-        on_epoch(&stats);
+        hooks.epoch_end(&stats, model, optim, schedule)?;
         history.push(stats);
+        if hooks.stop_after_epoch() || (hooks.stop_now() && epoch < cfg.epochs) {
+            break;
+        }
     }
-    Ok(history)
+    Ok(Ended {
+        history,
+        interrupted,
+    })
 }
 
 /// The non-finite guard of a training loop. Each step notes on the device the first step whose

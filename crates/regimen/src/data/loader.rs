@@ -103,6 +103,12 @@ impl Loader {
 
     /// The batches of epoch `epoch` (0-based), in order.
     pub fn epoch(&self, epoch: usize) -> Epoch {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of epoch `epoch` from batch `start` on: a run resumed in the middle of an
+    /// epoch sees the batches the uninterrupted run would have seen.
+    pub fn epoch_from(&self, epoch: usize, start: usize) -> Epoch {
         let order = Arc::new(self.order(epoch));
         let n = self.batches_per_epoch();
         if self.workers == 0 {
@@ -112,7 +118,8 @@ impl Loader {
                     order,
                     epoch,
                 },
-                next: 0,
+                start,
+                next: start,
                 n,
             };
         }
@@ -122,7 +129,7 @@ impl Loader {
             let (tx, rx) = sync_channel(self.depth.max(1));
             let (loader, order) = (self.clone(), order.clone());
             threads.push(std::thread::spawn(move || {
-                for b in (w..n).step_by(loader.workers) {
+                for b in (start + w..n).step_by(loader.workers) {
                     if tx.send(loader.build(epoch, b, &order)).is_err() {
                         return; // the consumer stopped early
                     }
@@ -132,7 +139,8 @@ impl Loader {
         }
         Epoch {
             inner: Inner::Threads { queues, threads },
-            next: 0,
+            start,
+            next: start,
             n,
         }
     }
@@ -153,6 +161,7 @@ enum Inner {
 /// An epoch's batches; dropping it early stops its workers.
 pub struct Epoch {
     inner: Inner,
+    start: usize,
     next: usize,
     n: usize,
 }
@@ -171,21 +180,23 @@ impl Iterator for Epoch {
                 order,
                 epoch,
             } => Some(loader.build(*epoch, b, order)),
-            Inner::Threads { queues, threads } => match queues[b % queues.len()].recv() {
-                Ok(batch) => Some(batch),
-                // The worker stopped before its last batch: it panicked. Re-raise its panic
-                // here rather than ending the epoch early as if the data had run out.
-                Err(_) => {
-                    let w = b % threads.len();
-                    let handle = threads.remove(w);
-                    match handle.join() {
-                        Err(payload) => std::panic::resume_unwind(payload),
-                        Ok(()) => {
-                            panic!("loader worker {w} stopped before batch {b} of {}", self.n)
+            Inner::Threads { queues, threads } => {
+                match queues[(b - self.start) % queues.len()].recv() {
+                    Ok(batch) => Some(batch),
+                    // The worker stopped before its last batch: it panicked. Re-raise its panic
+                    // here rather than ending the epoch early as if the data had run out.
+                    Err(_) => {
+                        let w = (b - self.start) % threads.len();
+                        let handle = threads.remove(w);
+                        match handle.join() {
+                            Err(payload) => std::panic::resume_unwind(payload),
+                            Ok(()) => {
+                                panic!("loader worker {w} stopped before batch {b} of {}", self.n)
+                            }
                         }
                     }
                 }
-            },
+            }
         }
     }
 }

@@ -245,6 +245,32 @@ impl Preprocessor {
 }
 
 impl Preprocessor {
+    /// The fitted statistics as `preprocess.*` tensors and metadata, the form checkpoints
+    /// store them in.
+    pub fn to_named(
+        &self,
+    ) -> (
+        Vec<crate::io::NamedTensor>,
+        std::collections::BTreeMap<String, String>,
+    ) {
+        let [c, h, w] = self.input_shape;
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("preprocess.kind".to_string(), self.kind.spec());
+        meta.insert("preprocess.input_shape".to_string(), format!("{c},{h},{w}"));
+        let mut tensors = Vec::new();
+        for (name, v) in [
+            ("mean", &self.mean),
+            ("std", &self.std),
+            ("components", &self.components),
+            ("eigenvalues", &self.eigenvalues),
+        ] {
+            if !v.is_empty() {
+                tensors.push((format!("preprocess.{name}"), vec![v.len()], v.clone()));
+            }
+        }
+        (tensors, meta)
+    }
+
     /// Save the fitted statistics (safetensors, atomically), to ship with a model.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         let t = |name: &str, v: &Vec<f32>| (name.to_string(), vec![v.len()], v.clone());

@@ -119,7 +119,8 @@ impl OptimConfig {
 pub struct StepInfo {
     /// False while gradients are still being accumulated.
     pub applied: bool,
-    /// The global gradient norm before clipping (computed only when clipping by norm), one
+    /// The global gradient norm before clipping (computed when clipping by norm, or after
+    /// [`Optim::measure_grad_norm`]), one
     /// element on the device: read it with `item()` when you need it on the host.
     pub grad_norm: Option<Tensor>,
 }
@@ -150,6 +151,8 @@ pub struct Optim {
     scalars: Option<(Tensor, Indices)>,
     /// The learning rate of every step, when set: uploaded once instead of written per step.
     lr_table: Option<Vec<f32>>,
+    /// Compute the gradient norm at the next update even without norm clipping (logging).
+    measure_norm: bool,
 }
 
 impl Optim {
@@ -164,6 +167,7 @@ impl Optim {
             step: 0,
             micro: 0,
             plan: None,
+            measure_norm: false,
             scalars: None,
             lr_table: None,
         })
@@ -318,6 +322,12 @@ impl Optim {
         Ok(())
     }
 
+    /// Compute the global gradient norm at the next update (returned in its [`StepInfo`])
+    /// even when gradients are not clipped by norm: a device reduction, for logging.
+    pub fn measure_grad_norm(&mut self) {
+        self.measure_norm = true;
+    }
+
     /// Count one backward pass; every `accumulate`-th call, update the parameters of `model`
     /// with learning rate `lr` and zero the gradients. Nothing is read back from the device.
     pub fn step(&mut self, model: &mut dyn Layer, lr: f32) -> Result<StepInfo> {
@@ -367,6 +377,11 @@ impl Optim {
             .cfg
             .clip_norm
             .map(|max| be.clip_coefficient(&grads.iter().collect::<Vec<_>>(), max));
+        // Measured for a log only: the coefficient (1 for an infinite bound) is not applied.
+        let measured = (clip.is_none() && std::mem::take(&mut self.measure_norm)).then(|| {
+            be.clip_coefficient(&grads.iter().collect::<Vec<_>>(), f32::INFINITY)
+                .0
+        });
         let plan = self.plan.take().expect("planned above");
         let mut states: Vec<Vec<Tensor>> = plan
             .names
@@ -416,7 +431,7 @@ impl Optim {
         self.step += 1;
         Ok(StepInfo {
             applied: true,
-            grad_norm: clip.map(|c| c.0),
+            grad_norm: clip.map(|c| c.0).or(measured),
         })
     }
 

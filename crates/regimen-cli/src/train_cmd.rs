@@ -1,0 +1,733 @@
+//! `regimen train`: flags and/or a TOML config in, a run folder out.
+//!
+//! The run folder (`--out DIR`, default `runs/DATE-TIME-MODEL`) holds `config.toml` (the
+//! resolved config: every flag's value, reusable with `--config`), `metrics.csv` (one row per
+//! epoch), `checkpoints/last.safetensors` (the whole run, after every epoch and at Ctrl-C),
+//! `checkpoints/best.safetensors` (the best validation epoch), `checkpoints/snapshot-epoch-E`
+//! (`--snapshots`), `loss.png`, `accuracy.png`, `lr.png`, TensorBoard event files and, at the
+//! end, `summary.json`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use regimen::data::{Pipeline, PreprocessKind};
+use regimen::loss::CrossEntropy;
+use regimen::tensorboard::TensorBoard;
+use regimen::train::{FitConfig, StepEnd};
+use regimen::trainer::{
+    BestCheckpoint, Callback, Control, EarlyStopping, Ending, EpochEnd, MetricsCsv, Mode, Prepared,
+    Record, SnapshotEnsemble, Trainer,
+};
+use regimen::{models, Rng};
+
+use crate::plot::{self, Plot, Series};
+use crate::{bench, check_range, check_writable, data_cmd, recipe};
+
+#[derive(clap::Args, serde::Serialize)]
+pub struct TrainArgs {
+    /// A built-in model (digits-mlp, digits-cnn, mlp, cnn, resnet[:N[:WIDTH[:P]]],
+    /// deep-mlp[:DEPTH[:WIDTH]]) or a model spec like
+    /// conv:32,bn,relu,maxpool:2,flatten,linear:classes (see the README); options init=NAME and
+    /// activation=NAME. Default: digits-cnn on digits, cnn otherwise.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub source: data_cmd::Source,
+    /// Preprocessing fitted on the training split: none, center, normalize, mean-image,
+    /// channel-mean, per-channel, pca:K or whiten:K.
+    #[arg(long, default_value = "normalize")]
+    pub preprocess: String,
+    /// Augmentation pipeline, like crop=2,flip,cutmix=1.0 (none by default).
+    #[arg(long, default_value = "none")]
+    pub augment: String,
+    /// Label smoothing of the cross-entropy, in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f32,
+    /// Background threads preparing batches on the host, 0 to 64 (0: in the training thread).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Passes over the training set, 1 to 1,000,000.
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    /// Images per training step (mini-batch size), 1 to 65,536.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Seed of everything random: initialization, validation split, shuffling, dropout masks,
+    /// augmentation draws. The same seed gives the same run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The fraction of the training set held out for validation, in [0, 0.9] (0: none; early
+    /// stopping, the best checkpoint and reduce-on-plateau then have nothing to decide on).
+    #[arg(long, default_value_t = 0.1)]
+    pub validation: f64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: recipe::OptimArgs,
+    /// Stop when --monitor has not improved for this many epochs (early stopping).
+    #[arg(long)]
+    pub early_stopping: Option<usize>,
+    /// The metric early stopping and the best checkpoint follow: val_loss, val_acc,
+    /// train_loss, train_acc or gap.
+    #[arg(long, default_value = "val_loss")]
+    pub monitor: String,
+    /// The smallest change of --monitor that counts as an improvement.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_delta: f64,
+    /// At the end, put back the weights of the best epoch (with --early-stopping).
+    #[arg(long)]
+    pub restore_best: bool,
+    /// Keep a snapshot at the end of every learning-rate cycle (snapshot ensembles: use a
+    /// cyclic or restarts schedule, then `regimen eval` the snapshots together).
+    #[arg(long)]
+    pub snapshots: bool,
+    /// TensorBoard scalars of the loss, learning rate and gradient norm every N updates.
+    #[arg(long, default_value_t = 50)]
+    pub log_every: u64,
+    /// The run folder (default: a new folder under runs/).
+    #[arg(long)]
+    #[serde(skip)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (exactly where it stopped);
+    /// only --epochs (to lengthen it), --threads, --workers and --device may be given with it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+    /// Also save the trained model (and its preprocessing) to this safetensors file.
+    #[arg(long)]
+    #[serde(skip)]
+    pub save: Option<PathBuf>,
+    /// A TOML file of these flags (`lr = 0.05`, `schedule = "cosine"`, ...); flags given here win.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Where to train: cpu, cuda (GPU 0) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Matrix products in f32, bf16 or f16 (mixed precision: master weights, gradients and
+    /// optimizer state stay f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// Record one training step as a CUDA graph and replay it for every batch (GPU only;
+    /// the training set then lives on the GPU).
+    #[arg(long)]
+    pub graph: bool,
+    /// On a GPU, build batches on the host (with every augmentation) instead of on the GPU.
+    #[arg(long)]
+    pub host_data: bool,
+}
+
+/// The flags `--resume` takes from the command line; the rest comes from the run's config.
+pub const RESUME_FLAGS: &[&str] = &["--epochs", "--threads", "--workers", "--device"];
+
+/// `YYYYmmdd-HHMMSS` in UTC, for run folder names.
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// A new run folder under `runs/` (a suffix when the name is taken).
+fn new_run_dir(model: &str) -> Result<PathBuf> {
+    let name: String = model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    let base = PathBuf::from("runs").join(format!("{}-{name}", timestamp()));
+    for n in 0..1000 {
+        let dir = if n == 0 {
+            base.clone()
+        } else {
+            PathBuf::from(format!("{}-{n}", base.display()))
+        };
+        if !dir.exists() {
+            return Ok(dir);
+        }
+    }
+    bail!("cannot find a free run folder name like {}", base.display())
+}
+
+pub fn train(args: &TrainArgs) -> Result<()> {
+    check_range("--batch-size", args.batch_size, 1, 65_536)?;
+    check_range("--epochs", args.epochs, 1, 1_000_000)?;
+    check_range("--workers", args.workers, 0, 64)?;
+    if !(0.0..=0.9).contains(&args.validation) {
+        bail!(
+            "invalid --validation {}: the held-out fraction must be from 0 to 0.9",
+            args.validation
+        );
+    }
+    if !(args.min_delta >= 0.0 && args.min_delta.is_finite()) {
+        bail!(
+            "invalid --min-delta {}: must be a number >= 0",
+            args.min_delta
+        );
+    }
+    if args.log_every == 0 {
+        bail!("invalid --log-every 0: must be at least 1");
+    }
+    if !Record::METRICS.contains(&args.monitor.as_str()) {
+        bail!(
+            "invalid --monitor {:?}: expected one of {}",
+            args.monitor,
+            Record::METRICS.join(", ")
+        );
+    }
+    let needs_val = args.monitor.starts_with("val") || args.monitor == "gap";
+    if args.validation == 0.0 && (args.early_stopping.is_some() && needs_val) {
+        bail!(
+            "--early-stopping on {} needs a validation split: give --validation > 0",
+            args.monitor
+        );
+    }
+    if args.optim.schedule.starts_with("plateau") && args.validation == 0.0 {
+        bail!("--schedule plateau decides on the validation loss: give --validation > 0");
+    }
+    if args.restore_best && args.early_stopping.is_none() {
+        bail!("--restore-best restores the best epoch of early stopping: give --early-stopping N");
+    }
+    if let Some(path) = &args.save {
+        check_writable(path)?;
+    }
+    // Every flag is checked before any data is read.
+    let preprocess = PreprocessKind::parse(&args.preprocess)?;
+    let augment = Pipeline::parse(&args.augment)?;
+    let optim = recipe::optimizer(&args.optim)?;
+    let penalty = recipe::penalty(&args.optim)?;
+    let ls = CrossEntropy::with_label_smoothing(args.label_smoothing)?;
+    let precision = bench::parse_precision(&args.precision)?;
+    let device = regimen::Device::parse(&args.device)?;
+    if args.graph && device == regimen::Device::Cpu {
+        bail!("--graph records a CUDA graph: it needs --device cuda");
+    }
+    let device_data =
+        device != regimen::Device::Cpu && !args.host_data && augment.crop_flip().is_some();
+    if args.graph && !device_data {
+        bail!("--graph builds batches on the GPU: it takes --augment with crop and flip only, and not --host-data");
+    }
+    let model_name = args.model.clone().unwrap_or_else(|| {
+        if args.source.dataset == "digits" {
+            "digits-cnn".into()
+        } else {
+            "cnn".into()
+        }
+    });
+    let spec = models::ModelSpec::parse(&model_name).context("--model")?;
+    recipe::schedule(&args.optim, args.epochs.max(1), 1 << 20, false)?;
+    // The run folder: checked (or created) before any training.
+    let out = match (&args.resume, &args.out) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => new_run_dir(&model_name)?,
+    };
+    let ckpt_dir = out.join("checkpoints");
+    let last = ckpt_dir.join("last.safetensors");
+    if args.resume.is_none() {
+        if last.exists() {
+            bail!(
+                "{} already holds a run: continue it with --resume {}, or give another --out",
+                out.display(),
+                out.display()
+            );
+        }
+        std::fs::create_dir_all(&ckpt_dir)
+            .with_context(|| format!("creating the run folder {}", out.display()))?;
+    } else if !last.is_file() {
+        bail!(
+            "--resume {}: no checkpoint {} (is this a run folder of regimen train?)",
+            out.display(),
+            last.display()
+        );
+    }
+    check_writable(&out.join("metrics.csv"))?;
+
+    let splits = args.source.load()?;
+    let prepared = Prepared::new(
+        splits.train,
+        splits.test,
+        preprocess,
+        args.validation,
+        args.seed,
+    )?;
+    augment.check_image_shape(prepared.train.image_shape)?;
+    let (input, classes) = (prepared.train.image_shape, prepared.train.num_classes());
+    let plan = spec.plan(input, classes).context("--model")?;
+    let per_epoch = prepared.train.len().div_ceil(args.batch_size);
+    let (schedule, unit) = recipe::schedule(&args.optim, args.epochs, per_epoch, true)?;
+    if args.optim.accumulate > args.epochs * per_epoch {
+        bail!(
+            "invalid --accumulate {}: the run has only {} batches ({} epochs of {per_epoch}), so no update would ever be applied",
+            args.optim.accumulate,
+            args.epochs * per_epoch,
+            args.epochs
+        );
+    }
+    let mut rng = Rng::new(args.seed);
+    let mut model = spec.build(input, classes, &mut rng)?;
+    regimen::layer::to_device(&mut model, device);
+    say!("{}", model.summary(&input)?);
+    let o = &args.optim;
+    say!(
+        "training {model_name} ({} parameters) on {} ({}): {} train / {} validation / {} test images, preprocess {}, augment {}, {} epochs, batch {}, {} lr {} schedule {}{}",
+        plan.params,
+        splits.name,
+        splits.source,
+        prepared.train.len(),
+        prepared.validation.as_ref().map_or(0, |v| v.len()),
+        prepared.test.len(),
+        args.preprocess,
+        args.augment,
+        args.epochs,
+        args.batch_size,
+        optim.name(),
+        o.lr,
+        o.schedule,
+        if o.warmup > 0 { format!(" after {} warmup steps", o.warmup) } else { String::new() }
+    );
+    let fit = FitConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        unit,
+        penalty,
+        label_smoothing: ls.label_smoothing,
+        augment,
+        workers: args.workers,
+        progress: false,
+        device,
+        precision,
+        device_data,
+        graph: args.graph,
+        ..Default::default()
+    };
+    // The resolved config: every flag's value, so that `--config DIR/config.toml` (and
+    // `--resume DIR`) rebuild this run.
+    let config_toml = toml::to_string(args).context("writing the resolved config")?;
+    let [c, h, w] = input;
+    let meta = std::collections::BTreeMap::from([
+        ("model".to_string(), model_name.clone()),
+        ("dataset".to_string(), splits.name.clone()),
+        ("input_shape".to_string(), format!("{c},{h},{w}")),
+        ("classes".to_string(), classes.to_string()),
+        ("config".to_string(), config_toml.clone()),
+    ]);
+    let Prepared {
+        train,
+        validation,
+        test,
+        preprocess: pre,
+    } = prepared;
+    let has_val = validation.is_some();
+    let mut trainer = Trainer::new(model, optim, schedule, fit, train)
+        .with_validation(validation)
+        .with_test(Some(test))
+        .with_preprocess(Some(pre))
+        .with_meta(meta)
+        .checkpoint_every_epoch(last.clone());
+    if let Some(dir) = &args.resume {
+        let config_path = dir.join("config.toml");
+        trainer
+            .resume(&last)
+            .with_context(|| format!("resuming from {}", last.display()))?;
+        let (done, batch) = trainer.position();
+        say!(
+            "resuming {} (config {}) after epoch {done}{}",
+            dir.display(),
+            config_path.display(),
+            if batch > 0 {
+                format!(", at batch {batch} of epoch {}", done + 1)
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        regimen::io::write_atomic(&out.join("config.toml"), config_toml.as_bytes())?;
+    }
+    let mode = Mode::for_metric(&args.monitor);
+    trainer.add_callback(Box::new(MetricsCsv::new(out.join("metrics.csv"))));
+    trainer.add_callback(Box::new(TensorBoard::new(out.clone(), args.log_every)));
+    let best_metric = if has_val { "val_acc" } else { "train_acc" };
+    trainer.add_callback(Box::new(BestCheckpoint::new(
+        ckpt_dir.join("best.safetensors"),
+        best_metric,
+        Mode::Max,
+    )?));
+    if let Some(patience) = args.early_stopping {
+        let mut es = EarlyStopping::new(&args.monitor, mode, patience, args.min_delta)?;
+        if args.restore_best {
+            es = es.restore_best_weights();
+        }
+        trainer.add_callback(Box::new(es));
+    }
+    if args.snapshots {
+        trainer.add_callback(Box::new(SnapshotEnsemble::new(ckpt_dir.clone())));
+    }
+    trainer.add_callback(Box::new(Console::new(
+        args.epochs,
+        per_epoch,
+        has_val,
+        out.clone(),
+    )));
+
+    // Ctrl-C: the first stops after the current step and writes a resumable checkpoint; a
+    // second one exits at once.
+    let stop = trainer.stop_flag();
+    let pressed = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, pressed) = (stop.clone(), pressed.clone());
+        let _ = ctrlc::set_handler(move || {
+            if pressed.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted again: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: stopping after this step (press Ctrl-C again to quit at once)");
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+
+    // A deterministic interrupt for tests: as if Ctrl-C were pressed during update N.
+    if let Some(n) = std::env::var("REGIMEN_INTERRUPT_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        trainer.add_callback(Box::new(InterruptAt {
+            step: n,
+            flag: stop.clone(),
+        }));
+    }
+    let outcome = match trainer.run() {
+        Ok(o) => o,
+        Err(e @ regimen::Error::Diverged { .. }) => {
+            plots(&out, trainer.history())?;
+            if let Some(path) = &args.save {
+                // The model is back at its last finite state.
+                regimen::checkpoint::save(
+                    path,
+                    &mut trainer.model,
+                    trainer.preprocess.as_ref(),
+                    trainer.meta.clone(),
+                )?;
+                say!("saved the last finite model to {}", path.display());
+            }
+            return Err(anyhow::Error::from(e)
+                .context(format!("the last good checkpoint is {}", last.display())));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    plots(&out, trainer.history())?;
+    if let Ending::Interrupted { epoch, batch } = outcome.ending {
+        say!(
+            "interrupted in epoch {epoch} before batch {batch}: the run is saved in {}; continue it with\n  regimen train --resume {}",
+            last.display(),
+            out.display()
+        );
+        std::process::exit(130);
+    }
+    if let Some(path) = &args.save {
+        regimen::checkpoint::save(
+            path,
+            &mut trainer.model,
+            trainer.preprocess.as_ref(),
+            trainer.meta.clone(),
+        )?;
+        say!(
+            "saved the model and its preprocessing to {}",
+            path.display()
+        );
+    }
+    let history = trainer.history();
+    let secs: f64 = history.iter().map(|r| r.seconds).sum();
+    let samples: f64 = history.iter().map(|r| r.samples_per_sec * r.seconds).sum();
+    let (test_loss, test_acc) = outcome.test.unwrap_or((f32::NAN, f32::NAN));
+    if let Ending::Stopped(reason) = &outcome.ending {
+        say!("{reason}");
+    }
+    if let Some(b) = &outcome.best {
+        match b.val_acc {
+            Some(v) => say!(
+                "best epoch {}: validation accuracy {:.2}% (loss {:.4})",
+                b.epoch,
+                100.0 * v,
+                b.val_loss.unwrap_or(f32::NAN)
+            ),
+            None => say!("last epoch {}", b.epoch),
+        }
+    }
+    let last_rec = history.last();
+    say!(
+        "final test accuracy {:.2}% (loss {:.4}; generalization gap {:.2} points); {:.1} s of training, {:.0} samples/s",
+        100.0 * test_acc,
+        test_loss,
+        100.0 * (last_rec.map_or(f32::NAN, |r| r.train_acc) - test_acc),
+        secs,
+        samples / secs.max(1e-9)
+    );
+    let summary = serde_json::json!({
+        "model": model_name,
+        "dataset": splits.name,
+        "parameters": plan.params,
+        "epochs": history.len(),
+        "ending": match &outcome.ending {
+            Ending::Completed => "completed".to_string(),
+            Ending::Stopped(r) => r.clone(),
+            Ending::Interrupted { .. } => "interrupted".to_string(),
+        },
+        "best_epoch": outcome.best.as_ref().map(|b| b.epoch),
+        "best_val_accuracy": outcome.best.as_ref().and_then(|b| b.val_acc),
+        "final_val_accuracy": last_rec.and_then(|r| r.val_acc),
+        "final_train_accuracy": last_rec.map(|r| r.train_acc),
+        "test_accuracy": outcome.test.map(|t| t.1),
+        "test_loss": outcome.test.map(|t| t.0),
+        "wall_seconds": secs,
+        "samples_per_sec": samples / secs.max(1e-9),
+        "checkpoints": {
+            "last": last,
+            "best": ckpt_dir.join("best.safetensors"),
+        },
+    });
+    regimen::io::write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    say!("run folder: {}", out.display());
+    Ok(())
+}
+
+/// `loss.png`, `accuracy.png` and `lr.png` of a history.
+pub fn plots(dir: &Path, history: &[Record]) -> Result<()> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let pts = |f: &dyn Fn(&Record) -> Option<f64>| -> Vec<(f64, f64)> {
+        history
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.epoch as f64, v)))
+            .collect()
+    };
+    let mut loss = vec![Series::new("train", pts(&|r| Some(r.train_loss as f64)))];
+    let mut acc = vec![Series::new(
+        "train",
+        pts(&|r| Some(100.0 * r.train_acc as f64)),
+    )];
+    if history.iter().any(|r| r.val_loss.is_some()) {
+        loss.push(Series::new(
+            "validation",
+            pts(&|r| r.val_loss.map(f64::from)),
+        ));
+        acc.push(Series::new(
+            "validation",
+            pts(&|r| r.val_acc.map(|v| 100.0 * v as f64)),
+        ));
+    }
+    plot::lines(
+        &dir.join("loss.png"),
+        &Plot {
+            title: "Loss per epoch",
+            x_label: "epoch",
+            y_label: "cross-entropy",
+            log_y: false,
+        },
+        &loss,
+    )?;
+    plot::lines(
+        &dir.join("accuracy.png"),
+        &Plot {
+            title: "Accuracy per epoch",
+            x_label: "epoch",
+            y_label: "accuracy (%)",
+            log_y: false,
+        },
+        &acc,
+    )?;
+    plot::lines(
+        &dir.join("lr.png"),
+        &Plot {
+            title: "Learning rate (last step of each epoch)",
+            x_label: "epoch",
+            y_label: "learning rate",
+            log_y: false,
+        },
+        &[Series::new("", pts(&|r| Some(r.lr)))],
+    )?;
+    Ok(())
+}
+
+/// The terminal side of a run: a progress bar with rate and ETA during each epoch (plain
+/// lines every few seconds when stderr is not a terminal), a table row per epoch, and the
+/// plots redrawn after each epoch.
+struct Console {
+    epochs: usize,
+    per_epoch: usize,
+    has_val: bool,
+    dir: PathBuf,
+    bar: Option<indicatif::ProgressBar>,
+    tty: bool,
+    epoch_start: std::time::Instant,
+    last_line: std::time::Instant,
+    header: bool,
+}
+
+impl Console {
+    fn new(epochs: usize, per_epoch: usize, has_val: bool, dir: PathBuf) -> Console {
+        Console {
+            epochs,
+            per_epoch,
+            has_val,
+            dir,
+            bar: None,
+            tty: std::io::stderr().is_terminal(),
+            epoch_start: std::time::Instant::now(),
+            last_line: std::time::Instant::now(),
+            header: false,
+        }
+    }
+}
+
+impl Callback for Console {
+    fn on_epoch_begin(
+        &mut self,
+        epoch: usize,
+        _control: &mut Control,
+    ) -> Result<(), regimen::Error> {
+        if !self.header {
+            self.header = true;
+            say!(
+                "{:>5} {:>10} {:>9} {:>10} {:>9} {:>7} {:>10} {:>9} {:>7}",
+                "epoch",
+                "train loss",
+                "train acc",
+                if self.has_val { "val loss" } else { "" },
+                if self.has_val { "val acc" } else { "" },
+                if self.has_val { "gap" } else { "" },
+                "lr",
+                "samples/s",
+                "time"
+            );
+        }
+        self.epoch_start = std::time::Instant::now();
+        self.last_line = std::time::Instant::now();
+        if self.tty {
+            let bar = indicatif::ProgressBar::new(self.per_epoch as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "epoch {msg} [{bar:30}] {pos}/{len} batches, {per_sec}, ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("{epoch}/{}", self.epochs));
+            self.bar = Some(bar);
+        }
+        Ok(())
+    }
+
+    fn on_step_end(
+        &mut self,
+        step: &StepEnd,
+        _control: &mut Control,
+    ) -> Result<(), regimen::Error> {
+        match &self.bar {
+            Some(bar) => bar.set_position(step.batch as u64 + 1),
+            None if self.last_line.elapsed().as_secs_f32() > 10.0 => {
+                let done = step.batch + 1;
+                let el = self.epoch_start.elapsed().as_secs_f32();
+                eprintln!(
+                    "epoch {}/{}: batch {done}/{}, {el:.0}s elapsed, about {:.0}s left",
+                    step.epoch,
+                    self.epochs,
+                    self.per_epoch,
+                    el / done as f32 * (self.per_epoch - done) as f32
+                );
+                self.last_line = std::time::Instant::now();
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn on_epoch_end(&mut self, end: &mut EpochEnd) -> Result<(), regimen::Error> {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let r = end.record;
+        let opt = |v: Option<f32>, pct: bool| match v {
+            Some(v) if pct => format!("{:.2}%", 100.0 * v),
+            Some(v) => format!("{v:.4}"),
+            None => String::new(),
+        };
+        say!(
+            "{:>5} {:>10.4} {:>8.2}% {:>10} {:>9} {:>7} {:>10.3e} {:>9.0} {:>6.1}s",
+            r.epoch,
+            r.train_loss,
+            100.0 * r.train_acc,
+            opt(r.val_loss, false),
+            opt(r.val_acc, true),
+            r.gap.map_or(String::new(), |g| format!("{:.2}", 100.0 * g)),
+            r.lr,
+            r.samples_per_sec,
+            r.seconds
+        );
+        plots(&self.dir, end.history).map_err(|e| regimen::Error::Data {
+            file: self.dir.display().to_string(),
+            reason: format!("{e:#}"),
+        })?;
+        Ok(())
+    }
+
+    fn on_train_end(
+        &mut self,
+        _h: &[Record],
+        _m: &mut dyn regimen::Layer,
+    ) -> Result<(), regimen::Error> {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        Ok(())
+    }
+}
+
+/// Raises the stop flag during update `step` (`REGIMEN_INTERRUPT_AT_STEP`, for tests).
+struct InterruptAt {
+    step: u64,
+    flag: Arc<AtomicBool>,
+}
+
+impl Callback for InterruptAt {
+    fn on_step_end(
+        &mut self,
+        step: &StepEnd,
+        _control: &mut Control,
+    ) -> Result<(), regimen::Error> {
+        if step.step == self.step {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
