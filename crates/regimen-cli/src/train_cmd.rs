@@ -434,7 +434,10 @@ pub fn train(args: &TrainArgs) -> Result<()> {
                     trainer.preprocess.as_ref(),
                     trainer.meta.clone(),
                 )?;
-                say!("saved the last finite model to {}", path.display());
+                say!(
+                    "saved the model (its last finite state) to {}",
+                    path.display()
+                );
             }
             return Err(anyhow::Error::from(e)
                 .context(format!("the last good checkpoint is {}", last.display())));

@@ -28,9 +28,17 @@ fn train_refuses(args: &[&str], needle: &str) -> String {
     err
 }
 
+/// A folder of this test process for the runs' `runs/` folders (never the source tree).
+fn scratch() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("regimen-cli-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn regimen(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_regimen"))
         .args(args)
+        .current_dir(scratch())
         .output()
         .unwrap();
     (
@@ -71,7 +79,7 @@ fn summary_of_the_benchmark_cnn() {
 fn bad_input_is_one_line_and_exit_2() {
     for args in [
         &["train", "--batch-size", "0"][..],
-        &["summary", "--model", "resnet"],
+        &["summary", "--model", "resnot"],
         &["bench", "--workload", "gpt"],
     ] {
         let (code, out, err) = regimen(args);
@@ -278,7 +286,7 @@ fn train_with_preprocessing_and_augmentation_flags() {
         (&["--augment", "crop=-1"], "augment crop = -1"),
         (&["--label-smoothing", "2"], "label_smoothing = 2"),
         (&["--dataset", "imagenet"], "dataset = imagenet"),
-        (&["--model", "resnet"], "invalid --model"),
+        (&["--model", "resnot"], "unknown layer 'resnot'"),
     ] {
         train_refuses(args, needle);
     }
@@ -460,6 +468,7 @@ fn a_closed_pipe_is_not_a_panic() {
     let path =
         std::env::temp_dir().join(format!("regimen-pipe-{}.safetensors", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .current_dir(scratch())
         .args(["train", "--epochs", "3", "--save", path.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -552,7 +561,10 @@ fn eval_checks_the_metadata_against_the_tensors() {
         std::fs::write(&path, crafted).unwrap();
         let (code, _, err) = regimen(&["eval", "--checkpoint", path.to_str().unwrap()]);
         assert_eq!(code, 2, "{err}");
-        assert!(err.contains("but the file holds"), "{err}");
+        assert!(
+            err.contains("but the file holds") || err.contains("at most 16777216 classes"),
+            "{err}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

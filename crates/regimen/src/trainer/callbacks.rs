@@ -123,6 +123,26 @@ impl EarlyStopping {
     pub fn best(&self) -> Option<(usize, f64)> {
         self.best.value.map(|v| (self.best.epoch, v))
     }
+
+    /// The decision after one more epoch: whether it improved on the best, and the reason to
+    /// stop when `patience` epochs have passed without improvement.
+    pub fn observe(&mut self, record: &Record) -> Result<(bool, Option<String>)> {
+        if self.best.observe(record)? {
+            self.wait = 0;
+            return Ok((true, None));
+        }
+        self.wait += 1;
+        let stop = (self.wait >= self.patience).then(|| {
+            format!(
+                "early stopping: {} has not improved for {} epochs (best {:.4} at epoch {})",
+                self.best.metric,
+                self.wait,
+                self.best.value.unwrap_or(f64::NAN),
+                self.best.epoch
+            )
+        });
+        Ok((false, stop))
+    }
 }
 
 /// Copy every parameter and buffer into buffers of their own (kept from call to call): the
@@ -154,33 +174,19 @@ fn put_state(model: &mut dyn Layer, from: &[Tensor]) {
 impl Callback for EarlyStopping {
     fn on_train_begin(&mut self, history: &[Record], _control: &mut Control) -> Result<()> {
         for r in history {
-            if self.best.observe(r)? {
-                self.wait = 0;
-            } else {
-                self.wait += 1;
-            }
+            self.observe(r)?;
         }
         Ok(())
     }
 
     fn on_epoch_end(&mut self, end: &mut EpochEnd) -> Result<()> {
-        if self.best.observe(end.record)? {
-            self.wait = 0;
-            if self.restore_best {
-                copy_state(end.model, &mut self.weights);
-                self.weights_epoch = end.record.epoch;
-            }
-        } else {
-            self.wait += 1;
-            if self.wait >= self.patience {
-                end.control.stop(format!(
-                    "early stopping: {} has not improved for {} epochs (best {:.4} at epoch {})",
-                    self.best.metric,
-                    self.wait,
-                    self.best.value.unwrap_or(f64::NAN),
-                    self.best.epoch
-                ));
-            }
+        let (improved, stop) = self.observe(end.record)?;
+        if improved && self.restore_best {
+            copy_state(end.model, &mut self.weights);
+            self.weights_epoch = end.record.epoch;
+        }
+        if let Some(reason) = stop {
+            end.control.stop(reason);
         }
         Ok(())
     }
