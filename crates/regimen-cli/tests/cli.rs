@@ -568,3 +568,427 @@ fn eval_checks_the_metadata_against_the_tensors() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The tensors of a safetensors file, by name (metadata left out).
+fn tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+    let (t, _) = regimen::io::read_safetensors(path).unwrap();
+    t.into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+/// A run folder holds the resolved config, the metrics, the checkpoints, the plots, the
+/// TensorBoard events and the summary; its config.toml rebuilds the same run.
+#[test]
+fn the_run_folder_and_its_config_rebuild_the_run() {
+    let dir = scratch().join(format!("runfolder-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let a = dir.join("a");
+    let (code, out, err) = regimen(&[
+        "--threads",
+        "2",
+        "train",
+        "--model",
+        "flatten,linear:32,relu,dropout:0.1,linear:classes",
+        "--epochs",
+        "3",
+        "--augment",
+        "translate=1",
+        "--schedule",
+        "cosine",
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for f in [
+        "config.toml",
+        "metrics.csv",
+        "summary.json",
+        "loss.png",
+        "accuracy.png",
+        "lr.png",
+        "checkpoints/last.safetensors",
+        "checkpoints/best.safetensors",
+    ] {
+        assert!(a.join(f).is_file(), "{f} in the run folder");
+    }
+    let csv = std::fs::read_to_string(a.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.starts_with("epoch,step,train_loss,train_acc,val_loss,val_acc,gap,lr"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    let test_acc = summary["test_accuracy"].as_f64().unwrap();
+    assert!(
+        (test_acc * 100.0 - final_accuracy(&out) as f64).abs() < 0.006,
+        "{summary}"
+    );
+    assert!(std::fs::read_dir(&a).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("tfevents")));
+    // The same config, another folder: the same weights and optimizer state.
+    let b = dir.join("b");
+    let (code, _, err) = regimen(&[
+        "--threads",
+        "1",
+        "train",
+        "--config",
+        a.join("config.toml").to_str().unwrap(),
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let last = "checkpoints/last.safetensors";
+    assert_eq!(tensors(&a.join(last)), tensors(&b.join(last)));
+    // A folder that holds a run is not overwritten.
+    let (code, _, err) = regimen(&["train", "--epochs", "1", "--out", a.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("already holds a run") && err.contains("--resume"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An interrupt in the middle of an epoch writes a checkpoint that `--resume` continues bit
+/// for bit where the uninterrupted run ends (dropout, augmentation with Mixup, a schedule).
+#[test]
+fn interrupt_then_resume_equals_the_uninterrupted_run() {
+    let dir = scratch().join(format!("resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            "conv:8,bn,relu,dropout:0.2,maxpool:2,flatten,linear:classes",
+            "--epochs",
+            "4",
+            "--augment",
+            "crop=1,flip,mixup=0.2",
+            "--schedule",
+            "cosine",
+            "--momentum",
+            "0.9",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let full = dir.join("full");
+    let a = args(&full);
+    let (code, _, err) = regimen(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let part = dir.join("part");
+    let a = args(&part);
+    let out = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .args(&a)
+        .env("REGIMEN_INTERRUPT_AT_STEP", "60")
+        .current_dir(scratch())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{stdout}");
+    assert!(
+        stdout.contains("interrupted in epoch 2 before batch 19")
+            && stdout.contains(&format!("regimen train --resume {}", part.display())),
+        "{stdout}"
+    );
+    // Only a few flags may change on resume.
+    let (code, _, err) = regimen(&["train", "--resume", part.to_str().unwrap(), "--lr", "1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--lr cannot change when resuming"), "{err}");
+    let (code, out, err) = regimen(&["train", "--resume", part.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("at batch 19 of epoch 2"), "{out}");
+    let last = "checkpoints/last.safetensors";
+    assert_eq!(tensors(&full.join(last)), tensors(&part.join(last)));
+    let cols = |p: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(p.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').take(8).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    assert_eq!(cols(&full), cols(&part));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ctrl-C (SIGINT) stops after the current step, writes the checkpoint and says how to resume.
+#[test]
+fn ctrl_c_writes_a_resumable_checkpoint() {
+    let dir = scratch().join(format!("sigint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let child = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .args([
+            "train",
+            "--model",
+            "digits-mlp",
+            "--epochs",
+            "100000",
+            "--out",
+        ])
+        .arg(&dir)
+        .current_dir(scratch())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first epoch's row, then interrupt.
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(dir.join("metrics.csv"))
+        .map(|s| s.lines().count() > 2)
+        .unwrap_or(false)
+    {
+        assert!(start.elapsed().as_secs() < 60, "no epoch in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("interrupt: stopping after this step"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("regimen train --resume"), "{stdout}");
+    // The checkpoint resumes (here with a shorter run, which then just tests).
+    let (code, out, err) = regimen(&["train", "--resume", dir.to_str().unwrap(), "--epochs", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("resuming"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// kill -9 at random moments of a run (checkpoints are written after every epoch) never
+/// leaves an unloadable checkpoint: each time, the last one evaluates and the run resumes.
+#[test]
+fn kill_9_never_leaves_a_broken_checkpoint() {
+    let dir = scratch().join(format!("kill9-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let last = dir.join("checkpoints/last.safetensors");
+    let mut rng = regimen::Rng::new(11);
+    let mut evaluated = 0;
+    for i in 0..12 {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regimen"));
+        if i == 0 || !last.is_file() {
+            let _ = std::fs::remove_dir_all(&dir);
+            cmd.args([
+                "train",
+                "--model",
+                "digits-mlp",
+                "--epochs",
+                "100000",
+                "--out",
+            ])
+            .arg(&dir);
+        } else {
+            cmd.args(["train", "--resume"]).arg(&dir);
+        }
+        let mut child = cmd
+            .current_dir(scratch())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let ms = 150 + (rng.next_f64() * 500.0) as u64;
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if last.is_file() {
+            let (code, out, err) = regimen(&["eval", last.to_str().unwrap()]);
+            assert_eq!(code, 0, "after kill {i}: {out}{err}");
+            evaluated += 1;
+        }
+    }
+    assert!(
+        evaluated >= 8,
+        "most kills came after a checkpoint: {evaluated}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ensembles of snapshots in `eval`; `predict` on PNG and IDX images.
+#[test]
+fn eval_an_ensemble_and_predict_images() {
+    let dir = scratch().join(format!("ensemble-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (code, out, err) = regimen(&[
+        "train",
+        "--model",
+        "flatten,linear:64,relu,linear:classes",
+        "--epochs",
+        "6",
+        "--schedule",
+        "restarts:t0=2",
+        "--schedule-unit",
+        "epoch",
+        "--snapshots",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let snaps: Vec<String> = [2, 4, 6]
+        .iter()
+        .map(|e| {
+            let p = dir.join(format!("checkpoints/snapshot-epoch-{e}.safetensors"));
+            assert!(p.is_file(), "{}", p.display());
+            p.display().to_string()
+        })
+        .collect();
+    let mut args = vec!["eval"];
+    args.extend(snaps.iter().map(String::as_str));
+    let (code, out, err) = regimen(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("accuracy")).count(),
+        4,
+        "{out}"
+    );
+    assert!(
+        out.contains("ensemble of 3 (probabilities averaged)"),
+        "{out}"
+    );
+
+    // A PNG (RGB, converted to grey) and an IDX file of two images.
+    let mut c = regimen::png::Canvas::new(8, 8, [0, 0, 0]);
+    for y in 1..7 {
+        c.set(3, y, [255, 255, 255]);
+        c.set(4, y, [255, 255, 255]);
+    }
+    let png = dir.join("one.png");
+    c.save(&png).unwrap();
+    let idx = dir.join("two-idx3-ubyte");
+    regimen::data::idx::write(&idx, &[2, 8, 8], &[7u8; 128]).unwrap();
+    let (code, out, err) = regimen(&[
+        "predict",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        png.to_str().unwrap(),
+        idx.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{out}");
+    for r in rows {
+        let p: Vec<f64> = r["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(p.len(), 10);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{r}");
+        let class = r["class"].as_u64().unwrap() as usize;
+        assert!(p.iter().all(|&x| x <= p[class]), "{r}");
+    }
+    assert_eq!(
+        rows[1]["probabilities"], rows[2]["probabilities"],
+        "identical images"
+    );
+    let (code, out, _) = regimen(&[
+        "predict",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("input,class,name,probability,p_0,"),
+        "{out}"
+    );
+    // A wrong size is one line naming the file.
+    let big = dir.join("big.png");
+    regimen::png::Canvas::new(9, 8, [0, 0, 0])
+        .save(&big)
+        .unwrap();
+    let (code, _, err) = regimen(&[
+        "predict",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        big.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("big.png: the image is 8x9, the model takes 8x8"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bad model specs, config keys, flags and missing data: one line, exit status 2.
+#[test]
+fn bad_specs_keys_flags_and_data_are_one_line() {
+    let dir = scratch().join(format!("bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, "epochs = 2\nlearning_rate = 0.1\n").unwrap();
+    for (args, needle) in [
+        (
+            vec!["--model", "conv:8,relu,linear:classes"],
+            "model spec token 3 = linear:classes: a linear layer takes flat features",
+        ),
+        (
+            vec!["--model", "flatten,linear:10,dropout:2"],
+            "model spec token 3 = dropout:2",
+        ),
+        (
+            vec!["--model", "flatten,linear:12"],
+            "the data has 10 classes",
+        ),
+        (
+            vec!["--model", "deep-mlp:0"],
+            "model spec token 1 = deep-mlp:0",
+        ),
+        (
+            vec!["--config", cfg.to_str().unwrap()],
+            "unknown key \"learning_rate\"",
+        ),
+        (
+            vec!["--learning-rate", "0.1"],
+            "unexpected argument '--learning-rate'",
+        ),
+        (vec!["--monitor", "val_f1"], "invalid --monitor \"val_f1\""),
+        (
+            vec!["--early-stopping", "3", "--validation", "0"],
+            "needs a validation split",
+        ),
+        (vec!["--validation", "0.95"], "invalid --validation 0.95"),
+        (
+            vec![
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                "/nonexistent/fmnist",
+            ],
+            "fashion-mnist",
+        ),
+        (
+            vec!["--resume", "/nonexistent/run"],
+            "no /nonexistent/run/config.toml",
+        ),
+    ] {
+        let mut all = vec!["train"];
+        all.extend(args.iter().copied());
+        let out_dir = dir.join("out");
+        let o = out_dir.to_str().unwrap().to_string();
+        if !args.contains(&"--resume") {
+            all.extend(["--out", o.as_str()]);
+        }
+        let (code, out, err) = regimen(&all);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        let _ = std::fs::remove_dir_all(&out_dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
