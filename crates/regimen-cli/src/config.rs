@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::CommandFactory;
 
 /// The long flags `train` accepts (its own and the global ones).
-fn train_flags() -> Vec<String> {
+pub fn train_flags() -> Vec<String> {
     let cmd = crate::Cli::command();
     let globals = cmd
         .get_arguments()
@@ -30,7 +30,7 @@ pub struct Expanded {
 
 /// Expand `--config FILE` of `regimen train` into flags placed before the command line's own.
 pub fn expand(args: Vec<String>) -> Result<Expanded> {
-    let Some(ti) = args.iter().position(|a| a == "train") else {
+    let Some(ti) = args.iter().position(|a| a == "train" || a == "lr-find") else {
         return Ok(Expanded {
             args,
             from_file: Vec::new(),

@@ -58,6 +58,67 @@ impl Source {
     }
 }
 
+/// Samples `idx` of `d` before (top row) and after (bottom row) `pipeline`, with each augmented
+/// sample's label(s) under it as CLASS:WEIGHT (Mixup and CutMix mix them).
+pub fn preview(d: &Dataset, idx: &[usize], pipeline: &Pipeline, rng: &mut Rng) -> Canvas {
+    let n = idx.len();
+    let before = d.subset(idx);
+    let mut after = before.images.clone();
+    let soft = pipeline.apply(
+        &mut after,
+        d.image_shape,
+        &before.labels,
+        d.num_classes(),
+        rng,
+    );
+    let [_, h, w] = d.image_shape;
+    let scale = (96 / h.max(w)).max(1);
+    let (cell_w, cell_h) = (w * scale + 8, h * scale + 8);
+    let label_h = 3 * 5 * 2 + 8;
+    let mut canvas = Canvas::new(cell_w * n + 8, 2 * cell_h + label_h + 8, [255, 255, 255]);
+    let dim = d.image_len();
+    for i in 0..n {
+        canvas.image(
+            &before.images[i * dim..(i + 1) * dim],
+            d.image_shape,
+            8 + i * cell_w,
+            8,
+            scale,
+        );
+        canvas.image(
+            &after[i * dim..(i + 1) * dim],
+            d.image_shape,
+            8 + i * cell_w,
+            8 + cell_h,
+            scale,
+        );
+        // Under each augmented sample: its label(s) as CLASS:WEIGHT, heaviest first.
+        let mut parts: Vec<(usize, f32)> = match &soft {
+            Some(y) => (0..d.num_classes())
+                .map(|c| (c, y[i * d.num_classes() + c]))
+                .filter(|&(_, w)| w > 0.005)
+                .collect(),
+            None => vec![(before.labels[i] as usize, 1.0)],
+        };
+        parts.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+        for (line, (c, wgt)) in parts.iter().take(2).enumerate() {
+            let text = if soft.is_some() {
+                format!("{c}:{wgt:.2}")
+            } else {
+                format!("{c}")
+            };
+            canvas.text(
+                &text,
+                8 + i * cell_w,
+                2 * cell_h + 4 + line * 14,
+                2,
+                [0, 0, 0],
+            );
+        }
+    }
+    canvas
+}
+
 fn describe(name: &str, d: &Dataset) {
     let mut counts = vec![0usize; d.num_classes()];
     d.labels.iter().for_each(|&l| counts[l as usize] += 1);
@@ -124,60 +185,7 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
             let n = (*count).min(d.len());
             let mut rng = Rng::new(*seed);
             let idx: Vec<usize> = (0..n).map(|_| rng.below(d.len())).collect();
-            let before = d.subset(&idx);
-            let mut after = before.images.clone();
-            let soft = pipeline.apply(
-                &mut after,
-                d.image_shape,
-                &before.labels,
-                d.num_classes(),
-                &mut rng,
-            );
-            let [_, h, w] = d.image_shape;
-            let scale = (96 / h.max(w)).max(1);
-            let (cell_w, cell_h) = (w * scale + 8, h * scale + 8);
-            let label_h = 3 * 5 * 2 + 8;
-            let mut canvas = Canvas::new(cell_w * n + 8, 2 * cell_h + label_h + 8, [255, 255, 255]);
-            let dim = d.image_len();
-            for i in 0..n {
-                canvas.image(
-                    &before.images[i * dim..(i + 1) * dim],
-                    d.image_shape,
-                    8 + i * cell_w,
-                    8,
-                    scale,
-                );
-                canvas.image(
-                    &after[i * dim..(i + 1) * dim],
-                    d.image_shape,
-                    8 + i * cell_w,
-                    8 + cell_h,
-                    scale,
-                );
-                // Under each augmented sample: its label(s) as CLASS:WEIGHT, heaviest first.
-                let mut parts: Vec<(usize, f32)> = match &soft {
-                    Some(y) => (0..d.num_classes())
-                        .map(|c| (c, y[i * d.num_classes() + c]))
-                        .filter(|&(_, w)| w > 0.005)
-                        .collect(),
-                    None => vec![(before.labels[i] as usize, 1.0)],
-                };
-                parts.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
-                for (line, (c, wgt)) in parts.iter().take(2).enumerate() {
-                    let text = if soft.is_some() {
-                        format!("{c}:{wgt:.2}")
-                    } else {
-                        format!("{c}")
-                    };
-                    canvas.text(
-                        &text,
-                        8 + i * cell_w,
-                        2 * cell_h + 4 + line * 14,
-                        2,
-                        [0, 0, 0],
-                    );
-                }
-            }
+            let canvas = preview(d, &idx, &pipeline, &mut rng);
             canvas.save(out)?;
             say!(
                 "wrote {} ({} samples of {}, top: original, bottom: {})",

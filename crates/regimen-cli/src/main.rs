@@ -5,9 +5,11 @@ mod out;
 mod bench;
 mod config;
 mod data_cmd;
+mod lab;
 mod plot;
 mod predict;
 mod recipe;
+mod sweep;
 mod train_cmd;
 
 use anyhow::{Context, Result};
@@ -66,6 +68,16 @@ enum Command {
     /// Inspect datasets and augmentation pipelines.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// The learning-rate range test (Smith): the loss while the rate grows exponentially over a
+    /// few hundred steps, with two suggestions; takes every `train` flag and config.
+    #[command(args_override_self = true, allow_negative_numbers = true)]
+    LrFind(train_cmd::LrFindArgs),
+    /// Random search with successive halving over a space of train settings; a leaderboard,
+    /// plots and the best config.
+    Sweep(sweep::SweepArgs),
+    /// The lecture's experiments with plots and a report: `regimen lab list` names them,
+    /// `regimen lab NAME` runs one, `regimen lab all` runs them all into one report.
+    Lab(lab::LabArgs),
 }
 
 fn run() -> Result<()> {
@@ -101,6 +113,9 @@ fn run() -> Result<()> {
             predict::eval(&checkpoints, dataset, data_dir)
         }
         Some(Command::Predict(args)) => predict::predict(&args),
+        Some(Command::Lab(args)) => lab::run(&args),
+        Some(Command::LrFind(args)) => train_cmd::lr_find(&args),
+        Some(Command::Sweep(args)) => sweep::run(&args),
     }
 }
 

@@ -57,12 +57,22 @@ pub struct Plot<'a> {
 
 /// Draw `series` as lines (markers too when a series has few points) into a PNG at `path`.
 pub fn lines(path: &Path, plot: &Plot, series: &[Series]) -> Result<()> {
+    chart(path, plot, series, true)
+}
+
+/// Draw `series` as markers only.
+pub fn points(path: &Path, plot: &Plot, series: &[Series]) -> Result<()> {
+    chart(path, plot, series, false)
+}
+
+fn chart(path: &Path, plot: &Plot, series: &[Series], connect: bool) -> Result<()> {
     register_font();
     let (w, h) = (900u32, 540u32);
     let mut rgb = vec![255u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
-        draw(&root, plot, series).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+        draw(&root, plot, series, connect)
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
         root.present()
             .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     }
@@ -81,6 +91,7 @@ fn draw(
     root: &Area,
     plot: &Plot,
     series: &[Series],
+    connect: bool,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     root.fill(&WHITE)?;
     let all = series.iter().flat_map(|s| s.points.iter());
@@ -117,7 +128,7 @@ fn draw(
             .y_desc(plot.y_label)
             .y_label_formatter(&|v| format!("{v:.1e}"))
             .draw()?;
-        draw_series(&mut c, series)?;
+        draw_series(&mut c, series, connect)?;
     } else {
         let pad = 0.05 * (y1 - y0);
         let mut c = chart.build_cartesian_2d(x0..x1, y0 - pad..y1 + pad)?;
@@ -125,7 +136,7 @@ fn draw(
             .x_desc(plot.x_label)
             .y_desc(plot.y_label)
             .draw()?;
-        draw_series(&mut c, series)?;
+        draw_series(&mut c, series, connect)?;
     }
     Ok(())
 }
@@ -137,16 +148,18 @@ fn draw_series<'a, Y: plotters::coord::ranged1d::Ranged<ValueType = f64>>(
         Cartesian2d<plotters::coord::types::RangedCoordf64, Y>,
     >,
     series: &[Series],
+    connect: bool,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
+        let width = if connect { 2 } else { 0 };
         c.draw_series(LineSeries::new(
-            s.points.iter().copied(),
-            color.stroke_width(2),
+            s.points.iter().copied().filter(|_| connect),
+            color.stroke_width(width),
         ))?
         .label(s.name.as_str())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        if s.points.len() <= 60 {
+        if s.points.len() <= 60 || !connect {
             c.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
     }
@@ -157,5 +170,218 @@ fn draw_series<'a, Y: plotters::coord::ranged1d::Ranged<ValueType = f64>>(
             .label_font(("sans-serif", 16))
             .draw()?;
     }
+    Ok(())
+}
+
+/// A grid of histograms (40 bins each, each panel its own range), one per `(title, values)`.
+pub fn histograms(path: &Path, title: &str, panels: &[(String, Vec<f32>)]) -> Result<()> {
+    register_font();
+    let cols = panels.len().clamp(1, 5);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let (w, h) = (1100u32, 60 + 230 * rows as u32);
+    let mut rgb = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+            root.fill(&WHITE)?;
+            let (top, body) = root.split_vertically(50);
+            top.titled(title, ("sans-serif", 24))?;
+            let areas = body.split_evenly((rows, cols));
+            for ((name, values), area) in panels.iter().zip(areas.iter()) {
+                let finite: Vec<f64> = values
+                    .iter()
+                    .filter(|v| v.is_finite())
+                    .map(|&v| v as f64)
+                    .collect();
+                let (mut lo, mut hi) = finite
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                if lo > hi {
+                    (lo, hi) = (-1.0, 1.0);
+                }
+                if hi - lo < 1e-12 {
+                    lo -= 1e-6_f64.max(lo.abs() * 0.1);
+                    hi += 1e-6_f64.max(hi.abs() * 0.1);
+                }
+                let bins = 40;
+                let width = (hi - lo) / bins as f64;
+                let mut counts = vec![0usize; bins];
+                for v in &finite {
+                    let b = (((v - lo) / width) as usize).min(bins - 1);
+                    counts[b] += 1;
+                }
+                let top = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
+                let mut chart = ChartBuilder::on(area)
+                    .caption(name.as_str(), ("sans-serif", 15))
+                    .margin(6)
+                    .x_label_area_size(24)
+                    .y_label_area_size(40)
+                    .build_cartesian_2d(lo..hi, 0.0..top * 1.05)?;
+                chart
+                    .configure_mesh()
+                    .x_labels(3)
+                    .y_labels(3)
+                    .x_label_formatter(&|v| format!("{v:.2e}"))
+                    .y_label_formatter(&|v| format!("{v:.0}"))
+                    .label_style(("sans-serif", 11))
+                    .disable_mesh()
+                    .draw()?;
+                chart.draw_series(counts.iter().enumerate().map(|(i, &c)| {
+                    let x0 = lo + i as f64 * width;
+                    Rectangle::new([(x0, 0.0), (x0 + width, c as f64)], COLORS[0].filled())
+                }))?;
+            }
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    regimen::png::Canvas {
+        width: w as usize,
+        height: h as usize,
+        rgb,
+    }
+    .save(path)?;
+    Ok(())
+}
+
+/// Paths over a map of `f` in `window = (x0, x1, y0, y1)`: the map as shaded cells (darker is
+/// lower, log-scaled above the window's minimum), each path a line with its start and end.
+pub fn paths(
+    path: &Path,
+    title: &str,
+    f: fn(f64, f64) -> f64,
+    window: (f64, f64, f64, f64),
+    series: &[Series],
+) -> Result<()> {
+    register_font();
+    let (w, h) = (900u32, 600u32);
+    let (x0, x1, y0, y1) = window;
+    let mut rgb = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 24))
+                .margin(16)
+                .x_label_area_size(40)
+                .y_label_area_size(50)
+                .build_cartesian_2d(x0..x1, y0..y1)?;
+            chart
+                .configure_mesh()
+                .x_desc("x")
+                .y_desc("y")
+                .disable_mesh()
+                .draw()?;
+            let n = 120;
+            let (dx, dy) = ((x1 - x0) / n as f64, (y1 - y0) / n as f64);
+            let mut vals = Vec::with_capacity(n * n);
+            for i in 0..n {
+                for j in 0..n {
+                    vals.push(f(x0 + (i as f64 + 0.5) * dx, y0 + (j as f64 + 0.5) * dy));
+                }
+            }
+            let lo = vals.iter().cloned().fold(f64::MAX, f64::min);
+            let hi = vals.iter().cloned().fold(f64::MIN, f64::max);
+            let shade = |v: f64| {
+                let t = ((v - lo).max(0.0) + 1e-3).ln() - 1e-3f64.ln();
+                let top = ((hi - lo).max(0.0) + 1e-3).ln() - 1e-3f64.ln();
+                let t = (t / top.max(1e-12)).clamp(0.0, 1.0);
+                let g = (110.0 + 145.0 * t) as u8;
+                RGBColor(g, g, (g as f64 * 0.9 + 25.0) as u8)
+            };
+            chart.draw_series((0..n * n).map(|k| {
+                let (i, j) = (k / n, k % n);
+                let (xa, ya) = (x0 + i as f64 * dx, y0 + j as f64 * dy);
+                Rectangle::new([(xa, ya), (xa + dx, ya + dy)], shade(vals[k]).filled())
+            }))?;
+            for (i, s) in series.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                let pts: Vec<(f64, f64)> = s
+                    .points
+                    .iter()
+                    .map(|&(x, y)| (x.clamp(x0, x1), y.clamp(y0, y1)))
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
+                    .label(s.name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+                if let Some(&e) = pts.last() {
+                    chart.draw_series(std::iter::once(Circle::new(e, 5, color.filled())))?;
+                }
+            }
+            if let Some(s) = series.first().and_then(|s| s.points.first()) {
+                chart.draw_series(std::iter::once(Cross::new(*s, 7, BLACK.stroke_width(2))))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 15))
+                .draw()?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    regimen::png::Canvas {
+        width: w as usize,
+        height: h as usize,
+        rgb,
+    }
+    .save(path)?;
+    Ok(())
+}
+
+/// Scatter plots side by side, all panels on one common square scale.
+pub fn scatter(path: &Path, title: &str, panels: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    register_font();
+    let cols = panels.len().max(1);
+    let (w, h) = (260 * cols as u32 + 20, 330u32);
+    let lim = panels
+        .iter()
+        .flat_map(|(_, p)| p.iter())
+        .fold(1e-9f64, |m, &(x, y)| m.max(x.abs()).max(y.abs()))
+        * 1.05;
+    let mut rgb = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+            root.fill(&WHITE)?;
+            let (top, body) = root.split_vertically(44);
+            top.titled(title, ("sans-serif", 22))?;
+            for ((name, pts), area) in panels.iter().zip(body.split_evenly((1, cols)).iter()) {
+                let mut chart = ChartBuilder::on(area)
+                    .caption(name.as_str(), ("sans-serif", 15))
+                    .margin(8)
+                    .x_label_area_size(24)
+                    .y_label_area_size(32)
+                    .build_cartesian_2d(-lim..lim, -lim..lim)?;
+                chart
+                    .configure_mesh()
+                    .x_labels(5)
+                    .y_labels(5)
+                    .label_style(("sans-serif", 11))
+                    .light_line_style(WHITE)
+                    .draw()?;
+                chart.draw_series(
+                    pts.iter()
+                        .map(|&p| Circle::new(p, 2, COLORS[0].mix(0.6).filled())),
+                )?;
+            }
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    regimen::png::Canvas {
+        width: w as usize,
+        height: h as usize,
+        rgb,
+    }
+    .save(path)?;
     Ok(())
 }

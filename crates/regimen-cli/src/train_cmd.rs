@@ -174,7 +174,53 @@ fn new_run_dir(model: &str) -> Result<PathBuf> {
     bail!("cannot find a free run folder name like {}", base.display())
 }
 
+/// `regimen lr-find`: the learning-rate range test on the model, data and optimizer of a
+/// `train` config.
+#[derive(clap::Args)]
+pub struct LrFindArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// The first learning rate of the range.
+    #[arg(long, default_value_t = 1e-7)]
+    pub start: f64,
+    /// The last learning rate of the range.
+    #[arg(long, default_value_t = 10.0)]
+    pub end: f64,
+    /// Steps from --start to --end (the rate grows exponentially), 5 to 100,000.
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// Stop once the smoothed loss exceeds this multiple of its minimum.
+    #[arg(long, default_value_t = 4.0)]
+    pub diverge: f64,
+    /// Write the suggested learning rate (steepest descent) as `lr` into this TOML config
+    /// (created, or updated keeping its other keys).
+    #[arg(long)]
+    pub apply: Option<PathBuf>,
+}
+
 pub fn train(args: &TrainArgs) -> Result<()> {
+    run(args, None)
+}
+
+pub fn lr_find(args: &LrFindArgs) -> Result<()> {
+    check_range("--steps", args.steps, 5, 100_000)?;
+    if !(args.start > 0.0 && args.end > args.start && args.end.is_finite()) {
+        bail!(
+            "invalid --start {} / --end {}: need 0 < start < end",
+            args.start,
+            args.end
+        );
+    }
+    if !(args.diverge > 1.0 && args.diverge.is_finite()) {
+        bail!("invalid --diverge {}: must be a number > 1", args.diverge);
+    }
+    if let Some(p) = &args.apply {
+        check_writable(p)?;
+    }
+    run(&args.train, Some(args))
+}
+
+fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     check_range("--batch-size", args.batch_size, 1, 65_536)?;
     check_range("--epochs", args.epochs, 1, 1_000_000)?;
     check_range("--workers", args.workers, 0, 64)?;
@@ -245,11 +291,18 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let out = match (&args.resume, &args.out) {
         (Some(dir), _) => dir.clone(),
         (None, Some(dir)) => dir.clone(),
+        (None, None) if find.is_some() => new_run_dir(&format!("lr-find-{model_name}"))?,
         (None, None) => new_run_dir(&model_name)?,
     };
     let ckpt_dir = out.join("checkpoints");
     let last = ckpt_dir.join("last.safetensors");
-    if args.resume.is_none() {
+    if find.is_some() {
+        if args.resume.is_some() {
+            bail!("lr-find starts from a new model: give no --resume");
+        }
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("creating the folder {}", out.display()))?;
+    } else if args.resume.is_none() {
         if last.exists() {
             bail!(
                 "{} already holds a run: continue it with --resume {}, or give another --out",
@@ -349,8 +402,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         .with_validation(validation)
         .with_test(Some(test))
         .with_preprocess(Some(pre))
-        .with_meta(meta)
-        .checkpoint_every_epoch(last.clone());
+        .with_meta(meta);
+    if let Some(f) = find {
+        return range_test(&mut trainer, f, &out);
+    }
+    let mut trainer = trainer.checkpoint_every_epoch(last.clone());
     if let Some(dir) = &args.resume {
         let config_path = dir.join("config.toml");
         trainer
@@ -382,7 +438,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     if let Some(patience) = args.early_stopping {
         let mut es = EarlyStopping::new(&args.monitor, mode, patience, args.min_delta)?;
         if args.restore_best {
-            es = es.restore_best_weights();
+            es = es
+                .restore_best_weights()
+                .best_file(ckpt_dir.join("early-stopping-best.safetensors"));
         }
         trainer.add_callback(Box::new(es));
     }
@@ -733,4 +791,109 @@ impl Callback for InterruptAt {
         }
         Ok(())
     }
+}
+
+/// Run the range test and write `lr-find.csv` and `lr-find.png` into `out`.
+fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
+    say!(
+        "range test: learning rate from {:e} to {:e} over {} steps (stops when the smoothed loss exceeds {} times its minimum)",
+        f.start, f.end, f.steps, f.diverge
+    );
+    let t = trainer.lr_find(f.start, f.end, f.steps, f.diverge)?;
+    let mut csv = String::from("step,lr,loss,smoothed_loss\n");
+    for (i, (lr, l, s)) in t.points.iter().enumerate() {
+        csv += &format!("{},{lr},{l},{s}\n", i + 1);
+    }
+    regimen::io::write_atomic(&out.join("lr-find.csv"), csv.as_bytes())?;
+    let mut series = vec![
+        Series::new(
+            "loss",
+            t.points.iter().map(|p| (p.0.log10(), p.1 as f64)).collect(),
+        ),
+        Series::new(
+            "smoothed (EMA 0.98, bias-corrected)",
+            t.points.iter().map(|p| (p.0.log10(), p.2)).collect(),
+        ),
+    ];
+    let at = |lr: f64| {
+        t.points
+            .iter()
+            .min_by(|a, b| {
+                (a.0.ln() - lr.ln())
+                    .abs()
+                    .partial_cmp(&(b.0.ln() - lr.ln()).abs())
+                    .expect("finite")
+            })
+            .map(|p| (lr.log10(), p.2))
+    };
+    if let Some(s) = t.steepest {
+        series.push(Series::new(
+            &format!("steepest descent: {s:.2e}"),
+            at(s).into_iter().collect(),
+        ));
+    }
+    if let Some(m) = t.min_over_10 {
+        series.push(Series::new(
+            &format!("minimum / 10: {m:.2e}"),
+            at(m).into_iter().collect(),
+        ));
+    }
+    // Clip the exploded tail so the interesting part stays visible.
+    let min = t.points.iter().map(|p| p.2).fold(f64::INFINITY, f64::min);
+    let cap = if min.is_finite() {
+        4.0 * min.max(1e-3)
+    } else {
+        f64::INFINITY
+    };
+    for s in series.iter_mut() {
+        s.points.retain(|p| p.1 <= cap);
+    }
+    plot::lines(
+        &out.join("lr-find.png"),
+        &Plot {
+            title: "Learning-rate range test",
+            x_label: "log10 learning rate",
+            y_label: "training loss",
+            log_y: false,
+        },
+        &series,
+    )?;
+    say!(
+        "{} steps{}; the loss and its smoothing are in {}, the plot in {}",
+        t.points.len(),
+        if t.diverged {
+            " (stopped: the loss diverged)"
+        } else {
+            ""
+        },
+        out.join("lr-find.csv").display(),
+        out.join("lr-find.png").display()
+    );
+    match t.steepest {
+        Some(s) => {
+            say!("suggestion (steepest descent of the smoothed loss against log lr): {s:.3e}")
+        }
+        None => say!("no steepest-descent suggestion: the loss never fell"),
+    }
+    if let Some(m) = t.min_over_10 {
+        say!("suggestion (the minimum of the smoothed loss, divided by 10): {m:.3e}");
+    }
+    if let Some(path) = &f.apply {
+        let lr = t
+            .steepest
+            .or(t.min_over_10)
+            .ok_or_else(|| anyhow::anyhow!("no suggestion to apply"))?;
+        let mut table: toml::Table = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?,
+            Err(_) => toml::Table::new(),
+        };
+        // Three significant digits.
+        let lr: f64 = format!("{lr:.2e}").parse().expect("a number");
+        table.insert("lr".into(), toml::Value::Float(lr));
+        regimen::io::write_atomic(path, toml::to_string(&table)?.as_bytes())?;
+        say!("wrote lr = {lr} into {}", path.display());
+    }
+    Ok(())
 }

@@ -992,3 +992,252 @@ fn bad_specs_keys_flags_and_data_are_one_line() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `regimen lab`: the list, one experiment into a Markdown and a self-contained HTML report.
+#[test]
+fn lab_list_and_a_quick_experiment() {
+    let (code, out, _) = regimen(&["lab", "list"]);
+    assert_eq!(code, 0);
+    for name in [
+        "activations",
+        "activation-functions",
+        "preprocessing",
+        "init",
+        "learning-rate",
+        "optimizers",
+        "regularization",
+        "augmentation",
+        "fitting",
+        "ensembles",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(name)),
+            "{name} in:\n{out}"
+        );
+    }
+    let dir = scratch().join(format!("lab-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (code, out, err) = regimen(&[
+        "lab",
+        "optimizers",
+        "--quick",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    let figures = md.matches("![").count();
+    assert!(figures >= 4, "{md}");
+    assert_eq!(
+        html.matches("src=\"data:image/png;base64,").count(),
+        figures
+    );
+    for line in md.lines().filter(|l| l.starts_with("![")) {
+        let file = line.split("](").nth(1).unwrap().trim_end_matches(')');
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    let (code, _, err) = regimen(&["lab", "nonsense"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown experiment \"nonsense\""), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `regimen lr-find`: the range test writes its CSV and plot, prints the two suggestions and
+/// writes the steepest one into a config with --apply.
+#[test]
+fn lr_find_suggests_and_applies() {
+    let dir = scratch().join(format!("lrfind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, "epochs = 3\nmodel = \"digits-mlp\"\n").unwrap();
+    let out = dir.join("out");
+    let (code, stdout, err) = regimen(&[
+        "lr-find",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "120",
+        "--out",
+        out.to_str().unwrap(),
+        "--apply",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("suggestion (steepest descent"), "{stdout}");
+    assert!(
+        stdout.contains("suggestion (the minimum of the smoothed loss, divided by 10)"),
+        "{stdout}"
+    );
+    assert!(out.join("lr-find.png").is_file());
+    let csv = std::fs::read_to_string(out.join("lr-find.csv")).unwrap();
+    assert!(
+        csv.starts_with("step,lr,loss,smoothed_loss\n") && csv.lines().count() > 20,
+        "{csv}"
+    );
+    let applied = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        applied.contains("epochs = 3") && applied.contains("lr = "),
+        "{applied}"
+    );
+    // The config with the applied rate trains.
+    let (code, _, err) = regimen(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        dir.join("t").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = regimen(&["lr-find", "--start", "1", "--end", "0.1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("need 0 < start < end"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `regimen sweep`: successive halving over a small space; a leaderboard, plots and the best
+/// config; a killed sweep resumes without rerunning finished trials; bad spaces are one line.
+#[test]
+fn sweep_runs_resumes_and_refuses_bad_spaces() {
+    let dir = scratch().join(format!("sweep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let space = dir.join("space.toml");
+    std::fs::write(&space, "lr = \"log_uniform(1e-3, 0.5)\"\nbatch_size = \"choice(32, 64)\"\nmodel = \"choice('digits-mlp', 'flatten,linear:32,relu,linear:classes')\"\n").unwrap();
+    let base = dir.join("base.toml");
+    std::fs::write(&base, "epochs = 2\nvalidation = 0.2\n").unwrap();
+    let out = dir.join("s");
+    let args = [
+        "sweep",
+        "--space",
+        space.to_str().unwrap(),
+        "--config",
+        base.to_str().unwrap(),
+        "--trials",
+        "4",
+        "--jobs",
+        "2",
+        "--eta",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    // Killed (the whole process group, as Ctrl-C in a terminal) once the first trial has finished.
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .args(args)
+        .process_group(0)
+        .current_dir(scratch())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let done = || -> Vec<(usize, usize)> {
+        let Ok(text) = std::fs::read_to_string(out.join("sweep.json")) else {
+            return Vec::new();
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return Vec::new();
+        };
+        v["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| {
+                let id = t["id"].as_u64().unwrap() as usize;
+                t["runs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(move |r| (id, r["epochs"].as_u64().unwrap() as usize))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    while done().is_empty() {
+        assert!(start.elapsed().as_secs() < 120, "no trial finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ok = Command::new("kill")
+        .args(["-9", &format!("-{}", child.id())])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    child.wait().unwrap();
+    let first = done();
+    let (id, e) = first[0];
+    let summary = out.join(format!("trials/trial-{id:03}-e{e}/summary.json"));
+    let stamp = std::fs::metadata(&summary).unwrap().modified().unwrap();
+    let (code, stdout, err) = regimen(&args);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("resuming the sweep"), "{stdout}");
+    assert_eq!(
+        std::fs::metadata(&summary).unwrap().modified().unwrap(),
+        stamp,
+        "not rerun"
+    );
+    // 4 trials at 1 epoch, the best 2 at 2 epochs.
+    let all = done();
+    assert_eq!(all.iter().filter(|r| r.1 == 1).count(), 4, "{all:?}");
+    assert_eq!(all.iter().filter(|r| r.1 == 2).count(), 2, "{all:?}");
+    let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
+    assert!(
+        md.contains("| rank | trial | batch_size | lr | model |"),
+        "{md}"
+    );
+    assert!(out.join("leaderboard.csv").is_file() && out.join("sweep-lr.png").is_file());
+    let best = std::fs::read_to_string(out.join("best.toml")).unwrap();
+    assert!(
+        best.contains("epochs = 2") && best.contains("lr = "),
+        "{best}"
+    );
+    let (code, _, err) = regimen(&[
+        "train",
+        "--config",
+        out.join("best.toml").to_str().unwrap(),
+        "--out",
+        dir.join("best-run").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "the best config trains: {err}");
+    // A second run of the finished sweep reruns nothing either.
+    let (code, stdout, _) = regimen(&args);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("rung 2: 2 trials at 2 epochs (2 already done)"),
+        "{stdout}"
+    );
+    for (text, needle) in [
+        (
+            "learning_rate = \"log_uniform(1e-3, 1)\"",
+            "learning_rate: not a train setting",
+        ),
+        (
+            "lr = \"log_uniform(0, 1)\"",
+            "lr: log_uniform needs bounds > 0",
+        ),
+        (
+            "optimizer = \"choice()\"",
+            "optimizer: choice needs at least one value",
+        ),
+        ("lr = 0.1", "lr: expected a string"),
+    ] {
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, text).unwrap();
+        let (code, out2, err) = regimen(&[
+            "sweep",
+            "--space",
+            bad.to_str().unwrap(),
+            "--out",
+            dir.join("x").to_str().unwrap(),
+        ]);
+        assert_eq!(code, 2, "{text}: {out2}{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("bad.toml") && err.contains(needle),
+            "{text}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -438,7 +438,7 @@ fn run_epochs(
             if wants {
                 optim.measure_grad_norm();
             }
-            let info = optim.step(model, lr as f32)?;
+            let info = optim.step(model, lr)?;
             meter.add(&logits, &out.loss, &y);
             batch_index += 1;
             hooks.step_end(&StepEnd {
@@ -485,7 +485,7 @@ fn run_epochs(
             train_acc,
             test_loss,
             test_acc,
-            lr: lr as f32,
+            lr,
             seconds: start.elapsed().as_secs_f32(),
             samples: samples
                 - if epoch == first {

@@ -456,3 +456,94 @@ fn tensorboard_events_are_framed_and_hold_the_epochs() {
     assert_eq!(step_events, 8);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// After a resume, restoring the best weights takes an epoch from before the resume from the
+/// early-stopping checkpoint file.
+#[test]
+fn restore_best_across_a_resume() {
+    let dir = scratch("bestresume");
+    let p = digits(0.2);
+    let setup = Setup {
+        spec: "flatten,linear:64,relu,linear:classes",
+        lr: 0.8,
+        momentum: 0.9,
+        epochs: 8,
+        schedule: "constant",
+        augment: "none",
+        unit: Unit::Batch,
+    };
+    let es = || {
+        EarlyStopping::new("val_loss", Mode::Min, 100, 0.0)
+            .unwrap()
+            .restore_best_weights()
+            .best_file(dir.join("es-best.safetensors"))
+    };
+    let mut full = trainer(&p, &setup).callback(es());
+    full.run().unwrap();
+    let best = full
+        .history()
+        .iter()
+        .min_by(|a, b| a.val_loss.partial_cmp(&b.val_loss).unwrap())
+        .unwrap()
+        .clone();
+    assert!(
+        best.epoch < 7,
+        "the best epoch comes early in this setup: {best:?}"
+    );
+    // Interrupted at the end of epoch 7, resumed in a new trainer that never saw the best epoch.
+    let ckpt = dir.join("last.safetensors");
+    let mut first = trainer(&p, &setup)
+        .callback(es())
+        .checkpoint_every_epoch(ckpt.clone());
+    let flag = first.stop_flag();
+    let per_epoch = p.train.len().div_ceil(32) as u64;
+    first.add_callback(Box::new(InterruptAt(7 * per_epoch, flag)));
+    assert!(matches!(
+        first.run().unwrap().ending,
+        Ending::Interrupted { .. }
+    ));
+    let mut second = trainer(&p, &setup).callback(es());
+    second.resume(&ckpt).unwrap();
+    second.run().unwrap();
+    assert_eq!(weights(&mut second.model), weights(&mut full.model));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The range test leaves no trace: weights, optimizer state, position and history are as
+/// before; a training run after it equals one without it, bit for bit.
+#[test]
+fn lr_find_leaves_no_trace() {
+    let p = digits(0.1);
+    let setup = Setup {
+        spec: "flatten,linear:32,relu,dropout:0.1,linear:classes",
+        lr: 0.05,
+        momentum: 0.9,
+        epochs: 2,
+        schedule: "cosine",
+        augment: "translate=1",
+        unit: Unit::Batch,
+    };
+    let mut plain = trainer(&p, &setup);
+    plain.run().unwrap();
+    let mut t = trainer(&p, &setup);
+    let before = weights(&mut t.model);
+    let test = t.lr_find(1e-6, 10.0, 100, 4.0).unwrap();
+    assert_eq!(weights(&mut t.model), before);
+    assert_eq!(t.position(), (0, 0));
+    assert!(t.history().is_empty());
+    assert!(
+        test.points.len() > 20 && test.points.len() <= 101,
+        "{}",
+        test.points.len()
+    );
+    assert!(test.diverged, "lr 10 diverges");
+    // The rates grow exponentially from the start.
+    assert!((test.points[0].0 - 1e-6).abs() < 1e-12);
+    let ratio = test.points[1].0 / test.points[0].0;
+    assert!((ratio - (1e7f64).powf(1.0 / 99.0)).abs() < 1e-4, "{ratio}");
+    let s = test.steepest.unwrap();
+    assert!(s > 1e-4 && s < 5.0, "{s}");
+    t.run().unwrap();
+    assert_eq!(weights(&mut t.model), weights(&mut plain.model));
+    assert_eq!(without_timing(t.history()), without_timing(plain.history()));
+}

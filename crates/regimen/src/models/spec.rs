@@ -586,7 +586,7 @@ impl ModelSpec {
                     (vec![*o, oh, ow], n, layer)
                 }
             };
-            if next.iter().any(|&d| d == 0) {
+            if next.contains(&0) {
                 return Err(at(format!("the output shape {next:?} is empty")));
             }
             if let (Some((model, _)), Some(layer)) = (out.as_mut(), layer) {

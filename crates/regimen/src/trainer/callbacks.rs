@@ -97,9 +97,11 @@ pub struct EarlyStopping {
     /// Epochs since the best.
     wait: usize,
     weights: Vec<Tensor>,
-    /// The best epoch's weights were not seen in this process (a resumed run): restoring
-    /// them needs the best checkpoint.
+    /// The epoch whose weights `weights` holds.
     weights_epoch: usize,
+    /// Also write the best epoch to this checkpoint, so that a resumed run can restore an
+    /// epoch from before the resume.
+    file: Option<PathBuf>,
 }
 
 impl EarlyStopping {
@@ -111,11 +113,19 @@ impl EarlyStopping {
             wait: 0,
             weights: Vec::new(),
             weights_epoch: 0,
+            file: None,
         })
     }
 
     pub fn restore_best_weights(mut self) -> Self {
         self.restore_best = true;
+        self
+    }
+
+    /// With [`EarlyStopping::restore_best_weights`]: also keep the best epoch in the checkpoint
+    /// `path`, from which a resumed run restores a best epoch it did not see itself.
+    pub fn best_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.file = Some(path.into());
         self
     }
 
@@ -184,6 +194,9 @@ impl Callback for EarlyStopping {
         if improved && self.restore_best {
             copy_state(end.model, &mut self.weights);
             self.weights_epoch = end.record.epoch;
+            if let Some(f) = &self.file {
+                end.save_checkpoint(f)?;
+            }
         }
         if let Some(reason) = stop {
             end.control.stop(reason);
@@ -192,8 +205,20 @@ impl Callback for EarlyStopping {
     }
 
     fn on_train_end(&mut self, _history: &[Record], model: &mut dyn Layer) -> Result<()> {
-        if self.restore_best && !self.weights.is_empty() && self.weights_epoch == self.best.epoch {
+        if !self.restore_best || self.best.value.is_none() {
+            return Ok(());
+        }
+        if !self.weights.is_empty() && self.weights_epoch == self.best.epoch {
             put_state(model, &self.weights);
+        } else if let Some(f) = self.file.as_ref().filter(|f| f.is_file()) {
+            // The best epoch came before a resume: its checkpoint holds it.
+            crate::checkpoint::load(f, model)?;
+        } else {
+            return Err(Error::config(
+                "restore_best",
+                self.best.epoch,
+                "the best epoch's weights are neither in memory (it came before a resume) nor in a best_file",
+            ));
         }
         Ok(())
     }

@@ -24,6 +24,7 @@
 //! would be, also from the middle of an epoch (an interrupt: [`Trainer::stop_flag`]).
 
 pub mod callbacks;
+pub mod lr_find;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,312 @@
+//! `regimen lab`: the lecture's experiments, each one command that writes PNG plots, a Markdown
+//! report and the same report as one self-contained HTML page.
+
+mod activation_functions;
+mod activations;
+mod augmentation;
+mod ensembles;
+mod fitting;
+mod init_lab;
+mod lr_lab;
+mod optimizers;
+mod preprocessing;
+mod regularization;
+pub mod report;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use regimen::data::PreprocessKind;
+use regimen::optim::{Adagrad, Adam, Optim, OptimConfig, RmsProp, Sgd};
+use regimen::schedule::Constant;
+use regimen::train::FitConfig;
+use regimen::trainer::{Prepared, Record, Trainer};
+use regimen::{models, Rng};
+
+use report::Report;
+
+#[derive(clap::Args)]
+pub struct LabArgs {
+    /// An experiment (see `regimen lab list`), `all`, or `list`.
+    pub name: String,
+    /// The report folder (default: lab/NAME).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A small, fast version (seconds; the embedded digits).
+    #[arg(long)]
+    pub quick: bool,
+    /// Where Fashion-MNIST is (else $REGIMEN_DATA, else /usr/share/datasets/fashion-mnist);
+    /// without it the embedded digits are used.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+type Run = fn(&mut Report, bool, &Data) -> Result<()>;
+
+/// The experiments: name, one line, run.
+fn experiments() -> Vec<(&'static str, &'static str, Run)> {
+    vec![
+        (
+            "activations",
+            "per-layer activation statistics, histograms and gradients of a deep net under each initialization",
+            |r, q, _| activations::lab(r, q),
+        ),
+        (
+            "activation-functions",
+            "each activation with its derivative, and the same network trained with each (accuracy, speed, dead ReLUs)",
+            activation_functions::lab,
+        ),
+        (
+            "preprocessing",
+            "original, zero-centered, normalized, decorrelated and whitened data, and the effect of each on training",
+            preprocessing::lab,
+        ),
+        (
+            "init",
+            "training curves of the same deep network under each initialization (tanh and ReLU)",
+            init_lab::lab,
+        ),
+        (
+            "learning-rate",
+            "loss curves for very high, high, low and good rates; warmup at a large batch; cyclic; the linear scaling rule",
+            lr_lab::lab,
+        ),
+        (
+            "optimizers",
+            "SGD, Momentum, Nesterov, Adagrad, RMSprop and Adam on 2-D surfaces, and training a network",
+            optimizers::lab,
+        ),
+        (
+            "regularization",
+            "L1 and L2 paths (L1's exact zeros), dropout and the train/test gap, batch norm's train/eval mistake, stochastic depth",
+            regularization::lab,
+        ),
+        (
+            "augmentation",
+            "a gallery of every augmentation on real samples, and baseline vs Mixup, Cutout and CutMix on one budget",
+            augmentation::lab,
+        ),
+        (
+            "fitting",
+            "underfitting and overfitting across capacity, early stopping on the validation curve, a width sweep for double descent",
+            fitting::lab,
+        ),
+        (
+            "ensembles",
+            "N independent models against one, and a snapshot ensemble from one run with warm restarts",
+            ensembles::lab,
+        ),
+    ]
+}
+
+/// The real data of a lab run.
+pub struct Data {
+    pub name: String,
+    pub prepared: Prepared,
+    /// The training and test splits before preprocessing (the quick subset).
+    raw: (regimen::data::Dataset, regimen::data::Dataset),
+}
+
+impl Data {
+    fn load(quick: bool, data_dir: Option<&std::path::Path>) -> Result<Data> {
+        let splits = match (quick, regimen::data::load("fashion-mnist", data_dir)) {
+            (false, Ok(s)) => s,
+            _ => regimen::data::load("digits", None)?,
+        };
+        let (mut train, test) = (splits.train, splits.test);
+        if quick {
+            train = train.subset(&(0..train.len().min(600)).collect::<Vec<_>>());
+        }
+        let raw = (train.clone(), test.clone());
+        let prepared = Prepared::new(train, test, PreprocessKind::Normalize, 0.1, 0)?;
+        Ok(Data {
+            name: format!("{} ({} training images)", splits.name, prepared.train.len()),
+            prepared,
+            raw,
+        })
+    }
+
+    /// The raw training and test splits.
+    pub fn raw(&self) -> Result<(regimen::data::Dataset, regimen::data::Dataset)> {
+        Ok(self.raw.clone())
+    }
+}
+
+/// The network the training comparisons use (before the output layer, which has one logit
+/// per class).
+pub const MLP: &str = "flatten,linear:128,relu,linear:classes";
+
+/// Train [`MLP`] on `data` with optimizer `name` at a constant rate; the history.
+pub fn train_mlp(
+    data: &Data,
+    name: &str,
+    lr: f64,
+    epochs: usize,
+    _quick: bool,
+) -> Result<Vec<Record>> {
+    let p = &data.prepared;
+    let model = models::for_input(
+        MLP,
+        p.train.image_shape,
+        p.train.num_classes(),
+        &mut Rng::new(1),
+    )?;
+    let cfg = OptimConfig::default();
+    let sgd = |m: f64, n: bool| Sgd {
+        momentum: m,
+        dampening: 0.0,
+        nesterov: n,
+    };
+    let optim = match name {
+        "sgd" => Optim::new(sgd(0.0, false), cfg)?,
+        "momentum" => Optim::new(sgd(0.9, false), cfg)?,
+        "nesterov" => Optim::new(sgd(0.9, true), cfg)?,
+        "adagrad" => Optim::new(Adagrad::default(), cfg)?,
+        "rmsprop" => Optim::new(RmsProp::default(), cfg)?,
+        "adam" => Optim::new(Adam::default(), cfg)?,
+        other => bail!("unknown optimizer {other}"),
+    };
+    let fit = FitConfig {
+        epochs,
+        batch_size: 64,
+        seed: 1,
+        workers: 0,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(model, optim, Box::new(Constant(lr)), fit, p.train.clone())
+        .with_validation(p.validation.clone());
+    t.run()?;
+    Ok(t.history().to_vec())
+}
+
+/// What a lab training run gives back.
+pub struct Trained {
+    pub history: Vec<Record>,
+    /// `(update, loss)` every few updates.
+    pub steps: Vec<(u64, f32)>,
+    /// The divergence message, when the loss went non-finite.
+    pub diverged: Option<String>,
+}
+
+/// Collects the loss every `every` updates.
+struct StepLosses {
+    every: u64,
+    out: std::sync::Arc<std::sync::Mutex<Vec<(u64, f32)>>>,
+}
+
+impl regimen::trainer::Callback for StepLosses {
+    fn wants_step_values(&self, step: u64) -> bool {
+        step % self.every == 0
+    }
+    fn on_step_end(
+        &mut self,
+        s: &regimen::train::StepEnd,
+        _c: &mut regimen::trainer::Control,
+    ) -> regimen::Result<()> {
+        if let Some(l) = s.loss {
+            self.out.lock().expect("not poisoned").push((s.step, l));
+        }
+        Ok(())
+    }
+}
+
+/// Train model `spec` on `data` with `optim` and `schedule` (stepped per batch).
+pub fn train(
+    data: &Data,
+    spec: &str,
+    optim: Optim,
+    schedule: Box<dyn regimen::schedule::Schedule>,
+    epochs: usize,
+    batch_size: usize,
+) -> Result<Trained> {
+    let p = &data.prepared;
+    let model = models::for_input(
+        spec,
+        p.train.image_shape,
+        p.train.num_classes(),
+        &mut Rng::new(1),
+    )?;
+    let fit = FitConfig {
+        epochs,
+        batch_size,
+        seed: 1,
+        workers: 0,
+        ..Default::default()
+    };
+    let steps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let every = (p.train.len().div_ceil(batch_size) as u64 / 10).max(1);
+    let mut t = Trainer::new(model, optim, schedule, fit, p.train.clone())
+        .with_validation(p.validation.clone())
+        .callback(StepLosses {
+            every,
+            out: steps.clone(),
+        });
+    let diverged = match t.run() {
+        Ok(_) => None,
+        Err(e @ regimen::Error::Diverged { .. }) => Some(e.to_string()),
+        Err(e) => return Err(e.into()),
+    };
+    let steps = steps.lock().expect("not poisoned").clone();
+    Ok(Trained {
+        history: t.history().to_vec(),
+        steps,
+        diverged,
+    })
+}
+
+pub fn run(args: &LabArgs) -> Result<()> {
+    let all = experiments();
+    if args.name == "list" {
+        for (name, about, _) in &all {
+            say!("{name:<14} {about}");
+        }
+        return Ok(());
+    }
+    let chosen: Vec<_> = if args.name == "all" {
+        all.iter().collect()
+    } else {
+        match all.iter().find(|e| e.0 == args.name) {
+            Some(e) => vec![e],
+            None => bail!(
+                "unknown experiment {:?}: expected one of {}, all or list",
+                args.name,
+                all.iter().map(|e| e.0).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("lab").join(&args.name));
+    let data = Data::load(args.quick, args.data_dir.as_deref())?;
+    let title = if chosen.len() == 1 {
+        format!("regimen lab {}", chosen[0].0)
+    } else {
+        "regimen lab: the lecture's experiments".to_string()
+    };
+    let mut report = Report::new(&out, &title)?;
+    report.text(&format!(
+        "Written by `regimen lab {}{}`; every number below comes from this run. Real data: {}.",
+        args.name,
+        if args.quick { " --quick" } else { "" },
+        data.name
+    ));
+    for (name, _, f) in chosen {
+        let start = std::time::Instant::now();
+        eprintln!("lab {name}...");
+        f(&mut report, args.quick, &data)?;
+        eprintln!("lab {name}: {:.1} s", start.elapsed().as_secs_f64());
+    }
+    let report = if args.name == "all" {
+        report.with_contents()
+    } else {
+        report
+    };
+    report.write()?;
+    say!(
+        "report: {} and {}",
+        out.join("report.md").display(),
+        out.join("report.html").display()
+    );
+    Ok(())
+}
