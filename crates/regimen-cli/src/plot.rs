@@ -35,7 +35,8 @@ impl Series {
     }
 }
 
-const COLORS: [RGBColor; 8] = [
+/// Twelve distinct colours, so that the lab's eleven activation functions each get their own.
+const COLORS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -44,6 +45,10 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(174, 199, 232),
 ];
 
 /// Options of a line plot.
@@ -111,6 +116,9 @@ fn draw(
     if x1 - x0 < 1e-12 {
         x1 = x0 + 1.0;
     }
+    // Markers at the ends stay whole.
+    let xpad = 0.02 * (x1 - x0);
+    let (x0, x1) = (x0 - xpad, x1 + xpad);
     if y1 - y0 < 1e-12 * y1.abs().max(1e-12) {
         y0 -= 0.5 * y0.abs().max(1e-3);
         y1 += 0.5 * y1.abs().max(1e-3);
