@@ -18,6 +18,7 @@ fn register_font() {
 }
 
 /// One named series of `(x, y)` points.
+#[derive(Clone)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
@@ -136,7 +137,14 @@ fn draw(
             .y_desc(plot.y_label)
             .y_label_formatter(&|v| format!("{v:.1e}"))
             .draw()?;
-        draw_series(&mut c, series, connect)?;
+        let (ly0, ly1) = ((y0 * 0.9).ln(), (y1 * 1.1).ln());
+        let corner = legend_corner(series, |(x, y)| {
+            (
+                (x - x0) / (x1 - x0),
+                (y.max(1e-300).ln() - ly0) / (ly1 - ly0),
+            )
+        });
+        draw_series(&mut c, series, connect, corner)?;
     } else {
         let pad = 0.05 * (y1 - y0);
         let mut c = chart.build_cartesian_2d(x0..x1, y0 - pad..y1 + pad)?;
@@ -144,9 +152,45 @@ fn draw(
             .x_desc(plot.x_label)
             .y_desc(plot.y_label)
             .draw()?;
-        draw_series(&mut c, series, connect)?;
+        let (ya, yb) = (y0 - pad, y1 + pad);
+        let corner = legend_corner(series, |(x, y)| {
+            ((x - x0) / (x1 - x0), (y - ya) / (yb - ya))
+        });
+        draw_series(&mut c, series, connect, corner)?;
     }
     Ok(())
+}
+
+/// The corner of the plot whose legend-sized region (the outer 45% by 40%) covers the fewest
+/// points of `series`; `unit` maps a point to [0, 1]^2 (y up). Ties go to the upper right.
+fn legend_corner(
+    series: &[Series],
+    unit: impl Fn((f64, f64)) -> (f64, f64),
+) -> SeriesLabelPosition {
+    let mut count = [0usize; 4]; // upper right, upper left, lower right, lower left
+    for s in series {
+        // Lines: also the midpoints, so that a long segment across a corner counts.
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|&p| unit(p)).collect();
+        let mids = pts
+            .windows(2)
+            .map(|w| ((w[0].0 + w[1].0) / 2.0, (w[0].1 + w[1].1) / 2.0));
+        for (u, v) in pts.iter().copied().chain(mids) {
+            let (right, left) = (u >= 0.55, u <= 0.45);
+            let (up, down) = (v >= 0.6, v <= 0.4);
+            count[0] += (right && up) as usize;
+            count[1] += (left && up) as usize;
+            count[2] += (right && down) as usize;
+            count[3] += (left && down) as usize;
+        }
+    }
+    let best = (0..4).min_by_key(|&i| count[i]).unwrap_or(0);
+    [
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::UpperLeft,
+        SeriesLabelPosition::LowerRight,
+        SeriesLabelPosition::LowerLeft,
+    ][best]
+        .clone()
 }
 
 fn draw_series<'a, Y: plotters::coord::ranged1d::Ranged<ValueType = f64>>(
@@ -157,6 +201,7 @@ fn draw_series<'a, Y: plotters::coord::ranged1d::Ranged<ValueType = f64>>(
     >,
     series: &[Series],
     connect: bool,
+    corner: SeriesLabelPosition,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -173,6 +218,7 @@ fn draw_series<'a, Y: plotters::coord::ranged1d::Ranged<ValueType = f64>>(
     }
     if series.len() > 1 || series.iter().any(|s| !s.name.is_empty()) {
         c.configure_series_labels()
+            .position(corner)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 16))
@@ -324,8 +370,19 @@ pub fn paths(
             if let Some(s) = series.first().and_then(|s| s.points.first()) {
                 chart.draw_series(std::iter::once(Cross::new(*s, 7, BLACK.stroke_width(2))))?;
             }
+            // The legend avoids the paths and the surface's minimum (where they end).
+            let kmin = (0..vals.len())
+                .min_by(|&a, &b| vals[a].total_cmp(&vals[b]))
+                .unwrap_or(0);
+            let min_pt = (x0 + (kmin / n) as f64 * dx, y0 + (kmin % n) as f64 * dy);
+            let mut avoid: Vec<Series> = series.to_vec();
+            avoid.push(Series::new("", vec![min_pt; 1000]));
+            let corner = legend_corner(&avoid, |(x, y)| {
+                ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0))
+            });
             chart
                 .configure_series_labels()
+                .position(corner)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .label_font(("sans-serif", 15))

@@ -670,7 +670,7 @@ fn report(
             .into_iter()
             .map(|(e, mut pts)| {
                 pts.sort_by(|a, b| a.0.partial_cmp(&b.0).expect("finite"));
-                Series::new(&format!("{e} epochs"), pts)
+                Series::new(&format!("{e} epoch{}", if e == 1 { "" } else { "s" }), pts)
             })
             .collect();
         let file = format!("sweep-{k}.png");

@@ -64,6 +64,28 @@ fn conv2d() {
         &randn(&[1, 1, 5, 5], 7),
         Mode::Train,
     );
+    // Stride 1 computes the input gradient as a convolution with the flipped kernel and
+    // padding k - 1 - pad: every padding from 0 to k - 1, odd and even kernels.
+    check(
+        &mut Conv2d::new(2, 3, 3, rng),
+        &randn(&[2, 2, 5, 6], 9),
+        Mode::Train,
+    );
+    check(
+        &mut Conv2d::new(2, 2, 5, rng).padding(2),
+        &randn(&[2, 2, 6, 5], 10),
+        Mode::Train,
+    );
+    check(
+        &mut Conv2d::new(1, 2, 2, rng),
+        &randn(&[2, 1, 4, 5], 11),
+        Mode::Train,
+    );
+    check(
+        &mut Conv2d::new(2, 2, 3, rng).padding(2).without_bias(),
+        &randn(&[1, 2, 3, 4], 12),
+        Mode::Train,
+    );
     // Batch larger than the thread count takes the parallel-over-samples path.
     check(
         &mut Conv2d::new(2, 2, 3, rng).padding(1),
