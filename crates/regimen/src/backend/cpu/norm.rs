@@ -17,34 +17,31 @@ impl NormDims {
     }
 }
 
-/// Per channel, the two sums of `f(channel, i)` over the `N inner` values of that channel.
-/// Each contiguous block of `inner` values is summed in eight f32 lanes (which the compiler
-/// vectorizes), and the block sums in f64: a plain f64 running sum is a serial dependency
-/// chain that made batch norm five times slower.
-fn channel_sums<F>(d: &NormDims, f: F) -> Vec<(f64, f64)>
-where
-    F: Fn(usize, usize) -> (f32, f32) + Sync, // (channel, flat index) -> two terms
-{
+/// Per channel, `(sum dy, sum dy (x - mean[c]))` over the `N inner` values of that channel.
+/// Each contiguous block of `inner` values is summed in eight f32 lanes over zipped slices
+/// (vectorized), the block sums in f64 in sample order: the result does not depend on the
+/// number of threads.
+fn dy_sums(x: &[f32], dy: &[f32], mean: &[f32], d: &NormDims) -> Vec<(f64, f64)> {
     (0..d.c)
         .into_par_iter()
         .map(|c| {
+            let mu = mean[c];
             let mut acc = (0.0f64, 0.0f64);
             for n in 0..d.n {
-                let base = (n * d.c + c) * d.inner;
-                let (end, mut i) = (base + d.inner, base);
+                let r = (n * d.c + c) * d.inner..(n * d.c + c + 1) * d.inner;
+                let (xb, gb) = (&x[r.clone()], &dy[r]);
                 let (mut la, mut lb) = ([0.0f32; 8], [0.0f32; 8]);
-                while i + 8 <= end {
+                let (xc, gc) = (xb.chunks_exact(8), gb.chunks_exact(8));
+                let (xr, gr) = (xc.remainder(), gc.remainder());
+                for (xs, gs) in xc.zip(gc) {
                     for k in 0..8 {
-                        let (x, y) = f(c, i + k);
-                        la[k] += x;
-                        lb[k] += y;
+                        la[k] += gs[k];
+                        lb[k] += gs[k] * (xs[k] - mu);
                     }
-                    i += 8;
                 }
-                for j in i..end {
-                    let (x, y) = f(c, j);
-                    acc.0 += x as f64;
-                    acc.1 += y as f64;
+                for (&xv, &g) in xr.iter().zip(gr) {
+                    acc.0 += g as f64;
+                    acc.1 += (g * (xv - mu)) as f64;
                 }
                 acc.0 += la.iter().map(|&v| v as f64).sum::<f64>();
                 acc.1 += lb.iter().map(|&v| v as f64).sum::<f64>();
@@ -54,19 +51,20 @@ where
         .collect()
 }
 
-/// `out[i] = f(channel, i)` over every element, in parallel over `(n, c)` blocks, written
-/// once (no zeroing pass: batch norm is memory-bound).
-fn per_element(d: &NormDims, out: &mut [f32], f: impl Fn(usize, usize) -> f32 + Sync) {
+/// Calls `f(channel, range, out_block)` for every contiguous block of `inner` values, in
+/// parallel (blocks grouped so that each task has at least 16 K values), written once (no
+/// zeroing pass: batch norm is memory-bound). `f` works on whole slices so that it vectorizes.
+fn per_block(
+    d: &NormDims,
+    out: &mut [f32],
+    f: impl Fn(usize, std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
     debug_assert_eq!(out.len(), d.n * d.c * d.inner);
-    out.par_chunks_mut(d.inner.max(1))
+    let inner = d.inner.max(1);
+    out.par_chunks_mut(inner)
+        .with_min_len((16384 / inner).max(1))
         .enumerate()
-        .for_each(|(b, blk)| {
-            let c = b % d.c;
-            let base = b * d.inner;
-            for (j, o) in blk.iter_mut().enumerate() {
-                *o = f(c, base + j);
-            }
-        });
+        .for_each(|(b, blk)| f(b % d.c, b * inner..b * inner + blk.len(), blk));
 }
 
 /// Per channel, the mean and the biased variance in one pass over memory: each contiguous
@@ -137,7 +135,12 @@ pub fn forward_train(
     // y = scale x + shift with scale = gamma invstd, shift = beta - mean scale.
     let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] * invstd[c]).collect();
     let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - mean[c] * scale[c]).collect();
-    per_element(d, y, |c, i| x[i] * scale[c] + shift[c]);
+    per_block(d, y, |c, r, out| {
+        let (sc, sh) = (scale[c], shift[c]);
+        for (o, &v) in out.iter_mut().zip(&x[r]) {
+            *o = v * sc + sh;
+        }
+    });
     (mean, invstd, var.iter().map(|&v| v as f32).collect())
 }
 
@@ -150,8 +153,11 @@ pub fn forward_eval(
     d: &NormDims,
     y: &mut [f32],
 ) {
-    per_element(d, y, |c, i| {
-        gamma[c] * (x[i] - mean[c]) * invstd[c] + beta[c]
+    per_block(d, y, |c, r, out| {
+        let (g, mu, is, b) = (gamma[c], mean[c], invstd[c], beta[c]);
+        for (o, &v) in out.iter_mut().zip(&x[r]) {
+            *o = g * (v - mu) * is + b;
+        }
     })
 }
 
@@ -171,10 +177,12 @@ pub fn backward(
     dbeta: &mut [f32],
     dx: &mut [f32],
 ) {
-    let sums = channel_sums(d, |c, i| {
-        let xhat = (x[i] - mean[c]) * invstd[c];
-        (dy[i], dy[i] * xhat)
-    });
+    // sum dy xhat = invstd sum dy (x - mean).
+    let sums: Vec<(f64, f64)> = dy_sums(x, dy, mean, d)
+        .into_iter()
+        .zip(invstd)
+        .map(|((s_dy, s_dxm), &is)| (s_dy, s_dxm * is as f64))
+        .collect();
     for (c, &(s_dy, s_dyx)) in sums.iter().enumerate() {
         dbeta[c] += s_dy as f32;
         dgamma[c] += s_dyx as f32;
@@ -183,12 +191,26 @@ pub fn backward(
         let inv_m = 1.0 / d.m() as f64;
         let mean_dy: Vec<f32> = sums.iter().map(|s| (s.0 * inv_m) as f32).collect();
         let mean_dyx: Vec<f32> = sums.iter().map(|s| (s.1 * inv_m) as f32).collect();
-        per_element(d, dx, |c, i| {
-            let xhat = (x[i] - mean[c]) * invstd[c];
-            gamma[c] * invstd[c] * (dy[i] - mean_dy[c] - xhat * mean_dyx[c])
+        per_block(d, dx, |c, r, out| {
+            let (k, mu, is, mdy, mdyx) = (
+                gamma[c] * invstd[c],
+                mean[c],
+                invstd[c],
+                mean_dy[c],
+                mean_dyx[c],
+            );
+            for ((o, &xv), &g) in out.iter_mut().zip(&x[r.clone()]).zip(&dy[r]) {
+                let xhat = (xv - mu) * is;
+                *o = k * (g - mdy - xhat * mdyx);
+            }
         })
     } else {
-        per_element(d, dx, |c, i| gamma[c] * invstd[c] * dy[i])
+        per_block(d, dx, |c, r, out| {
+            let k = gamma[c] * invstd[c];
+            for (o, &g) in out.iter_mut().zip(&dy[r]) {
+                *o = k * g;
+            }
+        })
     }
 }
 
