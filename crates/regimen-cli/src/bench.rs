@@ -81,11 +81,17 @@ fn profile(
         let out = ce.forward(&h, Target::Hard(y))?;
         other += t.elapsed().as_secs_f64();
         let mut g = out.grad;
+        // As Sequential::backward: no backward below the layer where the input's gradient
+        // stops being needed.
+        let stop = model.backward_stops_at();
         let layers: Vec<_> = model.layers_mut().collect();
         for (i, (_, layer)) in layers.into_iter().enumerate().rev() {
             let t = Instant::now();
             g = layer.backward(&g)?;
             bwd[i] += t.elapsed().as_secs_f64();
+            if stop == Some(i) {
+                break;
+            }
         }
         let t = Instant::now();
         opt.step(model, 0.01)?;
@@ -185,6 +191,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "cnn-step" => models::bench_cnn(&mut rng)?,
         other => bail!("unknown workload {other:?}: expected mlp-step, cnn-step or augment"),
     };
+    let forward_flops: u64 = model
+        .summary(&[1, 28, 28])?
+        .rows
+        .iter()
+        .map(|r| r.flops)
+        .sum();
     model.set_input_grad(false); // as PyTorch: the input does not require grad
     regimen::layer::to_device(&mut model, device);
     let b = args.batch;
@@ -244,7 +256,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.json {
         say!(
             "{}",
-            serde_json::json!({"framework": "regimen", "workload": args.workload, "batch": b, "threads": threads, "steps_per_s": median, "reps": rates, "device": device.to_string(), "mode": mode, "precision": args.precision})
+            serde_json::json!({"framework": "regimen", "workload": args.workload, "batch": b, "threads": threads, "steps_per_s": median, "reps": rates, "device": device.to_string(), "mode": mode, "precision": args.precision, "forward_flops_per_sample": forward_flops, "cpu_kernels": regimen::backend::cpu_features()})
         );
     } else {
         say!(

@@ -108,10 +108,40 @@ fn bench_json() {
         "--json",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(
-        out.contains("\"framework\":\"regimen\"") && out.contains("\"steps_per_s\""),
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["framework"], "regimen", "{out}");
+    assert!(v["steps_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    // The products' multiply-adds (two FLOPs each), the bias additions and the two ReLUs.
+    assert_eq!(
+        v["forward_flops_per_sample"].as_u64(),
+        Some(2 * (784 * 512 + 512 * 512 + 512 * 10) + (512 + 512 + 10) + (512 + 512)),
         "{out}"
     );
+    assert!(
+        v["cpu_kernels"].as_str().is_some_and(|s| !s.is_empty()),
+        "{out}"
+    );
+    // The per-layer profile of a model whose first layer has no parameters (Flatten).
+    for w in ["mlp-step", "cnn-step"] {
+        let (code, out, err) = regimen(&[
+            "--threads",
+            "1",
+            "bench",
+            "--workload",
+            w,
+            "--batch",
+            "4",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--reps",
+            "1",
+            "--profile",
+        ]);
+        assert_eq!(code, 0, "{w}: {err}");
+        assert!(out.contains("step total (ms)"), "{w}: {out}");
+    }
 }
 
 #[test]

@@ -27,6 +27,31 @@ pub mod strict;
 mod update;
 
 pub use pool::PoolStats;
+
+/// The vector instruction set the CPU kernels use on this machine, found at run time (one
+/// binary runs everywhere): `avx512f` (the matrix products' AVX-512 kernels), `avx2+fma`, or
+/// `baseline`; `+amx` when the processor also has AMX tiles (reported, not used: AMX multiplies
+/// bf16 and int8, and regimen's CPU products are f32).
+pub fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let simd = if is_x86_feature_detected!("avx512f") {
+            "avx512f"
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            "avx2+fma"
+        } else {
+            "baseline"
+        };
+        let amx = std::fs::read_to_string("/proc/cpuinfo")
+            .map(|s| s.split_whitespace().any(|w| w == "amx_tile"))
+            .unwrap_or(false);
+        format!("{simd}{}", if amx { "+amx" } else { "" })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
+    }
+}
 pub(crate) use update::{
     adagrad as adagrad_element, adam as adam_element, rmsprop as rmsprop_element,
     sgd as sgd_element,

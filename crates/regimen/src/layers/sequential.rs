@@ -63,6 +63,12 @@ impl Sequential {
         self.hook = None;
     }
 
+    /// The layer whose backward is the last one run (the first layer with parameters, when the
+    /// input's gradient is not needed: see `set_input_grad`), or `None` when every layer runs.
+    pub fn backward_stops_at(&self) -> Option<usize> {
+        self.stop_at
+    }
+
     pub fn layers_mut(&mut self) -> impl Iterator<Item = (&str, &mut Box<dyn Layer>)> {
         self.layers.iter_mut().map(|(n, l)| (n.as_str(), l))
     }
