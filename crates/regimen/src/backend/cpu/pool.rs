@@ -120,10 +120,12 @@ pub fn max_backward(
     dx: &mut [f32],
 ) {
     debug_assert_eq!(dx.len(), planes * x_plane);
-    dx.fill(0.0);
+    // Each plane is zeroed by the thread that scatters into it (one pass while it is in cache,
+    // in parallel, rather than a serial fill of the whole tensor first).
     dx.par_chunks_mut(x_plane)
         .zip(dy.par_chunks(dy_plane).zip(idx.par_chunks(dy_plane)))
         .for_each(|(dx_p, (dy_p, i_p))| {
+            dx_p.fill(0.0);
             for (&g, &i) in dy_p.iter().zip(i_p) {
                 dx_p[i as usize] += g;
             }
@@ -162,10 +164,10 @@ pub fn avg_forward(x: &[f32], d: &PoolDims, win: Window, y: &mut [f32]) {
 pub fn avg_backward(dy: &[f32], d: &PoolDims, win: Window, dx: &mut [f32]) {
     let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
     let inv = 1.0 / (win.kh * win.kw) as f32;
-    dx.fill(0.0);
     dx.par_chunks_mut(hw)
         .zip(dy.par_chunks(ohw))
         .for_each(|(dx_p, dy_p)| {
+            dx_p.fill(0.0);
             for oy in 0..d.oh {
                 let (r0, r1) = clipped(oy, win.kh, win, d.h);
                 for ox in 0..d.ow {
