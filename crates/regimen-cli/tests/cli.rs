@@ -1190,8 +1190,8 @@ fn sweep_runs_resumes_and_refuses_bad_spaces() {
         assert!(start.elapsed().as_secs() < 120, "no trial finished");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // `--` before the negative process-group id: procps-ng 4.0's `kill -9 -PGID` parses a group
-    // id that starts with 1 as -1 and sends SIGKILL to every process (this killed CI's runner).
+    // `--` before the negative process-group id: procps-ng 4.0's `kill -9 -PGID` reads only the
+    // first digit of the id (`-22073` becomes -2, and `-13494` becomes -1: every process).
     let ok = Command::new("kill")
         .args(["-s", "KILL", "--", &format!("-{}", child.id())])
         .status()
