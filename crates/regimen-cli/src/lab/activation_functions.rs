@@ -6,11 +6,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use regimen::layer::{Ctx, Layer};
 use regimen::layers::{parse_activation, Activation};
-use regimen::optim::{Optim, OptimConfig, Sgd};
-use regimen::schedule::Constant;
-use regimen::train::FitConfig;
-use regimen::trainer::Trainer;
-use regimen::{models, Rng, Tensor};
+use regimen::Tensor;
 
 use super::report::Report;
 use super::Data;
@@ -144,28 +140,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for (name, token) in ACTIVATIONS {
-        let model = models::for_input(
-            &spec(token, width),
-            p.train.image_shape,
-            p.train.num_classes(),
-            &mut Rng::new(2),
-        )?;
-        let optim = Optim::new(
-            Sgd {
-                momentum: 0.9,
-                dampening: 0.0,
-                nesterov: false,
-            },
-            OptimConfig::default(),
-        )?;
-        let fit = FitConfig {
-            epochs,
-            batch_size: 64,
-            seed: 2,
-            workers: 0,
-            ..Default::default()
-        };
-        let mut t = Trainer::new(model, optim, Box::new(Constant(0.02)), fit, p.train.clone())
+        let mut t = super::momentum_trainer(&spec(token, width), p.train.clone(), epochs, 2, 0.02)?
             .with_validation(p.validation.clone());
         t.run()?;
         let h = t.history().to_vec();

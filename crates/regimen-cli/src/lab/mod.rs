@@ -179,6 +179,46 @@ pub fn train_mlp(
     Ok(t.history().to_vec())
 }
 
+/// A trainer of model `spec` on `train` with SGD (momentum 0.9) at the constant rate `lr`,
+/// batch 64, no loader threads; the initial weights and the data order both seeded by `seed`.
+/// The experiments that compare one setting across runs start from it.
+pub fn momentum_trainer(
+    spec: &str,
+    train: regimen::data::Dataset,
+    epochs: usize,
+    seed: u64,
+    lr: f64,
+) -> Result<Trainer> {
+    let model = models::for_input(
+        spec,
+        train.image_shape,
+        train.num_classes(),
+        &mut Rng::new(seed),
+    )?;
+    let optim = Optim::new(
+        Sgd {
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: false,
+        },
+        OptimConfig::default(),
+    )?;
+    let fit = FitConfig {
+        epochs,
+        batch_size: 64,
+        seed,
+        workers: 0,
+        ..Default::default()
+    };
+    Ok(Trainer::new(
+        model,
+        optim,
+        Box::new(Constant(lr)),
+        fit,
+        train,
+    ))
+}
+
 /// What a lab training run gives back.
 pub struct Trained {
     pub history: Vec<Record>,

@@ -4,11 +4,8 @@
 
 use anyhow::Result;
 use regimen::data::{Dataset, PreprocessKind, Preprocessor};
-use regimen::optim::{Optim, OptimConfig, Sgd};
-use regimen::schedule::Constant;
-use regimen::train::FitConfig;
-use regimen::trainer::{Prepared, Trainer};
-use regimen::{models, Rng};
+use regimen::trainer::Prepared;
+use regimen::Rng;
 
 use super::report::Report;
 use super::Data;
@@ -122,28 +119,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         (white_name.as_str(), PreprocessKind::Whiten(k)),
     ] {
         let p = Prepared::new(splits.0.clone(), splits.1.clone(), kind, 0.1, 0)?;
-        let model = models::for_input(
-            super::MLP,
-            p.train.image_shape,
-            p.train.num_classes(),
-            &mut Rng::new(1),
-        )?;
-        let optim = Optim::new(
-            Sgd {
-                momentum: 0.9,
-                dampening: 0.0,
-                nesterov: false,
-            },
-            OptimConfig::default(),
-        )?;
-        let fit = FitConfig {
-            epochs,
-            batch_size: 64,
-            seed: 1,
-            workers: 0,
-            ..Default::default()
-        };
-        let mut t = Trainer::new(model, optim, Box::new(Constant(0.01)), fit, p.train)
+        let mut t = super::momentum_trainer(super::MLP, p.train, epochs, 1, 0.01)?
             .with_validation(p.validation);
         t.run()?;
         let h = t.history();

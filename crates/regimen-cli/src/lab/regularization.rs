@@ -7,9 +7,7 @@ use regimen::data::Dataset;
 use regimen::layer::{Ctx, Layer};
 use regimen::loss::{CrossEntropy, Penalty};
 use regimen::optim::{Optim, OptimConfig, Sgd};
-use regimen::schedule::Constant;
-use regimen::train::{evaluate, FitConfig};
-use regimen::trainer::Trainer;
+use regimen::train::evaluate;
 use regimen::{models, Rng, Target, Tensor};
 
 use super::report::Report;
@@ -80,28 +78,7 @@ fn mlp_run(
     train: &Dataset,
 ) -> Result<(f32, f32, regimen::layers::Sequential)> {
     let p = &data.prepared;
-    let model = models::for_input(
-        spec,
-        p.train.image_shape,
-        p.train.num_classes(),
-        &mut Rng::new(8),
-    )?;
-    let optim = Optim::new(
-        Sgd {
-            momentum: 0.9,
-            dampening: 0.0,
-            nesterov: false,
-        },
-        OptimConfig::default(),
-    )?;
-    let fit = FitConfig {
-        epochs,
-        batch_size: 64,
-        seed: 8,
-        workers: 0,
-        ..Default::default()
-    };
-    let mut t = Trainer::new(model, optim, Box::new(Constant(0.02)), fit, train.clone());
+    let mut t = super::momentum_trainer(spec, train.clone(), epochs, 8, 0.02)?;
     t.run()?;
     let (_, tr) = evaluate(&mut t.model, train, 256, regimen::Device::Cpu)?;
     let (_, te) = evaluate(&mut t.model, &p.test, 256, regimen::Device::Cpu)?;
