@@ -52,6 +52,17 @@ const COLORS: [RGBColor; 12] = [
     RGBColor(174, 199, 232),
 ];
 
+/// Write a drawn `w x h` RGB buffer to `path` as PNG.
+fn save(path: &Path, w: u32, h: u32, rgb: Vec<u8>) -> Result<()> {
+    regimen::png::Canvas {
+        width: w as usize,
+        height: h as usize,
+        rgb,
+    }
+    .save(path)?;
+    Ok(())
+}
+
 /// Options of a line plot.
 pub struct Plot<'a> {
     pub title: &'a str,
@@ -82,13 +93,7 @@ fn chart(path: &Path, plot: &Plot, series: &[Series], connect: bool) -> Result<(
         root.present()
             .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     }
-    let canvas = regimen::png::Canvas {
-        width: w as usize,
-        height: h as usize,
-        rgb,
-    };
-    canvas.save(path)?;
-    Ok(())
+    save(path, w, h, rgb)
 }
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
@@ -290,13 +295,7 @@ pub fn histograms(path: &Path, title: &str, panels: &[(String, Vec<f32>)]) -> Re
         };
         draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     }
-    regimen::png::Canvas {
-        width: w as usize,
-        height: h as usize,
-        rgb,
-    }
-    .save(path)?;
-    Ok(())
+    save(path, w, h, rgb)
 }
 
 /// Paths over a map of `f` in `window = (x0, x1, y0, y1)`: the map as shaded cells (darker is
@@ -392,13 +391,7 @@ pub fn paths(
         };
         draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     }
-    regimen::png::Canvas {
-        width: w as usize,
-        height: h as usize,
-        rgb,
-    }
-    .save(path)?;
-    Ok(())
+    save(path, w, h, rgb)
 }
 
 /// Scatter plots side by side, all panels on one common square scale.
@@ -442,11 +435,5 @@ pub fn scatter(path: &Path, title: &str, panels: &[(String, Vec<(f64, f64)>)]) -
         };
         draw().map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     }
-    regimen::png::Canvas {
-        width: w as usize,
-        height: h as usize,
-        rgb,
-    }
-    .save(path)?;
-    Ok(())
+    save(path, w, h, rgb)
 }

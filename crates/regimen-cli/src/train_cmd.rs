@@ -486,12 +486,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             plots(&out, trainer.history())?;
             if let Some(path) = &args.save {
                 // The model is back at its last finite state.
-                regimen::checkpoint::save(
-                    path,
-                    &mut trainer.model,
-                    trainer.preprocess.as_ref(),
-                    trainer.meta.clone(),
-                )?;
+                save_model(&mut trainer, path)?;
                 say!(
                     "saved the model (its last finite state) to {}",
                     path.display()
@@ -512,12 +507,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         std::process::exit(130);
     }
     if let Some(path) = &args.save {
-        regimen::checkpoint::save(
-            path,
-            &mut trainer.model,
-            trainer.preprocess.as_ref(),
-            trainer.meta.clone(),
-        )?;
+        save_model(&mut trainer, path)?;
         say!(
             "saved the model and its preprocessing to {}",
             path.display()
@@ -582,6 +572,17 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
 }
 
 /// `loss.png`, `accuracy.png` and `lr.png` of a history.
+/// `--save`: the trainer's model, its preprocessing and metadata, as a checkpoint at `path`.
+fn save_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
+    regimen::checkpoint::save(
+        path,
+        &mut trainer.model,
+        trainer.preprocess.as_ref(),
+        trainer.meta.clone(),
+    )?;
+    Ok(())
+}
+
 pub fn plots(dir: &Path, history: &[Record]) -> Result<()> {
     if history.is_empty() {
         return Ok(());
