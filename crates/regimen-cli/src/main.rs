@@ -87,9 +87,29 @@ fn run() -> Result<()> {
         // `regimen` alone runs `regimen train` with its defaults.
         cli = parse(std::env::args().chain(["train".to_string()]).collect(), &[])?;
     }
-    if let Some(t) = cli.threads {
-        check_range("--threads", t, 1, 1024)?;
-        regimen::set_threads(t);
+    // Several ranks under mpirun or srun: only training (and its benchmark) runs on them.
+    let launched = regimen::dist::launched_ranks().unwrap_or(1);
+    if launched > 1 {
+        match &cli.command {
+            Some(Command::Train(_)) | Some(Command::Bench(_)) => {}
+            _ => anyhow::bail!(
+                "started with {launched} ranks: only `regimen train` and `regimen bench` run \
+                 data-parallel; start the others as one process"
+            ),
+        }
+        let comm = regimen::dist::init()?;
+        if comm.rank() != 0 {
+            out::quiet();
+        }
+    }
+    match cli.threads {
+        Some(t) => {
+            check_range("--threads", t, 1, 1024)?;
+            regimen::set_threads(t);
+        }
+        // Ranks on one machine share its cores.
+        None if launched > 1 => regimen::set_threads(threads_per_rank()),
+        None => {}
     }
     match cli.command {
         None => unreachable!("defaulted to train above"),
@@ -185,11 +205,41 @@ fn check_writable(path: &std::path::Path) -> Result<()> {
 }
 
 /// Errors are one line on stderr and exit status 2 (no backtrace: they are the user's input).
+/// The cores of this machine over the ranks the launcher put on it (Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_SIZE`, MPICH's `MPI_LOCALNRANKS`, Slurm's
+/// `SLURM_STEP_TASKS_PER_NODE`), at least one.
+fn threads_per_rank() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let local = [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "SLURM_STEP_TASKS_PER_NODE",
+    ]
+    .iter()
+    .find_map(|v| {
+        let v = std::env::var(v).ok()?;
+        // Slurm writes "2(x3)" for three nodes of two.
+        v.split('(').next()?.trim().parse::<usize>().ok()
+    })
+    .unwrap_or(1);
+    (cores / local.max(1)).max(1)
+}
+
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let result = run();
+    let world = regimen::dist::world();
+    match result {
+        Ok(()) => {
+            regimen::dist::finish();
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Under a launcher the error names its rank; the launcher then ends the others.
+            if world.size() > 1 {
+                eprintln!("error: rank {} of {}: {e:#}", world.rank(), world.size());
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::from(2)
         }
     }

@@ -7,6 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static CLOSED: AtomicBool = AtomicBool::new(false);
 
+/// Print nothing more on standard output (the ranks of a data-parallel run other than 0).
+pub fn quiet() {
+    CLOSED.store(true, Ordering::Relaxed);
+}
+
 /// Write one line to standard output, unless it has been closed.
 pub fn line(args: std::fmt::Arguments<'_>) {
     if CLOSED.load(Ordering::Relaxed) {

@@ -118,10 +118,56 @@ pub struct TrainArgs {
     /// On a GPU, build batches on the host (with every augmentation) instead of on the GPU.
     #[arg(long)]
     pub host_data: bool,
+    /// Data-parallel runs (under mpirun or srun): batch-norm statistics over every rank's
+    /// batch, instead of each rank's own.
+    #[arg(long)]
+    pub sync_bn: bool,
+    /// Data-parallel runs: the gradients are summed over the ranks in buckets of this many
+    /// MiB, each sent as soon as backward has filled it (0.01 to 1024).
+    #[arg(long, default_value_t = 1.0)]
+    pub bucket_mb: f64,
 }
 
 /// The flags `--resume` takes from the command line; the rest comes from the run's config.
 pub const RESUME_FLAGS: &[&str] = &["--epochs", "--threads", "--workers", "--device"];
+
+/// The run folder of `train` or `lr-find`: the one given (`--out`, `--resume`) or a new one
+/// under runs/; checked, and created for a new run.
+fn prepare_run_folder(args: &TrainArgs, find: bool, model_name: &str) -> Result<PathBuf> {
+    let out = match (&args.resume, &args.out) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) if find => new_run_dir(&format!("lr-find-{model_name}"))?,
+        (None, None) => new_run_dir(model_name)?,
+    };
+    let ckpt_dir = out.join("checkpoints");
+    let last = ckpt_dir.join("last.safetensors");
+    if find {
+        if args.resume.is_some() {
+            bail!("lr-find starts from a new model: give no --resume");
+        }
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("creating the folder {}", out.display()))?;
+    } else if args.resume.is_none() {
+        if last.exists() {
+            bail!(
+                "{} already holds a run: continue it with --resume {}, or give another --out",
+                out.display(),
+                out.display()
+            );
+        }
+        std::fs::create_dir_all(&ckpt_dir)
+            .with_context(|| format!("creating the run folder {}", out.display()))?;
+    } else if !last.is_file() {
+        bail!(
+            "--resume {}: no checkpoint {} (is this a run folder of regimen train?)",
+            out.display(),
+            last.display()
+        );
+    }
+    check_writable(&out.join("metrics.csv"))?;
+    Ok(out)
+}
 
 /// `YYYYmmdd-HHMMSS` in UTC, for run folder names.
 fn timestamp() -> String {
@@ -239,6 +285,22 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     if args.log_every == 0 {
         bail!("invalid --log-every 0: must be at least 1");
     }
+    if !(0.01..=1024.0).contains(&args.bucket_mb) {
+        bail!(
+            "invalid --bucket-mb {}: must be from 0.01 to 1024",
+            args.bucket_mb
+        );
+    }
+    let comm = regimen::dist::world();
+    let (rank, ranks) = (comm.rank(), comm.size());
+    if ranks > 1 {
+        if find.is_some() {
+            bail!("lr-find runs in one process: start it without mpirun or srun");
+        }
+        // Every rank must run the same command: compare the resolved configs.
+        let resolved = toml::to_string(args).context("writing the resolved config")?;
+        regimen::dist::check_same(&*comm, "resolved config", resolved.as_bytes())?;
+    }
     if !Record::METRICS.contains(&args.monitor.as_str()) {
         bail!(
             "invalid --monitor {:?}: expected one of {}",
@@ -287,39 +349,29 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     });
     let spec = models::ModelSpec::parse(&model_name).context("--model")?;
     recipe::schedule(&args.optim, args.epochs.max(1), 1 << 20, false)?;
-    // The run folder: checked (or created) before any training.
-    let out = match (&args.resume, &args.out) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(dir)) => dir.clone(),
-        (None, None) if find.is_some() => new_run_dir(&format!("lr-find-{model_name}"))?,
-        (None, None) => new_run_dir(&model_name)?,
+    // The run folder: checked (or created) before any training, by rank 0, which tells the
+    // other ranks its name.
+    let out = if rank == 0 {
+        prepare_run_folder(args, find.is_some(), &model_name)?
+    } else {
+        PathBuf::new()
+    };
+    let out = if ranks > 1 {
+        let name = comm.broadcast_bytes(out.to_string_lossy().into_owned().into_bytes(), 0)?;
+        PathBuf::from(String::from_utf8_lossy(&name).into_owned())
+    } else {
+        out
     };
     let ckpt_dir = out.join("checkpoints");
     let last = ckpt_dir.join("last.safetensors");
-    if find.is_some() {
-        if args.resume.is_some() {
-            bail!("lr-find starts from a new model: give no --resume");
-        }
-        std::fs::create_dir_all(&out)
-            .with_context(|| format!("creating the folder {}", out.display()))?;
-    } else if args.resume.is_none() {
-        if last.exists() {
-            bail!(
-                "{} already holds a run: continue it with --resume {}, or give another --out",
-                out.display(),
-                out.display()
-            );
-        }
-        std::fs::create_dir_all(&ckpt_dir)
-            .with_context(|| format!("creating the run folder {}", out.display()))?;
-    } else if !last.is_file() {
+    if args.resume.is_some() && !last.is_file() {
         bail!(
-            "--resume {}: no checkpoint {} (is this a run folder of regimen train?)",
+            "--resume {}: no checkpoint {} (is this a run folder of regimen train, on a disk \
+             every rank sees?)",
             out.display(),
             last.display()
         );
     }
-    check_writable(&out.join("metrics.csv"))?;
 
     let splits = args.source.load()?;
     let prepared = Prepared::new(
@@ -332,7 +384,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     augment.check_image_shape(prepared.train.image_shape)?;
     let (input, classes) = (prepared.train.image_shape, prepared.train.num_classes());
     let plan = spec.plan(input, classes).context("--model")?;
-    let per_epoch = prepared.train.len().div_ceil(args.batch_size);
+    // Steps per epoch of the global batch (the per-rank batch times the ranks).
+    let per_epoch =
+        regimen::data::batches_per_epoch(prepared.train.len(), args.batch_size * ranks, ranks);
     let (schedule, unit) = recipe::schedule(&args.optim, args.epochs, per_epoch, true)?;
     if args.optim.accumulate > args.epochs * per_epoch {
         bail!(
@@ -345,7 +399,25 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     let mut rng = Rng::new(args.seed);
     let mut model = spec.build(input, classes, &mut rng)?;
     regimen::layer::to_device(&mut model, device);
+    if args.sync_bn && ranks > 1 {
+        regimen::layer::Layer::sync_batch_norm(&mut model, true);
+    }
     say!("{}", model.summary(&input)?);
+    if ranks > 1 {
+        say!(
+            "data-parallel over {ranks} ranks ({}): global batch {} ({} per rank){}",
+            comm.describe(),
+            args.batch_size * ranks,
+            args.batch_size,
+            if args.sync_bn {
+                ", batch norm synchronized"
+            } else {
+                ""
+            }
+        );
+    } else if args.sync_bn {
+        say!("--sync-bn: one process, nothing to synchronize");
+    }
     let o = &args.optim;
     say!(
         "training {model_name} ({} parameters) on {} ({}): {} train / {} validation / {} test images, preprocess {}, augment {}, {} epochs, batch {}, {} lr {} schedule {}{}",
@@ -378,6 +450,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         precision,
         device_data,
         graph: args.graph,
+        bucket_bytes: (args.bucket_mb * (1 << 20) as f64) as usize,
         ..Default::default()
     };
     // The resolved config: every flag's value, so that `--config DIR/config.toml` (and
@@ -406,7 +479,12 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     if let Some(f) = find {
         return range_test(&mut trainer, f, &out);
     }
-    let mut trainer = trainer.checkpoint_every_epoch(last.clone());
+    // Rank 0 alone writes the run folder.
+    let mut trainer = if rank == 0 {
+        trainer.checkpoint_every_epoch(last.clone())
+    } else {
+        trainer
+    };
     if let Some(dir) = &args.resume {
         let config_path = dir.join("config.toml");
         trainer
@@ -423,36 +501,49 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
                 String::new()
             }
         );
-    } else {
+    } else if rank == 0 {
         regimen::io::write_atomic(&out.join("config.toml"), config_toml.as_bytes())?;
     }
     let mode = Mode::for_metric(&args.monitor);
-    trainer.add_callback(Box::new(MetricsCsv::new(out.join("metrics.csv"))));
-    trainer.add_callback(Box::new(TensorBoard::new(out.clone(), args.log_every)));
-    let best_metric = if has_val { "val_acc" } else { "train_acc" };
-    trainer.add_callback(Box::new(BestCheckpoint::new(
-        ckpt_dir.join("best.safetensors"),
-        best_metric,
-        Mode::Max,
-    )?));
-    if let Some(patience) = args.early_stopping {
-        let mut es = EarlyStopping::new(&args.monitor, mode, patience, args.min_delta)?;
-        if args.restore_best {
-            es = es
-                .restore_best_weights()
-                .best_file(ckpt_dir.join("early-stopping-best.safetensors"));
+    if rank > 0 {
+        // The other ranks make the same decisions (the figures are the world's) and write
+        // nothing; rank 0's weights reach them before the final test.
+        if let Some(patience) = args.early_stopping {
+            trainer.add_callback(Box::new(EarlyStopping::new(
+                &args.monitor,
+                mode,
+                patience,
+                args.min_delta,
+            )?));
         }
-        trainer.add_callback(Box::new(es));
+    } else {
+        trainer.add_callback(Box::new(MetricsCsv::new(out.join("metrics.csv"))));
+        trainer.add_callback(Box::new(TensorBoard::new(out.clone(), args.log_every)));
+        let best_metric = if has_val { "val_acc" } else { "train_acc" };
+        trainer.add_callback(Box::new(BestCheckpoint::new(
+            ckpt_dir.join("best.safetensors"),
+            best_metric,
+            Mode::Max,
+        )?));
+        if let Some(patience) = args.early_stopping {
+            let mut es = EarlyStopping::new(&args.monitor, mode, patience, args.min_delta)?;
+            if args.restore_best {
+                es = es
+                    .restore_best_weights()
+                    .best_file(ckpt_dir.join("early-stopping-best.safetensors"));
+            }
+            trainer.add_callback(Box::new(es));
+        }
+        if args.snapshots {
+            trainer.add_callback(Box::new(SnapshotEnsemble::new(ckpt_dir.clone())));
+        }
+        trainer.add_callback(Box::new(Console::new(
+            args.epochs,
+            per_epoch,
+            has_val,
+            out.clone(),
+        )));
     }
-    if args.snapshots {
-        trainer.add_callback(Box::new(SnapshotEnsemble::new(ckpt_dir.clone())));
-    }
-    trainer.add_callback(Box::new(Console::new(
-        args.epochs,
-        per_epoch,
-        has_val,
-        out.clone(),
-    )));
 
     // Ctrl-C: the first stops after the current step and writes a resumable checkpoint; a
     // second one exits at once.
@@ -482,6 +573,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     }
     let outcome = match trainer.run() {
         Ok(o) => o,
+        Err(e @ regimen::Error::Diverged { .. }) if rank > 0 => return Err(e.into()),
         Err(e @ regimen::Error::Diverged { .. }) => {
             plots(&out, trainer.history())?;
             if let Some(path) = &args.save {
@@ -497,6 +589,13 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    if rank > 0 {
+        if let Ending::Interrupted { .. } = outcome.ending {
+            regimen::dist::finish();
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
     plots(&out, trainer.history())?;
     if let Ending::Interrupted { epoch, batch } = outcome.ending {
         say!(
@@ -504,6 +603,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             last.display(),
             out.display()
         );
+        regimen::dist::finish();
         std::process::exit(130);
     }
     if let Some(path) = &args.save {

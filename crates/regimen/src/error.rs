@@ -53,6 +53,10 @@ pub enum Error {
     /// A device cannot be used (no driver, no such GPU, a build without its feature).
     #[error("{device}: {reason}")]
     Device { device: String, reason: String },
+    /// Data-parallel training: a launcher without MPI support, ranks that disagree, a rank
+    /// that stopped answering.
+    #[error("{0}")]
+    Distributed(String),
     /// An operating-system error, with what was being done (`reading data/x.idx`). Its
     /// `source()` is the OS error (printed after the context by `{:#}` in anyhow chains).
     #[error("{context}")]

@@ -60,6 +60,11 @@ pub struct Ctx {
     /// ([`crate::optim::Optim::step_counter`]).
     pub step: Option<Indices>,
     pub precision: Precision,
+    /// The rank of this process in data-parallel training (0 alone): random layers mix it
+    /// into their streams ([`Ctx::stream`]), so that ranks draw different masks.
+    pub rank: u32,
+    /// This rank's samples over the global batch's (1 in a single process).
+    pub share: f32,
 }
 
 impl Ctx {
@@ -70,6 +75,8 @@ impl Ctx {
             cache: true,
             step: None,
             precision: Precision::F32,
+            rank: 0,
+            share: 1.0,
         }
     }
 
@@ -80,6 +87,8 @@ impl Ctx {
             cache: false,
             step: None,
             precision: Precision::F32,
+            rank: 0,
+            share: 1.0,
         }
     }
 
@@ -106,6 +115,23 @@ impl Ctx {
     pub fn with_precision(mut self, precision: Precision) -> Ctx {
         self.precision = precision;
         self
+    }
+
+    /// Draw as data-parallel rank `rank` (see [`Ctx::stream`]), which holds `share` of the
+    /// global batch (synchronized batch norm weighs its gradient sums by it).
+    pub fn on_rank(mut self, rank: usize, share: f32) -> Ctx {
+        self.rank = rank as u32;
+        self.share = share;
+        self
+    }
+
+    /// A random layer's stream as this context draws it: the layer's own on rank 0 (and in a
+    /// single process), a different one on every other rank.
+    pub fn stream(&self, layer_stream: u64) -> u64 {
+        match self.rank {
+            0 => layer_stream,
+            r => crate::rng::mix64(layer_stream ^ crate::rng::mix64(0xD15_7000 + r as u64)),
+        }
     }
 
     pub fn is_train(&self) -> bool {
@@ -206,6 +232,23 @@ pub trait Layer: Send {
     fn children(&self) -> Vec<(String, &dyn Layer)> {
         Vec::new()
     }
+
+    /// Backward in parts: like [`Layer::backward`], calling `ready` with each part whose
+    /// parameter gradients are final as soon as they are (a container's children, last
+    /// first), so that a data-parallel run starts summing them while backward goes on. `None`
+    /// (the default): this layer has no parts; call `backward`.
+    fn backward_in_parts(
+        &mut self,
+        _dy: &Tensor,
+        _ready: &mut dyn FnMut(&mut dyn Layer),
+    ) -> Option<Result<Tensor>> {
+        None
+    }
+
+    /// Synchronized batch norm: batch-norm layers in this layer (and below) compute their
+    /// batch statistics over all data-parallel ranks ([`crate::dist`]) instead of this
+    /// rank's batch alone. Containers pass it on.
+    fn sync_batch_norm(&mut self, _on: bool) {}
 }
 
 /// `name` joined under `prefix` with a dot (PyTorch's naming).

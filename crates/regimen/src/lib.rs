@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod ensemble;
 pub mod error;
 pub mod gradcheck;

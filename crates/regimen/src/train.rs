@@ -14,6 +14,7 @@ use crate::backend::Target;
 use std::sync::Arc;
 
 use crate::data::{Dataset, Loader, Pipeline};
+use crate::dist::{Comm, Reducer};
 use crate::error::{Error, Result};
 use crate::layer::{Ctx, Layer, Precision};
 use crate::loss::{CrossEntropy, Penalty};
@@ -107,9 +108,34 @@ impl Meter {
         let n = self.n.max(1) as f32;
         (self.loss.item() / n, self.correct.item() / n)
     }
+    /// `[loss sum, correct, samples]` over every data-parallel rank (one read, one all-reduce).
+    fn sums(&self, comm: &dyn Comm) -> Result<[f64; 3]> {
+        let local = vec![
+            self.loss.item() as f64,
+            self.correct.item() as f64,
+            self.n as f64,
+        ];
+        let s = if comm.size() > 1 {
+            comm.sum_f64(local)?
+        } else {
+            local
+        };
+        Ok([s[0], s[1], s[2]])
+    }
+    /// (mean loss, accuracy, samples) over every rank.
+    fn read_all(&self, comm: &dyn Comm) -> Result<(f32, f32, usize)> {
+        if comm.size() == 1 {
+            let (l, a) = self.read();
+            return Ok((l, a, self.n));
+        }
+        let [l, c, n] = self.sums(comm)?;
+        Ok(((l / n.max(1.0)) as f32, (c / n.max(1.0)) as f32, n as usize))
+    }
 }
 
-/// Mean cross-entropy and accuracy of `model` on `data` in evaluation mode.
+/// Mean cross-entropy and accuracy of `model` on `data` in evaluation mode. In data-parallel
+/// training ([`crate::dist`]) every rank evaluates its shard and the sums are added up: every
+/// rank must call it.
 pub fn evaluate(
     model: &mut dyn Layer,
     data: &Dataset,
@@ -118,14 +144,16 @@ pub fn evaluate(
 ) -> Result<(f32, f32)> {
     let ce = CrossEntropy::new();
     let mut meter = Meter::new(device);
-    let idx: Vec<usize> = (0..data.len()).collect();
+    let comm = crate::dist::world();
+    let idx: Vec<usize> = crate::dist::shard(data.len(), comm.rank(), comm.size()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
         let (x, y) = data.batch(chunk, device)?;
         let logits = model.forward(&x, &Ctx::eval())?;
         let out = ce.forward(&logits, Target::Hard(&y))?;
         meter.add(&logits, &out.loss, &y);
     }
-    Ok(meter.read())
+    let (loss, acc, _) = meter.read_all(&*comm)?;
+    Ok((loss, acc))
 }
 
 /// How to run the loop (the optimizer and the schedule are passed separately).
@@ -166,6 +194,9 @@ pub struct FitConfig {
     /// `first_batch` (`[loss sum, correct, samples]`), so that a resumed epoch reports the
     /// same training figures as an uninterrupted one.
     pub partial: Option<[f64; 3]>,
+    /// Data-parallel training ([`crate::dist`]): the gradients are summed over the ranks in
+    /// buckets of about this many bytes, each sent as soon as backward has filled it.
+    pub bucket_bytes: usize,
 }
 
 impl Default for FitConfig {
@@ -187,6 +218,7 @@ impl Default for FitConfig {
             first_epoch: 1,
             first_batch: 0,
             partial: None,
+            bucket_bytes: 1 << 20,
         }
     }
 }
@@ -323,12 +355,20 @@ pub fn fit_with(
     cfg.augment.check_image_shape(train.image_shape)?;
     let ce = CrossEntropy::with_label_smoothing(cfg.label_smoothing)?;
     let classes = train.num_classes();
+    let comm = crate::dist::world();
+    let ranks = comm.size();
+    if ranks > 1 {
+        start_data_parallel(&*comm, model, &train, cfg)?;
+    }
+    // In data-parallel training the loader's batch is the global batch, of which it gives
+    // this rank its part.
     let loader = Loader {
         pipeline: Arc::new(cfg.augment.clone()),
         workers: cfg.workers,
-        ..Loader::new(train, cfg.batch_size, cfg.seed)
+        shard: (comm.rank(), ranks),
+        ..Loader::new(train, cfg.batch_size * ranks, cfg.seed)
     };
-    if cfg.first_batch >= loader.batches_per_epoch() {
+    if cfg.first_batch >= loader.batches_per_epoch().max(1) {
         return Err(Error::config(
             "first_batch",
             cfg.first_batch,
@@ -356,6 +396,69 @@ pub fn fit_with(
     model.set_input_grad(true);
     result
 }
+
+/// Checks and state before the first step of a data-parallel run: the same setup on every
+/// rank (config, model shapes, data: a hash compared across the ranks), and rank 0's
+/// parameters and buffers everywhere.
+fn start_data_parallel(
+    comm: &dyn Comm,
+    model: &mut dyn Layer,
+    train: &Dataset,
+    cfg: &FitConfig,
+) -> Result<()> {
+    if cfg.device_data || cfg.graph {
+        return Err(Error::Distributed(
+            "batches built on the device (a GPU run's default, --graph) are for one process: \
+             give --host-data"
+                .into(),
+        ));
+    }
+    if cfg.device != Device::Cpu {
+        return Err(Error::Distributed(format!(
+            "data-parallel training runs on CPUs (MPI) for now: the GPU path (NCCL) is not \
+             available yet, so train on {} in one process or on --device cpu under mpirun",
+            cfg.device
+        )));
+    }
+    if cfg.batch_size * comm.size() > train.len() {
+        return Err(Error::config(
+            "batch_size",
+            cfg.batch_size,
+            &format!(
+                "{} ranks of {} make a global batch larger than the {} training samples",
+                comm.size(),
+                cfg.batch_size,
+                train.len()
+            ),
+        ));
+    }
+    // Every field that shapes the run; not the worker threads (a per-rank choice).
+    let mut setup = format!(
+        "{:?}|{:?}|{}|{:?}|{:?}|{}|{:?}|{}|{:?}|{}",
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.unit,
+        cfg.penalty,
+        cfg.label_smoothing,
+        cfg.augment.steps,
+        cfg.first_epoch * 1_000_003 + cfg.first_batch,
+        cfg.precision,
+        model.describe(),
+    )
+    .into_bytes();
+    model.visit_params("", &mut |name, p| {
+        setup.extend(format!("|{name}{:?}", p.value.shape()).bytes())
+    });
+    check_same(comm, "training setup", &setup)?;
+    let mut data = Vec::with_capacity(train.images.len() * 4 + train.labels.len() * 4);
+    data.extend(train.images.iter().flat_map(|v| v.to_le_bytes()));
+    data.extend(train.labels.iter().flat_map(|v| v.to_le_bytes()));
+    check_same(comm, "training data", &data)?;
+    crate::dist::broadcast_model(comm, model, true)
+}
+
+use crate::dist::check_same;
 
 /// Held-out loss and accuracy, NaN without a held-out set.
 fn held_out_figures(
@@ -386,13 +489,19 @@ fn run_epochs(
     let first = cfg.first_epoch.max(1);
     let mut batch_index = (first - 1) * per_epoch + cfg.first_batch;
     let mut guard = Guard::new(cfg.device);
+    let comm = crate::dist::world();
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let mut reducer = (ranks > 1).then(|| Reducer::new(comm.clone(), cfg.bucket_bytes));
+    // Whether every rank agreed to stop (an interrupt on any rank stops them all).
+    let mut stopping = false;
     for epoch in first..=cfg.epochs {
         let start = Instant::now();
         guard.begin_epoch(model);
         hooks.epoch_begin(epoch)?;
         let mut meter = Meter::new(cfg.device);
         let start_batch = if epoch == first { cfg.first_batch } else { 0 };
-        if let (Some([loss, correct, n]), true) = (cfg.partial, epoch == first) {
+        // A resumed epoch's partial sums are the whole world's: rank 0 carries them.
+        if let (Some([loss, correct, n]), true, 0) = (cfg.partial, epoch == first, rank) {
             be_write_scalar(&mut meter.loss, loss as f32);
             be_write_scalar(&mut meter.correct, correct as f32);
             meter.n = n as usize;
@@ -410,10 +519,13 @@ fn run_epochs(
             let y = Indices::from_vec(batch.labels).to_device(cfg.device);
             // The optimizer's step counter keys this step's random draws. The context is
             // dropped before the update increments the counter (no second owner, no copy).
+            // This rank's part of the global batch.
+            let share = batch.shape[0] as f32 / loader.global_len(b) as f32;
             let logits = {
                 let ctx = Ctx::train()
                     .at_step(optim.step_counter(cfg.device))
-                    .with_precision(cfg.precision);
+                    .with_precision(cfg.precision)
+                    .on_rank(rank, share);
                 model.forward(&x, &ctx)?
             };
             let out = match batch.soft {
@@ -428,7 +540,20 @@ fn run_epochs(
                 None => ce.forward(&logits, Target::Hard(&y))?,
             };
             guard.note(&out.loss, optim.step_counter(cfg.device));
-            model.backward(&out.grad)?;
+            match &mut reducer {
+                None => drop(model.backward(&out.grad)?),
+                Some(r) => {
+                    // Gradients summed over the ranks, each weighed by its share: every rank
+                    // then holds the global batch's gradient. The stop flags ride along.
+                    r.begin(model, share);
+                    match model.backward_in_parts(&out.grad, &mut |part| r.ready(part)) {
+                        Some(done) => drop(done?),
+                        None => drop(model.backward(&out.grad)?),
+                    }
+                    let flags = r.finish(model, &[f32::from(u8::from(hooks.stop_now()))])?;
+                    stopping = flags[0] > 0.0;
+                }
+            }
             if let Some(p) = &cfg.penalty {
                 p.apply(model);
             }
@@ -453,16 +578,18 @@ fn run_epochs(
                     None
                 },
             })?;
-            if hooks.stop_now() && b + 1 < per_epoch {
+            if reducer.is_none() {
+                stopping = hooks.stop_now();
+            }
+            if stopping && b + 1 < per_epoch {
                 if cfg.progress {
                     clear_progress();
                 }
                 guard.end_epoch(model, epoch)?;
-                let partial = [
-                    meter.loss.item() as f64,
-                    meter.correct.item() as f64,
-                    meter.n as f64,
-                ];
+                let partial = meter.sums(&*comm)?;
+                if ranks > 1 {
+                    crate::dist::broadcast_model(&*comm, model, false)?;
+                }
                 return Ok(Ended {
                     history,
                     interrupted: Some((epoch, b + 1, partial)),
@@ -472,9 +599,12 @@ fn run_epochs(
         if cfg.progress && start.elapsed().as_secs_f32() > 2.0 {
             clear_progress();
         }
-        let samples = meter.n;
-        let (train_loss, train_acc) = meter.read();
+        let (train_loss, train_acc, samples) = meter.read_all(&*comm)?;
         guard.end_epoch(model, epoch)?;
+        if ranks > 1 {
+            // Rank 0's running statistics everywhere (what is evaluated and saved).
+            crate::dist::broadcast_model(&*comm, model, false)?;
+        }
         let (test_loss, test_acc) = held_out_figures(model, held_out, cfg.device)?;
         if held_out.is_some() {
             schedule.observe(test_loss);
@@ -497,7 +627,12 @@ fn run_epochs(
         };
         hooks.epoch_end(&stats, model, optim, schedule)?;
         history.push(stats);
-        if hooks.stop_after_epoch() || (hooks.stop_now() && epoch < cfg.epochs) {
+        let stop_now = if ranks > 1 {
+            stopping
+        } else {
+            hooks.stop_now()
+        };
+        if hooks.stop_after_epoch() || (stop_now && epoch < cfg.epochs) {
             break;
         }
     }

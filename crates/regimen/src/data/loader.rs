@@ -34,6 +34,13 @@ pub fn shuffled_order(seed: u64, n: usize, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// Global batches of `batch` samples in an epoch of `n`, over `ranks` ranks: a last partial
+/// batch counts when every rank gets at least one of its samples.
+pub fn batches_per_epoch(n: usize, batch: usize, ranks: usize) -> usize {
+    let batch = batch.max(1);
+    n / batch + usize::from(n % batch >= ranks.max(1))
+}
+
 #[derive(Clone)]
 pub struct Loader {
     pub data: Arc<Dataset>,
@@ -45,6 +52,10 @@ pub struct Loader {
     pub workers: usize,
     /// Batches each worker may have ready ahead of the consumer.
     pub depth: usize,
+    /// `(rank, ranks)` of data-parallel training: `batch_size` is then the global batch, and
+    /// this loader delivers rank `rank`'s part of each ([`crate::dist::shard`]); an epoch's
+    /// last batch is skipped when it has fewer samples than there are ranks. `(0, 1)` alone.
+    pub shard: (usize, usize),
 }
 
 impl Loader {
@@ -57,11 +68,17 @@ impl Loader {
             pipeline: Arc::new(Pipeline::default()),
             workers: 1,
             depth: 2,
+            shard: (0, 1),
         }
     }
 
     pub fn batches_per_epoch(&self) -> usize {
-        self.data.len().div_ceil(self.batch_size)
+        batches_per_epoch(self.data.len(), self.batch_size, self.shard.1)
+    }
+
+    /// The samples of global batch `b` over all ranks.
+    pub fn global_len(&self, b: usize) -> usize {
+        self.batch_size.min(self.data.len() - b * self.batch_size)
     }
 
     fn order(&self, epoch: usize) -> Vec<usize> {
@@ -76,6 +93,8 @@ impl Loader {
     pub fn build(&self, epoch: usize, b: usize, order: &[usize]) -> Batch {
         let data = &self.data;
         let idx = &order[b * self.batch_size..((b + 1) * self.batch_size).min(order.len())];
+        let (rank, ranks) = self.shard;
+        let idx = &idx[crate::dist::shard(idx.len(), rank, ranks)];
         let d = data.image_len();
         let mut images = Vec::with_capacity(idx.len() * d);
         for &i in idx {
@@ -84,7 +103,12 @@ impl Loader {
         let labels: Vec<u32> = idx.iter().map(|&i| data.labels[i]).collect();
         // Augmentation draws: the Philox stream (seed, global batch index, AUGMENT).
         let global = (epoch * self.batches_per_epoch() + b) as u32;
-        let mut rng = Rng::philox(mix64(self.seed ^ 0xA06), global, purpose::AUGMENT);
+        // Each data-parallel rank draws from a stream of its own (rank 0 from the one above).
+        let mut stream = mix64(self.seed ^ 0xA06);
+        if rank > 0 {
+            stream = mix64(stream ^ mix64(0xD15_7000 + rank as u64));
+        }
+        let mut rng = Rng::philox(stream, global, purpose::AUGMENT);
         let soft = self.pipeline.apply(
             &mut images,
             data.image_shape,

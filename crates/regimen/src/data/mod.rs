@@ -12,7 +12,7 @@ mod sources;
 pub use augment::{Augment, Pipeline};
 pub use cifar::read_batch as read_cifar_batch;
 pub use digits::digits;
-pub use loader::{shuffled_order, Batch, Epoch, Loader};
+pub use loader::{batches_per_epoch, shuffled_order, Batch, Epoch, Loader};
 pub use preprocess::{PreprocessKind, Preprocessor};
 pub use sources::{load, search_dirs, Splits, CIFAR_CLASSES, DATASETS, DATA_ENV, FASHION_CLASSES};
 

@@ -31,6 +31,11 @@ pub struct BatchNorm {
     ranks: &'static [usize],
     /// `(x, mean, invstd, batch_stats)` of the last forward.
     cache: Option<(Tensor, Tensor, Tensor, bool)>,
+    /// Batch statistics over all data-parallel ranks ([`Layer::sync_batch_norm`]).
+    pub sync: bool,
+    /// `(share of the global batch, values per channel over all ranks)` of the last
+    /// synchronized forward.
+    synced: Option<(f32, f64)>,
 }
 
 impl BatchNorm {
@@ -45,6 +50,8 @@ impl BatchNorm {
             eps: 1e-5,
             ranks,
             cache: None,
+            sync: false,
+            synced: None,
         }
     }
 
@@ -73,6 +80,143 @@ impl BatchNorm {
     }
 }
 
+/// `[N, C, L...]` as (N, C, L).
+fn ncl(shape: &[usize]) -> (usize, usize, usize) {
+    (shape[0], shape[1], shape[2..].iter().product())
+}
+
+impl BatchNorm {
+    /// Training forward with statistics over every rank's batch: per-channel sums, then sums
+    /// of squared deviations, each summed over the ranks (two small all-reduces, in f64), then
+    /// the usual normalization. Computed on the host.
+    fn forward_synced(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        use crate::dist::{host_f32, world, write_f32};
+        let comm = world();
+        let (n, c, l) = ncl(x.shape());
+        let xs = host_f32(x);
+        let per_channel = |f: &dyn Fn(usize, &[f32]) -> f64| -> Vec<f64> {
+            let mut out = vec![0.0f64; c];
+            for i in 0..n {
+                for (ch, o) in out.iter_mut().enumerate() {
+                    let base = (i * c + ch) * l;
+                    *o += f(ch, &xs[base..base + l]);
+                }
+            }
+            out
+        };
+        let mut sums = per_channel(&|_, v| v.iter().map(|&a| a as f64).sum());
+        sums.push((n * l) as f64);
+        let sums = comm.sum_f64(sums)?;
+        let m = sums[c];
+        if m < 2.0 {
+            return Err(Error::shape(
+                self.describe(),
+                "more than one value per channel over all ranks in training (batch statistics)",
+                x.shape(),
+            ));
+        }
+        let mean: Vec<f64> = sums[..c].iter().map(|s| s / m).collect();
+        let sq = per_channel(&|ch, v| {
+            v.iter()
+                .map(|&a| (a as f64 - mean[ch]) * (a as f64 - mean[ch]))
+                .sum()
+        });
+        let sq = comm.sum_f64(sq)?;
+        let var: Vec<f64> = sq.iter().map(|q| q / m).collect();
+        let invstd: Vec<f64> = var
+            .iter()
+            .map(|v| 1.0 / (v + self.eps as f64).sqrt())
+            .collect();
+        let (gamma, beta) = (host_f32(&self.gamma.value), host_f32(&self.beta.value));
+        let mut y = vec![0.0f32; xs.len()];
+        for i in 0..n {
+            for ch in 0..c {
+                let base = (i * c + ch) * l;
+                let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
+                for k in base..base + l {
+                    y[k] = gamma[ch] * ((xs[k] - mu) * is) + beta[ch];
+                }
+            }
+        }
+        let mom = self.momentum as f64;
+        let rm: Vec<f32> = host_f32(&self.running_mean)
+            .iter()
+            .zip(&mean)
+            .map(|(&r, &mu)| ((1.0 - mom) * r as f64 + mom * mu) as f32)
+            .collect();
+        let rv: Vec<f32> = host_f32(&self.running_var)
+            .iter()
+            .zip(&var)
+            .map(|(&r, &v)| ((1.0 - mom) * r as f64 + mom * v * m / (m - 1.0)) as f32)
+            .collect();
+        write_f32(&mut self.running_mean, &rm);
+        write_f32(&mut self.running_var, &rv);
+        let device = x.device();
+        let to_t =
+            |v: &[f64]| Tensor::from_host(&[c], v.iter().map(|&a| a as f32).collect(), device);
+        let (mean_t, invstd_t) = (to_t(&mean)?, to_t(&invstd)?);
+        keep(ctx, &mut self.cache, || (x.clone(), mean_t, invstd_t, true));
+        self.synced = Some((ctx.share, m));
+        Tensor::from_host(x.shape(), y, device)
+    }
+
+    /// Backward of [`BatchNorm::forward_synced`]: the per-channel sums of `dy` and
+    /// `dy * xhat` are summed over the ranks, each rank's weighed by its share of the global
+    /// batch (the loss is the global batch's mean) and the total divided by this rank's share
+    /// again (the rest of this rank's backward is in its own, unshared, scale).
+    fn backward_synced(
+        &mut self,
+        x: &Tensor,
+        dy: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        share: f32,
+        m: f64,
+    ) -> Result<Tensor> {
+        use crate::dist::{host_f32, world, write_f32};
+        let (n, c, l) = ncl(x.shape());
+        let (xs, dys) = (host_f32(x), host_f32(dy));
+        let (mean, invstd, gamma) = (
+            host_f32(mean),
+            host_f32(invstd),
+            host_f32(&self.gamma.value),
+        );
+        let mut local = vec![0.0f64; 2 * c];
+        for i in 0..n {
+            for ch in 0..c {
+                let base = (i * c + ch) * l;
+                for k in base..base + l {
+                    let xhat = ((xs[k] - mean[ch]) * invstd[ch]) as f64;
+                    local[ch] += dys[k] as f64;
+                    local[c + ch] += dys[k] as f64 * xhat;
+                }
+            }
+        }
+        let add = |t: &mut Tensor, v: &[f64]| {
+            let old = host_f32(t);
+            let new: Vec<f32> = old.iter().zip(v).map(|(&a, &b)| a + b as f32).collect();
+            write_f32(t, &new);
+        };
+        add(&mut self.beta.grad, &local[..c]);
+        add(&mut self.gamma.grad, &local[c..]);
+        let s = share as f64;
+        let global = world().sum_f64(local.iter().map(|v| v * s).collect())?;
+        let mut dx = vec![0.0f32; xs.len()];
+        for i in 0..n {
+            for ch in 0..c {
+                let base = (i * c + ch) * l;
+                let (sd, sdx) = (global[ch] / s, global[c + ch] / s);
+                let k0 = gamma[ch] as f64 * invstd[ch] as f64 / m;
+                for k in base..base + l {
+                    let xhat = ((xs[k] - mean[ch]) * invstd[ch]) as f64;
+                    dx[k] = (k0 * (m * dys[k] as f64 - sd - xhat * sdx)) as f32;
+                }
+            }
+        }
+        Tensor::from_host(x.shape(), dx, x.device())
+    }
+}
+
 impl Layer for BatchNorm {
     fn describe(&self) -> String {
         format!(
@@ -98,6 +242,7 @@ impl Layer for BatchNorm {
         self.output_shape(x.shape())?;
         let be = x.backend();
         match ctx.mode {
+            Mode::Train if self.sync => self.forward_synced(x, ctx),
             Mode::Train => {
                 let per_channel = x.numel() / self.channels();
                 if per_channel < 2 {
@@ -140,6 +285,10 @@ impl Layer for BatchNorm {
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let (x, mean, invstd, batch_stats) = cached(&self.cache, self)?;
         check_dy(self, x.shape(), dy)?;
+        if let (true, Some((share, m))) = (*batch_stats, self.synced) {
+            let (x, mean, invstd) = (x.clone(), mean.clone(), invstd.clone());
+            return self.backward_synced(&x, dy, &mean, &invstd, share, m);
+        }
         Ok(dy.backend().batch_norm_backward(
             x,
             dy,
@@ -150,6 +299,10 @@ impl Layer for BatchNorm {
             &mut self.gamma.grad,
             &mut self.beta.grad,
         ))
+    }
+
+    fn sync_batch_norm(&mut self, on: bool) {
+        self.sync = on;
     }
 
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {

@@ -65,7 +65,7 @@ impl Layer for Dropout {
         }
         let step = ctx.step_on(x.device());
         let key = RandomKey {
-            stream: self.stream,
+            stream: ctx.stream(self.stream),
             step: &step,
             purpose: purpose::DROPOUT,
         };

@@ -121,7 +121,7 @@ impl Layer for FractionalMaxPool2d {
             (None, Mode::Train) => {
                 let step = ctx.step_on(x.device());
                 let key = RandomKey {
-                    stream: self.stream,
+                    stream: ctx.stream(self.stream),
                     step: &step,
                     purpose: purpose::FRACTIONAL_POOL,
                 };

@@ -103,7 +103,7 @@ impl Layer for Residual {
                 // Sample n keeps its branch when u(stream, step, STOCHASTIC_DEPTH, n) >= p.
                 let step = ctx.step_on(x.device());
                 let key = RandomKey {
-                    stream: self.stream,
+                    stream: ctx.stream(self.stream),
                     step: &step,
                     purpose: purpose::STOCHASTIC_DEPTH,
                 };
@@ -175,6 +175,13 @@ impl Layer for Residual {
         self.branch.visit_params_unnamed(f);
         if let Some(s) = &mut self.shortcut {
             s.visit_params_unnamed(f);
+        }
+    }
+
+    fn sync_batch_norm(&mut self, on: bool) {
+        self.branch.sync_batch_norm(on);
+        if let Some(s) = &mut self.shortcut {
+            s.sync_batch_norm(on);
         }
     }
 

@@ -131,6 +131,31 @@ impl Layer for Sequential {
         Ok(g)
     }
 
+    fn backward_in_parts(
+        &mut self,
+        dy: &Tensor,
+        ready: &mut dyn FnMut(&mut dyn Layer),
+    ) -> Option<Result<Tensor>> {
+        let mut g = dy.clone();
+        for (i, (name, layer)) in self.layers.iter_mut().enumerate().rev() {
+            g = match layer.backward(&g).map_err(|e| e.in_layer(name)) {
+                Ok(g) => g,
+                Err(e) => return Some(Err(e)),
+            };
+            ready(layer.as_mut());
+            if self.stop_at == Some(i) {
+                return Some(Ok(Tensor::zeros(&[0], dy.device())));
+            }
+        }
+        Some(Ok(g))
+    }
+
+    fn sync_batch_norm(&mut self, on: bool) {
+        for (_, layer) in &mut self.layers {
+            layer.sync_batch_norm(on);
+        }
+    }
+
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param)) {
         for (name, layer) in &mut self.layers {
             layer.visit_params(&join(prefix, name), f);

@@ -213,6 +213,7 @@ struct Saver<'a> {
     position: (usize, usize, Option<[f64; 3]>),
     meta: &'a BTreeMap<String, String>,
     preprocess: Option<&'a Preprocessor>,
+    global_batch: usize,
 }
 
 impl Saver<'_> {
@@ -229,6 +230,9 @@ impl Saver<'_> {
         meta.extend(std::mem::take(&mut state.meta));
         meta.insert("format".into(), "regimen-checkpoint-1".into());
         meta.insert("next_batch".into(), batch.to_string());
+        // The batch over all data-parallel ranks: a run resumed on another number of ranks
+        // finds its place in the epoch by samples.
+        meta.insert("global_batch".into(), self.global_batch.to_string());
         if let Some([l, c, n]) = partial {
             meta.insert("partial".into(), format!("{l},{c},{n}"));
         }
@@ -392,6 +396,20 @@ impl Trainer {
         &self.history
     }
 
+    /// Samples per step over all data-parallel ranks ([`crate::dist`]).
+    pub fn global_batch(&self) -> usize {
+        self.fit.batch_size.max(1) * crate::dist::world().size()
+    }
+
+    /// Optimizer steps in an epoch (of the global batch).
+    pub fn batches_per_epoch(&self) -> usize {
+        crate::data::batches_per_epoch(
+            self.train.len(),
+            self.global_batch(),
+            crate::dist::world().size(),
+        )
+    }
+
     /// Epochs done and the next batch: where [`Trainer::run`] starts.
     pub fn position(&self) -> (usize, usize) {
         (self.position.0, self.position.1)
@@ -406,6 +424,7 @@ impl Trainer {
             position: self.position,
             meta: &self.meta,
             preprocess: self.preprocess.as_ref(),
+            global_batch: self.global_batch(),
         };
         saver.save(
             &mut self.model,
@@ -432,13 +451,34 @@ impl Trainer {
             }
             None => Vec::new(),
         };
-        let next_batch: usize = state
+        let mut next_batch: usize = state
             .meta
             .get("next_batch")
             .map(|v| v.parse())
             .transpose()
             .map_err(|_| bad("bad next_batch metadata".into()))?
             .unwrap_or(0);
+        let saved_batch: usize = state
+            .meta
+            .get("global_batch")
+            .map(|v| v.parse())
+            .transpose()
+            .map_err(|_| bad("bad global_batch metadata".into()))?
+            .unwrap_or(self.global_batch());
+        if next_batch > 0 && saved_batch != self.global_batch() {
+            // Written with another number of ranks: the same place in the epoch by samples.
+            let samples = next_batch * saved_batch;
+            if samples % self.global_batch() != 0 {
+                return Err(bad(format!(
+                    "the run stopped after {samples} samples of an epoch (batch {saved_batch} \
+                     over all ranks), which is not a whole number of this run's batches of \
+                     {} (batch x ranks): resume it with ranks and batch that divide it, or \
+                     from an epoch's end",
+                    self.global_batch()
+                )));
+            }
+            next_batch = samples / self.global_batch();
+        }
         let partial = match state.meta.get("partial") {
             None => None,
             Some(p) => {
@@ -468,7 +508,7 @@ impl Trainer {
                 self.fit.seed
             )));
         }
-        let per_epoch = self.train.len().div_ceil(self.fit.batch_size.max(1));
+        let per_epoch = self.batches_per_epoch();
         if next_batch >= per_epoch.max(1) {
             return Err(bad(format!(
                 "next_batch {next_batch} is past the {per_epoch} batches of an epoch of this run"
@@ -511,7 +551,8 @@ impl Trainer {
         cfg.partial = partial;
         let mut ending = Ending::Completed;
         if done < cfg.epochs {
-            let per_epoch = self.train.len().div_ceil(cfg.batch_size.max(1));
+            let per_epoch = self.batches_per_epoch();
+            let global_batch = self.global_batch();
             let mut hooks = TrainerHooks {
                 callbacks: &mut self.callbacks,
                 history: &mut self.history,
@@ -525,6 +566,7 @@ impl Trainer {
                 unit: cfg.unit,
                 per_epoch,
                 epochs: cfg.epochs,
+                global_batch,
             };
             let ended = fit_with(
                 &mut self.model,
@@ -559,6 +601,8 @@ impl Trainer {
                 c.on_train_end(&self.history, &mut self.model)?;
             }
         }
+        // Rank 0's weights everywhere (a restored best epoch) before the sharded test.
+        crate::dist::broadcast_model(&*crate::dist::world(), &mut self.model, true)?;
         let test = match (&self.test, &ending) {
             (_, Ending::Interrupted { .. }) => None,
             (Some(t), _) if !t.is_empty() => Some(evaluate(&mut self.model, t, 256, cfg.device)?),
@@ -599,6 +643,7 @@ struct TrainerHooks<'a> {
     unit: crate::schedule::Unit,
     per_epoch: usize,
     epochs: usize,
+    global_batch: usize,
 }
 
 impl Hooks for TrainerHooks<'_> {
@@ -639,6 +684,7 @@ impl Hooks for TrainerHooks<'_> {
             position: (stats.epoch, 0, None),
             meta: self.meta,
             preprocess: self.preprocess,
+            global_batch: self.global_batch,
         };
         let next_lr = (stats.epoch < self.epochs).then(|| {
             schedule.lr(self.unit.step(stats.epoch * self.per_epoch, self.per_epoch)) as f64

@@ -12,7 +12,7 @@ mod storage;
 
 pub use elementwise::erf;
 pub use storage::CpuBuffer;
-pub(crate) use storage::{f32s, u32s};
+pub(crate) use storage::{f32s, f32s_mut, u32s};
 
 use half::{bf16, f16};
 
@@ -23,7 +23,7 @@ use crate::backend::{
 use crate::linalg::{self as matmul, gemm, MatRef};
 use crate::tensor::{DType, Device, Indices, Tensor};
 use elementwise::{map1, map2, map3, sum_f64, update};
-use storage::{alloc, f32s_mut, read_f32, u16s, u16s_mut, u32s_mut};
+use storage::{alloc, read_f32, u16s, u16s_mut, u32s_mut};
 
 /// The CPU backend (a unit struct: all state is in the tensors and the pool).
 #[derive(Debug, Default, Clone, Copy)]

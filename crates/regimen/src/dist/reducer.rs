@@ -1,0 +1,149 @@
+//! The gradient all-reduce of a data-parallel step, in buckets, overlapped with backward.
+//!
+//! As backward finishes each top-level layer ([`Layer::backward_in_parts`]), the layer's
+//! gradients, multiplied by this rank's share of the global batch, are appended to the current
+//! bucket; a full bucket (`bucket_bytes`, 1 MiB by default) is handed to the communication
+//! thread at once, which sums it over the ranks while backward goes on with the layers below.
+//! [`Reducer::finish`] sends the last bucket, waits for every sum and writes the sums back into
+//! the gradients. The sums of the shares are one, so every rank then holds the gradient of
+//! the mean loss over the whole global batch, and takes the same optimizer step.
+//!
+//! Parameters are recognized by their address, which does not change during a step; the order
+//! in which gradients enter the buckets is backward's, the same on every rank.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{host_f32, write_f32, Comm, Op, Reply, Ticket};
+use crate::error::Result;
+use crate::layer::{Layer, Param};
+use crate::tensor::{Device, Tensor};
+
+pub struct Reducer {
+    comm: Arc<dyn Comm>,
+    /// Elements per bucket.
+    cap: usize,
+    /// Parameter address -> index in visiting order.
+    index: HashMap<usize, usize>,
+    /// Per parameter (visiting order): its bucket and offset, once reported.
+    slots: Vec<Option<(usize, usize)>>,
+    cur: Vec<f32>,
+    inflight: Vec<Ticket>,
+    sums: Vec<Vec<f32>>,
+    spare: Vec<Vec<f32>>,
+    share: f32,
+    /// Time spent waiting for sums after backward ended, and buckets sent, since creation.
+    pub waited: Duration,
+    pub buckets: u64,
+}
+
+impl Reducer {
+    /// Buckets of about `bucket_bytes` (at least one gradient each).
+    pub fn new(comm: Arc<dyn Comm>, bucket_bytes: usize) -> Reducer {
+        Reducer {
+            comm,
+            cap: (bucket_bytes / 4).max(1),
+            index: HashMap::new(),
+            slots: Vec::new(),
+            cur: Vec::new(),
+            inflight: Vec::new(),
+            sums: Vec::new(),
+            spare: Vec::new(),
+            share: 1.0,
+            waited: Duration::ZERO,
+            buckets: 0,
+        }
+    }
+
+    /// Before backward: `share` is this rank's part of the global batch (its samples over
+    /// all ranks' samples).
+    pub fn begin(&mut self, model: &mut dyn Layer, share: f32) {
+        self.index.clear();
+        let mut n = 0;
+        let index = &mut self.index;
+        model.visit_params_unnamed(&mut |p| {
+            index.insert(p as *const Param as usize, n);
+            n += 1;
+        });
+        self.slots.clear();
+        self.slots.resize(n, None);
+        self.share = share;
+        self.cur = self.spare.pop().unwrap_or_default();
+        self.cur.clear();
+        self.inflight.clear();
+    }
+
+    /// `part`'s gradients are final: into the bucket (the bucket goes when full).
+    pub fn ready(&mut self, part: &mut dyn Layer) {
+        let Reducer {
+            index,
+            slots,
+            cur,
+            inflight,
+            share,
+            ..
+        } = self;
+        part.visit_params_unnamed(&mut |p| {
+            let Some(&i) = index.get(&(p as *const Param as usize)) else {
+                return;
+            };
+            if slots[i].is_some() {
+                return;
+            }
+            slots[i] = Some((inflight.len(), cur.len()));
+            append_scaled(cur, &p.grad, *share);
+        });
+        if self.cur.len() >= self.cap {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        let next = self.spare.pop().unwrap_or_default();
+        let full = std::mem::replace(&mut self.cur, next);
+        self.cur.clear();
+        self.inflight.push(self.comm.start(Op::SumF32(full)));
+        self.buckets += 1;
+    }
+
+    /// After backward: send what is left with `extra` values appended (summed over the ranks
+    /// too), wait for all sums, write them into the gradients. Returns the sums of `extra`.
+    pub fn finish(&mut self, model: &mut dyn Layer, extra: &[f32]) -> Result<Vec<f32>> {
+        // Gradients no part reported (a model without parts) go in the last bucket.
+        self.ready(model);
+        let at = self.cur.len();
+        self.cur.extend_from_slice(extra);
+        self.send();
+        let t = Instant::now();
+        self.sums.clear();
+        for ticket in self.inflight.drain(..) {
+            match ticket.wait()? {
+                Reply::F32(v) => self.sums.push(v),
+                _ => unreachable!("a sum of f32 answers f32"),
+            }
+        }
+        self.waited += t.elapsed();
+        let (slots, sums) = (&self.slots, &self.sums);
+        let mut i = 0;
+        model.visit_params_unnamed(&mut |p| {
+            if let Some((b, off)) = slots[i] {
+                let n = p.grad.numel();
+                write_f32(&mut p.grad, &sums[b][off..off + n]);
+            }
+            i += 1;
+        });
+        let last = self.sums.last().expect("at least one bucket");
+        let extra = last[at..].to_vec();
+        self.spare.append(&mut self.sums);
+        Ok(extra)
+    }
+}
+
+fn append_scaled(out: &mut Vec<f32>, grad: &Tensor, share: f32) {
+    if grad.device() == Device::Cpu {
+        out.extend(crate::backend::cpu::f32s(grad).iter().map(|g| g * share));
+    } else {
+        out.extend(host_f32(grad).into_iter().map(|g| g * share));
+    }
+}
