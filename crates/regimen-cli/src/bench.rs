@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Matrix products in f32, bf16 or f16 (mixed precision; master weights stay f32).
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// Under mpirun with several ranks: the gradient buckets' size in MiB (0 sends the whole
+    /// gradient as one bucket after backward: no overlap).
+    #[arg(long, default_value_t = 1.0)]
+    bucket_mb: f64,
 }
 
 /// `f32`, `bf16` or `f16`.
@@ -208,15 +212,45 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // The rate lives on the device (a recorded graph reads it there).
     opt.set_lr_table(vec![0.01])?;
     let be = device.backend();
-    let step = |model: &mut regimen::layers::Sequential, opt: &mut Optim| -> Result<()> {
+    // Under mpirun: every step sums the gradients over the ranks, as training does.
+    let comm = regimen::dist::world();
+    let ranks = comm.size();
+    if ranks > 1 && (args.graph || device != Device::Cpu) {
+        bail!("a data-parallel benchmark runs on the CPU, without --graph");
+    }
+    if !(0.0..=1024.0).contains(&args.bucket_mb) {
+        bail!(
+            "invalid --bucket-mb {}: must be from 0 to 1024",
+            args.bucket_mb
+        );
+    }
+    let bucket = if args.bucket_mb == 0.0 {
+        usize::MAX
+    } else {
+        (args.bucket_mb * (1 << 20) as f64) as usize
+    };
+    let mut reducer = (ranks > 1).then(|| regimen::dist::Reducer::new(comm.clone(), bucket));
+    let share = 1.0 / ranks as f32;
+    let mut step = |model: &mut regimen::layers::Sequential, opt: &mut Optim| -> Result<()> {
         let logits = {
             let ctx = Ctx::train()
                 .at_step(opt.step_counter(device))
-                .with_precision(precision);
+                .with_precision(precision)
+                .on_rank(comm.rank(), share);
             model.forward(&x, &ctx)?
         };
         let out = ce.forward(&logits, Target::Hard(&y))?;
-        model.backward(&out.grad)?;
+        match &mut reducer {
+            None => drop(model.backward(&out.grad)?),
+            Some(r) => {
+                r.begin(model, share);
+                match model.backward_in_parts(&out.grad, &mut |part| r.ready(part)) {
+                    Some(done) => drop(done?),
+                    None => drop(model.backward(&out.grad)?),
+                }
+                r.finish(model, &[])?;
+            }
+        }
         opt.step(model, 0.01)?;
         Ok(())
     };
@@ -245,6 +279,27 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         be.synchronize();
         rates.push(args.steps as f64 / t.elapsed().as_secs_f64());
     }
+    drop(step);
+    // The cost of the collective alone: one all-reduce of the whole gradient, median of 20.
+    let allreduce = if ranks > 1 {
+        let n = regimen::layer::param_count(&mut model);
+        let mut times = Vec::new();
+        for i in 0..25 {
+            let v = vec![0.5f32; n];
+            let t = Instant::now();
+            comm.sum_f32(v)?;
+            if i >= 5 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let waited = reducer.as_ref().map_or(0.0, |r| {
+            r.waited.as_secs_f64() * 1e3 / (args.warmup + args.reps * args.steps) as f64
+        });
+        Some((n * 4, times[times.len() / 2], waited))
+    } else {
+        None
+    };
     if args.profile {
         profile(&mut model, &x, &y, args.steps)?;
     }
@@ -254,15 +309,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mode = if args.graph { "graph" } else { "eager" };
     if args.json {
-        say!(
-            "{}",
-            serde_json::json!({"framework": "regimen", "workload": args.workload, "batch": b, "threads": threads, "steps_per_s": median, "reps": rates, "device": device.to_string(), "mode": mode, "precision": args.precision, "forward_flops_per_sample": forward_flops, "cpu_kernels": regimen::backend::cpu_features()})
-        );
+        let mut j = serde_json::json!({"framework": "regimen", "workload": args.workload, "batch": b, "threads": threads, "steps_per_s": median, "reps": rates, "device": device.to_string(), "mode": mode, "precision": args.precision, "forward_flops_per_sample": forward_flops, "cpu_kernels": regimen::backend::cpu_features()});
+        if let Some((bytes, ms, waited)) = allreduce {
+            j["ranks"] = ranks.into();
+            j["bucket_mb"] = args.bucket_mb.into();
+            j["gradient_bytes"] = bytes.into();
+            j["allreduce_ms"] = ms.into();
+            j["wait_ms_per_step"] = waited.into();
+        }
+        say!("{j}");
     } else {
         say!(
             "regimen {} batch {b} device {device} {mode} {}: {median:.2} steps/s (reps: {rates:.2?})",
             args.workload, args.precision
         );
+        if let Some((bytes, ms, waited)) = allreduce {
+            say!(
+                "{ranks} ranks ({}), batch {b} per rank: one all-reduce of the {:.2} MB gradient takes {ms:.2} ms; a step waited {waited:.2} ms for its sums after backward (buckets of {} MiB)",
+                comm.describe(),
+                bytes as f64 / 1e6,
+                args.bucket_mb
+            );
+        }
     }
     Ok(())
 }

@@ -1273,3 +1273,40 @@ fn sweep_runs_resumes_and_refuses_bad_spaces() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Started by a launcher with several ranks, a build without the `distributed` feature says so
+/// in one line and trains nothing (rather than N copies of one run); other commands than train
+/// and bench are refused on several ranks by any build.
+#[test]
+fn several_ranks_without_the_feature_are_refused() {
+    let run = |args: &[&str], var: &str| {
+        Command::new(env!("CARGO_BIN_EXE_regimen"))
+            .args(args)
+            .env(var, "4")
+            .current_dir(scratch())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["eval", "x.safetensors"], "PMI_SIZE");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("started with 4 ranks: only `regimen train`"),
+        "{err}"
+    );
+    if cfg!(feature = "distributed") {
+        return;
+    }
+    let out = run(
+        &["train", "--model", "digits-mlp", "--epochs", "1"],
+        "OMPI_COMM_WORLD_SIZE",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        err.contains("4 ranks") && err.contains("without the `distributed` feature"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
