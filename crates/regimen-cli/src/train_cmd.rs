@@ -122,6 +122,11 @@ pub struct TrainArgs {
     /// batch, instead of each rank's own.
     #[arg(long)]
     pub sync_bn: bool,
+    /// The linear scaling rule: --lr is the rate for batches of this many samples, and the run
+    /// uses it times (its own batch x ranks x --accumulate) / this (Goyal et al., 2017; with
+    /// --warmup, their gradual warmup).
+    #[arg(long)]
+    pub lr_batch: Option<usize>,
     /// Data-parallel runs: the gradients are summed over the ranks in buckets of this many
     /// MiB, each sent as soon as backward has filled it (0.01 to 1024).
     #[arg(long, default_value_t = 1.0)]
@@ -301,6 +306,20 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         let resolved = toml::to_string(args).context("writing the resolved config")?;
         regimen::dist::check_same(&*comm, "resolved config", resolved.as_bytes())?;
     }
+    // The linear scaling rule on the batch of one update over all ranks.
+    let global_batch = args.batch_size * ranks * args.optim.accumulate.max(1);
+    let scaled;
+    let optim_args = match args.lr_batch {
+        Some(base) => {
+            check_range("--lr-batch", base, 1, 1 << 24)?;
+            scaled = recipe::OptimArgs {
+                lr: args.optim.lr * global_batch as f64 / base as f64,
+                ..args.optim.clone()
+            };
+            &scaled
+        }
+        None => &args.optim,
+    };
     if !Record::METRICS.contains(&args.monitor.as_str()) {
         bail!(
             "invalid --monitor {:?}: expected one of {}",
@@ -327,8 +346,8 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     // Every flag is checked before any data is read.
     let preprocess = PreprocessKind::parse(&args.preprocess)?;
     let augment = Pipeline::parse(&args.augment)?;
-    let optim = recipe::optimizer(&args.optim)?;
-    let penalty = recipe::penalty(&args.optim)?;
+    let optim = recipe::optimizer(optim_args)?;
+    let penalty = recipe::penalty(optim_args)?;
     let ls = CrossEntropy::with_label_smoothing(args.label_smoothing)?;
     let precision = bench::parse_precision(&args.precision)?;
     let device = regimen::Device::parse(&args.device)?;
@@ -348,7 +367,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         }
     });
     let spec = models::ModelSpec::parse(&model_name).context("--model")?;
-    recipe::schedule(&args.optim, args.epochs.max(1), 1 << 20, false)?;
+    recipe::schedule(optim_args, args.epochs.max(1), 1 << 20, false)?;
     // The run folder: checked (or created) before any training, by rank 0, which tells the
     // other ranks its name.
     let out = if rank == 0 {
@@ -387,7 +406,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     // Steps per epoch of the global batch (the per-rank batch times the ranks).
     let per_epoch =
         regimen::data::batches_per_epoch(prepared.train.len(), args.batch_size * ranks, ranks);
-    let (schedule, unit) = recipe::schedule(&args.optim, args.epochs, per_epoch, true)?;
+    let (schedule, unit) = recipe::schedule(optim_args, args.epochs, per_epoch, true)?;
     if args.optim.accumulate > args.epochs * per_epoch {
         bail!(
             "invalid --accumulate {}: the run has only {} batches ({} epochs of {per_epoch}), so no update would ever be applied",
@@ -418,7 +437,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     } else if args.sync_bn {
         say!("--sync-bn: one process, nothing to synchronize");
     }
-    let o = &args.optim;
+    let o = optim_args;
     say!(
         "training {model_name} ({} parameters) on {} ({}): {} train / {} validation / {} test images, preprocess {}, augment {}, {} epochs, batch {}, {} lr {} schedule {}{}",
         plan.params,
@@ -432,7 +451,13 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         args.epochs,
         args.batch_size,
         optim.name(),
-        o.lr,
+        match args.lr_batch {
+            Some(base) => format!(
+                "{} (the linear scaling rule: {} for batch {base}, {global_batch} here)",
+                o.lr, args.optim.lr
+            ),
+            None => o.lr.to_string(),
+        },
         o.schedule,
         if o.warmup > 0 { format!(" after {} warmup steps", o.warmup) } else { String::new() }
     );
