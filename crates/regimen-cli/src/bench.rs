@@ -279,7 +279,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         be.synchronize();
         rates.push(args.steps as f64 / t.elapsed().as_secs_f64());
     }
-    drop(step);
     // The cost of the collective alone: one all-reduce of the whole gradient, median of 20.
     let allreduce = if ranks > 1 {
         let n = regimen::layer::param_count(&mut model);

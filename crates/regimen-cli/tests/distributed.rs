@@ -357,6 +357,24 @@ fn different_configs_on_the_ranks_are_refused() {
     );
 }
 
+/// A rank that fails (here rank 1 refuses its flags) ends the job: the other rank, waiting for
+/// it at the start, is stopped by the launcher, and the message names the failing rank.
+#[test]
+fn a_rank_that_fails_ends_the_job() {
+    let t = Instant::now();
+    let mut c = mpirun(1);
+    c.args([BIN, "train", "--model", "digits-mlp", "--epochs", "1"])
+        .args([":", "-np", "1"])
+        .args([BIN, "train", "--model", "digits-mlp", "--epochs", "0"]);
+    let (code, out, err) = run(c);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("error: rank 1 of 2: invalid --epochs 0"),
+        "{out}{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(60));
+}
+
 /// A rank killed in the middle of a run ends the whole job within seconds, and the launcher
 /// names the rank; the last checkpoint (rank 0's) is whole.
 #[test]
