@@ -350,6 +350,14 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     let penalty = recipe::penalty(optim_args)?;
     let ls = CrossEntropy::with_label_smoothing(args.label_smoothing)?;
     let precision = bench::parse_precision(&args.precision)?;
+    if ranks > 1 && args.device != "cpu" {
+        bail!(
+            "--device {}: data-parallel training runs on CPUs (MPI) for now; the GPU path \
+             (NCCL) is not built yet: train on one GPU in one process, or on --device cpu under \
+             mpirun",
+            args.device
+        );
+    }
     let device = regimen::Device::parse(&args.device)?;
     if args.graph && device == regimen::Device::Cpu {
         bail!("--graph records a CUDA graph: it needs --device cuda");

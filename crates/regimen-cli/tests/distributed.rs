@@ -375,6 +375,75 @@ fn a_rank_that_fails_ends_the_job() {
     assert!(t.elapsed() < Duration::from_secs(60));
 }
 
+/// A rank that stops answering (stopped with SIGSTOP) makes the other rank give up after
+/// REGIMEN_DIST_TIMEOUT seconds with a message, and the job ends instead of hanging.
+#[test]
+fn a_rank_that_hangs_ends_the_job_after_the_timeout() {
+    let d = fresh("hang");
+    let mut c = mpirun(2);
+    c.env("REGIMEN_DIST_TIMEOUT", "3")
+        .args(["-x", "REGIMEN_DIST_TIMEOUT"])
+        .args([
+            BIN,
+            "train",
+            "--model",
+            "digits-mlp",
+            "--epochs",
+            "100000",
+            "--batch-size",
+            "8",
+            "--out",
+            &path(&d, "run"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let last = d.join("run/checkpoints/last.safetensors");
+    let t = Instant::now();
+    while !last.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let victim = rank_pid(child.id(), 1).expect("rank 1's process");
+    assert!(Command::new("kill")
+        .args(["-s", "STOP", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the job still runs 60 s after rank 1 stopped answering"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("error: rank 0 of 2: no answer from the other ranks for 3 s"),
+        "stderr: {err}"
+    );
+    let _ = Command::new("kill")
+        .args(["-s", "KILL", &victim.to_string()])
+        .status();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Several ranks on GPUs: not built yet, and said so in one line before any work.
+#[test]
+fn gpus_on_several_ranks_are_refused_in_one_line() {
+    let mut c = mpirun(2);
+    c.args([BIN, "train", "--model", "digits-mlp", "--device", "cuda"]);
+    let (code, _, err) = run(c);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("the GPU path (NCCL) is not built yet"),
+        "{err}"
+    );
+}
+
 /// A rank killed in the middle of a run ends the whole job within seconds, and the launcher
 /// names the rank; the last checkpoint (rank 0's) is whole.
 #[test]
