@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::Scratch;
+use super::{direct, Scratch};
 use crate::backend::Window;
 use crate::linalg::{gemm, parallelism, MatRef};
 
@@ -31,6 +31,39 @@ impl ConvDims {
     /// A 1x1, stride-1, unpadded convolution reads the input as its own column matrix.
     fn is_pointwise(&self) -> bool {
         self.win.kh == 1 && self.win.kw == 1 && self.win.stride == 1 && self.win.pad == 0
+    }
+    /// The direct kernel's view of the forward convolution, when it takes it.
+    fn direct(&self) -> Option<(direct::Isa, direct::Shape)> {
+        let isa = direct::isa()?;
+        let s = direct::Shape {
+            cin: self.c,
+            h: self.h,
+            w: self.w,
+            cout: self.oc,
+            kh: self.win.kh,
+            kw: self.win.kw,
+            pad: self.win.pad,
+        };
+        (self.win.stride == 1 && !self.is_pointwise() && s.ok()).then_some((isa, s))
+    }
+    /// The input gradient as a direct convolution of `dy` (padded by `k - 1 - pad`, the kernel
+    /// flipped and its channel axes swapped), when the kernel takes it.
+    fn direct_dx(&self) -> Option<(direct::Isa, direct::Shape)> {
+        let isa = direct::isa()?;
+        let (kh, kw, p) = (self.win.kh, self.win.kw, self.win.pad);
+        if self.win.stride != 1 || self.is_pointwise() || p >= kh || p >= kw || kh != kw {
+            return None;
+        }
+        let s = direct::Shape {
+            cin: self.oc,
+            h: self.oh,
+            w: self.ow,
+            cout: self.c,
+            kh,
+            kw,
+            pad: kh - 1 - p,
+        };
+        (s.ok() && s.oh() == self.h && s.ow() == self.w).then_some((isa, s))
     }
 }
 
@@ -140,7 +173,18 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
     let (k, p) = (d.k(), d.p());
     let outer = outer_parallel(d.n);
     let par = parallelism(d.oc, k, p, outer);
+    let direct = d.direct();
+    let packed = direct.map(|(isa, s)| {
+        let (kh, kw) = (s.kh, s.kw);
+        direct::pack(&s, isa, |o, i, ki, kj| {
+            wt[((o * d.c + i) * kh + ki) * kw + kj]
+        })
+    });
     let one = |col: &mut [f32], x_s: &[f32], y_s: &mut [f32]| {
+        if let (Some((isa, s)), Some(packed)) = (direct, &packed) {
+            direct::conv(&s, isa, x_s, packed, b, col, y_s);
+            return;
+        }
         let cols: &[f32] = if d.is_pointwise() {
             x_s
         } else {
@@ -161,7 +205,11 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
         }
     };
     let xs = d.c * d.h * d.w;
-    let col_len = if d.is_pointwise() { 0 } else { k * p };
+    let col_len = match direct {
+        Some((isa, s)) => s.padded_len(isa),
+        None if d.is_pointwise() => 0,
+        None => k * p,
+    };
     if outer {
         // One contiguous run of samples per thread, its scratch allocated here: the number of
         // buffers a call takes is fixed (rayon's work stealing would vary it).
@@ -213,7 +261,19 @@ pub fn backward(
     let outer = outer_parallel(groups);
     let par = parallelism(k, d.oc, p, outer);
     let col_len = if pointwise { 0 } else { k * p };
-    let dcol_len = if dx.is_some() { col_len } else { 0 };
+    // The input gradient as a direct convolution of dy where the kernel takes it.
+    let direct_dx = if dx.is_some() { d.direct_dx() } else { None };
+    let packed_dx = direct_dx.map(|(isa, s)| {
+        let (kh, kw) = (s.kh, s.kw);
+        direct::pack(&s, isa, |ci, oc, ki, kj| {
+            wt[((oc * d.c + ci) * kh + (kh - 1 - ki)) * kw + (kw - 1 - kj)]
+        })
+    });
+    let dcol_len = match (dx.is_some(), direct_dx) {
+        (false, _) => 0,
+        (true, Some((isa, s))) => s.padded_len(isa),
+        (true, None) => col_len,
+    };
     let mut partial = Scratch::new(groups * d.oc * k);
     let mut dx_chunks: Vec<Option<&mut [f32]>> = match dx {
         Some(dx) => dx.chunks_mut(xs).map(Some).collect(),
@@ -253,7 +313,9 @@ pub fn backward(
                 par,
             );
             let Some(dx_s) = dx_s else { continue };
-            if pointwise {
+            if let (Some((isa, s)), Some(packed)) = (direct_dx, &packed_dx) {
+                direct::conv(&s, isa, dy_s, packed, None, dcol.f32_mut(), dx_s);
+            } else if pointwise {
                 gemm(
                     MatRef::t(wt, k, d.oc),
                     MatRef::new(dy_s, d.oc, p),

@@ -1,0 +1,428 @@
+//! Direct convolution of stride-1 windows, without a column matrix (x86-64 with AVX-512 or
+//! AVX2+FMA, chosen at run time; other machines keep im2col + gemm).
+//!
+//! One sample at a time: the input is copied once into a zero-padded buffer (`[C, HP, WP]`,
+//! rows wide enough that every vector load stays inside), the weights are packed per block of
+//! `OB` output channels as `[block][ci][ki][kj][OB]`. The microkernel computes a tile of `OB`
+//! output channels x two output vectors ("slots": two 16-wide (or 8-wide) pieces of output
+//! rows, from one row or two), accumulating in registers over every input channel and window
+//! position: per loaded input vector `OB` multiply-adds, with the weights broadcast from the
+//! packed block. Masked stores write the valid lanes.
+//!
+//! The same kernel computes a stride-1 convolution's input gradient: `dx` is the convolution
+//! of `dy`, padded by `k - 1 - pad`, with the kernel flipped and its channel axes swapped. Each
+//! output element is one sum in a fixed order, so results do not depend on threads.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Which vector width the machine takes (`None`: use im2col + gemm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+}
+
+pub fn isa() -> Option<Isa> {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("REGIMEN_NO_DIRECT_CONV").is_ok_and(|v| v == "1") {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Some(Isa::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Some(Isa::Avx2);
+            }
+        }
+        None
+    })
+}
+
+impl Isa {
+    fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+        }
+    }
+    /// Output channels per tile (two accumulators each, in 32 or 16 vector registers).
+    fn block(self) -> usize {
+        match self {
+            Isa::Avx512 => 12,
+            Isa::Avx2 => 6,
+        }
+    }
+}
+
+/// A stride-1 convolution of one sample's `[cin, h, w]` into `[cout, oh, ow]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub pad: usize,
+}
+
+impl Shape {
+    pub fn oh(&self) -> usize {
+        self.h + 2 * self.pad + 1 - self.kh
+    }
+    pub fn ow(&self) -> usize {
+        self.w + 2 * self.pad + 1 - self.kw
+    }
+    fn hp(&self) -> usize {
+        self.h + 2 * self.pad
+    }
+    /// Padded row length: every slot's vector loads (`lanes + kw - 1` from its start) fit.
+    fn wp(&self, isa: Isa) -> usize {
+        let l = isa.lanes();
+        (self.w + 2 * self.pad).max(self.ow().div_ceil(l) * l + self.kw - 1)
+    }
+    /// The padded input's length.
+    pub fn padded_len(&self, isa: Isa) -> usize {
+        self.cin * self.hp() * self.wp(isa) + isa.lanes()
+    }
+    /// Whether the kernel takes this shape: a window no larger than the padded input, padding
+    /// smaller than the window.
+    pub fn ok(&self) -> bool {
+        self.kh <= self.h + 2 * self.pad
+            && self.kw <= self.w + 2 * self.pad
+            && self.pad < self.kh
+            && self.pad < self.kw
+            && self.cin > 0
+            && self.cout > 0
+    }
+}
+
+/// Weights packed for the kernel: `w(o, i, ki, kj)` for output channel `o`, input channel `i`.
+pub fn pack(s: &Shape, isa: Isa, w: impl Fn(usize, usize, usize, usize) -> f32) -> Vec<f32> {
+    let ob = isa.block();
+    let blocks = s.cout.div_ceil(ob);
+    let mut out = vec![0.0f32; blocks * s.cin * s.kh * s.kw * ob];
+    let mut at = 0;
+    for b in 0..blocks {
+        for i in 0..s.cin {
+            for ki in 0..s.kh {
+                for kj in 0..s.kw {
+                    for o in 0..ob {
+                        let oc = b * ob + o;
+                        if oc < s.cout {
+                            out[at] = w(oc, i, ki, kj);
+                        }
+                        at += 1;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Copy `x` (`[cin, h, w]`) into the zero-padded buffer `xp`.
+fn pad_input(s: &Shape, isa: Isa, x: &[f32], xp: &mut [f32]) {
+    let (hp, wp, p) = (s.hp(), s.wp(isa), s.pad);
+    xp.fill(0.0);
+    for ci in 0..s.cin {
+        for iy in 0..s.h {
+            let dst = &mut xp[(ci * hp + iy + p) * wp + p..][..s.w];
+            dst.copy_from_slice(&x[(ci * s.h + iy) * s.w..][..s.w]);
+        }
+    }
+}
+
+/// `y` (`[cout, oh, ow]`) = the convolution of `x` with the packed weights, plus `bias`.
+/// `xp` is scratch of [`Shape::padded_len`].
+pub fn conv(
+    s: &Shape,
+    isa: Isa,
+    x: &[f32],
+    packed: &[f32],
+    bias: Option<&[f32]>,
+    xp: &mut [f32],
+    y: &mut [f32],
+) {
+    debug_assert!(s.ok());
+    pad_input(s, isa, x, xp);
+    let (oh, ow, lanes) = (s.oh(), s.ow(), isa.lanes());
+    assert!(y.len() >= s.cout * oh * ow && xp.len() >= s.padded_len(isa));
+    // The slots: (output row, first column); two per tile, the last one repeated (unstored)
+    // when the count is odd.
+    let segs = ow.div_ceil(lanes);
+    let slots: Vec<(usize, usize)> = (0..oh)
+        .flat_map(|oy| (0..segs).map(move |g| (oy, g * lanes)))
+        .collect();
+    let ob = isa.block();
+    let wblock = s.cin * s.kh * s.kw * ob;
+    let wp = s.wp(isa);
+    let plane = s.hp() * wp;
+    for (b, wb) in packed.chunks(wblock).enumerate() {
+        let oc0 = b * ob;
+        let n_oc = ob.min(s.cout - oc0);
+        let mut bias_b = [0.0f32; 12];
+        if let Some(bias) = bias {
+            bias_b[..n_oc].copy_from_slice(&bias[oc0..oc0 + n_oc]);
+        }
+        for pair in slots.chunks(2) {
+            let (a, bslot) = (pair[0], *pair.get(1).unwrap_or(&pair[0]));
+            let t = Tile {
+                in0: a.0 * wp + a.1,
+                in1: bslot.0 * wp + bslot.1,
+                out0: a.0 * ow + a.1,
+                out1: bslot.0 * ow + bslot.1,
+                n0: (ow - a.1).min(lanes),
+                n1: if pair.len() == 2 {
+                    (ow - bslot.1).min(lanes)
+                } else {
+                    0
+                },
+            };
+            // SAFETY: `isa` was detected on this machine; the loads stay inside `xp` (rows of
+            // `wp` cover every slot's `lanes + kw - 1` reads, and `xp` has `lanes` spare at the
+            // end); the stores write lanes below `n0`/`n1` of rows inside `y`.
+            unsafe {
+                let yb = y.as_mut_ptr().add(oc0 * oh * ow);
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => tile512(
+                        s,
+                        xp.as_ptr(),
+                        plane,
+                        wp,
+                        wb.as_ptr(),
+                        &bias_b,
+                        n_oc,
+                        yb,
+                        oh * ow,
+                        t,
+                    ),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => tile256(
+                        s,
+                        xp.as_ptr(),
+                        plane,
+                        wp,
+                        wb.as_ptr(),
+                        &bias_b,
+                        n_oc,
+                        yb,
+                        oh * ow,
+                        t,
+                    ),
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!("no direct convolution off x86-64"),
+                }
+            }
+        }
+    }
+}
+
+/// Where a tile reads and writes: offsets of its two slots in a padded input plane and in an
+/// output plane, and their valid lanes.
+#[derive(Clone, Copy)]
+struct Tile {
+    in0: usize,
+    in1: usize,
+    out0: usize,
+    out1: usize,
+    n0: usize,
+    n1: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile512(
+    s: &Shape,
+    xp: *const f32,
+    plane: usize,
+    wp: usize,
+    w: *const f32,
+    bias: &[f32; 12],
+    n_oc: usize,
+    y: *mut f32,
+    ystride: usize,
+    t: Tile,
+) {
+    const OB: usize = 12;
+    let mut a0 = [_mm512_setzero_ps(); OB];
+    let mut a1 = [_mm512_setzero_ps(); OB];
+    for o in 0..OB {
+        a0[o] = _mm512_set1_ps(bias[o]);
+        a1[o] = a0[o];
+    }
+    let mut wptr = w;
+    for ci in 0..s.cin {
+        let base = xp.add(ci * plane);
+        for ki in 0..s.kh {
+            let r0 = base.add(t.in0 + ki * wp);
+            let r1 = base.add(t.in1 + ki * wp);
+            for kj in 0..s.kw {
+                let x0 = _mm512_loadu_ps(r0.add(kj));
+                let x1 = _mm512_loadu_ps(r1.add(kj));
+                for o in 0..OB {
+                    let wv = _mm512_set1_ps(*wptr.add(o));
+                    a0[o] = _mm512_fmadd_ps(wv, x0, a0[o]);
+                    a1[o] = _mm512_fmadd_ps(wv, x1, a1[o]);
+                }
+                wptr = wptr.add(OB);
+            }
+        }
+    }
+    let m0: __mmask16 = ((1u32 << t.n0) - 1) as __mmask16;
+    let m1: __mmask16 = ((1u32 << t.n1) - 1) as __mmask16;
+    for o in 0..n_oc {
+        let yo = y.add(o * ystride);
+        _mm512_mask_storeu_ps(yo.add(t.out0), m0, a0[o]);
+        if t.n1 > 0 {
+            _mm512_mask_storeu_ps(yo.add(t.out1), m1, a1[o]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile256(
+    s: &Shape,
+    xp: *const f32,
+    plane: usize,
+    wp: usize,
+    w: *const f32,
+    bias: &[f32; 12],
+    n_oc: usize,
+    y: *mut f32,
+    ystride: usize,
+    t: Tile,
+) {
+    const OB: usize = 6;
+    let mut a0 = [_mm256_setzero_ps(); OB];
+    let mut a1 = [_mm256_setzero_ps(); OB];
+    for o in 0..OB {
+        a0[o] = _mm256_set1_ps(bias[o]);
+        a1[o] = a0[o];
+    }
+    let mut wptr = w;
+    for ci in 0..s.cin {
+        let base = xp.add(ci * plane);
+        for ki in 0..s.kh {
+            let r0 = base.add(t.in0 + ki * wp);
+            let r1 = base.add(t.in1 + ki * wp);
+            for kj in 0..s.kw {
+                let x0 = _mm256_loadu_ps(r0.add(kj));
+                let x1 = _mm256_loadu_ps(r1.add(kj));
+                for o in 0..OB {
+                    let wv = _mm256_set1_ps(*wptr.add(o));
+                    a0[o] = _mm256_fmadd_ps(wv, x0, a0[o]);
+                    a1[o] = _mm256_fmadd_ps(wv, x1, a1[o]);
+                }
+                wptr = wptr.add(OB);
+            }
+        }
+    }
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(t.n0 as i32), lane);
+    let m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(t.n1 as i32), lane);
+    for o in 0..n_oc {
+        let yo = y.add(o * ystride);
+        _mm256_maskstore_ps(yo.add(t.out0), m0, a0[o]);
+        if t.n1 > 0 {
+            _mm256_maskstore_ps(yo.add(t.out1), m1, a1[o]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(s: &Shape, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+        let (oh, ow) = (s.oh(), s.ow());
+        let mut y = vec![0.0f32; s.cout * oh * ow];
+        for o in 0..s.cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = bias[o] as f64;
+                    for i in 0..s.cin {
+                        for ki in 0..s.kh {
+                            for kj in 0..s.kw {
+                                let iy = (oy + ki) as isize - s.pad as isize;
+                                let ix = (ox + kj) as isize - s.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                    continue;
+                                }
+                                acc += w[((o * s.cin + i) * s.kh + ki) * s.kw + kj] as f64
+                                    * x[(i * s.h + iy as usize) * s.w + ix as usize] as f64;
+                            }
+                        }
+                    }
+                    y[(o * oh + oy) * ow + ox] = acc as f32;
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn equals_the_definition_on_every_isa_and_shape() {
+        let mut isas = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        let mut r = crate::Rng::new(3);
+        for &(cin, h, w, cout, k, pad) in &[
+            (1, 28, 28, 32, 3, 1),
+            (3, 14, 14, 13, 3, 1),
+            (5, 7, 9, 25, 3, 0),
+            (2, 5, 33, 7, 5, 2),
+            (4, 3, 3, 1, 3, 2),
+            (2, 17, 5, 12, 1, 0),
+        ] {
+            let s = Shape {
+                cin,
+                h,
+                w,
+                cout,
+                kh: k,
+                kw: k,
+                pad,
+            };
+            let x: Vec<f32> = (0..cin * h * w).map(|_| r.normal() as f32).collect();
+            let wt: Vec<f32> = (0..cout * cin * k * k).map(|_| r.normal() as f32).collect();
+            let b: Vec<f32> = (0..cout).map(|_| r.normal() as f32).collect();
+            let want = naive(&s, &x, &wt, &b);
+            for &isa in &isas {
+                let packed = pack(&s, isa, |o, i, ki, kj| {
+                    wt[((o * cin + i) * k + ki) * k + kj]
+                });
+                let mut xp = vec![f32::NAN; s.padded_len(isa)];
+                // Sentinels after the output: a store past the end would change them.
+                let n = cout * s.oh() * s.ow();
+                let mut y = vec![7.0f32; n + 64];
+                conv(&s, isa, &x, &packed, Some(&b), &mut xp, &mut y);
+                for (i, (g, w)) in y[..n].iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{isa:?} {s:?} at {i}: {g} vs {w}"
+                    );
+                }
+                assert!(
+                    y[n..].iter().all(|&v| v == 7.0),
+                    "{isa:?} {s:?}: wrote past the end"
+                );
+            }
+        }
+    }
+}
