@@ -339,6 +339,152 @@ unsafe fn tile256(
     }
 }
 
+/// The weight gradient of a stride-1 3x3 convolution over a group of samples, without a column
+/// matrix: `dw[o, i, ki, kj] += sum over samples and output pixels of
+/// dy[o, oy, ox] * xpad[i, oy + ki, ox + kj]`. `xs` and `dys` are the group's samples
+/// (`[cin, h, w]` and `[cout, oh, ow]` each); `xp` is scratch of `xs.len()` padded inputs.
+/// Each `(o, i)` accumulates in vector lanes over the whole group, then is reduced once, in a
+/// fixed order.
+pub fn weight_grad_3x3(
+    s: &Shape,
+    isa: Isa,
+    xs: &[&[f32]],
+    dys: &[&[f32]],
+    xp: &mut [f32],
+    dw: &mut [f32],
+) {
+    assert!(s.kh == 3 && s.kw == 3 && s.ok());
+    let one = s.padded_len(isa);
+    assert!(xp.len() >= one * xs.len() && dw.len() >= s.cout * s.cin * 9);
+    for (x, buf) in xs.iter().zip(xp.chunks_mut(one)) {
+        pad_input(s, isa, x, buf);
+    }
+    let (oh, ow, wp) = (s.oh(), s.ow(), s.wp(isa));
+    let plane = s.hp() * wp;
+    let ob = match isa {
+        Isa::Avx512 => 3,
+        Isa::Avx2 => 1,
+    };
+    for oc0 in (0..s.cout).step_by(ob) {
+        let n_oc = ob.min(s.cout - oc0);
+        let dy_at: Vec<*const f32> = dys.iter().map(|dy| dy[oc0 * oh * ow..].as_ptr()).collect();
+        for ci in 0..s.cin {
+            let mut sums = [0.0f32; 27];
+            let x_at: Vec<*const f32> = xp
+                .chunks(one)
+                .take(xs.len())
+                .map(|xpad| xpad[ci * plane..].as_ptr())
+                .collect();
+            let g = WgTask {
+                x: &x_at,
+                dy: &dy_at,
+                n_oc,
+                oh,
+                ow,
+                wp,
+            };
+            // SAFETY: `isa` was detected; loads are masked to the valid columns of rows inside
+            // each padded plane and of the `n_oc` gradient planes.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => wg512(g, &mut sums),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => wg256(g, &mut sums),
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!("no direct convolution off x86-64"),
+                }
+            }
+            for o in 0..n_oc {
+                let at = ((oc0 + o) * s.cin + ci) * 9;
+                for t in 0..9 {
+                    dw[at + t] += sums[o * 9 + t];
+                }
+            }
+        }
+    }
+}
+
+/// A weight-gradient block over a group of samples: per sample, the padded input plane of one
+/// channel and the first of `n_oc` output-gradient planes.
+#[derive(Clone, Copy)]
+struct WgTask<'a> {
+    x: &'a [*const f32],
+    dy: &'a [*const f32],
+    n_oc: usize,
+    oh: usize,
+    ow: usize,
+    wp: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wg512(g: WgTask, sums: &mut [f32; 27]) {
+    let mut acc = [_mm512_setzero_ps(); 27];
+    let zero = _mm512_setzero_ps();
+    let planes = g.oh * g.ow;
+    for (&x, &dy) in g.x.iter().zip(g.dy) {
+        for oy in 0..g.oh {
+            for ox0 in (0..g.ow).step_by(16) {
+                let m: __mmask16 = ((1u32 << (g.ow - ox0).min(16)) - 1) as __mmask16;
+                let at = oy * g.ow + ox0;
+                let d0 = _mm512_maskz_loadu_ps(m, dy.add(at));
+                let d1 = if g.n_oc > 1 {
+                    _mm512_maskz_loadu_ps(m, dy.add(planes + at))
+                } else {
+                    zero
+                };
+                let d2 = if g.n_oc > 2 {
+                    _mm512_maskz_loadu_ps(m, dy.add(2 * planes + at))
+                } else {
+                    zero
+                };
+                for ki in 0..3 {
+                    let row = x.add((oy + ki) * g.wp + ox0);
+                    for kj in 0..3 {
+                        let xv = _mm512_maskz_loadu_ps(m, row.add(kj));
+                        let t = ki * 3 + kj;
+                        acc[t] = _mm512_fmadd_ps(d0, xv, acc[t]);
+                        acc[9 + t] = _mm512_fmadd_ps(d1, xv, acc[9 + t]);
+                        acc[18 + t] = _mm512_fmadd_ps(d2, xv, acc[18 + t]);
+                    }
+                }
+            }
+        }
+    }
+    for (s, a) in sums.iter_mut().zip(acc) {
+        *s += _mm512_reduce_add_ps(a);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wg256(g: WgTask, sums: &mut [f32; 27]) {
+    let mut acc = [_mm256_setzero_ps(); 9];
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (&x, &dy) in g.x.iter().zip(g.dy) {
+        for oy in 0..g.oh {
+            for ox0 in (0..g.ow).step_by(8) {
+                let m = _mm256_cmpgt_epi32(_mm256_set1_epi32((g.ow - ox0).min(8) as i32), lane);
+                let d = _mm256_maskload_ps(dy.add(oy * g.ow + ox0), m);
+                for ki in 0..3 {
+                    let row = x.add((oy + ki) * g.wp + ox0);
+                    for kj in 0..3 {
+                        let xv = _mm256_maskload_ps(row.add(kj), m);
+                        acc[ki * 3 + kj] = _mm256_fmadd_ps(d, xv, acc[ki * 3 + kj]);
+                    }
+                }
+            }
+        }
+    }
+    for (t, a) in acc.into_iter().enumerate() {
+        // Lanes added in a fixed order.
+        let mut v = [0.0f32; 8];
+        _mm256_storeu_ps(v.as_mut_ptr(), a);
+        sums[t] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +568,79 @@ mod tests {
                     y[n..].iter().all(|&v| v == 7.0),
                     "{isa:?} {s:?}: wrote past the end"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn weight_gradient_equals_the_definition() {
+        let mut isas = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        let mut r = crate::Rng::new(4);
+        for &(cin, h, w, cout, pad, n) in &[
+            (1, 28, 28, 32, 1, 3),
+            (3, 14, 14, 13, 1, 2),
+            (5, 7, 9, 4, 0, 1),
+            (2, 5, 33, 7, 2, 2),
+        ] {
+            let s = Shape {
+                cin,
+                h,
+                w,
+                cout,
+                kh: 3,
+                kw: 3,
+                pad,
+            };
+            let (oh, ow) = (s.oh(), s.ow());
+            let xs: Vec<Vec<f32>> = (0..n)
+                .map(|_| (0..cin * h * w).map(|_| r.normal() as f32).collect())
+                .collect();
+            let dys: Vec<Vec<f32>> = (0..n)
+                .map(|_| (0..cout * oh * ow).map(|_| r.normal() as f32).collect())
+                .collect();
+            let mut want = vec![0.0f64; cout * cin * 9];
+            for (x, dy) in xs.iter().zip(&dys) {
+                for o in 0..cout {
+                    for i in 0..cin {
+                        for ki in 0..3 {
+                            for kj in 0..3 {
+                                for oy in 0..oh {
+                                    for ox in 0..ow {
+                                        let iy = (oy + ki) as isize - pad as isize;
+                                        let ix = (ox + kj) as isize - pad as isize;
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
+                                        {
+                                            continue;
+                                        }
+                                        want[((o * cin + i) * 3 + ki) * 3 + kj] +=
+                                            dy[(o * oh + oy) * ow + ox] as f64
+                                                * x[(i * h + iy as usize) * w + ix as usize] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for &isa in &isas {
+                let xr: Vec<&[f32]> = xs.iter().map(|v| v.as_slice()).collect();
+                let dr: Vec<&[f32]> = dys.iter().map(|v| v.as_slice()).collect();
+                let mut xp = vec![f32::NAN; s.padded_len(isa) * n];
+                let mut dw = vec![1.0f32; cout * cin * 9];
+                weight_grad_3x3(&s, isa, &xr, &dr, &mut xp, &mut dw);
+                for (i, (g, w)) in dw.iter().zip(&want).enumerate() {
+                    let w = *w as f32 + 1.0;
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{isa:?} {s:?} at {i}: {g} vs {w}"
+                    );
+                }
             }
         }
     }
