@@ -230,10 +230,10 @@ impl Callback for TensorBoard {
         Ok(())
     }
     fn wants_step_values(&self, step: u64) -> bool {
-        step % self.every == 0
+        step.is_multiple_of(self.every)
     }
     fn on_step_end(&mut self, step: &StepEnd, _control: &mut Control) -> Result<()> {
-        if step.step % self.every != 0 {
+        if !step.step.is_multiple_of(self.every) {
             return Ok(());
         }
         let mut v = vec![("step/lr", step.lr as f32)];

@@ -236,7 +236,7 @@ struct StepLosses {
 
 impl regimen::trainer::Callback for StepLosses {
     fn wants_step_values(&self, step: u64) -> bool {
-        step % self.every == 0
+        step.is_multiple_of(self.every)
     }
     fn on_step_end(
         &mut self,

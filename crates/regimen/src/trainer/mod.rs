@@ -468,7 +468,7 @@ impl Trainer {
         if next_batch > 0 && saved_batch != self.global_batch() {
             // Written with another number of ranks: the same place in the epoch by samples.
             let samples = next_batch * saved_batch;
-            if samples % self.global_batch() != 0 {
+            if !samples.is_multiple_of(self.global_batch()) {
                 return Err(bad(format!(
                     "the run stopped after {samples} samples of an epoch (batch {saved_batch} \
                      over all ranks), which is not a whole number of this run's batches of \
