@@ -4,7 +4,7 @@
 //! depend on the number of threads. `bf16`/`f16` inputs are computed through `f32`.
 
 mod conv;
-mod direct;
+pub(crate) mod direct;
 mod elementwise;
 mod loss;
 mod norm;

@@ -39,47 +39,89 @@ pub fn max_forward(x: &[f32], d: &PoolDims, win: Window, y: &mut [f32], idx: &mu
 }
 
 /// The common 2x2, stride-2 case without the general window bookkeeping (same results,
-/// including the first-maximum tie rule and NaN propagation).
+/// including the first-maximum tie rule and NaN propagation). The per-plane loop is compiled
+/// three times (AVX-512, AVX2, baseline) and chosen at run time: with wide vectors the
+/// compiler turns its column pairs into de-interleaving shuffles and blends.
 fn max_forward_2x2(x: &[f32], d: &PoolDims, y: &mut [f32], idx: &mut [u32]) {
-    let (hw, ohw, w) = (d.h * d.w, d.oh * d.ow, d.w);
+    let (hw, ohw) = (d.h * d.w, d.oh * d.ow);
+    let plane = plane_2x2_dispatch();
     y.par_chunks_mut(ohw)
         .zip(idx.par_chunks_mut(ohw))
         .zip(x.par_chunks(hw))
         .with_min_len(16)
-        .for_each(|((y_p, i_p), x_p)| {
-            for oy in 0..d.oh {
-                let (t0, t1) = (2 * oy * w, (2 * oy + 1) * w);
-                let (r0, r1) = (&x_p[t0..t0 + w], &x_p[t1..t1 + w]);
-                let (yo, io) = (
-                    &mut y_p[oy * d.ow..(oy + 1) * d.ow],
-                    &mut i_p[oy * d.ow..(oy + 1) * d.ow],
-                );
-                // Pairs of columns as chunks (no index arithmetic, so that the loop
-                // vectorizes). Row-major order of the window, first maximum wins, NaN
-                // propagates: `!(v <= best)` is `v > best || v is NaN` in one comparison, and
-                // a NaN already taken stays (`best == best` is false for NaN). The selects
-                // compile to conditional moves or blends (branches mispredicted half the time).
-                let pairs = r0.chunks_exact(2).zip(r1.chunks_exact(2));
-                for (ox, ((a, b), (yv, iv))) in
-                    pairs.zip(yo.iter_mut().zip(io.iter_mut())).enumerate()
-                {
-                    let c = (2 * ox) as u32;
-                    let (mut best, mut at) = (a[0], t0 as u32 + c);
-                    for (v, i) in [
-                        (a[1], t0 as u32 + c + 1),
-                        (b[0], t1 as u32 + c),
-                        (b[1], t1 as u32 + c + 1),
-                    ] {
-                        #[allow(clippy::eq_op)]
-                        let take = !(v <= best) & (best == best);
-                        best = if take { v } else { best };
-                        at = if take { i } else { at };
-                    }
-                    *yv = best;
-                    *iv = at;
-                }
+        .for_each(|((y_p, i_p), x_p)| plane(x_p, d.w, d.oh, d.ow, y_p, i_p));
+}
+
+type Plane2x2 = fn(&[f32], usize, usize, usize, &mut [f32], &mut [u32]);
+
+fn plane_2x2_dispatch() -> Plane2x2 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::direct::isa() == Some(super::direct::Isa::Avx512)
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            return |x, w, oh, ow, y, i| unsafe { plane_2x2_avx512(x, w, oh, ow, y, i) };
+        }
+        if super::direct::isa().is_some() {
+            return |x, w, oh, ow, y, i| unsafe { plane_2x2_avx2(x, w, oh, ow, y, i) };
+        }
+    }
+    plane_2x2
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,popcnt")]
+unsafe fn plane_2x2_avx512(
+    x: &[f32],
+    w: usize,
+    oh: usize,
+    ow: usize,
+    y: &mut [f32],
+    i: &mut [u32],
+) {
+    plane_2x2(x, w, oh, ow, y, i)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,bmi1,bmi2,popcnt")]
+unsafe fn plane_2x2_avx2(x: &[f32], w: usize, oh: usize, ow: usize, y: &mut [f32], i: &mut [u32]) {
+    plane_2x2(x, w, oh, ow, y, i)
+}
+
+/// One plane of the 2x2 max pool.
+#[inline(always)]
+fn plane_2x2(x_p: &[f32], w: usize, oh: usize, ow: usize, y_p: &mut [f32], i_p: &mut [u32]) {
+    for oy in 0..oh {
+        let (t0, t1) = (2 * oy * w, (2 * oy + 1) * w);
+        let (r0, r1) = (&x_p[t0..t0 + w], &x_p[t1..t1 + w]);
+        let (yo, io) = (
+            &mut y_p[oy * ow..(oy + 1) * ow],
+            &mut i_p[oy * ow..(oy + 1) * ow],
+        );
+        // Pairs of columns as chunks (no index arithmetic, so that the loop
+        // vectorizes). Row-major order of the window, first maximum wins, NaN
+        // propagates: `!(v <= best)` is `v > best || v is NaN` in one comparison, and
+        // a NaN already taken stays (`best == best` is false for NaN). The selects
+        // compile to conditional moves or blends (branches mispredicted half the time).
+        let pairs = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+        for (ox, ((a, b), (yv, iv))) in pairs.zip(yo.iter_mut().zip(io.iter_mut())).enumerate() {
+            let c = (2 * ox) as u32;
+            let (mut best, mut at) = (a[0], t0 as u32 + c);
+            for (v, i) in [
+                (a[1], t0 as u32 + c + 1),
+                (b[0], t1 as u32 + c),
+                (b[1], t1 as u32 + c + 1),
+            ] {
+                #[allow(clippy::eq_op)]
+                let take = !(v <= best) & (best == best);
+                best = if take { v } else { best };
+                at = if take { i } else { at };
             }
-        });
+            *yv = best;
+            *iv = at;
+        }
+    }
 }
 
 /// Max pooling over arbitrary rectangular regions given per plane by `rows(oy)`, `cols(ox)`.
