@@ -242,14 +242,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let out = ce.forward(&logits, Target::Hard(&y))?;
         match &mut reducer {
             None => drop(model.backward(&out.grad)?),
-            Some(r) => {
-                r.begin(model, share);
-                match model.backward_in_parts(&out.grad, &mut |part| r.ready(part)) {
-                    Some(done) => drop(done?),
-                    None => drop(model.backward(&out.grad)?),
-                }
-                r.finish(model, &[])?;
-            }
+            Some(r) => drop(r.backward(model, &out.grad, share, &[])?),
         }
         opt.step(model, 0.01)?;
         Ok(())

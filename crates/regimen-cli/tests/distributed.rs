@@ -375,29 +375,28 @@ fn a_rank_that_fails_ends_the_job() {
     assert!(t.elapsed() < Duration::from_secs(60));
 }
 
-/// A rank that stops answering (stopped with SIGSTOP) makes the other rank give up after
-/// REGIMEN_DIST_TIMEOUT seconds with a message, and the job ends instead of hanging.
-#[test]
-fn a_rank_that_hangs_ends_the_job_after_the_timeout() {
-    let d = fresh("hang");
+/// Start a long 2-rank run in `d/run` with `env`, wait for its first checkpoint, send
+/// `signal` to rank 1, and wait (at most 60 s) for the job to end. Returns its exit code,
+/// stderr, and rank 1's process id.
+fn signal_rank_one(d: &Path, env: &[(&str, &str)], signal: &str) -> (Option<i32>, String, u32) {
     let mut c = mpirun(2);
-    // Long enough that a rank slowed by the other tests on a 2-core machine still answers.
-    c.env("REGIMEN_DIST_TIMEOUT", "10")
-        .args(["-x", "REGIMEN_DIST_TIMEOUT"])
-        .args([
-            BIN,
-            "train",
-            "--model",
-            "digits-mlp",
-            "--epochs",
-            "100000",
-            "--batch-size",
-            "8",
-            "--out",
-            &path(&d, "run"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v).args(["-x", k]);
+    }
+    c.args([
+        BIN,
+        "train",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "100000",
+        "--batch-size",
+        "8",
+        "--out",
+        &path(d, "run"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let last = d.join("run/checkpoints/last.safetensors");
     let t = Instant::now();
@@ -405,9 +404,10 @@ fn a_rank_that_hangs_ends_the_job_after_the_timeout() {
         assert!(t.elapsed() < Duration::from_secs(60), "no checkpoint");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Rank 1: the child of mpirun whose environment says so.
     let victim = rank_pid(child.id(), 1).expect("rank 1's process");
     assert!(Command::new("kill")
-        .args(["-s", "STOP", &victim.to_string()])
+        .args(["-s", signal, &victim.to_string()])
         .status()
         .unwrap()
         .success());
@@ -415,13 +415,26 @@ fn a_rank_that_hangs_ends_the_job_after_the_timeout() {
     while child.try_wait().unwrap().is_none() {
         assert!(
             t.elapsed() < Duration::from_secs(60),
-            "the job still runs 60 s after rank 1 stopped answering"
+            "the job still runs 60 s after rank 1 got SIG{signal}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into(),
+        victim,
+    )
+}
+
+/// A rank that stops answering (stopped with SIGSTOP) makes the other rank give up after
+/// REGIMEN_DIST_TIMEOUT seconds with a message, and the job ends instead of hanging.
+#[test]
+fn a_rank_that_hangs_ends_the_job_after_the_timeout() {
+    let d = fresh("hang");
+    // Long enough that a rank slowed by the other tests on a 2-core machine still answers.
+    let (code, err, victim) = signal_rank_one(&d, &[("REGIMEN_DIST_TIMEOUT", "10")], "STOP");
+    assert_ne!(code, Some(0));
     assert!(
         err.contains("error: rank 0 of 2: no answer from the other ranks for 10 s"),
         "stderr: {err}"
@@ -450,48 +463,7 @@ fn gpus_on_several_ranks_are_refused_in_one_line() {
 #[test]
 fn a_killed_rank_ends_the_job() {
     let d = fresh("kill");
-    let mut c = mpirun(2);
-    c.args([
-        BIN,
-        "train",
-        "--model",
-        "digits-mlp",
-        "--epochs",
-        "100000",
-        "--batch-size",
-        "8",
-        "--out",
-        &path(&d, "run"),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let last = d.join("run/checkpoints/last.safetensors");
-    let t = Instant::now();
-    while !last.exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "no checkpoint");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Rank 1: the child of mpirun whose environment says so.
-    let victim = rank_pid(child.id(), 1).expect("rank 1's process");
-    let status = Command::new("kill")
-        .args(["-s", "KILL", &victim.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let t = Instant::now();
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the job still runs 60 s after rank 1 was killed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err, _) = signal_rank_one(&d, &[], "KILL");
     assert_ne!(code, Some(0));
     assert!(
         err.contains("rank 1") && err.contains("signal 9"),

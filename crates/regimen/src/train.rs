@@ -545,12 +545,8 @@ fn run_epochs(
                 Some(r) => {
                     // Gradients summed over the ranks, each weighed by its share: every rank
                     // then holds the global batch's gradient. The stop flags ride along.
-                    r.begin(model, share);
-                    match model.backward_in_parts(&out.grad, &mut |part| r.ready(part)) {
-                        Some(done) => drop(done?),
-                        None => drop(model.backward(&out.grad)?),
-                    }
-                    let flags = r.finish(model, &[f32::from(u8::from(hooks.stop_now()))])?;
+                    let stop = [f32::from(u8::from(hooks.stop_now()))];
+                    let flags = r.backward(model, &out.grad, share, &stop)?;
                     stopping = flags[0] > 0.0;
                 }
             }

@@ -107,6 +107,23 @@ impl Reducer {
         self.buckets += 1;
     }
 
+    /// The whole data-parallel backward: `begin`, backward in parts with each part reported
+    /// as it is done, `finish`. Returns the sums of `extra` over the ranks.
+    pub fn backward(
+        &mut self,
+        model: &mut dyn Layer,
+        dy: &Tensor,
+        share: f32,
+        extra: &[f32],
+    ) -> Result<Vec<f32>> {
+        self.begin(model, share);
+        match model.backward_in_parts(dy, &mut |part| self.ready(part)) {
+            Some(done) => drop(done?),
+            None => drop(model.backward(dy)?),
+        }
+        self.finish(model, extra)
+    }
+
     /// After backward: send what is left with `extra` values appended (summed over the ranks
     /// too), wait for all sums, write them into the gradients. Returns the sums of `extra`.
     pub fn finish(&mut self, model: &mut dyn Layer, extra: &[f32]) -> Result<Vec<f32>> {

@@ -153,12 +153,11 @@ pub fn conv(
     pad_input(s, isa, x, xp);
     let (oh, ow, lanes) = (s.oh(), s.ow(), isa.lanes());
     assert!(y.len() >= s.cout * oh * ow && xp.len() >= s.padded_len(isa));
-    // The slots: (output row, first column); two per tile, the last one repeated (unstored)
-    // when the count is odd.
+    // The slots: (output row, first column), row-major; two per tile, the last one repeated
+    // (unstored) when the count is odd.
     let segs = ow.div_ceil(lanes);
-    let slots: Vec<(usize, usize)> = (0..oh)
-        .flat_map(|oy| (0..segs).map(move |g| (oy, g * lanes)))
-        .collect();
+    let n_slots = oh * segs;
+    let slot = |k: usize| (k / segs, (k % segs) * lanes);
     let ob = isa.block();
     let wblock = s.cin * s.kh * s.kw * ob;
     let wp = s.wp(isa);
@@ -170,19 +169,16 @@ pub fn conv(
         if let Some(bias) = bias {
             bias_b[..n_oc].copy_from_slice(&bias[oc0..oc0 + n_oc]);
         }
-        for pair in slots.chunks(2) {
-            let (a, bslot) = (pair[0], *pair.get(1).unwrap_or(&pair[0]));
+        for k in (0..n_slots).step_by(2) {
+            let both = k + 1 < n_slots;
+            let (a, bslot) = (slot(k), slot(if both { k + 1 } else { k }));
             let t = Tile {
                 in0: a.0 * wp + a.1,
                 in1: bslot.0 * wp + bslot.1,
                 out0: a.0 * ow + a.1,
                 out1: bslot.0 * ow + bslot.1,
                 n0: (ow - a.1).min(lanes),
-                n1: if pair.len() == 2 {
-                    (ow - bslot.1).min(lanes)
-                } else {
-                    0
-                },
+                n1: if both { (ow - bslot.1).min(lanes) } else { 0 },
             };
             // SAFETY: `isa` was detected on this machine; the loads stay inside `xp` (rows of
             // `wp` cover every slot's `lanes + kw - 1` reads, and `xp` has `lanes` spare at the
@@ -365,16 +361,20 @@ pub fn weight_grad_3x3(
         Isa::Avx512 => 3,
         Isa::Avx2 => 1,
     };
+    // Per-sample plane pointers, reused across blocks and channels.
+    let (mut dy_at, mut x_at) = (Vec::with_capacity(dys.len()), Vec::with_capacity(xs.len()));
     for oc0 in (0..s.cout).step_by(ob) {
         let n_oc = ob.min(s.cout - oc0);
-        let dy_at: Vec<*const f32> = dys.iter().map(|dy| dy[oc0 * oh * ow..].as_ptr()).collect();
+        dy_at.clear();
+        dy_at.extend(dys.iter().map(|dy| dy[oc0 * oh * ow..].as_ptr()));
         for ci in 0..s.cin {
             let mut sums = [0.0f32; 27];
-            let x_at: Vec<*const f32> = xp
-                .chunks(one)
-                .take(xs.len())
-                .map(|xpad| xpad[ci * plane..].as_ptr())
-                .collect();
+            x_at.clear();
+            x_at.extend(
+                xp.chunks(one)
+                    .take(xs.len())
+                    .map(|xpad| xpad[ci * plane..].as_ptr()),
+            );
             let g = WgTask {
                 x: &x_at,
                 dy: &dy_at,
