@@ -69,32 +69,75 @@ pub fn gemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool, par: 
     }
     let (a_rs, a_cs) = a.strides();
     let (b_rs, b_cs) = b.strides();
-    // SAFETY: the asserts above keep every index inside the slices; `c` does not alias `a` or
-    // `b` (it is a unique borrow).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a_cs,
-            a_rs,
-            b.data.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0, // dst := 1 * dst + ...
-            1.0, // ... + 1 * a b
-            false,
-            false,
-            false,
-            par,
-        );
+    let threads = match par {
+        Parallelism::Rayon(t) => t.max(1),
+        _ => 1,
+    };
+    // The gemm crate's own threading leaves one core idle on the products of the benchmark
+    // models (a batch of 128 rows against a transposed weight runs at one core's speed), so
+    // the product is split here into one block of rows or columns per thread, each a
+    // single-threaded product. Every element is still one dot product in the crate's fixed
+    // order (its k blocking depends on k and the caches only): the split changes no bit.
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    let one = |i0: usize, i1: usize, j0: usize, j1: usize| {
+        let c = c_ptr;
+        // SAFETY: the asserts above keep every index inside the slices; `c` does not alias
+        // `a` or `b` (it is a unique borrow), and the blocks given to different calls are
+        // disjoint.
+        unsafe {
+            gemm::gemm(
+                i1 - i0,
+                j1 - j0,
+                k,
+                c.0.add(i0 * n + j0),
+                1,
+                n as isize,
+                accumulate,
+                a.data.as_ptr().offset(i0 as isize * a_rs),
+                a_cs,
+                a_rs,
+                b.data.as_ptr().offset(j0 as isize * b_cs),
+                b_cs,
+                b_rs,
+                1.0, // dst := 1 * dst + ...
+                1.0, // ... + 1 * a b
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    };
+    if threads < 2 {
+        one(0, m, 0, n);
+        return;
     }
+    // Split the longer side of `c`, in multiples of 16 (a vector register of AVX-512).
+    let (len, along_n) = if n >= m { (n, true) } else { (m, false) };
+    let chunk = len.div_ceil(threads).div_ceil(16) * 16;
+    rayon::scope(|s| {
+        let mut start = 0;
+        while start < len {
+            let end = (start + chunk).min(len);
+            let one = &one;
+            s.spawn(move |_| {
+                if along_n {
+                    one(0, m, start, end)
+                } else {
+                    one(start, end, 0, n)
+                }
+            });
+            start = end;
+        }
+    });
 }
+
+/// A pointer that may cross to the pool's threads: each thread writes its own block of `c`.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the blocks written through it are disjoint (see `gemm`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 #[cfg(test)]
 mod tests {
@@ -147,6 +190,33 @@ mod tests {
             gemm(ar, br, &mut c, true, Parallelism::None);
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - 2.0 * y).abs() < 1e-5, "accumulate {ta} {tb}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_split_across_threads_changes_no_bit() {
+        // Long and wide shapes, so that both sides of `c` get split, with odd sizes.
+        for (m, k, n) in [(37, 300, 203), (203, 77, 37), (128, 784, 100)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.91).cos()).collect();
+            for tb in [false, true] {
+                let ar = MatRef::new(&a, m, k);
+                let br = if tb {
+                    MatRef::t(&b, k, n)
+                } else {
+                    MatRef::new(&b, k, n)
+                };
+                let mut one = vec![0.5; m * n];
+                gemm(ar, br, &mut one, true, Parallelism::None);
+                for t in [2, 3, 8] {
+                    let mut split = vec![0.5; m * n];
+                    gemm(ar, br, &mut split, true, Parallelism::Rayon(t));
+                    assert!(
+                        one.iter().zip(&split).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{m}x{k}x{n} transposed b {tb}, {t} parts"
+                    );
+                }
             }
         }
     }
