@@ -111,7 +111,12 @@ fn run() -> Result<()> {
         None if launched > 1 => regimen::set_threads(threads_per_rank()),
         None => {}
     }
-    match cli.command {
+    // The command runs on a thread of the compute pool (see `regimen::on_pool`).
+    regimen::on_pool(|| command(cli.command))
+}
+
+fn command(command: Option<Command>) -> Result<()> {
+    match command {
         None => unreachable!("defaulted to train above"),
         Some(Command::Train(args)) => train_cmd::train(&args),
         Some(Command::Summary { model }) => {
