@@ -213,7 +213,9 @@ mod tests {
                     let mut split = vec![0.5; m * n];
                     gemm(ar, br, &mut split, true, Parallelism::Rayon(t));
                     assert!(
-                        one.iter().zip(&split).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        one.iter()
+                            .zip(&split)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
                         "{m}x{k}x{n} transposed b {tb}, {t} parts"
                     );
                 }
