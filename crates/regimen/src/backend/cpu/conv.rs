@@ -239,7 +239,8 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
 /// the number of threads.
 const DW_GROUPS: usize = 16;
 
-/// One group of samples of the weight-gradient sum: its partial sum, the input-gradient
+/// One group of samples of the weight-gradient sum: its partial sum (`OC x K` from the direct
+/// kernel, `K x OC` from gemm), the input-gradient
 /// slices of its samples, and its sample range.
 type Work<'a> = (&'a mut [f32], Vec<Option<&'a mut [f32]>>, usize, usize);
 
@@ -325,10 +326,12 @@ pub fn backward(
                     im2col(x_s, &d, col.f32_mut());
                     col.f32()
                 };
-                // dW_g (+)= dy_s col^T: the first sample of the group writes, the rest add.
+                // dW_g^T (+)= col dy_s^T (K x OC): the first sample of the group writes, the
+                // rest add. This side of the product is about 1.5x faster in gemm than
+                // dy_s col^T (its long side is the column matrix's rows).
                 gemm(
-                    MatRef::new(dy_s, d.oc, p),
-                    MatRef::t(cols, p, k),
+                    MatRef::new(cols, k, p),
+                    MatRef::t(dy_s, p, d.oc),
                     acc,
                     j > 0,
                     par,
@@ -389,7 +392,16 @@ pub fn backward(
             .for_each(body);
     }
     for acc in partial.f32().chunks(d.oc * k) {
-        dw.iter_mut().zip(acc).for_each(|(a, &b)| *a += b);
+        if direct_dw.is_some() {
+            dw.iter_mut().zip(acc).for_each(|(a, &b)| *a += b);
+        } else {
+            // The gemm path sums dW^T.
+            for (o, row) in dw.chunks_mut(k).enumerate() {
+                for (i, a) in row.iter_mut().enumerate() {
+                    *a += acc[i * d.oc + o];
+                }
+            }
+        }
     }
     if let Some(db) = db {
         for dy_s in dy.chunks(d.oc * p) {
