@@ -929,7 +929,6 @@ fn update_loop(
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;
     let n = theta.len();
-    let slots = state.len();
     // Split every state slot into the same chunks as theta and the gradient.
     let mut state_chunks: Vec<Vec<&mut [f32]>> =
         (0..n.div_ceil(CHUNK)).map(|_| Vec::new()).collect();
@@ -938,60 +937,14 @@ fn update_loop(
             state_chunks[c].push(chunk);
         }
     }
-    // One zipped loop per slot count, so that the rule (inlined) vectorizes: the same
-    // operations per element in the same order as a plain loop, so the same bits.
-    let body = |(t, g, st): (&mut [f32], &mut [f32], Vec<&mut [f32]>)| {
-        let mut st = st.into_iter();
-        let grad_of = |t: &f32, g: &mut f32| {
-            let gi = *g * coef + l2 * *t;
-            *g = 0.0;
-            gi
-        };
-        match slots {
-            0 => {
-                for (t, g) in t.iter_mut().zip(g.iter_mut()) {
-                    let gi = grad_of(t, g);
-                    let mut e = [0.0f32; 3];
-                    f(t, gi, &mut e);
-                }
-            }
-            1 => {
-                let a = st.next().expect("one slot");
-                for ((t, g), a) in t.iter_mut().zip(g.iter_mut()).zip(a.iter_mut()) {
-                    let gi = grad_of(t, g);
-                    let mut e = [*a, 0.0, 0.0];
-                    f(t, gi, &mut e);
-                    *a = e[0];
-                }
-            }
-            2 => {
-                let (a, b) = (st.next().expect("two slots"), st.next().expect("two slots"));
-                let it = t
-                    .iter_mut()
-                    .zip(g.iter_mut())
-                    .zip(a.iter_mut().zip(b.iter_mut()));
-                for ((t, g), (a, b)) in it {
-                    let gi = grad_of(t, g);
-                    let mut e = [*a, *b, 0.0];
-                    f(t, gi, &mut e);
-                    (*a, *b) = (e[0], e[1]);
-                }
-            }
-            _ => {
-                let (a, b, c) = (
-                    st.next().expect("three slots"),
-                    st.next().expect("three slots"),
-                    st.next().expect("three slots"),
-                );
-                let abc = a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut());
-                for ((t, g), ((a, b), c)) in t.iter_mut().zip(g.iter_mut()).zip(abc) {
-                    let gi = grad_of(t, g);
-                    let mut e = [*a, *b, *c];
-                    f(t, gi, &mut e);
-                    (*a, *b, *c) = (e[0], e[1], e[2]);
-                }
-            }
-        }
+    let isa = update_isa();
+    let body = |(t, g, st): (&mut [f32], &mut [f32], Vec<&mut [f32]>)| match isa {
+        // SAFETY: `update_isa` detected the features.
+        #[cfg(target_arch = "x86_64")]
+        UpdateIsa::Avx512 => unsafe { update_chunk_avx512(t, g, st, coef, l2, &f) },
+        #[cfg(target_arch = "x86_64")]
+        UpdateIsa::Avx2 => unsafe { update_chunk_avx2(t, g, st, coef, l2, &f) },
+        UpdateIsa::Baseline => update_chunk(t, g, st, coef, l2, &f),
     };
     let work = theta
         .chunks_mut(CHUNK)
@@ -1002,5 +955,111 @@ fn update_loop(
         work.collect::<Vec<_>>().into_par_iter().for_each(body);
     } else {
         work.for_each(body);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum UpdateIsa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Baseline,
+}
+
+fn update_isa() -> UpdateIsa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            return UpdateIsa::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") {
+            return UpdateIsa::Avx2;
+        }
+    }
+    UpdateIsa::Baseline
+}
+
+// The chunk loop compiled for wide vectors and chosen at run time: at the baseline (SSE2)
+// the compiler left Adam's square root and division scalar. No FMA contraction happens
+// (Rust does not fuse `a * b + c`), so every instruction set gives the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2")]
+unsafe fn update_chunk_avx512<F: Fn(&mut f32, f32, &mut [f32; 3])>(
+    t: &mut [f32],
+    g: &mut [f32],
+    st: Vec<&mut [f32]>,
+    coef: f32,
+    l2: f32,
+    f: &F,
+) {
+    update_chunk(t, g, st, coef, l2, f)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn update_chunk_avx2<F: Fn(&mut f32, f32, &mut [f32; 3])>(
+    t: &mut [f32],
+    g: &mut [f32],
+    st: Vec<&mut [f32]>,
+    coef: f32,
+    l2: f32,
+    f: &F,
+) {
+    update_chunk(t, g, st, coef, l2, f)
+}
+
+/// One chunk of [`update_loop`]: one indexed loop per slot count over slices of one length,
+/// so that the rule (inlined) vectorizes; the same operations per element in the same order
+/// as a plain loop, so the same bits.
+#[inline(always)]
+fn update_chunk<F: Fn(&mut f32, f32, &mut [f32; 3])>(
+    t: &mut [f32],
+    g: &mut [f32],
+    st: Vec<&mut [f32]>,
+    coef: f32,
+    l2: f32,
+    f: &F,
+) {
+    let n = t.len();
+    let g = &mut g[..n];
+    let mut st = st.into_iter().map(|s| &mut s[..n]);
+    let grad_of = |t: f32, g: &mut f32| {
+        let gi = *g * coef + l2 * t;
+        *g = 0.0;
+        gi
+    };
+    match (st.next(), st.next(), st.next()) {
+        (None, _, _) => {
+            for i in 0..n {
+                let gi = grad_of(t[i], &mut g[i]);
+                let mut e = [0.0f32; 3];
+                f(&mut t[i], gi, &mut e);
+            }
+        }
+        (Some(a), None, _) => {
+            for i in 0..n {
+                let gi = grad_of(t[i], &mut g[i]);
+                let mut e = [a[i], 0.0, 0.0];
+                f(&mut t[i], gi, &mut e);
+                a[i] = e[0];
+            }
+        }
+        (Some(a), Some(b), None) => {
+            for i in 0..n {
+                let gi = grad_of(t[i], &mut g[i]);
+                let mut e = [a[i], b[i], 0.0];
+                f(&mut t[i], gi, &mut e);
+                (a[i], b[i]) = (e[0], e[1]);
+            }
+        }
+        (Some(a), Some(b), Some(c)) => {
+            for i in 0..n {
+                let gi = grad_of(t[i], &mut g[i]);
+                let mut e = [a[i], b[i], c[i]];
+                f(&mut t[i], gi, &mut e);
+                (a[i], b[i], c[i]) = (e[0], e[1], e[2]);
+            }
+        }
     }
 }
