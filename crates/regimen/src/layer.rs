@@ -249,6 +249,20 @@ pub trait Layer: Send {
     /// batch statistics over all data-parallel ranks ([`crate::dist`]) instead of this
     /// rank's batch alone. Containers pass it on.
     fn sync_batch_norm(&mut self, _on: bool) {}
+
+    /// Whether this layer is a plain ReLU, which the layer before it may apply in its own
+    /// passes over memory ([`Layer::forward_relu`]).
+    fn is_relu(&self) -> bool {
+        false
+    }
+
+    /// Forward followed by a ReLU, computed in this layer's own passes; the next
+    /// [`Layer::backward`] then takes the gradient of the ReLU's output. `None` (the default):
+    /// this layer cannot, and nothing was done. `Sequential` uses it for a layer followed by a
+    /// ReLU (batch norm in training), unless a forward hook must see the layer's own output.
+    fn forward_relu(&mut self, _x: &Tensor, _ctx: &Ctx) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// `name` joined under `prefix` with a dot (PyTorch's naming).

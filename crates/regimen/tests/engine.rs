@@ -515,3 +515,57 @@ fn nan_propagates_through_every_layer() {
         }
     }
 }
+
+/// Batch norm followed by ReLU, applied in one pass (`Sequential`'s fusion), gives the bits of
+/// the two layers run one after the other: output, running statistics, every gradient, with
+/// values on both sides of zero and a NaN in one channel.
+#[test]
+fn fused_batch_norm_relu_equals_the_two_layers() {
+    let build = || {
+        let mut rng = Rng::new(11);
+        Sequential::new()
+            .push(Conv2d::new(2, 3, 3, &mut rng).padding(1))
+            .push(BatchNorm::d2(3))
+            .push(relu())
+            .push(Conv2d::new(3, 4, 3, &mut rng).padding(1))
+            .push(BatchNorm::d2(4))
+            .push(relu())
+            .push(Flatten::new())
+    };
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_vec()
+            .iter()
+            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+            .collect()
+    };
+    for nan in [false, true] {
+        let mut x = randn(&[5, 2, 6, 6], 3).to_vec();
+        if nan {
+            x[7] = f32::NAN; // channel 0 of sample 0
+        }
+        let x = Tensor::from_vec(&[5, 2, 6, 6], x).unwrap();
+        let dy = randn(&[5, 4 * 36], 4);
+        let mut run = |fuse: bool| {
+            let mut m = build();
+            m.set_fusion(fuse);
+            let y = m.forward(&x, &Ctx::train()).unwrap();
+            let fused = m.fused_relus();
+            let dx = m.backward(&dy).unwrap();
+            let mut out = vec![bits(&y), bits(&dx)];
+            m.visit_params("", &mut |_, p| out.push(bits(&p.grad)));
+            m.visit_buffers("", &mut |_, b| out.push(bits(b)));
+            (out, fused)
+        };
+        let (fused, which) = run(true);
+        let (plain, none) = run(false);
+        assert_eq!(which, vec![2, 5], "both ReLUs applied by their batch norms");
+        assert!(none.is_empty());
+        assert_eq!(fused.len(), plain.len());
+        for (k, (a, b)) in fused.iter().zip(&plain).enumerate() {
+            assert_eq!(a, b, "tensor {k} (nan input: {nan})");
+        }
+        if nan {
+            assert!(fused[0].contains(&u32::MAX), "the NaN reaches the output");
+        }
+    }
+}

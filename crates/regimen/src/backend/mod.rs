@@ -386,6 +386,42 @@ pub trait Backend: Send + Sync {
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Tensor;
+    /// Batch norm with batch statistics followed by a ReLU: `(relu(bn(x)), mean, invstd)`, the
+    /// running averages updated as [`Backend::batch_norm_forward_train`] does. A backend may
+    /// do both in the same passes over memory; by default they are the two operations.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_forward_train(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> (Tensor, Tensor, Tensor) {
+        let (z, mean, invstd) =
+            self.batch_norm_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps);
+        (self.unary_forward(Unary::Relu, &z), mean, invstd)
+    }
+    /// Backward of [`Backend::batch_norm_relu_forward_train`] (batch statistics), given its
+    /// output `y` and the gradient `dy` of that output.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_backward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Tensor {
+        // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z.
+        let dz = self.unary_backward(Unary::Relu, y, y, dy);
+        self.batch_norm_backward(x, &dz, gamma, mean, invstd, true, dgamma, dbeta)
+    }
     /// Inverted dropout: `mask[i] = (u_i >= p) / (1 - p)` with `u_i` the Philox uniform of
     /// element `i` under `key`; returns `(x * mask, mask)`.
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor);

@@ -85,6 +85,9 @@ impl Layer for Activation {
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         Ok(input.to_vec())
     }
+    fn is_relu(&self) -> bool {
+        self.op == Unary::Relu
+    }
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let y = x.backend().unary_forward(self.op, x);
         keep(ctx, &mut self.cache, || (x.clone(), y.clone()));

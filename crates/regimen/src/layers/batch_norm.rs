@@ -31,6 +31,8 @@ pub struct BatchNorm {
     ranks: &'static [usize],
     /// `(x, mean, invstd, batch_stats)` of the last forward.
     cache: Option<(Tensor, Tensor, Tensor, bool)>,
+    /// The output of the last forward when a ReLU was applied in it ([`Layer::forward_relu`]).
+    relu_out: Option<Tensor>,
     /// Batch statistics over all data-parallel ranks ([`Layer::sync_batch_norm`]).
     pub sync: bool,
     /// `(share of the global batch, values per channel over all ranks)` of the last
@@ -50,6 +52,7 @@ impl BatchNorm {
             eps: 1e-5,
             ranks,
             cache: None,
+            relu_out: None,
             sync: false,
             synced: None,
         }
@@ -89,6 +92,33 @@ impl BatchNorm {
     /// Training forward with statistics over every rank's batch: per-channel sums, then sums
     /// of squared deviations, each summed over the ranks (two small all-reduces, in f64), then
     /// the usual normalization. Computed on the host.
+    /// Forward with batch statistics on this rank's batch, followed by a ReLU with `relu`.
+    fn train_forward(&mut self, x: &Tensor, ctx: &Ctx, relu: bool) -> Result<Tensor> {
+        self.output_shape(x.shape())?;
+        let per_channel = x.numel() / self.channels();
+        if per_channel < 2 {
+            return Err(Error::shape(
+                self.describe(),
+                "more than one value per channel in training (batch statistics)",
+                x.shape(),
+            ));
+        }
+        let be = x.backend();
+        let (gamma, beta) = (&self.gamma.value, &self.beta.value);
+        let (rm, rv) = (&mut self.running_mean, &mut self.running_var);
+        let (y, mean, invstd) = if relu {
+            be.batch_norm_relu_forward_train(x, gamma, beta, rm, rv, self.momentum, self.eps)
+        } else {
+            be.batch_norm_forward_train(x, gamma, beta, rm, rv, self.momentum, self.eps)
+        };
+        keep(ctx, &mut self.cache, || (x.clone(), mean, invstd, true));
+        self.relu_out = None;
+        if relu {
+            keep(ctx, &mut self.relu_out, || y.clone());
+        }
+        Ok(y)
+    }
+
     fn forward_synced(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         use crate::dist::{host_f32, world, write_f32};
         let comm = world();
@@ -238,32 +268,20 @@ impl Layer for BatchNorm {
         Ok(input.to_vec())
     }
 
+    fn forward_relu(&mut self, x: &Tensor, ctx: &Ctx) -> Option<Result<Tensor>> {
+        if ctx.mode != Mode::Train || self.sync {
+            return None;
+        }
+        Some(self.train_forward(x, ctx, true))
+    }
+
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
+        self.relu_out = None;
         let be = x.backend();
         match ctx.mode {
             Mode::Train if self.sync => self.forward_synced(x, ctx),
-            Mode::Train => {
-                let per_channel = x.numel() / self.channels();
-                if per_channel < 2 {
-                    return Err(Error::shape(
-                        self.describe(),
-                        "more than one value per channel in training (batch statistics)",
-                        x.shape(),
-                    ));
-                }
-                let (y, mean, invstd) = be.batch_norm_forward_train(
-                    x,
-                    &self.gamma.value,
-                    &self.beta.value,
-                    &mut self.running_mean,
-                    &mut self.running_var,
-                    self.momentum,
-                    self.eps,
-                );
-                keep(ctx, &mut self.cache, || (x.clone(), mean, invstd, true));
-                Ok(y)
-            }
+            Mode::Train => self.train_forward(x, ctx, false),
             Mode::Eval => {
                 let y = be.batch_norm_forward_eval(
                     x,
@@ -285,6 +303,18 @@ impl Layer for BatchNorm {
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let (x, mean, invstd, batch_stats) = cached(&self.cache, self)?;
         check_dy(self, x.shape(), dy)?;
+        if let Some(y) = &self.relu_out {
+            return Ok(dy.backend().batch_norm_relu_backward(
+                x,
+                y,
+                dy,
+                &self.gamma.value,
+                mean,
+                invstd,
+                &mut self.gamma.grad,
+                &mut self.beta.grad,
+            ));
+        }
         if let (true, Some((share, m))) = (*batch_stats, self.synced) {
             let (x, mean, invstd) = (x.clone(), mean.clone(), invstd.clone());
             return self.backward_synced(&x, dy, &mean, &invstd, share, m);

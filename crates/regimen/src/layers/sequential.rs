@@ -21,6 +21,11 @@ pub struct Sequential {
     seed: u64,
     /// Set by `set_input_grad(false)`: the index of the first layer with parameters.
     stop_at: Option<usize>,
+    /// The ReLU layers that the layer before them applied in the last forward
+    /// ([`Layer::forward_relu`]); backward passes the gradient through them untouched.
+    fused: Vec<bool>,
+    /// Whether to fuse at all ([`Sequential::set_fusion`]).
+    no_fusion: bool,
 }
 
 impl Sequential {
@@ -52,6 +57,19 @@ impl Sequential {
 
     pub fn is_empty(&self) -> bool {
         self.layers.is_empty()
+    }
+
+    /// Whether a layer followed by a ReLU may apply it in its own passes (batch norm in
+    /// training does: one pass over memory less forward and backward). On by default; the
+    /// results are the same bits either way. A forward hook turns it off, since it must see
+    /// every child's own output.
+    pub fn set_fusion(&mut self, on: bool) {
+        self.no_fusion = !on;
+    }
+
+    /// The ReLU layers (by position) that the layer before them applied in the last forward.
+    pub fn fused_relus(&self) -> Vec<usize> {
+        (0..self.fused.len()).filter(|&i| self.fused[i]).collect()
     }
 
     /// Call `hook(name, output)` after each child's forward (replaces any previous hook).
@@ -111,11 +129,26 @@ impl Layer for Sequential {
 
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let mut h = x.clone();
-        for (name, layer) in &mut self.layers {
+        let fuse = !self.no_fusion && self.hook.is_none();
+        self.fused.clear();
+        self.fused.resize(self.layers.len(), false);
+        let mut i = 0;
+        while i < self.layers.len() {
+            if fuse && self.layers.get(i + 1).is_some_and(|(_, l)| l.is_relu()) {
+                let (name, layer) = &mut self.layers[i];
+                if let Some(y) = layer.forward_relu(&h, ctx) {
+                    h = y.map_err(|e| e.in_layer(name))?;
+                    self.fused[i + 1] = true;
+                    i += 2;
+                    continue;
+                }
+            }
+            let (name, layer) = &mut self.layers[i];
             h = layer.forward(&h, ctx).map_err(|e| e.in_layer(name))?;
             if let Some(hook) = &mut self.hook {
                 hook(name, &h);
             }
+            i += 1;
         }
         Ok(h)
     }
@@ -123,7 +156,9 @@ impl Layer for Sequential {
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let mut g = dy.clone();
         for (i, (name, layer)) in self.layers.iter_mut().enumerate().rev() {
-            g = layer.backward(&g).map_err(|e| e.in_layer(name))?;
+            if !self.fused.get(i).copied().unwrap_or(false) {
+                g = layer.backward(&g).map_err(|e| e.in_layer(name))?;
+            }
             if self.stop_at == Some(i) {
                 return Ok(Tensor::zeros(&[0], dy.device()));
             }
@@ -138,10 +173,12 @@ impl Layer for Sequential {
     ) -> Option<Result<Tensor>> {
         let mut g = dy.clone();
         for (i, (name, layer)) in self.layers.iter_mut().enumerate().rev() {
-            g = match layer.backward(&g).map_err(|e| e.in_layer(name)) {
-                Ok(g) => g,
-                Err(e) => return Some(Err(e)),
-            };
+            if !self.fused.get(i).copied().unwrap_or(false) {
+                g = match layer.backward(&g).map_err(|e| e.in_layer(name)) {
+                    Ok(g) => g,
+                    Err(e) => return Some(Err(e)),
+                };
+            }
             ready(layer.as_mut());
             if self.stop_at == Some(i) {
                 return Some(Ok(Tensor::zeros(&[0], dy.device())));

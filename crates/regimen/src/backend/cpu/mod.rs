@@ -592,30 +592,38 @@ impl Backend for Cpu {
         momentum: f32,
         eps: f32,
     ) -> (Tensor, Tensor, Tensor) {
-        let c = gamma.numel();
-        let (n, inner) = n_inner(x.shape(), c);
-        let d = norm::NormDims { n, c, inner };
-        let mut stats = None;
-        let y = make(x.shape(), |y| {
-            stats = Some(norm::forward_train(
-                f32s(x),
-                f32s(gamma),
-                f32s(beta),
-                &d,
-                eps,
-                y,
-            ))
-        });
-        let (mean, invstd, var) = stats.expect("written above");
-        let m = d.m() as f32;
-        let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
-        update(f32s_mut(running_mean), &mean, |r, b| {
-            (1.0 - momentum) * r + momentum * b
-        });
-        update(f32s_mut(running_var), &var, |r, b| {
-            (1.0 - momentum) * r + momentum * b * unbias
-        });
-        (y, from_slice(&[c], &mean), from_slice(&[c], &invstd))
+        bn_forward_train(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            false,
+        )
+    }
+
+    fn batch_norm_relu_forward_train(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> (Tensor, Tensor, Tensor) {
+        bn_forward_train(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            true,
+        )
     }
 
     fn batch_norm_forward_eval(
@@ -669,11 +677,43 @@ impl Backend for Cpu {
             norm::backward(
                 f32s(x),
                 f32s(dy),
+                None,
                 f32s(gamma),
                 f32s(mean),
                 f32s(invstd),
                 &d,
                 batch_stats,
+                f32s_mut(dgamma),
+                f32s_mut(dbeta),
+                dx,
+            )
+        })
+    }
+
+    fn batch_norm_relu_backward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Tensor {
+        let c = gamma.numel();
+        let (n, inner) = n_inner(x.shape(), c);
+        let d = norm::NormDims { n, c, inner };
+        make(x.shape(), |dx| {
+            norm::backward(
+                f32s(x),
+                f32s(dy),
+                Some(f32s(y)),
+                f32s(gamma),
+                f32s(mean),
+                f32s(invstd),
+                &d,
+                true,
                 f32s_mut(dgamma),
                 f32s_mut(dbeta),
                 dx,
@@ -914,6 +954,45 @@ impl Backend for Cpu {
     fn all_finite(&self, x: &Tensor) -> Tensor {
         scalar(f64::from(u8::from(f32s(x).iter().all(|v| v.is_finite()))))
     }
+}
+
+/// Batch norm with batch statistics (followed by a ReLU in the same pass with `relu`).
+#[allow(clippy::too_many_arguments)]
+fn bn_forward_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &mut Tensor,
+    running_var: &mut Tensor,
+    momentum: f32,
+    eps: f32,
+    relu: bool,
+) -> (Tensor, Tensor, Tensor) {
+    let c = gamma.numel();
+    let (n, inner) = n_inner(x.shape(), c);
+    let d = norm::NormDims { n, c, inner };
+    let mut stats = None;
+    let y = make(x.shape(), |y| {
+        stats = Some(norm::forward_train(
+            f32s(x),
+            f32s(gamma),
+            f32s(beta),
+            &d,
+            eps,
+            relu,
+            y,
+        ))
+    });
+    let (mean, invstd, var) = stats.expect("written above");
+    let m = d.m() as f32;
+    let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+    update(f32s_mut(running_mean), &mean, |r, b| {
+        (1.0 - momentum) * r + momentum * b
+    });
+    update(f32s_mut(running_var), &var, |r, b| {
+        (1.0 - momentum) * r + momentum * b * unbias
+    });
+    (y, from_slice(&[c], &mean), from_slice(&[c], &invstd))
 }
 
 /// The element loop of an optimizer update, in parallel chunks: `g = grad * coef + l2 theta`,

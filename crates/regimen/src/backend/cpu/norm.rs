@@ -21,15 +21,35 @@ impl NormDims {
 /// Each contiguous block of `inner` values is summed in eight f32 lanes over zipped slices
 /// (vectorized), the block sums in f64 in sample order: the result does not depend on the
 /// number of threads.
-fn dy_sums(x: &[f32], dy: &[f32], mean: &[f32], d: &NormDims) -> Vec<(f64, f64)> {
+fn dy_sums(
+    x: &[f32],
+    dy: &[f32],
+    relu_out: Option<&[f32]>,
+    mean: &[f32],
+    d: &NormDims,
+) -> Vec<(f64, f64)> {
     (0..d.c)
         .into_par_iter()
         .map(|c| {
             let mu = mean[c];
             let mut acc = (0.0f64, 0.0f64);
+            let mut owned: Vec<f32> = Vec::new();
             for n in 0..d.n {
                 let r = (n * d.c + c) * d.inner..(n * d.c + c + 1) * d.inner;
-                let (xb, gb) = (&x[r.clone()], &dy[r]);
+                let xb = &x[r.clone()];
+                let gb: &[f32] = match relu_out {
+                    Some(y) => {
+                        owned.clear();
+                        owned.extend(
+                            y[r.clone()]
+                                .iter()
+                                .zip(&dy[r])
+                                .map(|(&y, &g)| relu_grad(y, g)),
+                        );
+                        &owned
+                    }
+                    None => &dy[r],
+                };
                 let (mut la, mut lb) = ([0.0f32; 8], [0.0f32; 8]);
                 let (xc, gc) = (xb.chunks_exact(8), gb.chunks_exact(8));
                 let (xr, gr) = (xc.remainder(), gc.remainder());
@@ -49,6 +69,19 @@ fn dy_sums(x: &[f32], dy: &[f32], mean: &[f32], d: &NormDims) -> Vec<(f64, f64)>
             acc
         })
         .collect()
+}
+
+/// The gradient of a ReLU's input from its output `y` (`y > 0` exactly where its input is, and
+/// a NaN output came from a NaN input): as the ReLU layer's backward, NaN propagating.
+#[inline(always)]
+pub fn relu_grad(y: f32, g: f32) -> f32 {
+    if y > 0.0 {
+        g
+    } else if y.is_nan() {
+        y
+    } else {
+        0.0
+    }
 }
 
 /// Calls `f(channel, range, out_block)` for every contiguous block of `inner` values, in
@@ -115,13 +148,15 @@ fn channel_mean_var(x: &[f32], d: &NormDims) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Writes `y`; returns `(mean, invstd, var_biased)`.
+/// Writes `y` (followed by a ReLU with `relu`, in the same pass); returns
+/// `(mean, invstd, var_biased)`.
 pub fn forward_train(
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
     d: &NormDims,
     eps: f32,
+    relu: bool,
     y: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let stats = channel_mean_var(x, d);
@@ -137,8 +172,16 @@ pub fn forward_train(
     let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - mean[c] * scale[c]).collect();
     per_block(d, y, |c, r, out| {
         let (sc, sh) = (scale[c], shift[c]);
-        for (o, &v) in out.iter_mut().zip(&x[r]) {
-            *o = v * sc + sh;
+        if relu {
+            // The ReLU layer's rule: NaN propagates.
+            for (o, &v) in out.iter_mut().zip(&x[r]) {
+                let z = v * sc + sh;
+                *o = if z <= 0.0 { 0.0 } else { z };
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(&x[r]) {
+                *o = v * sc + sh;
+            }
         }
     });
     (mean, invstd, var.iter().map(|&v| v as f32).collect())
@@ -163,11 +206,14 @@ pub fn forward_eval(
 
 /// `dbeta += sum dy`, `dgamma += sum dy xhat`, and
 /// `dx = gamma invstd (dy - [sum dy + xhat sum dy xhat] / M)` with batch statistics, or
-/// `dx = gamma invstd dy` with fixed ones.
+/// `dx = gamma invstd dy` with fixed ones. With `relu_out` (the output of a ReLU that followed
+/// the batch norm in the same pass), `dy` is the gradient of that output, turned into the
+/// batch norm's output gradient on the fly.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
     dy: &[f32],
+    relu_out: Option<&[f32]>,
     gamma: &[f32],
     mean: &[f32],
     invstd: &[f32],
@@ -178,7 +224,7 @@ pub fn backward(
     dx: &mut [f32],
 ) {
     // sum dy xhat = invstd sum dy (x - mean).
-    let sums: Vec<(f64, f64)> = dy_sums(x, dy, mean, d)
+    let sums: Vec<(f64, f64)> = dy_sums(x, dy, relu_out, mean, d)
         .into_iter()
         .zip(invstd)
         .map(|((s_dy, s_dxm), &is)| (s_dy, s_dxm * is as f64))
@@ -199,16 +245,36 @@ pub fn backward(
                 mean_dy[c],
                 mean_dyx[c],
             );
-            for ((o, &xv), &g) in out.iter_mut().zip(&x[r.clone()]).zip(&dy[r]) {
-                let xhat = (xv - mu) * is;
-                *o = k * (g - mdy - xhat * mdyx);
+            let xs = out.iter_mut().zip(&x[r.clone()]);
+            match relu_out {
+                Some(y) => {
+                    for ((o, &xv), (&yv, &g)) in xs.zip(y[r.clone()].iter().zip(&dy[r])) {
+                        let xhat = (xv - mu) * is;
+                        *o = k * (relu_grad(yv, g) - mdy - xhat * mdyx);
+                    }
+                }
+                None => {
+                    for ((o, &xv), &g) in xs.zip(&dy[r]) {
+                        let xhat = (xv - mu) * is;
+                        *o = k * (g - mdy - xhat * mdyx);
+                    }
+                }
             }
         })
     } else {
         per_block(d, dx, |c, r, out| {
             let k = gamma[c] * invstd[c];
-            for (o, &g) in out.iter_mut().zip(&dy[r]) {
-                *o = k * g;
+            match relu_out {
+                Some(y) => {
+                    for (o, (&yv, &g)) in out.iter_mut().zip(y[r.clone()].iter().zip(&dy[r])) {
+                        *o = k * relu_grad(yv, g);
+                    }
+                }
+                None => {
+                    for (o, &g) in out.iter_mut().zip(&dy[r]) {
+                        *o = k * g;
+                    }
+                }
             }
         })
     }
