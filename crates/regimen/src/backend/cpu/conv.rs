@@ -216,7 +216,7 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
         let t = rayon::current_num_threads().min(d.n).max(1);
         let per = d.n.div_ceil(t);
         let mut cols: Vec<Scratch> = (0..d.n.div_ceil(per))
-            .map(|_| Scratch::new(col_len))
+            .map(|_| Scratch::zeroed_if(col_len, direct.is_some()))
             .collect();
         y.par_chunks_mut(per * d.oc * p)
             .zip(x.par_chunks(per * xs))
@@ -227,7 +227,7 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
                 }
             });
     } else {
-        let mut col = Scratch::new(col_len);
+        let mut col = Scratch::zeroed_if(col_len, direct.is_some());
         for (y_s, x_s) in y.chunks_mut(d.oc * p).zip(x.chunks(xs)) {
             one(col.f32_mut(), x_s, y_s);
         }
@@ -373,7 +373,12 @@ pub fn backward(
         per_worker[g % workers].push(w);
     }
     let mut scratch: Vec<(Scratch, Scratch)> = (0..workers)
-        .map(|_| (Scratch::new(col_len), Scratch::new(dcol_len)))
+        .map(|_| {
+            (
+                Scratch::zeroed_if(col_len, direct_dw.is_some()),
+                Scratch::zeroed_if(dcol_len, direct_dx.is_some()),
+            )
+        })
         .collect();
     let body = |(items, (col, dcol)): (Vec<Work<'_>>, &mut (Scratch, Scratch))| {
         for w in items {

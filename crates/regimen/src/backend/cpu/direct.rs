@@ -50,12 +50,16 @@ impl Isa {
             Isa::Avx2 => 8,
         }
     }
-    /// Output channels per tile (two accumulators each, in 32 or 16 vector registers).
-    fn block(self) -> usize {
-        match self {
+    /// Output channels per tile for `cout` channels (two accumulators each, in 32 or 16 vector
+    /// registers): at most 12 (6), as even as the blocks can be, so that the last block is not
+    /// mostly padding (32 channels: 3 blocks of 11, not 12 + 12 + 8).
+    fn block(self, cout: usize) -> usize {
+        let most = match self {
             Isa::Avx512 => 12,
             Isa::Avx2 => 6,
-        }
+        };
+        let blocks = cout.div_ceil(most).max(1);
+        cout.div_ceil(blocks).max(most / 2)
     }
 }
 
@@ -104,7 +108,7 @@ impl Shape {
 
 /// Weights packed for the kernel: `w(o, i, ki, kj)` for output channel `o`, input channel `i`.
 pub fn pack(s: &Shape, isa: Isa, w: impl Fn(usize, usize, usize, usize) -> f32) -> Vec<f32> {
-    let ob = isa.block();
+    let ob = isa.block(s.cout);
     let blocks = s.cout.div_ceil(ob);
     let mut out = vec![0.0f32; blocks * s.cin * s.kh * s.kw * ob];
     let mut at = 0;
@@ -126,10 +130,11 @@ pub fn pack(s: &Shape, isa: Isa, w: impl Fn(usize, usize, usize, usize) -> f32) 
     out
 }
 
-/// Copy `x` (`[cin, h, w]`) into the zero-padded buffer `xp`.
+/// Copy `x` (`[cin, h, w]`) into the inside of the padded buffer `xp`. Its padding is never
+/// written: callers give a zeroed buffer and reuse it for the same shape (the copy is a pass
+/// over memory that the kernel waits for; zeroing the whole buffer each time was another).
 fn pad_input(s: &Shape, isa: Isa, x: &[f32], xp: &mut [f32]) {
     let (hp, wp, p) = (s.hp(), s.wp(isa), s.pad);
-    xp.fill(0.0);
     for ci in 0..s.cin {
         for iy in 0..s.h {
             let dst = &mut xp[(ci * hp + iy + p) * wp + p..][..s.w];
@@ -139,7 +144,7 @@ fn pad_input(s: &Shape, isa: Isa, x: &[f32], xp: &mut [f32]) {
 }
 
 /// `y` (`[cout, oh, ow]`) = the convolution of `x` with the packed weights, plus `bias`.
-/// `xp` is scratch of [`Shape::padded_len`].
+/// `xp` is scratch of [`Shape::padded_len`], zeroed before its first use with this shape.
 pub fn conv(
     s: &Shape,
     isa: Isa,
@@ -158,7 +163,7 @@ pub fn conv(
     let segs = ow.div_ceil(lanes);
     let n_slots = oh * segs;
     let slot = |k: usize| (k / segs, (k % segs) * lanes);
-    let ob = isa.block();
+    let ob = isa.block(s.cout);
     let wblock = s.cin * s.kh * s.kw * ob;
     let wp = s.wp(isa);
     let plane = s.hp() * wp;
@@ -187,7 +192,7 @@ pub fn conv(
                 let yb = y.as_mut_ptr().add(oc0 * oh * ow);
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => tile512(
+                    Isa::Avx512 => TILE512[ob - 6](
                         s,
                         xp.as_ptr(),
                         plane,
@@ -200,7 +205,7 @@ pub fn conv(
                         t,
                     ),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => tile256(
+                    Isa::Avx2 => TILE256[ob - 3](
                         s,
                         xp.as_ptr(),
                         plane,
@@ -232,10 +237,42 @@ struct Tile {
     n1: usize,
 }
 
+/// A tile kernel: see [`tile512`].
+#[cfg(target_arch = "x86_64")]
+type TileFn = unsafe fn(
+    &Shape,
+    *const f32,
+    usize,
+    usize,
+    *const f32,
+    &[f32; 12],
+    usize,
+    *mut f32,
+    usize,
+    Tile,
+);
+
+/// [`tile512`] for 6 to 12 output channels per block.
+#[cfg(target_arch = "x86_64")]
+const TILE512: [TileFn; 7] = [
+    tile512::<6>,
+    tile512::<7>,
+    tile512::<8>,
+    tile512::<9>,
+    tile512::<10>,
+    tile512::<11>,
+    tile512::<12>,
+];
+
+/// [`tile256`] for 3 to 6 output channels per block.
+#[cfg(target_arch = "x86_64")]
+const TILE256: [TileFn; 4] = [tile256::<3>, tile256::<4>, tile256::<5>, tile256::<6>];
+
+/// One tile: `OB` output channels of two slots of 16 output pixels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile512(
+unsafe fn tile512<const OB: usize>(
     s: &Shape,
     xp: *const f32,
     plane: usize,
@@ -247,7 +284,6 @@ unsafe fn tile512(
     ystride: usize,
     t: Tile,
 ) {
-    const OB: usize = 12;
     let mut a0 = [_mm512_setzero_ps(); OB];
     let mut a1 = [_mm512_setzero_ps(); OB];
     for o in 0..OB {
@@ -283,10 +319,11 @@ unsafe fn tile512(
     }
 }
 
+/// One tile: `OB` output channels of two slots of 8 output pixels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile256(
+unsafe fn tile256<const OB: usize>(
     s: &Shape,
     xp: *const f32,
     plane: usize,
@@ -298,7 +335,6 @@ unsafe fn tile256(
     ystride: usize,
     t: Tile,
 ) {
-    const OB: usize = 6;
     let mut a0 = [_mm256_setzero_ps(); OB];
     let mut a1 = [_mm256_setzero_ps(); OB];
     for o in 0..OB {
@@ -338,7 +374,8 @@ unsafe fn tile256(
 /// The weight gradient of a stride-1 3x3 convolution over a group of samples, without a column
 /// matrix: `dw[o, i, ki, kj] += sum over samples and output pixels of
 /// dy[o, oy, ox] * xpad[i, oy + ki, ox + kj]`. `xs` and `dys` are the group's samples
-/// (`[cin, h, w]` and `[cout, oh, ow]` each); `xp` is scratch of `xs.len()` padded inputs.
+/// (`[cin, h, w]` and `[cout, oh, ow]` each); `xp` is scratch of `xs.len()` padded inputs,
+/// zeroed before its first use with this shape.
 /// Each `(o, i)` accumulates in vector lanes over the whole group, then is reduced once, in a
 /// fixed order.
 pub fn weight_grad_3x3(
@@ -553,10 +590,14 @@ mod tests {
                 let packed = pack(&s, isa, |o, i, ki, kj| {
                     wt[((o * cin + i) * k + ki) * k + kj]
                 });
-                let mut xp = vec![f32::NAN; s.padded_len(isa)];
+                // A zeroed buffer, reused: a first input of NaNs must leave no trace.
+                let mut xp = vec![0.0; s.padded_len(isa)];
                 // Sentinels after the output: a store past the end would change them.
                 let n = cout * s.oh() * s.ow();
                 let mut y = vec![7.0f32; n + 64];
+                let nans = vec![f32::NAN; x.len()];
+                conv(&s, isa, &nans, &packed, Some(&b), &mut xp, &mut y);
+                y[..n].fill(7.0);
                 conv(&s, isa, &x, &packed, Some(&b), &mut xp, &mut y);
                 for (i, (g, w)) in y[..n].iter().zip(&want).enumerate() {
                     assert!(
@@ -631,7 +672,7 @@ mod tests {
             for &isa in &isas {
                 let xr: Vec<&[f32]> = xs.iter().map(|v| v.as_slice()).collect();
                 let dr: Vec<&[f32]> = dys.iter().map(|v| v.as_slice()).collect();
-                let mut xp = vec![f32::NAN; s.padded_len(isa) * n];
+                let mut xp = vec![0.0; s.padded_len(isa) * n];
                 let mut dw = vec![1.0f32; cout * cin * 9];
                 weight_grad_3x3(&s, isa, &xr, &dr, &mut xp, &mut dw);
                 for (i, (g, w)) in dw.iter().zip(&want).enumerate() {
@@ -642,6 +683,56 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn direct_speed() {
+        for (cin, cout, h) in [
+            (32usize, 32usize, 28usize),
+            (64, 64, 14),
+            (32, 64, 14),
+            (64, 64, 28),
+            (32, 32, 14),
+            (32, 32, 16),
+            (32, 32, 32),
+            (32, 36, 28),
+            (32, 24, 28),
+        ] {
+            let s = Shape {
+                cin,
+                h,
+                w: h,
+                cout,
+                kh: 3,
+                kw: 3,
+                pad: 1,
+            };
+            let isa = isa().unwrap();
+            let x: Vec<f32> = (0..cin * h * h).map(|i| (i % 13) as f32 * 0.1).collect();
+            let packed = pack(&s, isa, |o, i, a, b| ((o + i + a + b) % 7) as f32);
+            let mut xp = vec![0.0; s.padded_len(isa)];
+            let mut y = vec![0.0; cout * h * h];
+            let reps = 400;
+            for _ in 0..20 {
+                conv(&s, isa, &x, &packed, None, &mut xp, &mut y);
+            }
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                conv(&s, isa, &x, &packed, None, &mut xp, &mut y);
+            }
+            let dt = t.elapsed().as_secs_f64() / reps as f64;
+            let fl = 2.0 * (cin * cout * 9 * h * h) as f64;
+            eprintln!(
+                "{cin}->{cout} {h}x{h}: {:.1} us {:.1} GFLOP/s",
+                dt * 1e6,
+                fl / dt / 1e9
+            );
         }
     }
 }

@@ -39,6 +39,15 @@ impl Scratch {
     pub fn new(len: usize) -> Scratch {
         Scratch(CpuBuffer::uninit(len), len)
     }
+    /// Scratch, of zeros with `zero` (the direct convolution's padded inputs keep their zero
+    /// borders; im2col's columns are written whole).
+    pub fn zeroed_if(len: usize, zero: bool) -> Scratch {
+        let mut s = Scratch::new(len);
+        if zero {
+            s.f32_mut().fill(0.0);
+        }
+        s
+    }
     pub fn f32(&self) -> &[f32] {
         // SAFETY: as in `storage`: 4-byte aligned words, any bits are a valid f32.
         unsafe { std::slice::from_raw_parts(self.0.words().as_ptr() as *const f32, self.1) }
