@@ -18,9 +18,9 @@ impl NormDims {
 }
 
 /// Per channel, `(sum dy, sum dy (x - mean[c]))` over the `N inner` values of that channel.
-/// Each contiguous block of `inner` values is summed in eight f32 lanes over zipped slices
-/// (vectorized), the block sums in f64 in sample order: the result does not depend on the
-/// number of threads.
+/// The blocks of `inner` values are read in memory order (streaming, in parallel), each summed
+/// in eight f32 lanes over zipped slices (vectorized) into an f64 pair; the pairs are then added
+/// per channel in sample order: the result does not depend on the number of threads.
 fn dy_sums(
     x: &[f32],
     dy: &[f32],
@@ -28,47 +28,49 @@ fn dy_sums(
     mean: &[f32],
     d: &NormDims,
 ) -> Vec<(f64, f64)> {
-    (0..d.c)
-        .into_par_iter()
-        .map(|c| {
-            let mu = mean[c];
-            let mut acc = (0.0f64, 0.0f64);
-            let mut owned: Vec<f32> = Vec::new();
-            for n in 0..d.n {
-                let r = (n * d.c + c) * d.inner..(n * d.c + c + 1) * d.inner;
-                let xb = &x[r.clone()];
-                let gb: &[f32] = match relu_out {
-                    Some(y) => {
-                        owned.clear();
-                        owned.extend(
-                            y[r.clone()]
-                                .iter()
-                                .zip(&dy[r])
-                                .map(|(&y, &g)| relu_grad(y, g)),
-                        );
-                        &owned
-                    }
-                    None => &dy[r],
-                };
-                let (mut la, mut lb) = ([0.0f32; 8], [0.0f32; 8]);
-                let (xc, gc) = (xb.chunks_exact(8), gb.chunks_exact(8));
-                let (xr, gr) = (xc.remainder(), gc.remainder());
-                for (xs, gs) in xc.zip(gc) {
-                    for k in 0..8 {
-                        la[k] += gs[k];
-                        lb[k] += gs[k] * (xs[k] - mu);
-                    }
+    let inner = d.inner.max(1);
+    let blocks: Vec<(f64, f64)> = x
+        .par_chunks(inner)
+        .zip(dy.par_chunks(inner))
+        .enumerate()
+        .with_min_len((16384 / inner).max(1))
+        .map_init(Vec::new, |owned: &mut Vec<f32>, (b, (xb, gb))| {
+            let mu = mean[b % d.c];
+            let gb: &[f32] = match relu_out {
+                Some(y) => {
+                    owned.clear();
+                    let yb = &y[b * inner..b * inner + gb.len()];
+                    owned.extend(yb.iter().zip(gb).map(|(&y, &g)| relu_grad(y, g)));
+                    owned
                 }
-                for (&xv, &g) in xr.iter().zip(gr) {
-                    acc.0 += g as f64;
-                    acc.1 += (g * (xv - mu)) as f64;
+                None => gb,
+            };
+            let (mut la, mut lb) = ([0.0f32; 8], [0.0f32; 8]);
+            let (xc, gc) = (xb.chunks_exact(8), gb.chunks_exact(8));
+            let (xr, gr) = (xc.remainder(), gc.remainder());
+            for (xs, gs) in xc.zip(gc) {
+                for k in 0..8 {
+                    la[k] += gs[k];
+                    lb[k] += gs[k] * (xs[k] - mu);
                 }
-                acc.0 += la.iter().map(|&v| v as f64).sum::<f64>();
-                acc.1 += lb.iter().map(|&v| v as f64).sum::<f64>();
             }
+            let mut acc = (0.0f64, 0.0f64);
+            for (&xv, &g) in xr.iter().zip(gr) {
+                acc.0 += g as f64;
+                acc.1 += (g * (xv - mu)) as f64;
+            }
+            acc.0 += la.iter().map(|&v| v as f64).sum::<f64>();
+            acc.1 += lb.iter().map(|&v| v as f64).sum::<f64>();
             acc
         })
-        .collect()
+        .collect();
+    let mut out = vec![(0.0f64, 0.0f64); d.c];
+    for (b, &(s0, s1)) in blocks.iter().enumerate() {
+        let o = &mut out[b % d.c];
+        o.0 += s0;
+        o.1 += s1;
+    }
+    out
 }
 
 /// The gradient of a ReLU's input from its output `y` (`y > 0` exactly where its input is, and
@@ -101,50 +103,55 @@ fn per_block(
 }
 
 /// Per channel, the mean and the biased variance in one pass over memory: each contiguous
-/// block of `inner` values (in cache) gets its own mean and sum of squared deviations, and the
-/// blocks are merged with Chan et al.'s parallel formula in f64 (no `E[x^2] - E[x]^2`
-/// cancellation).
+/// block of `inner` values (in cache; the blocks read in memory order, in parallel) gets its own
+/// mean and sum of squared deviations, and the blocks of each channel are merged in sample order
+/// with Chan et al.'s parallel formula in f64 (no `E[x^2] - E[x]^2` cancellation).
 fn channel_mean_var(x: &[f32], d: &NormDims) -> Vec<(f64, f64)> {
-    (0..d.c)
-        .into_par_iter()
-        .map(|c| {
-            let (mut n, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
-            for b in 0..d.n {
-                let blk = &x[(b * d.c + c) * d.inner..(b * d.c + c + 1) * d.inner];
-                let nb = blk.len() as f64;
-                let mut lanes = [0.0f32; 8];
-                let mut chunks = blk.chunks_exact(8);
-                for ch in &mut chunks {
-                    for k in 0..8 {
-                        lanes[k] += ch[k];
-                    }
+    let inner = d.inner.max(1);
+    let blocks: Vec<(f64, f64, f64)> = x
+        .par_chunks(inner)
+        .with_min_len((16384 / inner).max(1))
+        .map(|blk| {
+            let nb = blk.len() as f64;
+            let mut lanes = [0.0f32; 8];
+            let mut chunks = blk.chunks_exact(8);
+            for ch in &mut chunks {
+                for k in 0..8 {
+                    lanes[k] += ch[k];
                 }
-                let sum = lanes.iter().map(|&v| v as f64).sum::<f64>()
-                    + chunks.remainder().iter().map(|&v| v as f64).sum::<f64>();
-                let mb = sum / nb;
-                let mb32 = mb as f32;
-                let mut sq = [0.0f32; 8];
-                let mut chunks = blk.chunks_exact(8);
-                for ch in &mut chunks {
-                    for k in 0..8 {
-                        let t = ch[k] - mb32;
-                        sq[k] += t * t;
-                    }
-                }
-                let m2b = sq.iter().map(|&v| v as f64).sum::<f64>()
-                    + chunks
-                        .remainder()
-                        .iter()
-                        .map(|&v| ((v - mb32) as f64).powi(2))
-                        .sum::<f64>();
-                let total = n + nb;
-                let delta = mb - mean;
-                mean += delta * nb / total;
-                m2 += m2b + delta * delta * n * nb / total;
-                n = total;
             }
-            (mean, m2 / n.max(1.0))
+            let sum = lanes.iter().map(|&v| v as f64).sum::<f64>()
+                + chunks.remainder().iter().map(|&v| v as f64).sum::<f64>();
+            let mb = sum / nb;
+            let mb32 = mb as f32;
+            let mut sq = [0.0f32; 8];
+            let mut chunks = blk.chunks_exact(8);
+            for ch in &mut chunks {
+                for k in 0..8 {
+                    let t = ch[k] - mb32;
+                    sq[k] += t * t;
+                }
+            }
+            let m2b = sq.iter().map(|&v| v as f64).sum::<f64>()
+                + chunks
+                    .remainder()
+                    .iter()
+                    .map(|&v| ((v - mb32) as f64).powi(2))
+                    .sum::<f64>();
+            (nb, mb, m2b)
         })
+        .collect();
+    let mut acc = vec![(0.0f64, 0.0f64, 0.0f64); d.c];
+    for (b, &(nb, mb, m2b)) in blocks.iter().enumerate() {
+        let (n, mean, m2) = &mut acc[b % d.c];
+        let total = *n + nb;
+        let delta = mb - *mean;
+        *mean += delta * nb / total;
+        *m2 += m2b + delta * delta * *n * nb / total;
+        *n = total;
+    }
+    acc.iter()
+        .map(|&(n, mean, m2)| (mean, m2 / n.max(1.0)))
         .collect()
 }
 
