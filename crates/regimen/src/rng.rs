@@ -115,7 +115,7 @@ pub fn uniform(stream: u64, step: u32, purpose: u32, index: u64) -> f32 {
 pub fn fill_uniform(stream: u64, step: u32, purpose: u32, first: u64, out: &mut [f32]) {
     let mut i = 0;
     // The head: up to the next block boundary.
-    while i < out.len() && (first + i as u64) % 4 != 0 {
+    while i < out.len() && !(first + i as u64).is_multiple_of(4) {
         out[i] = uniform(stream, step, purpose, first + i as u64);
         i += 1;
     }
@@ -392,6 +392,34 @@ mod tests {
         ];
         for (ctr, key, want) in cases {
             assert_eq!(philox(ctr, key), want, "counter {ctr:08x?} key {key:08x?}");
+        }
+    }
+
+    #[test]
+    fn every_instruction_set_draws_the_same_words() {
+        let g = Groups {
+            key: [0x9ABC_DEF0, 0x1234_5678],
+            step: 7,
+            purpose: 3,
+            first_block: (1 << 32) - 5,
+        };
+        let mut want = vec![0.0; 4 * LANES * 3];
+        fill_groups(&g, &mut want);
+        for (j, &v) in want.iter().enumerate() {
+            let index = 4 * g.first_block + j as u64;
+            assert_eq!(v, uniform(0x1234_5678_9ABC_DEF0, 7, 3, index), "word {j}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut got = vec![0.0; want.len()];
+            if is_x86_feature_detected!("avx2") {
+                unsafe { fill_groups_avx2(&g, &mut got) };
+                assert_eq!(got, want, "AVX2");
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+                unsafe { fill_groups_avx512(&g, &mut got) };
+                assert_eq!(got, want, "AVX-512");
+            }
         }
     }
 

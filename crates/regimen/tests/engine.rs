@@ -545,7 +545,7 @@ fn fused_batch_norm_relu_equals_the_two_layers() {
         }
         let x = Tensor::from_vec(&[5, 2, 6, 6], x).unwrap();
         let dy = randn(&[5, 4 * 36], 4);
-        let mut run = |fuse: bool| {
+        let run = |fuse: bool| {
             let mut m = build();
             m.set_fusion(fuse);
             let y = m.forward(&x, &Ctx::train()).unwrap();

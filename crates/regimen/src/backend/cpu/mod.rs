@@ -1151,3 +1151,77 @@ fn update_chunk<F: Fn(&mut f32, f32, &mut [f32; 3])>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Bits = (Vec<u32>, Vec<Vec<u32>>);
+
+    /// One chunk of `rule` with `slots` state slots on the instruction set `isa` (0: baseline,
+    /// 1: AVX2, 2: AVX-512): the bits of theta and of the state.
+    fn run_chunk<F: Fn(&mut f32, f32, &mut [f32; 3])>(rule: &F, slots: usize, isa: usize) -> Bits {
+        let n = 1000;
+        let wave = |k: f32| (0..n).map(move |i| ((i as f32 * k).sin() + 0.1) * 0.5);
+        let mut t: Vec<f32> = wave(0.37).collect();
+        let mut g: Vec<f32> = wave(0.91).collect();
+        let mut st: Vec<Vec<f32>> = (0..slots)
+            .map(|k| wave(0.1 * k as f32 + 0.2).map(f32::abs).collect())
+            .collect();
+        let sl: Vec<&mut [f32]> = st.iter_mut().map(|v| v.as_mut_slice()).collect();
+        match isa {
+            // SAFETY: called only where the machine has the features.
+            #[cfg(target_arch = "x86_64")]
+            1 => unsafe { update_chunk_avx2(&mut t, &mut g, sl, 0.5, 0.01, rule) },
+            #[cfg(target_arch = "x86_64")]
+            2 => unsafe { update_chunk_avx512(&mut t, &mut g, sl, 0.5, 0.01, rule) },
+            _ => update_chunk(&mut t, &mut g, sl, 0.5, 0.01, rule),
+        }
+        assert!(g.iter().all(|&v| v == 0.0), "the gradient is zeroed");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (bits(&t), st.iter().map(|s| bits(s)).collect())
+    }
+
+    fn same_on_every_isa<F: Fn(&mut f32, f32, &mut [f32; 3])>(rule: F, slots: usize) {
+        let want = run_chunk(&rule, slots, 0);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                assert!(run_chunk(&rule, slots, 1) == want, "AVX2, {slots} slots");
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                assert!(run_chunk(&rule, slots, 2) == want, "AVX-512, {slots} slots");
+            }
+        }
+    }
+
+    /// The update loop compiled for each instruction set gives the bits of the baseline build
+    /// (Adam with AMSGrad: square root and division; SGD with Nesterov momentum).
+    #[test]
+    fn updates_give_the_same_bits_on_every_instruction_set() {
+        same_on_every_isa(
+            |t: &mut f32, g, e: &mut [f32; 3]| {
+                crate::backend::adam_element(
+                    0.9,
+                    0.999,
+                    1e-8,
+                    true,
+                    true,
+                    [1e-3, 0.3],
+                    1e-3,
+                    0.01,
+                    t,
+                    g,
+                    e,
+                )
+            },
+            3,
+        );
+        same_on_every_isa(
+            |t: &mut f32, g, e: &mut [f32; 3]| {
+                crate::backend::sgd_element(0.9, 0.0, true, false, [0.1, 0.0], t, g, e)
+            },
+            1,
+        );
+    }
+}
