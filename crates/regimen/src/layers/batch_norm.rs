@@ -303,32 +303,16 @@ impl Layer for BatchNorm {
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let (x, mean, invstd, batch_stats) = cached(&self.cache, self)?;
         check_dy(self, x.shape(), dy)?;
-        if let Some(y) = &self.relu_out {
-            return Ok(dy.backend().batch_norm_relu_backward(
-                x,
-                y,
-                dy,
-                &self.gamma.value,
-                mean,
-                invstd,
-                &mut self.gamma.grad,
-                &mut self.beta.grad,
-            ));
-        }
-        if let (true, Some((share, m))) = (*batch_stats, self.synced) {
+        if let (None, true, Some((share, m))) = (&self.relu_out, *batch_stats, self.synced) {
             let (x, mean, invstd) = (x.clone(), mean.clone(), invstd.clone());
             return self.backward_synced(&x, dy, &mean, &invstd, share, m);
         }
-        Ok(dy.backend().batch_norm_backward(
-            x,
-            dy,
-            &self.gamma.value,
-            mean,
-            invstd,
-            *batch_stats,
-            &mut self.gamma.grad,
-            &mut self.beta.grad,
-        ))
+        let (be, gamma) = (dy.backend(), &self.gamma.value);
+        let (dg, db) = (&mut self.gamma.grad, &mut self.beta.grad);
+        Ok(match &self.relu_out {
+            Some(y) => be.batch_norm_relu_backward(x, y, dy, gamma, mean, invstd, dg, db),
+            None => be.batch_norm_backward(x, dy, gamma, mean, invstd, *batch_stats, dg, db),
+        })
     }
 
     fn sync_batch_norm(&mut self, on: bool) {

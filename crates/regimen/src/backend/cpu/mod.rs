@@ -679,24 +679,8 @@ impl Backend for Cpu {
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Tensor {
-        let c = gamma.numel();
-        let (n, inner) = n_inner(x.shape(), c);
-        let d = norm::NormDims { n, c, inner };
-        make(x.shape(), |dx| {
-            norm::backward(
-                f32s(x),
-                f32s(dy),
-                None,
-                f32s(gamma),
-                f32s(mean),
-                f32s(invstd),
-                &d,
-                batch_stats,
-                f32s_mut(dgamma),
-                f32s_mut(dbeta),
-                dx,
-            )
-        })
+        let stats = [gamma, mean, invstd];
+        bn_backward(x, dy, None, stats, batch_stats, dgamma, dbeta)
     }
 
     fn batch_norm_relu_backward(
@@ -710,24 +694,8 @@ impl Backend for Cpu {
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Tensor {
-        let c = gamma.numel();
-        let (n, inner) = n_inner(x.shape(), c);
-        let d = norm::NormDims { n, c, inner };
-        make(x.shape(), |dx| {
-            norm::backward(
-                f32s(x),
-                f32s(dy),
-                Some(f32s(y)),
-                f32s(gamma),
-                f32s(mean),
-                f32s(invstd),
-                &d,
-                true,
-                f32s_mut(dgamma),
-                f32s_mut(dbeta),
-                dx,
-            )
-        })
+        let stats = [gamma, mean, invstd];
+        bn_backward(x, dy, Some(y), stats, true, dgamma, dbeta)
     }
 
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
@@ -963,6 +931,37 @@ impl Backend for Cpu {
     fn all_finite(&self, x: &Tensor) -> Tensor {
         scalar(f64::from(u8::from(f32s(x).iter().all(|v| v.is_finite()))))
     }
+}
+
+/// Batch-norm backward (through the ReLU whose output is `relu_out`, when given); `stats` are
+/// gamma, mean and invstd.
+fn bn_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    relu_out: Option<&Tensor>,
+    [gamma, mean, invstd]: [&Tensor; 3],
+    batch_stats: bool,
+    dgamma: &mut Tensor,
+    dbeta: &mut Tensor,
+) -> Tensor {
+    let c = gamma.numel();
+    let (n, inner) = n_inner(x.shape(), c);
+    let d = norm::NormDims { n, c, inner };
+    make(x.shape(), |dx| {
+        norm::backward(
+            f32s(x),
+            f32s(dy),
+            relu_out.map(f32s),
+            f32s(gamma),
+            f32s(mean),
+            f32s(invstd),
+            &d,
+            batch_stats,
+            f32s_mut(dgamma),
+            f32s_mut(dbeta),
+            dx,
+        )
+    })
 }
 
 /// Batch norm with batch statistics (followed by a ReLU in the same pass with `relu`).
