@@ -86,13 +86,18 @@ impl Drop for SetOnDrop<'_> {
 /// Run the pool's work on this thread until `done`, without going to sleep between jobs while
 /// jobs keep coming (rayon puts an idle thread to sleep and wakes it for the next loop; a step's
 /// loops come microseconds apart). After 2 ms without work it naps in steps of 100 us, giving
-/// the core to other threads (the data loader), until work comes again.
+/// the core to other threads (the data loader), after 50 ms in steps of 2 ms, until work comes
+/// again; a loop that starts while it naps runs on the other threads.
 fn keep_awake(done: &std::sync::atomic::AtomicBool) {
     use std::time::{Duration, Instant};
     let mut idle_since = Instant::now();
     while !done.load(std::sync::atomic::Ordering::Acquire) {
         match rayon::yield_now() {
             Some(rayon::Yield::Executed) => idle_since = Instant::now(),
+            // Idle for long (a command waiting on files or child processes): naps of 2 ms.
+            _ if idle_since.elapsed() > Duration::from_millis(50) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             _ if idle_since.elapsed() > Duration::from_millis(2) => {
                 std::thread::sleep(Duration::from_micros(100))
             }
