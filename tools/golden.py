@@ -103,6 +103,8 @@ def main():
     layer_case("conv_s2p0_nobias", nn.Conv2d(2, 3, 3, stride=2, bias=False), randn((2, 2, 7, 7), 4))
     layer_case("conv_1x1", nn.Conv2d(3, 4, 1), randn((2, 3, 4, 4), 5))
     layer_case("conv_s2p1", nn.Conv2d(2, 3, 3, stride=2, padding=1), randn((2, 2, 7, 6), 60))
+    # More than 4 input channels: regimen's weight gradient with vectors along output channels.
+    layer_case("conv_wide", nn.Conv2d(6, 20, 3, padding=1), randn((3, 6, 6, 7), 61))
     layer_case("maxpool_k2", nn.MaxPool2d(2), away_from_kinks((2, 2, 6, 6), 6))
     layer_case("maxpool_k3s2p1", nn.MaxPool2d(3, stride=2, padding=1), away_from_kinks((2, 2, 7, 7), 7))
     layer_case("avgpool_k2", nn.AvgPool2d(2), randn((2, 2, 6, 6), 8))

@@ -92,6 +92,18 @@ fn conv2d() {
         &randn(&[6, 2, 4, 4], 8),
         Mode::Train,
     );
+    // More than 4 input channels, windows 3 wide: the weight gradient with vectors along output
+    // channels (17 channels: whole vectors and a padded one on either instruction set).
+    check(
+        &mut Conv2d::new(5, 17, 3, rng).padding(1),
+        &randn(&[3, 5, 4, 5], 13),
+        Mode::Train,
+    );
+    check(
+        &mut Conv2d::new(6, 3, 3, rng).without_bias(),
+        &randn(&[2, 6, 5, 4], 14),
+        Mode::Train,
+    );
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //!
 //! Per sample (`x_s`: `[C, H, W]`, `col`: `[C KH KW, OH OW]`):
 //! forward `y_s = W col + b`; backward `dW += dy_s col^T`, `dcol = W^T dy_s`, `dx_s = col2im(dcol)`.
+//! Stride-1 windows take the direct kernels of [`direct`] on x86-64: the forward and the input
+//! gradient as direct convolutions, the weight gradient without a column matrix.
 
 use rayon::prelude::*;
 
@@ -239,9 +241,9 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
 /// the number of threads.
 const DW_GROUPS: usize = 16;
 
-/// One group of samples of the weight-gradient sum: its partial sum (`OC x K` from the direct
-/// kernel, `K x OC` from gemm), the input-gradient
-/// slices of its samples, and its sample range.
+/// One group of samples of the weight-gradient sum: its partial sum (`OC x K` from the
+/// few-channel direct kernel, `K x OCP` from the one along output channels, `K x OC` from gemm),
+/// the input-gradient slices of its samples, and its sample range.
 type Work<'a> = (&'a mut [f32], Vec<Option<&'a mut [f32]>>, usize, usize);
 
 /// Writes `dx` when given; accumulates into `dw` and `db`.
@@ -269,11 +271,20 @@ pub fn backward(
     let direct_dw = d
         .direct()
         .filter(|(_, s)| s.kh == 3 && s.kw == 3 && s.cin <= 4);
-    let col_len = match direct_dw {
-        Some((isa, s)) => s.padded_len(isa) * d.n.div_ceil(groups),
-        None if pointwise => 0,
-        None => k * p,
+    // With more channels, windows 3 wide: the kernel with vectors along output channels
+    // (cnn-step's 32- and 64-channel convolutions: no column matrix, no gemm packing).
+    let wide_dw = d.direct().filter(|(_, s)| s.kw == 3 && direct_dw.is_none());
+    let col_len = match (direct_dw, wide_dw) {
+        (Some((isa, s)), _) => s.padded_len(isa) * d.n.div_ceil(groups),
+        (_, Some((isa, s))) => s.padded_len(isa),
+        _ if pointwise => 0,
+        _ => k * p,
     };
+    let dyt_len = wide_dw.map_or(0, |(isa, s)| direct::dy_t_len(&s, isa));
+    // Each group's partial sum: `OC x K` (direct kernel), `K x OCP` (along channels, rows
+    // padded to whole vectors), `K x OC` (gemm).
+    let acc_stride = wide_dw.map_or(d.oc, |(isa, _)| direct::oc_stride(isa, d.oc));
+    let acc_len = k * acc_stride;
     // The input gradient as a direct convolution of dy where the kernel takes it.
     let direct_dx = if dx.is_some() { d.direct_dx() } else { None };
     let packed_dx = direct_dx.map(|(isa, s)| {
@@ -287,7 +298,7 @@ pub fn backward(
         (true, Some((isa, s))) => s.padded_len(isa),
         (true, None) => k * p,
     };
-    let mut partial = Scratch::new(groups * d.oc * k);
+    let mut partial = Scratch::new(groups * acc_len);
     let mut dx_chunks: Vec<Option<&mut [f32]>> = match dx {
         Some(dx) => dx.chunks_mut(xs).map(Some).collect(),
         None => (0..d.n).map(|_| None).collect(),
@@ -298,7 +309,7 @@ pub fn backward(
     {
         let mut rest = dx_chunks.as_mut_slice();
         let mut taken = 0;
-        for (g, acc) in partial.f32_mut().chunks_mut(d.oc * k).enumerate() {
+        for (g, acc) in partial.f32_mut().chunks_mut(acc_len).enumerate() {
             let (lo, hi) = bounds(g);
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(hi - taken);
             let _ = lo;
@@ -307,7 +318,7 @@ pub fn backward(
             work.push((acc, mine.iter_mut().map(|c| c.take()).collect(), lo, hi));
         }
     }
-    let run = |(acc, dxs, lo, hi): Work<'_>, col: &mut Scratch, dcol: &mut Scratch| {
+    let run = |(acc, dxs, lo, hi): Work<'_>, [col, dcol, dyt]: &mut [Scratch; 3]| {
         if let Some((isa, s)) = direct_dw {
             acc.fill(0.0);
             let xr: Vec<&[f32]> = (lo..hi).map(|i| &x[i * xs..(i + 1) * xs]).collect();
@@ -319,7 +330,12 @@ pub fn backward(
         for (j, (s, dx_s)) in (lo..hi).zip(dxs).enumerate() {
             let x_s = &x[s * xs..(s + 1) * xs];
             let dy_s = &dy[s * d.oc * p..(s + 1) * d.oc * p];
-            if direct_dw.is_none() {
+            if let Some((isa, s)) = wide_dw {
+                if j == 0 {
+                    acc.fill(0.0);
+                }
+                direct::weight_grad_oc(&s, isa, x_s, dy_s, col.f32_mut(), dyt.f32_mut(), acc);
+            } else if direct_dw.is_none() {
                 let cols: &[f32] = if pointwise {
                     x_s
                 } else {
@@ -372,17 +388,18 @@ pub fn backward(
     for (g, w) in work.into_iter().enumerate() {
         per_worker[g % workers].push(w);
     }
-    let mut scratch: Vec<(Scratch, Scratch)> = (0..workers)
+    let mut scratch: Vec<[Scratch; 3]> = (0..workers)
         .map(|_| {
-            (
-                Scratch::zeroed_if(col_len, direct_dw.is_some()),
+            [
+                Scratch::zeroed_if(col_len, direct_dw.is_some() || wide_dw.is_some()),
                 Scratch::zeroed_if(dcol_len, direct_dx.is_some()),
-            )
+                Scratch::zeroed_if(dyt_len, true),
+            ]
         })
         .collect();
-    let body = |(items, (col, dcol)): (Vec<Work<'_>>, &mut (Scratch, Scratch))| {
+    let body = |(items, sc): (Vec<Work<'_>>, &mut [Scratch; 3])| {
         for w in items {
-            run(w, col, dcol);
+            run(w, sc);
         }
     };
     if workers > 1 {
@@ -396,14 +413,14 @@ pub fn backward(
             .zip(scratch.iter_mut())
             .for_each(body);
     }
-    for acc in partial.f32().chunks(d.oc * k) {
+    for acc in partial.f32().chunks(acc_len) {
         if direct_dw.is_some() {
             dw.iter_mut().zip(acc).for_each(|(a, &b)| *a += b);
         } else {
-            // The gemm path sums dW^T.
+            // The other paths sum dW^T.
             for (o, row) in dw.chunks_mut(k).enumerate() {
                 for (i, a) in row.iter_mut().enumerate() {
-                    *a += acc[i * d.oc + o];
+                    *a += acc[i * acc_stride + o];
                 }
             }
         }

@@ -522,6 +522,218 @@ unsafe fn wg256(g: WgTask, sums: &mut [f32; 27]) {
     }
 }
 
+/// Row stride of [`weight_grad_oc`]'s accumulator and transposed gradient: `cout` rounded up
+/// to whole vectors.
+pub fn oc_stride(isa: Isa, cout: usize) -> usize {
+    cout.div_ceil(isa.lanes()) * isa.lanes()
+}
+
+/// Length of [`weight_grad_oc`]'s transposed-gradient scratch.
+pub fn dy_t_len(s: &Shape, isa: Isa) -> usize {
+    s.oh() * s.ow() * oc_stride(isa, s.cout)
+}
+
+/// One sample's weight gradient of a stride-1 convolution with a window 3 wide, vectors along
+/// output channels: `acc[(i kh + ki) 3 + kj, o] += sum over output pixels of
+/// xpad[i, oy + ki, ox + kj] * dy[o, oy, ox]` (the transposed weight gradient, rows of
+/// [`oc_stride`]). `dy` is first transposed to `[pixel, channel]` (in `dyt`, zeroed before its
+/// first use with this shape: the padding channels stay zero), the input copied into the padded
+/// buffer `xp` (as for [`conv`]). The kernel then holds a block of taps x output channels in
+/// registers and, per output pixel, loads one row of output-channel gradients and broadcasts
+/// the input under each tap: no column matrix, no packing, every lane busy (the older
+/// [`weight_grad_3x3`] vectorizes along pixels, masked at the row ends).
+///
+/// Each accumulator element is one chain of fused multiply-adds over the output pixels in
+/// order, the same on both instruction sets, so the bits do not depend on the machine.
+pub fn weight_grad_oc(
+    s: &Shape,
+    isa: Isa,
+    x: &[f32],
+    dy: &[f32],
+    xp: &mut [f32],
+    dyt: &mut [f32],
+    acc: &mut [f32],
+) {
+    assert!(s.kw == 3 && s.ok());
+    let (oh, ow, wp, lanes) = (s.oh(), s.ow(), s.wp(isa), isa.lanes());
+    let ocp = oc_stride(isa, s.cout);
+    let pixels = oh * ow;
+    assert!(
+        x.len() >= s.cin * s.h * s.w
+            && dy.len() >= s.cout * pixels
+            && xp.len() >= s.padded_len(isa)
+            && dyt.len() >= pixels * ocp
+            && acc.len() >= s.cin * s.kh * 3 * ocp
+    );
+    pad_input(s, isa, x, xp);
+    // The transposition in blocks of 16 pixels: 16 rows of `dyt` stay in cache across channels.
+    for p0 in (0..pixels).step_by(16) {
+        let p1 = (p0 + 16).min(pixels);
+        for o in 0..s.cout {
+            let src = &dy[o * pixels + p0..o * pixels + p1];
+            for (j, &v) in src.iter().enumerate() {
+                dyt[(p0 + j) * ocp + o] = v;
+            }
+        }
+    }
+    // Rows of output pixels per block: their gradients (`rows ow ocp` floats) stay in L1 while
+    // every input channel passes over them.
+    let rows = (4096 / (ow * ocp)).clamp(1, oh);
+    let plane = s.hp() * wp;
+    let most_rk = match isa {
+        Isa::Avx512 => 3,
+        Isa::Avx2 => 2,
+    };
+    for oy0 in (0..oh).step_by(rows) {
+        let n_rows = rows.min(oh - oy0);
+        for ci in 0..s.cin {
+            let mut c0 = 0;
+            while c0 < ocp {
+                let v = if ocp - c0 >= 2 * lanes { 2 } else { 1 };
+                let mut ki0 = 0;
+                while ki0 < s.kh {
+                    let rk = most_rk.min(s.kh - ki0);
+                    let t = WoTask {
+                        x: xp[ci * plane + (oy0 + ki0) * wp..].as_ptr(),
+                        wp,
+                        dy: dyt[oy0 * ow * ocp + c0..].as_ptr(),
+                        ocp,
+                        rows: n_rows,
+                        ow,
+                        acc: acc[(ci * s.kh + ki0) * 3 * ocp + c0..].as_mut_ptr(),
+                    };
+                    // SAFETY: `isa` was detected; the task reads rows `oy0 + ki0 ..
+                    // oy0 + ki0 + n_rows + rk - 1 < hp` of the channel's padded plane, columns
+                    // below `ow + 2 <= wp`; `v` vectors from column `c0` of rows of `dyt` and
+                    // `acc` (`c0 + v lanes <= ocp`); the lengths were checked above.
+                    unsafe {
+                        match (isa, rk, v) {
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx512, 3, 2) => wo512::<3, 2>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx512, 3, _) => wo512::<3, 1>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx512, 2, 2) => wo512::<2, 2>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx512, 2, _) => wo512::<2, 1>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx512, _, 2) => wo512::<1, 2>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx512, _, _) => wo512::<1, 1>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx2, 2, 2) => wo256::<2, 2>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx2, 2, _) => wo256::<2, 1>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx2, _, 2) => wo256::<1, 2>(t),
+                            #[cfg(target_arch = "x86_64")]
+                            (Isa::Avx2, _, _) => wo256::<1, 1>(t),
+                            #[cfg(not(target_arch = "x86_64"))]
+                            _ => unreachable!("no direct convolution off x86-64"),
+                        }
+                    }
+                    ki0 += rk;
+                }
+                c0 += v * lanes;
+            }
+        }
+    }
+}
+
+/// A block of [`weight_grad_oc`]: `RK` window rows x 3 taps x `V` vectors of output channels,
+/// over `rows` output rows.
+#[derive(Clone, Copy)]
+struct WoTask {
+    /// The padded input plane at the block's first row and the window's first row.
+    x: *const f32,
+    wp: usize,
+    /// The transposed gradient at the block's first pixel and first channel.
+    dy: *const f32,
+    ocp: usize,
+    rows: usize,
+    ow: usize,
+    /// The accumulator at the first tap's row and first channel.
+    acc: *mut f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wo512<const RK: usize, const V: usize>(t: WoTask) {
+    let mut a = [[[_mm512_setzero_ps(); V]; 3]; RK];
+    for (kr, ar) in a.iter_mut().enumerate() {
+        for (kj, av) in ar.iter_mut().enumerate() {
+            for (v, x) in av.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(t.acc.add((kr * 3 + kj) * t.ocp + v * 16));
+            }
+        }
+    }
+    for r in 0..t.rows {
+        let drow = t.dy.add(r * t.ow * t.ocp);
+        let xrow = t.x.add(r * t.wp);
+        for ox in 0..t.ow {
+            let mut d = [_mm512_setzero_ps(); V];
+            for (v, dv) in d.iter_mut().enumerate() {
+                *dv = _mm512_loadu_ps(drow.add(ox * t.ocp + v * 16));
+            }
+            for (kr, ar) in a.iter_mut().enumerate() {
+                let xr = xrow.add(kr * t.wp + ox);
+                for (kj, av) in ar.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*xr.add(kj));
+                    for (x, &dv) in av.iter_mut().zip(&d) {
+                        *x = _mm512_fmadd_ps(b, dv, *x);
+                    }
+                }
+            }
+        }
+    }
+    for (kr, ar) in a.iter().enumerate() {
+        for (kj, av) in ar.iter().enumerate() {
+            for (v, &x) in av.iter().enumerate() {
+                _mm512_storeu_ps(t.acc.add((kr * 3 + kj) * t.ocp + v * 16), x);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wo256<const RK: usize, const V: usize>(t: WoTask) {
+    let mut a = [[[_mm256_setzero_ps(); V]; 3]; RK];
+    for (kr, ar) in a.iter_mut().enumerate() {
+        for (kj, av) in ar.iter_mut().enumerate() {
+            for (v, x) in av.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(t.acc.add((kr * 3 + kj) * t.ocp + v * 8));
+            }
+        }
+    }
+    for r in 0..t.rows {
+        let drow = t.dy.add(r * t.ow * t.ocp);
+        let xrow = t.x.add(r * t.wp);
+        for ox in 0..t.ow {
+            let mut d = [_mm256_setzero_ps(); V];
+            for (v, dv) in d.iter_mut().enumerate() {
+                *dv = _mm256_loadu_ps(drow.add(ox * t.ocp + v * 8));
+            }
+            for (kr, ar) in a.iter_mut().enumerate() {
+                let xr = xrow.add(kr * t.wp + ox);
+                for (kj, av) in ar.iter_mut().enumerate() {
+                    let b = _mm256_set1_ps(*xr.add(kj));
+                    for (x, &dv) in av.iter_mut().zip(&d) {
+                        *x = _mm256_fmadd_ps(b, dv, *x);
+                    }
+                }
+            }
+        }
+    }
+    for (kr, ar) in a.iter().enumerate() {
+        for (kj, av) in ar.iter().enumerate() {
+            for (v, &x) in av.iter().enumerate() {
+                _mm256_storeu_ps(t.acc.add((kr * 3 + kj) * t.ocp + v * 8), x);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -680,6 +892,117 @@ mod tests {
                     assert!(
                         (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
                         "{isa:?} {s:?} at {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weight_gradient_along_channels_is_one_fma_chain_per_element() {
+        let mut isas = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        let mut r = crate::Rng::new(5);
+        // (cin, h, w, cout, kh, pad, samples): padded channels (20 -> 24 or 32), two and one
+        // vectors per block, windows 3 and 5 rows high, row blocks of 1 to 9 rows.
+        for &(cin, h, w, cout, kh, pad, n) in &[
+            (5, 7, 9, 20, 3, 1, 2),
+            (3, 14, 14, 64, 3, 1, 2),
+            (2, 6, 33, 7, 5, 2, 1),
+            (6, 28, 28, 32, 3, 1, 2),
+            (1, 3, 3, 17, 3, 2, 3),
+        ] {
+            let s = Shape {
+                cin,
+                h,
+                w,
+                cout,
+                kh,
+                kw: 3,
+                pad,
+            };
+            let (oh, ow) = (s.oh(), s.ow());
+            let k = cin * kh * 3;
+            let xs: Vec<Vec<f32>> = (0..n)
+                .map(|_| (0..cin * h * w).map(|_| r.normal() as f32).collect())
+                .collect();
+            let dys: Vec<Vec<f32>> = (0..n)
+                .map(|_| (0..cout * oh * ow).map(|_| r.normal() as f32).collect())
+                .collect();
+            let start: Vec<f32> = (0..k * cout).map(|_| r.normal() as f32).collect();
+            // The definition, as the chain the kernel promises: per element, one fused
+            // multiply-add per sample and output pixel, in order.
+            let mut chain = start.clone();
+            let mut wide = vec![0.0f64; k * cout];
+            for (x, dy) in xs.iter().zip(&dys) {
+                for i in 0..cin {
+                    for ki in 0..kh {
+                        for kj in 0..3 {
+                            for o in 0..cout {
+                                let at = ((i * kh + ki) * 3 + kj) * cout + o;
+                                for oy in 0..oh {
+                                    for ox in 0..ow {
+                                        let iy = (oy + ki) as isize - pad as isize;
+                                        let ix = (ox + kj) as isize - pad as isize;
+                                        let inside = iy >= 0
+                                            && ix >= 0
+                                            && iy < h as isize
+                                            && ix < w as isize;
+                                        let xv = if inside {
+                                            x[(i * h + iy as usize) * w + ix as usize]
+                                        } else {
+                                            0.0
+                                        };
+                                        let g = dy[(o * oh + oy) * ow + ox];
+                                        chain[at] = xv.mul_add(g, chain[at]);
+                                        wide[at] += xv as f64 * g as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for &isa in &isas {
+                let ocp = oc_stride(isa, cout);
+                let mut acc = vec![f32::NAN; k * ocp];
+                for (row, st) in acc.chunks_mut(ocp).zip(start.chunks(cout)) {
+                    row[..cout].copy_from_slice(st);
+                    row[cout..].fill(0.0);
+                }
+                let mut xp = vec![0.0; s.padded_len(isa)];
+                let mut dyt = vec![0.0; dy_t_len(&s, isa)];
+                // A first sample of NaNs through the scratch, into a throwaway accumulator:
+                // it must leave no trace in the padding of `xp` or `dyt`.
+                let mut junk = vec![0.0; k * ocp];
+                let nan_x = vec![f32::NAN; cin * h * w];
+                let nan_dy = vec![f32::NAN; cout * oh * ow];
+                weight_grad_oc(&s, isa, &nan_x, &nan_dy, &mut xp, &mut dyt, &mut junk);
+                for (x, dy) in xs.iter().zip(&dys) {
+                    weight_grad_oc(&s, isa, x, dy, &mut xp, &mut dyt, &mut acc);
+                }
+                for (t, row) in acc.chunks(ocp).enumerate() {
+                    for o in 0..cout {
+                        let (g, c) = (row[o], chain[t * cout + o]);
+                        assert_eq!(
+                            g.to_bits(),
+                            c.to_bits(),
+                            "{isa:?} {s:?} tap row {t}, channel {o}"
+                        );
+                        let want = start[t * cout + o] as f64 + wide[t * cout + o];
+                        assert!(
+                            (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{isa:?} {s:?} tap row {t}, channel {o}: {g} vs {want}"
+                        );
+                    }
+                    assert!(
+                        row[cout..].iter().all(|&v| v == 0.0),
+                        "{isa:?} {s:?}: padding channels"
                     );
                 }
             }
