@@ -405,7 +405,8 @@ pub trait Backend: Send + Sync {
         (self.unary_forward(Unary::Relu, &z), mean, invstd)
     }
     /// Backward of [`Backend::batch_norm_relu_forward_train`] (batch statistics), given its
-    /// output `y` and the gradient `dy` of that output.
+    /// output `y` and the gradient `dy` of that output. `beta` is the forward's: a backend may
+    /// recompute where the ReLU passed from `x` and the statistics instead of reading `y`.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_relu_backward(
         &self,
@@ -413,12 +414,14 @@ pub trait Backend: Send + Sync {
         y: &Tensor,
         dy: &Tensor,
         gamma: &Tensor,
+        beta: &Tensor,
         mean: &Tensor,
         invstd: &Tensor,
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Tensor {
         // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z.
+        let _ = beta;
         let dz = self.unary_backward(Unary::Relu, y, y, dy);
         self.batch_norm_backward(x, &dz, gamma, mean, invstd, true, dgamma, dbeta)
     }

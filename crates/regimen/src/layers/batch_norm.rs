@@ -307,10 +307,10 @@ impl Layer for BatchNorm {
             let (x, mean, invstd) = (x.clone(), mean.clone(), invstd.clone());
             return self.backward_synced(&x, dy, &mean, &invstd, share, m);
         }
-        let (be, gamma) = (dy.backend(), &self.gamma.value);
+        let (be, gamma, beta) = (dy.backend(), &self.gamma.value, &self.beta.value);
         let (dg, db) = (&mut self.gamma.grad, &mut self.beta.grad);
         Ok(match &self.relu_out {
-            Some(y) => be.batch_norm_relu_backward(x, y, dy, gamma, mean, invstd, dg, db),
+            Some(y) => be.batch_norm_relu_backward(x, y, dy, gamma, beta, mean, invstd, dg, db),
             None => be.batch_norm_backward(x, dy, gamma, mean, invstd, *batch_stats, dg, db),
         })
     }

@@ -689,13 +689,17 @@ impl Backend for Cpu {
         y: &Tensor,
         dy: &Tensor,
         gamma: &Tensor,
+        beta: &Tensor,
         mean: &Tensor,
         invstd: &Tensor,
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Tensor {
+        // The ReLU's mask is recomputed from x (the forward's exact arithmetic): one stream
+        // over memory fewer than reading y, in each of the two passes.
+        let _ = y;
         let stats = [gamma, mean, invstd];
-        bn_backward(x, dy, Some(y), stats, true, dgamma, dbeta)
+        bn_backward(x, dy, Some(beta), stats, true, dgamma, dbeta)
     }
 
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
@@ -933,12 +937,12 @@ impl Backend for Cpu {
     }
 }
 
-/// Batch-norm backward (through the ReLU whose output is `relu_out`, when given); `stats` are
-/// gamma, mean and invstd.
+/// Batch-norm backward (through the ReLU that followed it, when `relu_beta`, the forward's
+/// beta, is given); `stats` are gamma, mean and invstd.
 fn bn_backward(
     x: &Tensor,
     dy: &Tensor,
-    relu_out: Option<&Tensor>,
+    relu_beta: Option<&Tensor>,
     [gamma, mean, invstd]: [&Tensor; 3],
     batch_stats: bool,
     dgamma: &mut Tensor,
@@ -951,7 +955,7 @@ fn bn_backward(
         norm::backward(
             f32s(x),
             f32s(dy),
-            relu_out.map(f32s),
+            relu_beta.map(f32s),
             f32s(gamma),
             f32s(mean),
             f32s(invstd),

@@ -17,14 +17,33 @@ impl NormDims {
     }
 }
 
-/// Per channel, `(sum dy, sum dy (x - mean[c]))` over the `N inner` values of that channel.
+/// The forward's `z = x scale + shift` per channel (`scale = gamma invstd`,
+/// `shift = beta - mean scale`), in its exact arithmetic: batch norm's output before a ReLU,
+/// recomputed in backward to know where the ReLU passed.
+pub struct Affine {
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+}
+
+impl Affine {
+    pub fn new(gamma: &[f32], beta: &[f32], mean: &[f32], invstd: &[f32]) -> Affine {
+        let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(&g, &i)| g * i).collect();
+        let shift = (0..scale.len())
+            .map(|c| beta[c] - mean[c] * scale[c])
+            .collect();
+        Affine { scale, shift }
+    }
+}
+
+/// Per channel, `(sum dy, sum dy (x - mean[c]))` over the `N inner` values of that channel
+/// (with `relu`, `dy` through the ReLU that followed: zero where `z <= 0`).
 /// The blocks of `inner` values are read in memory order (streaming, in parallel), each summed
 /// in eight f32 lanes over zipped slices (vectorized) into an f64 pair; the pairs are then added
 /// per channel in sample order: the result does not depend on the number of threads.
 fn dy_sums(
     x: &[f32],
     dy: &[f32],
-    relu_out: Option<&[f32]>,
+    relu: Option<&Affine>,
     mean: &[f32],
     d: &NormDims,
 ) -> Vec<(f64, f64)> {
@@ -36,11 +55,11 @@ fn dy_sums(
         .with_min_len((16384 / inner).max(1))
         .map_init(Vec::new, |owned: &mut Vec<f32>, (b, (xb, gb))| {
             let mu = mean[b % d.c];
-            let gb: &[f32] = match relu_out {
-                Some(y) => {
+            let gb: &[f32] = match relu {
+                Some(a) => {
+                    let (sc, sh) = (a.scale[b % d.c], a.shift[b % d.c]);
                     owned.clear();
-                    let yb = &y[b * inner..b * inner + gb.len()];
-                    owned.extend(yb.iter().zip(gb).map(|(&y, &g)| relu_grad(y, g)));
+                    owned.extend(xb.iter().zip(gb).map(|(&x, &g)| relu_grad(x * sc + sh, g)));
                     owned
                 }
                 None => gb,
@@ -73,8 +92,8 @@ fn dy_sums(
     out
 }
 
-/// The gradient of a ReLU's input from its output `y` (`y > 0` exactly where its input is, and
-/// a NaN output came from a NaN input): as the ReLU layer's backward, NaN propagating.
+/// The gradient of a ReLU's input from its input or output `y` (`y > 0` exactly where its input
+/// is, and a NaN output came from a NaN input): as the ReLU layer's backward, NaN propagating.
 #[inline(always)]
 pub fn relu_grad(y: f32, g: f32) -> f32 {
     if y > 0.0 {
@@ -175,10 +194,9 @@ pub fn forward_train(
         .collect();
     let mean: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
     // y = scale x + shift with scale = gamma invstd, shift = beta - mean scale.
-    let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] * invstd[c]).collect();
-    let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - mean[c] * scale[c]).collect();
+    let a = Affine::new(gamma, beta, &mean, &invstd);
     per_block(d, y, |c, r, out| {
-        let (sc, sh) = (scale[c], shift[c]);
+        let (sc, sh) = (a.scale[c], a.shift[c]);
         if relu {
             // The ReLU layer's rule: NaN propagates.
             for (o, &v) in out.iter_mut().zip(&x[r]) {
@@ -213,14 +231,15 @@ pub fn forward_eval(
 
 /// `dbeta += sum dy`, `dgamma += sum dy xhat`, and
 /// `dx = gamma invstd (dy - [sum dy + xhat sum dy xhat] / M)` with batch statistics, or
-/// `dx = gamma invstd dy` with fixed ones. With `relu_out` (the output of a ReLU that followed
-/// the batch norm in the same pass), `dy` is the gradient of that output, turned into the
-/// batch norm's output gradient on the fly.
+/// `dx = gamma invstd dy` with fixed ones. With `relu_beta` (the forward's beta, when a ReLU
+/// followed the batch norm in the same pass), `dy` is the gradient of the ReLU's output, turned
+/// into the batch norm's output gradient on the fly: where the forward's `z` (recomputed from
+/// `x`, bit for bit) was not above zero, it is zero.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
     dy: &[f32],
-    relu_out: Option<&[f32]>,
+    relu_beta: Option<&[f32]>,
     gamma: &[f32],
     mean: &[f32],
     invstd: &[f32],
@@ -230,8 +249,9 @@ pub fn backward(
     dbeta: &mut [f32],
     dx: &mut [f32],
 ) {
+    let relu = relu_beta.map(|beta| Affine::new(gamma, beta, mean, invstd));
     // sum dy xhat = invstd sum dy (x - mean).
-    let sums: Vec<(f64, f64)> = dy_sums(x, dy, relu_out, mean, d)
+    let sums: Vec<(f64, f64)> = dy_sums(x, dy, relu.as_ref(), mean, d)
         .into_iter()
         .zip(invstd)
         .map(|((s_dy, s_dxm), &is)| (s_dy, s_dxm * is as f64))
@@ -253,11 +273,12 @@ pub fn backward(
                 mean_dyx[c],
             );
             let xs = out.iter_mut().zip(&x[r.clone()]);
-            match relu_out {
-                Some(y) => {
-                    for ((o, &xv), (&yv, &g)) in xs.zip(y[r.clone()].iter().zip(&dy[r])) {
+            match &relu {
+                Some(a) => {
+                    let (sc, sh) = (a.scale[c], a.shift[c]);
+                    for ((o, &xv), &g) in xs.zip(&dy[r]) {
                         let xhat = (xv - mu) * is;
-                        *o = k * (relu_grad(yv, g) - mdy - xhat * mdyx);
+                        *o = k * (relu_grad(xv * sc + sh, g) - mdy - xhat * mdyx);
                     }
                 }
                 None => {
@@ -271,10 +292,11 @@ pub fn backward(
     } else {
         per_block(d, dx, |c, r, out| {
             let k = gamma[c] * invstd[c];
-            match relu_out {
-                Some(y) => {
-                    for (o, (&yv, &g)) in out.iter_mut().zip(y[r.clone()].iter().zip(&dy[r])) {
-                        *o = k * relu_grad(yv, g);
+            match &relu {
+                Some(a) => {
+                    let (sc, sh) = (a.scale[c], a.shift[c]);
+                    for (o, (&xv, &g)) in out.iter_mut().zip(x[r.clone()].iter().zip(&dy[r])) {
+                        *o = k * relu_grad(xv * sc + sh, g);
                     }
                 }
                 None => {
