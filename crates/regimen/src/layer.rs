@@ -263,6 +263,22 @@ pub trait Layer: Send {
     fn forward_relu(&mut self, _x: &Tensor, _ctx: &Ctx) -> Option<Result<Tensor>> {
         None
     }
+
+    /// Whether this layer is a 2x2 max pool of stride 2 without padding, which a layer
+    /// followed by a ReLU and then this pool may apply in its own passes
+    /// ([`Layer::forward_relu_pool`]).
+    fn is_max_pool_2x2(&self) -> bool {
+        false
+    }
+
+    /// Forward followed by a ReLU and a 2x2 max pool of stride 2, computed in this layer's own
+    /// passes; the next [`Layer::backward`] then takes the gradient of the pool's output.
+    /// `None` (the default): this layer cannot (or not for this input), and nothing was done.
+    /// `Sequential` tries it for a layer followed by a ReLU and such a pool (batch norm in
+    /// training, on a backend that fuses them), unless a forward hook must see every output.
+    fn forward_relu_pool(&mut self, _x: &Tensor, _ctx: &Ctx) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// `name` joined under `prefix` with a dot (PyTorch's naming).

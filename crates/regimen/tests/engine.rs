@@ -516,9 +516,10 @@ fn nan_propagates_through_every_layer() {
     }
 }
 
-/// Batch norm followed by ReLU, applied in one pass (`Sequential`'s fusion), gives the bits of
-/// the two layers run one after the other: output, running statistics, every gradient, with
-/// values on both sides of zero and a NaN in one channel.
+/// Batch norm followed by ReLU (and by a 2x2 max pool), applied in batch norm's own passes
+/// (`Sequential`'s fusion), gives the bits of the layers run one after the other: output,
+/// running statistics, every gradient, with values on both sides of zero, a NaN in one
+/// channel, and planes of even and odd sizes (an odd last row and column are in no window).
 #[test]
 fn fused_batch_norm_relu_equals_the_two_layers() {
     let build = || {
@@ -527,6 +528,7 @@ fn fused_batch_norm_relu_equals_the_two_layers() {
             .push(Conv2d::new(2, 3, 3, &mut rng).padding(1))
             .push(BatchNorm::d2(3))
             .push(relu())
+            .push(MaxPool2d::new(2))
             .push(Conv2d::new(3, 4, 3, &mut rng).padding(1))
             .push(BatchNorm::d2(4))
             .push(relu())
@@ -538,34 +540,47 @@ fn fused_batch_norm_relu_equals_the_two_layers() {
             .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
             .collect()
     };
-    for nan in [false, true] {
-        let mut x = randn(&[5, 2, 6, 6], 3).to_vec();
-        if nan {
-            x[7] = f32::NAN; // channel 0 of sample 0
-        }
-        let x = Tensor::from_vec(&[5, 2, 6, 6], x).unwrap();
-        let dy = randn(&[5, 4 * 36], 4);
-        let run = |fuse: bool| {
-            let mut m = build();
-            m.set_fusion(fuse);
-            let y = m.forward(&x, &Ctx::train()).unwrap();
-            let fused = m.fused_relus();
-            let dx = m.backward(&dy).unwrap();
-            let mut out = vec![bits(&y), bits(&dx)];
-            m.visit_params("", &mut |_, p| out.push(bits(&p.grad)));
-            m.visit_buffers("", &mut |_, b| out.push(bits(b)));
-            (out, fused)
-        };
-        let (fused, which) = run(true);
-        let (plain, none) = run(false);
-        assert_eq!(which, vec![2, 5], "both ReLUs applied by their batch norms");
-        assert!(none.is_empty());
-        assert_eq!(fused.len(), plain.len());
-        for (k, (a, b)) in fused.iter().zip(&plain).enumerate() {
-            assert_eq!(a, b, "tensor {k} (nan input: {nan})");
-        }
-        if nan {
-            assert!(fused[0].contains(&u32::MAX), "the NaN reaches the output");
+    for (h, w) in [(6, 6), (7, 5)] {
+        for nan in [false, true] {
+            let mut x = randn(&[5, 2, h, w], 3).to_vec();
+            if nan {
+                // Channel 0 of sample 0: inside, and at the last row and column (in no pool
+                // window when odd).
+                x[7] = f32::NAN;
+                x[h * w - 1] = f32::NAN;
+            }
+            let x = Tensor::from_vec(&[5, 2, h, w], x).unwrap();
+            let dy = randn(&[5, 4 * (h / 2) * (w / 2)], 4);
+            let run = |fuse: bool| {
+                let mut m = build();
+                m.set_fusion(fuse);
+                // Two steps: the second one's buffers come from the pool, holding the first
+                // one's values (a value not written would show).
+                m.forward(&x, &Ctx::train()).unwrap();
+                m.backward(&dy).unwrap();
+                let y = m.forward(&x, &Ctx::train()).unwrap();
+                let fused = m.fused_layers();
+                let dx = m.backward(&dy).unwrap();
+                let mut out = vec![bits(&y), bits(&dx)];
+                m.visit_params("", &mut |_, p| out.push(bits(&p.grad)));
+                m.visit_buffers("", &mut |_, b| out.push(bits(b)));
+                (out, fused)
+            };
+            let (fused, which) = run(true);
+            let (plain, none) = run(false);
+            assert_eq!(
+                which,
+                vec![2, 3, 6],
+                "ReLU and pool applied by the first batch norm, the ReLU by the second"
+            );
+            assert!(none.is_empty());
+            assert_eq!(fused.len(), plain.len());
+            for (k, (a, b)) in fused.iter().zip(&plain).enumerate() {
+                assert_eq!(a, b, "tensor {k} ({h}x{w}, nan input: {nan})");
+            }
+            if nan {
+                assert!(fused[0].contains(&u32::MAX), "the NaN reaches the output");
+            }
         }
     }
 }

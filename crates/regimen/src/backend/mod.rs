@@ -425,6 +425,46 @@ pub trait Backend: Send + Sync {
         let dz = self.unary_backward(Unary::Relu, y, y, dy);
         self.batch_norm_backward(x, &dz, gamma, mean, invstd, true, dgamma, dbeta)
     }
+    /// Batch norm with batch statistics, a ReLU, then a 2x2 max pool of stride 2 over the last
+    /// two axes of a `[N, C, H, W]` input: `(maxpool(relu(bn(x))), mean, invstd)`, the running
+    /// averages updated as [`Backend::batch_norm_forward_train`] does, in the backend's own
+    /// passes (the ReLU's output is never stored, nor the pool's arg-max positions). `None`
+    /// (the default): this backend does not fuse them, nothing was done, and the caller runs
+    /// the layers one by one.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_pool_forward_train(
+        &self,
+        _x: &Tensor,
+        _gamma: &Tensor,
+        _beta: &Tensor,
+        _running_mean: &mut Tensor,
+        _running_var: &mut Tensor,
+        _momentum: f32,
+        _eps: f32,
+    ) -> Option<(Tensor, Tensor, Tensor)> {
+        None
+    }
+    /// Backward of [`Backend::batch_norm_relu_pool_forward_train`], given the gradient `dy` of
+    /// the pool's output and the forward's `beta`: the ReLU's mask and the pool's arg-max are
+    /// found again from `x` and the statistics. Called only after that forward returned
+    /// `Some`, so a backend that does not fuse never gets here.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_pool_backward(
+        &self,
+        _x: &Tensor,
+        _dy: &Tensor,
+        _gamma: &Tensor,
+        _beta: &Tensor,
+        _mean: &Tensor,
+        _invstd: &Tensor,
+        _dgamma: &mut Tensor,
+        _dbeta: &mut Tensor,
+    ) -> Tensor {
+        panic!(
+            "batch_norm_relu_pool_backward on a backend whose forward does not fuse \
+             (batch_norm_relu_pool_forward_train returned None)"
+        )
+    }
     /// Inverted dropout: `mask[i] = (u_i >= p) / (1 - p)` with `u_i` the Philox uniform of
     /// element `i` under `key`; returns `(x * mask, mask)`.
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor);

@@ -33,6 +33,9 @@ pub struct BatchNorm {
     cache: Option<(Tensor, Tensor, Tensor, bool)>,
     /// The output of the last forward when a ReLU was applied in it ([`Layer::forward_relu`]).
     relu_out: Option<Tensor>,
+    /// Whether the last forward also applied a ReLU and a 2x2 max pool
+    /// ([`Layer::forward_relu_pool`]): backward then takes the pool output's gradient.
+    pool_out: bool,
     /// Batch statistics over all data-parallel ranks ([`Layer::sync_batch_norm`]).
     pub sync: bool,
     /// `(share of the global batch, values per channel over all ranks)` of the last
@@ -53,6 +56,7 @@ impl BatchNorm {
             ranks,
             cache: None,
             relu_out: None,
+            pool_out: false,
             sync: false,
             synced: None,
         }
@@ -113,6 +117,7 @@ impl BatchNorm {
         };
         keep(ctx, &mut self.cache, || (x.clone(), mean, invstd, true));
         self.relu_out = None;
+        self.pool_out = false;
         if relu {
             keep(ctx, &mut self.relu_out, || y.clone());
         }
@@ -275,9 +280,39 @@ impl Layer for BatchNorm {
         Some(self.train_forward(x, ctx, true))
     }
 
+    fn forward_relu_pool(&mut self, x: &Tensor, ctx: &Ctx) -> Option<Result<Tensor>> {
+        // Anything unusual (evaluation, synchronized statistics, a shape that batch norm or
+        // the pool would refuse) goes the unfused way, which reports it.
+        if ctx.mode != Mode::Train || self.sync || self.output_shape(x.shape()).is_err() {
+            return None;
+        }
+        let &[n, _, h, w] = x.shape() else {
+            return None;
+        };
+        if h < 2 || w < 2 || n * h * w < 2 {
+            return None;
+        }
+        let (gamma, beta) = (&self.gamma.value, &self.beta.value);
+        let (rm, rv) = (&mut self.running_mean, &mut self.running_var);
+        let (y, mean, invstd) = x.backend().batch_norm_relu_pool_forward_train(
+            x,
+            gamma,
+            beta,
+            rm,
+            rv,
+            self.momentum,
+            self.eps,
+        )?;
+        keep(ctx, &mut self.cache, || (x.clone(), mean, invstd, true));
+        self.relu_out = None;
+        self.pool_out = true;
+        Some(Ok(y))
+    }
+
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
         self.relu_out = None;
+        self.pool_out = false;
         let be = x.backend();
         match ctx.mode {
             Mode::Train if self.sync => self.forward_synced(x, ctx),
@@ -302,6 +337,13 @@ impl Layer for BatchNorm {
 
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let (x, mean, invstd, batch_stats) = cached(&self.cache, self)?;
+        if self.pool_out {
+            let s = x.shape();
+            check_dy(self, &[s[0], s[1], s[2] / 2, s[3] / 2], dy)?;
+            let (be, gamma, beta) = (dy.backend(), &self.gamma.value, &self.beta.value);
+            let (dg, db) = (&mut self.gamma.grad, &mut self.beta.grad);
+            return Ok(be.batch_norm_relu_pool_backward(x, dy, gamma, beta, mean, invstd, dg, db));
+        }
         check_dy(self, x.shape(), dy)?;
         if let (None, true, Some((share, m))) = (&self.relu_out, *batch_stats, self.synced) {
             let (x, mean, invstd) = (x.clone(), mean.clone(), invstd.clone());

@@ -76,6 +76,15 @@ impl Layer for MaxPool2d {
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         pooled_shape(self.describe(), self.win, input)
     }
+    fn is_max_pool_2x2(&self) -> bool {
+        self.win
+            == Window {
+                kh: 2,
+                kw: 2,
+                stride: 2,
+                pad: 0,
+            }
+    }
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
         let (y, idx) = x.backend().max_pool2d_forward(x, self.win);

@@ -21,8 +21,9 @@ pub struct Sequential {
     seed: u64,
     /// Set by `set_input_grad(false)`: the index of the first layer with parameters.
     stop_at: Option<usize>,
-    /// The ReLU layers that the layer before them applied in the last forward
-    /// ([`Layer::forward_relu`]); backward passes the gradient through them untouched.
+    /// The layers that a layer before them applied in the last forward (ReLUs, by
+    /// [`Layer::forward_relu`]; ReLUs and the 2x2 max pools after them, by
+    /// [`Layer::forward_relu_pool`]); backward passes the gradient through them untouched.
     fused: Vec<bool>,
     /// Whether to fuse at all ([`Sequential::set_fusion`]).
     no_fusion: bool,
@@ -59,16 +60,18 @@ impl Sequential {
         self.layers.is_empty()
     }
 
-    /// Whether a layer followed by a ReLU may apply it in its own passes (batch norm in
-    /// training does: one pass over memory less forward and backward). On by default; the
+    /// Whether a layer followed by a ReLU (and a 2x2 max pool) may apply them in its own passes
+    /// (batch norm in training does: passes over memory fewer forward and backward, and
+    /// neither the ReLU's output nor the pool's arg-max positions stored). On by default; the
     /// results are the same bits either way. A forward hook turns it off, since it must see
     /// every child's own output.
     pub fn set_fusion(&mut self, on: bool) {
         self.no_fusion = !on;
     }
 
-    /// The ReLU layers (by position) that the layer before them applied in the last forward.
-    pub fn fused_relus(&self) -> Vec<usize> {
+    /// The layers (by position: ReLUs, and 2x2 max pools after them) that a layer before them
+    /// applied in the last forward.
+    pub fn fused_layers(&self) -> Vec<usize> {
         (0..self.fused.len()).filter(|&i| self.fused[i]).collect()
     }
 
@@ -134,7 +137,24 @@ impl Layer for Sequential {
         self.fused.resize(self.layers.len(), false);
         let mut i = 0;
         while i < self.layers.len() {
-            if fuse && self.layers.get(i + 1).is_some_and(|(_, l)| l.is_relu()) {
+            let relu_next = self.layers.get(i + 1).is_some_and(|(_, l)| l.is_relu());
+            if fuse
+                && relu_next
+                && self
+                    .layers
+                    .get(i + 2)
+                    .is_some_and(|(_, l)| l.is_max_pool_2x2())
+            {
+                let (name, layer) = &mut self.layers[i];
+                if let Some(y) = layer.forward_relu_pool(&h, ctx) {
+                    h = y.map_err(|e| e.in_layer(name))?;
+                    self.fused[i + 1] = true;
+                    self.fused[i + 2] = true;
+                    i += 3;
+                    continue;
+                }
+            }
+            if fuse && relu_next {
                 let (name, layer) = &mut self.layers[i];
                 if let Some(y) = layer.forward_relu(&h, ctx) {
                     h = y.map_err(|e| e.in_layer(name))?;

@@ -609,7 +609,7 @@ impl Backend for Cpu {
             running_var,
             momentum,
             eps,
-            false,
+            norm::After::Nothing,
         )
     }
 
@@ -631,8 +631,33 @@ impl Backend for Cpu {
             running_var,
             momentum,
             eps,
-            true,
+            norm::After::Relu,
         )
+    }
+
+    fn batch_norm_relu_pool_forward_train(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> Option<(Tensor, Tensor, Tensor)> {
+        let &[_, _, h, w] = x.shape() else {
+            return None;
+        };
+        Some(bn_forward_train(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            norm::After::ReluPool2x2 { h, w },
+        ))
     }
 
     fn batch_norm_forward_eval(
@@ -680,7 +705,15 @@ impl Backend for Cpu {
         dbeta: &mut Tensor,
     ) -> Tensor {
         let stats = [gamma, mean, invstd];
-        bn_backward(x, dy, None, stats, batch_stats, dgamma, dbeta)
+        bn_backward(
+            x,
+            dy,
+            (norm::After::Nothing, None),
+            stats,
+            batch_stats,
+            dgamma,
+            dbeta,
+        )
     }
 
     fn batch_norm_relu_backward(
@@ -699,7 +732,37 @@ impl Backend for Cpu {
         // over memory fewer than reading y, in each of the two passes.
         let _ = y;
         let stats = [gamma, mean, invstd];
-        bn_backward(x, dy, Some(beta), stats, true, dgamma, dbeta)
+        bn_backward(
+            x,
+            dy,
+            (norm::After::Relu, Some(beta)),
+            stats,
+            true,
+            dgamma,
+            dbeta,
+        )
+    }
+
+    fn batch_norm_relu_pool_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Tensor {
+        let &[_, _, h, w] = x.shape() else {
+            panic!(
+                "batch norm + ReLU + max pool: a 4-d input, got {:?}",
+                x.shape()
+            );
+        };
+        let after = norm::After::ReluPool2x2 { h, w };
+        let stats = [gamma, mean, invstd];
+        bn_backward(x, dy, (after, Some(beta)), stats, true, dgamma, dbeta)
     }
 
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
@@ -937,12 +1000,12 @@ impl Backend for Cpu {
     }
 }
 
-/// Batch-norm backward (through the ReLU that followed it, when `relu_beta`, the forward's
-/// beta, is given); `stats` are gamma, mean and invstd.
+/// Batch-norm backward (through what followed it in its passes, given with the forward's
+/// beta); `stats` are gamma, mean and invstd.
 fn bn_backward(
     x: &Tensor,
     dy: &Tensor,
-    relu_beta: Option<&Tensor>,
+    (after, beta): (norm::After, Option<&Tensor>),
     [gamma, mean, invstd]: [&Tensor; 3],
     batch_stats: bool,
     dgamma: &mut Tensor,
@@ -955,7 +1018,8 @@ fn bn_backward(
         norm::backward(
             f32s(x),
             f32s(dy),
-            relu_beta.map(f32s),
+            after,
+            beta.map(f32s),
             f32s(gamma),
             f32s(mean),
             f32s(invstd),
@@ -978,20 +1042,24 @@ fn bn_forward_train(
     running_var: &mut Tensor,
     momentum: f32,
     eps: f32,
-    relu: bool,
+    after: norm::After,
 ) -> (Tensor, Tensor, Tensor) {
     let c = gamma.numel();
     let (n, inner) = n_inner(x.shape(), c);
     let d = norm::NormDims { n, c, inner };
     let mut stats = None;
-    let y = make(x.shape(), |y| {
+    let shape = match after {
+        norm::After::ReluPool2x2 { h, w } => vec![n, c, h / 2, w / 2],
+        _ => x.shape().to_vec(),
+    };
+    let y = make(&shape, |y| {
         stats = Some(norm::forward_train(
             f32s(x),
             f32s(gamma),
             f32s(beta),
             &d,
             eps,
-            relu,
+            after,
             y,
         ))
     });
