@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::{direct, Scratch};
+use super::{direct, norm, Scratch};
 use crate::backend::Window;
 use crate::linalg::{gemm, parallelism, MatRef};
 
@@ -170,8 +170,20 @@ fn outer_parallel(n: usize) -> bool {
     n >= rayon::current_num_threads() && rayon::current_num_threads() > 1
 }
 
-/// Writes `y` (`[N, OC, OH, OW]`).
-pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f32]) {
+/// A block's `(count, mean, sum of squared deviations)`: [`norm::block_stats`].
+type Stats = (f64, f64, f64);
+
+/// Writes `y` (`[N, OC, OH, OW]`), and with `stats` (`N OC` entries) each output plane's
+/// [`norm::block_stats`], computed while the sample is in cache (batch norm then need not read
+/// `y` for them).
+pub fn forward(
+    x: &[f32],
+    wt: &[f32],
+    b: Option<&[f32]>,
+    d: ConvDims,
+    y: &mut [f32],
+    stats: Option<&mut [Stats]>,
+) {
     let (k, p) = (d.k(), d.p());
     let outer = outer_parallel(d.n);
     let par = parallelism(d.oc, k, p, outer);
@@ -182,35 +194,46 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
             wt[((o * d.c + i) * kh + ki) * kw + kj]
         })
     });
-    let one = |col: &mut [f32], x_s: &[f32], y_s: &mut [f32]| {
-        if let (Some((isa, s)), Some(packed)) = (direct, &packed) {
-            direct::conv(&s, isa, x_s, packed, b, col, y_s);
-            return;
-        }
-        let cols: &[f32] = if d.is_pointwise() {
-            x_s
-        } else {
-            im2col(x_s, &d, col);
-            col
-        };
-        gemm(
-            MatRef::new(wt, d.oc, k),
-            MatRef::new(cols, k, p),
-            y_s,
-            false,
-            par,
-        );
-        if let Some(b) = b {
-            for (o, &bo) in b.iter().enumerate() {
-                y_s[o * p..(o + 1) * p].iter_mut().for_each(|v| *v += bo);
+    let one =
+        |col: &mut [f32], x_s: &[f32], y_s: &mut [f32], st: Option<&mut [(f64, f64, f64)]>| {
+            if let (Some((isa, s)), Some(packed)) = (direct, &packed) {
+                direct::conv(&s, isa, x_s, packed, b, col, y_s);
+            } else {
+                let cols: &[f32] = if d.is_pointwise() {
+                    x_s
+                } else {
+                    im2col(x_s, &d, col);
+                    col
+                };
+                gemm(
+                    MatRef::new(wt, d.oc, k),
+                    MatRef::new(cols, k, p),
+                    y_s,
+                    false,
+                    par,
+                );
+                if let Some(b) = b {
+                    for (o, &bo) in b.iter().enumerate() {
+                        y_s[o * p..(o + 1) * p].iter_mut().for_each(|v| *v += bo);
+                    }
+                }
             }
-        }
-    };
+            if let Some(st) = st {
+                for (o, plane) in st.iter_mut().zip(y_s.chunks(p)) {
+                    *o = norm::block_stats(plane);
+                }
+            }
+        };
     let xs = d.c * d.h * d.w;
     let col_len = match direct {
         Some((isa, s)) => s.padded_len(isa),
         None if d.is_pointwise() => 0,
         None => k * p,
+    };
+    // Per-sample pieces of `stats` (none when not wanted).
+    let mut pieces: Vec<Option<&mut [Stats]>> = match stats {
+        Some(st) => st.chunks_mut(d.oc).map(Some).collect(),
+        None => (0..d.n).map(|_| None).collect(),
     };
     if outer {
         // One contiguous run of samples per thread, its scratch allocated here: the number of
@@ -222,16 +245,19 @@ pub fn forward(x: &[f32], wt: &[f32], b: Option<&[f32]>, d: ConvDims, y: &mut [f
             .collect();
         y.par_chunks_mut(per * d.oc * p)
             .zip(x.par_chunks(per * xs))
+            .zip(pieces.par_chunks_mut(per))
             .zip(cols.par_iter_mut())
-            .for_each(|((ys, xs_), col)| {
-                for (y_s, x_s) in ys.chunks_mut(d.oc * p).zip(xs_.chunks(xs)) {
-                    one(col.f32_mut(), x_s, y_s);
+            .for_each(|(((ys, xs_), sts), col)| {
+                let samples = ys.chunks_mut(d.oc * p).zip(xs_.chunks(xs));
+                for ((y_s, x_s), st) in samples.zip(sts.iter_mut()) {
+                    one(col.f32_mut(), x_s, y_s, st.take());
                 }
             });
     } else {
         let mut col = Scratch::zeroed_if(col_len, direct.is_some());
-        for (y_s, x_s) in y.chunks_mut(d.oc * p).zip(x.chunks(xs)) {
-            one(col.f32_mut(), x_s, y_s);
+        let samples = y.chunks_mut(d.oc * p).zip(x.chunks(xs));
+        for ((y_s, x_s), st) in samples.zip(pieces.iter_mut()) {
+            one(col.f32_mut(), x_s, y_s, st.take());
         }
     }
 }

@@ -458,9 +458,16 @@ impl Backend for Cpu {
     fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
         let (xv, wv) = (read_f32(x), read_f32(w));
-        make(&[d.n, d.oc, d.oh, d.ow], |y| {
-            conv::forward(&xv, &wv, b.map(f32s), d, y)
-        })
+        // A convolution without bias is the kind that batch norm follows: its output planes'
+        // statistics are computed while each sample is in cache and left with the output.
+        let mut stats = b.is_none().then(|| vec![(0.0, 0.0, 0.0); d.n * d.oc]);
+        let mut y = make(&[d.n, d.oc, d.oh, d.ow], |y| {
+            conv::forward(&xv, &wv, b.map(f32s), d, y, stats.as_deref_mut())
+        });
+        if let Some(stats) = stats {
+            storage::set_block_stats(&mut y, d.oh * d.ow, stats);
+        }
+        y
     }
 
     fn conv2d_backward(
@@ -1060,6 +1067,7 @@ fn bn_forward_train(
             &d,
             eps,
             after,
+            storage::block_stats(x, inner),
             y,
         ))
     });
@@ -1294,5 +1302,60 @@ mod tests {
             },
             1,
         );
+    }
+
+    /// A convolution without bias leaves its output planes' statistics with the output, and
+    /// batch norm gives the same bits from them as from reading its input: output, mean,
+    /// invstd and running statistics (the 32-channel 28x28 planes of cnn-step, and planes
+    /// whose length is no multiple of 8). A write to the output drops them.
+    #[test]
+    fn statistics_left_by_a_convolution_give_batch_norm_the_same_bits() {
+        let cpu = Cpu;
+        let win = Window {
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let mut r = crate::Rng::new(21);
+        let mut randn = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| r.normal() as f32 + 0.3).collect();
+            Tensor::from_vec(shape, v).unwrap()
+        };
+        for &(n, c, oc, h, w) in &[(3, 2, 32, 28, 28), (4, 5, 6, 7, 5)] {
+            let x = randn(&[n, c, h, w]);
+            let wt = randn(&[oc, c, 3, 3]);
+            let (gamma, beta) = (randn(&[oc]), randn(&[oc]));
+            let mut y = cpu.conv2d_forward(&x, &wt, None, win);
+            assert!(
+                storage::block_stats(&y, h * w).is_some(),
+                "the convolution left them"
+            );
+            let biased = cpu.conv2d_forward(&x, &wt, Some(&beta), win);
+            assert!(
+                storage::block_stats(&biased, h * w).is_none(),
+                "only without bias"
+            );
+            let plain = Tensor::from_vec(y.shape(), y.to_vec()).unwrap();
+            assert!(storage::block_stats(&plain, h * w).is_none());
+            let bits = |t: &Tensor| t.to_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let run = |input: &Tensor| {
+                let (mut rm, mut rv) = (Tensor::zeros(&[oc], Device::Cpu), randn_like(oc));
+                let (out, mean, invstd) =
+                    cpu.batch_norm_forward_train(input, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5);
+                [bits(&out), bits(&mean), bits(&invstd), bits(&rm), bits(&rv)]
+            };
+            assert_eq!(run(&y), run(&plain), "{n}x{c}x{h}x{w} -> {oc} channels");
+            f32s_mut(&mut y)[0] += 1.0;
+            assert!(
+                storage::block_stats(&y, h * w).is_none(),
+                "a write drops them"
+            );
+        }
+    }
+
+    fn randn_like(n: usize) -> Tensor {
+        Tensor::from_vec(&[n], (0..n).map(|i| 1.0 + i as f32 * 0.01).collect()).unwrap()
     }
 }

@@ -414,43 +414,24 @@ fn per_block(
 
 /// Per channel, the mean and the biased variance in one pass over memory: each contiguous
 /// block of `inner` values (in cache; the blocks read in memory order, in parallel) gets its own
-/// mean and sum of squared deviations, and the blocks of each channel are merged in sample order
-/// with Chan et al.'s parallel formula in f64 (no `E[x^2] - E[x]^2` cancellation).
-fn channel_mean_var(x: &[f32], d: &NormDims) -> Vec<(f64, f64)> {
+/// mean and sum of squared deviations ([`block_stats`]), and the blocks of each channel are
+/// merged in sample order with Chan et al.'s parallel formula in f64 (no `E[x^2] - E[x]^2`
+/// cancellation). `known`: the blocks' statistics, already computed by whoever wrote `x` (a
+/// convolution, while each sample was in cache), so that `x` is not read for them.
+fn channel_mean_var(x: &[f32], d: &NormDims, known: Option<&[(f64, f64, f64)]>) -> Vec<(f64, f64)> {
     let inner = d.inner.max(1);
-    let blocks: Vec<(f64, f64, f64)> = x
-        .par_chunks(inner)
-        .with_min_len((16384 / inner).max(1))
-        .map(|blk| {
-            let nb = blk.len() as f64;
-            let mut lanes = [0.0f32; 8];
-            let mut chunks = blk.chunks_exact(8);
-            for ch in &mut chunks {
-                for k in 0..8 {
-                    lanes[k] += ch[k];
-                }
-            }
-            let sum = lanes.iter().map(|&v| v as f64).sum::<f64>()
-                + chunks.remainder().iter().map(|&v| v as f64).sum::<f64>();
-            let mb = sum / nb;
-            let mb32 = mb as f32;
-            let mut sq = [0.0f32; 8];
-            let mut chunks = blk.chunks_exact(8);
-            for ch in &mut chunks {
-                for k in 0..8 {
-                    let t = ch[k] - mb32;
-                    sq[k] += t * t;
-                }
-            }
-            let m2b = sq.iter().map(|&v| v as f64).sum::<f64>()
-                + chunks
-                    .remainder()
-                    .iter()
-                    .map(|&v| ((v - mb32) as f64).powi(2))
-                    .sum::<f64>();
-            (nb, mb, m2b)
-        })
-        .collect();
+    let computed: Vec<(f64, f64, f64)>;
+    let blocks: &[(f64, f64, f64)] = match known {
+        Some(k) if k.len() == x.len().div_ceil(inner) => k,
+        _ => {
+            computed = x
+                .par_chunks(inner)
+                .with_min_len((16384 / inner).max(1))
+                .map(block_stats)
+                .collect();
+            &computed
+        }
+    };
     let mut acc = vec![(0.0f64, 0.0f64, 0.0f64); d.c];
     for (b, &(nb, mb, m2b)) in blocks.iter().enumerate() {
         let (n, mean, m2) = &mut acc[b % d.c];
@@ -465,8 +446,43 @@ fn channel_mean_var(x: &[f32], d: &NormDims) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// One block's `(count, mean, sum of squared deviations)`: sums in eight f32 lanes (so that
+/// the loops vectorize), the mean in f64, then the squared deviations from it likewise. The
+/// same bits wherever it runs.
+pub fn block_stats(blk: &[f32]) -> (f64, f64, f64) {
+    let nb = blk.len() as f64;
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = blk.chunks_exact(8);
+    for ch in &mut chunks {
+        for k in 0..8 {
+            lanes[k] += ch[k];
+        }
+    }
+    let sum = lanes.iter().map(|&v| v as f64).sum::<f64>()
+        + chunks.remainder().iter().map(|&v| v as f64).sum::<f64>();
+    let mb = sum / nb;
+    let mb32 = mb as f32;
+    let mut sq = [0.0f32; 8];
+    let mut chunks = blk.chunks_exact(8);
+    for ch in &mut chunks {
+        for k in 0..8 {
+            let t = ch[k] - mb32;
+            sq[k] += t * t;
+        }
+    }
+    let m2b = sq.iter().map(|&v| v as f64).sum::<f64>()
+        + chunks
+            .remainder()
+            .iter()
+            .map(|&v| ((v - mb32) as f64).powi(2))
+            .sum::<f64>();
+    (nb, mb, m2b)
+}
+
 /// Writes `y` (followed by what `after` says, in the same pass); returns
-/// `(mean, invstd, var_biased)`.
+/// `(mean, invstd, var_biased)`. `known`: the statistics of `x`'s blocks of `inner` values, when
+/// its writer left them ([`block_stats`]).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_train(
     x: &[f32],
     gamma: &[f32],
@@ -474,9 +490,10 @@ pub fn forward_train(
     d: &NormDims,
     eps: f32,
     after: After,
+    known: Option<&[(f64, f64, f64)]>,
     y: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let stats = channel_mean_var(x, d);
+    let stats = channel_mean_var(x, d, known);
     let mean: Vec<f64> = stats.iter().map(|s| s.0).collect();
     let var: Vec<f64> = stats.iter().map(|s| s.1).collect();
     let invstd: Vec<f32> = var

@@ -14,16 +14,31 @@ pub(super) static POOL: LazyLock<Pool<Vec<u32>>> = LazyLock::new(|| Pool::new(2 
 #[derive(Debug)]
 pub struct CpuBuffer {
     words: Vec<u32>,
+    /// Statistics of the contents that their writer left ([`set_block_stats`]); cleared by
+    /// any mutable access, so they always describe the words as they are.
+    stats: Option<Box<BlockStats>>,
+}
+
+/// Each contiguous block of `inner` values' `(count, mean, sum of squared deviations)`, as
+/// batch norm computes them ([`super::norm::block_stats`]).
+#[derive(Debug)]
+pub struct BlockStats {
+    pub inner: usize,
+    pub blocks: Vec<(f64, f64, f64)>,
 }
 
 impl CpuBuffer {
     /// `words` words from the pool (or fresh, zeroed); contents unspecified.
     pub(super) fn uninit(words: usize) -> CpuBuffer {
         if words == 0 {
-            return CpuBuffer { words: Vec::new() }; // no memory: not the pool's business
+            // No memory: not the pool's business.
+            return CpuBuffer {
+                words: Vec::new(),
+                stats: None,
+            };
         }
         let words = POOL.take(words).unwrap_or_else(|| vec![0; words]);
-        CpuBuffer { words }
+        CpuBuffer { words, stats: None }
     }
 
     pub(super) fn words(&self) -> &[u32] {
@@ -31,6 +46,7 @@ impl CpuBuffer {
     }
 
     pub(super) fn words_mut(&mut self) -> &mut [u32] {
+        self.stats = None;
         &mut self.words
     }
 }
@@ -40,6 +56,20 @@ impl Clone for CpuBuffer {
         let mut b = CpuBuffer::uninit(self.words.len());
         b.words.copy_from_slice(&self.words);
         b
+    }
+}
+
+/// Leave the statistics of `t`'s blocks of `inner` values with it (its writer computed them
+/// while the values were in cache). They hold until the tensor's storage is next written.
+pub fn set_block_stats(t: &mut Tensor, inner: usize, blocks: Vec<(f64, f64, f64)>) {
+    buffer_mut(t).stats = Some(Box::new(BlockStats { inner, blocks }));
+}
+
+/// The statistics of `t`'s blocks of `inner` values, when its writer left them.
+pub fn block_stats(t: &Tensor, inner: usize) -> Option<&[(f64, f64, f64)]> {
+    match &buffer(t).stats {
+        Some(s) if s.inner == inner && s.blocks.len() * inner == t.numel() => Some(&s.blocks),
+        _ => None,
     }
 }
 
