@@ -32,7 +32,9 @@ pub fn isa() -> Option<Isa> {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
+            // REGIMEN_DIRECT_ISA=avx2 keeps an AVX-512 machine on the AVX2 kernels (to time them).
+            let avx2_only = std::env::var("REGIMEN_DIRECT_ISA").is_ok_and(|v| v == "avx2");
+            if is_x86_feature_detected!("avx512f") && !avx2_only {
                 return Some(Isa::Avx512);
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
