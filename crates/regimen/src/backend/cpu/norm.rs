@@ -159,21 +159,35 @@ fn relu_pool_plane(x_p: &[f32], sc: f32, sh: f32, w: usize, oh: usize, ow: usize
 
 type ReluPoolPlane = fn(&[f32], f32, f32, usize, usize, usize, &mut [f32]);
 
-/// [`relu_pool_plane`] compiled for the widest vectors the machine has (as the max pool's).
+/// The vector width the kernels below are compiled for: AVX-512 (with its byte and vector
+/// length extensions, as the max pool's), AVX2 and FMA, or none.
+fn vector_isa() -> Option<super::direct::Isa> {
+    use super::direct::{isa, Isa};
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Some(Isa::Avx512)
+        && !(is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
+    {
+        return Some(Isa::Avx2);
+    }
+    isa()
+}
+
+/// [`relu_pool_plane`] compiled for the widest vectors the machine has.
 fn relu_pool_dispatch() -> ReluPoolPlane {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::direct::{isa, Isa};
-        if isa() == Some(Isa::Avx512)
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-        {
+        use super::direct::Isa;
+        match vector_isa() {
             // SAFETY: the features were detected.
-            return |x, sc, sh, w, oh, ow, y| unsafe { relu_pool_avx512(x, sc, sh, w, oh, ow, y) };
-        }
-        if isa().is_some() {
-            // SAFETY: as above (AVX2 and FMA).
-            return |x, sc, sh, w, oh, ow, y| unsafe { relu_pool_avx2(x, sc, sh, w, oh, ow, y) };
+            Some(Isa::Avx512) => {
+                return |x, sc, sh, w, oh, ow, y| unsafe {
+                    relu_pool_avx512(x, sc, sh, w, oh, ow, y)
+                }
+            }
+            Some(Isa::Avx2) => {
+                return |x, sc, sh, w, oh, ow, y| unsafe { relu_pool_avx2(x, sc, sh, w, oh, ow, y) }
+            }
+            None => {}
         }
     }
     relu_pool_plane
@@ -280,17 +294,20 @@ type ReluPoolGrad = fn(&[f32], &[f32], f32, f32, usize, usize, &mut [f32]);
 fn relu_pool_grad_dispatch() -> ReluPoolGrad {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::direct::{isa, Isa};
-        if isa() == Some(Isa::Avx512)
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-        {
+        use super::direct::Isa;
+        match vector_isa() {
             // SAFETY: the features were detected.
-            return |x, d, sc, sh, h, w, g| unsafe { relu_pool_grad_avx512(x, d, sc, sh, h, w, g) };
-        }
-        if isa().is_some() {
-            // SAFETY: as above (AVX2 and FMA).
-            return |x, d, sc, sh, h, w, g| unsafe { relu_pool_grad_avx2(x, d, sc, sh, h, w, g) };
+            Some(Isa::Avx512) => {
+                return |x, d, sc, sh, h, w, g| unsafe {
+                    relu_pool_grad_avx512(x, d, sc, sh, h, w, g)
+                }
+            }
+            Some(Isa::Avx2) => {
+                return |x, d, sc, sh, h, w, g| unsafe {
+                    relu_pool_grad_avx2(x, d, sc, sh, h, w, g)
+                }
+            }
+            None => {}
         }
     }
     relu_pool_grad_plane
