@@ -726,7 +726,7 @@ impl Backend for Cpu {
     fn batch_norm_relu_backward(
         &self,
         x: &Tensor,
-        y: &Tensor,
+        _y: &Tensor,
         dy: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
@@ -737,7 +737,6 @@ impl Backend for Cpu {
     ) -> Tensor {
         // The ReLU's mask is recomputed from x (the forward's exact arithmetic): one stream
         // over memory fewer than reading y, in each of the two passes.
-        let _ = y;
         let stats = [gamma, mean, invstd];
         bn_backward(
             x,
