@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::pool::takes;
 use crate::rng::fill_uniform;
 
 pub struct NormDims {
@@ -133,14 +134,7 @@ fn out_grad(after: After, a: &Affine, c: usize, b: usize, xb: &[f32], dy: &[f32]
 /// window in row-major order, the first maximum wins, NaN propagates) over the ReLU's output.
 #[inline(always)]
 fn relu_pool_plane(x_p: &[f32], sc: f32, sh: f32, w: usize, oh: usize, ow: usize, y_p: &mut [f32]) {
-    let r = |v: f32| {
-        let z = v * sc + sh;
-        if z <= 0.0 {
-            0.0
-        } else {
-            z
-        }
-    };
+    let r = |v: f32| relu(v * sc + sh);
     for oy in 0..oh {
         let (t0, t1) = (2 * oy * w, (2 * oy + 1) * w);
         let (r0, r1) = (&x_p[t0..t0 + 2 * ow], &x_p[t1..t1 + 2 * ow]);
@@ -148,9 +142,7 @@ fn relu_pool_plane(x_p: &[f32], sc: f32, sh: f32, w: usize, oh: usize, ow: usize
         for ((a, b), yv) in r0.chunks_exact(2).zip(r1.chunks_exact(2)).zip(yo) {
             let mut best = r(a[0]);
             for v in [r(a[1]), r(b[0]), r(b[1])] {
-                #[allow(clippy::eq_op)]
-                let take = !(v <= best) & (best == best);
-                best = if take { v } else { best };
+                best = if takes(best, v) { v } else { best };
             }
             *yv = best;
         }
@@ -237,7 +229,7 @@ fn relu_pool_grad_plane(
 ) {
     let (oh, ow) = (h / 2, w / 2);
     let z = |v: f32| v * sc + sh;
-    let r = |z: f32| if z <= 0.0 { 0.0 } else { z };
+    let r = relu;
     for oy in 0..oh {
         let (t0, t1) = (2 * oy * w, (2 * oy + 1) * w);
         let (x0, x1) = (&x_p[t0..t0 + 2 * ow], &x_p[t1..t1 + 2 * ow]);
@@ -249,9 +241,8 @@ fn relu_pool_grad_plane(
             let (z0, z1, z2, z3) = (z(a[0]), z(a[1]), z(b[0]), z(b[1]));
             // The pool's rule: a later value is taken when above the best so far or NaN, and
             // a NaN taken stays; the arg-max is the last one taken.
-            #[allow(clippy::eq_op)]
             let step = |best: f32, v: f32| {
-                let take = !(v <= best) & (best == best);
+                let take = takes(best, v);
                 (if take { v } else { best }, take)
             };
             let (b1, take1) = step(r(z0), r(z1));
@@ -400,6 +391,16 @@ unsafe fn relu_pool_grad_avx2(
     relu_pool_grad_plane(x, dy, sc, sh, h, w, g)
 }
 
+/// The ReLU layer's rule: zero where `z <= 0`, `z` elsewhere (NaN propagates).
+#[inline(always)]
+fn relu(z: f32) -> f32 {
+    if z <= 0.0 {
+        0.0
+    } else {
+        z
+    }
+}
+
 /// The gradient of a ReLU's input from its input or output `y` (`y > 0` exactly where its input
 /// is, and a NaN output came from a NaN input): as the ReLU layer's backward, NaN propagating.
 #[inline(always)]
@@ -538,8 +539,7 @@ pub fn forward_train(
         if after == After::Relu {
             // The ReLU layer's rule: NaN propagates.
             for (o, &v) in out.iter_mut().zip(&x[r]) {
-                let z = v * sc + sh;
-                *o = if z <= 0.0 { 0.0 } else { z };
+                *o = relu(v * sc + sh);
             }
         } else {
             for (o, &v) in out.iter_mut().zip(&x[r]) {

@@ -113,8 +113,7 @@ fn plane_2x2(x_p: &[f32], w: usize, oh: usize, ow: usize, y_p: &mut [f32], i_p: 
                 (b[0], t1 as u32 + c),
                 (b[1], t1 as u32 + c + 1),
             ] {
-                #[allow(clippy::eq_op)]
-                let take = !(v <= best) & (best == best);
+                let take = takes(best, v);
                 best = if take { v } else { best };
                 at = if take { i } else { at };
             }
@@ -122,6 +121,16 @@ fn plane_2x2(x_p: &[f32], w: usize, oh: usize, ow: usize, y_p: &mut [f32], i_p: 
             *iv = at;
         }
     }
+}
+
+/// The max pool's rule for the next value `v` of a window against the best so far: taken when
+/// above it or NaN (`!(v <= best)` in one comparison), and a NaN already taken stays
+/// (`best == best` is false for NaN). Straight-line, so that loops over windows vectorize.
+#[inline(always)]
+pub(super) fn takes(best: f32, v: f32) -> bool {
+    #[allow(clippy::eq_op)]
+    let kept_nan = best == best;
+    !(v <= best) & kept_nan
 }
 
 /// Max pooling over arbitrary rectangular regions given per plane by `rows(oy)`, `cols(ox)`.
