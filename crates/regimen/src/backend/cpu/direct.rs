@@ -108,9 +108,82 @@ impl Shape {
     }
 }
 
+/// Which tile kernel a shape takes (a function of the shape and machine only, so that the
+/// packing and the convolution agree; both kernels give the same bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// Vectors along output rows: [`tile512`], [`tile256`].
+    Rows,
+    /// Vectors along output channels, this many per block: [`tile_oc512`] (AVX-512).
+    Channels(usize),
+}
+
+/// Most output pixels per [`tile_oc512`] tile (with two vectors of channels: 28 accumulators).
+const PMAX: usize = 14;
+
+/// The pixel tiles of an output row `ow` wide: as few as fit [`PMAX`], as even as they can be.
+fn row_tiles(ow: usize) -> impl Iterator<Item = (usize, usize)> {
+    let t = ow.div_ceil(PMAX).max(1);
+    (0..t).map(move |i| {
+        let start = i * (ow / t) + i.min(ow % t);
+        (start, ow / t + usize::from(i < ow % t))
+    })
+}
+
+/// The kernel with the fewest estimated cycles. Along rows, every tap of a tile is `2 OB`
+/// multiply-adds, padded lanes and channels included; along channels it is `P V`
+/// multiply-adds, or `P + V` loads where those take longer, and each tile ends with a
+/// transpose (about 160 multiply-add slots per 16 channels). `REGIMEN_CONV_ROWS=1` keeps every
+/// shape on rows (to compare the two).
+fn kernel(s: &Shape, isa: Isa) -> Kernel {
+    use std::sync::OnceLock;
+    static ROWS: OnceLock<bool> = OnceLock::new();
+    let forced = *ROWS.get_or_init(|| std::env::var("REGIMEN_CONV_ROWS").is_ok_and(|v| v == "1"));
+    if isa != Isa::Avx512 || forced {
+        return Kernel::Rows;
+    }
+    let (oh, ow, l) = (s.oh(), s.ow(), isa.lanes());
+    let taps = s.cin * s.kh * s.kw;
+    let ob = isa.block(s.cout);
+    let rows = oh * ow.div_ceil(l) * s.cout.div_ceil(ob) * ob * taps;
+    let channels = |v: usize| {
+        let blocks = s.cout.div_ceil(v * l);
+        let per_row: usize = row_tiles(ow)
+            .map(|(_, p)| (p * v).max(p + v) * taps + 160 * v)
+            .sum();
+        oh * blocks * per_row
+    };
+    let (c1, c2) = (channels(1), channels(2));
+    let (v, best) = if c2 <= c1 { (2, c2) } else { (1, c1) };
+    if best * 100 < rows * 97 {
+        Kernel::Channels(v)
+    } else {
+        Kernel::Rows
+    }
+}
+
+impl Kernel {
+    /// Output channels per packed block.
+    fn block(self, s: &Shape, isa: Isa) -> usize {
+        match self {
+            Kernel::Rows => isa.block(s.cout),
+            Kernel::Channels(v) => v * isa.lanes(),
+        }
+    }
+}
+
 /// Weights packed for the kernel: `w(o, i, ki, kj)` for output channel `o`, input channel `i`.
 pub fn pack(s: &Shape, isa: Isa, w: impl Fn(usize, usize, usize, usize) -> f32) -> Vec<f32> {
-    let ob = isa.block(s.cout);
+    pack_for(s, isa, kernel(s, isa), w)
+}
+
+fn pack_for(
+    s: &Shape,
+    isa: Isa,
+    kern: Kernel,
+    w: impl Fn(usize, usize, usize, usize) -> f32,
+) -> Vec<f32> {
+    let ob = kern.block(s, isa);
     let blocks = s.cout.div_ceil(ob);
     let mut out = vec![0.0f32; blocks * s.cin * s.kh * s.kw * ob];
     let mut at = 0;
@@ -156,10 +229,28 @@ pub fn conv(
     xp: &mut [f32],
     y: &mut [f32],
 ) {
+    conv_for(s, isa, kernel(s, isa), x, packed, bias, xp, y);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_for(
+    s: &Shape,
+    isa: Isa,
+    kern: Kernel,
+    x: &[f32],
+    packed: &[f32],
+    bias: Option<&[f32]>,
+    xp: &mut [f32],
+    y: &mut [f32],
+) {
     debug_assert!(s.ok());
     pad_input(s, isa, x, xp);
     let (oh, ow, lanes) = (s.oh(), s.ow(), isa.lanes());
     assert!(y.len() >= s.cout * oh * ow && xp.len() >= s.padded_len(isa));
+    if let Kernel::Channels(v) = kern {
+        conv_channels(s, isa, v, xp, packed, bias, y);
+        return;
+    }
     // The slots: (output row, first column), row-major; two per tile, the last one repeated
     // (unstored) when the count is odd.
     let segs = ow.div_ceil(lanes);
@@ -225,6 +316,183 @@ pub fn conv(
             }
         }
     }
+}
+
+/// The convolution with vectors along output channels: per block of `v` vectors of channels
+/// and per tile of `P` pixels of one output row, `P v` accumulators; per tap, `v` weight
+/// vectors and `P` broadcast inputs. Every lane is a real output channel (but the last
+/// block's padding), whatever the row's width.
+fn conv_channels(
+    s: &Shape,
+    isa: Isa,
+    v: usize,
+    xp: &[f32],
+    packed: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (oh, ow, wp) = (s.oh(), s.ow(), s.wp(isa));
+    let ob = v * isa.lanes();
+    let plane = s.hp() * wp;
+    let wblock = s.cin * s.kh * s.kw * ob;
+    for (b, wb) in packed.chunks(wblock).enumerate() {
+        let oc0 = b * ob;
+        let n_oc = ob.min(s.cout - oc0);
+        let mut bias_b = [0.0f32; 32];
+        if let Some(bias) = bias {
+            bias_b[..n_oc].copy_from_slice(&bias[oc0..oc0 + n_oc]);
+        }
+        for oy in 0..oh {
+            for (ox0, p) in row_tiles(ow) {
+                // SAFETY: `isa` is AVX-512 (`kernel` chooses channels only there), detected on
+                // this machine; the tile reads rows `oy..oy + kh` and columns
+                // `ox0..ox0 + p + kw - 1` of each padded plane (inside `xp`), the weights of
+                // this block, and writes `p` pixels of its `n_oc` channels' row `oy` of `y`
+                // (checked above).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    TILE_OC512[v - 1][p - 1](
+                        s,
+                        xp.as_ptr().add(oy * wp + ox0),
+                        plane,
+                        wp,
+                        wb.as_ptr(),
+                        &bias_b,
+                        n_oc,
+                        y.as_mut_ptr().add(oc0 * oh * ow + oy * ow + ox0),
+                        oh * ow,
+                    )
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("no direct convolution off x86-64: {p}")
+            }
+        }
+    }
+}
+
+/// A tile kernel along channels: see [`tile_oc512`].
+#[cfg(target_arch = "x86_64")]
+type OcFn =
+    unsafe fn(&Shape, *const f32, usize, usize, *const f32, &[f32; 32], usize, *mut f32, usize);
+
+macro_rules! oc_tiles {
+    ($v:literal) => {
+        [
+            tile_oc512::<$v, 1>,
+            tile_oc512::<$v, 2>,
+            tile_oc512::<$v, 3>,
+            tile_oc512::<$v, 4>,
+            tile_oc512::<$v, 5>,
+            tile_oc512::<$v, 6>,
+            tile_oc512::<$v, 7>,
+            tile_oc512::<$v, 8>,
+            tile_oc512::<$v, 9>,
+            tile_oc512::<$v, 10>,
+            tile_oc512::<$v, 11>,
+            tile_oc512::<$v, 12>,
+            tile_oc512::<$v, 13>,
+            tile_oc512::<$v, 14>,
+        ]
+    };
+}
+
+/// [`tile_oc512`] for one and two vectors of channels and 1 to [`PMAX`] pixels.
+#[cfg(target_arch = "x86_64")]
+const TILE_OC512: [[OcFn; PMAX]; 2] = [oc_tiles!(1), oc_tiles!(2)];
+
+/// One tile along channels: `V` vectors of 16 output channels x `P` pixels of one row. `x`
+/// points at the tile's first input (channel 0, its row and column in the padded plane), `y` at
+/// its first output (block's first channel). Each output is the same chain of multiply-adds as
+/// in [`tile512`]: the bias, then `w x` for every input channel, window row and column in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_oc512<const V: usize, const P: usize>(
+    s: &Shape,
+    x: *const f32,
+    plane: usize,
+    wp: usize,
+    w: *const f32,
+    bias: &[f32; 32],
+    n_oc: usize,
+    y: *mut f32,
+    ystride: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); V]; P];
+    for v in 0..V {
+        let b = _mm512_loadu_ps(bias.as_ptr().add(16 * v));
+        for a in acc.iter_mut() {
+            a[v] = b;
+        }
+    }
+    let mut wptr = w;
+    for ci in 0..s.cin {
+        for ki in 0..s.kh {
+            let r = x.add(ci * plane + ki * wp);
+            for kj in 0..s.kw {
+                let mut wv = [_mm512_setzero_ps(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_loadu_ps(wptr.add(16 * v));
+                }
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let xb = _mm512_set1_ps(*r.add(p + kj));
+                    for v in 0..V {
+                        a[v] = _mm512_fmadd_ps(wv[v], xb, a[v]);
+                    }
+                }
+                wptr = wptr.add(16 * V);
+            }
+        }
+    }
+    // Rows of pixels -> rows of channels, 16 channels at a time.
+    let m: __mmask16 = ((1u32 << P) - 1) as __mmask16;
+    for v in 0..V {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for (p, a) in acc.iter().enumerate() {
+            t[p] = a[v];
+        }
+        let t = transpose16(t);
+        for (o, row) in t
+            .iter()
+            .enumerate()
+            .take(n_oc.saturating_sub(16 * v).min(16))
+        {
+            _mm512_mask_storeu_ps(y.add((16 * v + o) * ystride), m, *row);
+        }
+    }
+}
+
+/// The transpose of a 16 x 16 matrix held as 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // Pairs of rows interleaved, then pairs of pairs, then 128-bit lanes in two steps.
+    let mut a = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let mut b = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        let (j, k) = (4 * i, 4 * i + 2);
+        b[4 * i] = _mm512_shuffle_ps::<0x44>(a[j], a[k]);
+        b[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a[j], a[k]);
+        b[4 * i + 2] = _mm512_shuffle_ps::<0x44>(a[j + 1], a[k + 1]);
+        b[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(a[j + 1], a[k + 1]);
+    }
+    let mut c = [_mm512_setzero_ps(); 16];
+    for h in 0..2 {
+        for i in 0..4 {
+            c[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(b[8 * h + i], b[8 * h + 4 + i]);
+            c[8 * h + 4 + i] = _mm512_shuffle_f32x4::<0xDD>(b[8 * h + i], b[8 * h + 4 + i]);
+        }
+    }
+    let mut d = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        d[i] = _mm512_shuffle_f32x4::<0x88>(c[i], c[8 + i]);
+        d[8 + i] = _mm512_shuffle_f32x4::<0xDD>(c[i], c[8 + i]);
+    }
+    d
 }
 
 /// Where a tile reads and writes: offsets of its two slots in a padded input plane and in an
@@ -823,6 +1091,107 @@ mod tests {
                     y[n..].iter().all(|&v| v == 7.0),
                     "{isa:?} {s:?}: wrote past the end"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernel_along_channels_gives_the_bits_of_the_one_along_rows() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: the kernel along channels is not used on this machine");
+            return;
+        }
+        let isa = Isa::Avx512;
+        // The network's shapes take it.
+        let sq = |c, h, o| Shape {
+            cin: c,
+            h,
+            w: h,
+            cout: o,
+            kh: 3,
+            kw: 3,
+            pad: 1,
+        };
+        assert_eq!(kernel(&sq(32, 28, 32), isa), Kernel::Channels(2));
+        assert_eq!(kernel(&sq(64, 14, 64), isa), Kernel::Channels(2));
+        assert_eq!(kernel(&sq(1, 28, 32), isa), Kernel::Rows);
+        let mut r = crate::Rng::new(4);
+        // (cin, h, w, cout, k, pad): channels padded within a vector and within a block, rows
+        // of 1 to 3 tiles (33 wide: 11 + 11 + 11; 30 wide: 10 x 3; 15: 8 + 7), windows 1 to 5.
+        for &(cin, h, w, cout, k, pad) in &[
+            (32, 28, 28, 32, 3, 1),
+            (6, 14, 14, 20, 3, 1),
+            (5, 7, 9, 25, 3, 0),
+            (2, 5, 33, 7, 5, 2),
+            (4, 3, 3, 1, 3, 2),
+            (3, 9, 30, 40, 3, 1),
+            (7, 4, 15, 33, 3, 1),
+            (2, 17, 5, 12, 1, 0),
+        ] {
+            let s = Shape {
+                cin,
+                h,
+                w,
+                cout,
+                kh: k,
+                kw: k,
+                pad,
+            };
+            let x: Vec<f32> = (0..cin * h * w).map(|_| r.normal() as f32).collect();
+            let wt: Vec<f32> = (0..cout * cin * k * k).map(|_| r.normal() as f32).collect();
+            let b: Vec<f32> = (0..cout).map(|_| r.normal() as f32).collect();
+            let n = cout * s.oh() * s.ow();
+            let run = |kern| {
+                let packed = pack_for(&s, isa, kern, |o, i, ki, kj| {
+                    wt[((o * cin + i) * k + ki) * k + kj]
+                });
+                let mut xp = vec![0.0; s.padded_len(isa)];
+                let mut y = vec![7.0f32; n + 64];
+                let nans = vec![f32::NAN; x.len()];
+                conv_for(&s, isa, kern, &nans, &packed, Some(&b), &mut xp, &mut y);
+                y[..n].fill(7.0);
+                conv_for(&s, isa, kern, &x, &packed, Some(&b), &mut xp, &mut y);
+                assert!(
+                    y[n..].iter().all(|&v| v == 7.0),
+                    "{kern:?} {s:?}: wrote past the end"
+                );
+                y.truncate(n);
+                y
+            };
+            let rows = run(Kernel::Rows);
+            let want = naive(&s, &x, &wt, &b);
+            for (i, (g, w)) in rows.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{s:?} at {i}: {g} vs {w}"
+                );
+            }
+            for v in [1, 2] {
+                let got = run(Kernel::Channels(v));
+                for (i, (g, w)) in got.iter().zip(&rows).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{v} vectors, {s:?} at {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose16_transposes() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut out = [0.0f32; 256];
+        // SAFETY: AVX-512 was detected; loads and stores stay inside `m` and `out`.
+        unsafe {
+            let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m[16 * i..].as_ptr()));
+            for (i, t) in transpose16(rows).iter().enumerate() {
+                _mm512_storeu_ps(out[16 * i..].as_mut_ptr(), *t);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[16 * i + j], m[16 * j + i], "({i}, {j})");
             }
         }
     }

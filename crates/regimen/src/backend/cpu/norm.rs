@@ -464,15 +464,16 @@ fn channel_mean_var(x: &[f32], d: &NormDims, known: Option<&[(f64, f64, f64)]>) 
         .collect()
 }
 
-/// One block's `(count, mean, sum of squared deviations)`: sums in eight f32 lanes (so that
-/// the loops vectorize), the mean in f64, then the squared deviations from it likewise. The
-/// same bits wherever it runs.
+/// One block's `(count, mean, sum of squared deviations)`: sums in 32 f32 lanes (so that the
+/// loops vectorize into independent chains), the mean in f64, then the squared deviations from
+/// it likewise. The same bits wherever it runs.
 pub fn block_stats(blk: &[f32]) -> (f64, f64, f64) {
+    const L: usize = 32;
     let nb = blk.len() as f64;
-    let mut lanes = [0.0f32; 8];
-    let mut chunks = blk.chunks_exact(8);
+    let mut lanes = [0.0f32; L];
+    let mut chunks = blk.chunks_exact(L);
     for ch in &mut chunks {
-        for k in 0..8 {
+        for k in 0..L {
             lanes[k] += ch[k];
         }
     }
@@ -480,10 +481,10 @@ pub fn block_stats(blk: &[f32]) -> (f64, f64, f64) {
         + chunks.remainder().iter().map(|&v| v as f64).sum::<f64>();
     let mb = sum / nb;
     let mb32 = mb as f32;
-    let mut sq = [0.0f32; 8];
-    let mut chunks = blk.chunks_exact(8);
+    let mut sq = [0.0f32; L];
+    let mut chunks = blk.chunks_exact(L);
     for ch in &mut chunks {
-        for k in 0..8 {
+        for k in 0..L {
             let t = ch[k] - mb32;
             sq[k] += t * t;
         }
