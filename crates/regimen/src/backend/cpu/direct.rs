@@ -118,12 +118,26 @@ enum Kernel {
     Channels(usize),
 }
 
-/// Most output pixels per [`tile_oc512`] tile (with two vectors of channels: 28 accumulators).
+/// Most output pixels per [`tile_oc512`] tile (with two vectors of channels: 28 of the 32
+/// vector registers accumulate).
 const PMAX: usize = 14;
+/// Most output pixels per [`tile_oc256`] tile (12 of the 16 registers).
+const PMAX256: usize = 6;
 
-/// The pixel tiles of an output row `ow` wide: as few as fit [`PMAX`], as even as they can be.
-fn row_tiles(ow: usize) -> impl Iterator<Item = (usize, usize)> {
-    let t = ow.div_ceil(PMAX).max(1);
+impl Isa {
+    /// Most output pixels per tile along channels.
+    fn pmax(self) -> usize {
+        match self {
+            Isa::Avx512 => PMAX,
+            Isa::Avx2 => PMAX256,
+        }
+    }
+}
+
+/// The pixel tiles of an output row `ow` wide: `(first pixel, pixels)`, as few as fit
+/// `pmax`, as even as they can be.
+fn row_tiles(ow: usize, pmax: usize) -> impl Iterator<Item = (usize, usize)> {
+    let t = ow.div_ceil(pmax).max(1);
     (0..t).map(move |i| {
         let start = i * (ow / t) + i.min(ow % t);
         (start, ow / t + usize::from(i < ow % t))
@@ -133,13 +147,13 @@ fn row_tiles(ow: usize) -> impl Iterator<Item = (usize, usize)> {
 /// The kernel with the fewest estimated cycles. Along rows, every tap of a tile is `2 OB`
 /// multiply-adds, padded lanes and channels included; along channels it is `P V`
 /// multiply-adds, or `P + V` loads where those take longer, and each tile ends with a
-/// transpose (about 160 multiply-add slots per 16 channels). `REGIMEN_CONV_ROWS=1` keeps every
-/// shape on rows (to compare the two).
+/// transpose (about 160 multiply-add slots per 16 channels, 60 per 8). `REGIMEN_CONV_ROWS=1`
+/// keeps every shape on rows (to compare the two).
 fn kernel(s: &Shape, isa: Isa) -> Kernel {
     use std::sync::OnceLock;
     static ROWS: OnceLock<bool> = OnceLock::new();
     let forced = *ROWS.get_or_init(|| std::env::var("REGIMEN_CONV_ROWS").is_ok_and(|v| v == "1"));
-    if isa != Isa::Avx512 || forced {
+    if forced {
         return Kernel::Rows;
     }
     let (oh, ow, l) = (s.oh(), s.ow(), isa.lanes());
@@ -148,11 +162,22 @@ fn kernel(s: &Shape, isa: Isa) -> Kernel {
     let rows = oh * ow.div_ceil(l) * s.cout.div_ceil(ob) * ob * taps;
     let channels = |v: usize| {
         let blocks = s.cout.div_ceil(v * l);
-        let per_row: usize = row_tiles(ow)
-            .map(|(_, p)| (p * v).max(p + v) * taps + 160 * v)
+        let transpose = match isa {
+            Isa::Avx512 => 160,
+            Isa::Avx2 => 60,
+        };
+        let per_row: usize = row_tiles(ow, isa.pmax())
+            .map(|(_, p)| (p * v).max(p + v) * taps + transpose * v)
             .sum();
         oh * blocks * per_row
     };
+    // On AVX2, a block's weights (two vectors of channels per tap) beyond 24 KiB no longer
+    // share the 48 KiB first-level cache with the tile's input rows: measured on the Xeon with
+    // the AVX2 kernels forced, 64 -> 64 channels at 14x14 ran 6% slower along channels, while
+    // 32 -> 32 at 28x28 ran 18% faster.
+    if isa == Isa::Avx2 && taps * 2 * isa.lanes() * 4 > 24 << 10 {
+        return Kernel::Rows;
+    }
     let (c1, c2) = (channels(1), channels(2));
     let (v, best) = if c2 <= c1 { (2, c2) } else { (1, c1) };
     if best * 100 < rows * 97 {
@@ -343,15 +368,21 @@ fn conv_channels(
             bias_b[..n_oc].copy_from_slice(&bias[oc0..oc0 + n_oc]);
         }
         for oy in 0..oh {
-            for (ox0, p) in row_tiles(ow) {
-                // SAFETY: `isa` is AVX-512 (`kernel` chooses channels only there), detected on
-                // this machine; the tile reads rows `oy..oy + kh` and columns
-                // `ox0..ox0 + p + kw - 1` of each padded plane (inside `xp`), the weights of
-                // this block, and writes `p` pixels of its `n_oc` channels' row `oy` of `y`
-                // (checked above).
+            for (ox0, p) in row_tiles(ow, isa.pmax()) {
+                #[cfg(target_arch = "x86_64")]
+                let f = match isa {
+                    Isa::Avx512 => TILE_OC512[v - 1][p - 1],
+                    Isa::Avx2 => TILE_OC256[v - 1][p - 1],
+                };
+                // SAFETY: `isa` was detected on this machine; the tile reads rows
+                // `oy..oy + kh` and columns `ox0..ox0 + p + kw - 1` of each padded plane
+                // (inside `xp`), the weights of this block, and writes `p` pixels of its `n_oc`
+                // channels' row `oy` of `y` (checked above); the AVX2 tile writes 8 when
+                // `ox0 + 8 <= ow`, the rest of them inside the row and written again by the
+                // next tile.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    TILE_OC512[v - 1][p - 1](
+                    f(
                         s,
                         xp.as_ptr().add(oy * wp + ox0),
                         plane,
@@ -361,6 +392,7 @@ fn conv_channels(
                         n_oc,
                         y.as_mut_ptr().add(oc0 * oh * ow + oy * ow + ox0),
                         oh * ow,
+                        ox0 + 8 <= ow,
                     )
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -372,8 +404,18 @@ fn conv_channels(
 
 /// A tile kernel along channels: see [`tile_oc512`].
 #[cfg(target_arch = "x86_64")]
-type OcFn =
-    unsafe fn(&Shape, *const f32, usize, usize, *const f32, &[f32; 32], usize, *mut f32, usize);
+type OcFn = unsafe fn(
+    &Shape,
+    *const f32,
+    usize,
+    usize,
+    *const f32,
+    &[f32; 32],
+    usize,
+    *mut f32,
+    usize,
+    bool,
+);
 
 macro_rules! oc_tiles {
     ($v:literal) => {
@@ -400,6 +442,27 @@ macro_rules! oc_tiles {
 #[cfg(target_arch = "x86_64")]
 const TILE_OC512: [[OcFn; PMAX]; 2] = [oc_tiles!(1), oc_tiles!(2)];
 
+/// [`tile_oc256`] for one and two vectors of channels and 1 to [`PMAX256`] pixels.
+#[cfg(target_arch = "x86_64")]
+const TILE_OC256: [[OcFn; PMAX256]; 2] = [
+    [
+        tile_oc256::<1, 1>,
+        tile_oc256::<1, 2>,
+        tile_oc256::<1, 3>,
+        tile_oc256::<1, 4>,
+        tile_oc256::<1, 5>,
+        tile_oc256::<1, 6>,
+    ],
+    [
+        tile_oc256::<2, 1>,
+        tile_oc256::<2, 2>,
+        tile_oc256::<2, 3>,
+        tile_oc256::<2, 4>,
+        tile_oc256::<2, 5>,
+        tile_oc256::<2, 6>,
+    ],
+];
+
 /// One tile along channels: `V` vectors of 16 output channels x `P` pixels of one row. `x`
 /// points at the tile's first input (channel 0, its row and column in the padded plane), `y` at
 /// its first output (block's first channel). Each output is the same chain of multiply-adds as
@@ -417,6 +480,7 @@ unsafe fn tile_oc512<const V: usize, const P: usize>(
     n_oc: usize,
     y: *mut f32,
     ystride: usize,
+    _whole: bool,
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; P];
     for v in 0..V {
@@ -460,6 +524,98 @@ unsafe fn tile_oc512<const V: usize, const P: usize>(
             _mm512_mask_storeu_ps(y.add((16 * v + o) * ystride), m, *row);
         }
     }
+}
+
+/// One tile along channels on AVX2: `V` vectors of 8 output channels x `P` pixels, as
+/// [`tile_oc512`]. With `whole`, the row has 8 pixels from the tile's first: their stores are
+/// whole vectors (masked stores are slow on some AVX2 machines), the pixels past `P` belong to
+/// the next tile, which writes them again.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_oc256<const V: usize, const P: usize>(
+    s: &Shape,
+    x: *const f32,
+    plane: usize,
+    wp: usize,
+    w: *const f32,
+    bias: &[f32; 32],
+    n_oc: usize,
+    y: *mut f32,
+    ystride: usize,
+    whole: bool,
+) {
+    let mut acc = [[_mm256_setzero_ps(); V]; P];
+    for v in 0..V {
+        let b = _mm256_loadu_ps(bias.as_ptr().add(8 * v));
+        for a in acc.iter_mut() {
+            a[v] = b;
+        }
+    }
+    let mut wptr = w;
+    for ci in 0..s.cin {
+        for ki in 0..s.kh {
+            let r = x.add(ci * plane + ki * wp);
+            for kj in 0..s.kw {
+                let mut wv = [_mm256_setzero_ps(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm256_loadu_ps(wptr.add(8 * v));
+                }
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let xb = _mm256_set1_ps(*r.add(p + kj));
+                    for v in 0..V {
+                        a[v] = _mm256_fmadd_ps(wv[v], xb, a[v]);
+                    }
+                }
+                wptr = wptr.add(8 * V);
+            }
+        }
+    }
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(P as i32), lane);
+    // The accumulators leave their registers here, read by variable indices below: a copy
+    // (indexing `acc` itself would keep it in memory through the loop above).
+    let fin = std::hint::black_box(acc);
+    for v in 0..V {
+        let mut t = [_mm256_setzero_ps(); 8];
+        for (p, a) in fin.iter().enumerate() {
+            t[p] = a[v];
+        }
+        let t = transpose8(t);
+        for (o, row) in t.iter().enumerate().take(n_oc.saturating_sub(8 * v).min(8)) {
+            let at = y.add((8 * v + o) * ystride);
+            if whole {
+                _mm256_storeu_ps(at, *row);
+            } else {
+                _mm256_maskstore_ps(at, m, *row);
+            }
+        }
+    }
+}
+
+/// The transpose of an 8 x 8 matrix held as 8 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let mut a = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let mut b = [_mm256_setzero_ps(); 8];
+    for i in 0..2 {
+        let (j, k) = (4 * i, 4 * i + 2);
+        b[4 * i] = _mm256_shuffle_ps::<0x44>(a[j], a[k]);
+        b[4 * i + 1] = _mm256_shuffle_ps::<0xEE>(a[j], a[k]);
+        b[4 * i + 2] = _mm256_shuffle_ps::<0x44>(a[j + 1], a[k + 1]);
+        b[4 * i + 3] = _mm256_shuffle_ps::<0xEE>(a[j + 1], a[k + 1]);
+    }
+    let mut d = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        d[i] = _mm256_permute2f128_ps::<0x20>(b[i], b[4 + i]);
+        d[4 + i] = _mm256_permute2f128_ps::<0x31>(b[i], b[4 + i]);
+    }
+    d
 }
 
 /// The transpose of a 16 x 16 matrix held as 16 rows.
@@ -1097,11 +1253,19 @@ mod tests {
 
     #[test]
     fn the_kernel_along_channels_gives_the_bits_of_the_one_along_rows() {
-        if !is_x86_feature_detected!("avx512f") {
-            eprintln!("no AVX-512 here: the kernel along channels is not used on this machine");
-            return;
+        let mut isas = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
         }
-        let isa = Isa::Avx512;
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        for isa in isas {
+            along_channels(isa);
+        }
+    }
+
+    fn along_channels(isa: Isa) {
         // The network's shapes take it.
         let sq = |c, h, o| Shape {
             cin: c,
@@ -1113,11 +1277,18 @@ mod tests {
             pad: 1,
         };
         assert_eq!(kernel(&sq(32, 28, 32), isa), Kernel::Channels(2));
-        assert_eq!(kernel(&sq(64, 14, 64), isa), Kernel::Channels(2));
+        let wide = if isa == Isa::Avx512 {
+            Kernel::Channels(2)
+        } else {
+            Kernel::Rows
+        };
+        assert_eq!(kernel(&sq(64, 14, 64), isa), wide);
         assert_eq!(kernel(&sq(1, 28, 32), isa), Kernel::Rows);
         let mut r = crate::Rng::new(4);
         // (cin, h, w, cout, k, pad): channels padded within a vector and within a block, rows
-        // of 1 to 3 tiles (33 wide: 11 + 11 + 11; 30 wide: 10 x 3; 15: 8 + 7), windows 1 to 5.
+        // of 1 to 3 tiles of up to 14 (33 wide: 11 + 11 + 11; 30 wide: 10 x 3; 15: 8 + 7) and
+        // of 1 to 6 tiles of up to 6 (13 wide: 5 + 4 + 4, each tile's whole vector written
+        // over by the next; 28: 6 + 6 + 6 + 5 + 5; 7: 4 + 3), windows 1 to 5.
         for &(cin, h, w, cout, k, pad) in &[
             (32, 28, 28, 32, 3, 1),
             (6, 14, 14, 20, 3, 1),
@@ -1127,6 +1298,8 @@ mod tests {
             (3, 9, 30, 40, 3, 1),
             (7, 4, 15, 33, 3, 1),
             (2, 17, 5, 12, 1, 0),
+            (9, 6, 13, 10, 3, 1),
+            (6, 5, 7, 17, 3, 1),
         ] {
             let s = Shape {
                 cin,
@@ -1153,7 +1326,7 @@ mod tests {
                 conv_for(&s, isa, kern, &x, &packed, Some(&b), &mut xp, &mut y);
                 assert!(
                     y[n..].iter().all(|&v| v == 7.0),
-                    "{kern:?} {s:?}: wrote past the end"
+                    "{isa:?} {kern:?} {s:?}: wrote past the end"
                 );
                 y.truncate(n);
                 y
@@ -1163,14 +1336,39 @@ mod tests {
             for (i, (g, w)) in rows.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                    "{s:?} at {i}: {g} vs {w}"
+                    "{isa:?} {s:?} at {i}: {g} vs {w}"
                 );
             }
             for v in [1, 2] {
                 let got = run(Kernel::Channels(v));
                 for (i, (g, w)) in got.iter().zip(&rows).enumerate() {
-                    assert_eq!(g.to_bits(), w.to_bits(), "{v} vectors, {s:?} at {i}");
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{isa:?} {v} vectors, {s:?} at {i}"
+                    );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose8_transposes() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let m: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let mut out = [0.0f32; 64];
+        // SAFETY: AVX2 and FMA were detected; loads and stores stay inside `m` and `out`.
+        unsafe {
+            let rows: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(m[8 * i..].as_ptr()));
+            for (i, t) in transpose8(rows).iter().enumerate() {
+                _mm256_storeu_ps(out[8 * i..].as_mut_ptr(), *t);
+            }
+        }
+        for i in 0..8 {
+            for j in 0..8 {
+                assert_eq!(out[8 * i + j], m[8 * j + i], "({i}, {j})");
             }
         }
     }
