@@ -114,7 +114,7 @@ impl Shape {
 enum Kernel {
     /// Vectors along output rows: [`tile512`], [`tile256`].
     Rows,
-    /// Vectors along output channels, this many per block: [`tile_oc512`] (AVX-512).
+    /// Vectors along output channels, this many per block: [`tile_oc512`], [`tile_oc256`].
     Channels(usize),
 }
 
