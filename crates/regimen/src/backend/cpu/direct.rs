@@ -154,8 +154,14 @@ fn kernel(s: &Shape, isa: Isa) -> Kernel {
     static ROWS: OnceLock<bool> = OnceLock::new();
     let forced = *ROWS.get_or_init(|| std::env::var("REGIMEN_CONV_ROWS").is_ok_and(|v| v == "1"));
     if forced {
-        return Kernel::Rows;
+        Kernel::Rows
+    } else {
+        choose(s, isa)
     }
+}
+
+/// [`kernel`]'s estimate.
+fn choose(s: &Shape, isa: Isa) -> Kernel {
     let (oh, ow, l) = (s.oh(), s.ow(), isa.lanes());
     let taps = s.cin * s.kh * s.kw;
     let ob = isa.block(s.cout);
@@ -1276,14 +1282,14 @@ mod tests {
             kw: 3,
             pad: 1,
         };
-        assert_eq!(kernel(&sq(32, 28, 32), isa), Kernel::Channels(2));
+        assert_eq!(choose(&sq(32, 28, 32), isa), Kernel::Channels(2));
         let wide = if isa == Isa::Avx512 {
             Kernel::Channels(2)
         } else {
             Kernel::Rows
         };
-        assert_eq!(kernel(&sq(64, 14, 64), isa), wide);
-        assert_eq!(kernel(&sq(1, 28, 32), isa), Kernel::Rows);
+        assert_eq!(choose(&sq(64, 14, 64), isa), wide);
+        assert_eq!(choose(&sq(1, 28, 32), isa), Kernel::Rows);
         let mut r = crate::Rng::new(4);
         // (cin, h, w, cout, k, pad): channels padded within a vector and within a block, rows
         // of 1 to 3 tiles of up to 14 (33 wide: 11 + 11 + 11; 30 wide: 10 x 3; 15: 8 + 7) and
