@@ -439,15 +439,27 @@ pub fn backward(
             .zip(scratch.iter_mut())
             .for_each(body);
     }
-    for acc in partial.f32().chunks(acc_len) {
-        if direct_dw.is_some() {
+    if direct_dw.is_some() {
+        for acc in partial.f32().chunks(acc_len) {
             dw.iter_mut().zip(acc).for_each(|(a, &b)| *a += b);
-        } else {
-            // The other paths sum dW^T.
-            for (o, row) in dw.chunks_mut(k).enumerate() {
-                for (i, a) in row.iter_mut().enumerate() {
-                    *a += acc[i * acc_stride + o];
-                }
+        }
+    } else {
+        // The other paths sum dW^T: `dw` is transposed once into that layout, the groups are
+        // added to it in order (contiguous rows: the same sums as adding each group to `dw`
+        // element by element, without a strided pass per group), and it is transposed back.
+        let mut scratch = Scratch::new(acc_len);
+        let t = scratch.f32_mut();
+        for (o, row) in dw.chunks(k).enumerate() {
+            for (i, &a) in row.iter().enumerate() {
+                t[i * acc_stride + o] = a;
+            }
+        }
+        for acc in partial.f32().chunks(acc_len) {
+            t.iter_mut().zip(acc).for_each(|(a, &b)| *a += b);
+        }
+        for (o, row) in dw.chunks_mut(k).enumerate() {
+            for (i, a) in row.iter_mut().enumerate() {
+                *a = t[i * acc_stride + o];
             }
         }
     }
