@@ -3,11 +3,12 @@
 //! Per sample (`x_s`: `[C, H, W]`, `col`: `[C KH KW, OH OW]`):
 //! forward `y_s = W col + b`; backward `dW += dy_s col^T`, `dcol = W^T dy_s`, `dx_s = col2im(dcol)`.
 //! Stride-1 windows take the direct kernels of [`direct`] on x86-64: the forward and the input
-//! gradient as direct convolutions, the weight gradient without a column matrix.
+//! gradient as direct convolutions (3x3 windows with enough channels on AVX2 by Winograd's
+//! F(2x2, 3x3), [`winograd`]), the weight gradient without a column matrix.
 
 use rayon::prelude::*;
 
-use super::{direct, norm, Scratch};
+use super::{direct, norm, winograd, Scratch};
 use crate::backend::Window;
 use crate::linalg::{gemm, parallelism, MatRef};
 
@@ -66,6 +67,52 @@ impl ConvDims {
             pad: kh - 1 - p,
         };
         (s.ok() && s.oh() == self.h && s.ow() == self.w).then_some((isa, s))
+    }
+}
+
+/// A stride-1 convolution's weights packed for the kernel that runs it on this machine:
+/// Winograd's F(2x2, 3x3) where [`winograd::takes`] the shape, else the direct kernel.
+struct Packed {
+    isa: direct::Isa,
+    s: direct::Shape,
+    winograd: bool,
+    w: Vec<f32>,
+}
+
+impl Packed {
+    /// `w(o, i, ki, kj)`: the weight of output channel `o`, input channel `i`, window position
+    /// `(ki, kj)` of the convolution `s`.
+    fn new(
+        (isa, s): (direct::Isa, direct::Shape),
+        w: impl Fn(usize, usize, usize, usize) -> f32,
+    ) -> Packed {
+        let winograd = winograd::takes(&s, isa);
+        let w = if winograd {
+            winograd::pack(&s, w)
+        } else {
+            direct::pack(&s, isa, w)
+        };
+        Packed {
+            isa,
+            s,
+            winograd,
+            w,
+        }
+    }
+    /// The scratch a sample takes (zeroed before its first use).
+    fn scratch_len(&self) -> usize {
+        if self.winograd {
+            winograd::scratch_len(&self.s, self.isa)
+        } else {
+            self.s.padded_len(self.isa)
+        }
+    }
+    fn run(&self, x: &[f32], bias: Option<&[f32]>, scratch: &mut [f32], y: &mut [f32]) {
+        if self.winograd {
+            winograd::conv(&self.s, self.isa, x, &self.w, bias, scratch, y);
+        } else {
+            direct::conv(&self.s, self.isa, x, &self.w, bias, scratch, y);
+        }
     }
 }
 
@@ -190,14 +237,14 @@ pub fn forward(
     let direct = d.direct();
     let packed = direct.map(|(isa, s)| {
         let (kh, kw) = (s.kh, s.kw);
-        direct::pack(&s, isa, |o, i, ki, kj| {
+        Packed::new((isa, s), |o, i, ki, kj| {
             wt[((o * d.c + i) * kh + ki) * kw + kj]
         })
     });
     let one =
         |col: &mut [f32], x_s: &[f32], y_s: &mut [f32], st: Option<&mut [(f64, f64, f64)]>| {
-            if let (Some((isa, s)), Some(packed)) = (direct, &packed) {
-                direct::conv(&s, isa, x_s, packed, b, col, y_s);
+            if let Some(packed) = &packed {
+                packed.run(x_s, b, col, y_s);
             } else {
                 let cols: &[f32] = if d.is_pointwise() {
                     x_s
@@ -225,8 +272,8 @@ pub fn forward(
             }
         };
     let xs = d.c * d.h * d.w;
-    let col_len = match direct {
-        Some((isa, s)) => s.padded_len(isa),
+    let col_len = match &packed {
+        Some(packed) => packed.scratch_len(),
         None if d.is_pointwise() => 0,
         None => k * p,
     };
@@ -300,13 +347,22 @@ pub fn backward(
     // With more channels, windows 3 wide: the kernel with vectors along output channels
     // (cnn-step's 32- and 64-channel convolutions: no column matrix, no gemm packing).
     let wide_dw = d.direct().filter(|(_, s)| s.kw == 3 && direct_dw.is_none());
+    // Of those, 3x3 windows with enough channels on AVX2 by Winograd's F(2x2, 3x3): the group's
+    // 16 transformed sums in the column scratch, turned into its partial sum after its last
+    // sample.
+    let wino_dw = wide_dw.is_some_and(|(isa, s)| winograd::takes(&s, isa));
     let col_len = match (direct_dw, wide_dw) {
         (Some((isa, s)), _) => s.padded_len(isa) * d.n.div_ceil(groups),
+        (_, Some((isa, s))) if wino_dw => winograd::dw_scratch_len(&s, isa),
         (_, Some((isa, s))) => s.padded_len(isa),
         _ if pointwise => 0,
         _ => k * p,
     };
-    let dyt_len = wide_dw.map_or(0, |(isa, s)| direct::dy_t_len(&s, isa));
+    let dyt_len = match wide_dw {
+        Some((_, s)) if wino_dw => winograd::dyt_len(&s),
+        Some((isa, s)) => direct::dy_t_len(&s, isa),
+        None => 0,
+    };
     // Each group's partial sum: `OC x K` (direct kernel), `K x OCP` (along channels, rows
     // padded to whole vectors), `K x OC` (gemm).
     let acc_stride = wide_dw.map_or(d.oc, |(isa, _)| direct::oc_stride(isa, d.oc));
@@ -315,13 +371,13 @@ pub fn backward(
     let direct_dx = if dx.is_some() { d.direct_dx() } else { None };
     let packed_dx = direct_dx.map(|(isa, s)| {
         let (kh, kw) = (s.kh, s.kw);
-        direct::pack(&s, isa, |ci, oc, ki, kj| {
+        Packed::new((isa, s), |ci, oc, ki, kj| {
             wt[((oc * d.c + ci) * kh + (kh - 1 - ki)) * kw + (kw - 1 - kj)]
         })
     });
-    let dcol_len = match (dx.is_some(), direct_dx) {
+    let dcol_len = match (dx.is_some(), &packed_dx) {
         (false, _) => 0,
-        (true, Some((isa, s))) => s.padded_len(isa),
+        (true, Some(packed)) => packed.scratch_len(),
         (true, None) => k * p,
     };
     let mut partial = Scratch::new(groups * acc_len);
@@ -356,7 +412,13 @@ pub fn backward(
         for (j, (s, dx_s)) in (lo..hi).zip(dxs).enumerate() {
             let x_s = &x[s * xs..(s + 1) * xs];
             let dy_s = &dy[s * d.oc * p..(s + 1) * d.oc * p];
-            if let Some((isa, s)) = wide_dw {
+            if let (Some((isa, s)), true) = (wide_dw, wino_dw) {
+                let (col, dyt) = (col.f32_mut(), dyt.f32_mut());
+                winograd::weight_grad(&s, isa, x_s, dy_s, j == 0, col, dyt);
+                if lo + j + 1 == hi {
+                    winograd::weight_grad_finish(&s, isa, col, acc, acc_stride);
+                }
+            } else if let Some((isa, s)) = wide_dw {
                 if j == 0 {
                     acc.fill(0.0);
                 }
@@ -380,8 +442,8 @@ pub fn backward(
                 );
             }
             let Some(dx_s) = dx_s else { continue };
-            if let (Some((isa, s)), Some(packed)) = (direct_dx, &packed_dx) {
-                direct::conv(&s, isa, dy_s, packed, None, dcol.f32_mut(), dx_s);
+            if let Some(packed) = &packed_dx {
+                packed.run(dy_s, None, dcol.f32_mut(), dx_s);
             } else if pointwise {
                 gemm(
                     MatRef::t(wt, k, d.oc),

@@ -602,7 +602,7 @@ unsafe fn tile_oc256<const V: usize, const P: usize>(
 /// The transpose of an 8 x 8 matrix held as 8 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+pub(super) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     let mut a = [_mm256_setzero_ps(); 8];
     for i in 0..4 {
         a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -627,7 +627,7 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 /// The transpose of a 16 x 16 matrix held as 16 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+pub(super) unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     // Pairs of rows interleaved, then pairs of pairs, then 128-bit lanes in two steps.
     let mut a = [_mm512_setzero_ps(); 16];
     for i in 0..8 {
@@ -969,7 +969,14 @@ pub fn dy_t_len(s: &Shape, isa: Isa) -> usize {
 /// long; the channels from `cout` to `ocp` are written as zeros). Whole blocks of a vector's
 /// width of pixels x channels go through a transpose in registers; the pixels after the last
 /// whole block are copied one by one (it was all one by one: 3% of cnn-step).
-fn transpose_dy(isa: Isa, dy: &[f32], cout: usize, pixels: usize, dyt: &mut [f32], ocp: usize) {
+pub(super) fn transpose_dy(
+    isa: Isa,
+    dy: &[f32],
+    cout: usize,
+    pixels: usize,
+    dyt: &mut [f32],
+    ocp: usize,
+) {
     assert!(
         dy.len() >= cout * pixels && dyt.len() >= pixels * ocp && ocp.is_multiple_of(isa.lanes())
     );

@@ -10,6 +10,7 @@ mod loss;
 mod norm;
 mod pool;
 mod storage;
+mod winograd;
 
 pub use elementwise::erf;
 pub use storage::CpuBuffer;
