@@ -104,9 +104,9 @@ fn conv2d() {
         &randn(&[2, 6, 5, 4], 14),
         Mode::Train,
     );
-    // 16 channels or more, 3x3 windows: the forward and the input gradient by Winograd's
-    // F(2x2, 3x3) on AVX2 (and on AVX-512 with REGIMEN_WINOGRAD=1); every padding, so that the
-    // input gradient's padding 2 - pad takes each value, and odd sizes (tiles cut by the edge).
+    // 16 channels or more, 3x3 windows: the forward, the input and the weight gradients by
+    // Winograd's F(2x2, 3x3) on x86-64 with AVX2 or AVX-512; every padding, so that the input
+    // gradient's padding 2 - pad takes each value, and odd sizes (tiles cut by the edge).
     for (pad, seed) in [(1, 15), (0, 16), (2, 17)] {
         check(
             &mut Conv2d::new(16, 16, 3, rng).padding(pad),

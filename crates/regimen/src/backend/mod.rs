@@ -45,7 +45,17 @@ pub fn cpu_features() -> String {
         let amx = std::fs::read_to_string("/proc/cpuinfo")
             .map(|s| s.split_whitespace().any(|w| w == "amx_tile"))
             .unwrap_or(false);
-        format!("{simd}{}", if amx { "+amx" } else { "" })
+        // REGIMEN_DIRECT_ISA=avx2 on an AVX-512 machine (bench/compare-avx2) says so.
+        let forced = simd == "avx512f" && cpu::direct::isa() == Some(cpu::direct::Isa::Avx2);
+        format!(
+            "{simd}{}{}",
+            if amx { "+amx" } else { "" },
+            if forced {
+                " (convolutions and batch norm in avx2+fma)"
+            } else {
+                ""
+            }
+        )
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -3,8 +3,8 @@
 //! Per sample (`x_s`: `[C, H, W]`, `col`: `[C KH KW, OH OW]`):
 //! forward `y_s = W col + b`; backward `dW += dy_s col^T`, `dcol = W^T dy_s`, `dx_s = col2im(dcol)`.
 //! Stride-1 windows take the direct kernels of [`direct`] on x86-64: the forward and the input
-//! gradient as direct convolutions (3x3 windows with enough channels on AVX2 by Winograd's
-//! F(2x2, 3x3), [`winograd`]), the weight gradient without a column matrix.
+//! gradient as direct convolutions, the weight gradient without a column matrix; 3x3 windows
+//! with enough channels take Winograd's F(2x2, 3x3) for all three ([`winograd`]).
 
 use rayon::prelude::*;
 
@@ -347,7 +347,7 @@ pub fn backward(
     // With more channels, windows 3 wide: the kernel with vectors along output channels
     // (cnn-step's 32- and 64-channel convolutions: no column matrix, no gemm packing).
     let wide_dw = d.direct().filter(|(_, s)| s.kw == 3 && direct_dw.is_none());
-    // Of those, 3x3 windows with enough channels on AVX2 by Winograd's F(2x2, 3x3): the group's
+    // Of those, 3x3 windows with enough channels by Winograd's F(2x2, 3x3): the group's
     // 16 transformed sums in the column scratch, turned into its partial sum after its last
     // sample.
     let wino_dw = wide_dw.is_some_and(|(isa, s)| winograd::takes(&s, isa));

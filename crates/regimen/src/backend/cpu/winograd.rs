@@ -1,6 +1,7 @@
 //! 3x3, stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray,
 //! "Fast Algorithms for Convolutional Neural Networks", 2016), fused per band of output rows so
-//! that its buffers stay in a core's L2 (x86-64 with AVX-512 or AVX2+FMA).
+//! that its buffers stay in a core's L2 (x86-64 with AVX-512 or AVX2+FMA): the forward, the
+//! input gradient and the weight gradient ([`weight_grad`]).
 //!
 //! Each 2x2 block of outputs (a tile) reads a 4x4 patch `d` of the padded input and is
 //! `Y = A^T [ sum_c U_c ⊙ (B^T d_c B) ] A + b`, with `U_c = G g_c G^T` the transformed 3x3
@@ -36,19 +37,13 @@ use super::direct::{Isa, Shape};
 const BAND_BYTES: usize = 128 * 1024;
 
 /// Whether the Winograd kernel takes this convolution: 3x3 windows, padding 0 to 2, output
-/// channels in whole vectors, enough channels that the products outweigh the transforms, on
-/// AVX2 (on the AVX-512 Xeon it measured no faster than the direct kernel in cnn-step: the
-/// products run twice as fast there, and the transforms' memory passes ate the gain).
-/// `REGIMEN_WINOGRAD=0` turns it off, `=1` on for AVX-512 too (to compare).
+/// channels in whole vectors, enough input channels that the products outweigh the transforms
+/// (16), unless `REGIMEN_WINOGRAD=0` (to compare with the direct kernel).
 pub fn takes(s: &Shape, isa: Isa) -> bool {
     use std::sync::OnceLock;
-    static MODE: OnceLock<Option<bool>> = OnceLock::new();
-    let mode = *MODE.get_or_init(|| match std::env::var("REGIMEN_WINOGRAD").as_deref() {
-        Ok("0") => Some(false),
-        Ok("1") => Some(true),
-        _ => None,
-    });
-    mode.unwrap_or(isa == Isa::Avx2) && fits(s, isa)
+    static OFF: OnceLock<bool> = OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("REGIMEN_WINOGRAD").is_ok_and(|v| v == "0"));
+    !off && fits(s, isa)
 }
 
 fn fits(s: &Shape, isa: Isa) -> bool {
