@@ -204,8 +204,6 @@ pub fn conv(
             dst.copy_from_slice(&x[(ci * g.h + iy) * g.w..][..g.w]);
         }
     }
-    let zeros = vec![0.0f32; g.oc];
-    let bias = bias.unwrap_or(&zeros);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa` was detected on this machine (`direct::isa`); the lengths were checked
     // above, and each kernel's comment says what it reads and writes.
@@ -484,7 +482,7 @@ unsafe fn conv_body<S: Simd>(
     vb: *mut f32,
     u: *const f32,
     mb: *mut f32,
-    bias: &[f32],
+    bias: Option<&[f32]>,
     y: *mut f32,
     products: &[[ProductFn; 14]; 2],
     pmax: usize,
@@ -621,7 +619,7 @@ unsafe fn output<S: Simd>(
     mb: *const f32,
     ty0: usize,
     rows: usize,
-    bias: &[f32],
+    bias: Option<&[f32]>,
     y: *mut f32,
 ) {
     let half = S::L / 2;
@@ -659,7 +657,10 @@ unsafe fn output<S: Simd>(
                     let t = S::transpose(rows_);
                     for (o, &row) in t.iter().enumerate().take(S::L) {
                         let at = y.add((oc0 + o) * plane + (oy + dy) * g.ow + ox);
-                        let row = S::add(row, S::splat(bias[oc0 + o]));
+                        let row = match bias {
+                            Some(b) => S::add(row, S::splat(b[oc0 + o])),
+                            None => row,
+                        };
                         if n == S::L {
                             S::store(at, row);
                         } else {
@@ -730,7 +731,7 @@ unsafe fn conv512(
     vb: *mut f32,
     u: *const f32,
     mb: *mut f32,
-    bias: &[f32],
+    bias: Option<&[f32]>,
     y: *mut f32,
 ) {
     conv_body::<Avx512>(g, xp, vb, u, mb, bias, y, &PRODUCT512, pmax(Isa::Avx512))
@@ -744,7 +745,7 @@ unsafe fn conv256(
     vb: *mut f32,
     u: *const f32,
     mb: *mut f32,
-    bias: &[f32],
+    bias: Option<&[f32]>,
     y: *mut f32,
 ) {
     conv_body::<Avx2>(g, xp, vb, u, mb, bias, y, &PRODUCT256, pmax(Isa::Avx2))
@@ -985,7 +986,7 @@ mod tests {
         let mut r = crate::Rng::new(5);
         for isa in isas() {
             let l = lanes(isa);
-            for &(cin, h, w, cout, pad) in &[
+            for (k, &(cin, h, w, cout, pad)) in [
                 (16, 28, 28, 2 * l, 1),
                 (32, 14, 14, 4 * l, 1),
                 (16, 7, 9, l, 1),
@@ -994,7 +995,10 @@ mod tests {
                 (24, 9, 4, l, 2),
                 (64, 14, 14, 4 * l, 1),
                 (16, 40, 61, l, 1),
-            ] {
+            ]
+            .iter()
+            .enumerate()
+            {
                 let s = Shape {
                     cin,
                     h,
@@ -1006,17 +1010,22 @@ mod tests {
                 };
                 assert!(fits(&s, isa), "{s:?}");
                 let wt: Vec<f32> = (0..cout * cin * 9).map(|_| r.normal() as f32).collect();
-                let b: Vec<f32> = (0..cout).map(|_| r.normal() as f32).collect();
+                // Every other shape without a bias (as before batch norm, and the input gradient).
+                let with_bias = k % 2 == 0;
+                let b: Vec<f32> = (0..cout)
+                    .map(|_| if with_bias { r.normal() as f32 } else { 0.0 })
+                    .collect();
+                let bias = with_bias.then_some(b.as_slice());
                 let u = pack(&s, |o, i, ki, kj| wt[((o * cin + i) * 3 + ki) * 3 + kj]);
                 let mut scratch = vec![0.0f32; scratch_len(&s, isa)];
                 let n_out = cout * s.oh() * s.ow();
                 let mut y = vec![7.0f32; n_out + 40];
                 // A first input of NaNs through the same scratch: nothing of it may remain.
                 let nan = vec![f32::NAN; cin * h * w];
-                conv(&s, isa, &nan, &u, Some(&b), &mut scratch, &mut y);
+                conv(&s, isa, &nan, &u, bias, &mut scratch, &mut y);
                 assert!(y[..n_out].iter().all(|v| v.is_nan()), "{s:?} {isa:?}");
                 let x: Vec<f32> = (0..cin * h * w).map(|_| r.normal() as f32).collect();
-                conv(&s, isa, &x, &u, Some(&b), &mut scratch, &mut y);
+                conv(&s, isa, &x, &u, bias, &mut scratch, &mut y);
                 let (want, scale) = naive(&s, &x, &wt, &b);
                 for (i, ((&got, &want), &scale)) in y.iter().zip(&want).zip(&scale).enumerate() {
                     let err = (got as f64 - want).abs();
