@@ -136,7 +136,7 @@ impl Isa {
 
 /// The pixel tiles of an output row `ow` wide: `(first pixel, pixels)`, as few as fit
 /// `pmax`, as even as they can be.
-fn row_tiles(ow: usize, pmax: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn row_tiles(ow: usize, pmax: usize) -> impl Iterator<Item = (usize, usize)> {
     let t = ow.div_ceil(pmax).max(1);
     (0..t).map(move |i| {
         let start = i * (ow / t) + i.min(ow % t);

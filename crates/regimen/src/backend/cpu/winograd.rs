@@ -28,13 +28,21 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::direct::{Isa, Shape};
+use super::direct::{row_tiles, Isa, Shape};
 
 /// Bytes of a band's transformed input and products together, at most (the band's tile rows
 /// are chosen to fit): a quarter of the smallest L2 of the machines we meet (512 KiB per
 /// core). On the Xeon with AVX2 forced, 128 KiB ran the 32-channel 28x28 convolution in 114 us,
 /// 256 KiB in 158 us, 64 KiB in 127 us.
 const BAND_BYTES: usize = 128 * 1024;
+
+/// The kernel's transform matrix `G` (4 x 3) of F(2x2, 3x3): `U = G g G^T`.
+const G: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
 
 /// Whether the Winograd kernel takes this convolution: 3x3 windows, padding 0 to 2, output
 /// channels in whole vectors, enough input channels that the products outweigh the transforms
@@ -128,6 +136,16 @@ impl Geo {
     fn xp_len(&self) -> usize {
         self.c * self.hp * self.wp + 2 * self.l + 4
     }
+    /// Copies `x` (`[c, h, w]`) inside the padded buffer; its border is never written (zeroed
+    /// once by the caller).
+    fn pad_input(&self, x: &[f32], xp: &mut [f32]) {
+        for ci in 0..self.c {
+            for iy in 0..self.h {
+                let dst = &mut xp[(ci * self.hp + iy + self.pad) * self.wp + self.pad..][..self.w];
+                dst.copy_from_slice(&x[(ci * self.h + iy) * self.w..][..self.w]);
+            }
+        }
+    }
     fn v_len(&self) -> usize {
         8 * self.c * self.vstride
     }
@@ -145,12 +163,6 @@ pub fn scratch_len(s: &Shape, isa: Isa) -> usize {
 /// The kernel's transform `U[ξ][ci][oc] = (G g G^T)[ξ]` of the weights `w(oc, ci, ki, kj)`,
 /// computed in f64 and rounded once.
 pub fn pack(s: &Shape, w: impl Fn(usize, usize, usize, usize) -> f32) -> Vec<f32> {
-    const G: [[f64; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0.0, 0.0, 1.0],
-    ];
     let (c, oc) = (s.cin, s.cout);
     let mut u = vec![0.0f32; 16 * c * oc];
     for o in 0..oc {
@@ -198,12 +210,7 @@ pub fn conv(
     let (xp, rest) = scratch.split_at_mut(g.xp_len());
     let (vb, rest) = rest.split_at_mut(g.v_len());
     let mb = &mut rest[..g.m_len()];
-    for ci in 0..g.c {
-        for iy in 0..g.h {
-            let dst = &mut xp[(ci * g.hp + iy + g.pad) * g.wp + g.pad..][..g.w];
-            dst.copy_from_slice(&x[(ci * g.h + iy) * g.w..][..g.w]);
-        }
-    }
+    g.pad_input(x, xp);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa` was detected on this machine (`direct::isa`); the lengths were checked
     // above, and each kernel's comment says what it reads and writes.
@@ -279,12 +286,7 @@ pub fn weight_grad(
     if first {
         w.fill(0.0);
     }
-    for ci in 0..g.c {
-        for iy in 0..g.h {
-            let dst = &mut xp[(ci * g.hp + iy + g.pad) * g.wp + g.pad..][..g.w];
-            dst.copy_from_slice(&x[(ci * g.h + iy) * g.w..][..g.w]);
-        }
-    }
+    g.pad_input(x, xp);
     super::direct::transpose_dy(isa, dy, g.oc, pixels, dyt, g.oc);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa` was detected on this machine (`direct::isa`); the lengths were checked
@@ -310,12 +312,6 @@ pub fn weight_grad(
 /// (rows `stride` apart; the transposed layout of the direct kernel's `weight_grad_oc`),
 /// overwritten. Computed in f64 and rounded once.
 pub fn weight_grad_finish(s: &Shape, isa: Isa, scratch: &[f32], acc: &mut [f32], stride: usize) {
-    const G: [[f64; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0.0, 0.0, 1.0],
-    ];
     let g = Geo::new(s, isa);
     let w = &scratch[g.xp_len() + g.v_len() + g.m_len()..][..16 * g.c * g.oc];
     assert!(stride >= g.oc && acc.len() >= (9 * g.c - 1) * stride + g.oc);
@@ -337,13 +333,6 @@ pub fn weight_grad_finish(s: &Shape, isa: Isa, scratch: &[f32], acc: &mut [f32],
             }
         }
     }
-}
-
-/// The blocks of `n` tiles for the product: `(first, count)`, as few as fit `pmax`, as even as
-/// they can be.
-fn blocks(n: usize, pmax: usize) -> impl Iterator<Item = (usize, usize)> {
-    let t = n.div_ceil(pmax).max(1);
-    (0..t).map(move |i| (i * (n / t) + i.min(n % t), n / t + usize::from(i < n % t)))
 }
 
 /// The vector operations the three steps need, for one vector width.
@@ -492,7 +481,7 @@ unsafe fn conv_body<S: Simd>(
         let rows = g.band.min(g.ty - ty0);
         input::<S>(g, xp, ty0, rows, vb);
         let n = rows * g.tx;
-        for (t0, p) in blocks(n, pmax) {
+        for (t0, p) in row_tiles(n, pmax) {
             for xi in 0..16 {
                 let (q, lane) = plane_of(xi);
                 let vx = vb.add(q * g.c * g.vstride + 2 * t0 + lane);
@@ -773,7 +762,7 @@ unsafe fn dw_body<S: Simd>(
         let n = rows * g.tx;
         for xi in 0..16 {
             let (q, lane) = plane_of(xi);
-            for (c0, r) in blocks(g.c, rmax) {
+            for (c0, r) in row_tiles(g.c, rmax) {
                 let vx = vb.add((q * g.c + c0) * g.vstride + lane);
                 let mut oc0 = 0;
                 while oc0 < g.oc {
@@ -1128,10 +1117,10 @@ mod tests {
     }
 
     #[test]
-    fn blocks_cover_the_tiles() {
+    fn row_tiles_cover_the_tiles() {
         for n in 1..100 {
             for pmax in [6, 14] {
-                let b: Vec<_> = blocks(n, pmax).collect();
+                let b: Vec<_> = row_tiles(n, pmax).collect();
                 assert_eq!(b.len(), n.div_ceil(pmax));
                 let mut next = 0;
                 for (first, count) in b {
