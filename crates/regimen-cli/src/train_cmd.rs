@@ -363,9 +363,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         bail!("--graph records a CUDA graph: it needs --device cuda");
     }
     let device_data =
-        device != regimen::Device::Cpu && !args.host_data && augment.crop_flip().is_some();
+        device != regimen::Device::Cpu && !args.host_data && augment.device_plan().is_some();
     if args.graph && !device_data {
-        bail!("--graph builds batches on the GPU: it takes --augment with crop and flip only, and not --host-data");
+        bail!("--graph builds batches on the GPU: it takes --augment with crop and flip first (at most one of each), then cutout, mixup and cutmix, and not --host-data");
     }
     let model_name = args.model.clone().unwrap_or_else(|| {
         if args.source.dataset == "digits" {

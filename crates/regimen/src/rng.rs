@@ -31,7 +31,10 @@
 //! Who draws what: dropout masks `(layer, step, DROPOUT, element)`; stochastic depth
 //! `(layer, step, STOCHASTIC_DEPTH, sample)`; fractional pooling `(layer, step,
 //! FRACTIONAL_POOL, 2 plane + axis)`; the on-device batch gather
-//! `(run, step, AUGMENT, 4 sample + k)` for crop offsets (k = 0, 1) and the flip (k = 2); the
+//! `(run, step, AUGMENT, 4 sample + k)` for crop offsets (k = 0, 1) and the flip (k = 2), and
+//! its later steps `(run, step, AUGMENT_STEP + k, ...)` for the `k`-th of them: a Cutout's
+//! centre of sample `i` from the 64-bit draws `2 i` (row) and `2 i + 1` (column), a Mixup's or
+//! CutMix's `l` and box sequentially through [`Rng::philox`] as the host pipeline draws them; the
 //! host loader's augmentations read
 //! `(run, global batch index, AUGMENT, ...)` sequentially through [`Rng::philox`] (Mixup's
 //! Beta draws need a variable number of numbers).
@@ -48,6 +51,9 @@ pub mod purpose {
     pub const STOCHASTIC_DEPTH: u32 = 2;
     pub const FRACTIONAL_POOL: u32 = 3;
     pub const AUGMENT: u32 = 4;
+    /// The on-device batch steps after the gather (Cutout, Mixup, CutMix): step `k` of
+    /// them (0-based) draws under purpose `AUGMENT_STEP + k`.
+    pub const AUGMENT_STEP: u32 = 0x100;
 }
 
 /// The SplitMix64 output function: a bijective 64-bit mixer.
@@ -94,6 +100,21 @@ pub fn philox_block(stream: u64, step: u32, purpose: u32, index: u64) -> [u32; 4
         [block as u32, (block >> 32) as u32, step, purpose],
         [stream as u32, (stream >> 32) as u32],
     )
+}
+
+/// Draw `j` of 64 bits of `(stream, step, purpose)`: the words `2j` (high) and `2j + 1` (low),
+/// as [`Rng::philox`] reads them.
+#[inline]
+pub fn philox_u64(stream: u64, step: u32, purpose: u32, j: u64) -> u64 {
+    let w = philox_block(stream, step, purpose, 2 * j);
+    let k = ((2 * j) % 4) as usize;
+    (w[k] as u64) << 32 | w[k + 1] as u64
+}
+
+/// A 64-bit draw as a whole number in `[0, n)`, as [`Rng::below`] maps it.
+#[inline]
+pub fn u64_below(x: u64, n: usize) -> usize {
+    (((x >> 32) * n as u64) >> 32) as usize
 }
 
 /// A word as a uniform number in `[0, 1)` (24 bits).
@@ -258,9 +279,7 @@ impl Rng {
         if let Some((stream, step, purpose)) = self.philox {
             let j = self.state;
             self.state += 1;
-            let w = philox_block(stream, step, purpose, 2 * j);
-            let k = ((2 * j) % 4) as usize;
-            return (w[k] as u64) << 32 | w[k + 1] as u64;
+            return philox_u64(stream, step, purpose, j);
         }
         self.state = self.state.wrapping_add(GOLDEN);
         mix64(self.state)
@@ -320,7 +339,7 @@ impl Rng {
     /// Uniform integer in `[0, n)` (n > 0), without modulo bias worth caring about for n < 2^32.
     #[inline]
     pub fn below(&mut self, n: usize) -> usize {
-        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
+        u64_below(self.next_u64(), n)
     }
 
     /// Fisher–Yates shuffle.

@@ -663,14 +663,15 @@ fn run_epochs_on_device(
 ) -> Result<Ended> {
     use crate::backend::RandomKey;
     use crate::tensor::DType;
-    let Some((pad, flip_p)) = cfg.augment.crop_flip() else {
+    let Some(plan) = cfg.augment.device_plan() else {
         return Err(Error::config(
             "augment",
             format!("{:?}", cfg.augment.steps),
-            "batches built on the device support crop and flip only; train with the host \
-             loader for the others",
+            "batches built on the device take crop and flip first (at most one of each), then \
+             cutout, mixup and cutmix; train with the host loader for the others",
         ));
     };
+    let (pad, flip_p) = (plan.pad, plan.flip_p);
     let device = cfg.device;
     if cfg.graph && device == Device::Cpu {
         return Err(Error::config(
@@ -693,6 +694,12 @@ fn run_epochs_on_device(
     let y_full = Indices::from_tensor(be.zeros(&[bsz], DType::U32), classes);
     let x_rem = be.alloc(&[rem.max(1), c, h, w], DType::F32);
     let y_rem = Indices::from_tensor(be.zeros(&[rem.max(1)], DType::U32), classes);
+    // Soft labels, when a step mixes samples.
+    let soft = |rows: usize| {
+        plan.mixes()
+            .then(|| be.zeros(&[rows, classes as usize], DType::F32))
+    };
+    let (soft_full, soft_rem) = (soft(bsz), soft(rem.max(1)));
     let loss_sum = Tensor::zeros(&[1], device);
     let correct_sum = Tensor::zeros(&[1], device);
     let stream = crate::rng::mix64(cfg.seed ^ 0xA06_A06);
@@ -721,16 +728,16 @@ fn run_epochs_on_device(
     // The device state the steps share; a step uses the full-batch buffers or the last
     // (partial) batch's.
     struct Buffers {
-        full: (Tensor, Indices),
-        rem: (Tensor, Indices),
+        full: (Tensor, Indices, Option<Tensor>),
+        rem: (Tensor, Indices, Option<Tensor>),
         order: Indices,
         cursor: Indices,
         loss_sum: Tensor,
         correct_sum: Tensor,
     }
     let mut st = Buffers {
-        full: (x_full, y_full),
-        rem: (x_rem, y_rem),
+        full: (x_full, y_full, soft_full),
+        rem: (x_rem, y_rem, soft_rem),
         order,
         cursor,
         loss_sum,
@@ -750,15 +757,43 @@ fn run_epochs_on_device(
             loss_sum,
             correct_sum,
         } = st;
-        let (x, y) = if last { rem } else { full };
+        let (x, y, soft) = if last { rem } else { full };
         {
             let counter = optim.step_counter(device).clone();
-            let key = RandomKey {
+            let key = |purpose| RandomKey {
                 stream,
                 step: &counter,
-                purpose: crate::rng::purpose::AUGMENT,
+                purpose,
             };
-            be.gather_augment(&images, &labels, order, cursor, x, y, pad, flip_p, key);
+            use crate::data::augment::Augment;
+            use crate::rng::purpose::{AUGMENT, AUGMENT_STEP};
+            be.gather_augment(
+                &images,
+                &labels,
+                order,
+                cursor,
+                x,
+                y,
+                pad,
+                flip_p,
+                key(AUGMENT),
+            );
+            if let Some(soft) = soft.as_mut() {
+                be.one_hot(y, soft);
+            }
+            for (k, a) in plan.after.iter().enumerate() {
+                let key = key(AUGMENT_STEP + k as u32);
+                match (*a, soft.as_mut()) {
+                    (Augment::Cutout { size }, _) => be.cutout(x, size, key),
+                    (Augment::Mixup { alpha }, Some(soft)) => {
+                        be.mix_batch(x, soft, alpha, false, key)
+                    }
+                    (Augment::CutMix { alpha }, Some(soft)) => {
+                        be.mix_batch(x, soft, alpha, true, key)
+                    }
+                    (other, _) => unreachable!("{other:?} is not a device batch step"),
+                }
+            }
         }
         let logits = {
             let ctx = Ctx::train()
@@ -766,7 +801,10 @@ fn run_epochs_on_device(
                 .with_precision(cfg.precision);
             model.forward(x, &ctx)?
         };
-        let out = ce.forward(&logits, Target::Hard(y))?;
+        let out = match soft {
+            Some(soft) => ce.forward(&logits, Target::Soft(soft))?,
+            None => ce.forward(&logits, Target::Hard(y))?,
+        };
         guard.note(&out.loss, optim.step_counter(device));
         model.backward(&out.grad)?;
         if let Some(p) = &cfg.penalty {

@@ -310,3 +310,227 @@ fn a_panicking_worker_is_not_a_short_epoch() {
         "the epoch must not end quietly after {result:?} batches"
     );
 }
+
+// ---- The batch steps of the on-device loader (run here on the CPU backend; the GPU's are
+// compared with these in tests/conformance.rs).
+
+mod device_steps {
+    use regimen::backend::RandomKey;
+    use regimen::data::augment::{cutout, DevicePlan};
+    use regimen::data::{Augment, Pipeline};
+    use regimen::rng::{philox_block, purpose};
+    use regimen::{DType, Device, Indices, Rng, Tensor};
+
+    const STREAM: u64 = 0x5EED_F0D1_CE00;
+
+    fn key(step: &Indices, k: u32) -> RandomKey<'_> {
+        RandomKey {
+            stream: STREAM,
+            step,
+            purpose: purpose::AUGMENT_STEP + k,
+        }
+    }
+
+    #[test]
+    fn the_device_plan_takes_crop_and_flip_first_then_the_batch_steps() {
+        let plan = |s: &str| Pipeline::parse(s).unwrap().device_plan();
+        assert_eq!(
+            plan("crop=3,flip=0.25,cutout=5,mixup=0.4,cutmix,cutout=2"),
+            Some(DevicePlan {
+                pad: 3,
+                flip_p: 0.25,
+                after: vec![
+                    Augment::Cutout { size: 5 },
+                    Augment::Mixup { alpha: 0.4 },
+                    Augment::CutMix { alpha: 1.0 },
+                    Augment::Cutout { size: 2 },
+                ],
+            })
+        );
+        assert_eq!(
+            plan("none"),
+            Some(DevicePlan {
+                pad: 0,
+                flip_p: 0.0,
+                after: vec![]
+            })
+        );
+        assert!(plan("mixup").unwrap().mixes() && !plan("crop,cutout").unwrap().mixes());
+        // Another order, a repeated crop, or a step the device does not have: the host loader.
+        for spec in [
+            "cutout,crop",
+            "mixup,flip",
+            "crop,crop",
+            "flip,flip",
+            "crop,rotate",
+            "noise",
+        ] {
+            assert_eq!(plan(spec), None, "{spec}");
+        }
+    }
+
+    #[test]
+    fn device_cutout_zeroes_the_square_at_the_drawn_centre() {
+        let (b, c, h, w, size) = (6, 2, 9, 7, 4);
+        let step = Indices::from_host(vec![11], Device::Cpu);
+        let mut x = Tensor::full(&[b, c, h, w], 1.5, Device::Cpu);
+        let be = Device::Cpu.backend();
+        be.cutout(&mut x, size, key(&step, 2));
+        let got = x.to_vec();
+        let mut centres = Vec::new();
+        for i in 0..b {
+            // Draws 2i and 2i + 1 of 64 bits are the four words of Philox block i; the row takes
+            // the high word of the first, the column of the second.
+            let wd = philox_block(STREAM, 11, purpose::AUGMENT_STEP + 2, 4 * i as u64);
+            let (cy, cx) = (
+                ((wd[0] as u64 * h as u64) >> 32) as usize,
+                ((wd[2] as u64 * w as u64) >> 32) as usize,
+            );
+            centres.push((cy, cx));
+            let mut want = vec![1.5f32; c * h * w];
+            cutout(&mut want, [c, h, w], cy, cx, size);
+            assert_eq!(
+                &got[i * c * h * w..(i + 1) * c * h * w],
+                &want[..],
+                "sample {i}"
+            );
+        }
+        centres.sort();
+        centres.dedup();
+        assert!(
+            centres.len() > 3,
+            "the samples draw their own centres: {centres:?}"
+        );
+    }
+
+    /// `x` `[B, C, H, W]` with sample `i` all `i + 1`, labels `i % 10`, soft labels one-hot.
+    fn batch(b: usize, shape: [usize; 3]) -> (Tensor, Indices, Tensor) {
+        let per: usize = shape.iter().product();
+        let x: Vec<f32> = (0..b * per).map(|e| (e / per + 1) as f32).collect();
+        let [c, h, w] = shape;
+        let x = Tensor::from_host(&[b, c, h, w], x, Device::Cpu).unwrap();
+        let y = Indices::from_host((0..b as u32).map(|i| i % 10).collect(), Device::Cpu);
+        let mut soft = Tensor::zeros(&[b, 10], Device::Cpu);
+        Device::Cpu.backend().one_hot(&y, &mut soft);
+        (x, y, soft)
+    }
+
+    #[test]
+    fn device_mixup_mixes_each_sample_with_its_mirror_and_the_labels_alike() {
+        let (b, shape) = (7, [2, 3, 3]); // odd: the middle sample pairs with itself
+        let per = 18;
+        let (mut x, y, mut soft) = batch(b, shape);
+        let x0 = x.to_vec();
+        let s0 = soft.to_vec();
+        assert_eq!(s0.iter().sum::<f32>(), b as f32);
+        assert_eq!(s0[3 * 10 + 3], 1.0, "one-hot of label 3");
+        let step = Indices::from_host(vec![5], Device::Cpu);
+        let be = Device::Cpu.backend();
+        be.mix_batch(&mut x, &mut soft, 0.4, false, key(&step, 1));
+        let lam = Rng::philox(STREAM, 5, purpose::AUGMENT_STEP + 1).beta(0.4, 0.4) as f32;
+        assert!(lam > 0.0 && lam < 1.0);
+        let (xs, ss) = (x.to_vec(), soft.to_vec());
+        for i in 0..b {
+            let j = b - 1 - i;
+            for r in 0..per {
+                assert_eq!(
+                    xs[i * per + r],
+                    lam * x0[i * per + r] + (1.0 - lam) * x0[j * per + r],
+                    "sample {i} element {r}"
+                );
+            }
+            for k in 0..10 {
+                assert_eq!(
+                    ss[i * 10 + k],
+                    lam * s0[i * 10 + k] + (1.0 - lam) * s0[j * 10 + k]
+                );
+            }
+            let row: f32 = ss[i * 10..(i + 1) * 10].iter().sum();
+            assert!((row - 1.0).abs() < 1e-6, "row {i} sums to {row}");
+        }
+        let _ = y;
+    }
+
+    #[test]
+    fn device_cutmix_swaps_one_box_and_weights_labels_by_pixel_share() {
+        let (b, shape) = (8, [3, 10, 12]);
+        let [c, h, w] = shape;
+        let per = c * h * w;
+        let be = Device::Cpu.backend();
+        let mut shares = Vec::new();
+        for s in 0..20u32 {
+            let (mut x, _, mut soft) = batch(b, shape);
+            let step = Indices::from_host(vec![s], Device::Cpu);
+            be.mix_batch(&mut x, &mut soft, 1.0, true, key(&step, 0));
+            let (xs, ss) = (x.to_vec(), soft.to_vec());
+            // The pixels taken from the partner: one box, the same in every sample and channel.
+            let taken = |i: usize| -> Vec<bool> {
+                let j = b - 1 - i;
+                (0..per)
+                    .map(|r| {
+                        let v = xs[i * per + r];
+                        assert!(
+                            v == (i + 1) as f32 || v == (j + 1) as f32,
+                            "a pixel of i or j"
+                        );
+                        v == (j + 1) as f32
+                    })
+                    .collect()
+            };
+            let first = taken(0);
+            for i in 1..b {
+                assert_eq!(taken(i), first, "step {s}: sample {i} has the same box");
+            }
+            let area = first.iter().filter(|&&t| t).count() / c;
+            let rows: Vec<usize> = (0..h)
+                .filter(|&y| (0..w).any(|x| first[y * w + x]))
+                .collect();
+            let cols: Vec<usize> = (0..w)
+                .filter(|&x| (0..h).any(|y| first[y * w + x]))
+                .collect();
+            assert_eq!(area, rows.len() * cols.len(), "step {s}: a rectangle");
+            // The label weight is the share of the sample's own pixels (labels i % 10 differ
+            // within each pair of this batch).
+            let own = 1.0 - area as f32 / (h * w) as f32;
+            for i in 0..b {
+                let j = b - 1 - i;
+                assert_eq!(ss[i * 10 + i % 10], own, "step {s}: weight of sample {i}");
+                assert_eq!(ss[i * 10 + j % 10], 1.0 - own);
+            }
+            shares.push(own);
+        }
+        assert!(
+            shares.iter().any(|&s| s < 0.9) && shares.iter().any(|&s| s > 0.1),
+            "boxes of many sizes: {shares:?}"
+        );
+    }
+
+    /// Mixup's weight on the device is Beta(alpha, alpha): its mean and variance over many
+    /// steps (read off a pair of images 1 and 0).
+    #[test]
+    fn device_mixup_weight_is_beta_distributed() {
+        let be = Device::Cpu.backend();
+        for alpha in [0.2f32, 1.0, 4.0] {
+            let n = 4000;
+            let lams: Vec<f64> = (0..n)
+                .map(|s| {
+                    let mut x =
+                        Tensor::from_host(&[2, 1, 1, 2], vec![1.0, 1.0, 0.0, 0.0], Device::Cpu)
+                            .unwrap();
+                    let mut soft = be.zeros(&[2, 1], DType::F32);
+                    let step = Indices::from_host(vec![s], Device::Cpu);
+                    be.mix_batch(&mut x, &mut soft, alpha, false, key(&step, 3));
+                    x.to_vec()[0] as f64
+                })
+                .collect();
+            let mean = lams.iter().sum::<f64>() / n as f64;
+            let var = lams.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n as f64;
+            let want = 1.0 / (4.0 * (2.0 * alpha as f64 + 1.0));
+            assert!((mean - 0.5).abs() < 0.025, "alpha {alpha}: mean {mean}");
+            assert!(
+                (var / want - 1.0).abs() < 0.1,
+                "alpha {alpha}: variance {var}, want {want}"
+            );
+        }
+    }
+}

@@ -6,9 +6,12 @@
 //! orders); matrix products and convolutions in f32 (TF32 switched off here) within
 //! `1e-4 + 1e-3 |x|` (long sums); bf16 products within `2e-2 + 2e-2 |x|` of the CPU's bf16
 //! path (both round the same inputs; they differ in accumulation order only, but a bf16
-//! rounding of an intermediate can flip); random draws (dropout masks, uniforms) exactly.
+//! rounding of an intermediate can flip); random draws (dropout masks, uniforms, the batch
+//! gather, Cutout) exactly; Mixup and CutMix (a Beta draw in f64 through `log`, `cos` and
+//! `pow`, which may differ in the last bit between CUDA and the host) within the f32 bound.
 //!
-//! Without a GPU (or without the `cuda` feature) the CUDA part prints why it was skipped.
+//! Without a GPU (or without the `cuda` feature) the CUDA part prints why it was skipped; the
+//! CPU half of every comparison still runs, so the tests themselves are exercised.
 
 use regimen::backend::{ParamUpdate, RandomKey, Target, Unary, UpdateRule, UpdateScalars, Window};
 use regimen::layer::{Ctx, Layer};
@@ -68,10 +71,11 @@ fn close(name: &str, a: &[f32], b: &[f32], tol: Tol) {
     }
 }
 
-/// Run `f` on the CPU and on the GPU with the same inputs and compare every output.
+/// Run `f` on the CPU and on the GPU with the same inputs and compare every output. Without a
+/// GPU the CPU half still runs, so that the test itself is exercised everywhere.
 fn same(name: &str, tol: Tol, f: impl Fn(Device) -> Vec<Tensor>) {
-    let Some(g) = gpu() else { return };
     let a = f(Device::Cpu);
+    let Some(g) = gpu() else { return };
     let b = f(g);
     assert_eq!(a.len(), b.len(), "{name}: outputs");
     for (k, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -405,6 +409,140 @@ fn batch_norm_and_randomness() {
 }
 
 #[test]
+fn batches_gathered_and_augmented_on_the_device() {
+    use regimen::rng::purpose::{AUGMENT, AUGMENT_STEP};
+    let (n, b, c, h, w) = (23, 9, 2, 10, 12);
+    let batch = |d: Device, step: u32| -> (Tensor, Indices) {
+        let be = d.backend();
+        let images = t(&[n, c, h, w], 60, d);
+        let labels = Indices::from_host((0..n as u32).map(|i| (i * 7) % 10).collect(), d);
+        let order = Indices::from_host((0..n as u32).map(|i| (i * 5 + 3) % n as u32).collect(), d);
+        let cursor = Indices::from_host(vec![4], d);
+        let s = Indices::from_host(vec![step], d);
+        let key = RandomKey {
+            stream: 0xA06,
+            step: &s,
+            purpose: AUGMENT,
+        };
+        let mut x = be.alloc(&[b, c, h, w], DType::F32);
+        let mut y = Indices::zeros(b, d);
+        be.gather_augment(
+            &images, &labels, &order, &cursor, &mut x, &mut y, 3, 0.5, key,
+        );
+        (x, y)
+    };
+    same("gather with crop and flip", EXACT, |d| {
+        let (x, y) = batch(d, 7);
+        let y = Tensor::from_host(&[b], y.to_vec().iter().map(|&v| v as f32).collect(), d).unwrap();
+        vec![x, y]
+    });
+    same("one-hot labels and Cutout", EXACT, |d| {
+        let be = d.backend();
+        let (mut x, y) = batch(d, 8);
+        let mut soft = be.zeros(&[b, 10], DType::F32);
+        be.one_hot(&y, &mut soft);
+        let s = Indices::from_host(vec![8], d);
+        be.cutout(
+            &mut x,
+            5,
+            RandomKey {
+                stream: 0xA06,
+                step: &s,
+                purpose: AUGMENT_STEP,
+            },
+        );
+        vec![x, soft]
+    });
+    // Beta draws and boxes in f64 (CUDA's log, cos and pow may differ from the host's in the
+    // last bit): F32 tolerance.
+    for (alpha, cutmix) in [(0.3, false), (2.5, false), (1.0, true), (0.5, true)] {
+        same(&format!("mix alpha {alpha} cutmix {cutmix}"), F32, |d| {
+            let be = d.backend();
+            let mut out = Vec::new();
+            for step in 0..6 {
+                let (mut x, y) = batch(d, step);
+                let mut soft = be.zeros(&[b, 10], DType::F32);
+                be.one_hot(&y, &mut soft);
+                let s = Indices::from_host(vec![step], d);
+                let key = RandomKey {
+                    stream: 0xA06,
+                    step: &s,
+                    purpose: AUGMENT_STEP + 1,
+                };
+                be.mix_batch(&mut x, &mut soft, alpha, cutmix, key);
+                out.extend([x, soft]);
+            }
+            out
+        });
+    }
+}
+
+/// Whole epochs with batches built and augmented on the device (crop, flip, Cutout, Mixup,
+/// CutMix), one epoch: the GPU's eager run against the CPU's (the same draws; summation orders
+/// differ),
+/// and the GPU's recorded-and-replayed run against its eager one.
+#[test]
+fn device_batches_train_alike_on_every_device() {
+    use regimen::data::{Dataset, Pipeline};
+    use regimen::schedule::Constant;
+    use regimen::train::{fit, FitConfig};
+    use std::sync::Arc;
+    regimen_cuda_exact_convs();
+    let data = |n: usize, seed: u64| Dataset {
+        images: rand(&[n, 1, 8, 8], seed),
+        labels: (0..n as u32).map(|i| (i * 3) % 10).collect(),
+        image_shape: [1, 8, 8],
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+    };
+    let (train, test) = (Arc::new(data(150, 70)), data(40, 71));
+    let run = |d: Device, graph: bool| -> Vec<Tensor> {
+        let mut model = models::for_input("digits-cnn", [1, 8, 8], 10, &mut Rng::new(3)).unwrap();
+        regimen::layer::to_device(&mut model, d);
+        let mut optim = Optim::new(Sgd::momentum(0.9), OptimConfig::default()).unwrap();
+        let cfg = FitConfig {
+            epochs: 1,
+            batch_size: 32, // four full batches (two eager, one recorded, one replay), then 22
+            seed: 5,
+            device: d,
+            device_data: true,
+            graph,
+            augment: Pipeline::parse("crop=1,flip,cutout=3,mixup=0.4,cutmix=1.0").unwrap(),
+            ..Default::default()
+        };
+        fit(
+            &mut model,
+            train.clone(),
+            &test,
+            &cfg,
+            &mut optim,
+            &mut Constant(0.02),
+            |_| {},
+        )
+        .unwrap();
+        let mut w = Vec::new();
+        regimen::layer::Layer::visit_params(&mut model, "", &mut |_, p| w.push(p.value.clone()));
+        w
+    };
+    let cpu = run(Device::Cpu, false);
+    let Some(g) = gpu() else { return };
+    let (eager, replayed) = (run(g, false), run(g, true));
+    for (k, ((a, b), c)) in cpu.iter().zip(&eager).zip(&replayed).enumerate() {
+        close(
+            &format!("tensor {k}, CPU vs GPU"),
+            &a.to_vec(),
+            &b.to_vec(),
+            Tol(5e-4, 5e-3),
+        );
+        close(
+            &format!("tensor {k}, GPU graph vs eager"),
+            &b.to_vec(),
+            &c.to_vec(),
+            Tol(1e-5, 1e-4),
+        );
+    }
+}
+
+#[test]
 fn losses_and_metrics() {
     same("cross-entropy", F32, |d| {
         let be = d.backend();
@@ -655,10 +793,14 @@ fn a_recorded_step_replays_as_the_eager_steps() {
 fn kernels_compile_with_nvrtc() {
     #[cfg(feature = "cuda")]
     match regimen::backend::cuda::compile_kernels((9, 0)) {
-        Ok(ptx) => assert!(
-            ptx.contains(".entry optim_update"),
-            "the PTX has the update kernel"
-        ),
+        Ok(ptx) => {
+            for name in regimen::backend::cuda::KERNEL_NAMES {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "the PTX has no kernel {name}, which the backend launches"
+                );
+            }
+        }
         Err(e) if e.to_string().contains("not found") => {
             eprintln!("NVRTC compile check skipped: {e}")
         }

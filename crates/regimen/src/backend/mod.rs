@@ -505,6 +505,28 @@ pub trait Backend: Send + Sync {
         key: RandomKey<'_>,
     );
 
+    /// `out` `[B, K]`: row `i` is the one-hot vector of `labels[i]` (soft labels to mix).
+    fn one_hot(&self, labels: &Indices, out: &mut Tensor);
+    /// Cutout of a batch `x` `[B, C, H, W]` in place: sample `i` gets a `size x size` square
+    /// of zeros centred at [`device_cutout_centre`](crate::data::augment::device_cutout_centre)
+    /// (row and column from the 64-bit draws `2 i`, `2 i + 1` of `key`), clipped to the image.
+    fn cutout(&self, x: &mut Tensor, size: usize, key: RandomKey<'_>);
+    /// Mixup (`cutmix` false) or CutMix of a batch `x` `[B, C, H, W]` and its soft labels
+    /// `soft` `[B, K]` in place, sample `i` with sample `B - 1 - i`. The draws are
+    /// [`device_mix_draws`](crate::data::augment::device_mix_draws) of the sequential Philox
+    /// stream of `key`: Mixup sets `x_i = l x_i + (1 - l) x_j`, CutMix pastes the box of `x_j`
+    /// into `x_i`; then `y_i = l y_i + (1 - l) y_j` with `l` the label weight (products
+    /// rounded before the sum, no fused multiply-add, so every device gives the same bits for
+    /// the same `l`).
+    fn mix_batch(
+        &self,
+        x: &mut Tensor,
+        soft: &mut Tensor,
+        alpha: f32,
+        cutmix: bool,
+        key: RandomKey<'_>,
+    );
+
     // ---- optimizers
     /// If `loss[0]` is not finite and `first[0]` is 0, `first[0] = step[0] + 1`: the first
     /// step (1-based) with a non-finite loss, noted on the device without a host read.

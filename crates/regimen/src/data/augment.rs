@@ -23,6 +23,10 @@
 //!
 //! Every draw comes from the [`Rng`] given to [`Pipeline::apply`]: the same seed gives the same
 //! batch.
+//!
+//! Batches built on the device ([`Pipeline::device_plan`]) take crop and flip in the gather,
+//! then Cutout, Mixup and CutMix as batch steps; there Mixup and CutMix pair sample `i` with
+//! sample `B - 1 - i` instead of drawing a permutation ([`device_mix_draws`]).
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -162,18 +166,31 @@ impl Pipeline {
         Ok(())
     }
 
-    /// `(pad, flip probability)` when the pipeline is only a crop and/or a flip (the
-    /// augmentations the device gather kernel does), else `None`.
-    pub fn crop_flip(&self) -> Option<(usize, f32)> {
-        let (mut pad, mut flip) = (0, 0.0);
+    /// How the pipeline runs on the device (batches gathered and augmented there), or `None`
+    /// when it cannot: the crop and the flip (at most one of each) must come first, as the
+    /// gather applies them; Cutout, Mixup and CutMix may follow, in any order and number.
+    pub fn device_plan(&self) -> Option<DevicePlan> {
+        let mut plan = DevicePlan {
+            pad: 0,
+            flip_p: 0.0,
+            after: Vec::new(),
+        };
+        let (mut crop, mut flip) = (false, false);
         for s in &self.steps {
             match *s {
-                Augment::Crop { pad: p } => pad = p,
-                Augment::Flip { p } => flip = p,
+                Augment::Crop { pad } if !crop && plan.after.is_empty() => {
+                    (crop, plan.pad) = (true, pad)
+                }
+                Augment::Flip { p } if !flip && plan.after.is_empty() => {
+                    (flip, plan.flip_p) = (true, p)
+                }
+                Augment::Cutout { .. } | Augment::Mixup { .. } | Augment::CutMix { .. } => {
+                    plan.after.push(*s)
+                }
                 _ => return None,
             }
         }
-        Some((pad, flip))
+        Some(plan)
     }
 
     /// True when the pipeline mixes samples (Mixup, CutMix) and so makes soft labels.
@@ -229,6 +246,63 @@ impl Pipeline {
         }
         soft
     }
+}
+
+/// A pipeline as the device runs it ([`Pipeline::device_plan`]): the gather's crop padding and
+/// flip probability, then the batch steps that follow it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DevicePlan {
+    pub pad: usize,
+    pub flip_p: f32,
+    /// Cutout, Mixup and CutMix steps, in order; the `k`-th draws under purpose
+    /// [`AUGMENT_STEP`](crate::rng::purpose::AUGMENT_STEP)` + k`.
+    pub after: Vec<Augment>,
+}
+
+impl DevicePlan {
+    /// True when a step mixes samples (so the loss takes soft labels).
+    pub fn mixes(&self) -> bool {
+        self.after
+            .iter()
+            .any(|s| matches!(s, Augment::Mixup { .. } | Augment::CutMix { .. }))
+    }
+}
+
+/// The draws of a Mixup or CutMix on the device, from a sequential Philox stream: `l ~
+/// Beta(alpha, alpha)`, then for CutMix the box ([`cutmix_box`]). Returns the label weight of
+/// each image's own label (`l`, or CutMix's pixel share) and the box. The device pairs sample
+/// `i` with sample `B - 1 - i` (as timm does): the batch is already in random order, so no
+/// permutation is drawn.
+pub fn device_mix_draws(
+    alpha: f32,
+    cutmix: bool,
+    h: usize,
+    w: usize,
+    rng: &mut Rng,
+) -> (f32, Option<CutBox>) {
+    let lam = rng.beta(alpha as f64, alpha as f64) as f32;
+    if !cutmix {
+        return (lam, None);
+    }
+    let bx = cutmix_box(h, w, lam, rng);
+    (bx.weight(h, w), Some(bx))
+}
+
+/// The centre `(row, column)` of sample `i`'s Cutout square on the device: the 64-bit draws
+/// `2 i` and `2 i + 1` of `(stream, step, purpose)` mapped to `[0, h)` and `[0, w)`.
+pub fn device_cutout_centre(
+    stream: u64,
+    step: u32,
+    purpose: u32,
+    i: usize,
+    h: usize,
+    w: usize,
+) -> (usize, usize) {
+    use crate::rng::{philox_u64, u64_below};
+    (
+        u64_below(philox_u64(stream, step, purpose, 2 * i as u64), h),
+        u64_below(philox_u64(stream, step, purpose, 2 * i as u64 + 1), w),
+    )
 }
 
 fn one_hot(labels: &[u32], classes: usize) -> Vec<f32> {

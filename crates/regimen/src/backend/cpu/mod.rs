@@ -857,6 +857,77 @@ impl Backend for Cpu {
         }
     }
 
+    fn one_hot(&self, labels: &Indices, out: &mut Tensor) {
+        let k = out.shape()[1];
+        let o = f32s_mut(out);
+        o.fill(0.0);
+        for (i, &l) in u32s(labels.tensor()).iter().enumerate() {
+            o[i * k + l as usize] = 1.0;
+        }
+    }
+
+    fn cutout(&self, x: &mut Tensor, size: usize, key: RandomKey<'_>) {
+        let s = x.shape().to_vec();
+        let shape = [s[1], s[2], s[3]];
+        let step = step_of(key.step);
+        let per: usize = shape.iter().product();
+        for (i, img) in f32s_mut(x).chunks_mut(per.max(1)).enumerate() {
+            let (cy, cx) = crate::data::augment::device_cutout_centre(
+                key.stream,
+                step,
+                key.purpose,
+                i,
+                shape[1],
+                shape[2],
+            );
+            crate::data::augment::cutout(img, shape, cy, cx, size);
+        }
+    }
+
+    fn mix_batch(
+        &self,
+        x: &mut Tensor,
+        soft: &mut Tensor,
+        alpha: f32,
+        cutmix: bool,
+        key: RandomKey<'_>,
+    ) {
+        let s = x.shape().to_vec();
+        let (b, h, w) = (s[0], s[2], s[3]);
+        let per = x.numel() / b.max(1);
+        let k = soft.shape()[1];
+        let mut rng = crate::rng::Rng::philox(key.stream, step_of(key.step), key.purpose);
+        let (lam, bx) = crate::data::augment::device_mix_draws(alpha, cutmix, h, w, &mut rng);
+        // Pairs (i, B - 1 - i): each reads both, then writes both.
+        let pairs = |v: &mut [f32], len: usize| {
+            for i in 0..b.div_ceil(2) {
+                let j = b - 1 - i;
+                for r in 0..len {
+                    let (p, q) = (v[i * len + r], v[j * len + r]);
+                    v[i * len + r] = lam * p + (1.0 - lam) * q;
+                    v[j * len + r] = lam * q + (1.0 - lam) * p;
+                }
+            }
+        };
+        match bx {
+            None => pairs(f32s_mut(x), per),
+            Some(bx) => {
+                let xs = f32s_mut(x);
+                for i in 0..b / 2 {
+                    let (head, tail) = xs.split_at_mut((b - 1 - i) * per);
+                    let (a, c) = (&mut head[i * per..(i + 1) * per], &mut tail[..per]);
+                    for r in 0..per {
+                        let (y, xx) = ((r / w) % h, r % w);
+                        if (bx.y0..bx.y1).contains(&y) && (bx.x0..bx.x1).contains(&xx) {
+                            std::mem::swap(&mut a[r], &mut c[r]);
+                        }
+                    }
+                }
+            }
+        }
+        pairs(f32s_mut(soft), k);
+    }
+
     fn note_nonfinite(&self, loss: &Tensor, step: &Indices, first: &mut Indices) {
         let s = step_of(step);
         let f = &mut u32s_mut(first.tensor_mut())[0];

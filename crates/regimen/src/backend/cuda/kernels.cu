@@ -981,3 +981,145 @@ extern "C" __global__ void gather_augment(const float* images, const u32* labels
         if (r == 0) labels_out[smp] = labels_in[src];
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The batch steps after the gather: one-hot labels, Cutout, Mixup and CutMix (data/augment.rs
+// documents the draws). The sequential draws below repeat rng.rs's `Rng::philox` (next_f64,
+// normal, gamma, beta) and augment.rs's `cutmix_box` operation for operation, with explicit
+// rounding (no fused multiply-add), so that both devices draw the same `l` and box.
+
+// Draw j of 64 bits of (stream, step, purpose): the words 2j (high) and 2j + 1 (low).
+__device__ __forceinline__ u64 philox_u64(u64 stream, u32 step, u32 purpose, u64 j) {
+    u64 block = (2 * j) >> 2;
+    u32 c[4] = {(u32)block, (u32)(block >> 32), step, purpose};
+    philox(c, (u32)stream, (u32)(stream >> 32));
+    int k = (int)((2 * j) & 3);
+    return ((u64)c[k] << 32) | (u64)c[k + 1];
+}
+__device__ __forceinline__ int u64_below(u64 x, int n) { return (int)(((x >> 32) * (u64)n) >> 32); }
+
+struct SeqRng {
+    u64 stream;
+    u32 step, purpose;
+    u64 j;
+};
+__device__ double seq_f64(SeqRng* r) {
+    u64 x = philox_u64(r->stream, r->step, r->purpose, r->j++);
+    return __dmul_rn((double)(x >> 11), 1.0 / 9007199254740992.0);
+}
+__device__ double seq_normal(SeqRng* r) {
+    double u1 = __dsub_rn(1.0, seq_f64(r));
+    double u2 = seq_f64(r);
+    return __dmul_rn(sqrt(__dmul_rn(-2.0, log(u1))), cos(__dmul_rn(2.0 * 3.141592653589793, u2)));
+}
+// Gamma(shape, 1): Marsaglia & Tsang; for shape < 1, G(shape + 1) U^(1 / shape), U drawn first.
+__device__ double seq_gamma(SeqRng* r, double shape) {
+    double boost = -1.0, orig = shape;
+    if (shape < 1.0) {
+        boost = __dsub_rn(1.0, seq_f64(r));
+        shape = __dadd_rn(shape, 1.0);
+    }
+    double d = __dsub_rn(shape, 1.0 / 3.0);
+    double c = __ddiv_rn(1.0, sqrt(__dmul_rn(9.0, d)));
+    double g;
+    for (;;) {
+        double x = seq_normal(r);
+        double t = __dadd_rn(1.0, __dmul_rn(c, x));
+        double v = __dmul_rn(__dmul_rn(t, t), t);
+        if (v <= 0.0) continue;
+        double u = __dsub_rn(1.0, seq_f64(r));
+        double x2 = __dmul_rn(x, x);
+        if (u < __dsub_rn(1.0, __dmul_rn(0.0331, __dmul_rn(x2, x2))) ||
+            log(u) < __dadd_rn(__dmul_rn(__dmul_rn(0.5, x), x),
+                               __dmul_rn(d, __dadd_rn(__dsub_rn(1.0, v), log(v))))) {
+            g = __dmul_rn(d, v);
+            break;
+        }
+    }
+    if (boost >= 0.0) g = __dmul_rn(g, pow(boost, __ddiv_rn(1.0, orig)));
+    return g;
+}
+__device__ __forceinline__ int clip_round(double v, int n) {
+    double r = round(v);
+    return (int)(r < 0.0 ? 0.0 : (r > (double)n ? (double)n : r));
+}
+
+// params: [label weight l, y0, y1, x0, x1] of a Mixup (no box: 0, h, 0, w unused) or CutMix.
+extern "C" __global__ void mix_params(float* params, float alpha, int cutmix, int h, int w,
+                                      u64 stream, const u32* step, u32 purpose) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    SeqRng r = {stream, *step, purpose, 0};
+    double x = seq_gamma(&r, (double)alpha), y = seq_gamma(&r, (double)alpha);
+    double s = __dadd_rn(x, y);
+    float lam = s == 0.0 ? 0.5f : (float)__ddiv_rn(x, s);
+    int y0 = 0, y1 = h, x0 = 0, x1 = w;
+    if (cutmix) {
+        double cut = sqrt(fmax(__dsub_rn(1.0, (double)lam), 0.0));
+        double rw = __dmul_rn((double)w, cut), rh = __dmul_rn((double)h, cut);
+        double rx = __dmul_rn((double)w, seq_f64(&r));
+        double ry = __dmul_rn((double)h, seq_f64(&r));
+        y0 = clip_round(__dsub_rn(ry, rh / 2.0), h);
+        y1 = clip_round(__dadd_rn(ry, rh / 2.0), h);
+        x0 = clip_round(__dsub_rn(rx, rw / 2.0), w);
+        x1 = clip_round(__dadd_rn(rx, rw / 2.0), w);
+        lam = __fsub_rn(1.0f, __fdiv_rn((float)((y1 - y0) * (x1 - x0)), (float)(h * w)));
+    }
+    params[0] = lam;
+    params[1] = (float)y0;
+    params[2] = (float)y1;
+    params[3] = (float)x0;
+    params[4] = (float)x1;
+}
+
+// Sample i with sample b - 1 - i: Mixup mixes every element, CutMix swaps the box; the soft
+// labels mix with the label weight. Planes are the pairs (the middle sample of an odd batch
+// pairs with itself).
+extern "C" __global__ void mix_batch(float* x, float* soft, const float* params, int b, int k,
+                                     int h, int w, unsigned per, int cutmix) {
+    float lam = params[0], rest = __fsub_rn(1.0f, lam);
+    int y0 = (int)params[1], y1 = (int)params[2], x0 = (int)params[3], x1 = (int)params[4];
+    unsigned inner = per > (unsigned)k ? per : (unsigned)k, hw = (unsigned)(h * w);
+    PLANE_LOOP(pl, r, (b + 1) / 2, inner) {
+        long long i = pl, j = b - 1 - pl;
+        if (r < per) {
+            float p = x[i * per + r], q = x[j * per + r];
+            if (!cutmix) {
+                x[i * per + r] = __fadd_rn(__fmul_rn(lam, p), __fmul_rn(rest, q));
+                x[j * per + r] = __fadd_rn(__fmul_rn(lam, q), __fmul_rn(rest, p));
+            } else {
+                unsigned rr = r % hw;
+                int yy = (int)(rr / (unsigned)w), xx = (int)(rr % (unsigned)w);
+                if (yy >= y0 && yy < y1 && xx >= x0 && xx < x1) {
+                    x[i * per + r] = q;
+                    x[j * per + r] = p;
+                }
+            }
+        }
+        if (r < (unsigned)k) {
+            float p = soft[i * k + r], q = soft[j * k + r];
+            soft[i * k + r] = __fadd_rn(__fmul_rn(lam, p), __fmul_rn(rest, q));
+            soft[j * k + r] = __fadd_rn(__fmul_rn(lam, q), __fmul_rn(rest, p));
+        }
+    }
+}
+
+// Zero each sample's size x size square centred at (row, column) = draws 2i, 2i + 1.
+extern "C" __global__ void cutout(float* x, int b, int h, int w, unsigned per, int size,
+                                  u64 stream, const u32* step, u32 purpose) {
+    u32 s = *step;
+    unsigned hw = (unsigned)(h * w);
+    PLANE_LOOP(smp, r, b, per) {
+        int cy = u64_below(philox_u64(stream, s, purpose, 2 * (u64)smp), h);
+        int cx = u64_below(philox_u64(stream, s, purpose, 2 * (u64)smp + 1), w);
+        int half = size / 2;
+        int y0 = max(cy - half, 0), y1 = min(cy - half + size, h);
+        int x0 = max(cx - half, 0), x1 = min(cx - half + size, w);
+        unsigned rr = r % hw;
+        int yy = (int)(rr / (unsigned)w), xx = (int)(rr % (unsigned)w);
+        if (yy >= y0 && yy < y1 && xx >= x0 && xx < x1) x[smp * per + r] = 0.0f;
+    }
+}
+
+extern "C" __global__ void one_hot(const u32* labels, float* out, long long b, int k) {
+    GRID_STRIDE(i, b * k) out[i] = labels[i / k] == (u32)(i % k) ? 1.0f : 0.0f;
+}

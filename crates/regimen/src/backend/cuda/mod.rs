@@ -96,7 +96,7 @@ pub fn compile_kernels(arch: (i32, i32)) -> Result<String> {
 }
 
 /// Every kernel of `kernels.cu` that the backend launches.
-const KERNEL_NAMES: &[&str] = &[
+pub const KERNEL_NAMES: &[&str] = &[
     "cast_f32_bf16",
     "cast_f32_f16",
     "cast_bf16_f32",
@@ -154,6 +154,10 @@ const KERNEL_NAMES: &[&str] = &[
     "increment",
     "optim_update",
     "gather_augment",
+    "one_hot",
+    "cutout",
+    "mix_params",
+    "mix_batch",
 ];
 
 /// Buffers allocated while a graph was recorded: they belong to the graph, and return here
@@ -1865,6 +1869,83 @@ impl Backend for CudaBackend {
                     &sp,
                     &key.purpose
                 ],
+            );
+        }
+    }
+
+    fn one_hot(&self, labels: &Indices, out: &mut Tensor) {
+        let (b, k) = (out.shape()[0] as i64, out.shape()[1] as i32);
+        let (lp, op) = (ptr(labels.tensor()), ptr_mut(out));
+        if b > 0 {
+            self.launch(
+                "one_hot",
+                blocks_for(b as usize * k as usize),
+                BLOCK,
+                &mut args![&lp, &op, &b, &k],
+            );
+        }
+    }
+
+    fn cutout(&self, x: &mut Tensor, size: usize, key: RandomKey<'_>) {
+        let s = x.shape().to_vec();
+        let per: usize = s[1..].iter().product();
+        let (b, h, w, size) = (s[0] as i32, s[2] as i32, s[3] as i32, size as i32);
+        let per32 = per as u32;
+        let (xp, sp) = (ptr_mut(x), ptr(key.step.tensor()));
+        if s[0] > 0 && per > 0 {
+            self.launch_planes(
+                "cutout",
+                s[0],
+                per,
+                &mut args![
+                    &xp,
+                    &b,
+                    &h,
+                    &w,
+                    &per32,
+                    &size,
+                    &key.stream,
+                    &sp,
+                    &key.purpose
+                ],
+            );
+        }
+    }
+
+    fn mix_batch(
+        &self,
+        x: &mut Tensor,
+        soft: &mut Tensor,
+        alpha: f32,
+        cutmix: bool,
+        key: RandomKey<'_>,
+    ) {
+        let s = x.shape().to_vec();
+        let per: usize = s[1..].iter().product();
+        let k = soft.shape()[1];
+        let (b, h, w, k32, per32, cm) = (
+            s[0] as i32,
+            s[2] as i32,
+            s[3] as i32,
+            k as i32,
+            per as u32,
+            cutmix as i32,
+        );
+        let params = self.new_tensor(&[5], DType::F32);
+        let (pp, sp) = (ptr(&params), ptr(key.step.tensor()));
+        self.launch(
+            "mix_params",
+            1,
+            1,
+            &mut args![&pp, &alpha, &cm, &h, &w, &key.stream, &sp, &key.purpose],
+        );
+        let (xp, yp) = (ptr_mut(x), ptr_mut(soft));
+        if s[0] > 0 {
+            self.launch_planes(
+                "mix_batch",
+                s[0].div_ceil(2),
+                per.max(k),
+                &mut args![&xp, &yp, &pp, &b, &k32, &h, &w, &per32, &cm],
             );
         }
     }
