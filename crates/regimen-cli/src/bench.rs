@@ -302,6 +302,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mode = if args.graph { "graph" } else { "eager" };
     if args.json {
         let mut j = serde_json::json!({"framework": "regimen", "workload": args.workload, "batch": b, "threads": threads, "steps_per_s": median, "reps": rates, "device": device.to_string(), "mode": mode, "precision": args.precision, "forward_flops_per_sample": forward_flops, "cpu_kernels": regimen::backend::cpu_features()});
+        if let Some(engine) = regimen::backend::gpu_conv_engine(device) {
+            j["gpu_conv"] = engine.into();
+        }
         if let Some((bytes, ms, waited)) = allreduce {
             j["ranks"] = ranks.into();
             j["bucket_mb"] = args.bucket_mb.into();
@@ -311,8 +314,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         say!("{j}");
     } else {
+        let conv = regimen::backend::gpu_conv_engine(device)
+            .map(|e| format!(", convolutions by {e}"))
+            .unwrap_or_default();
         say!(
-            "regimen {} batch {b} device {device} {mode} {}: {median:.2} steps/s (reps: {rates:.2?})",
+            "regimen {} batch {b} device {device} {mode} {}{conv}: {median:.2} steps/s (reps: {rates:.2?})",
             args.workload, args.precision
         );
         if let Some((bytes, ms, waited)) = allreduce {

@@ -62,6 +62,17 @@ pub fn cpu_features() -> String {
         std::env::consts::ARCH.to_string()
     }
 }
+/// How f32 convolutions run on a GPU: `cudnn` (with `REGIMEN_CUDNN=1`) or `im2col` (im2col +
+/// cuBLAS); `None` on the CPU or when the GPU cannot be used.
+pub fn gpu_conv_engine(device: Device) -> Option<&'static str> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        return cuda::get(n).ok().map(|b| b.conv_engine());
+    }
+    let _ = device;
+    None
+}
+
 pub(crate) use update::{
     adagrad as adagrad_element, adam as adam_element, rmsprop as rmsprop_element,
     sgd as sgd_element,

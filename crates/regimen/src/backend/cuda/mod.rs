@@ -9,7 +9,8 @@
 //! - **Matrix products**: cuBLAS (`cublasGemmEx`), f32 or bf16/f16 inputs with f32 results.
 //!   Linear layers multiply in full f32 (as PyTorch's default); convolutions are im2col +
 //!   one GEMM over the whole batch and use TF32 tensor cores unless
-//!   [`set_conv_tf32`]`(false)` (as PyTorch's default for cuDNN convolutions).
+//!   [`set_conv_tf32`]`(false)` (as PyTorch's default for cuDNN convolutions); with
+//!   `REGIMEN_CUDNN=1`, f32 convolutions go through cuDNN instead (`dnn.rs`).
 //! - **Memory**: one stream per GPU; buffers come from a pool ([`crate::backend::pool`]) and
 //!   return to it when dropped; a steady-state step allocates nothing.
 //! - **Graphs**: [`Backend::begin_capture`] / [`Backend::end_capture`] record the operations
@@ -18,6 +19,8 @@
 //! - **Errors**: a missing driver, library or GPU is an [`Error::Device`] from
 //!   [`crate::Device::cuda`], never a panic. A CUDA error inside an operation (which returns a
 //!   tensor, not a `Result`) is a broken invariant and panics with the driver's message.
+
+mod dnn;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -262,6 +265,8 @@ pub struct CudaBackend {
     /// Uploaded optimizer tables (parameter pointers), by content.
     tables: Mutex<HashMap<Vec<u8>, CudaBuffer>>,
     _workspace: u64,
+    /// cuDNN convolutions, when `REGIMEN_CUDNN=1` asked for them and cuDNN loaded.
+    dnn: Option<dnn::Dnn>,
 }
 
 const MAX_GPUS: usize = 16;
@@ -415,6 +420,17 @@ impl CudaBackend {
             capture_miss: AtomicBool::new(false),
             tables: Mutex::new(HashMap::new()),
             _workspace: workspace,
+            dnn: if dnn::requested() {
+                match dnn::Dnn::new(cs) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        eprintln!("REGIMEN_CUDNN=1: {e}; convolutions use im2col");
+                        None
+                    }
+                }
+            } else {
+                None
+            },
         })
     }
 
@@ -563,6 +579,31 @@ impl CudaBackend {
     /// Scratch of `n` doubles.
     fn scratch_f64(&self, n: usize) -> CudaBuffer {
         self.alloc_words(2 * n.max(1))
+    }
+
+    /// cuDNN and its plan for an f32 convolution of `x` by `w`, when cuDNN is on and has
+    /// suitable algorithms for the shape.
+    fn dnn_plan(&self, x: &Tensor, w: &Tensor, win: Window) -> Option<(&dnn::Dnn, &dnn::Plan)> {
+        let dnn = self.dnn.as_ref()?;
+        if x.dtype() != DType::F32 || w.dtype() != DType::F32 || x.numel() == 0 {
+            return None;
+        }
+        let tf32 = CONV_TF32.load(Ordering::Relaxed);
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.bind();
+        let plan = dnn
+            .plan(x.shape(), w.shape(), win, tf32)
+            .unwrap_or_else(|e| panic!("cuda:{}: {e}", self.ordinal))?;
+        Some((dnn, plan))
+    }
+
+    /// The convolution engine of f32 convolutions: "cudnn" or "im2col".
+    pub fn conv_engine(&self) -> &'static str {
+        if self.dnn.is_some() {
+            "cudnn"
+        } else {
+            "im2col"
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1302,6 +1343,19 @@ impl Backend for CudaBackend {
 
     fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor {
         let g = ConvGeom::new(x.shape(), w.shape(), win);
+        if let Some((dnn, plan)) = self.dnn_plan(x, w, win) {
+            let mut y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
+            {
+                let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.bind();
+                dnn.forward(plan, ptr(x), ptr(w), ptr(&y))
+                    .unwrap_or_else(|e| panic!("cuda:{}: {e}", self.ordinal));
+            }
+            if let Some(b) = b {
+                self.add_channel_bias(&mut y, b, g.oc);
+            }
+            return y;
+        }
         let col = self.im2col(x, &g);
         let yt = self.new_tensor(&[g.oc, g.nb * g.p], DType::F32);
         // y' [OC, N P] = W [OC, K] col [K, N P]
@@ -1345,6 +1399,26 @@ impl Backend for CudaBackend {
         input_grad: bool,
     ) -> Tensor {
         let g = ConvGeom::new(x.shape(), w.shape(), win);
+        if let Some((dnn, plan)) = self.dnn_plan(x, w, win) {
+            if let Some(db) = db {
+                self.channel_bias_backward(dy, db, g.oc);
+            }
+            let dx = if input_grad {
+                self.new_tensor(x.shape(), DType::F32)
+            } else {
+                self.new_tensor(&[0], DType::F32)
+            };
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.bind();
+            let done = dnn
+                .weight_grad(plan, ptr(x), ptr(dy), ptr_mut(dw))
+                .and_then(|()| match input_grad {
+                    true => dnn.input_grad(plan, ptr(w), ptr(dy), ptr(&dx)),
+                    false => Ok(()),
+                });
+            done.unwrap_or_else(|e| panic!("cuda:{}: {e}", self.ordinal));
+            return dx;
+        }
         let dtype = x.dtype();
         let tf32 = dtype == DType::F32 && CONV_TF32.load(Ordering::Relaxed);
         // dy' [OC, N P] in the product type.

@@ -1,0 +1,431 @@
+//! Convolutions through cuDNN (its legacy convolution API), an alternative to im2col + cuBLAS
+//! for f32 convolutions: `REGIMEN_CUDNN=1` turns it on (off by default until it has been
+//! measured on a GPU; `bench/gpu-check` runs the conformance tests and cnn-step both ways).
+//!
+//! One plan per convolution shape: the descriptors of `x`, `w` and `y`, and for each direction
+//! (forward, input gradient, weight gradient) the algorithm cuDNN's heuristics rank first among
+//! those that are deterministic (regimen's runs give the same bits every time), fit the
+//! workspace, and use the math the backend allows (TF32 tensor cores, or plain FMA when
+//! [`set_conv_tf32`](super::set_conv_tf32)`(false)`). A shape with no such algorithm keeps
+//! im2col. The workspace is allocated once, so a step recorded as a CUDA graph never allocates.
+//! Plans are made at a shape's first use (the eager steps before a recording).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::cudnn::{result as dnn, sys as dsys};
+use cudarc::driver::{result as dr, sys};
+
+use crate::backend::Window;
+use crate::error::{Error, Result};
+
+/// Bytes of the workspace every cuDNN call shares.
+const WORKSPACE: usize = 64 << 20;
+
+/// Whether `REGIMEN_CUDNN` asks for cuDNN convolutions.
+pub(super) fn requested() -> bool {
+    asks(std::env::var("REGIMEN_CUDNN").ok().as_deref())
+}
+
+/// The rule for the variable's value: exactly `1`.
+fn asks(value: Option<&str>) -> bool {
+    value == Some("1")
+}
+
+#[derive(Clone, Copy, Hash, PartialEq, Eq)]
+struct Key {
+    x: [usize; 4],
+    w: [usize; 4],
+    stride: usize,
+    pad: usize,
+    tf32: bool,
+}
+
+/// The descriptors and algorithms of one convolution shape.
+pub(super) struct Plan {
+    x: dsys::cudnnTensorDescriptor_t,
+    w: dsys::cudnnFilterDescriptor_t,
+    y: dsys::cudnnTensorDescriptor_t,
+    /// One convolution descriptor per direction: each carries its algorithm's math type.
+    conv: [dsys::cudnnConvolutionDescriptor_t; 3],
+    fwd: dsys::cudnnConvolutionFwdAlgo_t,
+    data: dsys::cudnnConvolutionBwdDataAlgo_t,
+    filter: dsys::cudnnConvolutionBwdFilterAlgo_t,
+}
+
+/// cuDNN on the backend's stream.
+pub(super) struct Dnn {
+    handle: dsys::cudnnHandle_t,
+    workspace: u64,
+    /// `None`: cuDNN offers no suitable algorithm for the shape (im2col runs it).
+    plans: Mutex<HashMap<Key, Option<&'static Plan>>>,
+}
+
+// SAFETY: the handle and the descriptors are used under the backend's lock, on its one stream.
+unsafe impl Send for Dnn {}
+unsafe impl Sync for Dnn {}
+unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
+
+fn derr(what: &str) -> impl FnOnce(dsys::cudnnStatus_t) -> Error + '_ {
+    move |e| Error::Device {
+        device: "cuda".into(),
+        reason: format!("cuDNN {what}: {e:?}"),
+    }
+}
+
+fn check(r: std::result::Result<(), dnn::CudnnError>, what: &str) -> Result<()> {
+    r.map_err(|e| derr(what)(e.0))
+}
+
+impl Dnn {
+    /// cuDNN on `stream`, or why not (the library is probed first: cudarc panics when a
+    /// library is missing).
+    pub(super) fn new(stream: sys::CUstream) -> Result<Dnn> {
+        if !unsafe { dsys::is_culib_present() } {
+            return Err(Error::Device {
+                device: "cuda".into(),
+                reason: "cuDNN (libcudnn.so.9) not found: install cuDNN 9 or put it on \
+                         LD_LIBRARY_PATH"
+                    .into(),
+            });
+        }
+        let handle = dnn::create_handle().map_err(|e| derr("create")(e.0))?;
+        check(
+            unsafe { dnn::set_stream(handle, stream as dsys::cudaStream_t) },
+            "set stream",
+        )?;
+        let workspace = unsafe { dr::malloc_sync(WORKSPACE) }.map_err(|e| Error::Device {
+            device: "cuda".into(),
+            reason: format!("allocating the cuDNN workspace: {e:?}"),
+        })?;
+        Ok(Dnn {
+            handle,
+            workspace,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The plan of a convolution of `x` by `w`, made at its first use; `None` when cuDNN has
+    /// no deterministic algorithm within the workspace for one of the three directions.
+    /// Called under the backend's lock.
+    pub(super) fn plan(
+        &self,
+        x: &[usize],
+        w: &[usize],
+        win: Window,
+        tf32: bool,
+    ) -> Result<Option<&'static Plan>> {
+        let key = Key {
+            x: [x[0], x[1], x[2], x[3]],
+            w: [w[0], w[1], w[2], w[3]],
+            stride: win.stride,
+            pad: win.pad,
+            tf32,
+        };
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = plans.get(&key) {
+            return Ok(*p);
+        }
+        let made = self.make_plan(key)?;
+        // Plans live as long as the process (the backend is never dropped).
+        let p = made.map(|p| &*Box::leak(Box::new(p)));
+        plans.insert(key, p);
+        Ok(p)
+    }
+
+    fn make_plan(&self, k: Key) -> Result<Option<Plan>> {
+        use dsys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+        use dsys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let i = |v: usize| v as i32;
+        let oh = (k.x[2] + 2 * k.pad - k.w[2]) / k.stride + 1;
+        let ow = (k.x[3] + 2 * k.pad - k.w[3]) / k.stride + 1;
+        let tensor = |d: [usize; 4]| -> Result<dsys::cudnnTensorDescriptor_t> {
+            let t = dnn::create_tensor_descriptor().map_err(|e| derr("tensor descriptor")(e.0))?;
+            check(
+                unsafe {
+                    dnn::set_tensor4d_descriptor(
+                        t,
+                        CUDNN_TENSOR_NCHW,
+                        CUDNN_DATA_FLOAT,
+                        [i(d[0]), i(d[1]), i(d[2]), i(d[3])],
+                    )
+                },
+                "tensor descriptor",
+            )?;
+            Ok(t)
+        };
+        let x = tensor(k.x)?;
+        let y = tensor([k.x[0], k.w[0], oh, ow])?;
+        let w = dnn::create_filter_descriptor().map_err(|e| derr("filter descriptor")(e.0))?;
+        check(
+            unsafe {
+                dnn::set_filter4d_descriptor(
+                    w,
+                    CUDNN_DATA_FLOAT,
+                    CUDNN_TENSOR_NCHW,
+                    [i(k.w[0]), i(k.w[1]), i(k.w[2]), i(k.w[3])],
+                )
+            },
+            "filter descriptor",
+        )?;
+        let strict = dsys::cudnnMathType_t::CUDNN_FMA_MATH;
+        let allowed = if k.tf32 {
+            dsys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+        } else {
+            strict
+        };
+        let mut conv = [std::ptr::null_mut(); 3];
+        for c in conv.iter_mut() {
+            *c = dnn::create_convolution_descriptor()
+                .map_err(|e| derr("convolution descriptor")(e.0))?;
+            check(
+                unsafe {
+                    dnn::set_convolution2d_descriptor(
+                        *c,
+                        i(k.pad),
+                        i(k.pad),
+                        i(k.stride),
+                        i(k.stride),
+                        1,
+                        1,
+                        dsys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                        CUDNN_DATA_FLOAT,
+                    )
+                },
+                "convolution descriptor",
+            )?;
+            check(
+                unsafe { dnn::set_convolution_math_type(*c, allowed) },
+                "math type",
+            )?;
+        }
+        let ok_math = |m: dsys::cudnnMathType_t| k.tf32 || m == strict;
+        let usable = |status, det, mem: usize, math| {
+            status == dsys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                && det == dsys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+                && mem <= WORKSPACE
+                && ok_math(math)
+        };
+        const N: usize = 16;
+        let mut got = 0i32;
+        // Forward.
+        let mut fwd: [dsys::cudnnConvolutionFwdAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        check(
+            unsafe {
+                dnn::get_convolution_forward_algorithm(
+                    self.handle,
+                    x,
+                    w,
+                    conv[0],
+                    y,
+                    N as i32,
+                    &mut got,
+                    fwd.as_mut_ptr(),
+                )
+            },
+            "forward algorithm",
+        )?;
+        let Some(f) = fwd[..got.max(0) as usize]
+            .iter()
+            .find(|p| usable(p.status, p.determinism, p.memory, p.mathType))
+        else {
+            return Ok(None);
+        };
+        // Input gradient.
+        let mut bd: [dsys::cudnnConvolutionBwdDataAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        check(
+            unsafe {
+                dnn::get_convolution_backward_data_algorithm(
+                    self.handle,
+                    w,
+                    y,
+                    conv[1],
+                    x,
+                    N as i32,
+                    &mut got,
+                    bd.as_mut_ptr(),
+                )
+            },
+            "input-gradient algorithm",
+        )?;
+        let Some(d) = bd[..got.max(0) as usize]
+            .iter()
+            .find(|p| usable(p.status, p.determinism, p.memory, p.mathType))
+        else {
+            return Ok(None);
+        };
+        // Weight gradient.
+        let mut bf: [dsys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        check(
+            unsafe {
+                dnn::get_convolution_backward_filter_algorithm(
+                    self.handle,
+                    x,
+                    y,
+                    conv[2],
+                    w,
+                    N as i32,
+                    &mut got,
+                    bf.as_mut_ptr(),
+                )
+            },
+            "weight-gradient algorithm",
+        )?;
+        let Some(g) = bf[..got.max(0) as usize]
+            .iter()
+            .find(|p| usable(p.status, p.determinism, p.memory, p.mathType))
+        else {
+            return Ok(None);
+        };
+        // Each direction runs with its algorithm's math type; the workspace sizes are checked
+        // again with the final settings.
+        for (c, m) in conv.iter().zip([f.mathType, d.mathType, g.mathType]) {
+            check(
+                unsafe { dnn::set_convolution_math_type(*c, m) },
+                "math type",
+            )?;
+        }
+        let sizes = unsafe {
+            [
+                dnn::get_convolution_forward_workspace_size(self.handle, x, w, conv[0], y, f.algo),
+                dnn::get_convolution_backward_data_workspace_size(
+                    self.handle,
+                    w,
+                    y,
+                    conv[1],
+                    x,
+                    d.algo,
+                ),
+                dnn::get_convolution_backward_filter_workspace_size(
+                    self.handle,
+                    x,
+                    y,
+                    conv[2],
+                    w,
+                    g.algo,
+                ),
+            ]
+        };
+        for s in sizes {
+            if s.map_err(|e| derr("workspace size")(e.0))? > WORKSPACE {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Plan {
+            x,
+            w,
+            y,
+            conv,
+            fwd: f.algo,
+            data: d.algo,
+            filter: g.algo,
+        }))
+    }
+
+    /// `y = conv(x, w)` (`y` overwritten).
+    pub(super) fn forward(&self, p: &Plan, x: u64, w: u64, y: u64) -> Result<()> {
+        let (one, zero) = (1.0f32, 0.0f32);
+        check(
+            unsafe {
+                dnn::convolution_forward(
+                    self.handle,
+                    &one as *const f32 as *const c_void,
+                    p.x,
+                    x as *const c_void,
+                    p.w,
+                    w as *const c_void,
+                    p.conv[0],
+                    p.fwd,
+                    self.workspace as *mut c_void,
+                    WORKSPACE,
+                    &zero as *const f32 as *const c_void,
+                    p.y,
+                    y as *mut c_void,
+                )
+            },
+            "convolution forward",
+        )
+    }
+
+    /// `dx = conv^T(dy, w)` (`dx` overwritten).
+    pub(super) fn input_grad(&self, p: &Plan, w: u64, dy: u64, dx: u64) -> Result<()> {
+        let (one, zero) = (1.0f32, 0.0f32);
+        check(
+            unsafe {
+                dnn::convolution_backward_data(
+                    self.handle,
+                    &one as *const f32 as *const c_void,
+                    p.w,
+                    w as *const c_void,
+                    p.y,
+                    dy as *const c_void,
+                    p.conv[1],
+                    p.data,
+                    self.workspace as *mut c_void,
+                    WORKSPACE,
+                    &zero as *const f32 as *const c_void,
+                    p.x,
+                    dx as *mut c_void,
+                )
+            },
+            "convolution input gradient",
+        )
+    }
+
+    /// `dw += dy (*) x` (accumulated, as the backend's weight gradients are).
+    pub(super) fn weight_grad(&self, p: &Plan, x: u64, dy: u64, dw: u64) -> Result<()> {
+        let one = 1.0f32;
+        check(
+            unsafe {
+                dnn::convolution_backward_filter(
+                    self.handle,
+                    &one as *const f32 as *const c_void,
+                    p.x,
+                    x as *const c_void,
+                    p.y,
+                    dy as *const c_void,
+                    p.conv[2],
+                    p.filter,
+                    self.workspace as *mut c_void,
+                    WORKSPACE,
+                    &one as *const f32 as *const c_void,
+                    p.w,
+                    dw as *mut c_void,
+                )
+            },
+            "convolution weight gradient",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without cuDNN, asking for it is one error line (cudarc would panic on the first call).
+    #[test]
+    fn a_missing_cudnn_is_an_error_not_a_panic() {
+        if unsafe { dsys::is_culib_present() } {
+            eprintln!("cuDNN is present here: nothing to check");
+            return;
+        }
+        match Dnn::new(std::ptr::null_mut()) {
+            Err(e) => assert!(e.to_string().contains("libcudnn.so.9"), "{e}"),
+            Ok(_) => panic!("cuDNN made a handle without its library"),
+        }
+    }
+
+    #[test]
+    fn only_regimen_cudnn_1_asks_for_cudnn() {
+        for (v, want) in [
+            (Some("1"), true),
+            (Some("0"), false),
+            (Some("yes"), false),
+            (None, false),
+        ] {
+            assert_eq!(asks(v), want, "REGIMEN_CUDNN={v:?}");
+        }
+    }
+}
