@@ -254,11 +254,6 @@ fn activations_forward_and_backward() {
 #[test]
 fn convolutions() {
     regimen_cuda_exact_convs();
-    // Under REGIMEN_CUDNN=1 (bench/gpu-check's second run) the GPU's f32 convolutions must be
-    // cuDNN's, or this run would test im2col twice.
-    if let (Some(g), Ok("1")) = (gpu(), std::env::var("REGIMEN_CUDNN").as_deref()) {
-        assert_eq!(regimen::backend::gpu_conv_engine(g), Some("cudnn"));
-    }
     let cases = [
         (3, 3, 1, 1, true),
         (3, 3, 2, 1, false),
@@ -309,6 +304,11 @@ fn convolutions() {
         let dx = be.conv2d_backward(&x, &w, &dy, win, &mut dw, None, true);
         vec![y, dx, dw]
     });
+    // Under REGIMEN_CUDNN=1 (bench/gpu-check's second run) every f32 convolution above must
+    // have run on cuDNN, or this run would test im2col twice.
+    if let (Some(g), Ok("1")) = (gpu(), std::env::var("REGIMEN_CUDNN").as_deref()) {
+        assert_eq!(regimen::backend::gpu_conv_engine(g), Some("cudnn"));
+    }
 }
 
 #[test]

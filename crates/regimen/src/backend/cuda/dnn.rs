@@ -5,9 +5,9 @@
 //! One plan per convolution shape: the descriptors of `x`, `w` and `y`, and for each direction
 //! (forward, input gradient, weight gradient) the algorithm cuDNN's heuristics rank first among
 //! those that are deterministic (regimen's runs give the same bits every time), fit the
-//! workspace, and use the math the backend allows (TF32 tensor cores, or plain FMA when
-//! [`set_conv_tf32`](super::set_conv_tf32)`(false)`). A shape with no such algorithm keeps
-//! im2col. The workspace is allocated once, so a step recorded as a CUDA graph never allocates.
+//! workspace, and use the math the backend allows (cuDNN's default math, TF32 tensor cores, or
+//! FMA only when [`set_conv_tf32`](super::set_conv_tf32)`(false)`; never f32 converted down to
+//! f16). A shape with no such algorithm, or that cuDNN fails to plan, keeps im2col. The workspace is allocated once, so a step recorded as a CUDA graph never allocates.
 //! Plans are made at a shape's first use (the eager steps before a recording).
 
 use std::collections::HashMap;
@@ -42,13 +42,40 @@ struct Key {
     tf32: bool,
 }
 
-/// The descriptors and algorithms of one convolution shape.
-pub(super) struct Plan {
+/// The descriptors of one convolution shape, destroyed when dropped (a plan keeps them for
+/// the life of the process).
+struct Descs {
     x: dsys::cudnnTensorDescriptor_t,
     w: dsys::cudnnFilterDescriptor_t,
     y: dsys::cudnnTensorDescriptor_t,
     /// One convolution descriptor per direction: each carries its algorithm's math type.
     conv: [dsys::cudnnConvolutionDescriptor_t; 3],
+}
+
+impl Drop for Descs {
+    fn drop(&mut self) {
+        // SAFETY: each descriptor was created by cuDNN (or is null) and is destroyed once.
+        unsafe {
+            for t in [self.x, self.y] {
+                if !t.is_null() {
+                    let _ = dnn::destroy_tensor_descriptor(t);
+                }
+            }
+            if !self.w.is_null() {
+                let _ = dnn::destroy_filter_descriptor(self.w);
+            }
+            for c in self.conv {
+                if !c.is_null() {
+                    let _ = dnn::destroy_convolution_descriptor(c);
+                }
+            }
+        }
+    }
+}
+
+/// The descriptors and algorithms of one convolution shape.
+pub(super) struct Plan {
+    d: Descs,
     fwd: dsys::cudnnConvolutionFwdAlgo_t,
     data: dsys::cudnnConvolutionBwdDataAlgo_t,
     filter: dsys::cudnnConvolutionBwdFilterAlgo_t,
@@ -128,11 +155,20 @@ impl Dnn {
         if let Some(p) = plans.get(&key) {
             return Ok(*p);
         }
-        let made = self.make_plan(key)?;
+        // A shape cuDNN refuses (an error while planning, or no suitable algorithm) keeps
+        // im2col; `shapes` counts both kinds.
+        let made = self.make_plan(key).ok().flatten();
         // Plans live as long as the process (the backend is never dropped).
         let p = made.map(|p| &*Box::leak(Box::new(p)));
         plans.insert(key, p);
         Ok(p)
+    }
+
+    /// How many convolution shapes have a cuDNN plan, and how many run on im2col instead.
+    pub(super) fn shapes(&self) -> (usize, usize) {
+        let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let planned = plans.values().filter(|p| p.is_some()).count();
+        (planned, plans.len() - planned)
     }
 
     fn make_plan(&self, k: Key) -> Result<Option<Plan>> {
@@ -156,9 +192,16 @@ impl Dnn {
             )?;
             Ok(t)
         };
-        let x = tensor(k.x)?;
-        let y = tensor([k.x[0], k.w[0], oh, ow])?;
-        let w = dnn::create_filter_descriptor().map_err(|e| derr("filter descriptor")(e.0))?;
+        let mut descs = Descs {
+            x: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            conv: [std::ptr::null_mut(); 3],
+        };
+        descs.x = tensor(k.x)?;
+        descs.y = tensor([k.x[0], k.w[0], oh, ow])?;
+        descs.w = dnn::create_filter_descriptor().map_err(|e| derr("filter descriptor")(e.0))?;
+        let (x, y, w) = (descs.x, descs.y, descs.w);
         check(
             unsafe {
                 dnn::set_filter4d_descriptor(
@@ -170,14 +213,17 @@ impl Dnn {
             },
             "filter descriptor",
         )?;
-        let strict = dsys::cudnnMathType_t::CUDNN_FMA_MATH;
-        let allowed = if k.tf32 {
-            dsys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
-        } else {
-            strict
+        // TF32 allowed: cuDNN's default math (TF32 tensor cores on Ampere and later, as
+        // PyTorch asks); otherwise FMA only. Never a down-conversion of f32 to f16.
+        use dsys::cudnnMathType_t::{
+            CUDNN_DEFAULT_MATH, CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
         };
-        let mut conv = [std::ptr::null_mut(); 3];
-        for c in conv.iter_mut() {
+        let allowed = if k.tf32 {
+            CUDNN_DEFAULT_MATH
+        } else {
+            CUDNN_FMA_MATH
+        };
+        for c in descs.conv.iter_mut() {
             *c = dnn::create_convolution_descriptor()
                 .map_err(|e| derr("convolution descriptor")(e.0))?;
             check(
@@ -201,7 +247,11 @@ impl Dnn {
                 "math type",
             )?;
         }
-        let ok_math = |m: dsys::cudnnMathType_t| k.tf32 || m == strict;
+        let conv = descs.conv;
+        let ok_math = |m: dsys::cudnnMathType_t| match k.tf32 {
+            true => m != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+            false => m == CUDNN_FMA_MATH,
+        };
         let usable = |status, det, mem: usize, math| {
             status == dsys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
                 && det == dsys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
@@ -314,10 +364,7 @@ impl Dnn {
             }
         }
         Ok(Some(Plan {
-            x,
-            w,
-            y,
-            conv,
+            d: descs,
             fwd: f.algo,
             data: d.algo,
             filter: g.algo,
@@ -332,16 +379,16 @@ impl Dnn {
                 dnn::convolution_forward(
                     self.handle,
                     &one as *const f32 as *const c_void,
-                    p.x,
+                    p.d.x,
                     x as *const c_void,
-                    p.w,
+                    p.d.w,
                     w as *const c_void,
-                    p.conv[0],
+                    p.d.conv[0],
                     p.fwd,
                     self.workspace as *mut c_void,
                     WORKSPACE,
                     &zero as *const f32 as *const c_void,
-                    p.y,
+                    p.d.y,
                     y as *mut c_void,
                 )
             },
@@ -357,16 +404,16 @@ impl Dnn {
                 dnn::convolution_backward_data(
                     self.handle,
                     &one as *const f32 as *const c_void,
-                    p.w,
+                    p.d.w,
                     w as *const c_void,
-                    p.y,
+                    p.d.y,
                     dy as *const c_void,
-                    p.conv[1],
+                    p.d.conv[1],
                     p.data,
                     self.workspace as *mut c_void,
                     WORKSPACE,
                     &zero as *const f32 as *const c_void,
-                    p.x,
+                    p.d.x,
                     dx as *mut c_void,
                 )
             },
@@ -382,16 +429,16 @@ impl Dnn {
                 dnn::convolution_backward_filter(
                     self.handle,
                     &one as *const f32 as *const c_void,
-                    p.x,
+                    p.d.x,
                     x as *const c_void,
-                    p.y,
+                    p.d.y,
                     dy as *const c_void,
-                    p.conv[2],
+                    p.d.conv[2],
                     p.filter,
                     self.workspace as *mut c_void,
                     WORKSPACE,
                     &one as *const f32 as *const c_void,
-                    p.w,
+                    p.d.w,
                     dw as *mut c_void,
                 )
             },

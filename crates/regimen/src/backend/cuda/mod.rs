@@ -597,12 +597,14 @@ impl CudaBackend {
         Some((dnn, plan))
     }
 
-    /// The convolution engine of f32 convolutions: "cudnn" or "im2col".
+    /// The engine of the f32 convolutions run so far: "cudnn", "im2col", or "cudnn+im2col"
+    /// when cuDNN is on but some shapes fell back to im2col (no suitable algorithm).
     pub fn conv_engine(&self) -> &'static str {
-        if self.dnn.is_some() {
-            "cudnn"
-        } else {
-            "im2col"
+        match self.dnn.as_ref().map(|d| d.shapes()) {
+            None => "im2col",
+            Some((_, 0)) => "cudnn",
+            Some((0, _)) => "im2col",
+            Some(_) => "cudnn+im2col",
         }
     }
 
