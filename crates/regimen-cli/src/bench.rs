@@ -72,34 +72,40 @@ fn profile(
     let (mut fwd, mut bwd) = (vec![0.0f64; n], vec![0.0f64; n]);
     let mut names = Vec::new();
     let mut other = 0.0;
+    // On a GPU, operations are queued: each timed span starts and ends with the device idle.
+    let be = x.backend();
+    let now = || {
+        be.synchronize();
+        Instant::now()
+    };
     for _ in 0..steps {
         let mut h = x.clone();
         names.clear();
         for (i, (_, layer)) in model.layers_mut().enumerate() {
-            let t = Instant::now();
+            let t = now();
             h = layer.forward(&h, &Ctx::train())?;
-            fwd[i] += t.elapsed().as_secs_f64();
+            fwd[i] += (now() - t).as_secs_f64();
             names.push(layer.describe());
         }
-        let t = Instant::now();
+        let t = now();
         let out = ce.forward(&h, Target::Hard(y))?;
-        other += t.elapsed().as_secs_f64();
+        other += (now() - t).as_secs_f64();
         let mut g = out.grad;
         // As Sequential::backward: no backward below the layer where the input's gradient
         // stops being needed.
         let stop = model.backward_stops_at();
         let layers: Vec<_> = model.layers_mut().collect();
         for (i, (_, layer)) in layers.into_iter().enumerate().rev() {
-            let t = Instant::now();
+            let t = now();
             g = layer.backward(&g)?;
-            bwd[i] += t.elapsed().as_secs_f64();
+            bwd[i] += (now() - t).as_secs_f64();
             if stop == Some(i) {
                 break;
             }
         }
-        let t = Instant::now();
+        let t = now();
         opt.step(model, 0.01)?;
-        other += t.elapsed().as_secs_f64();
+        other += (now() - t).as_secs_f64();
     }
     let total: f64 = fwd.iter().sum::<f64>() + bwd.iter().sum::<f64>() + other;
     say!(
