@@ -350,20 +350,22 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     let penalty = recipe::penalty(optim_args)?;
     let ls = CrossEntropy::with_label_smoothing(args.label_smoothing)?;
     let precision = bench::parse_precision(&args.precision)?;
-    if ranks > 1 && args.device != "cpu" {
-        bail!(
-            "--device {}: data-parallel training runs on CPUs (MPI) for now; the GPU path \
-             (NCCL) is not built yet: train on one GPU in one process, or on --device cpu under \
-             mpirun",
-            args.device
-        );
-    }
-    let device = regimen::Device::parse(&args.device)?;
+    // With several ranks, a bare `cuda` is one GPU per rank (by local rank).
+    let device = regimen::dist::rank_device(&args.device, comm.rank(), ranks)?;
     if args.graph && device == regimen::Device::Cpu {
         bail!("--graph records a CUDA graph: it needs --device cuda");
     }
-    let device_data =
-        device != regimen::Device::Cpu && !args.host_data && augment.device_plan().is_some();
+    if args.graph && ranks > 1 {
+        bail!(
+            "--graph builds batches on the GPU, which is for one process: data-parallel ranks \
+             build theirs on the host (leave out --graph)"
+        );
+    }
+    // Data-parallel ranks take their slices of each global batch from the host loader.
+    let device_data = device != regimen::Device::Cpu
+        && ranks == 1
+        && !args.host_data
+        && augment.device_plan().is_some();
     if args.graph && !device_data {
         bail!("--graph builds batches on the GPU: it takes --augment with crop and flip first (at most one of each), then cutout, mixup and cutmix, and not --host-data");
     }

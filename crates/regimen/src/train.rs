@@ -413,13 +413,6 @@ fn start_data_parallel(
                 .into(),
         ));
     }
-    if cfg.device != Device::Cpu {
-        return Err(Error::Distributed(format!(
-            "data-parallel training runs on CPUs (MPI) for now: the GPU path (NCCL) is not \
-             available yet, so train on {} in one process or on --device cpu under mpirun",
-            cfg.device
-        )));
-    }
     if cfg.batch_size * comm.size() > train.len() {
         return Err(Error::config(
             "batch_size",

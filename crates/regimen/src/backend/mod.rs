@@ -594,6 +594,22 @@ pub(crate) fn cuda_backend(n: usize) -> &'static dyn Backend {
 }
 
 /// Check that GPU `n` can be used and initialize its backend.
+/// How many GPUs this process can use, or why none (no driver, a build without the `cuda`
+/// feature).
+pub(crate) fn cuda_count() -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::probe()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(crate::Error::Device {
+            device: "cuda".into(),
+            reason: "regimen was built without the `cuda` feature".into(),
+        })
+    }
+}
+
 pub(crate) fn init_cuda(n: usize) -> Result<()> {
     #[cfg(feature = "cuda")]
     {

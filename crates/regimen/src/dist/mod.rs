@@ -19,6 +19,10 @@
 //! buckets by a [`Reducer`], started while backward still runs; buffers (batch-norm running
 //! statistics) are broadcast from rank 0 before each evaluation; evaluation is sharded and its
 //! sums added up.
+//!
+//! On GPUs each rank takes one ([`rank_device`]: local rank modulo the machine's GPUs) and the
+//! same collectives run on host copies of the device tensors (the gradients are read back, summed
+//! over MPI and written to the device); there is no NCCL path yet.
 
 use std::ops::Range;
 use std::sync::{mpsc, Arc, OnceLock};
@@ -204,6 +208,42 @@ pub fn launched_ranks() -> Option<usize> {
         .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
 }
 
+/// This process's index among the ranks on its machine, from the launcher: Open MPI
+/// (`OMPI_COMM_WORLD_LOCAL_RANK`), Slurm (`SLURM_LOCALID`), MPICH's Hydra (`MPI_LOCALRANKID`)
+/// or MVAPICH (`MV2_COMM_WORLD_LOCAL_RANK`); `None` outside a launcher.
+pub fn local_rank() -> Option<usize> {
+    local_rank_from(|v| std::env::var(v).ok())
+}
+
+fn local_rank_from(get: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "SLURM_LOCALID",
+        "MPI_LOCALRANKID",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|v| get(v)?.trim().parse::<usize>().ok())
+}
+
+/// The device of this rank for `--device spec`: with several ranks, a bare `cuda` means one GPU
+/// per rank, GPU `local rank mod GPUs` of the machine (the usual one rank per GPU); `cuda:N` is
+/// taken as given, and so is everything in a one-process run. Errors say why a GPU cannot be
+/// used.
+pub fn rank_device(spec: &str, rank: usize, ranks: usize) -> Result<Device> {
+    if spec != "cuda" || ranks == 1 {
+        return Device::parse(spec);
+    }
+    let gpus = Device::cuda_count()?;
+    if gpus == 0 {
+        return Err(Error::Device {
+            device: "cuda".into(),
+            reason: "no GPU found".into(),
+        });
+    }
+    Device::cuda(local_rank().unwrap_or(rank) % gpus)
+}
+
 static WORLD: OnceLock<Arc<dyn Comm>> = OnceLock::new();
 
 /// Join the ranks of this run: MPI when a launcher started more than one, else one process.
@@ -329,6 +369,53 @@ pub fn broadcast_model(comm: &dyn Comm, model: &mut dyn Layer, params: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_rank_comes_from_the_launcher() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(local_rank_from(env(&[])), None);
+        assert_eq!(
+            local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])),
+            Some(3)
+        );
+        assert_eq!(local_rank_from(env(&[("SLURM_LOCALID", " 1 ")])), Some(1));
+        assert_eq!(local_rank_from(env(&[("MPI_LOCALRANKID", "2")])), Some(2));
+        // Open MPI's own variable first; a value that is not a number is skipped.
+        assert_eq!(
+            local_rank_from(env(&[
+                ("SLURM_LOCALID", "5"),
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+            ])),
+            Some(0)
+        );
+        assert_eq!(
+            local_rank_from(env(&[
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "x"),
+                ("SLURM_LOCALID", "4")
+            ])),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn a_rank_device_is_the_spec_or_one_gpu_per_rank() {
+        assert_eq!(rank_device("cpu", 1, 4).unwrap(), Device::Cpu);
+        assert!(rank_device("tpu", 0, 2).is_err());
+        // Without a usable GPU (this test's machines, or a build without CUDA): an error that
+        // says why, for a bare `cuda` on several ranks as for `cuda:N`.
+        if Device::cuda_count().is_err() {
+            let e = rank_device("cuda", 1, 2).unwrap_err().to_string();
+            assert!(e.contains("cuda"), "{e}");
+            assert!(rank_device("cuda:1", 1, 2).is_err());
+        }
+    }
 
     #[test]
     fn shards_cover_in_order_and_balance() {

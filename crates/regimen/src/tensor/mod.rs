@@ -46,6 +46,12 @@ impl Device {
         Ok(Device::Cuda(n))
     }
 
+    /// How many GPUs this process can use; an error says why none can (no CUDA driver, a
+    /// build without the `cuda` feature).
+    pub fn cuda_count() -> Result<usize> {
+        backend::cuda_count()
+    }
+
     /// `cpu`, `cuda` (GPU 0) or `cuda:N`, checked as [`Device::cuda`] does.
     pub fn parse(s: &str) -> Result<Device> {
         match s {
