@@ -1348,7 +1348,7 @@ mod tests {
     fn linear_bias_and_its_gradient_follow_the_definition() {
         let (n, c) = (301, 300);
         let x: Vec<f32> = (0..n * c)
-            .map(|i| ((i as f32 * 0.37).sin() * 3.0))
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
             .collect();
         let b: Vec<f32> = (0..c).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut y = from_slice(&[n, c], &x);
