@@ -362,12 +362,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         );
     }
     // Data-parallel ranks take their slices of each global batch from the host loader.
-    let device_data = device != regimen::Device::Cpu
-        && ranks == 1
-        && !args.host_data
-        && augment.device_plan().is_some();
+    let device_data = device != regimen::Device::Cpu && ranks == 1 && !args.host_data;
     if args.graph && !device_data {
-        bail!("--graph builds batches on the GPU: it takes --augment with crop and flip first (at most one of each), then cutout, mixup and cutmix, and not --host-data");
+        bail!("--graph builds batches on the GPU: leave out --host-data");
     }
     let model_name = args.model.clone().unwrap_or_else(|| {
         if args.source.dataset == "digits" {

@@ -656,14 +656,7 @@ fn run_epochs_on_device(
 ) -> Result<Ended> {
     use crate::backend::RandomKey;
     use crate::tensor::DType;
-    let Some(plan) = cfg.augment.device_plan() else {
-        return Err(Error::config(
-            "augment",
-            format!("{:?}", cfg.augment.steps),
-            "batches built on the device take crop and flip first (at most one of each), then \
-             cutout, mixup and cutmix; train with the host loader for the others",
-        ));
-    };
+    let plan = cfg.augment.device_plan();
     let (pad, flip_p) = (plan.pad, plan.flip_p);
     let device = cfg.device;
     if cfg.graph && device == Device::Cpu {
@@ -777,14 +770,16 @@ fn run_epochs_on_device(
             for (k, a) in plan.after.iter().enumerate() {
                 let key = key(AUGMENT_STEP + k as u32);
                 match (*a, soft.as_mut()) {
-                    (Augment::Cutout { size }, _) => be.cutout(x, size, key),
                     (Augment::Mixup { alpha }, Some(soft)) => {
                         be.mix_batch(x, soft, alpha, false, key)
                     }
                     (Augment::CutMix { alpha }, Some(soft)) => {
                         be.mix_batch(x, soft, alpha, true, key)
                     }
-                    (other, _) => unreachable!("{other:?} is not a device batch step"),
+                    (Augment::Mixup { .. } | Augment::CutMix { .. }, None) => {
+                        unreachable!("a plan that mixes has soft labels")
+                    }
+                    (one, _) => be.augment_samples(x, one, key),
                 }
             }
         }

@@ -316,9 +316,9 @@ fn a_panicking_worker_is_not_a_short_epoch() {
 
 mod device_steps {
     use regimen::backend::RandomKey;
-    use regimen::data::augment::{cutout, DevicePlan};
+    use regimen::data::augment::{apply_one, device_sample_stream, DevicePlan};
     use regimen::data::{Augment, Pipeline};
-    use regimen::rng::{philox_block, purpose};
+    use regimen::rng::purpose;
     use regimen::{DType, Device, Indices, Rng, Tensor};
 
     const STREAM: u64 = 0x5EED_F0D1_CE00;
@@ -332,11 +332,11 @@ mod device_steps {
     }
 
     #[test]
-    fn the_device_plan_takes_crop_and_flip_first_then_the_batch_steps() {
+    fn the_device_plan_takes_a_leading_crop_and_flip_into_the_gather() {
         let plan = |s: &str| Pipeline::parse(s).unwrap().device_plan();
         assert_eq!(
             plan("crop=3,flip=0.25,cutout=5,mixup=0.4,cutmix,cutout=2"),
-            Some(DevicePlan {
+            DevicePlan {
                 pad: 3,
                 flip_p: 0.25,
                 after: vec![
@@ -345,62 +345,161 @@ mod device_steps {
                     Augment::CutMix { alpha: 1.0 },
                     Augment::Cutout { size: 2 },
                 ],
-            })
+            }
         );
+        let plain = DevicePlan {
+            pad: 0,
+            flip_p: 0.0,
+            after: vec![],
+        };
+        assert_eq!(plan("none"), plain);
+        assert!(plan("mixup").mixes() && !plan("crop,cutout").mixes());
+        // A crop or flip after another step, or a second one, runs as a batch step.
         assert_eq!(
-            plan("none"),
-            Some(DevicePlan {
-                pad: 0,
-                flip_p: 0.0,
-                after: vec![]
-            })
+            plan("rotate=10,crop=2,flip,flip").after,
+            vec![
+                Augment::Rotate { degrees: 10.0 },
+                Augment::Crop { pad: 2 },
+                Augment::Flip { p: 0.5 },
+                Augment::Flip { p: 0.5 },
+            ]
         );
-        assert!(plan("mixup").unwrap().mixes() && !plan("crop,cutout").unwrap().mixes());
-        // Another order, a repeated crop, or a step the device does not have: the host loader.
-        for spec in [
-            "cutout,crop",
-            "mixup,flip",
-            "crop,crop",
-            "flip,flip",
-            "crop,rotate",
-            "noise",
+        let p = plan("flip=0.3,crop=1,crop=2,noise");
+        assert_eq!((p.pad, p.flip_p), (1, 0.3));
+        assert_eq!(
+            p.after,
+            vec![Augment::Crop { pad: 2 }, Augment::Noise { std: 0.1 }]
+        );
+    }
+
+    fn images(b: usize, shape: [usize; 3]) -> Tensor {
+        let n = b * shape.iter().product::<usize>();
+        let v: Vec<f32> = (0..n)
+            .map(|i| 1.0 + (i as f32 * 0.731).sin().abs())
+            .collect();
+        Tensor::from_host(&[b, shape[0], shape[1], shape[2]], v, Device::Cpu).unwrap()
+    }
+
+    /// Every per-image step on the device: sample `i` is the host's transform of the image with
+    /// the numbers of its own stream, and the samples draw different numbers.
+    #[test]
+    fn device_per_image_steps_are_the_host_transforms_with_each_samples_numbers() {
+        let (b, shape) = (6, [2usize, 9, 7]);
+        let per: usize = shape.iter().product();
+        let be = Device::Cpu.backend();
+        let step = Indices::from_host(vec![11], Device::Cpu);
+        for a in [
+            Augment::Crop { pad: 2 },
+            Augment::Translate { pixels: 3 },
+            Augment::Flip { p: 0.5 },
+            Augment::Scale { min_area: 0.3 },
+            Augment::Rotate { degrees: 30.0 },
+            Augment::Noise { std: 0.2 },
+            Augment::Cutout { size: 4 },
         ] {
-            assert_eq!(plan(spec), None, "{spec}");
+            let x0 = images(b, shape);
+            let mut x = x0.clone();
+            be.augment_samples(&mut x, a, key(&step, 2));
+            let (before, after) = (x0.to_vec(), x.to_vec());
+            let mut outcomes = Vec::new();
+            for i in 0..b {
+                let mut want = before[i * per..(i + 1) * per].to_vec();
+                let stream = device_sample_stream(STREAM, i);
+                let mut rng = Rng::philox(stream, 11, purpose::AUGMENT_STEP + 2);
+                apply_one(a, &mut want, shape, &mut rng);
+                let got = &after[i * per..(i + 1) * per];
+                assert_eq!(got, &want[..], "{a:?}, sample {i}");
+                outcomes.push(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            }
+            outcomes.sort();
+            outcomes.dedup();
+            // Six samples of one image each: with their own numbers, they come out differently
+            // (a flip of probability 0.5 gives two outcomes).
+            let kinds = if let Augment::Flip { .. } = a { 2 } else { 3 };
+            assert!(
+                outcomes.len() >= kinds,
+                "{a:?}: {} outcomes",
+                outcomes.len()
+            );
         }
     }
 
+    /// Independent of the host functions: a crop moves the whole image by one offset, the
+    /// noise has the asked deviation, Cutout zeroes one square of the asked side at most.
     #[test]
-    fn device_cutout_zeroes_the_square_at_the_drawn_centre() {
-        let (b, c, h, w, size) = (6, 2, 9, 7, 4);
-        let step = Indices::from_host(vec![11], Device::Cpu);
-        let mut x = Tensor::full(&[b, c, h, w], 1.5, Device::Cpu);
+    fn device_per_image_steps_do_what_they_say() {
         let be = Device::Cpu.backend();
-        be.cutout(&mut x, size, key(&step, 2));
-        let got = x.to_vec();
-        let mut centres = Vec::new();
+        let step = Indices::from_host(vec![4], Device::Cpu);
+        // Crop: each sample is its image shifted by some (dy, dx) in [-2, 2], zeros outside.
+        let (b, shape) = (5, [1usize, 8, 8]);
+        let x0 = images(b, shape);
+        let mut x = x0.clone();
+        be.augment_samples(&mut x, Augment::Crop { pad: 2 }, key(&step, 0));
+        let (src, out) = (x0.to_vec(), x.to_vec());
         for i in 0..b {
-            // Draws 2i and 2i + 1 of 64 bits are the four words of Philox block i; the row takes
-            // the high word of the first, the column of the second.
-            let wd = philox_block(STREAM, 11, purpose::AUGMENT_STEP + 2, 4 * i as u64);
-            let (cy, cx) = (
-                ((wd[0] as u64 * h as u64) >> 32) as usize,
-                ((wd[2] as u64 * w as u64) >> 32) as usize,
-            );
-            centres.push((cy, cx));
-            let mut want = vec![1.5f32; c * h * w];
-            cutout(&mut want, [c, h, w], cy, cx, size);
+            let (s, o) = (&src[i * 64..(i + 1) * 64], &out[i * 64..(i + 1) * 64]);
+            let fits = |dy: i32, dx: i32| {
+                (0..8).all(|y| {
+                    (0..8).all(|x| {
+                        let (sy, sx) = (y + dy, x + dx);
+                        let want = if (0..8).contains(&sy) && (0..8).contains(&sx) {
+                            s[(sy * 8 + sx) as usize]
+                        } else {
+                            0.0
+                        };
+                        o[(y * 8 + x) as usize] == want
+                    })
+                })
+            };
+            let found = (-2..=2).flat_map(|dy| (-2..=2).map(move |dx| (dy, dx)));
             assert_eq!(
-                &got[i * c * h * w..(i + 1) * c * h * w],
-                &want[..],
+                found.filter(|&(dy, dx)| fits(dy, dx)).count(),
+                1,
                 "sample {i}"
             );
         }
-        centres.sort();
-        centres.dedup();
+        // Noise: mean 0, deviation 0.5 over 64 x 32 x 32 values.
+        let mut x = Tensor::zeros(&[64, 1, 32, 32], Device::Cpu);
+        be.augment_samples(&mut x, Augment::Noise { std: 0.5 }, key(&step, 1));
+        let v = x.to_vec();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n;
+        let sd = (v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
         assert!(
-            centres.len() > 3,
-            "the samples draw their own centres: {centres:?}"
+            mean.abs() < 0.01 && (sd - 0.5).abs() < 0.01,
+            "mean {mean}, sd {sd}"
         );
+        // Cutout: the zeros of each sample are one square of side 4 (clipped at the border).
+        let mut x = Tensor::full(&[20, 2, 9, 9], 1.0, Device::Cpu);
+        be.augment_samples(&mut x, Augment::Cutout { size: 4 }, key(&step, 2));
+        let v = x.to_vec();
+        for i in 0..20 {
+            let img = &v[i * 162..(i + 1) * 162];
+            let zero: Vec<(usize, usize)> = (0..81)
+                .filter(|&k| img[k] == 0.0)
+                .map(|k| (k / 9, k % 9))
+                .collect();
+            assert!(!zero.is_empty(), "sample {i}: a square was cut");
+            let rows = zero
+                .iter()
+                .map(|z| z.0)
+                .collect::<std::collections::BTreeSet<_>>();
+            let cols = zero
+                .iter()
+                .map(|z| z.1)
+                .collect::<std::collections::BTreeSet<_>>();
+            assert!(rows.len() <= 4 && cols.len() <= 4);
+            assert_eq!(
+                zero.len(),
+                rows.len() * cols.len(),
+                "sample {i}: a rectangle"
+            );
+            assert_eq!(
+                &img[81..],
+                &img[..81],
+                "sample {i}: the same square in both channels"
+            );
+        }
     }
 
     /// `x` `[B, C, H, W]` with sample `i` all `i + 1`, labels `i % 10`, soft labels one-hot.

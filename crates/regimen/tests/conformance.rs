@@ -7,8 +7,9 @@
 //! `1e-4 + 1e-3 |x|` (long sums); bf16 products within `2e-2 + 2e-2 |x|` of the CPU's bf16
 //! path (both round the same inputs; they differ in accumulation order only, but a bf16
 //! rounding of an intermediate can flip); random draws (dropout masks, uniforms, the batch
-//! gather, Cutout) exactly; Mixup and CutMix (a Beta draw in f64 through `log`, `cos` and
-//! `pow`, which may differ in the last bit between CUDA and the host) within the f32 bound.
+//! gather, crop, translate, flip, Cutout) exactly; noise, scale, rotate, Mixup and CutMix
+//! (draws and coordinates in f64 through `log`, `exp`, `sin`, `cos` and `pow`, which may differ
+//! in the last bit between CUDA and the host) within the f32 bound.
 //!
 //! Without a GPU (or without the `cuda` feature) the CUDA part prints why it was skipped; the
 //! CPU half of every comparison still runs, so the tests themselves are exercised.
@@ -441,23 +442,43 @@ fn batches_gathered_and_augmented_on_the_device() {
         let y = Tensor::from_host(&[b], y.to_vec().iter().map(|&v| v as f32).collect(), d).unwrap();
         vec![x, y]
     });
-    same("one-hot labels and Cutout", EXACT, |d| {
+    same("one-hot labels", EXACT, |d| {
         let be = d.backend();
-        let (mut x, y) = batch(d, 8);
+        let (_, y) = batch(d, 8);
         let mut soft = be.zeros(&[b, 10], DType::F32);
         be.one_hot(&y, &mut soft);
-        let s = Indices::from_host(vec![8], d);
-        be.cutout(
-            &mut x,
-            5,
-            RandomKey {
-                stream: 0xA06,
-                step: &s,
-                purpose: AUGMENT_STEP,
-            },
-        );
-        vec![x, soft]
+        vec![soft]
     });
+    // The per-image steps: integer draws and copies exactly; the noise's Box-Muller and the
+    // bilinear resampling of scale and rotate (log, exp, sin, cos of CUDA against the host's)
+    // within the f32 bound.
+    use regimen::data::Augment;
+    for (a, tol) in [
+        (Augment::Crop { pad: 3 }, EXACT),
+        (Augment::Translate { pixels: 2 }, EXACT),
+        (Augment::Flip { p: 0.5 }, EXACT),
+        (Augment::Cutout { size: 5 }, EXACT),
+        (Augment::Noise { std: 0.3 }, F32),
+        (Augment::Scale { min_area: 0.4 }, F32),
+        (Augment::Rotate { degrees: 25.0 }, F32),
+    ] {
+        same(&format!("{a:?} of each sample"), tol, |d| {
+            let be = d.backend();
+            let mut out = Vec::new();
+            for step in [8, 9] {
+                let (mut x, _) = batch(d, step);
+                let s = Indices::from_host(vec![step], d);
+                let key = RandomKey {
+                    stream: 0xA06,
+                    step: &s,
+                    purpose: AUGMENT_STEP + 2,
+                };
+                be.augment_samples(&mut x, a, key);
+                out.push(x);
+            }
+            out
+        });
+    }
     // Beta draws and boxes in f64 (CUDA's log, cos and pow may differ from the host's in the
     // last bit): F32 tolerance.
     for (alpha, cutmix) in [(0.3, false), (2.5, false), (1.0, true), (0.5, true)] {
@@ -482,8 +503,8 @@ fn batches_gathered_and_augmented_on_the_device() {
     }
 }
 
-/// Whole epochs with batches built and augmented on the device (crop, flip, Cutout, Mixup,
-/// CutMix), one epoch: the GPU's eager run against the CPU's (the same draws; summation orders
+/// Whole epochs with batches built and augmented on the device (crop, flip, rotate, noise,
+/// Cutout, Mixup, CutMix), one epoch: the GPU's eager run against the CPU's (the same draws; summation orders
 /// differ),
 /// and the GPU's recorded-and-replayed run against its eager one.
 #[test]
@@ -511,7 +532,10 @@ fn device_batches_train_alike_on_every_device() {
             device: d,
             device_data: true,
             graph,
-            augment: Pipeline::parse("crop=1,flip,cutout=3,mixup=0.4,cutmix=1.0").unwrap(),
+            augment: Pipeline::parse(
+                "crop=1,flip,rotate=10,noise=0.05,cutout=3,mixup=0.4,cutmix=1.0",
+            )
+            .unwrap(),
             ..Default::default()
         };
         fit(

@@ -518,10 +518,12 @@ pub trait Backend: Send + Sync {
 
     /// `out` `[B, K]`: row `i` is the one-hot vector of `labels[i]` (soft labels to mix).
     fn one_hot(&self, labels: &Indices, out: &mut Tensor);
-    /// Cutout of a batch `x` `[B, C, H, W]` in place: sample `i` gets a `size x size` square
-    /// of zeros centred at [`device_cutout_centre`](crate::data::augment::device_cutout_centre)
-    /// (row and column from the 64-bit draws `2 i`, `2 i + 1` of `key`), clipped to the image.
-    fn cutout(&self, x: &mut Tensor, size: usize, key: RandomKey<'_>);
+    /// One per-image augmentation (crop, flip, scale, rotate, translate, noise, Cutout: not
+    /// Mixup or CutMix) of every sample of a batch `x` `[B, C, H, W]`, in place: sample `i` is
+    /// transformed by [`apply_one`](crate::data::augment::apply_one) with the numbers of the
+    /// sequential Philox stream `(device_sample_stream(key.stream, i), step, key.purpose)`
+    /// ([`device_sample_stream`](crate::data::augment::device_sample_stream)).
+    fn augment_samples(&self, x: &mut Tensor, a: crate::data::Augment, key: RandomKey<'_>);
     /// Mixup (`cutmix` false) or CutMix of a batch `x` `[B, C, H, W]` and its soft labels
     /// `soft` `[B, K]` in place, sample `i` with sample `B - 1 - i`. The draws are
     /// [`device_mix_draws`](crate::data::augment::device_mix_draws) of the sequential Philox

@@ -24,9 +24,11 @@
 //! Every draw comes from the [`Rng`] given to [`Pipeline::apply`]: the same seed gives the same
 //! batch.
 //!
-//! Batches built on the device ([`Pipeline::device_plan`]) take crop and flip in the gather,
-//! then Cutout, Mixup and CutMix as batch steps; there Mixup and CutMix pair sample `i` with
-//! sample `B - 1 - i` instead of drawing a permutation ([`device_mix_draws`]).
+//! Batches built on the device ([`Pipeline::device_plan`]) take a leading crop and flip in the
+//! gather, then every other step on the whole batch: each sample of a per-image step draws from
+//! a Philox stream of its own ([`device_sample_stream`]) through [`apply_one`], and Mixup and
+//! CutMix pair sample `i` with sample `B - 1 - i` instead of drawing a permutation
+//! ([`device_mix_draws`]).
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -166,10 +168,10 @@ impl Pipeline {
         Ok(())
     }
 
-    /// How the pipeline runs on the device (batches gathered and augmented there), or `None`
-    /// when it cannot: the crop and the flip (at most one of each) must come first, as the
-    /// gather applies them; Cutout, Mixup and CutMix may follow, in any order and number.
-    pub fn device_plan(&self) -> Option<DevicePlan> {
+    /// How the pipeline runs on the device (batches gathered and augmented there): a crop and
+    /// a flip at its head (at most one of each) go into the gather, every later step runs on
+    /// the gathered batch, in order.
+    pub fn device_plan(&self) -> DevicePlan {
         let mut plan = DevicePlan {
             pad: 0,
             flip_p: 0.0,
@@ -184,13 +186,10 @@ impl Pipeline {
                 Augment::Flip { p } if !flip && plan.after.is_empty() => {
                     (flip, plan.flip_p) = (true, p)
                 }
-                Augment::Cutout { .. } | Augment::Mixup { .. } | Augment::CutMix { .. } => {
-                    plan.after.push(*s)
-                }
-                _ => return None,
+                other => plan.after.push(other),
             }
         }
-        Some(plan)
+        plan
     }
 
     /// True when the pipeline mixes samples (Mixup, CutMix) and so makes soft labels.
@@ -249,12 +248,12 @@ impl Pipeline {
 }
 
 /// A pipeline as the device runs it ([`Pipeline::device_plan`]): the gather's crop padding and
-/// flip probability, then the batch steps that follow it.
+/// flip probability, then the batch steps that follow it (any augmentation).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DevicePlan {
     pub pad: usize,
     pub flip_p: f32,
-    /// Cutout, Mixup and CutMix steps, in order; the `k`-th draws under purpose
+    /// The later steps, in order; the `k`-th draws under purpose
     /// [`AUGMENT_STEP`](crate::rng::purpose::AUGMENT_STEP)` + k`.
     pub after: Vec<Augment>,
 }
@@ -288,21 +287,12 @@ pub fn device_mix_draws(
     (bx.weight(h, w), Some(bx))
 }
 
-/// The centre `(row, column)` of sample `i`'s Cutout square on the device: the 64-bit draws
-/// `2 i` and `2 i + 1` of `(stream, step, purpose)` mapped to `[0, h)` and `[0, w)`.
-pub fn device_cutout_centre(
-    stream: u64,
-    step: u32,
-    purpose: u32,
-    i: usize,
-    h: usize,
-    w: usize,
-) -> (usize, usize) {
-    use crate::rng::{philox_u64, u64_below};
-    (
-        u64_below(philox_u64(stream, step, purpose, 2 * i as u64), h),
-        u64_below(philox_u64(stream, step, purpose, 2 * i as u64 + 1), w),
-    )
+/// The Philox stream of sample `i` of a batch step on the device: the step's per-sample
+/// augmentations draw from `Rng::philox(device_sample_stream(stream, i), step, purpose)`, the
+/// numbers [`apply_one`] reads, as the host pipeline draws them for one image.
+pub fn device_sample_stream(stream: u64, i: usize) -> u64 {
+    use crate::rng::mix64;
+    mix64(stream ^ mix64(i as u64 + 1))
 }
 
 fn one_hot(labels: &[u32], classes: usize) -> Vec<f32> {
@@ -313,7 +303,9 @@ fn one_hot(labels: &[u32], classes: usize) -> Vec<f32> {
     y
 }
 
-fn apply_one(a: Augment, img: &mut [f32], shape: [usize; 3], rng: &mut Rng) {
+/// One per-image augmentation of `img` (every kind but Mixup and CutMix), its numbers drawn from
+/// `rng`: the host pipeline's step, and each sample's on the device.
+pub fn apply_one(a: Augment, img: &mut [f32], shape: [usize; 3], rng: &mut Rng) {
     let [_, h, w] = shape;
     match a {
         Augment::Crop { pad } => {

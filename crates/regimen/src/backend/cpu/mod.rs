@@ -901,21 +901,16 @@ impl Backend for Cpu {
         }
     }
 
-    fn cutout(&self, x: &mut Tensor, size: usize, key: RandomKey<'_>) {
+    fn augment_samples(&self, x: &mut Tensor, a: crate::data::Augment, key: RandomKey<'_>) {
+        use crate::data::augment::{apply_one, device_sample_stream};
         let s = x.shape().to_vec();
         let shape = [s[1], s[2], s[3]];
         let step = step_of(key.step);
         let per: usize = shape.iter().product();
         for (i, img) in f32s_mut(x).chunks_mut(per.max(1)).enumerate() {
-            let (cy, cx) = crate::data::augment::device_cutout_centre(
-                key.stream,
-                step,
-                key.purpose,
-                i,
-                shape[1],
-                shape[2],
-            );
-            crate::data::augment::cutout(img, shape, cy, cx, size);
+            let stream = device_sample_stream(key.stream, i);
+            let mut rng = crate::rng::Rng::philox(stream, step, key.purpose);
+            apply_one(a, img, shape, &mut rng);
         }
     }
 
@@ -1347,9 +1342,7 @@ mod tests {
     #[test]
     fn linear_bias_and_its_gradient_follow_the_definition() {
         let (n, c) = (301, 300);
-        let x: Vec<f32> = (0..n * c)
-            .map(|i| (i as f32 * 0.37).sin() * 3.0)
-            .collect();
+        let x: Vec<f32> = (0..n * c).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let b: Vec<f32> = (0..c).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut y = from_slice(&[n, c], &x);
         Cpu.add_channel_bias(&mut y, &from_slice(&[c], &b), c);

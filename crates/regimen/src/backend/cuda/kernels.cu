@@ -983,7 +983,7 @@ extern "C" __global__ void gather_augment(const float* images, const u32* labels
 }
 
 // ---------------------------------------------------------------------------------------
-// The batch steps after the gather: one-hot labels, Cutout, Mixup and CutMix (data/augment.rs
+// The batch steps after the gather: one-hot labels, Mixup and CutMix (data/augment.rs
 // documents the draws). The sequential draws below repeat rng.rs's `Rng::philox` (next_f64,
 // normal, gamma, beta) and augment.rs's `cutmix_box` operation for operation, with explicit
 // rounding (no fused multiply-add), so that both devices draw the same `l` and box.
@@ -1103,20 +1103,92 @@ extern "C" __global__ void mix_batch(float* x, float* soft, const float* params,
     }
 }
 
-// Zero each sample's size x size square centred at (row, column) = draws 2i, 2i + 1.
-extern "C" __global__ void cutout(float* x, int b, int h, int w, unsigned per, int size,
-                                  u64 stream, const u32* step, u32 purpose) {
+// ---- Per-image steps on the device: every sample draws from its own sequential stream
+// (augment.rs's device_sample_stream) the numbers augment.rs's apply_one draws for one image,
+// and each thread recomputes its sample's numbers (a few draws) and writes one output element.
+
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ int seq_below(SeqRng* r, int n) {
+    return u64_below(philox_u64(r->stream, r->step, r->purpose, r->j++), n);
+}
+// lo + (hi - lo) u, as Rng::uniform.
+__device__ __forceinline__ double seq_uniform(SeqRng* r, double lo, double hi) {
+    return __dadd_rn(lo, __dmul_rn(__dsub_rn(hi, lo), seq_f64(r)));
+}
+// augment.rs's bilinear: zero outside the plane, f32 weights.
+__device__ float bilinear_at(const float* plane, int h, int w, double y, double x) {
+    double y0 = floor(y), x0 = floor(x);
+    float fy = (float)__dsub_rn(y, y0), fx = (float)__dsub_rn(x, x0);
+    auto at = [&](double yy, double xx) -> float {
+        if (yy < 0.0 || xx < 0.0 || yy >= (double)h || xx >= (double)w) return 0.0f;
+        return plane[(long long)yy * w + (long long)xx];
+    };
+    float gx = __fsub_rn(1.0f, fx), gy = __fsub_rn(1.0f, fy);
+    float top = __fadd_rn(__fmul_rn(at(y0, x0), gx), __fmul_rn(at(y0, x0 + 1.0), fx));
+    float bottom = __fadd_rn(__fmul_rn(at(y0 + 1.0, x0), gx), __fmul_rn(at(y0 + 1.0, x0 + 1.0), fx));
+    return __fadd_rn(__fmul_rn(top, gy), __fmul_rn(bottom, fy));
+}
+
+// kind: 0 crop / translate (p = the pixels), 1 flip (p = probability), 2 scale (p = smallest
+// area), 3 rotate (p = degrees), 4 noise (p = std), 5 Cutout (p = side). dst = f(src).
+extern "C" __global__ void augment_samples(const float* src, float* dst, int kind, float p, int b,
+                                           int c, int h, int w, u64 stream, const u32* step,
+                                           u32 purpose) {
     u32 s = *step;
-    unsigned hw = (unsigned)(h * w);
+    unsigned hw = (unsigned)(h * w), per = (unsigned)c * hw;
     PLANE_LOOP(smp, r, b, per) {
-        int cy = u64_below(philox_u64(stream, s, purpose, 2 * (u64)smp), h);
-        int cx = u64_below(philox_u64(stream, s, purpose, 2 * (u64)smp + 1), w);
-        int half = size / 2;
-        int y0 = max(cy - half, 0), y1 = min(cy - half + size, h);
-        int x0 = max(cx - half, 0), x1 = min(cx - half + size, w);
-        unsigned rr = r % hw;
-        int yy = (int)(rr / (unsigned)w), xx = (int)(rr % (unsigned)w);
-        if (yy >= y0 && yy < y1 && xx >= x0 && xx < x1) x[smp * per + r] = 0.0f;
+        SeqRng rng = {mix64(stream ^ mix64((u64)smp + 1)), s, purpose, 0};
+        unsigned ch = r / hw, rr = r - ch * hw;
+        int y = (int)(rr / (unsigned)w), x = (int)(rr - (unsigned)y * w);
+        const float* img = src + smp * per;
+        const float* plane = img + (long long)ch * hw;
+        float v = img[r];
+        if (kind == 0) {
+            int n = 2 * (int)p + 1;
+            int dy = seq_below(&rng, n) - (int)p, dx = seq_below(&rng, n) - (int)p;
+            int sy = y + dy, sx = x + dx;
+            v = (sy >= 0 && sy < h && sx >= 0 && sx < w) ? plane[sy * w + sx] : 0.0f;
+        } else if (kind == 1) {
+            if ((float)seq_f64(&rng) < p) v = plane[y * w + (w - 1 - x)];
+        } else if (kind == 2) {
+            double area = seq_uniform(&rng, (double)p, 1.0);
+            double ratio = exp(seq_uniform(&rng, log(3.0 / 4.0), log(4.0 / 3.0)));
+            double bw = fmin(__dmul_rn(sqrt(__dmul_rn(area, ratio)), (double)w), (double)w);
+            double bh = fmin(__dmul_rn(sqrt(__ddiv_rn(area, ratio)), (double)h), (double)h);
+            double x0 = seq_uniform(&rng, 0.0, __dsub_rn((double)w, bw));
+            double y0 = seq_uniform(&rng, 0.0, __dsub_rn((double)h, bh));
+            double sy = __dsub_rn(__dadd_rn(y0, __ddiv_rn(__dmul_rn(y + 0.5, bh), (double)h)), 0.5);
+            double sx = __dsub_rn(__dadd_rn(x0, __ddiv_rn(__dmul_rn(x + 0.5, bw), (double)w)), 0.5);
+            sy = fmin(fmax(sy, 0.0), (double)h - 1.0);
+            sx = fmin(fmax(sx, 0.0), (double)w - 1.0);
+            v = bilinear_at(plane, h, w, sy, sx);
+        } else if (kind == 3) {
+            double angle = __dmul_rn(seq_uniform(&rng, -(double)p, (double)p),
+                                     3.141592653589793 / 180.0);
+            double cy = ((double)h - 1.0) / 2.0, cx = ((double)w - 1.0) / 2.0;
+            double sn, co;
+            sincos(angle, &sn, &co);
+            double dy = __dsub_rn((double)y, cy), dx = __dsub_rn((double)x, cx);
+            double sy = __dsub_rn(__dadd_rn(cy, __dmul_rn(co, dy)), __dmul_rn(sn, dx));
+            double sx = __dadd_rn(__dadd_rn(cx, __dmul_rn(sn, dy)), __dmul_rn(co, dx));
+            v = (sy < -0.5 || sx < -0.5 || sy > (double)h - 0.5 || sx > (double)w - 0.5)
+                    ? 0.0f
+                    : bilinear_at(plane, h, w, sy, sx);
+        } else if (kind == 4) {
+            rng.j = 2 * (u64)r;  // element r takes the draws 2r and 2r + 1, as in order
+            v = __fadd_rn(v, __fmul_rn(p, (float)seq_normal(&rng)));
+        } else if (kind == 5) {
+            int cy = seq_below(&rng, h), cx = seq_below(&rng, w);
+            int size = (int)p, half = size / 2;
+            int y0 = max(cy - half, 0), y1 = min(cy - half + size, h);
+            int x0 = max(cx - half, 0), x1 = min(cx - half + size, w);
+            if (y >= y0 && y < y1 && x >= x0 && x < x1) v = 0.0f;
+        }
+        dst[smp * per + r] = v;
     }
 }
 

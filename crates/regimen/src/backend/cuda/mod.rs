@@ -158,7 +158,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "optim_update",
     "gather_augment",
     "one_hot",
-    "cutout",
+    "augment_samples",
     "mix_params",
     "mix_batch",
 ];
@@ -1962,30 +1962,47 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn cutout(&self, x: &mut Tensor, size: usize, key: RandomKey<'_>) {
+    fn augment_samples(&self, x: &mut Tensor, a: crate::data::Augment, key: RandomKey<'_>) {
+        use crate::data::Augment;
+        let (kind, p): (i32, f32) = match a {
+            Augment::Crop { pad } => (0, pad as f32),
+            Augment::Translate { pixels } => (0, pixels as f32),
+            Augment::Flip { p } => (1, p),
+            Augment::Scale { min_area } => (2, min_area),
+            Augment::Rotate { degrees } => (3, degrees),
+            Augment::Noise { std } => (4, std),
+            Augment::Cutout { size } => (5, size as f32),
+            Augment::Mixup { .. } | Augment::CutMix { .. } => {
+                panic!("augment_samples: {a:?} mixes samples (mix_batch)")
+            }
+        };
         let s = x.shape().to_vec();
         let per: usize = s[1..].iter().product();
-        let (b, h, w, size) = (s[0] as i32, s[2] as i32, s[3] as i32, size as i32);
-        let per32 = per as u32;
-        let (xp, sp) = (ptr_mut(x), ptr(key.step.tensor()));
-        if s[0] > 0 && per > 0 {
-            self.launch_planes(
-                "cutout",
-                s[0],
-                per,
-                &mut args![
-                    &xp,
-                    &b,
-                    &h,
-                    &w,
-                    &per32,
-                    &size,
-                    &key.stream,
-                    &sp,
-                    &key.purpose
-                ],
-            );
+        if s[0] == 0 || per == 0 {
+            return;
         }
+        let mut src = self.new_tensor(&s, DType::F32);
+        self.copy(x, &mut src);
+        let (b, c, h, w) = (s[0] as i32, s[1] as i32, s[2] as i32, s[3] as i32);
+        let (sp, dp, kp) = (ptr(&src), ptr_mut(x), ptr(key.step.tensor()));
+        self.launch_planes(
+            "augment_samples",
+            s[0],
+            per,
+            &mut args![
+                &sp,
+                &dp,
+                &kind,
+                &p,
+                &b,
+                &c,
+                &h,
+                &w,
+                &key.stream,
+                &kp,
+                &key.purpose
+            ],
+        );
     }
 
     fn mix_batch(
