@@ -32,9 +32,10 @@
 //! `(layer, step, STOCHASTIC_DEPTH, sample)`; fractional pooling `(layer, step,
 //! FRACTIONAL_POOL, 2 plane + axis)`; the on-device batch gather
 //! `(run, step, AUGMENT, 4 sample + k)` for crop offsets (k = 0, 1) and the flip (k = 2), and
-//! its later steps `(run, step, AUGMENT_STEP + k, ...)` for the `k`-th of them: a Cutout's
-//! centre of sample `i` from the 64-bit draws `2 i` (row) and `2 i + 1` (column), a Mixup's or
-//! CutMix's `l` and box sequentially through [`Rng::philox`] as the host pipeline draws them; the
+//! its later steps under purpose `AUGMENT_STEP + k` for the `k`-th of them: a per-image step
+//! reads, for sample `i`, the stream `(mix64(run ^ mix64(i + 1)), step, AUGMENT_STEP + k)`
+//! sequentially through [`Rng::philox`], as the host pipeline reads its numbers for one image;
+//! a Mixup's or CutMix's `l` and box come from `(run, step, AUGMENT_STEP + k)` the same way; the
 //! host loader's augmentations read
 //! `(run, global batch index, AUGMENT, ...)` sequentially through [`Rng::philox`] (Mixup's
 //! Beta draws need a variable number of numbers).
@@ -51,8 +52,8 @@ pub mod purpose {
     pub const STOCHASTIC_DEPTH: u32 = 2;
     pub const FRACTIONAL_POOL: u32 = 3;
     pub const AUGMENT: u32 = 4;
-    /// The on-device batch steps after the gather (Cutout, Mixup, CutMix): step `k` of
-    /// them (0-based) draws under purpose `AUGMENT_STEP + k`.
+    /// The on-device batch steps after the gather (every augmentation but a leading crop and
+    /// flip): step `k` of them (0-based) draws under purpose `AUGMENT_STEP + k`.
     pub const AUGMENT_STEP: u32 = 0x100;
 }
 
