@@ -104,18 +104,20 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Where to train: cpu, cuda (GPU 0) or cuda:N.
+    /// Where to train: cpu, cuda (GPU 0; under several ranks, GPU local rank mod GPUs) or
+    /// cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Matrix products in f32, bf16 or f16 (mixed precision: master weights, gradients and
     /// optimizer state stay f32).
     #[arg(long, default_value = "f32")]
     pub precision: String,
-    /// Record one training step as a CUDA graph and replay it for every batch (GPU only;
-    /// the training set then lives on the GPU).
+    /// Record one training step as a CUDA graph and replay it for every batch (GPU only, one
+    /// process; the training set then lives on the GPU).
     #[arg(long)]
     pub graph: bool,
-    /// On a GPU, build batches on the host (with every augmentation) instead of on the GPU.
+    /// On a GPU, build batches with the host loader instead of on the GPU (both run every
+    /// augmentation; their random draws differ).
     #[arg(long)]
     pub host_data: bool,
     /// Data-parallel runs (under mpirun or srun): batch-norm statistics over every rank's

@@ -131,7 +131,7 @@ pub fn uniform(stream: u64, step: u32, purpose: u32, index: u64) -> f32 {
 }
 
 /// Fill `out` with the uniform numbers of elements `first..first + out.len()`, four per
-/// Philox block. Whole groups of [`LANES`] blocks are computed side by side, in a loop that the
+/// Philox block. Whole groups of `LANES` blocks are computed side by side, in a loop that the
 /// compiler turns into vector multiplies (compiled for AVX-512, AVX2 and the baseline, chosen
 /// at run time); the words are the same as one block at a time.
 pub fn fill_uniform(stream: u64, step: u32, purpose: u32, first: u64, out: &mut [f32]) {

@@ -177,9 +177,9 @@ pub struct FitConfig {
     pub progress: bool,
     /// The element type of matrix products (mixed precision).
     pub precision: Precision,
-    /// Keep the training set on the device and build each batch there with one kernel
-    /// (gather, crop, flip): no per-batch copy from the host. Needs a pipeline of crop and
-    /// flip only.
+    /// Keep the training set on the device and build each batch there (a gather kernel with a
+    /// leading crop and flip, then one kernel per later augmentation): no per-batch copy from
+    /// the host. One process only.
     pub device_data: bool,
     /// Record one training step as a graph and replay it for every full batch (CUDA; implies
     /// `device_data`). The learning rate schedule is uploaded as a table.
@@ -639,8 +639,10 @@ fn be_write_scalar(t: &mut Tensor, v: f32) {
 
 /// The training loop with the data on the device: the training set is uploaded once; each
 /// epoch uploads its shuffled order (the same order as the host [`Loader`]); each step
-/// gathers and augments its batch with one kernel, reading a batch cursor that the step
-/// itself advances; loss and correct counts accumulate on the device. With `cfg.graph` the
+/// gathers its batch (with a leading crop and flip) and runs one batch step per later
+/// augmentation ([`Pipeline::device_plan`](crate::data::Pipeline::device_plan)), reading a
+/// batch cursor that the step itself advances; loss and correct counts accumulate on the
+/// device. With `cfg.graph` the
 /// third step is recorded as a graph (after two eager steps, the buffer pool holds everything
 /// a step needs), and every later full batch is one replay of it.
 #[allow(clippy::too_many_arguments)]

@@ -103,7 +103,12 @@ fn device_batches_equal_host_batches() {
     // suffer from them).
     let tail =
         |h: &[regimen::train::EpochStats]| h[5..].iter().map(|s| s.test_acc).sum::<f32>() / 3.0;
-    for spec in ["cutout=2", "mixup=0.2", "cutmix=1.0", "rotate=10,noise=0.05"] {
+    for spec in [
+        "cutout=2",
+        "mixup=0.2",
+        "cutmix=1.0",
+        "rotate=10,noise=0.05",
+    ] {
         let (on_device, w1) = run(true, spec);
         let (again, w2) = run(true, spec);
         assert_eq!(w1, w2, "{spec}: the same seed, the same weights");

@@ -595,7 +595,6 @@ pub(crate) fn cuda_backend(n: usize) -> &'static dyn Backend {
     }
 }
 
-/// Check that GPU `n` can be used and initialize its backend.
 /// How many GPUs this process can use, or why none (no driver, a build without the `cuda`
 /// feature).
 pub(crate) fn cuda_count() -> Result<usize> {
@@ -612,6 +611,7 @@ pub(crate) fn cuda_count() -> Result<usize> {
     }
 }
 
+/// Check that GPU `n` can be used and initialize its backend.
 pub(crate) fn init_cuda(n: usize) -> Result<()> {
     #[cfg(feature = "cuda")]
     {

@@ -48,8 +48,8 @@ pub fn bench_mlp(rng: &mut Rng) -> Result<Sequential> {
     mlp(784, &[512, 512], 10, Unary::Relu, 0.2, rng)
 }
 
-/// The cnn-step benchmark model for 1x28x28 input: [conv3x3 -> BN -> ReLU] x2 (32 ch), maxpool 2,
-/// [same] x2 (64 ch), maxpool 2, dropout 0.25, Linear 3136->256, ReLU, dropout 0.25,
+/// The cnn-step benchmark model for 1x28x28 input: \[conv3x3 -> BN -> ReLU\] x2 (32 ch), maxpool 2,
+/// \[same\] x2 (64 ch), maxpool 2, dropout 0.25, Linear 3136->256, ReLU, dropout 0.25,
 /// Linear 256->10.
 pub fn bench_cnn(rng: &mut Rng) -> Result<Sequential> {
     cnn([1, 28, 28], 10, rng)

@@ -986,7 +986,8 @@ extern "C" __global__ void gather_augment(const float* images, const u32* labels
 // The batch steps after the gather: one-hot labels, Mixup and CutMix (data/augment.rs
 // documents the draws). The sequential draws below repeat rng.rs's `Rng::philox` (next_f64,
 // normal, gamma, beta) and augment.rs's `cutmix_box` operation for operation, with explicit
-// rounding (no fused multiply-add), so that both devices draw the same `l` and box.
+// rounding (no fused multiply-add), so that both devices draw the same `l` and box (up to
+// last-bit differences of CUDA's log, cos and pow against the host's).
 
 // Draw j of 64 bits of (stream, step, purpose): the words 2j (high) and 2j + 1 (low).
 __device__ __forceinline__ u64 philox_u64(u64 stream, u32 step, u32 purpose, u64 j) {

@@ -1,4 +1,4 @@
-//! The CUDA backend: NVIDIA GPUs through the driver API, NVRTC and cuBLAS, all loaded at run
+//! The CUDA backend: NVIDIA GPUs through the driver API, NVRTC, cuBLAS and (optionally) cuDNN, all loaded at run
 //! time by `cudarc` (no CUDA toolkit is needed to build, and the same binary runs on machines
 //! with and without a GPU).
 //!
