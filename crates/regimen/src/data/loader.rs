@@ -96,9 +96,10 @@ impl Loader {
         let (rank, ranks) = self.shard;
         let idx = &idx[crate::dist::shard(idx.len(), rank, ranks)];
         let d = data.image_len();
-        let mut images = Vec::with_capacity(idx.len() * d);
-        for &i in idx {
-            images.extend_from_slice(&data.images[i * d..(i + 1) * d]);
+        // From the CPU pool: the batch tensor adopts it, and the pool gets it back.
+        let mut images = crate::backend::cpu::host_vec(idx.len() * d);
+        for (dst, &i) in images.chunks_mut(d.max(1)).zip(idx) {
+            dst.copy_from_slice(&data.images[i * d..(i + 1) * d]);
         }
         let labels: Vec<u32> = idx.iter().map(|&i| data.labels[i]).collect();
         // Augmentation draws: the Philox stream (seed, global batch index, AUGMENT).

@@ -133,9 +133,9 @@ impl Dataset {
     /// The batch of samples `idx` on `device`: images `[B, C, H, W]` and labels.
     pub fn batch(&self, idx: &[usize], device: Device) -> Result<(Tensor, Indices)> {
         let d = self.image_len();
-        let mut x = Vec::with_capacity(idx.len() * d);
-        for &i in idx {
-            x.extend_from_slice(&self.images[i * d..(i + 1) * d]);
+        let mut x = crate::backend::cpu::host_vec(idx.len() * d);
+        for (dst, &i) in x.chunks_mut(d.max(1)).zip(idx) {
+            dst.copy_from_slice(&self.images[i * d..(i + 1) * d]);
         }
         let [c, h, w] = self.image_shape;
         let x = Tensor::from_host(&[idx.len(), c, h, w], x, device)?;

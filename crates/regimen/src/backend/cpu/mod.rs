@@ -14,7 +14,7 @@ mod winograd;
 
 pub use elementwise::erf;
 pub use storage::CpuBuffer;
-pub(crate) use storage::{f32s, f32s_mut, u32s};
+pub(crate) use storage::{f32s, f32s_mut, host_vec, u32s};
 
 use half::{bf16, f16};
 
@@ -135,6 +135,14 @@ impl Backend for Cpu {
     }
 
     fn upload(&self, shape: &[usize], dtype: DType, data: HostBuf) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data = match (dtype, data) {
+            // An f32 vector of the right length becomes the tensor's storage, without a copy.
+            (DType::F32, HostBuf::F32(v)) if v.len() == n && n > 0 => {
+                return storage::adopt_f32(shape, v)
+            }
+            (_, data) => data,
+        };
         let mut t = alloc(shape, dtype);
         self.write(&mut t, data);
         t
@@ -1335,6 +1343,32 @@ fn update_chunk<F: Fn(&mut f32, f32, &mut [f32; 3])>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host vector from the pool becomes a tensor without a copy, and its memory goes back
+    /// to the pool with the tensor (a buffer of an unusual length, so that no other test's
+    /// buffers interfere).
+    #[test]
+    fn host_vectors_travel_through_the_pool_without_a_copy() {
+        let n = 77_777;
+        let mut v = host_vec(n);
+        assert_eq!(v.len(), n);
+        v.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = i as f32 * 0.5);
+        let at = v.as_ptr() as usize;
+        let t = Tensor::from_host(&[n], v, Device::Cpu).unwrap();
+        assert_eq!(f32s(&t).as_ptr() as usize, at, "adopted, not copied");
+        assert_eq!(f32s(&t)[12_345], 6172.5);
+        drop(t);
+        let before = Cpu.pool_stats().reused;
+        let again = host_vec(n);
+        assert_eq!(
+            again.as_ptr() as usize,
+            at,
+            "the same memory, from the pool"
+        );
+        assert!(Cpu.pool_stats().reused > before);
+    }
 
     /// The bias of a linear layer (`[N, C]`, one value per column): added to every row, and
     /// its gradient the column sums in f64 down the rows, bit for bit as the definition, with

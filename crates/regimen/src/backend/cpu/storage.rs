@@ -172,6 +172,39 @@ pub fn u16s_mut(t: &mut Tensor) -> &mut [u16] {
     unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u16, n) }
 }
 
+/// A host vector of `n` values from the CPU pool (contents unspecified): fill it and give it
+/// to [`Tensor::from_host`], which on the CPU adopts it without a copy; its memory returns to
+/// the pool when the tensor is dropped. The loader builds its batches in these, so that a
+/// steady run neither copies a batch twice nor touches fresh pages.
+pub fn host_vec(n: usize) -> Vec<f32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut words = std::mem::ManuallyDrop::new(POOL.take(n).unwrap_or_else(|| vec![0; n]));
+    // SAFETY: u32 and f32 have the same size and alignment, and every bit pattern is an f32;
+    // the vector's allocation is handed over whole.
+    unsafe {
+        Vec::from_raw_parts(
+            words.as_mut_ptr() as *mut f32,
+            words.len(),
+            words.capacity(),
+        )
+    }
+}
+
+/// An `f32` tensor that takes `v` as its storage, without a copy (`v.len()` elements).
+pub(super) fn adopt_f32(shape: &[usize], v: Vec<f32>) -> Tensor {
+    debug_assert_eq!(shape.iter().product::<usize>(), v.len());
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: as in `host_vec`, the other way.
+    let words = unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut u32, v.len(), v.capacity()) };
+    Tensor::from_parts(
+        shape,
+        DType::F32,
+        Storage::Cpu(CpuBuffer { words, stats: None }),
+    )
+}
+
 /// A new CPU tensor from the pool (contents unspecified).
 pub fn alloc(shape: &[usize], dtype: DType) -> Tensor {
     let n: usize = shape.iter().product();
