@@ -300,6 +300,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     if args.profile {
         profile(&mut model, &x, &y, args.steps)?;
+        for line in regimen::backend::gpu_conv_plans(device) {
+            say!("convolution {line}");
+        }
     }
     let mut sorted = rates.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());

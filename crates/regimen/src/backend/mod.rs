@@ -73,6 +73,17 @@ pub fn gpu_conv_engine(device: Device) -> Option<&'static str> {
     None
 }
 
+/// With `REGIMEN_CUDNN=1` on a GPU: one line per convolution shape run so far, the cuDNN
+/// algorithms chosen for it (and their math), or why im2col runs it. Empty otherwise.
+pub fn gpu_conv_plans(device: Device) -> Vec<String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        return cuda::get(n).map(|b| b.conv_plans()).unwrap_or_default();
+    }
+    let _ = device;
+    Vec::new()
+}
+
 pub(crate) use update::{
     adagrad as adagrad_element, adam as adam_element, rmsprop as rmsprop_element,
     sgd as sgd_element,

@@ -79,6 +79,16 @@ pub(super) struct Plan {
     fwd: dsys::cudnnConvolutionFwdAlgo_t,
     data: dsys::cudnnConvolutionBwdDataAlgo_t,
     filter: dsys::cudnnConvolutionBwdFilterAlgo_t,
+    /// The math type of each direction's algorithm (forward, input and weight gradient).
+    math: [dsys::cudnnMathType_t; 3],
+}
+
+/// Why a direction has no algorithm: none deterministic within the workspace and the math.
+fn no_algorithm(direction: &str, offered: i32) -> String {
+    format!(
+        "none of cuDNN's {offered} {direction} algorithms is deterministic, within the \
+         workspace and of the allowed math"
+    )
 }
 
 /// cuDNN on the backend's stream.
@@ -86,7 +96,8 @@ pub(super) struct Dnn {
     handle: dsys::cudnnHandle_t,
     workspace: u64,
     /// `None`: cuDNN offers no suitable algorithm for the shape (im2col runs it).
-    plans: Mutex<HashMap<Key, Option<&'static Plan>>>,
+    /// Per shape: its plan, and a line saying what cuDNN chose (or why im2col runs it).
+    plans: Mutex<HashMap<Key, (Option<&'static Plan>, String)>>,
 }
 
 // SAFETY: the handle and the descriptors are used under the backend's lock, on its one stream.
@@ -152,26 +163,57 @@ impl Dnn {
             tf32,
         };
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = plans.get(&key) {
+        if let Some((p, _)) = plans.get(&key) {
             return Ok(*p);
         }
         // A shape cuDNN refuses (an error while planning, or no suitable algorithm) keeps
         // im2col; `shapes` counts both kinds.
-        let made = self.make_plan(key).ok().flatten();
-        // Plans live as long as the process (the backend is never dropped).
-        let p = made.map(|p| &*Box::leak(Box::new(p)));
-        plans.insert(key, p);
+        let (p, note) = match self.make_plan(key) {
+            Ok(Ok(p)) => {
+                let note = format!(
+                    "cudnn: forward {:?} ({:?}), input gradient {:?} ({:?}), weight gradient \
+                     {:?} ({:?})",
+                    p.fwd, p.math[0], p.data, p.math[1], p.filter, p.math[2]
+                );
+                // Plans live as long as the process (the backend is never dropped).
+                (Some(&*Box::leak(Box::new(p))), note)
+            }
+            Ok(Err(why)) => (None, format!("im2col: {why}")),
+            Err(e) => (None, format!("im2col: {e}")),
+        };
+        plans.insert(key, (p, note));
         Ok(p)
     }
 
     /// How many convolution shapes have a cuDNN plan, and how many run on im2col instead.
     pub(super) fn shapes(&self) -> (usize, usize) {
         let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let planned = plans.values().filter(|p| p.is_some()).count();
+        let planned = plans.values().filter(|p| p.0.is_some()).count();
         (planned, plans.len() - planned)
     }
 
-    fn make_plan(&self, k: Key) -> Result<Option<Plan>> {
+    /// One line per convolution shape met so far: the shape and what runs it.
+    pub(super) fn notes(&self) -> Vec<String> {
+        let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lines: Vec<String> = plans
+            .iter()
+            .map(|(k, (_, note))| {
+                format!(
+                    "x {:?} w {:?} stride {} pad {}{}: {note}",
+                    k.x,
+                    k.w,
+                    k.stride,
+                    k.pad,
+                    if k.tf32 { " tf32" } else { "" }
+                )
+            })
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// The plan of shape `k`; `Ok(Err(why))` when cuDNN has no suitable algorithm.
+    fn make_plan(&self, k: Key) -> Result<std::result::Result<Plan, String>> {
         use dsys::cudnnDataType_t::CUDNN_DATA_FLOAT;
         use dsys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let i = |v: usize| v as i32;
@@ -281,7 +323,7 @@ impl Dnn {
             .iter()
             .find(|p| usable(p.status, p.determinism, p.memory, p.mathType))
         else {
-            return Ok(None);
+            return Ok(Err(no_algorithm("forward", got)));
         };
         // Input gradient.
         let mut bd: [dsys::cudnnConvolutionBwdDataAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
@@ -304,7 +346,7 @@ impl Dnn {
             .iter()
             .find(|p| usable(p.status, p.determinism, p.memory, p.mathType))
         else {
-            return Ok(None);
+            return Ok(Err(no_algorithm("input gradient", got)));
         };
         // Weight gradient.
         let mut bf: [dsys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
@@ -327,7 +369,7 @@ impl Dnn {
             .iter()
             .find(|p| usable(p.status, p.determinism, p.memory, p.mathType))
         else {
-            return Ok(None);
+            return Ok(Err(no_algorithm("weight gradient", got)));
         };
         // Each direction runs with its algorithm's math type; the workspace sizes are checked
         // again with the final settings.
@@ -359,15 +401,19 @@ impl Dnn {
             ]
         };
         for s in sizes {
-            if s.map_err(|e| derr("workspace size")(e.0))? > WORKSPACE {
-                return Ok(None);
+            let bytes = s.map_err(|e| derr("workspace size")(e.0))?;
+            if bytes > WORKSPACE {
+                return Ok(Err(format!(
+                    "a workspace of {bytes} bytes (more than {WORKSPACE})"
+                )));
             }
         }
-        Ok(Some(Plan {
+        Ok(Ok(Plan {
             d: descs,
             fwd: f.algo,
             data: d.algo,
             filter: g.algo,
+            math: [f.mathType, d.mathType, g.mathType],
         }))
     }
 

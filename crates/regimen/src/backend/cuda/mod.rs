@@ -597,6 +597,12 @@ impl CudaBackend {
         Some((dnn, plan))
     }
 
+    /// One line per f32 convolution shape run so far through cuDNN's planning: the shape and
+    /// the algorithms chosen, or why im2col runs it (empty without `REGIMEN_CUDNN=1`).
+    pub fn conv_plans(&self) -> Vec<String> {
+        self.dnn.as_ref().map(|d| d.notes()).unwrap_or_default()
+    }
+
     /// The engine of the f32 convolutions run so far: "cudnn", "im2col", or "cudnn+im2col"
     /// when cuDNN is on but some shapes fell back to im2col (no suitable algorithm).
     pub fn conv_engine(&self) -> &'static str {
