@@ -96,7 +96,8 @@ impl Loader {
         let (rank, ranks) = self.shard;
         let idx = &idx[crate::dist::shard(idx.len(), rank, ranks)];
         let d = data.image_len();
-        // From the CPU pool: the batch tensor adopts it, and the pool gets it back.
+        // From the CPU pool: a CPU batch tensor adopts it, and the pool gets it back (a GPU
+        // upload copies it and frees it).
         let mut images = crate::backend::cpu::host_vec(idx.len() * d);
         for (dst, &i) in images.chunks_mut(d.max(1)).zip(idx) {
             dst.copy_from_slice(&data.images[i * d..(i + 1) * d]);

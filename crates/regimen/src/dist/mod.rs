@@ -209,8 +209,10 @@ pub fn launched_ranks() -> Option<usize> {
 }
 
 /// This process's index among the ranks on its machine, from the launcher: Open MPI
-/// (`OMPI_COMM_WORLD_LOCAL_RANK`), Slurm (`SLURM_LOCALID`), MPICH's Hydra (`MPI_LOCALRANKID`)
-/// or MVAPICH (`MV2_COMM_WORLD_LOCAL_RANK`); `None` outside a launcher.
+/// (`OMPI_COMM_WORLD_LOCAL_RANK`), MPICH's and Intel MPI's Hydra (`MPI_LOCALRANKID`), MVAPICH
+/// (`MV2_COMM_WORLD_LOCAL_RANK`), PMI (`PMI_LOCAL_RANK`), then Slurm (`SLURM_LOCALID`) last: an
+/// MPI started inside a Slurm allocation runs one Slurm task per node, whose `SLURM_LOCALID`
+/// every rank on the node inherits. `None` outside a launcher.
 pub fn local_rank() -> Option<usize> {
     local_rank_from(|v| std::env::var(v).ok())
 }
@@ -218,9 +220,10 @@ pub fn local_rank() -> Option<usize> {
 fn local_rank_from(get: impl Fn(&str) -> Option<String>) -> Option<usize> {
     [
         "OMPI_COMM_WORLD_LOCAL_RANK",
-        "SLURM_LOCALID",
         "MPI_LOCALRANKID",
         "MV2_COMM_WORLD_LOCAL_RANK",
+        "PMI_LOCAL_RANK",
+        "SLURM_LOCALID",
     ]
     .iter()
     .find_map(|v| get(v)?.trim().parse::<usize>().ok())
@@ -387,6 +390,11 @@ mod tests {
         );
         assert_eq!(local_rank_from(env(&[("SLURM_LOCALID", " 1 ")])), Some(1));
         assert_eq!(local_rank_from(env(&[("MPI_LOCALRANKID", "2")])), Some(2));
+        // Hydra under Slurm: every rank of a node inherits the launcher's SLURM_LOCALID = 0.
+        assert_eq!(
+            local_rank_from(env(&[("SLURM_LOCALID", "0"), ("MPI_LOCALRANKID", "2")])),
+            Some(2)
+        );
         // Open MPI's own variable first; a value that is not a number is skipped.
         assert_eq!(
             local_rank_from(env(&[

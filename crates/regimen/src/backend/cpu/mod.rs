@@ -137,8 +137,9 @@ impl Backend for Cpu {
     fn upload(&self, shape: &[usize], dtype: DType, data: HostBuf) -> Tensor {
         let n: usize = shape.iter().product();
         let data = match (dtype, data) {
-            // An f32 vector of the right length becomes the tensor's storage, without a copy.
-            (DType::F32, HostBuf::F32(v)) if v.len() == n && n > 0 => {
+            // An f32 vector of the right length and no spare capacity (the pool counts lengths)
+            // becomes the tensor's storage, without a copy.
+            (DType::F32, HostBuf::F32(v)) if v.len() == n && v.capacity() == n && n > 0 => {
                 return storage::adopt_f32(shape, v)
             }
             (_, data) => data,
@@ -250,6 +251,9 @@ impl Backend for Cpu {
     }
 
     fn add_channel_bias(&self, y: &mut Tensor, bias: &Tensor, channels: usize) {
+        if y.numel() == 0 {
+            return;
+        }
         let (_, inner) = n_inner(y.shape(), channels);
         let b = f32s(bias);
         if inner == 1 {
@@ -276,6 +280,9 @@ impl Backend for Cpu {
     }
 
     fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize) {
+        if dy.numel() == 0 {
+            return;
+        }
         let (_, inner) = n_inner(dy.shape(), channels);
         if inner == 1 {
             // Column sums of `[N, channels]`: blocks of columns shared between the threads,
@@ -1368,6 +1375,13 @@ mod tests {
             "the same memory, from the pool"
         );
         assert!(Cpu.pool_stats().reused > before);
+        // A vector with spare capacity is copied (the pool would count less than it holds).
+        let mut spare = Vec::with_capacity(n + 10);
+        spare.resize(n, 1.5f32);
+        let at = spare.as_ptr() as usize;
+        let t = Tensor::from_host(&[n], spare, Device::Cpu).unwrap();
+        assert_ne!(f32s(&t).as_ptr() as usize, at, "copied");
+        assert_eq!(f32s(&t)[n - 1], 1.5);
     }
 
     /// The bias of a linear layer (`[N, C]`, one value per column): added to every row, and
