@@ -46,6 +46,13 @@ pub enum Augment {
     CutMix { alpha: f32 },
 }
 
+impl Augment {
+    /// True for the steps that mix samples (Mixup, CutMix) and so make soft labels.
+    pub fn mixes(&self) -> bool {
+        matches!(self, Augment::Mixup { .. } | Augment::CutMix { .. })
+    }
+}
+
 /// A sequence of augmentations, applied in order.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Pipeline {
@@ -194,9 +201,7 @@ impl Pipeline {
 
     /// True when the pipeline mixes samples (Mixup, CutMix) and so makes soft labels.
     pub fn mixes(&self) -> bool {
-        self.steps
-            .iter()
-            .any(|s| matches!(s, Augment::Mixup { .. } | Augment::CutMix { .. }))
+        self.steps.iter().any(Augment::mixes)
     }
 
     /// Augment a batch `images` (`[B, C, H, W]`, row-major) in place. Returns the soft labels
@@ -261,9 +266,7 @@ pub struct DevicePlan {
 impl DevicePlan {
     /// True when a step mixes samples (so the loss takes soft labels).
     pub fn mixes(&self) -> bool {
-        self.after
-            .iter()
-            .any(|s| matches!(s, Augment::Mixup { .. } | Augment::CutMix { .. }))
+        self.after.iter().any(Augment::mixes)
     }
 }
 

@@ -1135,7 +1135,8 @@ __device__ float bilinear_at(const float* plane, int h, int w, double y, double 
 }
 
 // kind: 0 crop / translate (p = the pixels), 1 flip (p = probability), 2 scale (p = smallest
-// area), 3 rotate (p = degrees), 4 noise (p = std), 5 Cutout (p = side). dst = f(src).
+// area), 3 rotate (p = degrees), 4 noise (p = std), 5 Cutout (p = side). dst = f(src); for
+// noise and Cutout, which read only the element they write, src may be dst.
 extern "C" __global__ void augment_samples(const float* src, float* dst, int kind, float p, int b,
                                            int c, int h, int w, u64 stream, const u32* step,
                                            u32 purpose) {

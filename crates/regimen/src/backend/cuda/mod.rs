@@ -1987,10 +1987,19 @@ impl Backend for CudaBackend {
         if s[0] == 0 || per == 0 {
             return;
         }
-        let mut src = self.new_tensor(&s, DType::F32);
-        self.copy(x, &mut src);
+        // Noise and Cutout read only the element they write: in place. The others read other
+        // pixels of their sample: from a copy.
+        let src = match a {
+            Augment::Noise { .. } | Augment::Cutout { .. } => None,
+            _ => {
+                let mut src = self.new_tensor(&s, DType::F32);
+                self.copy(x, &mut src);
+                Some(src)
+            }
+        };
         let (b, c, h, w) = (s[0] as i32, s[1] as i32, s[2] as i32, s[3] as i32);
-        let (sp, dp, kp) = (ptr(&src), ptr_mut(x), ptr(key.step.tensor()));
+        let (dp, kp) = (ptr_mut(x), ptr(key.step.tensor()));
+        let sp = src.as_ref().map_or(dp, ptr);
         self.launch_planes(
             "augment_samples",
             s[0],
