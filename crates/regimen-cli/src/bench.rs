@@ -191,7 +191,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return augment(args);
     }
     let precision = parse_precision(&args.precision)?;
-    let device = Device::parse(&args.device)?;
+    // Under mpirun, a bare `cuda` is one GPU per rank (by local rank), as in training.
+    let world = regimen::dist::world();
+    let device = regimen::dist::rank_device(&args.device, world.rank(), world.size())?;
     if args.graph && device == Device::Cpu {
         bail!("--graph records a CUDA graph: it needs --device cuda");
     }
@@ -221,8 +223,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // Under mpirun: every step sums the gradients over the ranks, as training does.
     let comm = regimen::dist::world();
     let ranks = comm.size();
-    if ranks > 1 && (args.graph || device != Device::Cpu) {
-        bail!("a data-parallel benchmark runs on the CPU, without --graph");
+    if ranks > 1 && args.graph {
+        bail!("--graph records one process's step: a data-parallel benchmark runs without it");
     }
     if !(0.0..=1024.0).contains(&args.bucket_mb) {
         bail!(
@@ -281,20 +283,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // The cost of the collective alone: one all-reduce of the whole gradient, median of 20.
     let allreduce = if ranks > 1 {
         let n = regimen::layer::param_count(&mut model);
+        let r = reducer.as_mut().expect("a reducer on several ranks");
         let mut times = Vec::new();
         for i in 0..25 {
-            let v = vec![0.5f32; n];
             let t = Instant::now();
-            comm.sum_f32(v)?;
+            r.sum_now(&mut model)?;
             if i >= 5 {
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let waited = reducer.as_ref().map_or(0.0, |r| {
-            r.waited.as_secs_f64() * 1e3 / (args.warmup + args.reps * args.steps) as f64
-        });
-        Some((n * 4, times[times.len() / 2], waited))
+        let waited = r.waited.as_secs_f64() * 1e3 / (args.warmup + args.reps * args.steps) as f64;
+        Some((n * 4, times[times.len() / 2], waited, r.describe()))
     } else {
         None
     };
@@ -314,12 +314,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if let Some(engine) = regimen::backend::gpu_conv_engine(device) {
             j["gpu_conv"] = engine.into();
         }
-        if let Some((bytes, ms, waited)) = allreduce {
+        if let Some((bytes, ms, waited, by)) = &allreduce {
             j["ranks"] = ranks.into();
+            j["collectives"] = by.as_str().into();
             j["bucket_mb"] = args.bucket_mb.into();
-            j["gradient_bytes"] = bytes.into();
-            j["allreduce_ms"] = ms.into();
-            j["wait_ms_per_step"] = waited.into();
+            j["gradient_bytes"] = (*bytes).into();
+            j["allreduce_ms"] = (*ms).into();
+            j["wait_ms_per_step"] = (*waited).into();
         }
         say!("{j}");
     } else {
@@ -330,10 +331,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "regimen {} batch {b} device {device} {mode} {}{conv}: {median:.2} steps/s (reps: {rates:.2?})",
             args.workload, args.precision
         );
-        if let Some((bytes, ms, waited)) = allreduce {
+        if let Some((bytes, ms, waited, by)) = allreduce {
             say!(
                 "{ranks} ranks ({}), batch {b} per rank: one all-reduce of the {:.2} MB gradient takes {ms:.2} ms; a step waited {waited:.2} ms for its sums after backward (buckets of {} MiB)",
-                comm.describe(),
+                by,
                 bytes as f64 / 1e6,
                 args.bucket_mb
             );

@@ -433,8 +433,13 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     say!("{}", model.summary(&input)?);
     if ranks > 1 {
         say!(
-            "data-parallel over {ranks} ranks ({}): global batch {} ({} per rank){}",
+            "data-parallel over {ranks} ranks ({}{}): global batch {} ({} per rank){}",
             comm.describe(),
+            if device != regimen::Device::Cpu && regimen::dist::nccl_requested() {
+                ", gradients summed GPU to GPU by NCCL"
+            } else {
+                ""
+            },
             args.batch_size * ranks,
             args.batch_size,
             if args.sync_bn {

@@ -514,3 +514,47 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
     }
     None
 }
+
+/// `REGIMEN_NCCL=1` sums GPU ranks' gradients with NCCL; ranks on the CPU say that MPI sums
+/// theirs, once, and train exactly as without it (the same bits).
+#[test]
+fn nccl_asked_on_cpu_ranks_falls_back_to_mpi_and_says_so() {
+    let d = fresh("nccl-cpu");
+    let run_with = |nccl: bool, name: &str| {
+        let mut c = mpirun(2);
+        if nccl {
+            c.args(["-x", "REGIMEN_NCCL=1"]);
+        }
+        c.args([
+            BIN,
+            "train",
+            "--model",
+            "digits-mlp",
+            "--epochs",
+            "1",
+            "--seed",
+            "5",
+            "--out",
+            &path(&d, name),
+            "--save",
+            &path(&d, &format!("{name}.safetensors")),
+        ]);
+        let (code, out, err) = run(c);
+        assert_eq!(code, 0, "{out}{err}");
+        err
+    };
+    let err = run_with(true, "nccl");
+    assert_eq!(
+        err.matches("REGIMEN_NCCL=1: the model is on the CPU")
+            .count(),
+        1,
+        "{err}"
+    );
+    let plain = run_with(false, "plain");
+    assert!(!plain.contains("REGIMEN_NCCL"), "{plain}");
+    assert_eq!(
+        tensors(&d.join("nccl.safetensors")),
+        tensors(&d.join("plain.safetensors"))
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -838,3 +838,56 @@ fn kernels_compile_with_nvrtc() {
     #[cfg(not(feature = "cuda"))]
     eprintln!("NVRTC compile check skipped: built without the cuda feature");
 }
+
+/// NCCL on one GPU, a world of one rank (`REGIMEN_NCCL`'s path; several GPUs are needed for
+/// more): a model's gradients, scaled by the rank's share and summed, are the gradients times
+/// the share, bit for bit; a CPU tensor is refused. Needs NCCL on the library path (the GPU
+/// check puts PyTorch's there); without it, or without a GPU, the test says it skipped.
+#[cfg(feature = "cuda")]
+#[test]
+fn nccl_sums_of_one_rank_on_the_gpu() {
+    use regimen::backend::cuda::nccl;
+    use regimen::dist::device_sum::DeviceSum;
+    let Some(g) = gpu() else { return };
+    if let Err(e) = nccl::version() {
+        eprintln!("NCCL conformance skipped: {e}");
+        return;
+    }
+    let mut model = models::for_input("digits-mlp", [1, 8, 8], 10, &mut Rng::new(4)).unwrap();
+    regimen::layer::to_device(&mut model, g);
+    let x = t(&[16, 1, 8, 8], 40, g);
+    let y = Indices::from_host((0..16u32).map(|i| i % 10).collect(), g);
+    let logits = model.forward(&x, &Ctx::train()).unwrap();
+    let out = CrossEntropy::new()
+        .forward(&logits, Target::Hard(&y))
+        .unwrap();
+    model.backward(&out.grad).unwrap();
+    let grads = |m: &mut dyn Layer| {
+        let mut v = Vec::new();
+        m.visit_params("", &mut |_, p| v.push(p.grad.to_vec()));
+        v
+    };
+    let before = grads(&mut model);
+    assert!(before.iter().flatten().any(|&x| x != 0.0));
+    let sum = DeviceSum::start(&regimen::dist::Single, g).unwrap();
+    eprintln!("{}", sum.describe());
+    sum.sum_grads(&mut model, 0.25).unwrap();
+    let after = grads(&mut model);
+    for (k, (a, b)) in before.iter().zip(&after).enumerate() {
+        let want: Vec<f32> = a.iter().map(|x| x * 0.25).collect();
+        assert_eq!(b, &want, "gradient {k}");
+    }
+    // The communicator directly: a tensor on the CPU is an error, not a crash.
+    let id = nccl::unique_id().unwrap();
+    let comm = nccl::NcclComm::new(0, &id, 0, 1).unwrap();
+    let mut on_cpu = t(&[3], 41, Device::Cpu);
+    let e = comm
+        .sum_in_place(&mut [&mut on_cpu])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cuda:0"), "{e}");
+    let mut on_gpu = t(&[1000], 42, g);
+    let want = on_gpu.to_vec();
+    comm.sum_in_place(&mut [&mut on_gpu]).unwrap();
+    assert_eq!(on_gpu.to_vec(), want);
+}

@@ -22,7 +22,8 @@
 //!
 //! On GPUs each rank takes one ([`rank_device`]: local rank modulo the machine's GPUs) and the
 //! same collectives run on host copies of the device tensors (the gradients are read back, summed
-//! over MPI and written to the device); there is no NCCL path yet.
+//! over MPI and written to the device), unless `REGIMEN_NCCL=1`: then NCCL sums the gradients
+//! GPU to GPU ([`device_sum`]; not yet measured on several GPUs).
 
 use std::ops::Range;
 use std::sync::{mpsc, Arc, OnceLock};
@@ -32,6 +33,8 @@ use crate::error::{Error, Result};
 use crate::layer::Layer;
 use crate::tensor::{DType, Device, Tensor};
 
+#[cfg(feature = "cuda")]
+pub mod device_sum;
 #[cfg(feature = "distributed")]
 mod mpi_comm;
 mod reducer;
@@ -245,6 +248,19 @@ pub fn rank_device(spec: &str, rank: usize, ranks: usize) -> Result<Device> {
         });
     }
     Device::cuda(local_rank().unwrap_or(rank) % gpus)
+}
+
+/// Whether `REGIMEN_NCCL=1` asks for NCCL to sum the gradients of GPU ranks (always false in a
+/// build without CUDA).
+pub fn nccl_requested() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        device_sum::requested()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
 }
 
 static WORLD: OnceLock<Arc<dyn Comm>> = OnceLock::new();

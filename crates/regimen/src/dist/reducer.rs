@@ -10,6 +10,10 @@
 //!
 //! Parameters are recognized by their address, which does not change during a step; the order
 //! in which gradients enter the buckets is backward's, the same on every rank.
+//!
+//! With `REGIMEN_NCCL=1` and the model on a GPU, the gradients are summed by NCCL on the GPUs
+//! instead ([`super::device_sum`]), after backward, with no host copy; the `extra` values still
+//! go through MPI.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +40,10 @@ pub struct Reducer {
     /// Time spent waiting for sums after backward ended, and buckets sent, since creation.
     pub waited: Duration,
     pub buckets: u64,
+    /// Whether NCCL was considered yet (at the first backward), and its member if it is used.
+    device_checked: bool,
+    #[cfg(feature = "cuda")]
+    device: Option<super::device_sum::DeviceSum>,
 }
 
 impl Reducer {
@@ -53,7 +61,51 @@ impl Reducer {
             share: 1.0,
             waited: Duration::ZERO,
             buckets: 0,
+            device_checked: false,
+            #[cfg(feature = "cuda")]
+            device: None,
         }
+    }
+
+    /// What carries the gradient sums: `"NCCL 2.32.3"` once NCCL sums them, else the world's
+    /// transport (`"MPI (Open MPI v4.1.4)"`).
+    pub fn describe(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            return d.describe();
+        }
+        self.comm.describe()
+    }
+
+    /// At the first backward: whether NCCL sums the gradients (`REGIMEN_NCCL=1` and the model
+    /// on a GPU, on every rank alike), and its communicator if so.
+    #[cfg(feature = "cuda")]
+    fn check_device(&mut self, model: &mut dyn Layer) -> Result<()> {
+        if std::mem::replace(&mut self.device_checked, true) {
+            return Ok(());
+        }
+        let mut device = Device::Cpu;
+        model.visit_params_unnamed(&mut |p| device = p.grad.device());
+        let asked = super::device_sum::requested();
+        let wanted = asked && device != Device::Cpu;
+        let all = self.comm.gather_u64(u64::from(wanted))?;
+        if let Some(r) = all.iter().position(|&w| w != all[0]) {
+            return Err(crate::error::Error::Distributed(format!(
+                "rank {r} {} NCCL and rank 0 {}: set REGIMEN_NCCL alike on every rank, and put \
+                 every rank on a GPU",
+                if all[r] == 1 { "uses" } else { "does not use" },
+                if all[0] == 1 { "does" } else { "does not" },
+            )));
+        }
+        if asked && !wanted && self.comm.rank() == 0 {
+            eprintln!(
+                "REGIMEN_NCCL=1: the model is on the CPU; its gradients are summed through MPI"
+            );
+        }
+        if wanted {
+            self.device = Some(super::device_sum::DeviceSum::start(&*self.comm, device)?);
+        }
+        Ok(())
     }
 
     /// Before backward: `share` is this rank's part of the global batch (its samples over
@@ -116,12 +168,45 @@ impl Reducer {
         share: f32,
         extra: &[f32],
     ) -> Result<Vec<f32>> {
+        #[cfg(feature = "cuda")]
+        {
+            self.check_device(model)?;
+            if let Some(d) = &self.device {
+                drop(model.backward(dy)?);
+                d.sum_grads(model, share)?;
+                self.buckets += 1;
+                return if extra.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    self.comm.sum_f32(extra.to_vec())
+                };
+            }
+        }
         self.begin(model, share);
         match model.backward_in_parts(dy, &mut |part| self.ready(part)) {
             Some(done) => drop(done?),
             None => drop(model.backward(dy)?),
         }
         self.finish(model, extra)
+    }
+
+    /// Sum the gradients `model` holds over the ranks, as a step would after its backward
+    /// (no scaling), and wait for the sums: what one all-reduce of the whole gradient costs
+    /// (`regimen bench` times it).
+    pub fn sum_now(&mut self, model: &mut dyn Layer) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            self.check_device(model)?;
+            if let Some(d) = &self.device {
+                d.sum_grads(model, 1.0)?;
+                let mut device = Device::Cpu;
+                model.visit_params_unnamed(&mut |p| device = p.grad.device());
+                device.backend().synchronize();
+                return Ok(());
+            }
+        }
+        self.begin(model, 1.0);
+        self.finish(model, &[]).map(drop)
     }
 
     /// After backward: send what is left with `extra` values appended (summed over the ranks

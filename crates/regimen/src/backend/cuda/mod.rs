@@ -21,6 +21,7 @@
 //!   tensor, not a `Result`) is a broken invariant and panics with the driver's message.
 
 mod dnn;
+pub mod nccl;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
