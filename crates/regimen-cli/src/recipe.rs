@@ -57,7 +57,7 @@ pub struct OptimArgs {
     #[arg(long, default_value = "constant")]
     pub schedule: String,
     /// Warmup steps (batches, or epochs with --schedule-unit epoch) in front of the schedule,
-    /// linear from 0 unless --warmup-factor.
+    /// linear from lr/(N+1) (step s at (s+1)/(N+1) of the rate) unless --warmup-factor.
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
     /// Constant warmup at this fraction of the learning rate instead of a linear ramp.

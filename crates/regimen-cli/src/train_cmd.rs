@@ -416,6 +416,19 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     let per_epoch =
         regimen::data::batches_per_epoch(prepared.train.len(), args.batch_size * ranks, ranks);
     let (schedule, unit) = recipe::schedule(optim_args, args.epochs, per_epoch, true)?;
+    if args.snapshots {
+        if let Some(step) =
+            regimen::trainer::cycle_end_inside_an_epoch(&*schedule, unit, per_epoch, args.epochs)
+        {
+            say!(
+                "note: --snapshots: a learning-rate cycle of --schedule {} ends at step {} (batch {} of epoch {}), inside an epoch; snapshots are taken at the ends of epochs, so such cycles get none: make each cycle a whole number of epochs ({per_epoch} steps each) or use --schedule-unit epoch",
+                args.optim.schedule,
+                step + 1,
+                step % per_epoch + 1,
+                step / per_epoch + 1
+            );
+        }
+    }
     if args.optim.accumulate > args.epochs * per_epoch {
         bail!(
             "invalid --accumulate {}: the run has only {} batches ({} epochs of {per_epoch}), so no update would ever be applied",

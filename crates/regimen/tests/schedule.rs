@@ -183,10 +183,16 @@ fn every_schedule_matches_pytorch_value_by_value() {
 
 #[test]
 fn parsed_schedules_and_their_errors() {
-    // `cosine` with 10 warmup steps over 110: linear from 0 to lr, then cosine over 100 steps.
+    // `cosine` with 9 warmup steps over 109: step s at (s+1)/10 of lr (never 0: the first
+    // step moves the weights), then cosine over 100 steps.
+    let s = parse_schedule("cosine", 0.1, 109, 9, None).unwrap();
+    assert!((s.lr(0) - 0.01).abs() < 1e-8);
+    assert!((s.lr(4) - 0.05).abs() < 1e-7);
+    assert!((s.lr(8) - 0.09).abs() < 1e-7);
+    assert!((s.lr(9) - 0.1).abs() < 1e-7);
+    assert!((s.lr(59) - 0.05).abs() < 1e-6);
+    assert!(s.lr(108) < 1e-4);
     let s = parse_schedule("cosine", 0.1, 110, 10, None).unwrap();
-    assert_eq!(s.lr(0), 0.0);
-    assert!((s.lr(5) - 0.05).abs() < 1e-7);
     assert!((s.lr(10) - 0.1).abs() < 1e-7);
     assert!((s.lr(60) - 0.05).abs() < 1e-6);
     assert!(s.lr(109) < 1e-4);

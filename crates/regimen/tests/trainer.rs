@@ -547,3 +547,46 @@ fn lr_find_leaves_no_trace() {
     assert_eq!(weights(&mut t.model), weights(&mut plain.model));
     assert_eq!(without_timing(t.history()), without_timing(plain.history()));
 }
+
+/// Snapshots go where the learning rate bottoms out: the bottom of each triangle of a cyclic
+/// schedule (not the epochs on its rising side), the end of each cosine cycle of warm
+/// restarts (not the epochs of a warmup in front of it), and a schedule whose cycles end
+/// inside epochs is found before the run.
+#[test]
+fn cycles_end_at_the_minima_of_the_learning_rate() {
+    use regimen::trainer::{cycle_end_inside_an_epoch, ends_cycle};
+    let ends = |spec: &str, warmup: usize, unit: Unit, per_epoch: usize, epochs: usize| {
+        let total = match unit {
+            Unit::Batch => epochs * per_epoch,
+            Unit::Epoch => epochs,
+        };
+        let s = parse_schedule(spec, 0.1, total, warmup, None).unwrap();
+        let at: Vec<usize> = (1..epochs)
+            .filter(|&e| ends_cycle(&*s, unit, per_epoch, e))
+            .collect();
+        (at, cycle_end_inside_an_epoch(&*s, unit, per_epoch, epochs))
+    };
+    // Per epoch: 0.01, 0.055, 0.1, 0.055, 0.01 (epoch 5), 0.055, 0.1, 0.055.
+    assert_eq!(
+        ends("cyclic:min=0.01,max=0.1,up=2,down=2", 0, Unit::Epoch, 10, 8),
+        (vec![5], None)
+    );
+    // Two warmup epochs rising, then cycles of 3 epochs: ends at epochs 5, 8, 11.
+    assert_eq!(
+        ends("restarts:t0=3", 2, Unit::Epoch, 10, 12),
+        (vec![5, 8, 11], None)
+    );
+    // Per batch, cycles of one epoch (41 steps): every epoch ends one.
+    assert_eq!(
+        ends("restarts:t0=41", 0, Unit::Batch, 41, 3),
+        (vec![1, 2], None)
+    );
+    // Cycles of 50 steps in epochs of 41: the first ends at step 49, inside epoch 2.
+    assert_eq!(
+        ends("restarts:t0=50", 0, Unit::Batch, 41, 3),
+        (vec![], Some(49))
+    );
+    // A warmup and one decay: no cycle ends before the last epoch.
+    assert_eq!(ends("cosine", 30, Unit::Batch, 20, 4), (vec![], None));
+    assert_eq!(ends("onecycle", 0, Unit::Batch, 20, 4), (vec![], None));
+}

@@ -115,7 +115,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     let warm = (per_epoch * epochs / 4).max(1);
     r.heading(2, &format!("Warmup at batch {big}"));
     r.text(&format!(
-        "The linear scaling rule gives rate {lr_big} at batch {big} (0.02 at 64). Warmup over the first {warm} updates: none, constant (a tenth of the rate, then the full rate), gradual (a linear ramp from 0)."
+        "The linear scaling rule gives rate {lr_big} at batch {big} (0.02 at 64). Warmup over the first {warm} updates: none, constant (a tenth of the rate, then the full rate), gradual (a linear ramp from a small fraction of the rate)."
     ));
     let mut series = Vec::new();
     let mut rows = Vec::new();

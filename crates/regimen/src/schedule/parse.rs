@@ -17,7 +17,8 @@
 //! | `restarts` | `t0` (steps / 10), `mult` (1), `min` (0) |
 //! | `plateau` | `factor` (0.1), `patience` (10), `threshold` (1e-4), `cooldown` (0), `min_lr` (0) |
 //!
-//! A warmup (`warmup` steps, linear from 0 or constant at `factor`) goes in front of any of
+//! A warmup (`warmup` steps W, linear from lr/(W+1), so that even its first step moves the weights,
+//! or constant at `factor`) goes in front of any of
 //! them except `onecycle`, which has its own.
 
 use std::collections::BTreeMap;
@@ -86,7 +87,7 @@ impl Args<'_> {
 }
 
 /// Build the schedule `spec` for base learning rate `lr` over `total` steps, with `warmup`
-/// steps of warmup in front (`warmup_factor`: `None` for a linear ramp from 0, `Some(f)` for
+/// steps of warmup in front (`warmup_factor`: `None` for a linear ramp from lr/(W+1), `Some(f)` for
 /// a constant `f lr`).
 pub fn parse_schedule(
     spec: &str,
@@ -232,7 +233,12 @@ pub fn parse_schedule(
         return Ok(inner);
     }
     let kind = match warmup_factor {
-        None => WarmupKind::Linear { start_factor: 0.0 },
+        // Step s of W runs at (s+1)/(W+1) of the rate (PyTorch's LinearLR with start_factor
+        // 1/(W+1), which must be above 0): a ramp from 0 would waste the first step, and with
+        // --schedule-unit epoch a whole epoch.
+        None => WarmupKind::Linear {
+            start_factor: 1.0 / (warmup as f64 + 1.0),
+        },
         Some(f) if f > 0.0 && f <= 1.0 => WarmupKind::Constant { factor: f },
         Some(f) => return Err(Error::config("warmup factor", f, "must be in (0, 1]")),
     };

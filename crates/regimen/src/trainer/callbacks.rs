@@ -267,8 +267,10 @@ impl Callback for BestCheckpoint {
 /// Snapshot ensembles (Huang et al., "Snapshot Ensembles: Train 1, get M for free", 2017):
 /// a checkpoint at the end of each cycle of a cyclic or warm-restart schedule, where the
 /// learning rate is at its lowest and the model at a local minimum. A cycle ends at an epoch
-/// whose next learning rate is higher than its last one (a restart); the last epoch of the
-/// run ends the last cycle. Snapshots are `DIR/snapshot-epoch-E.safetensors`; evaluate them
+/// whose last step is a minimum of the schedule ([`super::ends_cycle`]: the rate fell into it
+/// and rises after it; a warmup's rise ends nothing); the last epoch of the run ends the last
+/// cycle. A cycle that ends inside an epoch gets no snapshot
+/// ([`super::cycle_end_inside_an_epoch`] finds such a schedule before the run). Snapshots are `DIR/snapshot-epoch-E.safetensors`; evaluate them
 /// together with [`crate::ensemble`].
 pub struct SnapshotEnsemble {
     dir: PathBuf,
@@ -293,13 +295,6 @@ impl SnapshotEnsemble {
         &self.written
     }
 
-    /// Whether the epoch of `record` ends a cycle.
-    pub fn ends_cycle(record: &Record, next_lr: Option<f64>) -> bool {
-        match next_lr {
-            None => true,
-            Some(next) => next > record.lr * (1.0 + 1e-9),
-        }
-    }
 }
 
 impl Callback for SnapshotEnsemble {
@@ -313,7 +308,7 @@ impl Callback for SnapshotEnsemble {
         Ok(())
     }
     fn on_epoch_end(&mut self, end: &mut EpochEnd) -> Result<()> {
-        if Self::ends_cycle(end.record, end.next_lr) {
+        if end.ends_cycle {
             std::fs::create_dir_all(&self.dir).map_err(|e| Error::Io {
                 context: format!("creating {}", self.dir.display()),
                 source: e,

@@ -135,9 +135,10 @@ pub struct EpochEnd<'a> {
     /// Every record so far, this one last.
     pub history: &'a [Record],
     pub model: &'a mut dyn Layer,
-    /// The learning rate of the next epoch's first step (none after the last epoch): a rise
-    /// from [`Record::lr`] marks the end of a cycle.
+    /// The learning rate of the next epoch's first step (none after the last epoch).
     pub next_lr: Option<f64>,
+    /// Whether this epoch ends a learning-rate cycle ([`ends_cycle`]); the last epoch does.
+    pub ends_cycle: bool,
     pub control: &'a mut Control,
     saver: &'a Saver<'a>,
 }
@@ -617,6 +618,71 @@ impl Trainer {
     }
 }
 
+/// Whether epoch `epoch` (1-based, of `per_epoch` steps) ends a cycle of the learning rate: its
+/// last step is a minimum of the schedule, the rate having fallen into it and rising after it
+/// (the end of a cosine cycle before a warm restart, the bottom of a triangle). A rise after
+/// nothing but rises or a flat start (a warmup) ends no cycle. Scaling the schedule (a
+/// plateau's reductions) does not move its minima, so the schedule alone decides.
+pub fn ends_cycle(
+    schedule: &dyn crate::schedule::Schedule,
+    unit: crate::schedule::Unit,
+    per_epoch: usize,
+    epoch: usize,
+) -> bool {
+    let lr = |step: usize| schedule.lr(unit.step(step, per_epoch)) as f64;
+    let higher = |a: f64, b: f64| a > b * (1.0 + 1e-9);
+    let last = (epoch * per_epoch).saturating_sub(1);
+    if !higher(lr(last + 1), lr(last)) {
+        return false;
+    }
+    // Back over a flat bottom to where the rate came from.
+    let mut s = last;
+    while s > 0 {
+        let (before, here) = (lr(s - 1), lr(s));
+        if higher(before, here) {
+            return true;
+        }
+        if higher(here, before) {
+            return false;
+        }
+        s -= 1;
+    }
+    false
+}
+
+/// The first step where a learning-rate cycle ends inside an epoch (a minimum of the schedule
+/// that is not an epoch's last step), within `epochs` epochs: snapshots, taken at epoch ends,
+/// miss such a cycle. `None` when every cycle ends with an epoch.
+pub fn cycle_end_inside_an_epoch(
+    schedule: &dyn crate::schedule::Schedule,
+    unit: crate::schedule::Unit,
+    per_epoch: usize,
+    epochs: usize,
+) -> Option<usize> {
+    if unit == crate::schedule::Unit::Epoch || per_epoch < 2 {
+        return None;
+    }
+    let lr = |step: usize| schedule.lr(step) as f64;
+    let higher = |a: f64, b: f64| a > b * (1.0 + 1e-9);
+    let total = epochs * per_epoch;
+    // Whether the rate has fallen since it last rose.
+    let mut fallen = false;
+    let mut prev = lr(0);
+    for s in 1..total {
+        let here = lr(s);
+        if higher(prev, here) {
+            fallen = true;
+        } else if higher(here, prev) {
+            if fallen && s % per_epoch != 0 {
+                return Some(s - 1);
+            }
+            fallen = false;
+        }
+        prev = here;
+    }
+    None
+}
+
 /// The record with the best validation accuracy (the earliest on ties), else the last.
 pub fn best_record(history: &[Record]) -> Option<Record> {
     let mut best: Option<&Record> = None;
@@ -690,12 +756,15 @@ impl Hooks for TrainerHooks<'_> {
             schedule.lr(self.unit.step(stats.epoch * self.per_epoch, self.per_epoch)) as f64
                 * self.control.lr_scale()
         });
+        let ends_cycle = stats.epoch >= self.epochs
+            || ends_cycle(schedule, self.unit, self.per_epoch, stats.epoch);
         for c in self.callbacks.iter_mut() {
             let mut end = EpochEnd {
                 record: &record,
                 history: self.history,
                 model,
                 next_lr,
+                ends_cycle,
                 control: self.control,
                 saver: &saver,
             };
