@@ -65,6 +65,10 @@ pub struct Ctx {
     pub rank: u32,
     /// This rank's samples over the global batch's (1 in a single process).
     pub share: f32,
+    /// The micro-batch within an accumulated update (0 without `accumulate`): random layers
+    /// mix it into their streams too, so that the micro-batches of one update draw different
+    /// masks although they share the optimizer's step.
+    pub micro: u32,
 }
 
 impl Ctx {
@@ -77,6 +81,7 @@ impl Ctx {
             precision: Precision::F32,
             rank: 0,
             share: 1.0,
+            micro: 0,
         }
     }
 
@@ -89,6 +94,7 @@ impl Ctx {
             precision: Precision::F32,
             rank: 0,
             share: 1.0,
+            micro: 0,
         }
     }
 
@@ -125,12 +131,22 @@ impl Ctx {
         self
     }
 
+    /// Draw as micro-batch `micro` of an accumulated update (see [`Ctx::stream`]).
+    pub fn at_micro(mut self, micro: usize) -> Ctx {
+        self.micro = micro as u32;
+        self
+    }
+
     /// A random layer's stream as this context draws it: the layer's own on rank 0 (and in a
-    /// single process), a different one on every other rank.
+    /// single process) and micro-batch 0, a different one on every other rank and micro-batch.
     pub fn stream(&self, layer_stream: u64) -> u64 {
-        match self.rank {
+        let s = match self.rank {
             0 => layer_stream,
             r => crate::rng::mix64(layer_stream ^ crate::rng::mix64(0xD15_7000 + r as u64)),
+        };
+        match self.micro {
+            0 => s,
+            m => crate::rng::mix64(s ^ crate::rng::mix64(0xACC_0000 + m as u64)),
         }
     }
 

@@ -515,8 +515,11 @@ fn run_epochs(
             // This rank's part of the global batch.
             let share = batch.shape[0] as f32 / loader.global_len(b) as f32;
             let logits = {
+                // Micro-batches of one accumulated update share its step: the micro index
+                // tells their random draws apart.
                 let ctx = Ctx::train()
                     .at_step(optim.step_counter(cfg.device))
+                    .at_micro(optim.pending_micro())
                     .with_precision(cfg.precision)
                     .on_rank(rank, share);
                 model.forward(&x, &ctx)?

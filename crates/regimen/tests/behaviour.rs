@@ -416,3 +416,74 @@ fn zero_sized_kernels_are_refused() {
         assert!(matches!(err, Error::Shape { .. }), "{err}");
     }
 }
+
+/// With `accumulate`, the micro-batches of one update share the optimizer's step, yet draw
+/// their own dropout masks (micro-batch 0 draws what an unaccumulated step draws): N
+/// micro-batches are N independent forward passes, as the lecture's dropout wants.
+#[test]
+fn micro_batches_of_one_update_draw_their_own_masks() {
+    use regimen::data::Dataset;
+    use regimen::optim::{Optim, OptimConfig, Sgd};
+    use regimen::schedule::Constant;
+    use regimen::train::{fit, FitConfig};
+    let x = Tensor::full(&[32, 64], 1.0, regimen::Device::Cpu);
+    let step0 = Indices::from_vec(vec![0]);
+    let mut d = Dropout::new(0.5).unwrap();
+    let plain = d.forward(&x, &Ctx::train().at_step(&step0)).unwrap();
+    let first = d
+        .forward(&x, &Ctx::train().at_step(&step0).at_micro(0))
+        .unwrap();
+    let second = d
+        .forward(&x, &Ctx::train().at_step(&step0).at_micro(1))
+        .unwrap();
+    assert_eq!(plain.to_vec(), first.to_vec());
+    assert_ne!(first.to_vec(), second.to_vec());
+
+    // Through the training loop: identical images, so the dropout outputs differ only by
+    // their masks; two batches of 8 accumulated into one update.
+    let masks = Arc::new(Mutex::new(Vec::new()));
+    let h = masks.clone();
+    let mut m = Sequential::new()
+        .push(Flatten::new())
+        .push(Dropout::new(0.5).unwrap())
+        .push(Linear::new(16, 10, &mut Rng::new(1)));
+    m.set_hook(Box::new(move |name, t| {
+        if name == "1" {
+            h.lock().unwrap().push(t.to_vec());
+        }
+    }));
+    let data = Dataset {
+        images: vec![1.0; 16 * 16],
+        labels: (0..16).map(|i| i % 10).collect(),
+        image_shape: [1, 4, 4],
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+    };
+    let mut optim = Optim::new(
+        Sgd::default(),
+        OptimConfig {
+            accumulate: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = FitConfig {
+        epochs: 1,
+        batch_size: 8,
+        ..Default::default()
+    };
+    let test = data.clone();
+    fit(
+        &mut m,
+        Arc::new(data),
+        &test,
+        &cfg,
+        &mut optim,
+        &mut Constant(0.1),
+        |_| {},
+    )
+    .unwrap();
+    let masks = masks.lock().unwrap();
+    assert!(masks.len() >= 2, "{} dropout outputs", masks.len());
+    assert_ne!(masks[0], masks[1], "both micro-batches drew the same mask");
+    assert_eq!(optim.steps(), 1);
+}

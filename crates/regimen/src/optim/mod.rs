@@ -328,6 +328,12 @@ impl Optim {
         self.measure_norm = true;
     }
 
+    /// The backward passes accumulated toward the next update so far (0 to `accumulate - 1`):
+    /// the index of the next micro-batch within its update ([`crate::layer::Ctx::at_micro`]).
+    pub fn pending_micro(&self) -> usize {
+        self.micro
+    }
+
     /// Count one backward pass; every `accumulate`-th call, update the parameters of `model`
     /// with learning rate `lr` and zero the gradients. Nothing is read back from the device.
     pub fn step(&mut self, model: &mut dyn Layer, lr: f32) -> Result<StepInfo> {

@@ -294,7 +294,6 @@ impl SnapshotEnsemble {
     pub fn snapshots(&self) -> &[PathBuf] {
         &self.written
     }
-
 }
 
 impl Callback for SnapshotEnsemble {
