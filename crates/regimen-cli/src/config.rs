@@ -115,6 +115,12 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
     let mut origins = Vec::new();
     for (key, value) in table {
         let flag = key.replace('_', "-");
+        if flag == "resume" {
+            bail!(
+                "config {path}: resume cannot be set in a config file: continue a run with \
+                 `regimen train --resume DIR` (its settings come from DIR/config.toml)"
+            );
+        }
         if !known.contains(&flag) {
             bail!(
                 "config {path}: unknown key {key:?}; accepted: {}",

@@ -53,6 +53,18 @@ pub struct Source {
 }
 
 impl Source {
+    /// Make a relative `--data-dir` absolute (when it exists), so that the run's config names
+    /// the same folder from wherever the run is resumed or repeated.
+    pub fn absolute_dir(&mut self) {
+        if let Some(d) = &self.data_dir {
+            if d.is_relative() {
+                if let Ok(abs) = std::fs::canonicalize(d) {
+                    self.data_dir = Some(abs);
+                }
+            }
+        }
+    }
+
     pub fn load(&self) -> Result<Splits> {
         Ok(data::load(&self.dataset, self.data_dir.as_deref())?)
     }

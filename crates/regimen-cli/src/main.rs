@@ -118,7 +118,10 @@ fn run() -> Result<()> {
 fn command(command: Option<Command>) -> Result<()> {
     match command {
         None => unreachable!("defaulted to train above"),
-        Some(Command::Train(args)) => train_cmd::train(&args),
+        Some(Command::Train(mut args)) => {
+            args.source.absolute_dir();
+            train_cmd::train(&args)
+        }
         Some(Command::Summary { model }) => {
             let mut rng = Rng::new(0);
             let (mut m, input) = models::by_name(&model, &mut rng)?;
@@ -139,7 +142,10 @@ fn command(command: Option<Command>) -> Result<()> {
         }
         Some(Command::Predict(args)) => predict::predict(&args),
         Some(Command::Lab(args)) => lab::run(&args),
-        Some(Command::LrFind(args)) => train_cmd::lr_find(&args),
+        Some(Command::LrFind(mut args)) => {
+            args.train.source.absolute_dir();
+            train_cmd::lr_find(&args)
+        }
         Some(Command::Sweep(args)) => sweep::run(&args),
     }
 }

@@ -92,7 +92,8 @@ pub struct TrainArgs {
     #[serde(skip)]
     pub out: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint (exactly where it stopped);
-    /// only --epochs (to lengthen it), --threads, --workers and --device may be given with it.
+    /// only --epochs (to lengthen it), --threads, --workers, --device and --data-dir (the same
+    /// files, moved) may be given with it.
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
@@ -136,7 +137,14 @@ pub struct TrainArgs {
 }
 
 /// The flags `--resume` takes from the command line; the rest comes from the run's config.
-pub const RESUME_FLAGS: &[&str] = &["--epochs", "--threads", "--workers", "--device"];
+/// `--data-dir` may change: the same files may sit elsewhere (another machine, a moved folder).
+pub const RESUME_FLAGS: &[&str] = &[
+    "--epochs",
+    "--threads",
+    "--workers",
+    "--device",
+    "--data-dir",
+];
 
 /// The run folder of `train` or `lr-find`: the one given (`--out`, `--resume`) or a new one
 /// under runs/; checked, and created for a new run.

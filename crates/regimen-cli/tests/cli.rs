@@ -730,6 +730,19 @@ fn interrupt_then_resume_equals_the_uninterrupted_run() {
     let (code, _, err) = regimen(&["train", "--resume", part.to_str().unwrap(), "--lr", "1"]);
     assert_eq!(code, 2);
     assert!(err.contains("--lr cannot change when resuming"), "{err}");
+    // Nor through a config file's `resume` key.
+    let cfg = dir.join("resume.toml");
+    std::fs::write(
+        &cfg,
+        format!("resume = {:?}\nlr = 0.7\n", part.to_str().unwrap()),
+    )
+    .unwrap();
+    let (code, _, err) = regimen(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("resume cannot be set in a config file"),
+        "{err}"
+    );
     let (code, out, err) = regimen(&["train", "--resume", part.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("at batch 19 of epoch 2"), "{out}");
@@ -1309,4 +1322,51 @@ fn several_ranks_without_the_feature_are_refused() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// A relative `--data-dir` is written to the run's config as an absolute path, so that the
+/// run resumes (or repeats with `--config`) from any folder; `--resume` takes `--data-dir`
+/// for files that moved.
+#[test]
+fn a_relative_data_dir_is_kept_absolute() {
+    let dir = scratch().join(format!("datadir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .args([
+            "train",
+            "--model",
+            "digits-mlp",
+            "--epochs",
+            "1",
+            "--data-dir",
+            "data",
+            "--out",
+            "run",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{:?}", out);
+    let config = std::fs::read_to_string(dir.join("run/config.toml")).unwrap();
+    let want = format!(
+        "data_dir = {:?}",
+        std::fs::canonicalize(dir.join("data"))
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+    assert!(config.contains(&want), "{config}");
+    let run = dir.join("run");
+    let (code, out, err) = regimen(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--data-dir",
+        dir.join("data").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
