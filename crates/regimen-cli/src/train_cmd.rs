@@ -3,7 +3,8 @@
 //! The run folder (`--out DIR`, default `runs/DATE-TIME-MODEL`) holds `config.toml` (the
 //! resolved config: every flag's value, reusable with `--config`), `metrics.csv` (one row per
 //! epoch), `checkpoints/last.safetensors` (the whole run, after every epoch and at Ctrl-C),
-//! `checkpoints/best.safetensors` (the best validation epoch), `checkpoints/snapshot-epoch-E`
+//! `checkpoints/best.safetensors` (the best validation epoch, or the best --monitor epoch with
+//! --early-stopping), `checkpoints/snapshot-epoch-E`
 //! (`--snapshots`), `loss.png`, `accuracy.png`, `lr.png`, TensorBoard event files and, at the
 //! end, `summary.json`.
 
@@ -61,7 +62,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The fraction of the training set held out for validation, in [0, 0.9] (0: none; early
-    /// stopping, the best checkpoint and reduce-on-plateau then have nothing to decide on).
+    /// stopping on val_* and reduce-on-plateau then have nothing to decide on, and the best
+    /// checkpoint follows the training accuracy).
     #[arg(long, default_value_t = 0.1)]
     pub validation: f64,
     #[command(flatten)]
@@ -70,8 +72,10 @@ pub struct TrainArgs {
     /// Stop when --monitor has not improved for this many epochs (early stopping).
     #[arg(long)]
     pub early_stopping: Option<usize>,
-    /// The metric early stopping and the best checkpoint follow: val_loss, val_acc,
-    /// train_loss, train_acc or gap.
+    /// The metric early stopping follows: val_loss, val_acc, train_loss, train_acc or gap.
+    /// With --early-stopping, the best checkpoint, the best epoch reported and --restore-best
+    /// follow it too; without, they follow the validation accuracy (the training accuracy
+    /// with --validation 0).
     #[arg(long, default_value = "val_loss")]
     pub monitor: String,
     /// The smallest change of --monitor that counts as an improvement.
@@ -330,11 +334,17 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         }
         None => &args.optim,
     };
-    if !Record::METRICS.contains(&args.monitor.as_str()) {
+    // Every metric of a record except the learning rate, which the schedule sets.
+    let monitored: Vec<&str> = Record::METRICS
+        .iter()
+        .copied()
+        .filter(|m| *m != "lr")
+        .collect();
+    if !monitored.contains(&args.monitor.as_str()) {
         bail!(
             "invalid --monitor {:?}: expected one of {}",
             args.monitor,
-            Record::METRICS.join(", ")
+            monitored.join(", ")
         );
     }
     let needs_val = args.monitor.starts_with("val") || args.monitor == "gap";
@@ -565,6 +575,12 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         regimen::io::write_atomic(&out.join("config.toml"), config_toml.as_bytes())?;
     }
     let mode = Mode::for_metric(&args.monitor);
+    // One metric decides the best epoch: the best checkpoint, the summary and --restore-best.
+    let (best_metric, best_mode, best_delta) = match (args.early_stopping, has_val) {
+        (Some(_), _) => (args.monitor.as_str(), mode, args.min_delta),
+        (None, true) => ("val_acc", Mode::Max, 0.0),
+        (None, false) => ("train_acc", Mode::Max, 0.0),
+    };
     if rank > 0 {
         // The other ranks make the same decisions (the figures are the world's) and write
         // nothing; rank 0's weights reach them before the final test.
@@ -579,12 +595,10 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     } else {
         trainer.add_callback(Box::new(MetricsCsv::new(out.join("metrics.csv"))));
         trainer.add_callback(Box::new(TensorBoard::new(out.clone(), args.log_every)));
-        let best_metric = if has_val { "val_acc" } else { "train_acc" };
-        trainer.add_callback(Box::new(BestCheckpoint::new(
-            ckpt_dir.join("best.safetensors"),
-            best_metric,
-            Mode::Max,
-        )?));
+        trainer.add_callback(Box::new(
+            BestCheckpoint::new(ckpt_dir.join("best.safetensors"), best_metric, best_mode)?
+                .with_min_delta(best_delta)?,
+        ));
         if let Some(patience) = args.early_stopping {
             let mut es = EarlyStopping::new(&args.monitor, mode, patience, args.min_delta)?;
             if args.restore_best {
@@ -680,15 +694,28 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     if let Ending::Stopped(reason) = &outcome.ending {
         say!("{reason}");
     }
-    if let Some(b) = &outcome.best {
+    let best = best_by(history, best_metric, best_mode, best_delta);
+    if let Some(b) = best {
+        let value = b.metric(best_metric).unwrap_or(f64::NAN);
         match b.val_acc {
             Some(v) => say!(
-                "best epoch {}: validation accuracy {:.2}% (loss {:.4})",
+                "best epoch {} by {best_metric} ({value:.4}): validation accuracy {:.2}% (loss {:.4}), in {}",
                 b.epoch,
                 100.0 * v,
-                b.val_loss.unwrap_or(f32::NAN)
+                b.val_loss.unwrap_or(f32::NAN),
+                ckpt_dir.join("best.safetensors").display()
             ),
-            None => say!("last epoch {}", b.epoch),
+            None => say!(
+                "best epoch {} by {best_metric} ({value:.4}), in {}",
+                b.epoch,
+                ckpt_dir.join("best.safetensors").display()
+            ),
+        }
+        if args.restore_best {
+            say!(
+                "--restore-best: the model is back at epoch {}; the test accuracy below is its",
+                b.epoch
+            );
         }
     }
     let last_rec = history.last();
@@ -710,8 +737,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             Ending::Stopped(r) => r.clone(),
             Ending::Interrupted { .. } => "interrupted".to_string(),
         },
-        "best_epoch": outcome.best.as_ref().map(|b| b.epoch),
-        "best_val_accuracy": outcome.best.as_ref().and_then(|b| b.val_acc),
+        "best_epoch": best.map(|b| b.epoch),
+        "best_metric": best_metric,
+        "best_val_accuracy": best.and_then(|b| b.val_acc),
         "final_val_accuracy": last_rec.and_then(|r| r.val_acc),
         "final_train_accuracy": last_rec.map(|r| r.train_acc),
         "test_accuracy": outcome.test.map(|t| t.1),
@@ -733,6 +761,30 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
 
 /// `loss.png`, `accuracy.png` and `lr.png` of a history.
 /// `--save`: the trainer's model, its preprocessing and metadata, as a checkpoint at `path`.
+/// The record with the best `metric`, counting only improvements by more than `min_delta`
+/// (the earliest on ties), as the best checkpoint and early stopping choose it.
+fn best_by<'a>(
+    history: &'a [Record],
+    metric: &str,
+    mode: Mode,
+    min_delta: f64,
+) -> Option<&'a Record> {
+    let mut best: Option<(&Record, f64)> = None;
+    for r in history {
+        let Some(v) = r.metric(metric).filter(|v| v.is_finite()) else {
+            continue;
+        };
+        let better = best.is_none_or(|(_, b)| match mode {
+            Mode::Min => v < b - min_delta,
+            Mode::Max => v > b + min_delta,
+        });
+        if better {
+            best = Some((r, v));
+        }
+    }
+    best.map(|(r, _)| r)
+}
+
 fn save_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
     regimen::checkpoint::save(
         path,

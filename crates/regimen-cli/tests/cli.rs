@@ -1370,3 +1370,57 @@ fn a_relative_data_dir_is_kept_absolute() {
     assert_eq!(code, 0, "{out}{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `--early-stopping --monitor val_loss --restore-best`, one epoch is "the best" for
+/// everything: the reported best epoch, `summary.json`, `best.safetensors` (so that `regimen
+/// eval` of the run folder gives the final test accuracy) and the restored weights.
+#[test]
+fn early_stopping_restores_the_epoch_it_reports() {
+    let dir = scratch().join(format!("restore-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (code, out, err) = regimen(&[
+        "train",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "12",
+        "--lr",
+        "0.3",
+        "--early-stopping",
+        "2",
+        "--monitor",
+        "val_loss",
+        "--restore-best",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "val_loss").unwrap();
+    let (mut best_epoch, mut best) = (0, f64::INFINITY);
+    for (i, line) in metrics.lines().skip(1).enumerate() {
+        let v: f64 = line.split(',').nth(col).unwrap().parse().unwrap();
+        if v < best {
+            (best_epoch, best) = (i + 1, v);
+        }
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["best_epoch"], best_epoch, "{out}");
+    assert_eq!(summary["best_metric"], "val_loss");
+    assert!(
+        out.contains(&format!("best epoch {best_epoch} by val_loss"))
+            && out.contains(&format!("the model is back at epoch {best_epoch}")),
+        "{out}"
+    );
+    // `eval` of the run folder takes best.safetensors: the restored epoch's test accuracy.
+    let (code, eval, err) = regimen(&["eval", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let test = summary["test_accuracy"].as_f64().unwrap();
+    assert!(
+        eval.contains(&format!("{:.2}%", 100.0 * test)),
+        "eval: {eval}\ntrain: {out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

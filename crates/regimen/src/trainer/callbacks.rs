@@ -243,6 +243,13 @@ impl BestCheckpoint {
         &self.path
     }
 
+    /// Count only improvements by more than `min_delta` (as [`EarlyStopping`] does, so that
+    /// both pick the same best epoch).
+    pub fn with_min_delta(mut self, min_delta: f64) -> Result<Self> {
+        self.best = Best::new(&self.best.metric, self.best.mode, min_delta)?;
+        Ok(self)
+    }
+
     /// The best epoch and its value so far.
     pub fn best(&self) -> Option<(usize, f64)> {
         self.best.value.map(|v| (self.best.epoch, v))
