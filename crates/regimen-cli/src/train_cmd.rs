@@ -658,8 +658,13 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
                     path.display()
                 );
             }
-            return Err(anyhow::Error::from(e)
-                .context(format!("the last good checkpoint is {}", last.display())));
+            // The error first, then where the run stands (anyhow prints the context first).
+            let after = if last.is_file() {
+                format!("the last good checkpoint is {}", last.display())
+            } else {
+                "no epoch finished, so there is no checkpoint to resume from".to_string()
+            };
+            return Err(anyhow::anyhow!("{e}; {after}"));
         }
         Err(e) => return Err(e.into()),
     };

@@ -544,6 +544,12 @@ fn divergence_stops_and_keeps_the_last_finite_model() {
         err.contains("training diverged: the loss of step") && err.contains("(epoch "),
         "{err}"
     );
+    // Where the run stands: no checkpoint yet when the first epoch diverged.
+    if err.contains("(epoch 1)") {
+        assert!(err.contains("no epoch finished"), "{err}");
+    } else {
+        assert!(err.contains("the last good checkpoint is"), "{err}");
+    }
     assert!(out.contains("saved the model"), "{out}");
     let (code, out, err) = regimen(&["eval", "--checkpoint", p]);
     assert_eq!(code, 0, "the kept model is finite: {err}");
