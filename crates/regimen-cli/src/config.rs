@@ -21,6 +21,19 @@ pub fn train_flags() -> Vec<String> {
         .collect()
 }
 
+/// The long flags of `train` (and the global ones) that take no value: `true` or `false` in a
+/// config file.
+fn switch_flags() -> Vec<String> {
+    let cmd = crate::Cli::command();
+    let train = cmd.find_subcommand("train").expect("train subcommand");
+    train
+        .get_arguments()
+        .chain(cmd.get_arguments())
+        .filter(|a| !a.get_action().takes_values())
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect()
+}
+
 /// The arguments with `--config FILE` expanded, and where each flag from the file came from.
 pub struct Expanded {
     pub args: Vec<String>,
@@ -111,6 +124,7 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
         .with_context(|| format!("reading the config file {path}"))?;
     let table: toml::Table = text.parse().map_err(|e| anyhow!("config {path}: {e}"))?;
     let known = train_flags();
+    let switches = switch_flags();
     let mut from_file = Vec::new();
     let mut origins = Vec::new();
     for (key, value) in table {
@@ -126,6 +140,9 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
                 "config {path}: unknown key {key:?}; accepted: {}",
                 known.join(", ")
             );
+        }
+        if switches.contains(&flag) && !matches!(value, toml::Value::Boolean(_)) {
+            bail!("config {path}: {key} = {value}: expected true or false");
         }
         origins.push((
             format!("--{flag}"),

@@ -159,6 +159,8 @@ fn parse(args: Vec<String>, from_file: &[(String, String, String)]) -> Result<Cl
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             e.exit()
         }
+        // `regimen data` alone: the subcommands are the answer, on stderr, status 2.
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
         Err(e) => {
             let arg = match e.get(ContextKind::InvalidArg) {
                 Some(ContextValue::String(a)) => {
@@ -167,17 +169,34 @@ fn parse(args: Vec<String>, from_file: &[(String, String, String)]) -> Result<Cl
                 _ => String::new(),
             };
             let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("error: ");
-            match from_file.iter().find(|(flag, _, _)| *flag == arg) {
-                Some((_, key, file)) => anyhow::bail!("config {file}: {key}: {first}"),
-                None if e.kind() == ErrorKind::UnknownArgument => anyhow::bail!(
-                    "{first} (a negative number goes after '=', like --lr=-0.1; see --help)"
+            // clap's message on one line: its first line, then what it lists under it (the
+            // missing arguments, a similar flag) without its usage and help pointers.
+            let mut lines = text.lines().map(str::trim).filter(|l| {
+                !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+            });
+            let first = lines.next().unwrap_or("").trim_start_matches("error: ");
+            let rest: Vec<&str> = lines.collect();
+            let message = match (first.ends_with(':'), rest.is_empty()) {
+                (_, true) => first.to_string(),
+                (true, false) => format!("{first} {}", rest.join(", ")),
+                (false, false) => format!("{first} ({})", rest.join("; ")),
+            };
+            // A flag from the config file, or a value there that clap took for an argument.
+            let origin = from_file.iter().find(|(flag, key, _)| {
+                *flag == arg
+                    || (!arg.starts_with("--")
+                        && !arg.is_empty()
+                        && (key.ends_with(&format!("= \"{arg}\""))
+                            || key.ends_with(&format!("= {arg}"))))
+            });
+            let negative = arg.starts_with('-')
+                && arg[1..].starts_with(|c: char| c.is_ascii_digit() || c == '.');
+            match origin {
+                Some((_, key, file)) => anyhow::bail!("config {file}: {key}: {message}"),
+                None if e.kind() == ErrorKind::UnknownArgument && negative => anyhow::bail!(
+                    "{message} (a negative number goes after '=', like --lr=-0.1; see --help)"
                 ),
-                None => anyhow::bail!("{first} (see --help)"),
+                None => anyhow::bail!("{message} (see --help)"),
             }
         }
     }

@@ -464,11 +464,30 @@ fn bad_values_are_refused_before_training() {
         ),
         (&["--lr", "-0.1"], "invalid lr = -0.1"),
         (&["--bogus"], "unexpected argument '--bogus'"),
+        // clap's tip survives, and the negative-number hint only comes for a number.
+        (&["--epoch", "3"], "similar argument exists: '--epochs'"),
     ];
     for (args, needle) in cases {
         let err = train_refuses(args, needle);
         assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
     }
+    let err = train_refuses(&["--epoch", "3"], "--epochs");
+    assert!(!err.contains("negative number"), "{err}");
+    // Missing arguments are named; a command without its subcommand shows them.
+    let (code, _, err) = regimen(&["predict", "--checkpoint", "x"]);
+    assert!(code == 2 && err.contains("not provided: <INPUTS>"), "{err}");
+    let (code, _, err) = regimen(&["sweep"]);
+    assert!(code == 2 && err.contains("--space"), "{err}");
+    let (code, _, err) = regimen(&["data"]);
+    assert!(code == 2 && err.contains("preview"), "{err}");
+    // A switch in a config file takes true or false, and the error names the key.
+    let cfg = std::env::temp_dir().join(format!("regimen-switch-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "nesterov = \"yes\"\n").unwrap();
+    train_refuses(
+        &["--config", cfg.to_str().unwrap()],
+        "nesterov = \"yes\": expected true or false",
+    );
+    let _ = std::fs::remove_file(&cfg);
     let (code, _, err) = regimen(&["--threads", "0", "train"]);
     assert!(code == 2 && err.contains("invalid --threads 0"), "{err}");
     let (code, _, err) = regimen(&["--threads", "100000", "train"]);
