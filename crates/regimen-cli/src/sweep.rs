@@ -423,6 +423,31 @@ pub fn run(args: &SweepArgs) -> Result<()> {
             runs: Vec::new(),
         })
         .collect();
+    // Every drawn value must be one `train` takes (a whole number for --batch-size, a name it
+    // knows): found now, not as N failed trials.
+    for t in &drawn {
+        for (k, v) in &t.params {
+            let flag = format!("--{}", k.replace('_', "-"));
+            let mut argv = vec!["regimen".to_string(), "train".to_string()];
+            match v {
+                toml::Value::Boolean(true) => argv.push(flag),
+                toml::Value::Boolean(false) => {}
+                v => argv.push(format!("{flag}={}", toml_arg(v).expect("not a boolean"))),
+            }
+            if let Err(e) = <crate::Cli as clap::Parser>::try_parse_from(&argv) {
+                let text = e.to_string();
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ");
+                bail!(
+                    "search space {}: {k}: the drawn value {v} is refused by train: {first}",
+                    args.space.display()
+                );
+            }
+        }
+    }
     let mut st = match std::fs::read_to_string(out.join("sweep.json")) {
         Ok(text) => {
             let st: State = serde_json::from_str(&text).with_context(|| {
@@ -544,7 +569,27 @@ pub fn run(args: &SweepArgs) -> Result<()> {
             }
         }
     }
-    report(&out, &st, &space, &base_table, max_epochs)
+    report(&out, &st, &space, &base_table, max_epochs)?;
+    let last = *rungs.last().expect("at least one rung");
+    let finished = st
+        .trials
+        .iter()
+        .flat_map(|t| &t.runs)
+        .any(|r| r.epochs == last && r.val_acc.is_some());
+    if !finished {
+        let why = st
+            .trials
+            .iter()
+            .flat_map(|t| &t.runs)
+            .map(|r| r.status.as_str())
+            .find(|s| *s != "ok")
+            .unwrap_or("no validation accuracy");
+        bail!(
+            "no trial finished the full budget of {last} epochs (the first failure: {why}); see {}",
+            out.join("sweep.json").display()
+        );
+    }
+    Ok(())
 }
 
 /// The leaderboard (Markdown, CSV), one plot per hyperparameter and the best config.

@@ -1292,6 +1292,10 @@ fn sweep_runs_resumes_and_refuses_bad_spaces() {
             "optimizer: choice needs at least one value",
         ),
         ("lr = 0.1", "lr: expected a string"),
+        (
+            "batch_size = \"uniform(16, 64)\"",
+            "batch_size: the drawn value",
+        ),
     ] {
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, text).unwrap();
@@ -1309,6 +1313,24 @@ fn sweep_runs_resumes_and_refuses_bad_spaces() {
             "{text}: {err}"
         );
     }
+    // Values train refuses only when it runs: every trial fails, and the sweep says so with
+    // a non-zero status.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "momentum = \"uniform(1.1, 2)\"").unwrap();
+    let (code, out2, err) = regimen(&[
+        "sweep",
+        "--space",
+        bad.to_str().unwrap(),
+        "--trials",
+        "2",
+        "--out",
+        dir.join("y").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{out2}{err}");
+    assert!(
+        err.contains("no trial finished") && err.contains("invalid momentum"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
