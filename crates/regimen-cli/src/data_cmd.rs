@@ -194,6 +194,8 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
             }
             let s = source.load()?;
             let d = &s.train;
+            // What train would refuse on these images (a Cutout larger than them).
+            pipeline.check_image_shape(d.image_shape)?;
             let n = (*count).min(d.len());
             let mut rng = Rng::new(*seed);
             let idx: Vec<usize> = (0..n).map(|_| rng.below(d.len())).collect();

@@ -429,7 +429,18 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     )?;
     augment.check_image_shape(prepared.train.image_shape)?;
     let (input, classes) = (prepared.train.image_shape, prepared.train.num_classes());
-    let plan = spec.plan(input, classes).context("--model")?;
+    let plan = match spec.plan(input, classes) {
+        Ok(p) => p,
+        // PCA and whitening turn each image into K numbers ([K, 1, 1]): no room for a window.
+        Err(e) if input[1] == 1 && input[2] == 1 && args.preprocess.contains(':') => bail!(
+            "--model {model_name}: {e}: --preprocess {} turns each image into {} features, \
+             which a convolutional model cannot take; train an MLP on them (such as \
+             digits-mlp, or a spec starting with flatten)",
+            args.preprocess,
+            input[0]
+        ),
+        Err(e) => return Err(anyhow::Error::from(e).context("--model")),
+    };
     // Steps per epoch of the global batch (the per-rank batch times the ranks).
     let per_epoch =
         regimen::data::batches_per_epoch(prepared.train.len(), args.batch_size * ranks, ranks);

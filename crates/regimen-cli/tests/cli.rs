@@ -287,6 +287,20 @@ fn data_info_and_preview() {
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("augment = blur"), "{err}");
+    // What train refuses on these images, preview refuses too, in the user's words.
+    let (code, _, err) = regimen(&[
+        "data",
+        "preview",
+        "--augment",
+        "cutout=10",
+        "--out",
+        "/tmp/x.png",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("augment = cutout=10: the cutout size (10 pixels)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -466,6 +480,10 @@ fn bad_values_are_refused_before_training() {
         (&["--bogus"], "unexpected argument '--bogus'"),
         // clap's tip survives, and the negative-number hint only comes for a number.
         (&["--epoch", "3"], "similar argument exists: '--epochs'"),
+        (
+            &["--preprocess", "pca:10"],
+            "turns each image into 10 features, which a convolutional model cannot take",
+        ),
     ];
     for (args, needle) in cases {
         let err = train_refuses(args, needle);

@@ -46,6 +46,23 @@ pub enum Augment {
     CutMix { alpha: f32 },
 }
 
+/// The step as `--augment` writes it (`cutout=10`, `flip=0.5`).
+impl std::fmt::Display for Augment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Augment::Crop { pad } => write!(f, "crop={pad}"),
+            Augment::Flip { p } => write!(f, "flip={p}"),
+            Augment::Scale { min_area } => write!(f, "scale={min_area}"),
+            Augment::Rotate { degrees } => write!(f, "rotate={degrees}"),
+            Augment::Translate { pixels } => write!(f, "translate={pixels}"),
+            Augment::Noise { std } => write!(f, "noise={std}"),
+            Augment::Cutout { size } => write!(f, "cutout={size}"),
+            Augment::Mixup { alpha } => write!(f, "mixup={alpha}"),
+            Augment::CutMix { alpha } => write!(f, "cutmix={alpha}"),
+        }
+    }
+}
+
 impl Augment {
     /// True for the steps that mix samples (Mixup, CutMix) and so make soft labels.
     pub fn mixes(&self) -> bool {
@@ -147,7 +164,7 @@ impl Pipeline {
             if shape[1] < 2 || shape[2] < 2 {
                 return Err(Error::config(
                     "augment",
-                    format!("{step:?}"),
+                    step.to_string(),
                     &format!("is a spatial transform, but the inputs are {shape:?} (after PCA or whitening?): use noise or mixup, or no augmentation"),
                 ));
             }
@@ -164,7 +181,7 @@ impl Pipeline {
             if size >= side {
                 return Err(Error::config(
                     "augment",
-                    format!("{step:?}"),
+                    step.to_string(),
                     &format!(
                         "the {what} ({size} pixels) must be smaller than the images ({}x{})",
                         shape[1], shape[2]
@@ -528,5 +545,20 @@ pub fn paste_box(
                 img[o + bx.x0..o + bx.x1].copy_from_slice(&other[o + bx.x0..o + bx.x1]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every step prints as `--augment` writes it, and parses back to itself.
+    #[test]
+    fn steps_print_as_the_flag_writes_them() {
+        let spec = "crop=3,flip=0.25,scale=0.6,rotate=12.5,translate=2,noise=0.05,cutout=4,mixup=0.4,cutmix=1";
+        let p = Pipeline::parse(spec).unwrap();
+        let text: Vec<String> = p.steps.iter().map(|s| s.to_string()).collect();
+        assert_eq!(text.join(","), spec);
+        assert_eq!(Pipeline::parse(&text.join(",")).unwrap(), p);
     }
 }
