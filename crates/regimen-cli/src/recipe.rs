@@ -56,7 +56,8 @@ pub struct OptimArgs {
     /// exp:gamma=G, cosine, linear, poly:power=P, cyclic, onecycle:pct=P, restarts:t0=N,mult=M, plateau:patience=N).
     #[arg(long, default_value = "constant")]
     pub schedule: String,
-    /// Warmup steps (batches, or epochs with --schedule-unit epoch) in front of the schedule,
+    /// Warmup steps (batches, or epochs with --schedule-unit epoch; with --accumulate N, N
+    /// batches make one update) in front of the schedule,
     /// linear from lr/(N+1) (step s at (s+1)/(N+1) of the rate) unless --warmup-factor.
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
