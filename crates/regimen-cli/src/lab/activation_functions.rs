@@ -142,7 +142,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     for (name, token) in ACTIVATIONS {
         let mut t = super::momentum_trainer(&spec(token, width), p.train.clone(), epochs, 2, 0.02)?
             .with_validation(p.validation.clone());
-        t.run()?;
+        super::run_training(&mut t)?;
         let h = t.history().to_vec();
         let reached = h
             .iter()

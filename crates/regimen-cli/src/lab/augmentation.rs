@@ -61,7 +61,7 @@ pub fn accuracy(data: &Data, augment: &str, epochs: usize, n: usize) -> Result<f
         ..Default::default()
     };
     let mut t = Trainer::new(model, optim, s, fit, train).with_test(Some(p.test.clone()));
-    Ok(t.run()?.test.expect("a test set").1)
+    Ok(super::run_training(&mut t)?.test.expect("a test set").1)
 }
 
 pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {

@@ -46,7 +46,7 @@ fn independent(data: &Data, seed: u64, epochs: usize) -> Result<Member> {
         ..Default::default()
     };
     let mut t = Trainer::new(model, sgd(), s, fit, p.train.clone());
-    t.run()?;
+    super::run_training(&mut t)?;
     Ok(Member {
         name: format!("seed {seed}"),
         model: Box::new(t.model),
@@ -80,7 +80,7 @@ fn snapshots(
     };
     let mut t =
         Trainer::new(model, sgd(), s, fit, p.train.clone()).callback(SnapshotEnsemble::new(dir));
-    t.run()?;
+    super::run_training(&mut t)?;
     let mut out = Vec::new();
     for c in 1..=cycles {
         let f = SnapshotEnsemble::path_for(dir, c * cycle);

@@ -33,7 +33,7 @@ pub fn errors(train: &Dataset, test: &Dataset, width: usize, epochs: usize) -> R
         ..Default::default()
     };
     let mut t = Trainer::new(model, optim, Box::new(Constant(1e-3)), fit, train.clone());
-    t.run()?;
+    super::run_training(&mut t)?;
     let (_, tr) = evaluate(&mut t.model, train, 256, regimen::Device::Cpu)?;
     let (_, te) = evaluate(&mut t.model, test, 256, regimen::Device::Cpu)?;
     Ok((1.0 - tr as f64, 1.0 - te as f64))
@@ -66,7 +66,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     let epochs = if quick { 15 } else { 60 };
     r.heading(1, "Underfitting, overfitting, early stopping");
     r.text(&format!(
-        "One-hidden-layer MLPs of growing width trained {epochs} epochs (Adam, lr 1e-3, batch 64) on {} training images of {}, evaluated on the test split. Narrow models underfit (high train and test error); wide ones fit the training set and the gap between the two errors grows.",
+        "One-hidden-layer MLPs of growing width trained {epochs} epochs (Adam, lr 1e-3, batch 64) on {} training images of {}, evaluated on the test split. The lecture expects narrow models to underfit (high train and test error) and wide ones to fit the training set while the gap between the two errors grows; the table says what this run did.",
         small.len(),
         data.name
     ));
@@ -120,7 +120,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     let mut t = Trainer::new(model, optim, Box::new(Constant(1e-3)), fit, small.clone())
         .with_validation(Some(val))
         .callback(EarlyStopping::new("val_loss", Mode::Min, epochs, 0.0)?);
-    t.run()?;
+    super::run_training(&mut t)?;
     let h = t.history().to_vec();
     let best = h
         .iter()

@@ -24,7 +24,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     let (depth, width, epochs) = if quick { (6, 64, 3) } else { (8, 256, 8) };
     r.heading(1, "Initialization and training");
     r.text(&format!(
-        "The same {depth}-layer MLP of {width} units, trained with SGD (momentum 0.9, lr 0.01, batch 64) for {epochs} epochs on {}, under each initialization, with tanh and with ReLU. Small weights leave a deep tanh net at chance (its gradients vanish); N(0, 1) saturates it; Xavier and He train.",
+        "The same {depth}-layer MLP of {width} units, trained with SGD (momentum 0.9, lr 0.01, batch 64) for {epochs} epochs on {}, under each initialization, with tanh and with ReLU. The lecture expects small weights to leave a deep tanh net at chance (its gradients vanish), N(0, 1) to saturate it, and Xavier and He to train; the table says what this run did.",
         data.name
     ));
     for act in ["tanh", "relu"] {

@@ -25,6 +25,43 @@ use regimen::{models, Rng};
 
 use report::Report;
 
+/// The experiment running now and the trainings it started, for the progress lines.
+static CURRENT: std::sync::Mutex<(&str, usize, Option<std::time::Instant>)> =
+    std::sync::Mutex::new(("", 0, None));
+
+/// Run a lab's training with a progress line on stderr at most every 5 seconds (which
+/// experiment, which of its trainings, which epoch): labs train many models for minutes.
+pub fn run_training(t: &mut Trainer) -> regimen::Result<regimen::trainer::Outcome> {
+    let n = {
+        let mut c = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        c.1 += 1;
+        c.1
+    };
+    t.add_callback(Box::new(Progress { training: n }));
+    t.run()
+}
+
+struct Progress {
+    training: usize,
+}
+
+impl regimen::trainer::Callback for Progress {
+    fn on_epoch_end(&mut self, end: &mut regimen::trainer::EpochEnd) -> regimen::Result<()> {
+        let mut c = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if c.2
+            .is_none_or(|last| now.duration_since(last).as_secs_f64() >= 5.0)
+        {
+            c.2 = Some(now);
+            eprintln!(
+                "  lab {}: training {}, epoch {} done",
+                c.0, self.training, end.record.epoch
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(clap::Args)]
 pub struct LabArgs {
     /// An experiment (see `regimen lab list`), `all`, or `list`.
@@ -175,7 +212,7 @@ pub fn train_mlp(
     };
     let mut t = Trainer::new(model, optim, Box::new(Constant(lr)), fit, p.train.clone())
         .with_validation(p.validation.clone());
-    t.run()?;
+    run_training(&mut t)?;
     Ok(t.history().to_vec())
 }
 
@@ -281,7 +318,7 @@ pub fn train(
             every,
             out: steps.clone(),
         });
-    let diverged = match t.run() {
+    let diverged = match run_training(&mut t) {
         Ok(_) => None,
         Err(e @ regimen::Error::Diverged { .. }) => Some(e.to_string()),
         Err(e) => return Err(e.into()),
@@ -334,8 +371,11 @@ pub fn run(args: &LabArgs) -> Result<()> {
     for (name, _, f) in chosen {
         let start = std::time::Instant::now();
         eprintln!("lab {name}...");
+        *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = (name, 0, Some(start));
         f(&mut report, args.quick, &data)?;
         eprintln!("lab {name}: {:.1} s", start.elapsed().as_secs_f64());
+        // What is done so far stays readable if a later experiment is interrupted.
+        report.write()?;
     }
     let report = if args.name == "all" {
         report.with_contents()

@@ -121,7 +121,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         let p = Prepared::new(splits.0.clone(), splits.1.clone(), kind, 0.1, 0)?;
         let mut t = super::momentum_trainer(super::MLP, p.train, epochs, 1, 0.01)?
             .with_validation(p.validation);
-        t.run()?;
+        super::run_training(&mut t)?;
         let h = t.history();
         rows.push(vec![
             name.to_string(),
