@@ -175,6 +175,17 @@ fn prepare_run_folder(args: &TrainArgs, find: bool, model_name: &str) -> Result<
                 out.display()
             );
         }
+        // A folder of other files (a project, a dataset): a run would overwrite its
+        // config.toml and mix its files with them.
+        if let Ok(mut entries) = std::fs::read_dir(&out) {
+            if let Some(Ok(e)) = entries.next() {
+                bail!(
+                    "{} is not empty ({} and maybe more) and holds no run: give a new or empty folder to --out (a run that stopped before its first checkpoint can be deleted)",
+                    out.display(),
+                    e.file_name().to_string_lossy()
+                );
+            }
+        }
         std::fs::create_dir_all(&ckpt_dir)
             .with_context(|| format!("creating the run folder {}", out.display()))?;
     } else if !last.is_file() {
@@ -572,6 +583,13 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             .resume(&last)
             .with_context(|| format!("resuming from {}", last.display()))?;
         let (done, batch) = trainer.position();
+        if args.epochs < done {
+            say!(
+                "note: --epochs {} is below the {done} epochs the run in {} has trained: nothing is trained, the run is evaluated as it stands (--epochs with --resume lengthens a run)",
+                args.epochs,
+                dir.display()
+            );
+        }
         say!(
             "resuming {} (config {}) after epoch {done}{}",
             dir.display(),
@@ -582,6 +600,32 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
                 String::new()
             }
         );
+        // A lengthened run (or data that moved): config.toml keeps saying what the run is.
+        let before = std::fs::read_to_string(&config_path).unwrap_or_default();
+        let old_epochs = before
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("epochs").and_then(toml::Value::as_integer))
+            .unwrap_or(args.epochs as i64) as usize;
+        if old_epochs < args.epochs {
+            let name = args.optim.schedule.split(':').next().unwrap_or("");
+            let fixed = ["constant", "step", "multistep", "exp", "plateau"].contains(&name);
+            say!(
+                "lengthening the run from {old_epochs} to {} epochs{}",
+                args.epochs,
+                if fixed {
+                    String::new()
+                } else {
+                    format!(
+                        "; --schedule {} is planned over the whole run, so from here on it follows the plan for {} epochs (the rate changes at once)",
+                        args.optim.schedule, args.epochs
+                    )
+                }
+            );
+        }
+        if rank == 0 && args.epochs >= old_epochs && before != config_toml {
+            regimen::io::write_atomic(&config_path, config_toml.as_bytes())?;
+        }
     } else if rank == 0 {
         regimen::io::write_atomic(&out.join("config.toml"), config_toml.as_bytes())?;
     }

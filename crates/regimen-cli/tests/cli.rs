@@ -489,6 +489,19 @@ fn bad_values_are_refused_before_training() {
         let err = train_refuses(args, needle);
         assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
     }
+    // --out into a folder of other files (not a run) is refused: nothing is overwritten.
+    let proj = std::env::temp_dir().join(format!("regimen-proj-{}", std::process::id()));
+    std::fs::create_dir_all(&proj).unwrap();
+    std::fs::write(proj.join("config.toml"), "# mine\n").unwrap();
+    train_refuses(
+        &["--out", proj.to_str().unwrap()],
+        "is not empty (config.toml and maybe more) and holds no run",
+    );
+    assert_eq!(
+        std::fs::read_to_string(proj.join("config.toml")).unwrap(),
+        "# mine\n"
+    );
+    let _ = std::fs::remove_dir_all(&proj);
     let err = train_refuses(&["--epoch", "3"], "--epochs");
     assert!(!err.contains("negative number"), "{err}");
     // Missing arguments are named; a command without its subcommand shows them.
@@ -1486,6 +1499,42 @@ fn early_stopping_restores_the_epoch_it_reports() {
     assert!(
         eval.contains(&format!("{:.2}%", 100.0 * test)),
         "eval: {eval}\ntrain: {out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--resume DIR --epochs N` lengthens a run: config.toml then says N, a schedule planned
+/// over the run says it is re-planned, and fewer epochs than done are refused.
+#[test]
+fn resume_lengthens_a_run_and_says_so() {
+    let dir = scratch().join(format!("lengthen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let (code, out, err) = regimen(&[
+        "train",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "2",
+        "--schedule",
+        "cosine",
+        "--out",
+        d,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = regimen(&["train", "--resume", d, "--epochs", "3"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("lengthening the run from 2 to 3 epochs; --schedule cosine is planned"),
+        "{out}"
+    );
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(config.contains("epochs = 3"), "{config}");
+    let (code, out, err) = regimen(&["train", "--resume", d, "--epochs", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("below the 3 epochs the run") && out.contains("final test accuracy"),
+        "{out}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
