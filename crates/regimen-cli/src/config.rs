@@ -127,8 +127,13 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
     let switches = switch_flags();
     let mut from_file = Vec::new();
     let mut origins = Vec::new();
+    let mut seen: Vec<(String, String)> = Vec::new();
     for (key, value) in table {
         let flag = key.replace('_', "-");
+        if let Some((_, other)) = seen.iter().find(|(f, _)| *f == flag) {
+            bail!("config {path}: {other} and {key} are the same setting: keep one");
+        }
+        seen.push((flag.clone(), key.clone()));
         if flag == "resume" {
             bail!(
                 "config {path}: resume cannot be set in a config file: continue a run with \

@@ -95,6 +95,19 @@ pub fn optimizer(a: &OptimArgs) -> Result<Optim> {
     if a.centered && a.optimizer != "rmsprop" {
         bail!("--centered applies to rmsprop, not {}", a.optimizer);
     }
+    // Values away from their defaults that the chosen optimizer would ignore.
+    if (a.beta1 != 0.9 || a.beta2 != 0.999) && !a.optimizer.starts_with("adam") {
+        bail!(
+            "--beta1 and --beta2 apply to adam and adamw, not {}",
+            a.optimizer
+        );
+    }
+    if a.alpha != 0.99 && a.optimizer != "rmsprop" {
+        bail!("--alpha applies to rmsprop, not {}", a.optimizer);
+    }
+    if a.warmup_factor.is_some() && a.warmup == 0 {
+        bail!("--warmup-factor sets the rate of a warmup: give --warmup N too");
+    }
     Ok(match a.optimizer.as_str() {
         "sgd" => Optim::new(
             Sgd {

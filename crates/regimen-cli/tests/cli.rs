@@ -481,6 +481,11 @@ fn bad_values_are_refused_before_training() {
         // clap's tip survives, and the negative-number hint only comes for a number.
         (&["--epoch", "3"], "similar argument exists: '--epochs'"),
         (
+            &["--beta1", "0.5"],
+            "--beta1 and --beta2 apply to adam and adamw, not sgd",
+        ),
+        (&["--warmup-factor", "0.1"], "give --warmup N too"),
+        (
             &["--preprocess", "pca:10"],
             "turns each image into 10 features, which a convolutional model cannot take",
         ),
@@ -537,6 +542,9 @@ fn config_errors_name_the_file_and_the_key() {
     let err = train_refuses(&["--config", p], "lr = \"fast\"");
     assert!(err.contains(p), "{err}");
     train_refuses(&["--config", p, "--config", p], "--config given twice");
+    // One setting under both spellings.
+    std::fs::write(&path, "batch_size = 64\nbatch-size = 128\n").unwrap();
+    train_refuses(&["--config", p], "are the same setting");
     let _ = std::fs::remove_file(&path);
 }
 
