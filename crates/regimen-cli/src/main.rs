@@ -41,9 +41,17 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Print a built-in model's layers: output shapes, parameters and FLOPs per sample.
     Summary {
-        /// One of: digits-mlp, digits-cnn, mlp, cnn.
+        /// A built-in model (digits-mlp, digits-cnn, mlp, cnn, deep-mlp, resnet, ...) or a
+        /// model spec, as `train --model` takes it.
         #[arg(long, default_value = "cnn")]
         model: String,
+        /// The shape of one input, C,H,W (default: 1,8,8 for digits-*, 3,32,32 for resnet,
+        /// else 1,28,28).
+        #[arg(long)]
+        input: Option<String>,
+        /// The number of classes.
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
     },
     /// Time training steps of the benchmark workloads (bench/README.md; regimen's side of bench/compare).
     Bench(bench::BenchArgs),
@@ -122,9 +130,42 @@ fn command(command: Option<Command>) -> Result<()> {
             args.source.absolute_dir();
             train_cmd::train(&args)
         }
-        Some(Command::Summary { model }) => {
+        Some(Command::Summary {
+            model,
+            input,
+            classes,
+        }) => {
             let mut rng = Rng::new(0);
-            let (mut m, input) = models::by_name(&model, &mut rng)?;
+            check_range("--classes", classes, 2, 1_000_000)?;
+            let (mut m, input) = match input {
+                None if classes == 10 => models::by_name(&model, &mut rng)?,
+                given => {
+                    let shape = match given {
+                        Some(text) => {
+                            let dims: Vec<usize> = text
+                                .split(',')
+                                .map(|d| d.trim().parse::<usize>())
+                                .collect::<std::result::Result<_, _>>()
+                                .ok()
+                                .filter(|d: &Vec<usize>| d.len() == 3 && d.iter().all(|&x| x > 0))
+                                .ok_or_else(|| {
+                                    anyhow::anyhow!(
+                                        "invalid --input {text:?}: expected C,H,W, three whole numbers > 0, like 3,32,32"
+                                    )
+                                })?;
+                            [dims[0], dims[1], dims[2]]
+                        }
+                        None => {
+                            let (_, i) = models::by_name(&model, &mut Rng::new(0))?;
+                            [i[0], i[1], i[2]]
+                        }
+                    };
+                    (
+                        models::for_input(&model, shape, classes, &mut rng)?,
+                        shape.to_vec(),
+                    )
+                }
+            };
             say!("{model}: {}", m.describe());
             say!("{}", m.summary(&input).context("building the summary")?);
             Ok(())

@@ -73,6 +73,21 @@ fn summary_of_the_benchmark_cnn() {
     let (code, out, _) = regimen(&["summary", "--model", "cnn"]);
     assert_eq!(code, 0);
     assert!(out.contains("total: 870826 parameters"), "{out}");
+    // A spec on a given input shape and class count.
+    let (code, out, err) = regimen(&[
+        "summary",
+        "--model",
+        "conv:8,relu,gap,linear:classes",
+        "--input",
+        "3,32,32",
+        "--classes",
+        "7",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("[8, 32, 32]") && out.contains("Linear(8 -> 7)"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -80,6 +95,7 @@ fn bad_input_is_one_line_and_exit_2() {
     for args in [
         &["train", "--batch-size", "0"][..],
         &["summary", "--model", "resnot"],
+        &["summary", "--input", "3,x"],
         &["bench", "--workload", "gpt"],
     ] {
         let (code, out, err) = regimen(args);
