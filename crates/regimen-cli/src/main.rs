@@ -88,8 +88,31 @@ enum Command {
     Lab(lab::LabArgs),
 }
 
+/// `regimen --epochs 3` means `regimen train --epochs 3`: without a command, the first flag
+/// that is not a global one (`--threads N`) starts `train`'s.
+fn with_default_command(mut args: Vec<String>) -> Vec<String> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "--threads" {
+            i += 2;
+        } else if a.starts_with("--threads=") {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    let train_flag = args
+        .get(i)
+        .is_some_and(|a| a.starts_with("--") && !matches!(a.as_str(), "--help" | "--version"));
+    if train_flag {
+        args.insert(i, "train".to_string());
+    }
+    args
+}
+
 fn run() -> Result<()> {
-    let expanded = config::expand(std::env::args().collect())?;
+    let expanded = config::expand(with_default_command(std::env::args().collect()))?;
     let mut cli = parse(expanded.args, &expanded.from_file)?;
     if cli.command.is_none() {
         // `regimen` alone runs `regimen train` with its defaults.

@@ -1562,3 +1562,23 @@ fn resume_lengthens_a_run_and_says_so() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `regimen` with flags and no command runs `regimen train` with them.
+#[test]
+fn flags_without_a_command_train() {
+    let dir = scratch().join(format!("default-cmd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (code, out, err) = regimen(&[
+        "--threads",
+        "1",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "1",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("final test accuracy"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
