@@ -269,7 +269,7 @@ pub struct LrFindArgs {
     #[arg(long, default_value_t = 4.0)]
     pub diverge: f64,
     /// Write the suggested learning rate (steepest descent) as `lr` into this TOML config
-    /// (created, or updated keeping its other keys).
+    /// (created, or updated: only its lr line changes, comments and order stay).
     #[arg(long)]
     pub apply: Option<PathBuf>,
 }
@@ -820,6 +820,35 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
 }
 
 /// `loss.png`, `accuracy.png` and `lr.png` of a history.
+/// `text` (a TOML config) with its top-level `lr` line set to `lr`, or `lr = ...` added before
+/// the first table: every other line, comments and order included, stays as it was.
+fn set_lr_line(text: &str, lr: f64) -> String {
+    let line = format!("lr = {lr:?}");
+    let mut out = Vec::new();
+    let (mut done, mut in_table) = (false, false);
+    for l in text.lines() {
+        let t = l.trim_start();
+        if t.starts_with('[') && !done {
+            out.push(line.clone());
+            done = true;
+        }
+        in_table |= t.starts_with('[');
+        let key = t.split('=').next().unwrap_or("").trim();
+        if !in_table && (key == "lr" || key == "\"lr\"") && t.contains('=') {
+            if !done {
+                out.push(line.clone());
+                done = true;
+            }
+            continue;
+        }
+        out.push(l.to_string());
+    }
+    if !done {
+        out.push(line);
+    }
+    out.join("\n") + "\n"
+}
+
 /// `--save`: the trainer's model, its preprocessing and metadata, as a checkpoint at `path`.
 /// The record with the best `metric`, counting only improvements by more than `min_delta`
 /// (the earliest on ties), as the best checkpoint and early stopping choose it.
@@ -1156,16 +1185,21 @@ fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
             .steepest
             .or(t.min_over_10)
             .ok_or_else(|| anyhow::anyhow!("no suggestion to apply"))?;
-        let mut table: toml::Table = match std::fs::read_to_string(path) {
-            Ok(text) => text
-                .parse()
-                .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?,
-            Err(_) => toml::Table::new(),
-        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
         // Three significant digits.
         let lr: f64 = format!("{lr:.2e}").parse().expect("a number");
-        table.insert("lr".into(), toml::Value::Float(lr));
-        regimen::io::write_atomic(path, toml::to_string(&table)?.as_bytes())?;
+        let updated = set_lr_line(&text, lr);
+        // What is written must still be a config (and say the new rate).
+        let table: toml::Table = updated
+            .parse()
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        if table.get("lr").and_then(toml::Value::as_float) != Some(lr) {
+            anyhow::bail!(
+                "config {}: could not set lr (is it inside a table?)",
+                path.display()
+            );
+        }
+        regimen::io::write_atomic(path, updated.as_bytes())?;
         say!("wrote lr = {lr} into {}", path.display());
     }
     Ok(())

@@ -1174,7 +1174,11 @@ fn lr_find_suggests_and_applies() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("run.toml");
-    std::fs::write(&cfg, "epochs = 3\nmodel = \"digits-mlp\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "# my recipe\nepochs = 3\nlr = 0.5 # to be found\nmodel = \"digits-mlp\"\n",
+    )
+    .unwrap();
     let out = dir.join("out");
     let (code, stdout, err) = regimen(&[
         "lr-find",
@@ -1200,8 +1204,16 @@ fn lr_find_suggests_and_applies() {
         "{csv}"
     );
     let applied = std::fs::read_to_string(&cfg).unwrap();
+    // Only the lr line changed: comments and order stay.
+    let lines: Vec<&str> = applied.lines().collect();
+    assert_eq!(lines.len(), 4, "{applied}");
+    assert_eq!(
+        (lines[0], lines[1], lines[3]),
+        ("# my recipe", "epochs = 3", "model = \"digits-mlp\""),
+        "{applied}"
+    );
     assert!(
-        applied.contains("epochs = 3") && applied.contains("lr = "),
+        lines[2].starts_with("lr = ") && !lines[2].contains("0.5"),
         "{applied}"
     );
     // The config with the applied rate trains.
