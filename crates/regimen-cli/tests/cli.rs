@@ -1594,3 +1594,71 @@ fn flags_without_a_command_train() {
     assert!(out.contains("final test accuracy"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `REGIMEN_DIRECT_ISA=avx2` runs every kernel regimen chooses at run time in its AVX2 version
+/// (on an AVX-512 machine: the path of an AVX2-only one, end to end): a CNN trains to the same
+/// weights within f32 rounding of the default path's, and `bench` says the kernels were held.
+#[test]
+fn the_avx2_kernels_train_like_the_default_ones() {
+    let dir = scratch().join(format!("avx2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let train = |name: &str, avx2: bool| {
+        let path = dir.join(format!("{name}.safetensors"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_regimen"));
+        c.args([
+            "train",
+            "--model",
+            "conv:16,bn,relu,conv:16,bn,relu,maxpool:2,dropout:0.1,flatten,linear:classes",
+            "--epochs",
+            "1",
+            "--momentum",
+            "0.9",
+            "--out",
+        ])
+        .arg(dir.join(name))
+        .arg("--save")
+        .arg(&path)
+        .current_dir(scratch());
+        if avx2 {
+            c.env("REGIMEN_DIRECT_ISA", "avx2");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let (t, _) = regimen::io::read_safetensors(&path).unwrap();
+        t.into_iter().map(|(_, _, v)| v).collect::<Vec<Vec<f32>>>()
+    };
+    let (a, b) = (train("default", false), train("avx2", true));
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(&b) {
+        let scale = x.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        for (p, q) in x.iter().zip(y) {
+            worst = worst.max((p - q).abs() / scale);
+        }
+    }
+    eprintln!("AVX2 vs default kernels: largest relative difference {worst:.2e}");
+    assert!(worst < 1e-3, "AVX2 and default kernels differ by {worst}");
+    let out = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .args([
+            "bench",
+            "--workload",
+            "mlp-step",
+            "--batch",
+            "8",
+            "--steps",
+            "1",
+            "--reps",
+            "1",
+            "--json",
+        ])
+        .env("REGIMEN_DIRECT_ISA", "avx2")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kernels = v["cpu_kernels"].as_str().unwrap();
+    assert!(
+        !kernels.starts_with("avx512f") || kernels.contains("held to avx2+fma"),
+        "{kernels}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -177,7 +177,7 @@ struct Groups {
 fn fill_groups_dispatch(g: &Groups, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+        if crate::backend::cpu::direct::avx512_allowed() && is_x86_feature_detected!("avx512dq") {
             // SAFETY: the features were just detected.
             return unsafe { fill_groups_avx512(g, out) };
         }

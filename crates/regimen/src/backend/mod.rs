@@ -46,12 +46,12 @@ pub fn cpu_features() -> String {
             .map(|s| s.split_whitespace().any(|w| w == "amx_tile"))
             .unwrap_or(false);
         // REGIMEN_DIRECT_ISA=avx2 on an AVX-512 machine (bench/compare-avx2) says so.
-        let forced = simd == "avx512f" && cpu::direct::isa() == Some(cpu::direct::Isa::Avx2);
+        let forced = simd == "avx512f" && !cpu::direct::avx512_allowed();
         format!(
             "{simd}{}{}",
             if amx { "+amx" } else { "" },
             if forced {
-                " (convolutions and batch norm in avx2+fma)"
+                " (regimen's kernels held to avx2+fma; the matrix products as gemm was built)"
             } else {
                 ""
             }

@@ -23,6 +23,26 @@ pub enum Isa {
     Avx2,
 }
 
+/// Whether the CPU kernels may use AVX-512: the machine has it and `REGIMEN_DIRECT_ISA=avx2`
+/// does not hold them to AVX2 (`bench/compare-avx2`, and tests of the AVX2 paths end to end).
+/// Every kernel chosen at run time asks this (the matrix products' `gemm` crate chooses its
+/// own, by how it was built).
+pub fn avx512_allowed() -> bool {
+    use std::sync::OnceLock;
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && !std::env::var("REGIMEN_DIRECT_ISA").is_ok_and(|v| v == "avx2")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 pub fn isa() -> Option<Isa> {
     use std::sync::OnceLock;
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
@@ -32,9 +52,7 @@ pub fn isa() -> Option<Isa> {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            // REGIMEN_DIRECT_ISA=avx2 keeps an AVX-512 machine on the AVX2 kernels (to time them).
-            let avx2_only = std::env::var("REGIMEN_DIRECT_ISA").is_ok_and(|v| v == "avx2");
-            if is_x86_feature_detected!("avx512f") && !avx2_only {
+            if avx512_allowed() {
                 return Some(Isa::Avx512);
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {

@@ -1253,7 +1253,7 @@ enum UpdateIsa {
 fn update_isa() -> UpdateIsa {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+        if direct::avx512_allowed() && is_x86_feature_detected!("avx512vl") {
             return UpdateIsa::Avx512;
         }
         if is_x86_feature_detected!("avx2") {
