@@ -10,6 +10,9 @@ use crate::plot::{self, Plot, Series};
 
 /// `(label, init option)` of the comparison.
 pub const INITS: &[(&str, &str)] = &[
+    // `constant` is 1/width, the scale at which the signal neither vanishes nor saturates:
+    // what fails is the symmetry alone.
+    ("W constant (1/width)", "constant"),
     ("N(0, 0.01^2)", "normal:0.01"),
     ("N(0, 1)", "normal:1"),
     ("Xavier", "xavier"),
@@ -17,6 +20,11 @@ pub const INITS: &[(&str, &str)] = &[
 ];
 
 pub fn spec(depth: usize, width: usize, activation: &str, init: &str) -> String {
+    let init = if init == "constant" {
+        format!("constant:{}", 1.0 / width as f64)
+    } else {
+        init.to_string()
+    };
     format!("deep-mlp:{depth}:{width},activation={activation},init={init}")
 }
 
@@ -24,7 +32,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     let (depth, width, epochs) = if quick { (6, 64, 3) } else { (8, 256, 8) };
     r.heading(1, "Initialization and training");
     r.text(&format!(
-        "The same {depth}-layer MLP of {width} units, trained with SGD (momentum 0.9, lr 0.01, batch 64) for {epochs} epochs on {}, under each initialization, with tanh and with ReLU. The lecture expects small weights to leave a deep tanh net at chance (its gradients vanish), N(0, 1) to saturate it, and Xavier and He to train; the table says what this run did.",
+        "The same {depth}-layer MLP of {width} units, trained with SGD (momentum 0.9, lr 0.01, batch 64) for {epochs} epochs on {}, under each initialization, with tanh and with ReLU. The lecture asks first what a constant W does: every unit of a layer then computes the same output and receives the same gradient, so the units stay identical forever and each layer is worth one unit. It expects small weights to leave a deep tanh net at chance (its gradients vanish), N(0, 1) to saturate it, and Xavier and He to train; the table says what this run did.",
         data.name
     ));
     for act in ["tanh", "relu"] {
@@ -125,5 +133,11 @@ mod tests {
         let xavier = acc("xavier");
         assert!(small < 0.25, "chance is 0.1: {small}");
         assert!(xavier > 0.7, "{xavier}");
+        // A constant W: one feature per layer, far below Xavier.
+        let constant = acc("constant");
+        assert!(
+            constant < xavier - 0.3,
+            "constant {constant} vs Xavier {xavier}"
+        );
     }
 }
