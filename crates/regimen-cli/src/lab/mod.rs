@@ -115,7 +115,7 @@ fn experiments() -> Vec<(&'static str, &'static str, Run)> {
         ),
         (
             "regularization",
-            "L1 and L2 paths (L1's exact zeros), dropout and the train/test gap, batch norm's train/eval mistake, stochastic depth",
+            "L1 and L2 paths (L1's exact zeros), dropout and the train/test gap, batch norm's train/eval mistake, stochastic depth, fractional max pooling",
             regularization::lab,
         ),
         (
