@@ -95,7 +95,7 @@ fn experiments() -> Vec<(&'static str, &'static str, Run)> {
         ),
         (
             "preprocessing",
-            "original, zero-centered, normalized, decorrelated and whitened data, and the effect of each on training",
+            "original, zero-centered, normalized, decorrelated and whitened data, why all-positive inputs give a neuron gradients of one sign, and the effect of each on training",
             preprocessing::lab,
         ),
         (
