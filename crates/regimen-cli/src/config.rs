@@ -34,6 +34,10 @@ fn switch_flags() -> Vec<String> {
         .collect()
 }
 
+/// The file `--config` named (set by [`expand`]), so that a run may go into the folder that
+/// holds its own config.
+pub static GIVEN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 /// The arguments with `--config FILE` expanded, and where each flag from the file came from.
 pub struct Expanded {
     pub args: Vec<String>,
@@ -122,6 +126,9 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading the config file {path}"))?;
+    if let Ok(p) = std::fs::canonicalize(&path) {
+        let _ = GIVEN.set(p);
+    }
     let table: toml::Table = text.parse().map_err(|e| anyhow!("config {path}: {e}"))?;
     let known = train_flags();
     let switches = switch_flags();

@@ -246,8 +246,17 @@ fn parse(args: Vec<String>, from_file: &[(String, String, String)]) -> Result<Cl
                 (false, false) => format!("{first} ({})", rest.join("; ")),
             };
             // A flag from the config file, or a value there that clap took for an argument.
+            // The value clap refused: a flag given both in the file and on the command line is
+            // the file's fault only when the file holds that value.
+            let bad_value = match e.get(ContextKind::InvalidValue) {
+                Some(ContextValue::String(v)) => Some(v.clone()),
+                _ => None,
+            };
             let origin = from_file.iter().find(|(flag, key, _)| {
-                *flag == arg
+                (*flag == arg
+                    && bad_value.as_ref().is_none_or(|v| {
+                        key.ends_with(&format!("= {v}")) || key.ends_with(&format!("= \"{v}\""))
+                    }))
                     || (!arg.starts_with("--")
                         && !arg.is_empty()
                         && (key.ends_with(&format!("= \"{arg}\""))

@@ -58,7 +58,10 @@ pub fn load(path: &Path) -> Result<Described> {
     let have: usize = tensors
         .iter()
         .filter(|(n, _, _)| {
-            !n.starts_with("preprocess.") && !n.starts_with("optim.") && !n.contains("running_")
+            !n.starts_with("preprocess.")
+                && !n.starts_with("optim.")
+                && !n.starts_with("grad.")
+                && !n.contains("running_")
         })
         .map(|(_, s, _)| s.iter().product::<usize>())
         .sum();

@@ -176,11 +176,18 @@ fn prepare_run_folder(args: &TrainArgs, find: bool, model_name: &str) -> Result<
             );
         }
         // A folder of other files (a project, a dataset): a run would overwrite its
-        // config.toml and mix its files with them.
-        if let Ok(mut entries) = std::fs::read_dir(&out) {
-            if let Some(Ok(e)) = entries.next() {
+        // config.toml and mix its files with them. Reused: a run's folder that has no
+        // checkpoint yet (its `checkpoints/` is there: an error or a kill came first), and a
+        // folder that holds only the config this run was given.
+        let started = ckpt_dir.is_dir();
+        if let (false, Ok(entries)) = (started, std::fs::read_dir(&out)) {
+            let given = crate::config::GIVEN.get();
+            let other = entries
+                .flatten()
+                .find(|e| std::fs::canonicalize(e.path()).ok().as_ref() != given);
+            if let Some(e) = other {
                 bail!(
-                    "{} is not empty ({} and maybe more) and holds no run: give a new or empty folder to --out (a run that stopped before its first checkpoint can be deleted)",
+                    "{} is not empty ({} and maybe more) and holds no run: give a new or empty folder to --out",
                     out.display(),
                     e.file_name().to_string_lossy()
                 );
@@ -583,13 +590,6 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             .resume(&last)
             .with_context(|| format!("resuming from {}", last.display()))?;
         let (done, batch) = trainer.position();
-        if args.epochs < done {
-            say!(
-                "note: --epochs {} is below the {done} epochs the run in {} has trained: nothing is trained, the run is evaluated as it stands (--epochs with --resume lengthens a run)",
-                args.epochs,
-                dir.display()
-            );
-        }
         say!(
             "resuming {} (config {}) after epoch {done}{}",
             dir.display(),
@@ -607,6 +607,19 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             .ok()
             .and_then(|t| t.get("epochs").and_then(toml::Value::as_integer))
             .unwrap_or(args.epochs as i64) as usize;
+        if args.epochs <= done && args.epochs < old_epochs {
+            say!(
+                "note: --epochs {} is not above the {done} epochs the run in {} has trained: nothing is trained, the run is evaluated as it stands (--epochs with --resume lengthens a run)",
+                args.epochs,
+                dir.display()
+            );
+        } else if args.epochs < old_epochs {
+            bail!(
+                "--epochs {}: the run in {} is planned for {old_epochs} epochs (its schedule too) and has trained {done}; it can be lengthened, not shortened (or give --epochs {done} or less to evaluate it as it stands)",
+                args.epochs,
+                dir.display()
+            );
+        }
         if old_epochs < args.epochs {
             let name = args.optim.schedule.split(':').next().unwrap_or("");
             let fixed = ["constant", "step", "multistep", "exp", "plateau"].contains(&name);
@@ -617,7 +630,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
                     String::new()
                 } else {
                     format!(
-                        "; --schedule {} is planned over the whole run, so from here on it follows the plan for {} epochs (the rate changes at once)",
+                        "; --schedule {} is planned over the whole run, so from here on it follows the plan for {} epochs (its rate may change at once)",
                         args.optim.schedule, args.epochs
                     )
                 }
@@ -799,7 +812,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         },
         "best_epoch": best.map(|b| b.epoch),
         "best_metric": best_metric,
-        "best_val_accuracy": best.and_then(|b| b.val_acc),
+        "best_epoch_val_accuracy": best.and_then(|b| b.val_acc),
+        // The highest validation accuracy of any epoch (what `regimen sweep` ranks by).
+        "best_val_accuracy": history.iter().filter_map(|r| r.val_acc).reduce(f32::max),
         "final_val_accuracy": last_rec.and_then(|r| r.val_acc),
         "final_train_accuracy": last_rec.map(|r| r.train_acc),
         "test_accuracy": outcome.test.map(|t| t.1),
@@ -821,22 +836,30 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
 
 /// `loss.png`, `accuracy.png` and `lr.png` of a history.
 /// `text` (a TOML config) with its top-level `lr` line set to `lr`, or `lr = ...` added before
-/// the first table: every other line, comments and order included, stays as it was.
+/// the first table: every other line, comments (an inline one on the `lr` line too), order and
+/// line endings included, stays as it was.
 fn set_lr_line(text: &str, lr: f64) -> String {
-    let line = format!("lr = {lr:?}");
+    let eol = if text.contains("\r\n") { "\r\n" } else { "\n" };
+    let value = format!("lr = {lr:?}");
     let mut out = Vec::new();
     let (mut done, mut in_table) = (false, false);
     for l in text.lines() {
         let t = l.trim_start();
         if t.starts_with('[') && !done {
-            out.push(line.clone());
+            out.push(value.clone());
             done = true;
         }
         in_table |= t.starts_with('[');
         let key = t.split('=').next().unwrap_or("").trim();
-        if !in_table && (key == "lr" || key == "\"lr\"") && t.contains('=') {
+        if !in_table && t.contains('=') && matches!(key, "lr" | "\"lr\"" | "'lr'") {
             if !done {
-                out.push(line.clone());
+                // Keep a comment after the value (`lr = 0.1 # from lr-find`).
+                let comment = l
+                    .split_once('#')
+                    .filter(|(before, _)| !before.contains('"') && !before.contains('\''))
+                    .map(|(_, c)| format!(" #{c}"))
+                    .unwrap_or_default();
+                out.push(format!("{value}{comment}"));
                 done = true;
             }
             continue;
@@ -844,9 +867,9 @@ fn set_lr_line(text: &str, lr: f64) -> String {
         out.push(l.to_string());
     }
     if !done {
-        out.push(line);
+        out.push(value);
     }
-    out.join("\n") + "\n"
+    out.join(eol) + eol
 }
 
 /// `--save`: the trainer's model, its preprocessing and metadata, as a checkpoint at `path`.
@@ -1185,7 +1208,11 @@ fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
             .steepest
             .or(t.min_over_10)
             .ok_or_else(|| anyhow::anyhow!("no suggestion to apply"))?;
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => anyhow::bail!("--apply {}: cannot read it: {e}", path.display()),
+        };
         // Three significant digits.
         let lr: f64 = format!("{lr:.2e}").parse().expect("a number");
         let updated = set_lr_line(&text, lr);
@@ -1203,4 +1230,35 @@ fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
         say!("wrote lr = {lr} into {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_lr_line;
+
+    #[test]
+    fn set_lr_line_changes_only_the_rate() {
+        // Replaced in place, its inline comment kept; other lines as they were.
+        assert_eq!(
+            set_lr_line("# mine\nlr = 0.5 # guess\nepochs = 3\n", 0.01),
+            "# mine\nlr = 0.01 # guess\nepochs = 3\n"
+        );
+        // Quoted keys; CRLF kept; no trailing newline.
+        assert_eq!(
+            set_lr_line("'lr' = 1\r\nx = 2", 0.2),
+            "lr = 0.2\r\nx = 2\r\n"
+        );
+        assert_eq!(set_lr_line("\"lr\" = 1\n", 0.2), "lr = 0.2\n");
+        // An lr inside a table is not the run's: a top-level one goes before the first table.
+        assert_eq!(
+            set_lr_line("epochs = 1\n[extra]\nlr = 5\n", 0.3),
+            "epochs = 1\nlr = 0.3\n[extra]\nlr = 5\n"
+        );
+        assert_eq!(set_lr_line("", 0.001), "lr = 0.001\n");
+        // lr_batch is another key.
+        assert_eq!(
+            set_lr_line("lr_batch = 256\n", 0.1),
+            "lr_batch = 256\nlr = 0.1\n"
+        );
+    }
 }

@@ -522,6 +522,36 @@ fn bad_values_are_refused_before_training() {
         std::fs::read_to_string(proj.join("config.toml")).unwrap(),
         "# mine\n"
     );
+    // ... but a folder that holds only the run's own --config is the run's, and a run's folder
+    // left by an error before its first checkpoint is reused.
+    std::fs::write(
+        proj.join("config.toml"),
+        "model = \"digits-mlp\"\nepochs = 1\n",
+    )
+    .unwrap();
+    let (code, out, err) = regimen(&[
+        "train",
+        "--config",
+        proj.join("config.toml").to_str().unwrap(),
+        "--out",
+        proj.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let _ = std::fs::remove_dir_all(&proj);
+    train_refuses(
+        &["--out", proj.to_str().unwrap(), "--accumulate", "100000"],
+        "no update would ever be applied",
+    );
+    let (code, out, err) = regimen(&[
+        "train",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "1",
+        "--out",
+        proj.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "after an error: {out}{err}");
     let _ = std::fs::remove_dir_all(&proj);
     let err = train_refuses(&["--epoch", "3"], "--epochs");
     assert!(!err.contains("negative number"), "{err}");
@@ -823,6 +853,10 @@ fn interrupt_then_resume_equals_the_uninterrupted_run() {
         err.contains("resume cannot be set in a config file"),
         "{err}"
     );
+    // A run planned for 4 epochs is not cut to 3 half-way (its schedule is planned for 4).
+    let (code, _, err) = regimen(&["train", "--resume", part.to_str().unwrap(), "--epochs", "3"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("can be lengthened, not shortened"), "{err}");
     let (code, out, err) = regimen(&["train", "--resume", part.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("at batch 19 of epoch 2"), "{out}");
@@ -1569,7 +1603,7 @@ fn resume_lengthens_a_run_and_says_so() {
     let (code, out, err) = regimen(&["train", "--resume", d, "--epochs", "1"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("below the 3 epochs the run") && out.contains("final test accuracy"),
+        out.contains("not above the 3 epochs the run") && out.contains("final test accuracy"),
         "{out}"
     );
     let _ = std::fs::remove_dir_all(&dir);

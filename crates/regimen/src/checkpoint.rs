@@ -60,10 +60,11 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
         reason,
     };
     // A run checkpoint ([`crate::trainer::Trainer::save_checkpoint`]) also holds the
-    // optimizer's state: not part of the model.
+    // optimizer's state (and, in the middle of an accumulated update, the gradients so far):
+    // not part of the model.
     let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> = tensors
         .into_iter()
-        .filter(|(n, _, _)| !n.starts_with("optim."))
+        .filter(|(n, _, _)| !n.starts_with("optim.") && !n.starts_with("grad."))
         .map(|(n, s, v)| (n, (s, v)))
         .collect();
     // Pass 1: what the model holds, checked against the file.

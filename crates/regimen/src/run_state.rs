@@ -2,7 +2,8 @@
 //!
 //! A [`RunState`] holds the model's parameters and buffers (under their own names, `0.weight`,
 //! so that the file loads into the PyTorch model as it is), the optimizer's
-//! state tensors (`optim.{name}.{slot}`) with its step and micro-step counters, the state the
+//! state tensors (`optim.{name}.{slot}`) with its step and micro-step counters (and, in the
+//! middle of an accumulated update, the gradients summed so far: `grad.{name}`), the state the
 //! schedule learned from the metrics it observed (reduce-on-plateau), the run's seed and the
 //! number of epochs completed. Everything random in a step is a pure function of the seed, the
 //! optimizer's step counter and the position in the model ([`crate::rng`]), and the loader's
@@ -54,6 +55,16 @@ impl RunState {
         model.visit_buffers("", &mut |name, b| {
             tensors.push((name.to_string(), b.shape().to_vec(), b.to_vec()))
         });
+        // In the middle of an accumulated update the gradients hold the micro-batches so far.
+        if optim.pending_micro() > 0 {
+            model.visit_params("", &mut |name, p| {
+                tensors.push((
+                    format!("grad.{name}"),
+                    p.grad.shape().to_vec(),
+                    p.grad.to_vec(),
+                ))
+            });
+        }
         let (opt_tensors, opt_meta) = optim.export_state();
         tensors.extend(
             opt_tensors
@@ -124,7 +135,9 @@ impl RunState {
         let by_name: BTreeMap<&str, (&Vec<usize>, &Vec<f32>)> = self
             .tensors
             .iter()
-            .filter(|(n, _, _)| !n.starts_with("optim.") && !n.starts_with("preprocess."))
+            .filter(|(n, _, _)| {
+                !n.starts_with("optim.") && !n.starts_with("preprocess.") && !n.starts_with("grad.")
+            })
             .map(|(n, s, v)| (n.as_str(), (s, v)))
             .collect();
         let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
@@ -154,6 +167,34 @@ impl RunState {
                 .unwrap_or("?");
             return Err(bad(format!("tensor {extra} is not in this model")));
         }
+        // Accumulated gradients, when the state has them: one per parameter, of its shape.
+        let grads: BTreeMap<&str, (&Vec<usize>, &Vec<f32>)> = self
+            .tensors
+            .iter()
+            .filter_map(|(n, s, v)| n.strip_prefix("grad.").map(|n| (n, (s, v))))
+            .collect();
+        if !grads.is_empty() {
+            let mut params: Vec<(String, Vec<usize>)> = Vec::new();
+            model.visit_params("", &mut |n, p| {
+                params.push((n.to_string(), p.value.shape().to_vec()))
+            });
+            for (name, shape) in &params {
+                match grads.get(name.as_str()) {
+                    Some((s, _)) if *s == shape => {}
+                    Some((s, _)) => {
+                        return Err(bad(format!(
+                            "grad.{name} has shape {s:?}, the parameter {shape:?}"
+                        )))
+                    }
+                    None => return Err(bad(format!("no grad.{name} with the other gradients"))),
+                }
+            }
+            if grads.len() != params.len() {
+                return Err(bad(
+                    "a grad.* tensor names no parameter of this model".into()
+                ));
+            }
+        }
         // The schedule and the optimizer check their own parts; roll the schedule back if the
         // optimizer refuses.
         let old_schedule = schedule.state();
@@ -182,6 +223,12 @@ impl RunState {
         };
         model.visit_params("", &mut |n, p| put(n, &mut p.value));
         model.visit_buffers("", &mut |n, b| put(n, b));
+        model.visit_params("", &mut |n, p| {
+            if let Some((shape, values)) = grads.get(n) {
+                p.grad = Tensor::from_host(shape, (*values).clone(), p.grad.device())
+                    .expect("checked above");
+            }
+        });
         Ok(position)
     }
 }

@@ -363,6 +363,69 @@ fn resume_after_an_interrupt_equals_the_uninterrupted_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Raises the stop flag after batch `.1` of epoch `.0` (a micro-batch, under accumulation).
+struct InterruptAtBatch(usize, usize, Arc<AtomicBool>);
+
+impl Callback for InterruptAtBatch {
+    fn on_step_end(&mut self, s: &StepEnd, _c: &mut Control) -> regimen::Result<()> {
+        if (s.epoch, s.batch) == (self.0, self.1) {
+            self.2.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// With `accumulate = 3`, an interrupt between the micro-batches of an update (and epochs of
+/// 41 batches, so that updates straddle epochs) resumes bit for bit: the checkpoint carries the
+/// gradients summed so far.
+#[test]
+fn resume_in_the_middle_of_an_accumulated_update() {
+    let dir = scratch("resume-accumulate");
+    let p = digits(0.1);
+    let setup = Setup {
+        spec: "flatten,linear:32,relu,dropout:0.2,linear:classes",
+        lr: 0.1,
+        momentum: 0.9,
+        epochs: 3,
+        schedule: "cosine",
+        augment: "translate=1",
+        unit: Unit::Batch,
+    };
+    let accumulating = |t: Trainer| -> Trainer {
+        let mut t = t;
+        let optim = Optim::new(
+            Sgd {
+                momentum: 0.9,
+                dampening: 0.0,
+                nesterov: false,
+            },
+            OptimConfig {
+                accumulate: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        t.optim = optim;
+        t
+    };
+    let mut full = accumulating(trainer(&p, &setup));
+    full.run().unwrap();
+    let ckpt = dir.join("last.safetensors");
+    let mut first = accumulating(trainer(&p, &setup)).checkpoint_every_epoch(ckpt.clone());
+    let flag = first.stop_flag();
+    // Batch index 17 of epoch 2 is global batch 58: the second micro-batch of update 19.
+    first.add_callback(Box::new(InterruptAtBatch(2, 17, flag)));
+    let out = first.run().unwrap();
+    assert!(matches!(out.ending, Ending::Interrupted { .. }), "{out:?}");
+    assert_eq!(first.optim.pending_micro(), 2);
+    let mut second = accumulating(trainer(&p, &setup)).checkpoint_every_epoch(ckpt.clone());
+    second.resume(&ckpt).unwrap();
+    second.run().unwrap();
+    assert_eq!(weights(&mut second.model), weights(&mut full.model));
+    assert_eq!(second.optim.export_state(), full.optim.export_state());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A run that diverges stops with the epoch and the step, its model back at the start of the
 /// epoch, which is the state of the last checkpoint written.
 #[test]
@@ -580,6 +643,23 @@ fn cycles_end_at_the_minima_of_the_learning_rate() {
     assert_eq!(
         ends("restarts:t0=41", 0, Unit::Batch, 41, 3),
         (vec![1, 2], None)
+    );
+    // Per batch, triangles of two epochs (10 steps up, 10 down): the bottoms are the first
+    // steps of epochs 3, 5 and 7, so epochs 2, 4 and 6 end cycles.
+    assert_eq!(
+        ends(
+            "cyclic:min=0.01,max=0.1,up=10,down=10",
+            0,
+            Unit::Batch,
+            10,
+            8
+        ),
+        (vec![2, 4, 6], None)
+    );
+    // One step per epoch: each bottom is its own epoch (5 and 9), counted once.
+    assert_eq!(
+        ends("cyclic:min=0.01,max=0.1,up=2,down=2", 0, Unit::Batch, 1, 10),
+        (vec![5, 9], None)
     );
     // Cycles of 50 steps in epochs of 41: the first ends at step 49, inside epoch 2.
     assert_eq!(

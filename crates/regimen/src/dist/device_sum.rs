@@ -37,6 +37,18 @@ impl DeviceSum {
                 "NCCL sums gradients on GPUs; this model is on {device}"
             )));
         };
+        // Every rank loads NCCL and has its GPU before any joins: a rank that cannot would
+        // leave the others waiting in ncclCommInitRank, which has no timeout.
+        let ready = nccl::version().and_then(|_| crate::backend::cuda::get(ordinal).map(drop));
+        let all = comm.gather_u64(u64::from(ready.is_ok()))?;
+        if let Err(e) = ready {
+            return Err(e);
+        }
+        if let Some(r) = all.iter().position(|&ok| ok == 0) {
+            return Err(Error::Distributed(format!(
+                "rank {r} could not start NCCL (its own error says why): stopping"
+            )));
+        }
         let (mine, failed) = if comm.rank() == 0 {
             match nccl::unique_id() {
                 Ok(id) => (id.to_vec(), None),

@@ -41,6 +41,7 @@ pub struct Reducer {
     pub waited: Duration,
     pub buckets: u64,
     /// Whether NCCL was considered yet (at the first backward), and its member if it is used.
+    #[cfg(feature = "cuda")]
     device_checked: bool,
     #[cfg(feature = "cuda")]
     device: Option<super::device_sum::DeviceSum>,
@@ -61,6 +62,7 @@ impl Reducer {
             share: 1.0,
             waited: Duration::ZERO,
             buckets: 0,
+            #[cfg(feature = "cuda")]
             device_checked: false,
             #[cfg(feature = "cuda")]
             device: None,

@@ -620,7 +620,8 @@ impl Trainer {
 
 /// Whether epoch `epoch` (1-based, of `per_epoch` steps) ends a cycle of the learning rate: its
 /// last step is a minimum of the schedule, the rate having fallen into it and rising after it
-/// (the end of a cosine cycle before a warm restart, the bottom of a triangle). A rise after
+/// (the end of a cosine cycle before a warm restart, the bottom of a triangle), or the minimum
+/// is the next epoch's first step (a per-batch triangle whose cycles are whole epochs). A rise after
 /// nothing but rises or a flat start (a warmup) ends no cycle. Scaling the schedule (a
 /// plateau's reductions) does not move its minima, so the schedule alone decides.
 pub fn ends_cycle(
@@ -632,6 +633,16 @@ pub fn ends_cycle(
     let lr = |step: usize| schedule.lr(unit.step(step, per_epoch)) as f64;
     let higher = |a: f64, b: f64| a > b * (1.0 + 1e-9);
     let last = (epoch * per_epoch).saturating_sub(1);
+    // A minimum at the next epoch's first step (a triangle's bottom, per batch, with cycles
+    // of whole epochs: the cycle starts there) ends this epoch too: its last step is the
+    // bottom's neighbour.
+    if unit == crate::schedule::Unit::Batch
+        && per_epoch > 1
+        && higher(lr(last), lr(last + 1))
+        && higher(lr(last + 2), lr(last + 1))
+    {
+        return true;
+    }
     if !higher(lr(last + 1), lr(last)) {
         return false;
     }
@@ -651,7 +662,7 @@ pub fn ends_cycle(
 }
 
 /// The first step where a learning-rate cycle ends inside an epoch (a minimum of the schedule
-/// that is not an epoch's last step), within `epochs` epochs: snapshots, taken at epoch ends,
+/// that is neither an epoch's last step nor its first), within `epochs` epochs: snapshots, taken at epoch ends,
 /// miss such a cycle. `None` when every cycle ends with an epoch.
 pub fn cycle_end_inside_an_epoch(
     schedule: &dyn crate::schedule::Schedule,
@@ -673,7 +684,8 @@ pub fn cycle_end_inside_an_epoch(
         if higher(prev, here) {
             fallen = true;
         } else if higher(here, prev) {
-            if fallen && s % per_epoch != 0 {
+            // The minimum is step s - 1: fine at an epoch's last step or its first.
+            if fallen && s % per_epoch != 0 && (s - 1) % per_epoch != 0 {
                 return Some(s - 1);
             }
             fallen = false;

@@ -40,6 +40,7 @@ struct Lib {
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> Res,
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> Res,
     comm_destroy: unsafe extern "C" fn(Comm) -> Res,
+    comm_abort: unsafe extern "C" fn(Comm) -> Res,
     all_reduce: unsafe extern "C" fn(
         *const c_void,
         *mut c_void,
@@ -96,9 +97,10 @@ fn load(names: &[&str]) -> std::result::Result<Lib, String> {
         }
         let get_version: unsafe extern "C" fn(*mut c_int) -> Res = sym!("ncclGetVersion");
         let mut version = 0;
-        if get_version(&mut version) != 0 || version < 20000 {
+        // NCCL_VERSION_CODE is X*1000 + Y*100 + Z before 2.9 (2.8.4: 2804), X*10000 + ... after.
+        if get_version(&mut version) != 0 || version < 2000 {
             return Err(format!(
-                "NCCL {version} is too old: regimen needs NCCL 2 (2.0 or later)"
+                "NCCL version code {version} is too old: regimen needs NCCL 2 (2.0 or later)"
             ));
         }
         Ok(Lib {
@@ -106,6 +108,7 @@ fn load(names: &[&str]) -> std::result::Result<Lib, String> {
             get_unique_id: sym!("ncclGetUniqueId"),
             comm_init_rank: sym!("ncclCommInitRank"),
             comm_destroy: sym!("ncclCommDestroy"),
+            comm_abort: sym!("ncclCommAbort"),
             all_reduce: sym!("ncclAllReduce"),
             group_start: sym!("ncclGroupStart"),
             group_end: sym!("ncclGroupEnd"),
@@ -264,17 +267,37 @@ impl NcclComm {
 }
 
 impl Drop for NcclComm {
+    /// Destroyed once the work queued on the stream is done; aborted (its pending sums
+    /// cancelled) when that work is still not done after `REGIMEN_DIST_TIMEOUT`: a peer that
+    /// stopped leaves a sum that never ends, and a rank ending on an error must not wait for
+    /// it forever.
     fn drop(&mut self) {
-        if let Ok(lib) = lib() {
-            let be = self.backend();
-            // SAFETY: the communicator was created by ncclCommInitRank and is destroyed once,
-            // after the work queued on it finished (an error here is not worth a panic in a
-            // destructor: the process is ending or the GPU is already broken).
-            unsafe {
-                if be.ctx.bind_to_thread().is_ok() {
-                    let _ = super::dr::stream::synchronize(be.raw.stream);
+        let Ok(lib) = lib() else { return };
+        let be = self.backend();
+        let limit = crate::dist::timeout();
+        let start = std::time::Instant::now();
+        let mut idle = false;
+        // SAFETY: the context is this communicator's GPU's; querying a stream has no other
+        // precondition.
+        if be.ctx.bind_to_thread().is_ok() {
+            while start.elapsed() < limit {
+                match unsafe { super::sys::cuStreamQuery(be.raw.stream) } {
+                    super::sys::CUresult::CUDA_ERROR_NOT_READY => {
+                        std::thread::sleep(std::time::Duration::from_millis(1))
+                    }
+                    r => {
+                        idle = r == super::sys::CUresult::CUDA_SUCCESS;
+                        break;
+                    }
                 }
+            }
+        }
+        // SAFETY: the communicator was created by ncclCommInitRank and is released once.
+        unsafe {
+            if idle {
                 let _ = (lib.comm_destroy)(self.comm);
+            } else {
+                let _ = (lib.comm_abort)(self.comm);
             }
         }
     }
