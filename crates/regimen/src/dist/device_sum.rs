@@ -41,9 +41,7 @@ impl DeviceSum {
         // leave the others waiting in ncclCommInitRank, which has no timeout.
         let ready = nccl::version().and_then(|_| crate::backend::cuda::get(ordinal).map(drop));
         let all = comm.gather_u64(u64::from(ready.is_ok()))?;
-        if let Err(e) = ready {
-            return Err(e);
-        }
+        ready?;
         if let Some(r) = all.iter().position(|&ok| ok == 0) {
             return Err(Error::Distributed(format!(
                 "rank {r} could not start NCCL (its own error says why): stopping"
