@@ -1600,6 +1600,23 @@ fn resume_lengthens_a_run_and_says_so() {
     );
     let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
     assert!(config.contains("epochs = 3"), "{config}");
+    // Resuming the finished run (nothing to train) adds no TensorBoard file.
+    let events = |d: &std::path::Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("tfevents")
+            })
+            .count()
+    };
+    let before = events(&dir);
+    let (code, _, err) = regimen(&["train", "--resume", d]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(events(&dir), before);
     let (code, out, err) = regimen(&["train", "--resume", d, "--epochs", "1"]);
     assert_eq!(code, 0, "{err}");
     assert!(

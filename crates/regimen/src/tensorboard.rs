@@ -225,8 +225,12 @@ impl TensorBoard {
 }
 
 impl Callback for TensorBoard {
-    fn on_train_begin(&mut self, _history: &[Record], _control: &mut Control) -> Result<()> {
-        self.writer()?;
+    fn on_train_begin(&mut self, history: &[Record], _control: &mut Control) -> Result<()> {
+        // A new run finds out at once whether it can write its events; a resumed one opens its
+        // file at its first event, so that resuming a finished run leaves no empty file.
+        if history.is_empty() {
+            self.writer()?;
+        }
         Ok(())
     }
     fn wants_step_values(&self, step: u64) -> bool {
