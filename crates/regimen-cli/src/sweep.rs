@@ -373,7 +373,18 @@ fn run_trial(
     }
 }
 
+/// Raised by Ctrl-C: no new trial starts, the running ones end (they are interrupted too, and
+/// keep their checkpoints), and the sweep stops with its state saved.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub fn run(args: &SweepArgs) -> Result<()> {
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // A second Ctrl-C: at once.
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: stopping the sweep after the running trials");
+    });
     crate::check_range("--trials", args.trials, 1, 10_000)?;
     crate::check_range("--jobs", args.jobs, 1, 64)?;
     crate::check_range("--eta", args.eta, 1, 100)?;
@@ -510,7 +521,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut running = 0;
         loop {
-            while running < args.jobs {
+            while running < args.jobs && !STOP.load(std::sync::atomic::Ordering::SeqCst) {
                 let Some(i) = queue.next() else { break };
                 let params = st.trials[i].params.clone();
                 let dir = out.join("trials").join(format!("trial-{i:03}-e{budget}"));
@@ -534,6 +545,13 @@ pub fn run(args: &SweepArgs) -> Result<()> {
             }
             let (i, r) = rx.recv().expect("a trial thread reports");
             running -= 1;
+            let stopping = STOP.load(std::sync::atomic::Ordering::SeqCst);
+            if stopping && r.status != "ok" {
+                // Interrupted with the sweep (Ctrl-C reaches the trials too): not a failure;
+                // the next run of the sweep resumes the trial from its checkpoint.
+                say!("  trial {i:>3} at {budget} epochs: interrupted");
+                continue;
+            }
             say!(
                 "  trial {i:>3} at {budget} epochs: {} ({:.1} s)",
                 match r.val_acc {
@@ -544,6 +562,13 @@ pub fn run(args: &SweepArgs) -> Result<()> {
             );
             st.trials[i].runs.push(r);
             save(&out, &st)?;
+        }
+        if STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            say!(
+                "interrupted: the sweep is saved in {}; run the same command again to continue it",
+                out.display()
+            );
+            std::process::exit(130);
         }
         if level + 1 < rungs.len() {
             let results: Vec<(usize, Option<f64>)> = alive

@@ -1713,3 +1713,75 @@ fn the_avx2_kernels_train_like_the_default_ones() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ctrl-C in a terminal (SIGINT to the whole process group) stops a sweep: the running trial
+/// writes its checkpoint, the sweep records it as interrupted (not failed), says how to go on
+/// and exits 130; the same command then finishes the sweep.
+#[test]
+fn ctrl_c_stops_a_sweep_that_the_same_command_continues() {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch().join(format!("sweep-int-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let space = dir.join("space.toml");
+    std::fs::write(&space, "lr = \"log_uniform(1e-2, 0.1)\"\n").unwrap();
+    let base = dir.join("base.toml");
+    std::fs::write(&base, "model = \"digits-mlp\"\nepochs = 60\n").unwrap();
+    let out = dir.join("s");
+    let args = [
+        "sweep",
+        "--space",
+        space.to_str().unwrap(),
+        "--config",
+        base.to_str().unwrap(),
+        "--trials",
+        "2",
+        "--eta",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let child = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .args(args)
+        .process_group(0)
+        .current_dir(scratch())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the first trial has written a checkpoint.
+    let first = out.join("trials/trial-000-e60/checkpoints/last.safetensors");
+    let start = std::time::Instant::now();
+    while !first.is_file() {
+        assert!(start.elapsed().as_secs() < 120, "no trial started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ok = Command::new("kill")
+        .args(["-s", "INT", "--", &format!("-{}", child.id())])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let o = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(130), "{stdout}");
+    assert!(
+        stdout.contains("interrupted: the sweep is saved in"),
+        "{stdout}"
+    );
+    let state = std::fs::read_to_string(out.join("sweep.json")).unwrap();
+    assert!(
+        !state.contains("\"status\":\"error") && !state.contains("failed"),
+        "{state}"
+    );
+    let (code, stdout, err) = regimen(&args);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("resuming the sweep"), "{stdout}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    for t in state["trials"].as_array().unwrap() {
+        let runs = t["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 1, "{t}");
+        assert_eq!(runs[0]["status"], "ok", "{t}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
