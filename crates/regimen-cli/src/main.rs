@@ -160,35 +160,27 @@ fn command(command: Option<Command>) -> Result<()> {
         }) => {
             let mut rng = Rng::new(0);
             check_range("--classes", classes, 2, 1_000_000)?;
-            let (mut m, input) = match input {
-                None if classes == 10 => models::by_name(&model, &mut rng)?,
-                given => {
-                    let shape = match given {
-                        Some(text) => {
-                            let dims: Vec<usize> = text
-                                .split(',')
-                                .map(|d| d.trim().parse::<usize>())
-                                .collect::<std::result::Result<_, _>>()
-                                .ok()
-                                .filter(|d: &Vec<usize>| d.len() == 3 && d.iter().all(|&x| x > 0))
-                                .ok_or_else(|| {
-                                    anyhow::anyhow!(
-                                        "invalid --input {text:?}: expected C,H,W, three whole numbers > 0, like 3,32,32"
-                                    )
-                                })?;
-                            [dims[0], dims[1], dims[2]]
-                        }
-                        None => {
-                            let (_, i) = models::by_name(&model, &mut Rng::new(0))?;
-                            [i[0], i[1], i[2]]
-                        }
-                    };
-                    (
-                        models::for_input(&model, shape, classes, &mut rng)?,
-                        shape.to_vec(),
-                    )
+            let shape = match input {
+                Some(text) => {
+                    let dims: Vec<usize> = text
+                        .split(',')
+                        .map(|d| d.trim().parse::<usize>())
+                        .collect::<std::result::Result<_, _>>()
+                        .ok()
+                        .filter(|d: &Vec<usize>| d.len() == 3 && d.iter().all(|&x| x > 0))
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "invalid --input {text:?}: expected C,H,W, three whole numbers > 0, like 3,32,32"
+                            )
+                        })?;
+                    [dims[0], dims[1], dims[2]]
                 }
+                None => models::default_input(&model),
             };
+            let (mut m, input) = (
+                models::for_input(&model, shape, classes, &mut rng)?,
+                shape.to_vec(),
+            );
             say!("{model}: {}", m.describe());
             say!("{}", m.summary(&input).context("building the summary")?);
             Ok(())

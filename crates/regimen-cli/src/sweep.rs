@@ -291,6 +291,21 @@ fn toml_arg(v: &toml::Value) -> Option<String> {
     }
 }
 
+/// A trial's settings as `train` flags (`--lr=0.01`, `--nesterov`; a false switch is left out).
+fn trial_flags(params: &BTreeMap<String, toml::Value>) -> Vec<String> {
+    params
+        .iter()
+        .filter_map(|(k, v)| {
+            let flag = format!("--{}", k.replace('_', "-"));
+            match v {
+                toml::Value::Boolean(true) => Some(flag),
+                toml::Value::Boolean(false) => None,
+                v => Some(format!("{flag}={}", toml_arg(v).expect("not a boolean"))),
+            }
+        })
+        .collect()
+}
+
 /// Run one trial at `epochs` as a `regimen train` process; resumes its folder when a previous
 /// process was killed.
 fn run_trial(
@@ -313,18 +328,7 @@ fn run_trial(
         if let Some(b) = base {
             cmd.arg("--config").arg(b);
         }
-        for (k, v) in params {
-            let flag = format!("--{}", k.replace('_', "-"));
-            match v {
-                toml::Value::Boolean(true) => {
-                    cmd.arg(flag);
-                }
-                toml::Value::Boolean(false) => {}
-                v => {
-                    cmd.arg(format!("{flag}={}", toml_arg(v).expect("not a boolean")));
-                }
-            }
-        }
+        cmd.args(trial_flags(params));
         cmd.arg(format!("--epochs={epochs}")).arg("--out").arg(dir);
         if force_validation {
             cmd.arg("--validation=0.1");
@@ -438,14 +442,11 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     // knows): found now, not as N failed trials.
     for t in &drawn {
         for (k, v) in &t.params {
-            let flag = format!("--{}", k.replace('_', "-"));
-            let mut argv = vec!["regimen".to_string(), "train".to_string()];
-            match v {
-                toml::Value::Boolean(true) => argv.push(flag),
-                toml::Value::Boolean(false) => {}
-                v => argv.push(format!("{flag}={}", toml_arg(v).expect("not a boolean"))),
-            }
-            if let Err(e) = <crate::Cli as clap::Parser>::try_parse_from(&argv) {
+            let one = BTreeMap::from([(k.clone(), v.clone())]);
+            let argv = ["regimen".to_string(), "train".to_string()]
+                .into_iter()
+                .chain(trial_flags(&one));
+            if let Err(e) = <crate::Cli as clap::Parser>::try_parse_from(argv) {
                 let text = e.to_string();
                 let first = text
                     .lines()

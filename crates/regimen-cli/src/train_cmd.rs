@@ -767,7 +767,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     if let Ending::Stopped(reason) = &outcome.ending {
         say!("{reason}");
     }
-    let best = best_by(history, best_metric, best_mode, best_delta);
+    let best = regimen::trainer::best_record_by(history, best_metric, best_mode, best_delta)?;
     if let Some(b) = best {
         let value = b.metric(best_metric).unwrap_or(f64::NAN);
         match b.val_acc {
@@ -873,30 +873,6 @@ fn set_lr_line(text: &str, lr: f64) -> String {
 }
 
 /// `--save`: the trainer's model, its preprocessing and metadata, as a checkpoint at `path`.
-/// The record with the best `metric`, counting only improvements by more than `min_delta`
-/// (the earliest on ties), as the best checkpoint and early stopping choose it.
-fn best_by<'a>(
-    history: &'a [Record],
-    metric: &str,
-    mode: Mode,
-    min_delta: f64,
-) -> Option<&'a Record> {
-    let mut best: Option<(&Record, f64)> = None;
-    for r in history {
-        let Some(v) = r.metric(metric).filter(|v| v.is_finite()) else {
-            continue;
-        };
-        let better = best.is_none_or(|(_, b)| match mode {
-            Mode::Min => v < b - min_delta,
-            Mode::Max => v > b + min_delta,
-        });
-        if better {
-            best = Some((r, v));
-        }
-    }
-    best.map(|(r, _)| r)
-}
-
 fn save_model(trainer: &mut Trainer, path: &Path) -> Result<()> {
     regimen::checkpoint::save(
         path,

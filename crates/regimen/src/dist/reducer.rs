@@ -86,8 +86,7 @@ impl Reducer {
         if std::mem::replace(&mut self.device_checked, true) {
             return Ok(());
         }
-        let mut device = Device::Cpu;
-        model.visit_params_unnamed(&mut |p| device = p.grad.device());
+        let device = grad_device(model);
         let asked = super::device_sum::requested();
         let wanted = asked && device != Device::Cpu;
         let all = self.comm.gather_u64(u64::from(wanted))?;
@@ -201,9 +200,7 @@ impl Reducer {
             self.check_device(model)?;
             if let Some(d) = &self.device {
                 d.sum_grads(model, 1.0)?;
-                let mut device = Device::Cpu;
-                model.visit_params_unnamed(&mut |p| device = p.grad.device());
-                device.backend().synchronize();
+                grad_device(model).backend().synchronize();
                 return Ok(());
             }
         }
@@ -242,6 +239,14 @@ impl Reducer {
         self.spare.append(&mut self.sums);
         Ok(extra)
     }
+}
+
+/// Where `model`'s gradients live (the CPU for a model without parameters).
+#[cfg(feature = "cuda")]
+fn grad_device(model: &mut dyn Layer) -> Device {
+    let mut device = Device::Cpu;
+    model.visit_params_unnamed(&mut |p| device = p.grad.device());
+    device
 }
 
 fn append_scaled(out: &mut Vec<f32>, grad: &Tensor, share: f32) {

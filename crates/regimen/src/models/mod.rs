@@ -122,15 +122,21 @@ pub fn param_count(spec: &str, input: [usize; 3], classes: usize) -> Result<usiz
     Ok(ModelSpec::parse(spec)?.plan(input, classes)?.params)
 }
 
-/// A built-in model by name with its usual input: 8x8 digits for `digits-*`, 28x28 otherwise.
-pub fn by_name(name: &str, rng: &mut Rng) -> Result<(Sequential, Vec<usize>)> {
-    let input = if name.starts_with("digits") {
+/// The usual input of a model by name: 8x8 digits for `digits-*`, 32x32 colour for `resnet*`,
+/// 28x28 otherwise.
+pub fn default_input(name: &str) -> [usize; 3] {
+    if name.starts_with("digits") {
         [1, 8, 8]
     } else if name.starts_with("resnet") {
         [3, 32, 32]
     } else {
         [1, 28, 28]
-    };
+    }
+}
+
+/// A built-in model by name with its usual input ([`default_input`]) and 10 classes.
+pub fn by_name(name: &str, rng: &mut Rng) -> Result<(Sequential, Vec<usize>)> {
+    let input = default_input(name);
     Ok((for_input(name, input, 10, rng)?, input.to_vec()))
 }
 

@@ -87,6 +87,24 @@ impl Best {
     }
 }
 
+/// The record of `history` that [`BestCheckpoint`] and [`EarlyStopping`] with these settings
+/// hold as the best (the earliest on ties); records without the metric are skipped.
+pub fn best_record_by<'a>(
+    history: &'a [Record],
+    metric: &str,
+    mode: Mode,
+    min_delta: f64,
+) -> Result<Option<&'a Record>> {
+    let mut best = Best::new(metric, mode, min_delta)?;
+    let mut at = None;
+    for r in history.iter().filter(|r| r.metric(metric).is_some()) {
+        if best.observe(r)? {
+            at = Some(r);
+        }
+    }
+    Ok(at)
+}
+
 /// Stop when `metric` has not improved by more than `min_delta` for `patience` epochs; with
 /// `restore_best`, put back the weights of the best epoch at the end of the run (kept as
 /// device copies, no file).

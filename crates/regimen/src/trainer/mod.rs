@@ -41,7 +41,9 @@ use crate::run_state::RunState;
 use crate::schedule::Schedule;
 use crate::train::{evaluate, fit_with, EpochStats, FitConfig, Hooks, StepEnd};
 
-pub use callbacks::{BestCheckpoint, EarlyStopping, MetricsCsv, Mode, SnapshotEnsemble};
+pub use callbacks::{
+    best_record_by, BestCheckpoint, EarlyStopping, MetricsCsv, Mode, SnapshotEnsemble,
+};
 
 /// One epoch of a run.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
