@@ -255,15 +255,18 @@ fn activations_forward_and_backward() {
 #[test]
 fn convolutions() {
     regimen_cuda_exact_convs();
+    // (kh, kw, stride, pad, bias, c, oc): the last shape crosses the implicit-GEMM kernels'
+    // tiles (64 channels, 128 positions) in every direction.
     let cases = [
-        (3, 3, 1, 1, true),
-        (3, 3, 2, 1, false),
-        (1, 1, 1, 0, true),
-        (5, 3, 2, 0, true),
+        (3, 3, 1, 1, true, 4, 6),
+        (3, 3, 2, 1, false, 4, 6),
+        (1, 1, 1, 0, true, 4, 6),
+        (5, 3, 2, 0, true, 4, 6),
+        (3, 3, 1, 1, true, 70, 66),
     ];
-    for (kh, kw, stride, pad, bias) in cases {
+    for (kh, kw, stride, pad, bias, c, oc) in cases {
         same(
-            &format!("conv k{kh}x{kw} s{stride} p{pad} bias={bias}"),
+            &format!("conv {c}->{oc} k{kh}x{kw} s{stride} p{pad} bias={bias}"),
             GEMM,
             |d| {
                 let be = d.backend();
@@ -273,16 +276,16 @@ fn convolutions() {
                     stride,
                     pad,
                 };
-                let x = t(&[3, 4, 9, 8], 20, d);
-                let w = t(&[6, 4, kh, kw], 21, d);
-                let b = t(&[6], 22, d);
+                let x = t(&[3, c, 9, 8], 20, d);
+                let w = t(&[oc, c, kh, kw], 21, d);
+                let b = t(&[oc], 22, d);
                 let y = be.conv2d_forward(&x, &w, bias.then_some(&b), win);
                 let dy = t(y.shape(), 23, d);
-                let mut dw = t(&[6, 4, kh, kw], 24, d);
-                let mut db = t(&[6], 25, d);
+                let mut dw = t(&[oc, c, kh, kw], 24, d);
+                let mut db = t(&[oc], 25, d);
                 let dx =
                     be.conv2d_backward(&x, &w, &dy, win, &mut dw, bias.then_some(&mut db), true);
-                let mut dw2 = be.zeros(&[6, 4, kh, kw], DType::F32);
+                let mut dw2 = be.zeros(&[oc, c, kh, kw], DType::F32);
                 let none = be.conv2d_backward(&x, &w, &dy, win, &mut dw2, None, false);
                 assert_eq!(none.numel(), 0);
                 vec![y, dx, dw, db, dw2]
@@ -305,10 +308,12 @@ fn convolutions() {
         let dx = be.conv2d_backward(&x, &w, &dy, win, &mut dw, None, true);
         vec![y, dx, dw]
     });
-    // Under REGIMEN_CUDNN=1 (bench/gpu-check's second run) every f32 convolution above must
-    // have run on cuDNN, or this run would test im2col twice.
+    // Under REGIMEN_CUDNN=1 or REGIMEN_CONV=implicit (bench/gpu-check's later runs) every
+    // f32 convolution above must have run on that engine, or the run would test im2col again.
     if let (Some(g), Ok("1")) = (gpu(), std::env::var("REGIMEN_CUDNN").as_deref()) {
         assert_eq!(regimen::backend::gpu_conv_engine(g), Some("cudnn"));
+    } else if let (Some(g), Ok("implicit")) = (gpu(), std::env::var("REGIMEN_CONV").as_deref()) {
+        assert_eq!(regimen::backend::gpu_conv_engine(g), Some("implicit"));
     }
 }
 

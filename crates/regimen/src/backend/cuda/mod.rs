@@ -39,8 +39,12 @@ use crate::backend::{
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Indices, Storage, Tensor};
 
-/// The kernel source (compiled at run time).
-pub const KERNELS: &str = include_str!("kernels.cu");
+/// The kernel source (compiled at run time): `kernels.cu`, then the implicit-GEMM
+/// convolutions of `conv.cu` (plain C++, so that a test also runs them on the CPU).
+pub const KERNELS: &str = concat!(include_str!("kernels.cu"), include_str!("conv.cu"));
+
+/// `conv.cu` alone (the tests compile it for the CPU).
+pub const CONV_KERNELS: &str = include_str!("conv.cu");
 
 /// Threads per block of the element-wise and reduction kernels (`RBLOCK` in kernels.cu).
 const BLOCK: u32 = 256;
@@ -131,6 +135,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "softmax_bwd",
     "im2col_f32",
     "im2col_u16",
+    "conv_ig_fwd",
+    "conv_ig_dx",
+    "conv_ig_dw",
+    "conv_ig_dw_sum",
     "col2im",
     "conv_out",
     "conv_dy_t",
@@ -268,6 +276,8 @@ pub struct CudaBackend {
     _workspace: u64,
     /// cuDNN convolutions, when `REGIMEN_CUDNN=1` asked for them and cuDNN loaded.
     dnn: Option<dnn::Dnn>,
+    /// Implicit-GEMM f32 convolutions (`conv.cu`) instead of im2col: `REGIMEN_CONV=implicit`.
+    implicit: bool,
 }
 
 const MAX_GPUS: usize = 16;
@@ -360,6 +370,7 @@ fn reduce_split(n: usize) -> (u32, i64) {
 
 impl CudaBackend {
     fn new(n: usize) -> Result<CudaBackend> {
+        let implicit = conv_choice(std::env::var("REGIMEN_CONV").ok().as_deref())?;
         let count = probe()?;
         if n >= count {
             return Err(Error::Device {
@@ -432,6 +443,7 @@ impl CudaBackend {
             } else {
                 None
             },
+            implicit,
         })
     }
 
@@ -604,15 +616,137 @@ impl CudaBackend {
         self.dnn.as_ref().map(|d| d.notes()).unwrap_or_default()
     }
 
-    /// The engine of the f32 convolutions run so far: "cudnn", "im2col", or "cudnn+im2col"
-    /// when cuDNN is on but some shapes fell back to im2col (no suitable algorithm).
+    /// The engine of the f32 convolutions run so far: "cudnn", "implicit" (`REGIMEN_CONV`),
+    /// "im2col", or "cudnn+implicit" / "cudnn+im2col" when cuDNN is on but some shapes fell
+    /// back (no suitable algorithm).
     pub fn conv_engine(&self) -> &'static str {
-        match self.dnn.as_ref().map(|d| d.shapes()) {
-            None => "im2col",
-            Some((_, 0)) => "cudnn",
-            Some((0, _)) => "im2col",
-            Some(_) => "cudnn+im2col",
+        let shapes = self.dnn.as_ref().map(|d| d.shapes());
+        match (shapes, self.implicit) {
+            (Some((_, 0)), _) => "cudnn",
+            (None | Some((0, _)), true) => "implicit",
+            (None | Some((0, _)), false) => "im2col",
+            (Some(_), true) => "cudnn+implicit",
+            (Some(_), false) => "cudnn+im2col",
         }
+    }
+
+    /// The geometry for `conv.cu`, when the implicit-GEMM kernels are on and take this
+    /// convolution: f32 operands, and per-sample sizes that fit their 32-bit indices.
+    fn implicit_shape(&self, x: &Tensor, w: &Tensor, g: &ConvGeom) -> Option<IgShape> {
+        let small = |n: usize| n < i32::MAX as usize;
+        let fits = small(g.c * g.h * g.w) && small(g.oc * g.p) && small(g.oc * g.k);
+        if !self.implicit || x.dtype() != DType::F32 || w.dtype() != DType::F32 || !fits {
+            return None;
+        }
+        let i = g.ints();
+        Some(IgShape {
+            nb: i[0],
+            c: i[1],
+            h: i[2],
+            w: i[3],
+            oc: g.oc as i32,
+            kh: i[4],
+            kw: i[5],
+            stride: i[6],
+            pad: i[7],
+            oh: i[8],
+            ow: i[9],
+        })
+    }
+
+    /// y = conv(x, w) (+ b) by `conv_ig_fwd`.
+    fn conv_implicit_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &ConvGeom,
+        s: IgShape,
+    ) -> Tensor {
+        let y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
+        if y.numel() == 0 {
+            return y;
+        }
+        let (xp, wp, bp, yp) = (ptr(x), ptr(w), b.map_or(0, ptr), ptr(&y));
+        let grid = (
+            (g.nb * g.p).div_ceil(IG_BN) as u32,
+            g.oc.div_ceil(IG_BM) as u32,
+            1,
+        );
+        self.launch3(
+            "conv_ig_fwd",
+            grid,
+            IG_THREADS,
+            &mut args![&xp, &wp, &bp, &yp, &s],
+        );
+        y
+    }
+
+    /// dW += the weight gradient, and dx when `input_grad`, by `conv_ig_dw` (chunks of the
+    /// reduction over N P, then `conv_ig_dw_sum`) and `conv_ig_dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_implicit_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        g: &ConvGeom,
+        s: IgShape,
+        dw: &mut Tensor,
+        input_grad: bool,
+    ) -> Tensor {
+        let (xp, wp, dyp, dwp) = (ptr(x), ptr(w), ptr(dy), ptr_mut(dw));
+        let np = g.nb * g.p;
+        let mk = g.oc * g.k;
+        if np > 0 && mk > 0 {
+            let (chunks, chunk) = dw_chunks(np, g.k.div_ceil(IG_BN) * g.oc.div_ceil(IG_BM));
+            let part = self.new_tensor(&[chunks * mk], DType::F32);
+            let pp = ptr(&part);
+            let grid = (
+                g.k.div_ceil(IG_BN) as u32,
+                g.oc.div_ceil(IG_BM) as u32,
+                chunks as u32,
+            );
+            let chunk = chunk as i32;
+            self.launch3(
+                "conv_ig_dw",
+                grid,
+                IG_THREADS,
+                &mut args![&xp, &dyp, &pp, &s, &chunk],
+            );
+            let (chunks, mk) = (chunks as i32, mk as i64);
+            self.launch(
+                "conv_ig_dw_sum",
+                blocks_for(mk as usize),
+                BLOCK,
+                &mut args![&pp, &dwp, &chunks, &mk],
+            );
+        }
+        if !input_grad {
+            return self.new_tensor(&[0], DType::F32);
+        }
+        let mut dx = self.new_tensor(x.shape(), DType::F32);
+        if dx.numel() == 0 {
+            return dx;
+        }
+        if np == 0 || g.oc == 0 {
+            // No output position or no filter: nothing reaches the input.
+            self.fill(&mut dx, 0.0);
+            return dx;
+        }
+        let dxp = ptr(&dx);
+        let grid = (
+            (g.nb * g.h * g.w).div_ceil(IG_BN) as u32,
+            g.c.div_ceil(IG_BM) as u32,
+            1,
+        );
+        self.launch3(
+            "conv_ig_dx",
+            grid,
+            IG_THREADS,
+            &mut args![&dyp, &wp, &dxp, &s],
+        );
+        dx
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1365,6 +1499,9 @@ impl Backend for CudaBackend {
             }
             return y;
         }
+        if let Some(s) = self.implicit_shape(x, w, &g) {
+            return self.conv_implicit_forward(x, w, b, &g, s);
+        }
         let col = self.im2col(x, &g);
         let yt = self.new_tensor(&[g.oc, g.nb * g.p], DType::F32);
         // y' [OC, N P] = W [OC, K] col [K, N P]
@@ -1427,6 +1564,12 @@ impl Backend for CudaBackend {
                 });
             done.unwrap_or_else(|e| panic!("cuda:{}: {e}", self.ordinal));
             return dx;
+        }
+        if let Some(s) = self.implicit_shape(x, w, &g) {
+            if let Some(db) = db {
+                self.channel_bias_backward(dy, db, g.oc);
+            }
+            return self.conv_implicit_backward(x, w, dy, &g, s, dw, input_grad);
         }
         let dtype = x.dtype();
         let tf32 = dtype == DType::F32 && CONV_TF32.load(Ordering::Relaxed);
@@ -2303,6 +2446,53 @@ impl Backend for CudaBackend {
 }
 
 /// The geometry of a convolution, in the forms the kernels take.
+/// The tile of `conv.cu`'s kernels: 64 rows (`IG_BM`) by 128 columns (`IG_BN`), 256 threads.
+const IG_BM: usize = 64;
+const IG_BN: usize = 128;
+const IG_THREADS: u32 = 256;
+
+/// `IgShape` of conv.cu (passed by value to its kernels).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IgShape {
+    nb: i32,
+    c: i32,
+    h: i32,
+    w: i32,
+    oc: i32,
+    kh: i32,
+    kw: i32,
+    stride: i32,
+    pad: i32,
+    oh: i32,
+    ow: i32,
+}
+
+/// How `conv_ig_dw` splits its reduction over `np` positions for a product of `tiles` output
+/// tiles: `(chunks, chunk)`, with `chunk` a multiple of 8 (the kernel's step) and chunks of at
+/// least 256 positions, about 1024 blocks in all (several per multiprocessor of a large GPU).
+fn dw_chunks(np: usize, tiles: usize) -> (usize, usize) {
+    let want = 1024usize
+        .div_ceil(tiles.max(1))
+        .min(np.div_ceil(256))
+        .clamp(1, 65535);
+    let chunk = np.div_ceil(want).next_multiple_of(8);
+    (np.div_ceil(chunk), chunk)
+}
+
+/// The `REGIMEN_CONV` rule: unset or `im2col` for im2col + cuBLAS, `implicit` for conv.cu's
+/// implicit-GEMM kernels; anything else is an error naming the variable.
+fn conv_choice(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("im2col") => Ok(false),
+        Some("implicit") => Ok(true),
+        Some(v) => Err(Error::Device {
+            device: "cuda".into(),
+            reason: format!("REGIMEN_CONV={v}: expected im2col or implicit"),
+        }),
+    }
+}
+
 struct ConvGeom {
     nb: usize,
     c: usize,
@@ -2430,5 +2620,53 @@ impl CudaBackend {
         }
         tables.insert(bytes, b);
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regimen_conv_takes_im2col_or_implicit_only() {
+        assert!(!conv_choice(None).unwrap());
+        assert!(!conv_choice(Some("im2col")).unwrap());
+        assert!(conv_choice(Some("implicit")).unwrap());
+        for bad in ["", "1", "Implicit", "cudnn", "implicit "] {
+            let e = conv_choice(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("REGIMEN_CONV={bad}:")) && e.contains("im2col or implicit"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn weight_gradient_chunks_cover_the_reduction() {
+        for (np, tiles) in [
+            (1, 1),
+            (7, 3),
+            (100_352, 3),
+            (401_408, 5),
+            (2_000_000_000, 1),
+        ] {
+            let (chunks, chunk) = dw_chunks(np, tiles);
+            assert_eq!(chunk % 8, 0, "{np} {tiles}: the kernel steps by 8");
+            assert!(
+                (1..=65535).contains(&chunks),
+                "{np} {tiles}: grid z {chunks}"
+            );
+            assert!(
+                chunks * chunk >= np && (chunks - 1) * chunk < np,
+                "{np}: {chunks} x {chunk}"
+            );
+            assert!(
+                chunk >= 256.min(np.next_multiple_of(8)),
+                "{np}: chunks of {chunk}"
+            );
+        }
+        // cnn-step's second layer at batch 128 (3 tiles): about 1024 blocks.
+        let (chunks, _) = dw_chunks(100_352, 3);
+        assert!((300..=400).contains(&chunks), "{chunks}");
     }
 }

@@ -1,0 +1,163 @@
+//! The implicit-GEMM convolution kernels of the CUDA backend (`backend/cuda/conv.cu`,
+//! `REGIMEN_CONV=implicit`), run on the CPU and held to the CPU backend's convolution, so that
+//! their indexing is proven on machines without a GPU. `conv.cu` is plain C++; the C++
+//! compiler (`$CXX`, else `c++`) builds it with `tests/emulate/shim.h`, which runs each
+//! block's 256 threads as host threads with a real barrier for `__syncthreads`, and
+//! `tests/emulate/conv_main.cpp`, which launches the kernels as the backend does (the same
+//! grids; several chunks for the weight gradient). Without a C++ compiler the test says it
+//! skipped. The GPU itself runs them in `tests/conformance.rs` under `REGIMEN_CONV=implicit`
+//! (`bench/gpu-check`).
+//!
+//! Tolerance: both sides sum in f32 in different orders; `|diff| <= 1e-5 (1 + |y|) sqrt(K)`
+//! with `K` the length of the sums (a misplaced term is an error of order 1).
+
+use regimen::backend::Window;
+use regimen::{DType, Device, Rng, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const CONV: &str = include_str!("../src/backend/cuda/conv.cu");
+const SHIM: &str = include_str!("emulate/shim.h");
+const MAIN: &str = include_str!("emulate/conv_main.cpp");
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal() as f32).collect()
+}
+
+fn write(dir: &Path, name: &str, v: &[f32]) {
+    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn read(dir: &Path, name: &str) -> Vec<f32> {
+    std::fs::read(dir.join(name))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// The emulator binary, built into `dir`, or `None` when there is no C++ compiler.
+fn build(dir: &Path) -> Option<PathBuf> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if Command::new(&cxx).arg("--version").output().is_err() {
+        eprintln!("implicit-GEMM emulation skipped: no C++ compiler ({cxx})");
+        return None;
+    }
+    std::fs::write(dir.join("conv.cu"), CONV).unwrap();
+    std::fs::write(dir.join("shim.h"), SHIM).unwrap();
+    std::fs::write(dir.join("conv_main.cpp"), MAIN).unwrap();
+    let exe = dir.join("conv_emu");
+    let out = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-pthread",
+            "-Wall",
+            "-Werror",
+            "-Wno-unknown-pragmas",
+            "-o",
+        ])
+        .arg(&exe)
+        .arg(dir.join("conv_main.cpp"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "conv.cu does not build for the emulator:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(exe)
+}
+
+fn close(what: &str, got: &[f32], want: &[f32], k: usize) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = 1e-5 * (k as f64).sqrt();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let allowed = scale * (1.0 + (w as f64).abs());
+        assert!(
+            (g as f64 - w as f64).abs() <= allowed,
+            "{what}[{i}]: emulated GPU kernel {g} vs CPU {w} (allowed {allowed:.2e})"
+        );
+    }
+}
+
+#[test]
+fn implicit_gemm_kernels_match_the_cpu_convolution() {
+    let dir = std::env::temp_dir().join(format!("regimen-conv-emu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let Some(exe) = build(&dir) else { return };
+    // (nb, c, h, w, oc, kh, kw, stride, pad, chunk, bias): tiles crossed in every direction
+    // (OC and C above 64, N P and N H W above 128, K above 128 and not a multiple of 8),
+    // strides 1 and 2, padding 0 to 2, non-square windows and images, one to many chunks
+    // of the weight gradient's reduction, the last one partial.
+    let cases = [
+        (2, 3, 9, 7, 70, 3, 3, 1, 1, 40, true),
+        (3, 20, 8, 11, 5, 3, 2, 2, 0, 16, false),
+        (2, 70, 6, 5, 9, 5, 5, 1, 2, 24, true),
+        (2, 4, 17, 16, 8, 3, 3, 2, 1, 8, false),
+        (3, 6, 7, 7, 66, 1, 1, 1, 0, 1000, true),
+        (1, 1, 12, 10, 3, 4, 3, 3, 1, 8, true),
+    ];
+    for (nb, c, h, w, oc, kh, kw, stride, pad, chunk, bias) in cases {
+        let name = format!("x [{nb}, {c}, {h}, {w}], w [{oc}, {c}, {kh}, {kw}], s{stride} p{pad}");
+        let win = Window {
+            kh,
+            kw,
+            stride,
+            pad,
+        };
+        let cpu = Device::Cpu;
+        let be = cpu.backend();
+        let xs = [nb, c, h, w];
+        let ws = [oc, c, kh, kw];
+        let (xv, wv, bv) = (
+            randn(xs.iter().product(), 1),
+            randn(ws.iter().product(), 2),
+            randn(oc, 3),
+        );
+        let x = Tensor::from_host(&xs, xv.clone(), cpu).unwrap();
+        let wt = Tensor::from_host(&ws, wv.clone(), cpu).unwrap();
+        let b = Tensor::from_host(&[oc], bv.clone(), cpu).unwrap();
+        let y = be.conv2d_forward(&x, &wt, bias.then_some(&b), win);
+        let dyv = randn(y.numel(), 4);
+        let dy = Tensor::from_host(y.shape(), dyv.clone(), cpu).unwrap();
+        let dw0 = randn(wt.numel(), 5);
+        let mut dw = Tensor::from_host(&ws, dw0.clone(), cpu).unwrap();
+        let dx = be.conv2d_backward(&x, &wt, &dy, win, &mut dw, None, true);
+        assert_eq!(dx.dtype(), DType::F32);
+
+        write(&dir, "x.bin", &xv);
+        write(&dir, "w.bin", &wv);
+        write(&dir, "b.bin", &bv);
+        write(&dir, "dy.bin", &dyv);
+        write(&dir, "dw.bin", &dw0);
+        let args = [nb, c, h, w, oc, kh, kw, stride, pad, chunk, bias as usize];
+        let out = Command::new(&exe)
+            .arg(&dir)
+            .args(args.iter().map(|a| a.to_string()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: the emulator failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (p, k) = (y.shape()[2] * y.shape()[3], c * kh * kw);
+        close(&format!("{name}: y"), &read(&dir, "y.out"), &y.to_vec(), k);
+        close(
+            &format!("{name}: dx"),
+            &read(&dir, "dx.out"),
+            &dx.to_vec(),
+            oc * kh * kw,
+        );
+        close(
+            &format!("{name}: dW"),
+            &read(&dir, "dw.out"),
+            &dw.to_vec(),
+            nb * p,
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,82 @@
+// Runs the implicit-GEMM convolution kernels of conv.cu on the CPU (see shim.h) for
+// tests/conv_emulated.rs.
+//
+//   conv_emu DIR nb c h w oc kh kw stride pad chunk bias
+//
+// reads DIR/x.bin, w.bin, dy.bin, dw.bin (the gradient to add to) and, with bias = 1, b.bin
+// (raw little-endian f32); writes DIR/y.out, dx.out, dw.out.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "shim.h"
+#include "conv.cu"
+
+static std::vector<float> load(const std::string& path, size_t n) {
+    std::vector<float> v(n);
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f || fread(v.data(), 4, n, f) != n) {
+        fprintf(stderr, "cannot read %zu floats from %s\n", n, path.c_str());
+        exit(2);
+    }
+    fclose(f);
+    return v;
+}
+
+static void save(const std::string& path, const std::vector<float>& v) {
+    FILE* f = fopen(path.c_str(), "wb");
+    if (!f || fwrite(v.data(), 4, v.size(), f) != v.size()) {
+        fprintf(stderr, "cannot write %s\n", path.c_str());
+        exit(2);
+    }
+    fclose(f);
+}
+
+static unsigned ceil_div(long long a, long long b) { return (unsigned)((a + b - 1) / b); }
+
+int main(int argc, char** argv) {
+    if (argc != 13) {
+        fprintf(stderr, "usage: conv_emu DIR nb c h w oc kh kw stride pad chunk bias\n");
+        return 2;
+    }
+    std::string dir = argv[1];
+    IgShape s;
+    s.nb = atoi(argv[2]);
+    s.c = atoi(argv[3]);
+    s.h = atoi(argv[4]);
+    s.w = atoi(argv[5]);
+    s.oc = atoi(argv[6]);
+    s.kh = atoi(argv[7]);
+    s.kw = atoi(argv[8]);
+    s.stride = atoi(argv[9]);
+    s.pad = atoi(argv[10]);
+    int chunk = atoi(argv[11]);
+    bool has_bias = atoi(argv[12]) != 0;
+    s.oh = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
+    s.ow = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
+    long long P = (long long)s.oh * s.ow, K = (long long)s.c * s.kh * s.kw;
+    long long nx = (long long)s.nb * s.c * s.h * s.w, ny = (long long)s.nb * s.oc * P,
+              nw = (long long)s.oc * K;
+    auto x = load(dir + "/x.bin", nx), w = load(dir + "/w.bin", nw), dy = load(dir + "/dy.bin", ny),
+         dw = load(dir + "/dw.bin", nw);
+    std::vector<float> b = has_bias ? load(dir + "/b.bin", s.oc) : std::vector<float>();
+    std::vector<float> y(ny, -1.0f), dx(nx, -1.0f);
+    const float* bp = has_bias ? b.data() : nullptr;
+
+    emu_launch({ceil_div(s.nb * P, IG_BN), ceil_div(s.oc, IG_BM), 1}, IG_THREADS,
+               [&] { conv_ig_fwd(x.data(), w.data(), bp, y.data(), s); });
+    emu_launch({ceil_div((long long)s.nb * s.h * s.w, IG_BN), ceil_div(s.c, IG_BM), 1}, IG_THREADS,
+               [&] { conv_ig_dx(dy.data(), w.data(), dx.data(), s); });
+    unsigned chunks = ceil_div(s.nb * P, chunk);
+    std::vector<float> part((size_t)chunks * nw, -1.0f);
+    emu_launch({ceil_div(K, IG_BN), ceil_div(s.oc, IG_BM), chunks}, IG_THREADS,
+               [&] { conv_ig_dw(x.data(), dy.data(), part.data(), s, chunk); });
+    emu_launch({ceil_div(nw, 256), 1, 1}, 256,
+               [&] { conv_ig_dw_sum(part.data(), dw.data(), (int)chunks, nw); });
+    save(dir + "/y.out", y);
+    save(dir + "/dx.out", dx);
+    save(dir + "/dw.out", dw);
+    printf("%u chunks\n", chunks);
+    return 0;
+}
