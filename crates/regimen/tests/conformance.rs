@@ -317,6 +317,37 @@ fn convolutions() {
     }
 }
 
+/// The TF32 tensor-core convolutions (im2col + cuBLAS by default, cuDNN or the implicit-GEMM
+/// kernels as `REGIMEN_CUDNN` / `REGIMEN_CONV` choose) against the CPU's f32: TF32 keeps 10
+/// mantissa bits of each operand, so a product is off by up to about 1e-3 of itself, and a sum
+/// of K = 630 of them by a few hundredths; a misplaced term is off by the size of the result
+/// (about 25 here). Ignored in ordinary runs because it switches TF32 on for the whole process
+/// (the other tests compare f32 exactly); `bench/gpu-check` runs it alone.
+#[test]
+#[ignore = "switches TF32 on for the whole process: run alone (bench/gpu-check does)"]
+fn convolutions_tf32() {
+    #[cfg(feature = "cuda")]
+    regimen::backend::cuda::set_conv_tf32(true);
+    same("conv 70->66 tf32", Tol(0.1, 1e-2), |d| {
+        let be = d.backend();
+        let win = Window {
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let x = t(&[3, 70, 9, 8], 30, d);
+        let w = t(&[66, 70, 3, 3], 31, d);
+        let b = t(&[66], 32, d);
+        let y = be.conv2d_forward(&x, &w, Some(&b), win);
+        let dy = t(y.shape(), 33, d);
+        let mut dw = t(&[66, 70, 3, 3], 34, d);
+        let dx = be.conv2d_backward(&x, &w, &dy, win, &mut dw, None, true);
+        vec![y, dx, dw]
+    });
+    regimen_cuda_exact_convs();
+}
+
 #[test]
 fn pooling() {
     for (k, s, p) in [(2, 2, 0), (3, 2, 1), (3, 1, 1)] {

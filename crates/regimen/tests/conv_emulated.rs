@@ -4,8 +4,11 @@
 //! compiler (`$CXX`, else `c++`) builds it with `tests/emulate/shim.h`, which runs each
 //! block's 256 threads as host threads with a real barrier for `__syncthreads`, and
 //! `tests/emulate/conv_main.cpp`, which launches the kernels as the backend does (the same
-//! grids; several chunks for the weight gradient). Without a C++ compiler the test says it
-//! skipped. The GPU itself runs them in `tests/conformance.rs` under `REGIMEN_CONV=implicit`
+//! grids; several chunks for the weight gradient). Both kinds run: full f32, and TF32 tensor
+//! cores, whose `mma.sync` the shim performs from every lane's fragments as the PTX ISA lays
+//! them out (a fragment read from the wrong place gives a wrong sum). The TF32 kernels are
+//! held to the CPU's convolution of the operands rounded to TF32 (so the kernels' own rounding
+//! is checked too). Without a C++ compiler the test says it skipped. The GPU itself runs them in `tests/conformance.rs` under `REGIMEN_CONV=implicit`
 //! (`bench/gpu-check`).
 //!
 //! Tolerance: both sides sum in f32 in different orders; `|diff| <= 1e-5 (1 + |y|) sqrt(K)`
@@ -19,6 +22,11 @@ use std::process::Command;
 const CONV: &str = include_str!("../src/backend/cuda/conv.cu");
 const SHIM: &str = include_str!("emulate/shim.h");
 const MAIN: &str = include_str!("emulate/conv_main.cpp");
+
+/// `cvt.rna.tf32.f32`: 10 mantissa bits, to nearest, ties away from zero.
+fn tf32(v: f32) -> f32 {
+    f32::from_bits((v.to_bits() + 0x1000) & 0xffff_e000)
+}
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed);
@@ -101,63 +109,86 @@ fn implicit_gemm_kernels_match_the_cpu_convolution() {
         (1, 1, 12, 10, 3, 4, 3, 3, 1, 8, true),
     ];
     for (nb, c, h, w, oc, kh, kw, stride, pad, chunk, bias) in cases {
-        let name = format!("x [{nb}, {c}, {h}, {w}], w [{oc}, {c}, {kh}, {kw}], s{stride} p{pad}");
-        let win = Window {
-            kh,
-            kw,
-            stride,
-            pad,
-        };
-        let cpu = Device::Cpu;
-        let be = cpu.backend();
-        let xs = [nb, c, h, w];
-        let ws = [oc, c, kh, kw];
-        let (xv, wv, bv) = (
-            randn(xs.iter().product(), 1),
-            randn(ws.iter().product(), 2),
-            randn(oc, 3),
-        );
-        let x = Tensor::from_host(&xs, xv.clone(), cpu).unwrap();
-        let wt = Tensor::from_host(&ws, wv.clone(), cpu).unwrap();
-        let b = Tensor::from_host(&[oc], bv.clone(), cpu).unwrap();
-        let y = be.conv2d_forward(&x, &wt, bias.then_some(&b), win);
-        let dyv = randn(y.numel(), 4);
-        let dy = Tensor::from_host(y.shape(), dyv.clone(), cpu).unwrap();
-        let dw0 = randn(wt.numel(), 5);
-        let mut dw = Tensor::from_host(&ws, dw0.clone(), cpu).unwrap();
-        let dx = be.conv2d_backward(&x, &wt, &dy, win, &mut dw, None, true);
-        assert_eq!(dx.dtype(), DType::F32);
+        for tensor_cores in [false, true] {
+            let name = format!(
+                "x [{nb}, {c}, {h}, {w}], w [{oc}, {c}, {kh}, {kw}], s{stride} p{pad}, {}",
+                if tensor_cores { "tf32" } else { "f32" }
+            );
+            let win = Window {
+                kh,
+                kw,
+                stride,
+                pad,
+            };
+            let xs = [nb, c, h, w];
+            let ws = [oc, c, kh, kw];
+            let (xv, wv, bv) = (
+                randn(xs.iter().product(), 1),
+                randn(ws.iter().product(), 2),
+                randn(oc, 3),
+            );
+            let op = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .map(|&f| if tensor_cores { tf32(f) } else { f })
+                    .collect()
+            };
+            let cpu = Device::Cpu;
+            let be = cpu.backend();
+            let x = Tensor::from_host(&xs, op(&xv), cpu).unwrap();
+            let wt = Tensor::from_host(&ws, op(&wv), cpu).unwrap();
+            let b = Tensor::from_host(&[oc], bv.clone(), cpu).unwrap();
+            let y = be.conv2d_forward(&x, &wt, bias.then_some(&b), win);
+            let dyv = randn(y.numel(), 4);
+            let dy = Tensor::from_host(y.shape(), op(&dyv), cpu).unwrap();
+            let dw0 = randn(wt.numel(), 5);
+            let mut dw = Tensor::from_host(&ws, dw0.clone(), cpu).unwrap();
+            let dx = be.conv2d_backward(&x, &wt, &dy, win, &mut dw, None, true);
+            assert_eq!(dx.dtype(), DType::F32);
 
-        write(&dir, "x.bin", &xv);
-        write(&dir, "w.bin", &wv);
-        write(&dir, "b.bin", &bv);
-        write(&dir, "dy.bin", &dyv);
-        write(&dir, "dw.bin", &dw0);
-        let args = [nb, c, h, w, oc, kh, kw, stride, pad, chunk, bias as usize];
-        let out = Command::new(&exe)
-            .arg(&dir)
-            .args(args.iter().map(|a| a.to_string()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: the emulator failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (p, k) = (y.shape()[2] * y.shape()[3], c * kh * kw);
-        close(&format!("{name}: y"), &read(&dir, "y.out"), &y.to_vec(), k);
-        close(
-            &format!("{name}: dx"),
-            &read(&dir, "dx.out"),
-            &dx.to_vec(),
-            oc * kh * kw,
-        );
-        close(
-            &format!("{name}: dW"),
-            &read(&dir, "dw.out"),
-            &dw.to_vec(),
-            nb * p,
-        );
+            write(&dir, "x.bin", &xv);
+            write(&dir, "w.bin", &wv);
+            write(&dir, "b.bin", &bv);
+            write(&dir, "dy.bin", &dyv);
+            write(&dir, "dw.bin", &dw0);
+            let args = [
+                nb,
+                c,
+                h,
+                w,
+                oc,
+                kh,
+                kw,
+                stride,
+                pad,
+                chunk,
+                bias as usize,
+                tensor_cores as usize,
+            ];
+            let out = Command::new(&exe)
+                .arg(&dir)
+                .args(args.iter().map(|a| a.to_string()))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: the emulator failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (p, k) = (y.shape()[2] * y.shape()[3], c * kh * kw);
+            close(&format!("{name}: y"), &read(&dir, "y.out"), &y.to_vec(), k);
+            close(
+                &format!("{name}: dx"),
+                &read(&dir, "dx.out"),
+                &dx.to_vec(),
+                oc * kh * kw,
+            );
+            close(
+                &format!("{name}: dW"),
+                &read(&dir, "dw.out"),
+                &dw.to_vec(),
+                nb * p,
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

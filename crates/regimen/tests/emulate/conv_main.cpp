@@ -1,7 +1,7 @@
 // Runs the implicit-GEMM convolution kernels of conv.cu on the CPU (see shim.h) for
 // tests/conv_emulated.rs.
 //
-//   conv_emu DIR nb c h w oc kh kw stride pad chunk bias
+//   conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32
 //
 // reads DIR/x.bin, w.bin, dy.bin, dw.bin (the gradient to add to) and, with bias = 1, b.bin
 // (raw little-endian f32); writes DIR/y.out, dx.out, dw.out.
@@ -36,8 +36,8 @@ static void save(const std::string& path, const std::vector<float>& v) {
 static unsigned ceil_div(long long a, long long b) { return (unsigned)((a + b - 1) / b); }
 
 int main(int argc, char** argv) {
-    if (argc != 13) {
-        fprintf(stderr, "usage: conv_emu DIR nb c h w oc kh kw stride pad chunk bias\n");
+    if (argc != 14) {
+        fprintf(stderr, "usage: conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32\n");
         return 2;
     }
     std::string dir = argv[1];
@@ -53,6 +53,7 @@ int main(int argc, char** argv) {
     s.pad = atoi(argv[10]);
     int chunk = atoi(argv[11]);
     bool has_bias = atoi(argv[12]) != 0;
+    bool tf32 = atoi(argv[13]) != 0;
     s.oh = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
     s.ow = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
     long long P = (long long)s.oh * s.ow, K = (long long)s.c * s.kh * s.kw;
@@ -65,13 +66,22 @@ int main(int argc, char** argv) {
     const float* bp = has_bias ? b.data() : nullptr;
 
     emu_launch({ceil_div(s.nb * P, IG_BN), ceil_div(s.oc, IG_BM), 1}, IG_THREADS,
-               [&] { conv_ig_fwd(x.data(), w.data(), bp, y.data(), s); });
+               [&] {
+                   if (tf32) conv_ig_fwd_tf32(x.data(), w.data(), bp, y.data(), s);
+                   else conv_ig_fwd_f32(x.data(), w.data(), bp, y.data(), s);
+               });
     emu_launch({ceil_div((long long)s.nb * s.h * s.w, IG_BN), ceil_div(s.c, IG_BM), 1}, IG_THREADS,
-               [&] { conv_ig_dx(dy.data(), w.data(), dx.data(), s); });
+               [&] {
+                   if (tf32) conv_ig_dx_tf32(dy.data(), w.data(), dx.data(), s);
+                   else conv_ig_dx_f32(dy.data(), w.data(), dx.data(), s);
+               });
     unsigned chunks = ceil_div(s.nb * P, chunk);
     std::vector<float> part((size_t)chunks * nw, -1.0f);
     emu_launch({ceil_div(K, IG_BN), ceil_div(s.oc, IG_BM), chunks}, IG_THREADS,
-               [&] { conv_ig_dw(x.data(), dy.data(), part.data(), s, chunk); });
+               [&] {
+                   if (tf32) conv_ig_dw_tf32(x.data(), dy.data(), part.data(), s, chunk);
+                   else conv_ig_dw_f32(x.data(), dy.data(), part.data(), s, chunk);
+               });
     emu_launch({ceil_div(nw, 256), 1, 1}, 256,
                [&] { conv_ig_dw_sum(part.data(), dw.data(), (int)chunks, nw); });
     save(dir + "/y.out", y);

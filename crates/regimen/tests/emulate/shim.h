@@ -4,6 +4,7 @@
 // them to itself). Exact f32 arithmetic as on the GPU (no fast-math here or there).
 #pragma once
 #include <barrier>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -25,6 +26,45 @@ inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(n)
+
+// The two PTX instructions of conv.cu (under __CUDACC_RTC__ there), with the semantics the PTX
+// ISA documents.
+
+// cvt.rna.tf32.f32: keep 10 mantissa bits, to nearest, ties away from zero (finite inputs).
+inline float ig_tf32(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    u = (u + 0x1000u) & 0xffffe000u;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// Eight mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 of one warp (see conv.cu's
+// ig_mma_2x4): every lane publishes its fragments, then computes its own four results of each
+// product from all lanes' fragments. Lane 4 g + t holds A(g, t), A(g + 8, t), A(g, t + 4),
+// A(g + 8, t + 4); B(t, g), B(t + 4, g); and D(g, 2 t), D(g, 2 t + 1), D(g + 8, 2 t),
+// D(g + 8, 2 t + 1). Called by all threads of the block together (like the hardware's
+// warp-wide instruction, which needs all 32 lanes).
+inline void ig_mma_2x4(float acc[32], const float a[2][4], const float b[4][2]) {
+    static float fa[8][32][2][4], fb[8][32][4][2];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    std::memcpy(fa[warp][lane], a, sizeof(fa[0][0]));
+    std::memcpy(fb[warp][lane], b, sizeof(fb[0][0]));
+    __syncthreads();
+    for (int mi = 0; mi < 2; mi++)
+        for (int ni = 0; ni < 4; ni++)
+            for (int q = 0; q < 4; q++) {
+                const int row = g + (q / 2) * 8, col = 2 * t + q % 2;
+                float d = acc[(mi * 4 + ni) * 4 + q];
+                for (int k = 0; k < 8; k++) {
+                    float av = fa[warp][(row % 8) * 4 + k % 4][mi][(row / 8) + 2 * (k / 4)];
+                    float bv = fb[warp][col * 4 + k % 4][ni][k / 4];
+                    d += av * bv;
+                }
+                acc[(mi * 4 + ni) * 4 + q] = d;
+            }
+    __syncthreads();
+}
 
 // Run `kernel()` on every thread of every block of `grid`, blocks one at a time.
 template <class F>

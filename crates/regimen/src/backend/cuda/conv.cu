@@ -6,56 +6,139 @@
 //
 // with every operand read straight from the NCHW tensors: the column matrix (K x N P floats,
 // 115 MB for cnn-step's second layer at batch 128) is never written. Each block computes a
-// 64 x 128 tile of the product with 256 threads, 4 x 8 results per thread, in full f32 (FMA;
-// no TF32). Operands go through shared memory 8 reduction steps at a time; the gather of a
-// thread's column is decoded once per tile, not once per element.
+// 64 x 128 tile of the product with 256 threads; operands go through shared memory 8
+// reduction steps at a time; the gather of a thread's column is decoded once per tile, not
+// once per element. Two kinds of each kernel:
+//
+//   - `..._f32`: full f32, each thread keeps 4 x 8 results and multiplies with FMAs;
+//   - `..._tf32`: TF32 tensor cores (as PyTorch's convolutions by default): the operands are
+//     rounded to TF32 (cvt.rna) as they are staged, and each warp computes a 32 x 32 piece
+//     of the tile with 8 mma.sync.m16n8k8 per staged step, accumulating in f32.
 //
 // The weight gradient reduces over N P (100 352 terms for that layer), so its blocks split the
 // reduction into chunks (grid z), each writing its own partial tile; `conv_ig_dw_sum` adds the
 // partials in chunk order into dW. No floating-point atomics: results do not depend on timing.
 //
-// This file is plain C++ on purpose (no PTX, no intrinsics, no macros of kernels.cu):
-// `tests/conv_emulated.rs` compiles it on the CPU with a small shim that runs each block's
-// threads as host threads, and holds every kernel to the CPU backend. NVRTC compiles it
-// appended to kernels.cu.
+// This file is plain C++ on purpose (no intrinsics, no macros of kernels.cu; two PTX
+// instructions behind __CUDACC_RTC__): `tests/conv_emulated.rs` compiles it on the CPU with a
+// small shim that runs each block's threads as host threads and gives those two instructions
+// their documented semantics (tests/emulate/shim.h), and holds every kernel to the CPU
+// backend. NVRTC compiles it appended to kernels.cu.
 
 #define IG_BM 64
 #define IG_BN 128
 #define IG_BK 8
 #define IG_THREADS 256
+// Shared-memory rows are padded by 8 floats: the TF32 fragment reads (lanes 4 apart in k, 1
+// apart in m or n) then fall in 32 different banks.
+#define IG_PAD 8
 
 // The geometry of one convolution (a `#[repr(C)]` struct on the Rust side: 11 ints).
 struct IgShape {
     int nb, c, h, w, oc, kh, kw, stride, pad, oh, ow;
 };
 
-// acc[i][j] += As[kk][ty 4 + i] Bs[kk][col j] over the 8 steps of a staged tile; a thread's
+#ifdef __CUDACC_RTC__
+// f32 rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as f32 bits.
+__device__ __forceinline__ float ig_tf32(float f) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+    return __uint_as_float(r);
+}
+// acc[(mi 4 + ni) 4 + q] += A_mi B_ni for the warp's two 16 x 8 row blocks (mi) and four
+// 8 x 8 column blocks (ni): one mma.sync.m16n8k8 each, fragments as the PTX ISA lays them out.
+__device__ __forceinline__ void ig_mma_2x4(float acc[32], const float a[2][4], const float b[4][2]) {
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            float* d = acc + (mi * 4 + ni) * 4;
+            asm volatile(
+                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
+                "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                : "r"(__float_as_uint(a[mi][0])), "r"(__float_as_uint(a[mi][1])),
+                  "r"(__float_as_uint(a[mi][2])), "r"(__float_as_uint(a[mi][3])),
+                  "r"(__float_as_uint(b[ni][0])), "r"(__float_as_uint(b[ni][1])));
+        }
+}
+#endif
+
+// acc += the staged step's product for this thread.
+//
+// f32: acc[i 8 + j] += As[kk][ty 4 + i] Bs[kk][col j] over the 8 staged steps; the thread's
 // 8 columns are tx 4 .. tx 4 + 3 and 64 + tx 4 .. 64 + tx 4 + 3 (16-byte reads without bank
 // conflicts).
-__device__ __forceinline__ void ig_mac(const float (*As)[IG_BM], const float (*Bs)[IG_BN],
-                                       float acc[4][8], int ty, int tx) {
+//
+// TF32: warp w covers rows (w / 4) 32 .. + 31 and columns (w % 4) 32 .. + 31 of the tile. For
+// lane = 4 g + t, the A fragment of row block mi is (m, k) = (r, t), (r + 8, t), (r, t + 4),
+// (r + 8, t + 4) with r = mi 16 + g, and the B fragment of column block ni is (k, n) = (t, c),
+// (t + 4, c) with c = ni 8 + g.
+template <bool TF32>
+__device__ __forceinline__ void ig_mac(const float (*As)[IG_BM + IG_PAD],
+                                       const float (*Bs)[IG_BN + IG_PAD], float acc[32], int tid) {
+    if (TF32) {
+        const int lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+        const int mb = (warp / 4) * 32, nb = (warp % 4) * 32;
+        float a[2][4], b[4][2];
 #pragma unroll
-    for (int kk = 0; kk < IG_BK; kk++) {
-        float4 a = *(const float4*)&As[kk][ty * 4];
-        float4 b0 = *(const float4*)&Bs[kk][tx * 4];
-        float4 b1 = *(const float4*)&Bs[kk][64 + tx * 4];
-        float av[4] = {a.x, a.y, a.z, a.w};
-        float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 8; j++) acc[i][j] += av[i] * bv[j];
+        for (int mi = 0; mi < 2; mi++) {
+            int r = mb + mi * 16 + g;
+            a[mi][0] = As[t][r];
+            a[mi][1] = As[t][r + 8];
+            a[mi][2] = As[t + 4][r];
+            a[mi][3] = As[t + 4][r + 8];
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            int c = nb + ni * 8 + g;
+            b[ni][0] = Bs[t][c];
+            b[ni][1] = Bs[t + 4][c];
+        }
+        ig_mma_2x4(acc, a, b);
+    } else {
+        const int tx = tid % 16, ty = tid / 16;
+#pragma unroll
+        for (int kk = 0; kk < IG_BK; kk++) {
+            float4 a = *(const float4*)&As[kk][ty * 4];
+            float4 b0 = *(const float4*)&Bs[kk][tx * 4];
+            float4 b1 = *(const float4*)&Bs[kk][64 + tx * 4];
+            float av[4] = {a.x, a.y, a.z, a.w};
+            float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 8; j++) acc[i * 8 + j] += av[i] * bv[j];
+        }
     }
 }
 
-// The tile column `c` (0..7) of thread `tx`.
-__device__ __forceinline__ int ig_col(int tx, int c) { return c < 4 ? tx * 4 + c : 60 + tx * 4 + c; }
+// The tile row and column of this thread's result acc[e] (0 <= e < 32), as ig_mac lays them out.
+template <bool TF32>
+__device__ __forceinline__ void ig_at(int tid, int e, int& row, int& col) {
+    if (TF32) {
+        const int lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+        const int mi = e / 16, ni = (e / 4) % 4, q = e % 4;
+        row = (warp / 4) * 32 + mi * 16 + g + (q / 2) * 8;
+        col = (warp % 4) * 32 + ni * 8 + t * 2 + q % 2;
+    } else {
+        const int tx = tid % 16, ty = tid / 16, i = e / 8, c = e % 8;
+        row = ty * 4 + i;
+        col = c < 4 ? tx * 4 + c : 60 + tx * 4 + c;
+    }
+}
+
+// A staged operand value: rounded to TF32 for the tensor cores.
+template <bool TF32>
+__device__ __forceinline__ float ig_stage(float v) {
+    return TF32 ? ig_tf32(v) : v;
+}
 
 // y [N, OC, OH, OW] (+ bias) = conv(x [N, C, H, W], W [OC, C, kh, kw]).
 // Grid: (ceil(N P / 128), ceil(OC / 64)).
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_fwd(const float* x, const float* wt, const float* bias, float* y, IgShape s) {
-    __shared__ __align__(16) float As[IG_BK][IG_BM];
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN];
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+template <bool TF32>
+__device__ void ig_fwd(const float* x, const float* wt, const float* bias, float* y, IgShape s) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.c * khw, P = s.oh * s.ow, hw = s.h * s.w;
     const long long N = (long long)s.nb * P;
     const int m0 = blockIdx.y * IG_BM;
@@ -73,9 +156,9 @@ conv_ig_fwd(const float* x, const float* wt, const float* bias, float* y, IgShap
         ix0 = ox * s.stride - s.pad;
         xs = x + (long long)smp * s.c * hw;
     }
-    float acc[4][8];
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
+    float acc[32];
+#pragma unroll
+    for (int e = 0; e < 32; e++) acc[e] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += IG_BK) {
         float ra[2], rb[4];
         for (int i = 0; i < 2; i++) {
@@ -95,23 +178,21 @@ conv_ig_fwd(const float* x, const float* wt, const float* bias, float* y, IgShap
         __syncthreads();
         for (int i = 0; i < 2; i++) {
             int e = tid + IG_THREADS * i;
-            As[e / IG_BM][e % IG_BM] = ra[i];
+            As[e / IG_BM][e % IG_BM] = ig_stage<TF32>(ra[i]);
         }
-        for (int i = 0; i < 4; i++) Bs[kb + 2 * i][nn] = rb[i];
+        for (int i = 0; i < 4; i++) Bs[kb + 2 * i][nn] = ig_stage<TF32>(rb[i]);
         __syncthreads();
-        ig_mac(As, Bs, acc, ty, tx);
+        ig_mac<TF32>(As, Bs, acc, tid);
     }
-    for (int c = 0; c < 8; c++) {
-        long long jj = n0 + ig_col(tx, c);
-        if (jj >= N) continue;
+#pragma unroll
+    for (int e = 0; e < 32; e++) {
+        int row, col;
+        ig_at<TF32>(tid, e, row, col);
+        long long jj = n0 + col;
+        int m = m0 + row;
+        if (jj >= N || m >= s.oc) continue;
         int smp = (int)(jj / P), pos = (int)(jj - (long long)smp * P);
-        for (int i = 0; i < 4; i++) {
-            int m = m0 + ty * 4 + i;
-            if (m < s.oc) {
-                float v = acc[i][c];
-                y[((long long)smp * s.oc + m) * P + pos] = bias ? v + bias[m] : v;
-            }
-        }
+        y[((long long)smp * s.oc + m) * P + pos] = bias ? acc[e] + bias[m] : acc[e];
     }
 }
 
@@ -119,11 +200,11 @@ conv_ig_fwd(const float* x, const float* wt, const float* bias, float* y, IgShap
 // (iy, ix) gathers dy at (oy, ox) for every window entry (ki, kj) with oy stride + ki - pad = iy
 // (the same sums as col2im of W^T dy, without the column matrix).
 // Grid: (ceil(N H W / 128), ceil(C / 64)).
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
-    __shared__ __align__(16) float As[IG_BK][IG_BM];
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN];
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+template <bool TF32>
+__device__ void ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.oc * khw, P = s.oh * s.ow, hw = s.h * s.w;
     const long long N = (long long)s.nb * hw;
     const int m0 = blockIdx.y * IG_BM;
@@ -140,9 +221,9 @@ conv_ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
         tx0 = ix + s.pad;
         ys = dy + (long long)smp * s.oc * P;
     }
-    float acc[4][8];
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
+    float acc[32];
+#pragma unroll
+    for (int e = 0; e < 32; e++) acc[e] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += IG_BK) {
         float ra[2], rb[4];
         // A [C, OC kh kw]: A[c][(o, r)] = W[o][c][r].
@@ -174,31 +255,32 @@ conv_ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
         __syncthreads();
         for (int i = 0; i < 2; i++) {
             int e = tid + IG_THREADS * i;
-            As[e / IG_BM][e % IG_BM] = ra[i];
+            As[e / IG_BM][e % IG_BM] = ig_stage<TF32>(ra[i]);
         }
-        for (int i = 0; i < 4; i++) Bs[kb + 2 * i][nn] = rb[i];
+        for (int i = 0; i < 4; i++) Bs[kb + 2 * i][nn] = ig_stage<TF32>(rb[i]);
         __syncthreads();
-        ig_mac(As, Bs, acc, ty, tx);
+        ig_mac<TF32>(As, Bs, acc, tid);
     }
-    for (int c = 0; c < 8; c++) {
-        long long jj = n0 + ig_col(tx, c);
-        if (jj >= N) continue;
+#pragma unroll
+    for (int e = 0; e < 32; e++) {
+        int row, col;
+        ig_at<TF32>(tid, e, row, col);
+        long long jj = n0 + col;
+        int m = m0 + row;
+        if (jj >= N || m >= s.c) continue;
         int smp = (int)(jj / hw), pos = (int)(jj - (long long)smp * hw);
-        for (int i = 0; i < 4; i++) {
-            int m = m0 + ty * 4 + i;
-            if (m < s.c) dx[((long long)smp * s.c + m) * hw + pos] = acc[i][c];
-        }
+        dx[((long long)smp * s.c + m) * hw + pos] = acc[e];
     }
 }
 
 // The partial weight gradients of chunk z (grid z) of the reduction over N P:
 // part[z][o][k] = sum over j in [z chunk, (z + 1) chunk) of dy[o, j] col[k, j].
 // Grid: (ceil(K / 128), ceil(OC / 64), chunks); `chunk` is a multiple of 8.
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_dw(const float* x, const float* dy, float* part, IgShape s, int chunk) {
-    __shared__ __align__(16) float As[IG_BK][IG_BM];
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN];
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+template <bool TF32>
+__device__ void ig_dw(const float* x, const float* dy, float* part, IgShape s, int chunk) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.c * khw, P = s.oh * s.ow, hw = s.h * s.w;
     const long long N = (long long)s.nb * P;
     const int m0 = blockIdx.y * IG_BM, n0 = blockIdx.x * IG_BN;
@@ -217,9 +299,9 @@ conv_ig_dw(const float* x, const float* dy, float* part, IgShape s, int chunk) {
         kjo[i] = r - kio[i] * s.kw;
         coff[i] = ci * hw;
     }
-    float acc[4][8];
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
+    float acc[32];
+#pragma unroll
+    for (int e = 0; e < 32; e++) acc[e] = 0.0f;
     for (long long t0 = r0; t0 < r1; t0 += IG_BK) {
         float ra[2] = {0.0f, 0.0f}, rb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         long long j = t0 + jj;
@@ -240,20 +322,44 @@ conv_ig_dw(const float* x, const float* dy, float* part, IgShape s, int chunk) {
             }
         }
         __syncthreads();
-        for (int i = 0; i < 2; i++) As[jj][lane + 32 * i] = ra[i];
-        for (int i = 0; i < 4; i++) Bs[jj][lane + 32 * i] = rb[i];
+        for (int i = 0; i < 2; i++) As[jj][lane + 32 * i] = ig_stage<TF32>(ra[i]);
+        for (int i = 0; i < 4; i++) Bs[jj][lane + 32 * i] = ig_stage<TF32>(rb[i]);
         __syncthreads();
-        ig_mac(As, Bs, acc, ty, tx);
+        ig_mac<TF32>(As, Bs, acc, tid);
     }
     float* out = part + (long long)blockIdx.z * s.oc * K;
-    for (int c = 0; c < 8; c++) {
-        int k = n0 + ig_col(tx, c);
-        if (k >= K) continue;
-        for (int i = 0; i < 4; i++) {
-            int m = m0 + ty * 4 + i;
-            if (m < s.oc) out[(long long)m * K + k] = acc[i][c];
-        }
+#pragma unroll
+    for (int e = 0; e < 32; e++) {
+        int row, col;
+        ig_at<TF32>(tid, e, row, col);
+        int k = n0 + col, m = m0 + row;
+        if (k < K && m < s.oc) out[(long long)m * K + k] = acc[e];
     }
+}
+
+extern "C" __global__ void __launch_bounds__(IG_THREADS)
+conv_ig_fwd_f32(const float* x, const float* wt, const float* bias, float* y, IgShape s) {
+    ig_fwd<false>(x, wt, bias, y, s);
+}
+extern "C" __global__ void __launch_bounds__(IG_THREADS)
+conv_ig_fwd_tf32(const float* x, const float* wt, const float* bias, float* y, IgShape s) {
+    ig_fwd<true>(x, wt, bias, y, s);
+}
+extern "C" __global__ void __launch_bounds__(IG_THREADS)
+conv_ig_dx_f32(const float* dy, const float* wt, float* dx, IgShape s) {
+    ig_dx<false>(dy, wt, dx, s);
+}
+extern "C" __global__ void __launch_bounds__(IG_THREADS)
+conv_ig_dx_tf32(const float* dy, const float* wt, float* dx, IgShape s) {
+    ig_dx<true>(dy, wt, dx, s);
+}
+extern "C" __global__ void __launch_bounds__(IG_THREADS)
+conv_ig_dw_f32(const float* x, const float* dy, float* part, IgShape s, int chunk) {
+    ig_dw<false>(x, dy, part, s, chunk);
+}
+extern "C" __global__ void __launch_bounds__(IG_THREADS)
+conv_ig_dw_tf32(const float* x, const float* dy, float* part, IgShape s, int chunk) {
+    ig_dw<true>(x, dy, part, s, chunk);
 }
 
 // dW [n] += the sum of the chunks' partials part[z][n], in chunk order.

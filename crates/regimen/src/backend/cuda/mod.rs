@@ -135,9 +135,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "softmax_bwd",
     "im2col_f32",
     "im2col_u16",
-    "conv_ig_fwd",
-    "conv_ig_dx",
-    "conv_ig_dw",
+    "conv_ig_fwd_f32",
+    "conv_ig_fwd_tf32",
+    "conv_ig_dx_f32",
+    "conv_ig_dx_tf32",
+    "conv_ig_dw_f32",
+    "conv_ig_dw_tf32",
     "conv_ig_dw_sum",
     "col2im",
     "conv_out",
@@ -654,7 +657,17 @@ impl CudaBackend {
         })
     }
 
-    /// y = conv(x, w) (+ b) by `conv_ig_fwd`.
+    /// The kernel of a pair `(f32, tf32)`: the TF32 one when convolutions may use tensor
+    /// cores (`set_conv_tf32`).
+    fn ig_kernel(pair: (&'static str, &'static str)) -> &'static str {
+        if CONV_TF32.load(Ordering::Relaxed) {
+            pair.1
+        } else {
+            pair.0
+        }
+    }
+
+    /// y = conv(x, w) (+ b) by `conv_ig_fwd_*`.
     fn conv_implicit_forward(
         &self,
         x: &Tensor,
@@ -682,8 +695,8 @@ impl CudaBackend {
         y
     }
 
-    /// dW += the weight gradient, and dx when `input_grad`, by `conv_ig_dw` (chunks of the
-    /// reduction over N P, then `conv_ig_dw_sum`) and `conv_ig_dx`.
+    /// dW += the weight gradient, and dx when `input_grad`, by `conv_ig_dw_*` (chunks of the
+    /// reduction over N P, then `conv_ig_dw_sum`) and `conv_ig_dx_*`.
     #[allow(clippy::too_many_arguments)]
     fn conv_implicit_backward(
         &self,
@@ -709,7 +722,7 @@ impl CudaBackend {
             );
             let chunk = chunk as i32;
             self.launch3(
-                "conv_ig_dw",
+                Self::ig_kernel(("conv_ig_dw_f32", "conv_ig_dw_tf32")),
                 grid,
                 IG_THREADS,
                 &mut args![&xp, &dyp, &pp, &s, &chunk],
