@@ -238,7 +238,7 @@ mod tests {
             done += 1;
         }
         let _ = std::fs::remove_file(&path);
-        eprintln!(
+        tell!(
             "fuzz config files: {done} cases in {:.1} s, no finding",
             start.elapsed().as_secs_f64()
         );

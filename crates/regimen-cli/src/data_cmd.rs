@@ -160,7 +160,7 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| data::download::FASHION_MNIST_URL.to_string());
             data::download::download(&base, &data::download::FASHION_MNIST_FILES, &dir, |m| {
-                eprintln!("{m}")
+                tell!("{m}")
             })?;
             say!(
                 "{dataset} is in {} (use --data-dir {})",

@@ -331,9 +331,9 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // Under a launcher the error names its rank; the launcher then ends the others.
             if world.size() > 1 {
-                eprintln!("error: rank {} of {}: {e:#}", world.rank(), world.size());
+                tell!("error: rank {} of {}: {e:#}", world.rank(), world.size());
             } else {
-                eprintln!("error: {e:#}");
+                tell!("error: {e:#}");
             }
             std::process::ExitCode::from(2)
         }

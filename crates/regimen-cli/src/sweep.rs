@@ -387,7 +387,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
             // A second Ctrl-C: at once.
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: stopping the sweep after the running trials");
+        tell!("\ninterrupt: stopping the sweep after the running trials");
     });
     crate::check_range("--trials", args.trials, 1, 10_000)?;
     crate::check_range("--jobs", args.jobs, 1, 64)?;

@@ -615,9 +615,13 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             );
         } else if args.epochs < old_epochs {
             bail!(
-                "--epochs {}: the run in {} is planned for {old_epochs} epochs (its schedule too) and has trained {done}; it can be lengthened, not shortened (or give --epochs {done} or less to evaluate it as it stands)",
+                "--epochs {}: the run in {} is planned for {old_epochs} epochs (its schedule too) and has trained {done}; it can be lengthened, not shortened{}",
                 args.epochs,
-                dir.display()
+                dir.display(),
+                match done {
+                    0 => String::new(),
+                    _ => format!(" (or give --epochs {done} to evaluate it as it stands)"),
+                }
             );
         }
         if old_epochs < args.epochs {
@@ -695,10 +699,10 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         let (stop, pressed) = (stop.clone(), pressed.clone());
         let _ = ctrlc::set_handler(move || {
             if pressed.swap(true, Ordering::SeqCst) {
-                eprintln!("\ninterrupted again: exiting without a checkpoint");
+                tell!("\ninterrupted again: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupt: stopping after this step (press Ctrl-C again to quit at once)");
+            tell!("\ninterrupt: stopping after this step (press Ctrl-C again to quit at once)");
             stop.store(true, Ordering::SeqCst);
         });
     }
@@ -768,21 +772,27 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         say!("{reason}");
     }
     let best = regimen::trainer::best_record_by(history, best_metric, best_mode, best_delta)?;
+    let best_file = ckpt_dir.join("best.safetensors");
     if let Some(b) = best {
         let value = b.metric(best_metric).unwrap_or(f64::NAN);
+        // A run folder copied without it, or the file removed before a resume: say so rather
+        // than point at nothing.
+        let at = if best_file.is_file() {
+            format!("in {}", best_file.display())
+        } else {
+            format!(
+                "but its checkpoint {} is missing (removed after it was written)",
+                best_file.display()
+            )
+        };
         match b.val_acc {
             Some(v) => say!(
-                "best epoch {} by {best_metric} ({value:.4}): validation accuracy {:.2}% (loss {:.4}), in {}",
+                "best epoch {} by {best_metric} ({value:.4}): validation accuracy {:.2}% (loss {:.4}), {at}",
                 b.epoch,
                 100.0 * v,
                 b.val_loss.unwrap_or(f32::NAN),
-                ckpt_dir.join("best.safetensors").display()
             ),
-            None => say!(
-                "best epoch {} by {best_metric} ({value:.4}), in {}",
-                b.epoch,
-                ckpt_dir.join("best.safetensors").display()
-            ),
+            None => say!("best epoch {} by {best_metric} ({value:.4}), {at}", b.epoch),
         }
         if args.restore_best {
             say!(
@@ -823,7 +833,8 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         "samples_per_sec": samples / secs.max(1e-9),
         "checkpoints": {
             "last": last,
-            "best": ckpt_dir.join("best.safetensors"),
+            // null when the file is not there (a best epoch whose file was removed).
+            "best": best_file.is_file().then_some(&best_file),
         },
     });
     regimen::io::write_atomic(
@@ -1020,7 +1031,7 @@ impl Callback for Console {
             None if self.last_line.elapsed().as_secs_f32() > 10.0 => {
                 let done = step.batch + 1;
                 let el = self.epoch_start.elapsed().as_secs_f32();
-                eprintln!(
+                tell!(
                     "epoch {}/{}: batch {done}/{}, {el:.0}s elapsed, about {:.0}s left",
                     step.epoch,
                     self.epochs,

@@ -626,6 +626,22 @@ fn a_closed_pipe_is_not_a_panic() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// `regimen ... 2>&1 | head`: a closed standard error is not a panic either; the run's own
+/// exit status comes through (here the one-line error of a bad flag, exit 2, not 101).
+#[test]
+fn a_closed_standard_error_is_not_a_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader); // every write to standard error now fails (EPIPE)
+    let status = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .current_dir(scratch())
+        .args(["train", "--lr", "-1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{status}");
+}
+
 /// A diverging run stops at the first non-finite loss with one line naming epoch and step,
 /// keeps (and saves) its last finite model, and exits non-zero; that model evaluates.
 #[test]
@@ -788,6 +804,19 @@ fn the_run_folder_and_its_config_rebuild_the_run() {
         err.contains("already holds a run") && err.contains("--resume"),
         "{err}"
     );
+    // Its best checkpoint removed, the finished run resumed (evaluated) says it is missing,
+    // and summary.json does not point at it.
+    std::fs::remove_file(a.join("checkpoints/best.safetensors")).unwrap();
+    let (code, out, err) = regimen(&["train", "--resume", a.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("best epoch") && out.contains("best.safetensors is missing"),
+        "{out}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["checkpoints"]["best"].is_null(), "{summary}");
+    assert!(summary["checkpoints"]["last"].is_string(), "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

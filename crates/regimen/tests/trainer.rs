@@ -207,8 +207,12 @@ fn early_stopping_stops_the_run() {
         augment: "none",
         unit: Unit::Batch,
     };
-    let mut t =
-        trainer(&p, &setup).callback(EarlyStopping::new("val_loss", Mode::Min, 2, 0.0).unwrap());
+    let dir = scratch("earlystop");
+    let ckpt = dir.join("last.safetensors");
+    let es = || EarlyStopping::new("val_loss", Mode::Min, 2, 0.0).unwrap();
+    let mut t = trainer(&p, &setup)
+        .callback(es())
+        .checkpoint_every_epoch(ckpt.clone());
     let out = t.run().unwrap();
     let Ending::Stopped(reason) = &out.ending else {
         panic!("{:?}", out.ending)
@@ -222,6 +226,19 @@ fn early_stopping_stops_the_run() {
         out.test.is_some(),
         "the test set is evaluated after an early stop"
     );
+    // Resumed, the stopped run stays stopped: no further epoch, the same weights and test.
+    let mut again = trainer(&p, &setup).callback(es());
+    again.resume(&ckpt).unwrap();
+    let out2 = again.run().unwrap();
+    assert!(
+        matches!(&out2.ending, Ending::Stopped(r) if r == reason),
+        "{:?}",
+        out2.ending
+    );
+    assert_eq!(again.history().len(), t.history().len());
+    assert_eq!(weights(&mut again.model), weights(&mut t.model));
+    assert_eq!(out2.test, out.test);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -53,9 +53,11 @@ impl regimen::trainer::Callback for Progress {
             .is_none_or(|last| now.duration_since(last).as_secs_f64() >= 5.0)
         {
             c.2 = Some(now);
-            eprintln!(
+            tell!(
                 "  lab {}: training {}, epoch {} done",
-                c.0, self.training, end.record.epoch
+                c.0,
+                self.training,
+                end.record.epoch
             );
         }
         Ok(())
@@ -370,10 +372,10 @@ pub fn run(args: &LabArgs) -> Result<()> {
     ));
     for (name, _, f) in chosen {
         let start = std::time::Instant::now();
-        eprintln!("lab {name}...");
+        tell!("lab {name}...");
         *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = (name, 0, Some(start));
         f(&mut report, args.quick, &data)?;
-        eprintln!("lab {name}: {:.1} s", start.elapsed().as_secs_f64());
+        tell!("lab {name}: {:.1} s", start.elapsed().as_secs_f64());
         // What is done so far stays readable if a later experiment is interrupted.
         report.write()?;
     }

@@ -16,6 +16,7 @@
 //! go through MPI.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,7 +100,9 @@ impl Reducer {
             )));
         }
         if asked && !wanted && self.comm.rank() == 0 {
-            eprintln!(
+            // A closed standard error must not stop the run (eprintln! would panic).
+            let _ = writeln!(
+                std::io::stderr(),
                 "REGIMEN_NCCL=1: the model is on the CPU; its gradients are summed through MPI"
             );
         }

@@ -200,9 +200,15 @@ fn put_state(model: &mut dyn Layer, from: &[Tensor]) {
 }
 
 impl Callback for EarlyStopping {
-    fn on_train_begin(&mut self, history: &[Record], _control: &mut Control) -> Result<()> {
+    fn on_train_begin(&mut self, history: &[Record], control: &mut Control) -> Result<()> {
+        let mut stop = None;
         for r in history {
-            self.observe(r)?;
+            stop = self.observe(r)?.1;
+        }
+        // A resumed run whose patience ran out before the resume stopped there: it trains no
+        // further epoch.
+        if let Some(reason) = stop {
+            control.stop(reason);
         }
         Ok(())
     }

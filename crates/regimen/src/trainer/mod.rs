@@ -553,7 +553,11 @@ impl Trainer {
         cfg.first_batch = batch;
         cfg.partial = partial;
         let mut ending = Ending::Completed;
-        if done < cfg.epochs {
+        if let Some(reason) = self.control.stopping() {
+            // A callback stopped the run before its first epoch (early stopping resumed
+            // after its patience ran out).
+            ending = Ending::Stopped(reason.to_string());
+        } else if done < cfg.epochs {
             let per_epoch = self.batches_per_epoch();
             let global_batch = self.global_batch();
             let mut hooks = TrainerHooks {

@@ -25,6 +25,7 @@ pub mod nccl;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -439,7 +440,10 @@ impl CudaBackend {
                 match dnn::Dnn::new(cs) {
                     Ok(d) => Some(d),
                     Err(e) => {
-                        eprintln!("REGIMEN_CUDNN=1: {e}; convolutions use im2col");
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "REGIMEN_CUDNN=1: {e}; convolutions use im2col"
+                        );
                         None
                     }
                 }
