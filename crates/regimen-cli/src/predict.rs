@@ -266,7 +266,13 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
         if let Some(p) = &d.member.preprocess {
             p.apply(&mut x)?;
         }
-        let p = ensemble::probabilities(d.member.model.as_mut(), &x, 256, regimen::Device::Cpu)?;
+        let p = ensemble::probabilities(
+            d.member.model.as_mut(),
+            &x,
+            256,
+            regimen::Device::Cpu,
+            &d.member.name,
+        )?;
         sum.iter_mut().zip(&p).for_each(|(s, &v)| *s += v as f64);
     }
     let n = described.len() as f64;

@@ -95,6 +95,14 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
                         v[i]
                     )));
                 }
+                if name.ends_with("running_var") {
+                    if let Some(i) = v.iter().position(|&x| x < 0.0) {
+                        return Err(bad(format!(
+                            "{name}[{i}] is {}, but a variance cannot be negative (the file is damaged)",
+                            v[i]
+                        )));
+                    }
+                }
                 values.push(v)
             }
         }

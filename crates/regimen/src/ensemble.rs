@@ -32,26 +32,48 @@ pub struct Report {
 }
 
 /// Softmax probabilities `[N, classes]` of `model` on `data` (evaluation mode).
+///
+/// An image whose outputs are not all finite (NaN or infinity: a damaged checkpoint, weights
+/// or preprocessing that overflow) is an error naming `name` (the model's file), never a
+/// probability row that would be scored as class 0.
 pub fn probabilities(
     model: &mut dyn Layer,
     data: &Dataset,
     batch_size: usize,
     device: Device,
+    name: &str,
 ) -> Result<Vec<f32>> {
     let k = data.num_classes();
     let mut out = Vec::with_capacity(data.len() * k);
     let idx: Vec<usize> = (0..data.len()).collect();
+    let (mut bad, mut first) = (0usize, None);
     for chunk in idx.chunks(batch_size.max(1)) {
         let (x, _) = data.batch(chunk, device)?;
         let logits = model.forward(&x, &Ctx::eval())?;
         let classes = logits.shape()[1];
         let v = logits.to_vec();
-        for row in v.chunks(classes) {
+        for (row, &i) in v.chunks(classes).zip(chunk) {
+            if !row.iter().all(|z| z.is_finite()) {
+                bad += 1;
+                first.get_or_insert(i);
+                out.extend(std::iter::repeat_n(f32::NAN, classes));
+                continue;
+            }
             let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f64> = row.iter().map(|&z| ((z - m) as f64).exp()).collect();
             let s: f64 = e.iter().sum();
             out.extend(e.iter().map(|&p| (p / s) as f32));
         }
+    }
+    if let Some(i) = first {
+        return Err(Error::Data {
+            file: name.to_string(),
+            reason: format!(
+                "the model's outputs are not finite (NaN or infinity) for {bad} of {} images \
+                 (the first is image {i}): its weights or preprocessing are damaged or overflow",
+                data.len()
+            ),
+        });
     }
     Ok(out)
 }
@@ -117,7 +139,7 @@ pub fn evaluate(members: &mut [Member], raw: &Dataset, device: Device) -> Result
                 ))
             }
         }
-        let p = probabilities(m.model.as_mut(), &data, 256, device)?;
+        let p = probabilities(m.model.as_mut(), &data, 256, device, &m.name)?;
         let (loss, acc) = score(&p, &data.labels, k);
         rows.push((m.name.clone(), loss, acc));
         sum.iter_mut().zip(&p).for_each(|(s, &v)| *s += v as f64);
@@ -150,5 +172,32 @@ mod tests {
         assert_eq!(score(&avg, &labels, 2).1, 1.0);
         // loss = -(ln 0.65 + ln 0.65) / 2
         assert!((score(&avg, &labels, 2).0 - -(0.65f32).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn non_finite_outputs_are_an_error_naming_the_model() {
+        let mut rng = crate::Rng::new(1);
+        let mut model =
+            crate::models::for_input("flatten,linear:classes", [1, 2, 2], 3, &mut rng).unwrap();
+        let mut data = Dataset {
+            images: vec![0.5; 3 * 4],
+            labels: vec![0, 1, 2],
+            image_shape: [1, 2, 2],
+            class_names: vec!["a".into(), "b".into(), "c".into()],
+        };
+        let p = probabilities(&mut model, &data, 2, Device::Cpu, "m.safetensors").unwrap();
+        assert!(p.iter().all(|v| v.is_finite()) && p.len() == 9);
+        // Image 1 overflows (an infinite pixel, as a damaged preprocessing gives): refused,
+        // where its NaN row would have been scored as class 0.
+        data.images[5] = f32::INFINITY;
+        let e = probabilities(&mut model, &data, 2, Device::Cpu, "m.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("m.safetensors: ")
+                && e.contains("not finite")
+                && e.contains("1 of 3 images (the first is image 1)"),
+            "{e}"
+        );
     }
 }

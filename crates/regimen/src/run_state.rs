@@ -155,7 +155,9 @@ impl RunState {
                         "{name} has shape {s:?}, the model expects {shape:?}"
                     )))
                 }
-                Some(_) => {}
+                Some((_, v)) => {
+                    check_values(name, v, name.ends_with("running_var")).map_err(bad)?
+                }
             }
         }
         if by_name.len() != wanted.len() {
@@ -180,7 +182,9 @@ impl RunState {
             });
             for (name, shape) in &params {
                 match grads.get(name.as_str()) {
-                    Some((s, _)) if *s == shape => {}
+                    Some((s, v)) if *s == shape => {
+                        check_values(&format!("grad.{name}"), v, false).map_err(bad)?
+                    }
                     Some((s, _)) => {
                         return Err(bad(format!(
                             "grad.{name} has shape {s:?}, the parameter {shape:?}"
@@ -231,4 +235,22 @@ impl RunState {
         });
         Ok(position)
     }
+}
+
+/// A saved tensor's values: all finite, and none negative where `nonnegative` (a batch norm's
+/// running variance). A damaged state would otherwise make the resumed run "diverge", and the
+/// divergence message would call the damaged file the last good checkpoint.
+fn check_values(name: &str, v: &[f32], nonnegative: bool) -> std::result::Result<(), String> {
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(format!("{name}[{i}] is {} (the file is damaged)", v[i]));
+    }
+    if nonnegative {
+        if let Some(i) = v.iter().position(|&x| x < 0.0) {
+            return Err(format!(
+                "{name}[{i}] is {}, but a variance cannot be negative (the file is damaged)",
+                v[i]
+            ));
+        }
+    }
+    Ok(())
 }

@@ -422,6 +422,35 @@ fn a_resumed_run_equals_the_uninterrupted_run() {
         .is_err());
     assert_eq!(before, weights(&mut other));
     assert!(s4.state().is_empty());
+    // A damaged state is refused before anything changes, naming the tensor and the element:
+    // a NaN weight, a negative running variance, a NaN momentum.
+    for (tensor, value, says) in [
+        (
+            "0.weight",
+            f32::NAN,
+            "0.weight[2] is NaN (the file is damaged)",
+        ),
+        (
+            "1.running_var",
+            -1.0,
+            "1.running_var[2] is -1, but a variance cannot be negative",
+        ),
+        ("optim.0.weight.0", f32::NAN, "0.weight.0[2] is NaN (the file is damaged)"),
+    ] {
+        let mut bad = RunState {
+            tensors: state.tensors.clone(),
+            meta: state.meta.clone(),
+        };
+        bad.tensors.iter_mut().find(|t| t.0 == tensor).unwrap().2[2] = value;
+        let (mut m5, mut o5, mut s5) = build();
+        let before = weights(&mut m5);
+        let err = bad
+            .restore(&mut m5, &mut o5, &mut s5, "resume")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{tensor}: {err}");
+        assert_eq!(before, weights(&mut m5), "{tensor}: nothing changed");
+    }
 }
 
 /// NaN propagates through every layer, as in PyTorch: a NaN in the input makes a NaN in the

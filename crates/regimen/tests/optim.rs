@@ -297,6 +297,63 @@ fn params(m: &mut Sequential) -> Vec<Vec<f32>> {
     v
 }
 
+/// A damaged optimizer state is refused with the tensor and element named: a non-finite value
+/// in any slot, a negative value in a slot of squares (Adam's second moment and its AMSGrad
+/// maximum, RMSprop's square average; a momentum or a mean may be negative), the optimizer
+/// kind given in words.
+#[test]
+fn damaged_optimizer_states_are_refused() {
+    let adam = || {
+        Optim::new(
+            Adam {
+                amsgrad: true,
+                ..Default::default()
+            },
+            OptimConfig::default(),
+        )
+        .unwrap()
+    };
+    let mut model = net();
+    let mut opt = adam();
+    trained(&mut opt, &mut model, 3);
+    let (tensors, meta) = opt.export_state();
+    let damaged = |slot: &str, value: f32| {
+        let mut t = tensors.clone();
+        let e = t.iter_mut().find(|e| e.0.ends_with(slot)).unwrap();
+        e.2[1] = value;
+        let name = e.0.clone();
+        let err = adam()
+            .import_state(t, &meta, "s.safetensors")
+            .map(|()| String::new())
+            .unwrap_or_else(|e| e.to_string());
+        (name, err)
+    };
+    let (name, err) = damaged(".0", -0.5);
+    assert_eq!(err, "", "a negative first moment is legal ({name})");
+    for slot in [".1", ".2"] {
+        let (name, err) = damaged(slot, -0.5);
+        assert!(
+            err.starts_with("s.safetensors: ")
+                && err.contains(&format!("{name}[1] is -0.5"))
+                && err.contains("squares"),
+            "{err}"
+        );
+    }
+    for slot in [".0", ".1", ".2"] {
+        let (name, err) = damaged(slot, f32::NAN);
+        assert!(err.contains(&format!("{name}[1] is NaN")), "{err}");
+    }
+    let mut sgd = Optim::new(Sgd::nesterov(0.9), OptimConfig::default()).unwrap();
+    let err = sgd
+        .import_state(tensors.clone(), &meta, "s.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("optimizer state of adam, expected sgd"),
+        "{err}"
+    );
+}
+
 #[test]
 fn save_load_then_step_is_bit_for_bit_the_step_without_save() {
     for make in [

@@ -56,6 +56,17 @@ impl UpdateRule {
         }
     }
 
+    /// Whether state slot `k` is a sum or average of squares, which cannot be negative
+    /// (Adagrad's sum, RMSprop's square average, Adam's second moment and its AMSGrad
+    /// maximum): a negative value in a saved state is damage.
+    pub fn nonnegative_slot(&self, k: usize) -> bool {
+        match *self {
+            UpdateRule::Sgd { .. } => false,
+            UpdateRule::Adagrad { .. } | UpdateRule::RmsProp { .. } => k == 0,
+            UpdateRule::Adam { .. } => k >= 1,
+        }
+    }
+
     /// The initial value of every state element.
     pub fn initial_state(&self) -> f32 {
         match *self {
