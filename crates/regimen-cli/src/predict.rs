@@ -41,15 +41,21 @@ pub fn load(path: &Path) -> Result<Described> {
             )
         })
     };
-    let dims: Vec<usize> = field("input_shape")?
+    let shape = field("input_shape")?;
+    // Every part a number: "1,x,28,28" is damage, not [1, 28, 28].
+    let dims: Vec<usize> = shape
         .split(',')
-        .filter_map(|v| v.parse().ok())
-        .collect();
+        .map(|v| v.trim().parse().ok())
+        .collect::<Option<_>>()
+        .unwrap_or_default();
     let classes: usize = field("classes")?
         .parse()
         .map_err(|_| anyhow!("{}: bad classes metadata", path.display()))?;
     if dims.len() != 3 {
-        bail!("{}: bad input_shape metadata", path.display());
+        bail!(
+            "{}: bad input_shape metadata {shape:?} (expected C,H,W)",
+            path.display()
+        );
     }
     let name = field("model")?;
     let input = [dims[0], dims[1], dims[2]];

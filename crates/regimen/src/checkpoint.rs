@@ -118,10 +118,14 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
             };
             let dims: Vec<usize> = meta
                 .get("preprocess.input_shape")
-                .map(|s| s.split(',').filter_map(|v| v.parse().ok()).collect())
+                .and_then(|s| s.split(',').map(|v| v.trim().parse().ok()).collect())
                 .unwrap_or_default();
             if dims.len() != 3 {
-                return Err(bad("bad preprocess.input_shape metadata".into()));
+                return Err(bad(format!(
+                    "bad preprocess.input_shape metadata {:?} (expected C,H,W)",
+                    meta.get("preprocess.input_shape")
+                        .map_or("", String::as_str)
+                )));
             }
             let p = Preprocessor {
                 kind: crate::data::PreprocessKind::parse(kind)?,
@@ -131,7 +135,7 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
                 eigenvalues: get("eigenvalues"),
                 input_shape: [dims[0], dims[1], dims[2]],
             };
-            p.check()?;
+            p.check().map_err(|e| bad(e.to_string()))?;
             Some(p)
         }
     };

@@ -435,7 +435,11 @@ fn a_resumed_run_equals_the_uninterrupted_run() {
             -1.0,
             "1.running_var[2] is -1, but a variance cannot be negative",
         ),
-        ("optim.0.weight.0", f32::NAN, "0.weight.0[2] is NaN (the file is damaged)"),
+        (
+            "optim.0.weight.0",
+            f32::NAN,
+            "0.weight.0[2] is NaN (the file is damaged)",
+        ),
     ] {
         let mut bad = RunState {
             tensors: state.tensors.clone(),

@@ -301,9 +301,9 @@ impl Preprocessor {
             }
             PreprocessKind::ChannelMean | PreprocessKind::PerChannel => (dims[0], dims[0]),
         };
-        if p.mean.len() != m || p.std.len() != sd || p.std.iter().any(|&v| !(v > 0.0)) {
+        if p.mean.len() != m || p.std.len() != sd {
             return Err(bad(format!(
-                "{} of {dims:?} images needs {m} means and {sd} positive stds, the file has {} and {}",
+                "{} of {dims:?} images needs {m} means and {sd} stds, the file has {} and {}",
                 kind.spec(),
                 p.mean.len(),
                 p.std.len()
@@ -317,6 +317,33 @@ impl Preprocessor {
                 )));
             }
         }
+        // The values: finite; a standard deviation positive, an eigenvalue (a variance) not
+        // negative. A damaged value would turn every output into NaN.
+        let value = |name: &str, v: &[f32], ok: fn(f32) -> bool, need: &str| -> Result<()> {
+            match v.iter().position(|&x| !x.is_finite() || !ok(x)) {
+                Some(i) => Err(bad(format!("preprocess.{name}[{i}] is {}: {need}", v[i]))),
+                None => Ok(()),
+            }
+        };
+        value("mean", &p.mean, |_| true, "a mean must be finite")?;
+        value(
+            "std",
+            &p.std,
+            |x| x > 0.0,
+            "a standard deviation must be positive and finite",
+        )?;
+        value(
+            "components",
+            &p.components,
+            |_| true,
+            "a component must be finite",
+        )?;
+        value(
+            "eigenvalues",
+            &p.eigenvalues,
+            |x| x >= 0.0,
+            "a variance must be finite and not negative",
+        )?;
         Ok(())
     }
 
@@ -333,7 +360,7 @@ impl Preprocessor {
         )?;
         let dims: Vec<usize> = meta
             .get("input_shape")
-            .map(|s| s.split(',').filter_map(|v| v.parse().ok()).collect())
+            .and_then(|s| s.split(',').map(|v| v.trim().parse().ok()).collect())
             .unwrap_or_default();
         if dims.len() != 3 {
             return Err(bad("missing or bad 'input_shape' metadata".into()));
@@ -524,6 +551,48 @@ fn jacobi_eigen(a: &mut [f64], n: usize) -> (Vec<f64>, Vec<f64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_names_a_damaged_value() {
+        let ok = Preprocessor {
+            kind: PreprocessKind::Whiten(1),
+            mean: vec![0.5; 4],
+            std: vec![1.0],
+            components: vec![0.5; 4],
+            eigenvalues: vec![2.0],
+            input_shape: [1, 2, 2],
+        };
+        ok.check().unwrap();
+        let bad = |f: fn(&mut Preprocessor)| {
+            let mut p = ok.clone();
+            f(&mut p);
+            p.check().unwrap_err().to_string()
+        };
+        let e = bad(|p| p.std[0] = 0.0);
+        assert!(
+            e.contains("preprocess.std[0] is 0: a standard deviation must be positive"),
+            "{e}"
+        );
+        let e = bad(|p| p.std[0] = f32::NAN);
+        assert!(e.contains("preprocess.std[0] is NaN"), "{e}");
+        let e = bad(|p| p.mean[2] = f32::INFINITY);
+        assert!(
+            e.contains("preprocess.mean[2] is inf: a mean must be finite"),
+            "{e}"
+        );
+        let e = bad(|p| p.components[3] = f32::NAN);
+        assert!(e.contains("preprocess.components[3] is NaN"), "{e}");
+        let e = bad(|p| p.eigenvalues[0] = -1.0);
+        assert!(
+            e.contains("preprocess.eigenvalues[0] is -1: a variance"),
+            "{e}"
+        );
+        let e = bad(|p| p.mean.push(0.0));
+        assert!(
+            e.contains("needs 4 means and 1 stds, the file has 5 and 1"),
+            "{e}"
+        );
+    }
 
     #[test]
     #[allow(clippy::excessive_precision)]
