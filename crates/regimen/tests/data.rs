@@ -392,7 +392,7 @@ fn fitted_preprocessing_saves_and_loads_exactly() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("needs 3 means and 3 positive stds, the file has 1 and 3"),
+        err.contains("needs 3 means and 3 stds, the file has 1 and 3"),
         "{err}"
     );
     std::fs::write(dir.join("junk.safetensors"), b"not a file").unwrap();
