@@ -1111,7 +1111,25 @@ fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
         "range test: learning rate from {:e} to {:e} over {} steps (stops when the smoothed loss exceeds {} times its minimum)",
         f.start, f.end, f.steps, f.diverge
     );
+    // Ctrl-C: the first ends the test after the current step and keeps the steps run so far
+    // (CSV and plot, no --apply); a second one exits at once.
+    {
+        let stop = trainer.stop_flag();
+        let pressed = AtomicBool::new(false);
+        let _ = ctrlc::set_handler(move || {
+            if pressed.swap(true, Ordering::SeqCst) {
+                tell!("\ninterrupted again: exiting");
+                std::process::exit(130);
+            }
+            tell!("\ninterrupt: ending the range test after this step (press Ctrl-C again to quit at once)");
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
     let t = trainer.lr_find(f.start, f.end, f.steps, f.diverge)?;
+    if t.interrupted && t.points.is_empty() {
+        tell!("interrupted before the first step: nothing to show");
+        std::process::exit(130);
+    }
     let mut csv = String::from("step,lr,loss,smoothed_loss\n");
     for (i, (lr, l, s)) in t.points.iter().enumerate() {
         csv += &format!("{},{lr},{l},{s}\n", i + 1);
@@ -1175,6 +1193,8 @@ fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
         t.points.len(),
         if t.diverged {
             " (stopped: the loss diverged)"
+        } else if t.interrupted {
+            " (interrupted)"
         } else {
             ""
         },
@@ -1189,6 +1209,15 @@ fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
     }
     if let Some(m) = t.min_over_10 {
         say!("suggestion (the minimum of the smoothed loss, divided by 10): {m:.3e}");
+    }
+    if t.interrupted {
+        if let Some(path) = &f.apply {
+            say!(
+                "--apply {}: not applied, the range test was interrupted before its end",
+                path.display()
+            );
+        }
+        std::process::exit(130);
     }
     if let Some(path) = &f.apply {
         let lr = t

@@ -1291,6 +1291,60 @@ fn lr_find_suggests_and_applies() {
     let (code, _, err) = regimen(&["lr-find", "--start", "1", "--end", "0.1"]);
     assert_eq!(code, 2);
     assert!(err.contains("need 0 < start < end"), "{err}");
+    // Ctrl-C ends a long range test after its current step: the steps so far are written and
+    // plotted, nothing is applied, the exit status is 130.
+    let before = std::fs::read_to_string(&cfg).unwrap();
+    let long = dir.join("long");
+    let child = Command::new(env!("CARGO_BIN_EXE_regimen"))
+        .args([
+            "lr-find", "--start", "1e-7", "--end", "1e-3", "--steps", "100000",
+        ])
+        .args([
+            "--model",
+            "flatten,linear:1024,relu,linear:1024,relu,linear:classes",
+        ])
+        .args(["--out", long.to_str().unwrap()])
+        .args(["--apply", cfg.to_str().unwrap()])
+        .current_dir(scratch())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first line comes just before the test starts; a second later it is running.
+    let mut child = child;
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    while !first.contains("range test:") {
+        let n = std::io::BufRead::read_line(&mut reader, &mut first).unwrap();
+        assert!(n > 0, "no range test started: {first}");
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    let done = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (first + &rest, String::from_utf8_lossy(&done.stderr));
+    assert_eq!(done.status.code(), Some(130), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("interrupt: ending the range test"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("(interrupted)") && stdout.contains("not applied"),
+        "{stdout}"
+    );
+    let csv = std::fs::read_to_string(long.join("lr-find.csv")).unwrap();
+    assert!(csv.lines().count() > 2, "{csv}");
+    assert!(long.join("lr-find.png").is_file());
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        before,
+        "--apply left alone"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -37,6 +37,9 @@ pub struct RangeTest {
     pub steepest: Option<f64>,
     /// The rate of the smoothed loss's minimum, divided by 10.
     pub min_over_10: Option<f64>,
+    /// Whether the trainer's stop flag (Ctrl-C) ended it before its last step: `points`
+    /// holds the steps run until then.
+    pub interrupted: bool,
 }
 
 /// Exponential moving average with bias correction (fastai's smoothing, beta = 0.98).
@@ -185,7 +188,8 @@ impl Trainer {
         self.history = saved_history;
         self.position = saved_position;
         self.control = saved_control;
-        self.stop.store(false, Ordering::SeqCst);
+        // Set by the recorder at the last step or at divergence, or from outside (Ctrl-C).
+        let stopped = self.stop.swap(false, Ordering::SeqCst);
         saved.restore(
             &mut self.model,
             &mut self.optim,
@@ -209,9 +213,11 @@ impl Trainer {
             .map(|p| (p.0, p.2))
             .collect();
         let (steepest, min_over_10) = suggest(&finite);
+        let diverged = diverged.load(Ordering::SeqCst) || raw.iter().any(|p| !p.1.is_finite());
         Ok(RangeTest {
+            interrupted: stopped && !diverged && points.len() < steps,
             points,
-            diverged: diverged.load(Ordering::SeqCst) || raw.iter().any(|p| !p.1.is_finite()),
+            diverged,
             steepest,
             min_over_10,
         })
