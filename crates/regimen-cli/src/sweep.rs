@@ -306,6 +306,41 @@ fn trial_flags(params: &BTreeMap<String, toml::Value>) -> Vec<String> {
         .collect()
 }
 
+/// Why a trial process failed: its last `error:` line (marked `diverged:` for a divergence),
+/// or the signal that killed it (a kill, the out-of-memory killer).
+fn failure_status(status: std::process::ExitStatus, stderr: &str) -> String {
+    #[cfg(unix)]
+    if let Some(sig) = std::os::unix::process::ExitStatusExt::signal(&status) {
+        return format!("killed by signal {sig}");
+    }
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or("failed")
+        .to_string();
+    if line.contains("diverged") {
+        format!("diverged: {line}")
+    } else {
+        line
+    }
+}
+
+/// Whether a failed run is worth running again on the next run of the sweep: a trial killed
+/// from outside, or one that could not start, says nothing about its hyperparameters (its
+/// folder resumes from its checkpoint). An error or a divergence is the trial's own result.
+fn retryable(status: &str) -> bool {
+    status.starts_with("killed by signal") || status.starts_with("could not start")
+}
+
+/// Whether `trial` still has to run at `budget` epochs.
+fn to_run(trial: &Trial, budget: usize) -> bool {
+    !trial
+        .runs
+        .iter()
+        .any(|r| r.epochs == budget && !retryable(&r.status))
+}
+
 /// Run one trial at `epochs` as a `regimen train` process; resumes its folder when a previous
 /// process was killed.
 fn run_trial(
@@ -348,19 +383,10 @@ fn run_trial(
         Err(e) => return failed(format!("could not start: {e}")),
     };
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let line = err
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or("failed")
-            .to_string();
-        let status = if line.contains("diverged") {
-            format!("diverged: {line}")
-        } else {
-            line
-        };
-        return failed(status);
+        return failed(failure_status(
+            out.status,
+            &String::from_utf8_lossy(&out.stderr),
+        ));
     }
     let summary: serde_json::Value = match std::fs::read_to_string(dir.join("summary.json"))
         .ok()
@@ -509,7 +535,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
         let todo: Vec<usize> = alive
             .iter()
             .copied()
-            .filter(|&i| !st.trials[i].runs.iter().any(|r| r.epochs == budget))
+            .filter(|&i| to_run(&st.trials[i], budget))
             .collect();
         say!(
             "rung {}: {} trials at {budget} epochs ({} already done)",
@@ -554,13 +580,20 @@ pub fn run(args: &SweepArgs) -> Result<()> {
                 continue;
             }
             say!(
-                "  trial {i:>3} at {budget} epochs: {} ({:.1} s)",
+                "  trial {i:>3} at {budget} epochs: {} ({:.1} s){}",
                 match r.val_acc {
                     Some(a) => format!("validation accuracy {:.2}%", 100.0 * a),
                     None => r.status.clone(),
                 },
-                r.seconds
+                r.seconds,
+                if retryable(&r.status) {
+                    "; run the same command again to retry it"
+                } else {
+                    ""
+                }
             );
+            // A retried run replaces the one that was killed.
+            st.trials[i].runs.retain(|x| x.epochs != budget);
             st.trials[i].runs.push(r);
             save(&out, &st)?;
         }
@@ -783,6 +816,46 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_killed_trial_is_retried_and_its_own_failures_are_not() {
+        use std::os::unix::process::ExitStatusExt;
+        let status =
+            |raw: i32, err: &str| failure_status(std::process::ExitStatus::from_raw(raw), err);
+        // Killed by SIGKILL (the out-of-memory killer, a stray kill): raw wait status 9.
+        assert_eq!(status(9, ""), "killed by signal 9");
+        // Exit 2 with an error line; a divergence is marked.
+        assert_eq!(
+            status(2 << 8, "note\nerror: invalid --lr 0"),
+            "error: invalid --lr 0"
+        );
+        assert!(status(2 << 8, "error: training diverged: the loss").starts_with("diverged: "));
+        assert_eq!(status(1 << 8, ""), "failed");
+        let run = |epochs, status: &str| TrialRun {
+            epochs,
+            val_acc: None,
+            seconds: 1.0,
+            status: status.into(),
+        };
+        let trial = |runs| Trial {
+            id: 0,
+            params: BTreeMap::new(),
+            runs,
+        };
+        assert!(to_run(&trial(vec![]), 20));
+        assert!(!to_run(&trial(vec![run(20, "ok")]), 20));
+        assert!(to_run(&trial(vec![run(20, "ok")]), 60), "another budget");
+        assert!(to_run(&trial(vec![run(20, "killed by signal 9")]), 20));
+        assert!(to_run(
+            &trial(vec![run(20, "could not start: No such file")]),
+            20
+        ));
+        assert!(!to_run(
+            &trial(vec![run(20, "diverged: error: training diverged")]),
+            20
+        ));
+        assert!(!to_run(&trial(vec![run(20, "error: out of memory")]), 20));
+    }
 
     #[test]
     fn distributions_parse_and_refuse() {
