@@ -438,6 +438,28 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     }
 
     let splits = args.source.load()?;
+    // What the run trains on, kept in its checkpoints: a resume on other files (another
+    // subset, a changed folder) would draw another validation split and fit the
+    // preprocessing again, so it is refused.
+    let data_id = format!(
+        "{} training and {} test images, fingerprint {:016x}-{:016x}",
+        splits.train.len(),
+        splits.test.len(),
+        splits.train.fingerprint(),
+        splits.test.fingerprint()
+    );
+    if args.resume.is_some() {
+        let (_, meta) = regimen::io::read_safetensors(&last)
+            .with_context(|| format!("resuming from {}", last.display()))?;
+        if let Some(was) = meta.get("data").filter(|was| **was != data_id) {
+            bail!(
+                "--resume {}: the data in {} is not what the run was trained on (the run: {was}; \
+                 now: {data_id}); give --data-dir the run's own files",
+                out.display(),
+                splits.source
+            );
+        }
+    }
     let prepared = Prepared::new(
         splits.train,
         splits.test,
@@ -559,6 +581,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     let meta = std::collections::BTreeMap::from([
         ("model".to_string(), model_name.clone()),
         ("dataset".to_string(), splits.name.clone()),
+        ("data".to_string(), data_id),
         ("input_shape".to_string(), format!("{c},{h},{w}")),
         ("classes".to_string(), classes.to_string()),
         ("config".to_string(), config_toml.clone()),

@@ -1602,6 +1602,80 @@ fn a_relative_data_dir_is_kept_absolute() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A resume reads the data the run was trained on: the same files moved are taken, other
+/// files (here one more training image) are refused before anything trains, naming both.
+#[test]
+fn a_resume_on_other_data_is_refused() {
+    let dir = scratch().join(format!("otherdata-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fake = |name: &str, train: usize| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut r = regimen::Rng::new(3);
+        for (prefix, n) in [("train", train), ("t10k", 20)] {
+            let pixels: Vec<u8> = (0..n * 784).map(|_| r.below(256) as u8).collect();
+            let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+            regimen::data::idx::write(
+                &d.join(format!("{prefix}-images-idx3-ubyte")),
+                &[n, 28, 28],
+                &pixels,
+            )
+            .unwrap();
+            regimen::data::idx::write(
+                &d.join(format!("{prefix}-labels-idx1-ubyte")),
+                &[n],
+                &labels,
+            )
+            .unwrap();
+        }
+        d
+    };
+    let (a, moved, b) = (fake("a", 60), fake("moved", 60), fake("b", 61));
+    let run = dir.join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--model",
+            "flatten,linear:classes",
+        ];
+        args.extend_from_slice(extra);
+        regimen(&args)
+    };
+    let (code, out, err) = train(&[
+        "--epochs",
+        "1",
+        "--data-dir",
+        a.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let resume = |data: &std::path::Path| {
+        regimen(&[
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+    };
+    let (code, _, err) = resume(&b);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not what the run was trained on")
+            && err.contains("the run: 60 training and 20 test images")
+            && err.contains("now: 61 training and 20 test images"),
+        "{err}"
+    );
+    let (code, out, err) = resume(&moved);
+    assert_eq!(code, 0, "{out}{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// With `--early-stopping --monitor val_loss --restore-best`, one epoch is "the best" for
 /// everything: the reported best epoch, `summary.json`, `best.safetensors` (so that `regimen
 /// eval` of the run folder gives the final test accuracy) and the restored weights.
