@@ -607,6 +607,8 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     } else {
         trainer
     };
+    // The epochs the run is planned for (a resume with fewer only evaluates it).
+    let mut planned_epochs = args.epochs;
     if let Some(dir) = &args.resume {
         let config_path = dir.join("config.toml");
         trainer
@@ -630,6 +632,7 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             .ok()
             .and_then(|t| t.get("epochs").and_then(toml::Value::as_integer))
             .unwrap_or(args.epochs as i64) as usize;
+        planned_epochs = old_epochs.max(args.epochs);
         if args.epochs <= done && args.epochs < old_epochs {
             say!(
                 "note: --epochs {} is not above the {done} epochs the run in {} has trained: nothing is trained, the run is evaluated as it stands (--epochs with --resume lengthens a run)",
@@ -839,6 +842,10 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         "parameters": plan.params,
         "epochs": history.len(),
         "ending": match &outcome.ending {
+            Ending::Completed if history.len() < planned_epochs => format!(
+                "evaluated after {} of its {planned_epochs} epochs (not completed)",
+                history.len()
+            ),
             Ending::Completed => "completed".to_string(),
             Ending::Stopped(r) => r.clone(),
             Ending::Interrupted { .. } => "interrupted".to_string(),

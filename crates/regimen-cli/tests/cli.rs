@@ -949,6 +949,15 @@ fn ctrl_c_writes_a_resumable_checkpoint() {
     let (code, out, err) = regimen(&["train", "--resume", dir.to_str().unwrap(), "--epochs", "1"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("resuming"), "{out}");
+    // Evaluated before its end: summary.json does not call it completed.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let ending = summary["ending"].as_str().unwrap();
+    assert!(
+        ending.starts_with("evaluated after ")
+            && ending.contains("of its 100000 epochs (not completed)"),
+        "{ending}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
