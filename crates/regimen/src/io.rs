@@ -90,6 +90,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
+    if !dir.is_dir() {
+        // Say it of the file asked for, not of the temporary one beside it.
+        return Err(Error::Data {
+            file: path.display().to_string(),
+            reason: format!(
+                "cannot write it: the folder {} does not exist",
+                dir.display()
+            ),
+        });
+    }
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -146,4 +156,23 @@ pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<Strin
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((out, meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_folder_is_named_not_the_temporary_file() {
+        let p = std::env::temp_dir()
+            .join(format!("regimen-no-such-{}", std::process::id()))
+            .join("g.png");
+        let e = write_atomic(&p, b"x").unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}: ", p.display()))
+                && e.contains("does not exist")
+                && !e.contains("regimen-tmp"),
+            "{e}"
+        );
+    }
 }

@@ -99,6 +99,28 @@ fn find_all(dirs: &[PathBuf], stems: &[&str]) -> Option<(PathBuf, Vec<PathBuf>)>
     })
 }
 
+/// The first folder of `dirs` that holds some of the files but not all: which are missing.
+fn incomplete(name: &str, dirs: &[PathBuf], stems: &[&str]) -> Option<Error> {
+    dirs.iter().find_map(|d| {
+        let missing: Vec<&str> = stems
+            .iter()
+            .copied()
+            .filter(|s| !d.join(s).is_file() && !d.join(format!("{s}.gz")).is_file())
+            .collect();
+        (!missing.is_empty() && missing.len() < stems.len()).then(|| Error::Data {
+            file: d.display().to_string(),
+            reason: format!(
+                "{name} is incomplete here: no {} (the other files are there)",
+                missing
+                    .iter()
+                    .map(|m| format!("{m}[.gz]"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+    })
+}
+
 fn not_found(name: &str, dirs: &[PathBuf], files: &str) -> Error {
     let hint = if name == "fashion-mnist" {
         " (on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
@@ -202,11 +224,13 @@ fn load_splits(name: &str, data_dir: Option<&Path>) -> Result<Splits> {
                 "t10k-labels-idx1-ubyte",
             ];
             let (dir, f) = find_all(&dirs, &stems).ok_or_else(|| {
-                not_found(
-                    name,
-                    &dirs,
-                    "train-images-idx3-ubyte[.gz] and the other three IDX files",
-                )
+                incomplete(name, &dirs, &stems).unwrap_or_else(|| {
+                    not_found(
+                        name,
+                        &dirs,
+                        "train-images-idx3-ubyte[.gz] and the other three IDX files",
+                    )
+                })
             })?;
             let digits: Vec<String> = (0..10).map(|d| d.to_string()).collect();
             let names: Vec<&str> = if name == "mnist" {
