@@ -31,7 +31,23 @@ fn resolve(path: &Path) -> PathBuf {
 /// checked against the tensors in the file before the model is built: a file claiming a huge
 /// input or class count would otherwise allocate it.
 pub fn load(path: &Path) -> Result<Described> {
+    let folder = path.is_dir().then(|| path.to_path_buf());
     let path = resolve(path);
+    if let Some(dir) = folder.filter(|_| !path.is_file()) {
+        let last = dir.join("checkpoints").join("last.safetensors");
+        if last.is_file() {
+            bail!(
+                "{}: the run has no best checkpoint (none written yet, or removed); give its last one, {}",
+                dir.display(),
+                last.display()
+            );
+        }
+        bail!(
+            "{}: no {} (is this a run folder of regimen train?)",
+            dir.display(),
+            path.display()
+        );
+    }
     let (tensors, meta) = regimen::io::read_safetensors(&path)?;
     let field = |k: &str| {
         meta.get(k).cloned().ok_or_else(|| {

@@ -817,6 +817,13 @@ fn the_run_folder_and_its_config_rebuild_the_run() {
         serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
     assert!(summary["checkpoints"]["best"].is_null(), "{summary}");
     assert!(summary["checkpoints"]["last"].is_string(), "{summary}");
+    // `eval` of the folder points at the checkpoint there is.
+    let (code, _, err) = regimen(&["eval", a.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no best checkpoint") && err.contains("last.safetensors"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
