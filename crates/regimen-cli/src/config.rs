@@ -83,6 +83,13 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
         }
     });
     if let Some(dir) = resume {
+        let times = rest
+            .iter()
+            .filter(|a| *a == "--resume" || a.starts_with("--resume="))
+            .count();
+        if times > 1 {
+            bail!("--resume given {times} times: give one run folder");
+        }
         if path.is_some() {
             bail!("--resume takes the run's own config ({dir}/config.toml): give no --config");
         }

@@ -588,6 +588,7 @@ fn config_errors_name_the_file_and_the_key() {
     let err = train_refuses(&["--config", p], "lr = \"fast\"");
     assert!(err.contains(p), "{err}");
     train_refuses(&["--config", p, "--config", p], "--config given twice");
+    train_refuses(&["--resume", "a", "--resume=b"], "--resume given 2 times");
     // One setting under both spellings.
     std::fs::write(&path, "batch_size = 64\nbatch-size = 128\n").unwrap();
     train_refuses(&["--config", p], "are the same setting");
