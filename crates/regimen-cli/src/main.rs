@@ -113,6 +113,38 @@ fn with_default_command(mut args: Vec<String>) -> Vec<String> {
 
 fn run() -> Result<()> {
     let expanded = config::expand(with_default_command(std::env::args().collect()))?;
+    let origins = expanded.from_file.clone();
+    run_expanded(expanded).map_err(|e| blame_config(e, &origins))
+}
+
+/// An error about a flag that only the config file set (`invalid --threads 0: ...`) names the
+/// file and its key, as clap's own errors of such flags do.
+fn blame_config(e: anyhow::Error, origins: &[(String, String, String)]) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.starts_with("config ") {
+        return e;
+    }
+    let command_line: Vec<String> = std::env::args().collect();
+    let on_command_line = |flag: &str| {
+        command_line
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    let named = |flag: &str| {
+        text.starts_with(&format!("invalid {flag} "))
+            || text.starts_with(&format!("invalid {flag}="))
+            || text.contains(&format!("for '{flag}"))
+    };
+    match origins
+        .iter()
+        .find(|(flag, _, _)| named(flag) && !on_command_line(flag))
+    {
+        Some((_, key, file)) => anyhow::anyhow!("config {file}: {key}: {text}"),
+        None => e,
+    }
+}
+
+fn run_expanded(expanded: config::Expanded) -> Result<()> {
     let mut cli = parse(expanded.args, &expanded.from_file)?;
     if cli.command.is_none() {
         // `regimen` alone runs `regimen train` with its defaults.

@@ -592,6 +592,15 @@ fn config_errors_name_the_file_and_the_key() {
     // One setting under both spellings.
     std::fs::write(&path, "batch_size = 64\nbatch-size = 128\n").unwrap();
     train_refuses(&["--config", p], "are the same setting");
+    // A value out of range, from the file alone: the file and its key are named; from the
+    // command line, the flag alone.
+    std::fs::write(&path, "threads = 0\n").unwrap();
+    train_refuses(
+        &["--config", p],
+        &format!("config {p}: threads = 0: invalid --threads 0: must be from 1"),
+    );
+    let err = train_refuses(&["--config", p, "--threads", "0"], "invalid --threads 0");
+    assert!(!err.contains("config "), "{err}");
     let _ = std::fs::remove_file(&path);
 }
 
