@@ -281,6 +281,34 @@ pub struct LrFindArgs {
     pub apply: Option<PathBuf>,
 }
 
+/// What Ctrl-C stops, once a trainer exists: its stop flag and what to say, first and on a
+/// second press. Before that (loading the data, fitting a PCA) Ctrl-C exits at once: nothing
+/// has been trained or written yet.
+type Interrupt = (Arc<AtomicBool>, &'static str, &'static str);
+static ON_CTRL_C: std::sync::Mutex<Option<Interrupt>> = std::sync::Mutex::new(None);
+
+fn install_ctrl_c() {
+    let pressed = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(move || {
+        let target = ON_CTRL_C.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some((flag, first, again)) = target else {
+            tell!("\ninterrupt: stopping before the first step (nothing was trained or written)");
+            std::process::exit(130);
+        };
+        if pressed.swap(true, Ordering::SeqCst) {
+            tell!("\n{again}");
+            std::process::exit(130);
+        }
+        tell!("\n{first}");
+        flag.store(true, Ordering::SeqCst);
+    });
+}
+
+/// From now on, Ctrl-C sets `flag` (saying `first`); a second one exits (saying `again`).
+fn on_ctrl_c(flag: Arc<AtomicBool>, first: &'static str, again: &'static str) {
+    *ON_CTRL_C.lock().unwrap_or_else(|e| e.into_inner()) = Some((flag, first, again));
+}
+
 pub fn train(args: &TrainArgs) -> Result<()> {
     run(args, None)
 }
@@ -304,6 +332,7 @@ pub fn lr_find(args: &LrFindArgs) -> Result<()> {
 }
 
 fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
+    install_ctrl_c();
     check_range("--batch-size", args.batch_size, 1, 65_536)?;
     check_range("--epochs", args.epochs, 1, 1_000_000)?;
     check_range("--workers", args.workers, 0, 64)?;
@@ -720,18 +749,11 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     // Ctrl-C: the first stops after the current step and writes a resumable checkpoint; a
     // second one exits at once.
     let stop = trainer.stop_flag();
-    let pressed = Arc::new(AtomicBool::new(false));
-    {
-        let (stop, pressed) = (stop.clone(), pressed.clone());
-        let _ = ctrlc::set_handler(move || {
-            if pressed.swap(true, Ordering::SeqCst) {
-                tell!("\ninterrupted again: exiting without a checkpoint");
-                std::process::exit(130);
-            }
-            tell!("\ninterrupt: stopping after this step (press Ctrl-C again to quit at once)");
-            stop.store(true, Ordering::SeqCst);
-        });
-    }
+    on_ctrl_c(
+        stop.clone(),
+        "interrupt: stopping after this step (press Ctrl-C again to quit at once)",
+        "interrupted again: exiting without a checkpoint",
+    );
 
     // A deterministic interrupt for tests: as if Ctrl-C were pressed during update N.
     if let Some(n) = std::env::var("REGIMEN_INTERRUPT_AT_STEP")
@@ -1143,18 +1165,11 @@ fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
     );
     // Ctrl-C: the first ends the test after the current step and keeps the steps run so far
     // (CSV and plot, no --apply); a second one exits at once.
-    {
-        let stop = trainer.stop_flag();
-        let pressed = AtomicBool::new(false);
-        let _ = ctrlc::set_handler(move || {
-            if pressed.swap(true, Ordering::SeqCst) {
-                tell!("\ninterrupted again: exiting");
-                std::process::exit(130);
-            }
-            tell!("\ninterrupt: ending the range test after this step (press Ctrl-C again to quit at once)");
-            stop.store(true, Ordering::SeqCst);
-        });
-    }
+    on_ctrl_c(
+        trainer.stop_flag(),
+        "interrupt: ending the range test after this step (press Ctrl-C again to quit at once)",
+        "interrupted again: exiting",
+    );
     let t = trainer.lr_find(f.start, f.end, f.steps, f.diverge)?;
     if t.interrupted && t.points.is_empty() {
         tell!("interrupted before the first step: nothing to show");

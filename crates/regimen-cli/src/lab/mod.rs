@@ -363,6 +363,17 @@ pub fn run(args: &LabArgs) -> Result<()> {
     } else {
         "regimen lab: the lecture's experiments".to_string()
     };
+    // Ctrl-C: the experiments finished so far are in the report (it is rewritten after each).
+    {
+        let report_md = out.join("report.md");
+        let _ = ctrlc::set_handler(move || {
+            tell!(
+                "\ninterrupt: the lab stops; the experiments finished before this one are in {}",
+                report_md.display()
+            );
+            std::process::exit(130);
+        });
+    }
     let mut report = Report::new(&out, &title)?;
     report.text(&format!(
         "Written by `regimen lab {}{}`; every number below comes from this run. Real data: {}.",
