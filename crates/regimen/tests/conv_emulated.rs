@@ -25,7 +25,10 @@ const MAIN: &str = include_str!("emulate/conv_main.cpp");
 
 /// `cvt.rna.tf32.f32`: 10 mantissa bits, to nearest, ties away from zero.
 fn tf32(v: f32) -> f32 {
-    f32::from_bits((v.to_bits() + 0x1000) & 0xffff_e000)
+    if !v.is_finite() {
+        return v;
+    }
+    f32::from_bits(v.to_bits().wrapping_add(0x1000) & 0xffff_e000)
 }
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {

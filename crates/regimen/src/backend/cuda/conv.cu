@@ -20,7 +20,7 @@
 // partials in chunk order into dW. No floating-point atomics: results do not depend on timing.
 //
 // This file is plain C++ on purpose (no intrinsics, no macros of kernels.cu; two PTX
-// instructions behind __CUDACC_RTC__): `tests/conv_emulated.rs` compiles it on the CPU with a
+// instructions behind __CUDACC__): `tests/conv_emulated.rs` compiles it on the CPU with a
 // small shim that runs each block's threads as host threads and gives those two instructions
 // their documented semantics (tests/emulate/shim.h), and holds every kernel to the CPU
 // backend. NVRTC compiles it appended to kernels.cu.
@@ -38,7 +38,7 @@ struct IgShape {
     int nb, c, h, w, oc, kh, kw, stride, pad, oh, ow;
 };
 
-#ifdef __CUDACC_RTC__
+#ifdef __CUDACC__
 // f32 rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as f32 bits.
 __device__ __forceinline__ float ig_tf32(float f) {
     unsigned r;

@@ -691,7 +691,7 @@ impl CudaBackend {
             1,
         );
         self.launch3(
-            "conv_ig_fwd",
+            Self::ig_kernel(("conv_ig_fwd_f32", "conv_ig_fwd_tf32")),
             grid,
             IG_THREADS,
             &mut args![&xp, &wp, &bp, &yp, &s],
@@ -758,7 +758,7 @@ impl CudaBackend {
             1,
         );
         self.launch3(
-            "conv_ig_dx",
+            Self::ig_kernel(("conv_ig_dx_f32", "conv_ig_dx_tf32")),
             grid,
             IG_THREADS,
             &mut args![&dyp, &wp, &dxp, &s],
@@ -2643,6 +2643,47 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel name the backend launches is loaded (`KERNEL_NAMES`, which the NVRTC test
+    /// finds in the PTX): a launch of any other name would panic on a GPU only. Reads this
+    /// file's launches: the literal first argument of each `self.launch*(` and every literal
+    /// of an `ig_kernel((..))` pair.
+    #[test]
+    fn every_launched_kernel_is_loaded() {
+        let all = include_str!("mod.rs");
+        let src = &all[..all.find("#[cfg(test)]").expect("this test module")];
+        let literal = |rest: &str| -> Option<String> {
+            let rest = rest.trim_start();
+            let body = rest.strip_prefix('"')?;
+            Some(body[..body.find('"')?].to_string())
+        };
+        let mut launched = Vec::new();
+        for (i, _) in src.match_indices("self.launch") {
+            let after = &src[i..];
+            let open = after.find('(').expect("a call");
+            if let Some(name) = literal(&after[open + 1..]) {
+                launched.push(name);
+            }
+        }
+        for (i, _) in src.match_indices("ig_kernel((") {
+            let after = &src[i + "ig_kernel((".len()..];
+            let pair = &after[..after.find("))").expect("a pair")];
+            for part in pair.split(',') {
+                launched.extend(literal(part));
+            }
+        }
+        assert!(
+            launched.len() > 40,
+            "found only {} launches",
+            launched.len()
+        );
+        for name in &launched {
+            assert!(
+                KERNEL_NAMES.contains(&name.as_str()),
+                "mod.rs launches {name:?}, which KERNEL_NAMES does not load"
+            );
+        }
+    }
 
     #[test]
     fn regimen_conv_takes_im2col_or_implicit_only() {
