@@ -65,15 +65,24 @@ int main(int argc, char** argv) {
     std::vector<float> y(ny, -1.0f), dx(nx, -1.0f);
     const float* bp = has_bias ? b.data() : nullptr;
 
+    // The window tables, as the backend makes them (padded to a multiple of 8 entries).
+    auto table = [&](int dx) {
+        long long k = dx ? (long long)s.oc * s.kh * s.kw : K;
+        int n = (int)((k + 7) / 8 * 8);
+        std::vector<int4> t(n, int4{-1, -1, -1, -1});
+        emu_launch({ceil_div(n, 256), 1, 1}, 256, [&] { conv_ig_ktab(s, t.data(), dx, n); });
+        return t;
+    };
+    auto tab_fwd = table(0), tab_dx = table(1);
     emu_launch({ceil_div(s.nb * P, IG_BN), ceil_div(s.oc, IG_BM), 1}, IG_THREADS,
                [&] {
-                   if (tf32) conv_ig_fwd_tf32(x.data(), w.data(), bp, y.data(), s);
-                   else conv_ig_fwd_f32(x.data(), w.data(), bp, y.data(), s);
+                   if (tf32) conv_ig_fwd_tf32(x.data(), w.data(), bp, y.data(), tab_fwd.data(), s);
+                   else conv_ig_fwd_f32(x.data(), w.data(), bp, y.data(), tab_fwd.data(), s);
                });
     emu_launch({ceil_div((long long)s.nb * s.h * s.w, IG_BN), ceil_div(s.c, IG_BM), 1}, IG_THREADS,
                [&] {
-                   if (tf32) conv_ig_dx_tf32(dy.data(), w.data(), dx.data(), s);
-                   else conv_ig_dx_f32(dy.data(), w.data(), dx.data(), s);
+                   if (tf32) conv_ig_dx_tf32(dy.data(), w.data(), dx.data(), tab_dx.data(), s);
+                   else conv_ig_dx_f32(dy.data(), w.data(), dx.data(), tab_dx.data(), s);
                });
     unsigned chunks = ceil_div(s.nb * P, chunk);
     std::vector<float> part((size_t)chunks * nw, -1.0f);

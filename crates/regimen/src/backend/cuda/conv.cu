@@ -111,19 +111,29 @@ __device__ __forceinline__ void ig_mac(const float (*As)[IG_BM + IG_PAD],
     }
 }
 
-// The tile row and column of this thread's result acc[e] (0 <= e < 32), as ig_mac lays them out.
+// A thread's 32 results cover 8 tile columns and 4 tile rows: result e = ig_e(c, r) is at
+// column ig_colof(c) and row ig_rowof(r) (c < 8, r < 4), as ig_mac lays them out.
 template <bool TF32>
-__device__ __forceinline__ void ig_at(int tid, int e, int& row, int& col) {
+__device__ __forceinline__ int ig_e(int c, int r) {
+    // TF32: c = 2 ni + (q % 2), r = 2 mi + q / 2, e = (4 mi + ni) 4 + q. f32: e = 8 r + c.
+    return TF32 ? ((r / 2) * 4 + c / 2) * 4 + (r % 2) * 2 + c % 2 : r * 8 + c;
+}
+template <bool TF32>
+__device__ __forceinline__ int ig_colof(int tid, int c) {
     if (TF32) {
-        const int lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
-        const int mi = e / 16, ni = (e / 4) % 4, q = e % 4;
-        row = (warp / 4) * 32 + mi * 16 + g + (q / 2) * 8;
-        col = (warp % 4) * 32 + ni * 8 + t * 2 + q % 2;
-    } else {
-        const int tx = tid % 16, ty = tid / 16, i = e / 8, c = e % 8;
-        row = ty * 4 + i;
-        col = c < 4 ? tx * 4 + c : 60 + tx * 4 + c;
+        const int lane = tid % 32, warp = tid / 32;
+        return (warp % 4) * 32 + (c / 2) * 8 + (lane % 4) * 2 + c % 2;
     }
+    const int tx = tid % 16;
+    return c < 4 ? tx * 4 + c : 60 + tx * 4 + c;
+}
+template <bool TF32>
+__device__ __forceinline__ int ig_rowof(int tid, int r) {
+    if (TF32) {
+        const int lane = tid % 32, warp = tid / 32;
+        return (warp / 4) * 32 + (r / 2) * 16 + lane / 4 + (r % 2) * 8;
+    }
+    return (tid / 16) * 4 + r;
 }
 
 // A staged operand value: rounded to TF32 for the tensor cores.
@@ -132,76 +142,110 @@ __device__ __forceinline__ float ig_stage(float v) {
     return TF32 ? ig_tf32(v) : v;
 }
 
-// y [N, OC, OH, OW] (+ bias) = conv(x [N, C, H, W], W [OC, C, kh, kw]).
-// Grid: (ceil(N P / 128), ceil(OC / 64)).
+// An index that fails every bounds check of the gathers (padding rows of the tables).
+#define IG_FAIL (1 << 29)
+
+// The window table of a reduction index k, so that the main loops gather without dividing:
+//   forward (dx = 0), k = (ci, ki, kj) over C kh kw: {ci H W + ki W + kj, ki, kj, 0};
+//   input grad (dx = 1), k = (o, ki, kj) over OC kh kw: {o P - ki OW - kj, ki, kj,
+//   o C kh kw + ki kw + kj};
+// padded to `n` entries (a multiple of 8) with {0, IG_FAIL, IG_FAIL, 0}.
+extern "C" __global__ void conv_ig_ktab(IgShape s, int4* tab, int dx, int n) {
+    const int khw = s.kh * s.kw, K = (dx ? s.oc : s.c) * khw;
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < n; k += blockDim.x * gridDim.x) {
+        int4 t = {0, IG_FAIL, IG_FAIL, 0};
+        if (k < K) {
+            int a = k / khw, r = k - a * khw, ki = r / s.kw, kj = r - ki * s.kw;
+            if (dx)
+                t = {a * s.oh * s.ow - ki * s.ow - kj, ki, kj, a * s.c * khw + r};
+            else
+                t = {a * s.h * s.w + ki * s.w + kj, ki, kj, 0};
+        }
+        tab[k] = t;
+    }
+}
+
+// y [N, OC, OH, OW] (+ bias) = conv(x [N, C, H, W], W [OC, C, kh, kw]); `tab` is the forward
+// window table (conv_ig_ktab, dx = 0). Grid: (ceil(N P / 128), ceil(OC / 64)).
 template <bool TF32>
-__device__ void ig_fwd(const float* x, const float* wt, const float* bias, float* y, IgShape s) {
+__device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt,
+                       const float* __restrict__ bias, float* __restrict__ y,
+                       const int4* __restrict__ tab, IgShape s) {
     __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
     __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
     const int tid = threadIdx.x;
-    const int khw = s.kh * s.kw, K = s.c * khw, P = s.oh * s.ow, hw = s.h * s.w;
+    const int khw = s.kh * s.kw, K = s.c * khw, P = s.oh * s.ow;
     const long long N = (long long)s.nb * P;
     const int m0 = blockIdx.y * IG_BM;
     const long long n0 = (long long)blockIdx.x * IG_BN;
     // This thread stages column nn of B (fixed for the whole reduction), rows kb + 2 i.
     const int nn = tid % IG_BN, kb = tid / IG_BN;
     const long long j = n0 + nn;
-    const bool jok = j < N;
+    // Out of range, the column gathers nothing: its window starts where every check fails.
+    int iy0 = IG_FAIL, ix0 = IG_FAIL;
     const float* xs = x;
-    int iy0 = 0, ix0 = 0;
-    if (jok) {
+    if (j < N) {
         int smp = (int)(j / P), pos = (int)(j - (long long)smp * P);
         int oy = pos / s.ow, ox = pos - oy * s.ow;
         iy0 = oy * s.stride - s.pad;
         ix0 = ox * s.stride - s.pad;
-        xs = x + (long long)smp * s.c * hw;
+        // x at the window's corner (may lie outside the image; read only inside it).
+        xs = x + (long long)smp * s.c * s.h * s.w + (long long)iy0 * s.w + ix0;
     }
     float acc[32];
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += IG_BK) {
         float ra[2], rb[4];
+        // A: 8 consecutive threads read 8 consecutive k of one row of W.
         for (int i = 0; i < 2; i++) {
-            int e = tid + IG_THREADS * i, mm = e % IG_BM, k = k0 + e / IG_BM, m = m0 + mm;
+            int e = tid + IG_THREADS * i, k = k0 + e % IG_BK, m = m0 + e / IG_BK;
             ra[i] = (m < s.oc && k < K) ? wt[(long long)m * K + k] : 0.0f;
         }
         for (int i = 0; i < 4; i++) {
-            int k = k0 + kb + 2 * i;
-            float v = 0.0f;
-            if (jok && k < K) {
-                int ci = k / khw, r = k - ci * khw, ki = r / s.kw, kj = r - ki * s.kw;
-                int iy = iy0 + ki, ix = ix0 + kj;
-                if (iy >= 0 && iy < s.h && ix >= 0 && ix < s.w) v = xs[ci * hw + iy * s.w + ix];
-            }
-            rb[i] = v;
+            int4 t = tab[k0 + kb + 2 * i];
+            bool in = (unsigned)(iy0 + t.y) < (unsigned)s.h && (unsigned)(ix0 + t.z) < (unsigned)s.w;
+            rb[i] = in ? xs[t.x] : 0.0f;
         }
         __syncthreads();
         for (int i = 0; i < 2; i++) {
             int e = tid + IG_THREADS * i;
-            As[e / IG_BM][e % IG_BM] = ig_stage<TF32>(ra[i]);
+            As[e % IG_BK][e / IG_BK] = ig_stage<TF32>(ra[i]);
         }
         for (int i = 0; i < 4; i++) Bs[kb + 2 * i][nn] = ig_stage<TF32>(rb[i]);
         __syncthreads();
         ig_mac<TF32>(As, Bs, acc, tid);
     }
+    float b[4];
+    int rows[4];
 #pragma unroll
-    for (int e = 0; e < 32; e++) {
-        int row, col;
-        ig_at<TF32>(tid, e, row, col);
-        long long jj = n0 + col;
-        int m = m0 + row;
-        if (jj >= N || m >= s.oc) continue;
+    for (int r = 0; r < 4; r++) {
+        rows[r] = m0 + ig_rowof<TF32>(tid, r);
+        b[r] = (bias && rows[r] < s.oc) ? bias[rows[r]] : 0.0f;
+    }
+#pragma unroll
+    for (int c = 0; c < 8; c++) {
+        long long jj = n0 + ig_colof<TF32>(tid, c);
+        if (jj >= N) continue;
         int smp = (int)(jj / P), pos = (int)(jj - (long long)smp * P);
-        y[((long long)smp * s.oc + m) * P + pos] = bias ? acc[e] + bias[m] : acc[e];
+        float* out = y + (long long)smp * s.oc * P + pos;
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            if (rows[r] >= s.oc) continue;
+            float v = acc[ig_e<TF32>(c, r)];
+            out[(long long)rows[r] * P] = bias ? v + b[r] : v;
+        }
     }
 }
 
 // dx [N, C, H, W] = the input gradient of the convolution for dy [N, OC, OH, OW]: input pixel
 // (iy, ix) gathers dy at (oy, ox) for every window entry (ki, kj) with oy stride + ki - pad = iy
-// (the same sums as col2im of W^T dy, without the column matrix).
+// (the same sums as col2im of W^T dy, without the column matrix). `tab` is the input-gradient
+// window table (conv_ig_ktab, dx = 1); strides above 1 decode k themselves.
 // Grid: (ceil(N H W / 128), ceil(C / 64)).
-template <bool TF32>
-__device__ void ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
+template <bool TF32, bool UNIT_STRIDE>
+__device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt,
+                      float* __restrict__ dx, const int4* __restrict__ tab, IgShape s) {
     __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
     __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
     const int tid = threadIdx.x;
@@ -213,7 +257,7 @@ __device__ void ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
     const long long j = n0 + nn;
     const bool jok = j < N;
     const float* ys = dy;
-    int ty0 = 0, tx0 = 0;
+    int ty0 = -IG_FAIL, tx0 = -IG_FAIL;
     if (jok) {
         int smp = (int)(j / hw), pos = (int)(j - (long long)smp * hw);
         int iy = pos / s.w, ix = pos - iy * s.w;
@@ -221,33 +265,32 @@ __device__ void ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
         tx0 = ix + s.pad;
         ys = dy + (long long)smp * s.oc * P;
     }
+    // Stride 1: dy at (ty0 - ki, tx0 - kj) of plane o is ys1[o P - ki OW - kj].
+    const float* ys1 = jok ? ys + (long long)ty0 * s.ow + tx0 : dy;
     float acc[32];
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += IG_BK) {
         float ra[2], rb[4];
-        // A [C, OC kh kw]: A[c][(o, r)] = W[o][c][r].
+        // A [C, OC kh kw]: A[c][(o, r)] = W[o][c][r], at tab[k].w + c kh kw.
         for (int i = 0; i < 2; i++) {
-            int e = tid + IG_THREADS * i, mm = e % IG_BM, k = k0 + e / IG_BM, m = m0 + mm;
-            float v = 0.0f;
-            if (m < s.c && k < K) {
-                int o = k / khw, r = k - o * khw;
-                v = wt[((long long)o * s.c + m) * khw + r];
-            }
-            ra[i] = v;
+            int e = tid + IG_THREADS * i, k = k0 + e % IG_BK, m = m0 + e / IG_BK;
+            ra[i] = (m < s.c && k < K) ? wt[tab[k].w + (long long)m * khw] : 0.0f;
         }
         for (int i = 0; i < 4; i++) {
             int k = k0 + kb + 2 * i;
             float v = 0.0f;
-            if (jok && k < K) {
+            if (UNIT_STRIDE) {
+                int4 t = tab[k];
+                bool in = (unsigned)(ty0 - t.y) < (unsigned)s.oh &&
+                          (unsigned)(tx0 - t.z) < (unsigned)s.ow;
+                if (in) v = ys1[t.x];
+            } else if (jok && k < K) {
                 int o = k / khw, r = k - o * khw, ki = r / s.kw, kj = r - ki * s.kw;
                 int oy = ty0 - ki, ox = tx0 - kj;
-                bool ok = oy >= 0 && ox >= 0;
-                if (ok && s.stride != 1) {
-                    ok = oy % s.stride == 0 && ox % s.stride == 0;
-                    oy /= s.stride;
-                    ox /= s.stride;
-                }
+                bool ok = oy >= 0 && ox >= 0 && oy % s.stride == 0 && ox % s.stride == 0;
+                oy /= s.stride;
+                ox /= s.stride;
                 if (ok && oy < s.oh && ox < s.ow) v = ys[o * P + oy * s.ow + ox];
             }
             rb[i] = v;
@@ -255,21 +298,23 @@ __device__ void ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
         __syncthreads();
         for (int i = 0; i < 2; i++) {
             int e = tid + IG_THREADS * i;
-            As[e / IG_BM][e % IG_BM] = ig_stage<TF32>(ra[i]);
+            As[e % IG_BK][e / IG_BK] = ig_stage<TF32>(ra[i]);
         }
         for (int i = 0; i < 4; i++) Bs[kb + 2 * i][nn] = ig_stage<TF32>(rb[i]);
         __syncthreads();
         ig_mac<TF32>(As, Bs, acc, tid);
     }
 #pragma unroll
-    for (int e = 0; e < 32; e++) {
-        int row, col;
-        ig_at<TF32>(tid, e, row, col);
-        long long jj = n0 + col;
-        int m = m0 + row;
-        if (jj >= N || m >= s.c) continue;
+    for (int c = 0; c < 8; c++) {
+        long long jj = n0 + ig_colof<TF32>(tid, c);
+        if (jj >= N) continue;
         int smp = (int)(jj / hw), pos = (int)(jj - (long long)smp * hw);
-        dx[((long long)smp * s.c + m) * hw + pos] = acc[e];
+        float* out = dx + (long long)smp * s.c * hw + pos;
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int m = m0 + ig_rowof<TF32>(tid, r);
+            if (m < s.c) out[(long long)m * hw] = acc[ig_e<TF32>(c, r)];
+        }
     }
 }
 
@@ -277,7 +322,8 @@ __device__ void ig_dx(const float* dy, const float* wt, float* dx, IgShape s) {
 // part[z][o][k] = sum over j in [z chunk, (z + 1) chunk) of dy[o, j] col[k, j].
 // Grid: (ceil(K / 128), ceil(OC / 64), chunks); `chunk` is a multiple of 8.
 template <bool TF32>
-__device__ void ig_dw(const float* x, const float* dy, float* part, IgShape s, int chunk) {
+__device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
+                      float* __restrict__ part, IgShape s, int chunk) {
     __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
     __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
     const int tid = threadIdx.x;
@@ -302,15 +348,23 @@ __device__ void ig_dw(const float* x, const float* dy, float* part, IgShape s, i
     float acc[32];
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
+    // The position (sample, oy, ox) of reduction row j = t0 + jj, decoded once and then
+    // advanced by 8 per step without dividing.
+    int smp, oy, ox;
+    {
+        long long j = r0 + jj;
+        smp = (int)(j / P);
+        int pos = (int)(j - (long long)smp * P);
+        oy = pos / s.ow;
+        ox = pos - oy * s.ow;
+    }
     for (long long t0 = r0; t0 < r1; t0 += IG_BK) {
         float ra[2] = {0.0f, 0.0f}, rb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         long long j = t0 + jj;
         if (j < r1) {
-            int smp = (int)(j / P), pos = (int)(j - (long long)smp * P);
-            int oy = pos / s.ow, ox = pos - oy * s.ow;
             int iy0 = oy * s.stride - s.pad, ix0 = ox * s.stride - s.pad;
             const float* xs = x + (long long)smp * s.c * hw;
-            const float* ys = dy + (long long)smp * s.oc * P + pos;
+            const float* ys = dy + (long long)smp * s.oc * P + oy * s.ow + ox;
             for (int i = 0; i < 2; i++) {
                 int m = m0 + lane + 32 * i;
                 if (m < s.oc) ra[i] = ys[(long long)m * P];
@@ -321,6 +375,11 @@ __device__ void ig_dw(const float* x, const float* dy, float* part, IgShape s, i
                     rb[i] = xs[coff[i] + iy * s.w + ix];
             }
         }
+        for (ox += IG_BK; ox >= s.ow; ox -= s.ow)
+            if (++oy == s.oh) {
+                oy = 0;
+                smp++;
+            }
         __syncthreads();
         for (int i = 0; i < 2; i++) As[jj][lane + 32 * i] = ig_stage<TF32>(ra[i]);
         for (int i = 0; i < 4; i++) Bs[jj][lane + 32 * i] = ig_stage<TF32>(rb[i]);
@@ -329,29 +388,40 @@ __device__ void ig_dw(const float* x, const float* dy, float* part, IgShape s, i
     }
     float* out = part + (long long)blockIdx.z * s.oc * K;
 #pragma unroll
-    for (int e = 0; e < 32; e++) {
-        int row, col;
-        ig_at<TF32>(tid, e, row, col);
-        int k = n0 + col, m = m0 + row;
-        if (k < K && m < s.oc) out[(long long)m * K + k] = acc[e];
+    for (int c = 0; c < 8; c++) {
+        int k = n0 + ig_colof<TF32>(tid, c);
+        if (k >= K) continue;
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int m = m0 + ig_rowof<TF32>(tid, r);
+            if (m < s.oc) out[(long long)m * K + k] = acc[ig_e<TF32>(c, r)];
+        }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_fwd_f32(const float* x, const float* wt, const float* bias, float* y, IgShape s) {
-    ig_fwd<false>(x, wt, bias, y, s);
+conv_ig_fwd_f32(const float* x, const float* wt, const float* bias, float* y, const int4* tab,
+                IgShape s) {
+    ig_fwd<false>(x, wt, bias, y, tab, s);
 }
 extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_fwd_tf32(const float* x, const float* wt, const float* bias, float* y, IgShape s) {
-    ig_fwd<true>(x, wt, bias, y, s);
+conv_ig_fwd_tf32(const float* x, const float* wt, const float* bias, float* y, const int4* tab,
+                 IgShape s) {
+    ig_fwd<true>(x, wt, bias, y, tab, s);
 }
 extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_dx_f32(const float* dy, const float* wt, float* dx, IgShape s) {
-    ig_dx<false>(dy, wt, dx, s);
+conv_ig_dx_f32(const float* dy, const float* wt, float* dx, const int4* tab, IgShape s) {
+    if (s.stride == 1)
+        ig_dx<false, true>(dy, wt, dx, tab, s);
+    else
+        ig_dx<false, false>(dy, wt, dx, tab, s);
 }
 extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_dx_tf32(const float* dy, const float* wt, float* dx, IgShape s) {
-    ig_dx<true>(dy, wt, dx, s);
+conv_ig_dx_tf32(const float* dy, const float* wt, float* dx, const int4* tab, IgShape s) {
+    if (s.stride == 1)
+        ig_dx<true, true>(dy, wt, dx, tab, s);
+    else
+        ig_dx<true, false>(dy, wt, dx, tab, s);
 }
 extern "C" __global__ void __launch_bounds__(IG_THREADS)
 conv_ig_dw_f32(const float* x, const float* dy, float* part, IgShape s, int chunk) {

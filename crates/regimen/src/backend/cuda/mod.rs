@@ -143,6 +143,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "conv_ig_dw_f32",
     "conv_ig_dw_tf32",
     "conv_ig_dw_sum",
+    "conv_ig_ktab",
     "col2im",
     "conv_out",
     "conv_dy_t",
@@ -685,6 +686,8 @@ impl CudaBackend {
             return y;
         }
         let (xp, wp, bp, yp) = (ptr(x), ptr(w), b.map_or(0, ptr), ptr(&y));
+        let tab = self.ig_table(s, g.c * g.win.kh * g.win.kw, false);
+        let tp = ptr(&tab);
         let grid = (
             (g.nb * g.p).div_ceil(IG_BN) as u32,
             g.oc.div_ceil(IG_BM) as u32,
@@ -694,9 +697,25 @@ impl CudaBackend {
             Self::ig_kernel(("conv_ig_fwd_f32", "conv_ig_fwd_tf32")),
             grid,
             IG_THREADS,
-            &mut args![&xp, &wp, &bp, &yp, &s],
+            &mut args![&xp, &wp, &bp, &yp, &tp, &s],
         );
         y
+    }
+
+    /// The window table of `conv_ig_ktab` for a reduction of `k` indices (the forward's
+    /// C kh kw, or the input gradient's OC kh kw with `dx`), padded to a multiple of 8: one
+    /// `int4` (4 words) per entry, made on the device (a kernel, so a graph records it).
+    fn ig_table(&self, s: IgShape, k: usize, dx: bool) -> Tensor {
+        let n = k.next_multiple_of(8).max(8);
+        let tab = self.new_tensor(&[4 * n], DType::F32);
+        let (tp, dxi, ni) = (ptr(&tab), dx as i32, n as i32);
+        self.launch(
+            "conv_ig_ktab",
+            blocks_for(n),
+            BLOCK,
+            &mut args![&s, &tp, &dxi, &ni],
+        );
+        tab
     }
 
     /// dW += the weight gradient, and dx when `input_grad`, by `conv_ig_dw_*` (chunks of the
@@ -752,6 +771,8 @@ impl CudaBackend {
             return dx;
         }
         let dxp = ptr(&dx);
+        let tab = self.ig_table(s, g.oc * g.win.kh * g.win.kw, true);
+        let tp = ptr(&tab);
         let grid = (
             (g.nb * g.h * g.w).div_ceil(IG_BN) as u32,
             g.c.div_ceil(IG_BM) as u32,
@@ -761,7 +782,7 @@ impl CudaBackend {
             Self::ig_kernel(("conv_ig_dx_f32", "conv_ig_dx_tf32")),
             grid,
             IG_THREADS,
-            &mut args![&dyp, &wp, &dxp, &s],
+            &mut args![&dyp, &wp, &dxp, &tp, &s],
         );
         dx
     }
