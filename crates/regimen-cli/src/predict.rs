@@ -14,6 +14,9 @@ use crate::data_cmd;
 pub struct Described {
     pub member: Member,
     pub dataset: String,
+    /// The `data_dir` of the run that wrote the checkpoint (its resolved config), if it named
+    /// one.
+    pub data_dir: Option<PathBuf>,
     pub input: [usize; 3],
     pub classes: usize,
 }
@@ -103,6 +106,13 @@ pub fn load(path: &Path) -> Result<Described> {
             preprocess: loaded.preprocess,
         },
         dataset: field("dataset")?,
+        data_dir: meta
+            .get("config")
+            .and_then(|c| c.parse::<toml::Table>().ok())
+            .and_then(|t| {
+                t.get("data_dir")
+                    .and_then(|v| v.as_str().map(PathBuf::from))
+            }),
         input,
         classes,
     })
@@ -133,6 +143,20 @@ pub fn eval(paths: &[PathBuf], dataset: Option<String>, data_dir: Option<PathBuf
             first.clone()
         }
     };
+    // Without --data-dir, the run's own data folder (when every checkpoint names the same
+    // one and it is still there), so that a run trained on files elsewhere is evaluated on
+    // them rather than on whatever the default search finds.
+    let data_dir = data_dir.or_else(|| {
+        let first = described[0].data_dir.clone()?;
+        (described
+            .iter()
+            .all(|d| d.data_dir.as_ref() == Some(&first))
+            && first.is_dir())
+        .then(|| {
+            say!("data: {} (the run's data_dir)", first.display());
+            first
+        })
+    });
     let source = data_cmd::Source { dataset, data_dir };
     let raw = source.load()?.test;
     for d in &described {

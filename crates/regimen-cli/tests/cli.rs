@@ -1699,6 +1699,14 @@ fn a_resume_on_other_data_is_refused() {
     );
     let (code, out, err) = resume(&moved);
     assert_eq!(code, 0, "{out}{err}");
+    // `eval` of the run evaluates on the run's own data folder (the 20 test images of
+    // `moved`, where the resume took it), not on what the default search finds.
+    let (code, out, err) = regimen(&["eval", run.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("the run's data_dir") && out.contains("test split (20 images)"),
+        "{out}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
