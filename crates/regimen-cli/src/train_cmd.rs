@@ -488,6 +488,34 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
                 splits.source
             );
         }
+        // The settings too: a config.toml edited after the checkpoint would change the
+        // resumed run silently (only what --resume accepts may differ).
+        if let Some(saved) = meta
+            .get("config")
+            .and_then(|c| c.parse::<toml::Table>().ok())
+        {
+            let now: toml::Table = toml::to_string(args)
+                .context("writing the resolved config")?
+                .parse()
+                .context("reading the resolved config")?;
+            let free = ["epochs", "workers", "device", "data_dir"];
+            let shown =
+                |v: Option<&toml::Value>| v.map_or("nothing".to_string(), |v| v.to_string());
+            if let Some(key) = saved
+                .keys()
+                .chain(now.keys())
+                .find(|k| !free.contains(&k.as_str()) && saved.get(*k) != now.get(*k))
+            {
+                bail!(
+                    "--resume {}: its config.toml sets {key} = {}, but the run was trained with {key} = {} \
+                     (its checkpoint's settings); a resumed run keeps its settings: put the line back, \
+                     or start a new run with --config",
+                    out.display(),
+                    shown(now.get(key)),
+                    shown(saved.get(key))
+                );
+            }
+        }
     }
     let prepared = Prepared::new(
         splits.train,

@@ -827,6 +827,18 @@ fn the_run_folder_and_its_config_rebuild_the_run() {
         serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
     assert!(summary["checkpoints"]["best"].is_null(), "{summary}");
     assert!(summary["checkpoints"]["last"].is_string(), "{summary}");
+    // A config.toml edited after the checkpoint is refused by --resume, naming the key.
+    let config = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    let edited = config.replace("\nlr = 0.1\n", "\nlr = 0.5\n");
+    assert_ne!(edited, config, "the config has an lr line: {config}");
+    std::fs::write(a.join("config.toml"), edited).unwrap();
+    let (code, _, err) = regimen(&["train", "--resume", a.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("config.toml sets lr = 0.5, but the run was trained with lr = 0.1"),
+        "{err}"
+    );
+    std::fs::write(a.join("config.toml"), config).unwrap();
     // `eval` of the folder points at the checkpoint there is.
     let (code, _, err) = regimen(&["eval", a.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
