@@ -142,6 +142,23 @@ __device__ __forceinline__ float ig_stage(float v) {
     return TF32 ? ig_tf32(v) : v;
 }
 
+// One staged step of the forward and input-gradient loops: this thread's 2 values of A (row
+// e / 8, k e % 8 for e = tid + 256 i) and 4 of B (column tid % 128, rows tid / 128 + 2 i) into
+// shared memory once every warp is done with the previous step, then the products.
+template <bool TF32>
+__device__ __forceinline__ void ig_step(float (*As)[IG_BM + IG_PAD], float (*Bs)[IG_BN + IG_PAD],
+                                        const float ra[2], const float rb[4], float acc[32],
+                                        int tid) {
+    __syncthreads();
+    for (int i = 0; i < 2; i++) {
+        int e = tid + IG_THREADS * i;
+        As[e % IG_BK][e / IG_BK] = ig_stage<TF32>(ra[i]);
+    }
+    for (int i = 0; i < 4; i++) Bs[tid / IG_BN + 2 * i][tid % IG_BN] = ig_stage<TF32>(rb[i]);
+    __syncthreads();
+    ig_mac<TF32>(As, Bs, acc, tid);
+}
+
 // An index that fails every bounds check of the gathers (padding rows of the tables).
 #define IG_FAIL (1 << 29)
 
@@ -207,14 +224,7 @@ __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt
             bool in = (unsigned)(iy0 + t.y) < (unsigned)s.h && (unsigned)(ix0 + t.z) < (unsigned)s.w;
             rb[i] = in ? xs[t.x] : 0.0f;
         }
-        __syncthreads();
-        for (int i = 0; i < 2; i++) {
-            int e = tid + IG_THREADS * i;
-            As[e % IG_BK][e / IG_BK] = ig_stage<TF32>(ra[i]);
-        }
-        for (int i = 0; i < 4; i++) Bs[kb + 2 * i][nn] = ig_stage<TF32>(rb[i]);
-        __syncthreads();
-        ig_mac<TF32>(As, Bs, acc, tid);
+        ig_step<TF32>(As, Bs, ra, rb, acc, tid);
     }
     float b[4];
     int rows[4];
@@ -295,14 +305,7 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
             }
             rb[i] = v;
         }
-        __syncthreads();
-        for (int i = 0; i < 2; i++) {
-            int e = tid + IG_THREADS * i;
-            As[e % IG_BK][e / IG_BK] = ig_stage<TF32>(ra[i]);
-        }
-        for (int i = 0; i < 4; i++) Bs[kb + 2 * i][nn] = ig_stage<TF32>(rb[i]);
-        __syncthreads();
-        ig_mac<TF32>(As, Bs, acc, tid);
+        ig_step<TF32>(As, Bs, ra, rb, acc, tid);
     }
 #pragma unroll
     for (int c = 0; c < 8; c++) {
