@@ -133,7 +133,8 @@ fn blame_config(e: anyhow::Error, origins: &[(String, String, String)]) -> anyho
     let named = |flag: &str| {
         text.starts_with(&format!("invalid {flag} "))
             || text.starts_with(&format!("invalid {flag}="))
-            || text.contains(&format!("for '{flag}"))
+            || text.contains(&format!("for '{flag} "))
+            || text.contains(&format!("for '{flag}'"))
     };
     match origins
         .iter()

@@ -292,7 +292,7 @@ fn install_ctrl_c() {
     let _ = ctrlc::set_handler(move || {
         let target = ON_CTRL_C.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some((flag, first, again)) = target else {
-            tell!("\ninterrupt: stopping before the first step (nothing was trained or written)");
+            tell!("\ninterrupt: stopped before the first step (nothing was trained; no checkpoint was written)");
             std::process::exit(130);
         };
         if pressed.swap(true, Ordering::SeqCst) {
@@ -501,11 +501,11 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             let free = ["epochs", "workers", "device", "data_dir"];
             let shown =
                 |v: Option<&toml::Value>| v.map_or("nothing".to_string(), |v| v.to_string());
-            if let Some(key) = saved
-                .keys()
-                .chain(now.keys())
-                .find(|k| !free.contains(&k.as_str()) && saved.get(*k) != now.get(*k))
-            {
+            // Keys in both: a setting that a newer build added (or an older one had) is not
+            // an edit.
+            if let Some(key) = saved.keys().find(|k| {
+                !free.contains(&k.as_str()) && now.get(*k).is_some_and(|v| Some(v) != saved.get(*k))
+            }) {
                 bail!(
                     "--resume {}: its config.toml sets {key} = {}, but the run was trained with {key} = {} \
                      (its checkpoint's settings); a resumed run keeps its settings: put the line back, \
@@ -690,6 +690,24 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             .and_then(|t| t.get("epochs").and_then(toml::Value::as_integer))
             .unwrap_or(args.epochs as i64) as usize;
         planned_epochs = old_epochs.max(args.epochs);
+        // A run that early stopping ended stays ended (its patience ran out): lengthening it
+        // would stop again before its next epoch.
+        if let (Some(patience), true) = (args.early_stopping, args.epochs > old_epochs) {
+            let mode = Mode::for_metric(&args.monitor);
+            let mut es = EarlyStopping::new(&args.monitor, mode, patience, args.min_delta)?;
+            let mut stop = None;
+            for r in trainer.history() {
+                stop = es.observe(r)?.1;
+            }
+            if let Some(reason) = stop {
+                bail!(
+                    "--epochs {}: the run in {} ended by early stopping ({reason}); lengthened, it would stop again before its next epoch: start a new run instead (--config {}/config.toml, with more --early-stopping patience)",
+                    args.epochs,
+                    dir.display(),
+                    dir.display()
+                );
+            }
+        }
         if args.epochs <= done && args.epochs < old_epochs {
             say!(
                 "note: --epochs {} is not above the {done} epochs the run in {} has trained: nothing is trained, the run is evaluated as it stands (--epochs with --resume lengthens a run)",

@@ -1669,6 +1669,13 @@ fn a_resume_on_other_data_is_refused() {
         d
     };
     let (a, moved, b) = (fake("a", 60), fake("moved", 60), fake("b", 61));
+    // The same counts, one pixel of one training image changed (pixel 1, after the 16-byte
+    // IDX header: every pixel counts, not a sample of them).
+    let c = fake("c", 60);
+    let images = c.join("train-images-idx3-ubyte");
+    let mut bytes = std::fs::read(&images).unwrap();
+    bytes[16 + 1] ^= 1;
+    std::fs::write(&images, bytes).unwrap();
     let run = dir.join("run");
     let train = |extra: &[&str]| {
         let mut args = vec![
@@ -1707,6 +1714,14 @@ fn a_resume_on_other_data_is_refused() {
         err.contains("is not what the run was trained on")
             && err.contains("the run: 60 training and 20 test images")
             && err.contains("now: 61 training and 20 test images"),
+        "{err}"
+    );
+    let (code, _, err) = resume(&c);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not what the run was trained on")
+            && err.contains("the run: 60 training and 20 test images")
+            && err.contains("now: 60 training and 20 test images"),
         "{err}"
     );
     let (code, out, err) = resume(&moved);
@@ -1773,6 +1788,20 @@ fn early_stopping_restores_the_epoch_it_reports() {
         eval.contains(&format!("{:.2}%", 100.0 * test)),
         "eval: {eval}\ntrain: {out}"
     );
+    // A run that early stopping ended: a resume trains nothing and says why; lengthening it
+    // is refused (it would stop again at once).
+    assert!(
+        out.contains("early stopping:"),
+        "this setup stops early: {out}"
+    );
+    let (code, again, err) = regimen(&["train", "--resume", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(again.contains("early stopping:"), "{again}");
+    let after = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    assert_eq!(after, metrics, "no further epoch");
+    let (code, _, err) = regimen(&["train", "--resume", dir.to_str().unwrap(), "--epochs", "40"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("ended by early stopping"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

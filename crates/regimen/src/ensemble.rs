@@ -33,9 +33,9 @@ pub struct Report {
 
 /// Softmax probabilities `[N, classes]` of `model` on `data` (evaluation mode).
 ///
-/// An image whose outputs are not all finite (NaN or infinity: a damaged checkpoint, weights
-/// or preprocessing that overflow) is an error naming `name` (the model's file), never a
-/// probability row that would be scored as class 0.
+/// An image whose outputs hold a NaN or +infinity, or are all -infinity (a damaged
+/// checkpoint, weights or preprocessing that overflow), is an error naming `name` (the model's
+/// file), never a probability row that would be scored as class 0.
 pub fn probabilities(
     model: &mut dyn Layer,
     data: &Dataset,
@@ -53,7 +53,11 @@ pub fn probabilities(
         let classes = logits.shape()[1];
         let v = logits.to_vec();
         for (row, &i) in v.chunks(classes).zip(chunk) {
-            if !row.iter().all(|z| z.is_finite()) {
+            // -inf is a class ruled out (softmax gives it 0); NaN, +inf, or every class
+            // ruled out, is a damaged model.
+            let usable = row.iter().all(|z| !z.is_nan() && *z != f32::INFINITY)
+                && row.iter().any(|z| z.is_finite());
+            if !usable {
                 bad += 1;
                 first.get_or_insert(i);
                 out.extend(std::iter::repeat_n(f32::NAN, classes));

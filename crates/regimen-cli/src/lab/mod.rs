@@ -364,13 +364,19 @@ pub fn run(args: &LabArgs) -> Result<()> {
         "regimen lab: the lecture's experiments".to_string()
     };
     // Ctrl-C: the experiments finished so far are in the report (it is rewritten after each).
+    static FINISHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     {
         let report_md = out.join("report.md");
         let _ = ctrlc::set_handler(move || {
-            tell!(
-                "\ninterrupt: the lab stops; the experiments finished before this one are in {}",
-                report_md.display()
-            );
+            match FINISHED.load(std::sync::atomic::Ordering::SeqCst) {
+                0 => tell!("\ninterrupt: the lab stops before its first experiment finished; no report was written"),
+                n => tell!(
+                    "\ninterrupt: the lab stops; the {n} experiment{} finished before this one {} in {}",
+                    if n == 1 { "" } else { "s" },
+                    if n == 1 { "is" } else { "are" },
+                    report_md.display()
+                ),
+            }
             std::process::exit(130);
         });
     }
@@ -389,6 +395,7 @@ pub fn run(args: &LabArgs) -> Result<()> {
         tell!("lab {name}: {:.1} s", start.elapsed().as_secs_f64());
         // What is done so far stays readable if a later experiment is interrupted.
         report.write()?;
+        FINISHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
     let report = if args.name == "all" {
         report.with_contents()

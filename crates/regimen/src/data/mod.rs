@@ -48,27 +48,24 @@ impl Dataset {
         self.class_names.len()
     }
 
-    /// A 64-bit fingerprint of the data (FNV-1a over the shape, every label and every 61st
-    /// pixel, the last included): two different files, or a different subset or order, give
-    /// different fingerprints but for a one-in-2^64 chance; a resumed run checks it.
+    /// A 64-bit fingerprint of the data: the shape, every label and every pixel, each value
+    /// mixed in whole (FNV-1a's step over 32-bit values, then splitmix64's finalizer). Other
+    /// files, another subset, another order or one changed pixel give another fingerprint
+    /// but for a negligible chance: it guards a resumed run against accidents, not against
+    /// files crafted to collide. About 50 ms for Fashion-MNIST.
     pub fn fingerprint(&self) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |v: u64| {
-            for b in v.to_le_bytes() {
-                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
+        let mut eat = |v: u64| h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3);
         self.image_shape.iter().for_each(|&d| eat(d as u64));
         eat(self.labels.len() as u64);
         self.labels.iter().for_each(|&l| eat(l as u64));
-        self.images
-            .iter()
-            .step_by(61)
-            .for_each(|p| eat(p.to_bits() as u64));
-        if let Some(p) = self.images.last() {
-            eat(p.to_bits() as u64);
-        }
-        h
+        self.images.iter().for_each(|p| eat(p.to_bits() as u64));
+        // splitmix64's finalizer: every input bit reaches every output bit.
+        h ^= h >> 30;
+        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 27;
+        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^ (h >> 31)
     }
 
     /// Check that images and labels agree: `N` labels for `N C H W` values, each below the

@@ -338,11 +338,12 @@ impl Preprocessor {
             |_| true,
             "a component must be finite",
         )?;
+        // An eigenvalue may be a rounding below zero (constant pixels); `apply` clamps it.
         value(
             "eigenvalues",
             &p.eigenvalues,
-            |x| x >= 0.0,
-            "a variance must be finite and not negative",
+            |_| true,
+            "an eigenvalue must be finite",
         )?;
         Ok(())
     }
@@ -582,11 +583,15 @@ mod tests {
         );
         let e = bad(|p| p.components[3] = f32::NAN);
         assert!(e.contains("preprocess.components[3] is NaN"), "{e}");
-        let e = bad(|p| p.eigenvalues[0] = -1.0);
+        let e = bad(|p| p.eigenvalues[0] = f32::INFINITY);
         assert!(
-            e.contains("preprocess.eigenvalues[0] is -1: a variance"),
+            e.contains("preprocess.eigenvalues[0] is inf: an eigenvalue must be finite"),
             "{e}"
         );
+        // A rounding below zero (constant pixels) is legal: `apply` clamps it.
+        let mut tiny = ok.clone();
+        tiny.eigenvalues[0] = -1e-17;
+        tiny.check().unwrap();
         let e = bad(|p| p.mean.push(0.0));
         assert!(
             e.contains("needs 4 means and 1 stds, the file has 5 and 1"),

@@ -283,6 +283,8 @@ pub struct CudaBackend {
     dnn: Option<dnn::Dnn>,
     /// Implicit-GEMM f32 convolutions (`conv.cu`) instead of im2col: `REGIMEN_CONV=implicit`.
     implicit: bool,
+    /// f32 convolutions (forward) run so far by the implicit-GEMM kernels and by im2col.
+    conv_runs: [std::sync::atomic::AtomicUsize; 2],
 }
 
 const MAX_GPUS: usize = 16;
@@ -452,6 +454,7 @@ impl CudaBackend {
                 None
             },
             implicit,
+            conv_runs: Default::default(),
         })
     }
 
@@ -624,17 +627,22 @@ impl CudaBackend {
         self.dnn.as_ref().map(|d| d.notes()).unwrap_or_default()
     }
 
-    /// The engine of the f32 convolutions run so far: "cudnn", "implicit" (`REGIMEN_CONV`),
-    /// "im2col", or "cudnn+implicit" / "cudnn+im2col" when cuDNN is on but some shapes fell
-    /// back (no suitable algorithm).
+    /// The engines that ran the f32 convolutions so far: "cudnn", "implicit"
+    /// (`REGIMEN_CONV`), "im2col", or several joined by "+" (cuDNN without an algorithm for
+    /// some shapes, a size the implicit kernels do not take). "im2col" when none ran (16-bit
+    /// convolutions always take im2col).
     pub fn conv_engine(&self) -> &'static str {
-        let shapes = self.dnn.as_ref().map(|d| d.shapes());
-        match (shapes, self.implicit) {
-            (Some((_, 0)), _) => "cudnn",
-            (None | Some((0, _)), true) => "implicit",
-            (None | Some((0, _)), false) => "im2col",
-            (Some(_), true) => "cudnn+implicit",
-            (Some(_), false) => "cudnn+im2col",
+        let cudnn = self.dnn.as_ref().is_some_and(|d| d.shapes().0 > 0);
+        let implicit = self.conv_runs[0].load(Ordering::Relaxed) > 0;
+        let im2col = self.conv_runs[1].load(Ordering::Relaxed) > 0;
+        match (cudnn, implicit, im2col) {
+            (true, false, false) => "cudnn",
+            (false, true, false) => "implicit",
+            (false, false, _) => "im2col",
+            (true, true, false) => "cudnn+implicit",
+            (true, false, true) => "cudnn+im2col",
+            (false, true, true) => "implicit+im2col",
+            (true, true, true) => "cudnn+implicit+im2col",
         }
     }
 
@@ -1538,7 +1546,11 @@ impl Backend for CudaBackend {
             return y;
         }
         if let Some(s) = self.implicit_shape(x, w, &g) {
+            self.conv_runs[0].fetch_add(1, Ordering::Relaxed);
             return self.conv_implicit_forward(x, w, b, &g, s);
+        }
+        if x.dtype() == DType::F32 {
+            self.conv_runs[1].fetch_add(1, Ordering::Relaxed);
         }
         let col = self.im2col(x, &g);
         let yt = self.new_tensor(&[g.oc, g.nb * g.p], DType::F32);
