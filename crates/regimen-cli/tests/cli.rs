@@ -601,6 +601,11 @@ fn config_errors_name_the_file_and_the_key() {
     );
     let err = train_refuses(&["--config", p, "--threads", "0"], "invalid --threads 0");
     assert!(!err.contains("config "), "{err}");
+    // A flag of the command line whose name begins with a key of the file (--lr-batch, lr)
+    // is not blamed on the file.
+    std::fs::write(&path, "lr = 0.1\n").unwrap();
+    let err = train_refuses(&["--config", p, "--lr-batch", "abc"], "--lr-batch");
+    assert!(!err.contains("config "), "{err}");
     let _ = std::fs::remove_file(&path);
 }
 

@@ -191,6 +191,22 @@ mod tests {
         };
         let p = probabilities(&mut model, &data, 2, Device::Cpu, "m.safetensors").unwrap();
         assert!(p.iter().all(|v| v.is_finite()) && p.len() == 9);
+        // A class ruled out (-inf) is a legal output: softmax gives it 0.
+        let mut rows =
+            crate::models::for_input("flatten,linear:classes", [1, 2, 2], 3, &mut rng).unwrap();
+        rows.visit_params("", &mut |n, p| {
+            if n.ends_with("bias") {
+                let mut b = p.value.to_vec();
+                b[2] = f32::NEG_INFINITY;
+                p.value = crate::Tensor::from_vec(&[3], b).unwrap();
+            }
+        });
+        let p = probabilities(&mut rows, &data, 2, Device::Cpu, "m.safetensors").unwrap();
+        assert!(
+            p.chunks(3)
+                .all(|r| r[2] == 0.0 && (r[0] + r[1] - 1.0).abs() < 1e-6),
+            "{p:?}"
+        );
         // Image 1 overflows (an infinite pixel, as a damaged preprocessing gives): refused,
         // where its NaN row would have been scored as class 0.
         data.images[5] = f32::INFINITY;
