@@ -94,10 +94,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         // Say it of the file asked for, not of the temporary one beside it.
         return Err(Error::Data {
             file: path.display().to_string(),
-            reason: format!(
-                "cannot write it: the folder {} does not exist",
-                dir.display()
-            ),
+            reason: if dir.exists() {
+                format!("cannot write it: {} is not a folder", dir.display())
+            } else {
+                format!(
+                    "cannot write it: the folder {} does not exist",
+                    dir.display()
+                )
+            },
         });
     }
     let result = (|| {
@@ -174,5 +178,13 @@ mod tests {
                 && !e.contains("regimen-tmp"),
             "{e}"
         );
+        // A file where the folder should be.
+        let file = std::env::temp_dir().join(format!("regimen-a-file-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let e = write_atomic(&file.join("g.png"), b"x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a folder"), "{e}");
+        let _ = std::fs::remove_file(&file);
     }
 }
