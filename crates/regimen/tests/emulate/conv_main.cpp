@@ -1,7 +1,9 @@
 // Runs the implicit-GEMM convolution kernels of conv.cu on the CPU (see shim.h) for
 // tests/conv_emulated.rs.
 //
-//   conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32
+//   conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32 bm
+//
+// with bm 64 (tiles of 64 x 128) or 32 (32 x 256, the `_m32` kernels)
 //
 // reads DIR/x.bin, w.bin, dy.bin, dw.bin (the gradient to add to) and, with bias = 1, b.bin
 // (raw little-endian f32); writes DIR/y.out, dx.out, dw.out.
@@ -36,8 +38,8 @@ static void save(const std::string& path, const std::vector<float>& v) {
 static unsigned ceil_div(long long a, long long b) { return (unsigned)((a + b - 1) / b); }
 
 int main(int argc, char** argv) {
-    if (argc != 14) {
-        fprintf(stderr, "usage: conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32\n");
+    if (argc != 15) {
+        fprintf(stderr, "usage: conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32 bm\n");
         return 2;
     }
     std::string dir = argv[1];
@@ -54,6 +56,18 @@ int main(int argc, char** argv) {
     int chunk = atoi(argv[11]);
     bool has_bias = atoi(argv[12]) != 0;
     bool tf32 = atoi(argv[13]) != 0;
+    const int BM = atoi(argv[14]), BN = IG_TILE / BM;
+    if (BM != 64 && BM != 32) {
+        fprintf(stderr, "bm must be 64 or 32\n");
+        return 2;
+    }
+    // The kernel of each kind for this arithmetic and tile, as the backend picks it.
+    auto fwd = tf32 ? (BM == 64 ? conv_ig_fwd_tf32 : conv_ig_fwd_tf32_m32)
+                    : (BM == 64 ? conv_ig_fwd_f32 : conv_ig_fwd_f32_m32);
+    auto dxk = tf32 ? (BM == 64 ? conv_ig_dx_tf32 : conv_ig_dx_tf32_m32)
+                    : (BM == 64 ? conv_ig_dx_f32 : conv_ig_dx_f32_m32);
+    auto dwk = tf32 ? (BM == 64 ? conv_ig_dw_tf32 : conv_ig_dw_tf32_m32)
+                    : (BM == 64 ? conv_ig_dw_f32 : conv_ig_dw_f32_m32);
     s.oh = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
     s.ow = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
     long long P = (long long)s.oh * s.ow, K = (long long)s.c * s.kh * s.kw;
@@ -74,23 +88,14 @@ int main(int argc, char** argv) {
         return t;
     };
     auto tab_fwd = table(0), tab_dx = table(1);
-    emu_launch({ceil_div(s.nb * P, IG_BN), ceil_div(s.oc, IG_BM), 1}, IG_THREADS,
-               [&] {
-                   if (tf32) conv_ig_fwd_tf32(x.data(), w.data(), bp, y.data(), tab_fwd.data(), s);
-                   else conv_ig_fwd_f32(x.data(), w.data(), bp, y.data(), tab_fwd.data(), s);
-               });
-    emu_launch({ceil_div((long long)s.nb * s.h * s.w, IG_BN), ceil_div(s.c, IG_BM), 1}, IG_THREADS,
-               [&] {
-                   if (tf32) conv_ig_dx_tf32(dy.data(), w.data(), dx.data(), tab_dx.data(), s);
-                   else conv_ig_dx_f32(dy.data(), w.data(), dx.data(), tab_dx.data(), s);
-               });
+    emu_launch({ceil_div(s.nb * P, BN), ceil_div(s.oc, BM), 1}, IG_THREADS,
+               [&] { fwd(x.data(), w.data(), bp, y.data(), tab_fwd.data(), s); });
+    emu_launch({ceil_div((long long)s.nb * s.h * s.w, BN), ceil_div(s.c, BM), 1}, IG_THREADS,
+               [&] { dxk(dy.data(), w.data(), dx.data(), tab_dx.data(), s); });
     unsigned chunks = ceil_div(s.nb * P, chunk);
     std::vector<float> part((size_t)chunks * nw, -1.0f);
-    emu_launch({ceil_div(K, IG_BN), ceil_div(s.oc, IG_BM), chunks}, IG_THREADS,
-               [&] {
-                   if (tf32) conv_ig_dw_tf32(x.data(), dy.data(), part.data(), s, chunk);
-                   else conv_ig_dw_f32(x.data(), dy.data(), part.data(), s, chunk);
-               });
+    emu_launch({ceil_div(K, BN), ceil_div(s.oc, BM), chunks}, IG_THREADS,
+               [&] { dwk(x.data(), dy.data(), part.data(), s, chunk); });
     emu_launch({ceil_div(nw, 256), 1, 1}, 256,
                [&] { conv_ig_dw_sum(part.data(), dw.data(), (int)chunks, nw); });
     save(dir + "/y.out", y);

@@ -6,7 +6,7 @@
 //
 // with every operand read straight from the NCHW tensors: the column matrix (K x N P floats,
 // 115 MB for cnn-step's second layer at batch 128) is never written. Each block computes a
-// 64 x 128 tile of the product with 256 threads; operands go through shared memory 8
+// 64 x 128 tile of the product (32 x 256 when it has at most 32 rows) with 256 threads; operands go through shared memory 8
 // reduction steps at a time; the gather of a thread's column is decoded once per tile, not
 // once per element. Two kinds of each kernel:
 //
@@ -25,8 +25,9 @@
 // their documented semantics (tests/emulate/shim.h), and holds every kernel to the CPU
 // backend. NVRTC compiles it appended to kernels.cu.
 
-#define IG_BM 64
-#define IG_BN 128
+// A block's tile is BM x BN = 8192 results: 64 x 128, or 32 x 256 for products of at most 32
+// rows (32-channel layers), which a 64-row tile would leave half empty.
+#define IG_TILE 8192
 #define IG_BK 8
 #define IG_THREADS 256
 // Shared-memory rows are padded by 8 floats: the TF32 fragment reads (lanes 4 apart in k, 1
@@ -66,20 +67,23 @@ __device__ __forceinline__ void ig_mma_2x4(float acc[32], const float a[2][4], c
 
 // acc += the staged step's product for this thread.
 //
-// f32: acc[i 8 + j] += As[kk][ty 4 + i] Bs[kk][col j] over the 8 staged steps; the thread's
-// 8 columns are tx 4 .. tx 4 + 3 and 64 + tx 4 .. 64 + tx 4 + 3 (16-byte reads without bank
-// conflicts).
+// f32: acc[i 8 + j] += As[kk][ty 4 + i] Bs[kk][col j] over the 8 staged steps, with
+// tx = tid % (BN / 8), ty = tid / (BN / 8); the thread's 8 columns are tx 4 .. tx 4 + 3 and
+// BN / 2 + tx 4 .. BN / 2 + tx 4 + 3 (16-byte reads without bank conflicts).
 //
-// TF32: warp w covers rows (w / 4) 32 .. + 31 and columns (w % 4) 32 .. + 31 of the tile. For
+// TF32: with WN = BN / 32 warps across, warp w covers rows (w / WN) 32 .. + 31 and columns
+// (w % WN) 32 .. + 31 of the tile. For
 // lane = 4 g + t, the A fragment of row block mi is (m, k) = (r, t), (r + 8, t), (r, t + 4),
 // (r + 8, t + 4) with r = mi 16 + g, and the B fragment of column block ni is (k, n) = (t, c),
 // (t + 4, c) with c = ni 8 + g.
-template <bool TF32>
-__device__ __forceinline__ void ig_mac(const float (*As)[IG_BM + IG_PAD],
-                                       const float (*Bs)[IG_BN + IG_PAD], float acc[32], int tid) {
+template <bool TF32, int BM>
+__device__ __forceinline__ void ig_mac(const float (*As)[BM + IG_PAD],
+                                       const float (*Bs)[IG_TILE / BM + IG_PAD], float acc[32],
+                                       int tid) {
+    constexpr int BN = IG_TILE / BM, WN = BN / 32;
     if (TF32) {
         const int lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
-        const int mb = (warp / 4) * 32, nb = (warp % 4) * 32;
+        const int mb = (warp / WN) * 32, nb = (warp % WN) * 32;
         float a[2][4], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; mi++) {
@@ -97,12 +101,12 @@ __device__ __forceinline__ void ig_mac(const float (*As)[IG_BM + IG_PAD],
         }
         ig_mma_2x4(acc, a, b);
     } else {
-        const int tx = tid % 16, ty = tid / 16;
+        const int tx = tid % (BN / 8), ty = tid / (BN / 8);
 #pragma unroll
         for (int kk = 0; kk < IG_BK; kk++) {
             float4 a = *(const float4*)&As[kk][ty * 4];
             float4 b0 = *(const float4*)&Bs[kk][tx * 4];
-            float4 b1 = *(const float4*)&Bs[kk][64 + tx * 4];
+            float4 b1 = *(const float4*)&Bs[kk][BN / 2 + tx * 4];
             float av[4] = {a.x, a.y, a.z, a.w};
             float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
             for (int i = 0; i < 4; i++)
@@ -118,22 +122,24 @@ __device__ __forceinline__ int ig_e(int c, int r) {
     // TF32: c = 2 ni + (q % 2), r = 2 mi + q / 2, e = (4 mi + ni) 4 + q. f32: e = 8 r + c.
     return TF32 ? ((r / 2) * 4 + c / 2) * 4 + (r % 2) * 2 + c % 2 : r * 8 + c;
 }
-template <bool TF32>
+template <bool TF32, int BM>
 __device__ __forceinline__ int ig_colof(int tid, int c) {
+    constexpr int BN = IG_TILE / BM;
     if (TF32) {
         const int lane = tid % 32, warp = tid / 32;
-        return (warp % 4) * 32 + (c / 2) * 8 + (lane % 4) * 2 + c % 2;
+        return (warp % (BN / 32)) * 32 + (c / 2) * 8 + (lane % 4) * 2 + c % 2;
     }
-    const int tx = tid % 16;
-    return c < 4 ? tx * 4 + c : 60 + tx * 4 + c;
+    const int tx = tid % (BN / 8);
+    return c < 4 ? tx * 4 + c : BN / 2 - 4 + tx * 4 + c;
 }
-template <bool TF32>
+template <bool TF32, int BM>
 __device__ __forceinline__ int ig_rowof(int tid, int r) {
+    constexpr int BN = IG_TILE / BM;
     if (TF32) {
         const int lane = tid % 32, warp = tid / 32;
-        return (warp / 4) * 32 + (r / 2) * 16 + lane / 4 + (r % 2) * 8;
+        return (warp / (BN / 32)) * 32 + (r / 2) * 16 + lane / 4 + (r % 2) * 8;
     }
-    return (tid / 16) * 4 + r;
+    return (tid / (BN / 8)) * 4 + r;
 }
 
 // A staged operand value: rounded to TF32 for the tensor cores.
@@ -142,21 +148,24 @@ __device__ __forceinline__ float ig_stage(float v) {
     return TF32 ? ig_tf32(v) : v;
 }
 
-// One staged step of the forward and input-gradient loops: this thread's 2 values of A (row
-// e / 8, k e % 8 for e = tid + 256 i) and 4 of B (column tid % 128, rows tid / 128 + 2 i) into
-// shared memory once every warp is done with the previous step, then the products.
-template <bool TF32>
-__device__ __forceinline__ void ig_step(float (*As)[IG_BM + IG_PAD], float (*Bs)[IG_BN + IG_PAD],
-                                        const float ra[2], const float rb[4], float acc[32],
-                                        int tid) {
+// One staged step of the forward and input-gradient loops: this thread's BM / 32 values of A
+// (row e / 8, k e % 8 for e = tid + 256 i) and BN / 32 of B (column tid % BN, rows
+// tid / BN + (256 / BN) i) into shared memory once every warp is done with the previous step,
+// then the products.
+template <bool TF32, int BM>
+__device__ __forceinline__ void ig_step(float (*As)[BM + IG_PAD],
+                                        float (*Bs)[IG_TILE / BM + IG_PAD], const float* ra,
+                                        const float* rb, float acc[32], int tid) {
+    constexpr int BN = IG_TILE / BM;
     __syncthreads();
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < BM / 32; i++) {
         int e = tid + IG_THREADS * i;
         As[e % IG_BK][e / IG_BK] = ig_stage<TF32>(ra[i]);
     }
-    for (int i = 0; i < 4; i++) Bs[tid / IG_BN + 2 * i][tid % IG_BN] = ig_stage<TF32>(rb[i]);
+    for (int i = 0; i < BN / 32; i++)
+        Bs[tid / BN + (IG_THREADS / BN) * i][tid % BN] = ig_stage<TF32>(rb[i]);
     __syncthreads();
-    ig_mac<TF32>(As, Bs, acc, tid);
+    ig_mac<TF32, BM>(As, Bs, acc, tid);
 }
 
 // An index that fails every bounds check of the gathers (padding rows of the tables).
@@ -183,20 +192,22 @@ extern "C" __global__ void conv_ig_ktab(IgShape s, int4* tab, int dx, int n) {
 }
 
 // y [N, OC, OH, OW] (+ bias) = conv(x [N, C, H, W], W [OC, C, kh, kw]); `tab` is the forward
-// window table (conv_ig_ktab, dx = 0). Grid: (ceil(N P / 128), ceil(OC / 64)).
-template <bool TF32>
+// window table (conv_ig_ktab, dx = 0). Grid: (ceil(N P / BN), ceil(OC / BM)).
+template <bool TF32, int BM>
 __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt,
                        const float* __restrict__ bias, float* __restrict__ y,
                        const int4* __restrict__ tab, IgShape s) {
-    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    constexpr int BN = IG_TILE / BM;
+    __shared__ __align__(16) float As[IG_BK][BM + IG_PAD];
+    __shared__ __align__(16) float Bs[IG_BK][BN + IG_PAD];
     const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.c * khw, P = s.oh * s.ow;
     const long long N = (long long)s.nb * P;
-    const int m0 = blockIdx.y * IG_BM;
-    const long long n0 = (long long)blockIdx.x * IG_BN;
-    // This thread stages column nn of B (fixed for the whole reduction), rows kb + 2 i.
-    const int nn = tid % IG_BN, kb = tid / IG_BN;
+    const int m0 = blockIdx.y * BM;
+    const long long n0 = (long long)blockIdx.x * BN;
+    // This thread stages column nn of B (fixed for the whole reduction), rows
+    // kb + (256 / BN) i.
+    const int nn = tid % BN, kb = tid / BN;
     const long long j = n0 + nn;
     // Out of range, the column gathers nothing: its window starts where every check fails.
     int iy0 = IG_FAIL, ix0 = IG_FAIL;
@@ -213,29 +224,29 @@ __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += IG_BK) {
-        float ra[2], rb[4];
+        float ra[BM / 32], rb[BN / 32];
         // A: 8 consecutive threads read 8 consecutive k of one row of W.
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < BM / 32; i++) {
             int e = tid + IG_THREADS * i, k = k0 + e % IG_BK, m = m0 + e / IG_BK;
             ra[i] = (m < s.oc && k < K) ? wt[(long long)m * K + k] : 0.0f;
         }
-        for (int i = 0; i < 4; i++) {
-            int4 t = tab[k0 + kb + 2 * i];
+        for (int i = 0; i < BN / 32; i++) {
+            int4 t = tab[k0 + kb + (IG_THREADS / BN) * i];
             bool in = (unsigned)(iy0 + t.y) < (unsigned)s.h && (unsigned)(ix0 + t.z) < (unsigned)s.w;
             rb[i] = in ? xs[t.x] : 0.0f;
         }
-        ig_step<TF32>(As, Bs, ra, rb, acc, tid);
+        ig_step<TF32, BM>(As, Bs, ra, rb, acc, tid);
     }
     float b[4];
     int rows[4];
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-        rows[r] = m0 + ig_rowof<TF32>(tid, r);
+        rows[r] = m0 + ig_rowof<TF32, BM>(tid, r);
         b[r] = (bias && rows[r] < s.oc) ? bias[rows[r]] : 0.0f;
     }
 #pragma unroll
     for (int c = 0; c < 8; c++) {
-        long long jj = n0 + ig_colof<TF32>(tid, c);
+        long long jj = n0 + ig_colof<TF32, BM>(tid, c);
         if (jj >= N) continue;
         int smp = (int)(jj / P), pos = (int)(jj - (long long)smp * P);
         float* out = y + (long long)smp * s.oc * P + pos;
@@ -252,18 +263,19 @@ __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt
 // (iy, ix) gathers dy at (oy, ox) for every window entry (ki, kj) with oy stride + ki - pad = iy
 // (the same sums as col2im of W^T dy, without the column matrix). `tab` is the input-gradient
 // window table (conv_ig_ktab, dx = 1); strides above 1 decode k themselves.
-// Grid: (ceil(N H W / 128), ceil(C / 64)).
-template <bool TF32, bool UNIT_STRIDE>
+// Grid: (ceil(N H W / BN), ceil(C / BM)).
+template <bool TF32, int BM, bool UNIT_STRIDE>
 __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt,
                       float* __restrict__ dx, const int4* __restrict__ tab, IgShape s) {
-    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    constexpr int BN = IG_TILE / BM;
+    __shared__ __align__(16) float As[IG_BK][BM + IG_PAD];
+    __shared__ __align__(16) float Bs[IG_BK][BN + IG_PAD];
     const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.oc * khw, P = s.oh * s.ow, hw = s.h * s.w;
     const long long N = (long long)s.nb * hw;
-    const int m0 = blockIdx.y * IG_BM;
-    const long long n0 = (long long)blockIdx.x * IG_BN;
-    const int nn = tid % IG_BN, kb = tid / IG_BN;
+    const int m0 = blockIdx.y * BM;
+    const long long n0 = (long long)blockIdx.x * BN;
+    const int nn = tid % BN, kb = tid / BN;
     const long long j = n0 + nn;
     const bool jok = j < N;
     const float* ys = dy;
@@ -281,14 +293,14 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += IG_BK) {
-        float ra[2], rb[4];
+        float ra[BM / 32], rb[BN / 32];
         // A [C, OC kh kw]: A[c][(o, r)] = W[o][c][r], at tab[k].w + c kh kw.
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < BM / 32; i++) {
             int e = tid + IG_THREADS * i, k = k0 + e % IG_BK, m = m0 + e / IG_BK;
             ra[i] = (m < s.c && k < K) ? wt[tab[k].w + (long long)m * khw] : 0.0f;
         }
-        for (int i = 0; i < 4; i++) {
-            int k = k0 + kb + 2 * i;
+        for (int i = 0; i < BN / 32; i++) {
+            int k = k0 + kb + (IG_THREADS / BN) * i;
             float v = 0.0f;
             if (UNIT_STRIDE) {
                 int4 t = tab[k];
@@ -305,17 +317,17 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
             }
             rb[i] = v;
         }
-        ig_step<TF32>(As, Bs, ra, rb, acc, tid);
+        ig_step<TF32, BM>(As, Bs, ra, rb, acc, tid);
     }
 #pragma unroll
     for (int c = 0; c < 8; c++) {
-        long long jj = n0 + ig_colof<TF32>(tid, c);
+        long long jj = n0 + ig_colof<TF32, BM>(tid, c);
         if (jj >= N) continue;
         int smp = (int)(jj / hw), pos = (int)(jj - (long long)smp * hw);
         float* out = dx + (long long)smp * s.c * hw + pos;
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-            int m = m0 + ig_rowof<TF32>(tid, r);
+            int m = m0 + ig_rowof<TF32, BM>(tid, r);
             if (m < s.c) out[(long long)m * hw] = acc[ig_e<TF32>(c, r)];
         }
     }
@@ -323,24 +335,26 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
 
 // The partial weight gradients of chunk z (grid z) of the reduction over N P:
 // part[z][o][k] = sum over j in [z chunk, (z + 1) chunk) of dy[o, j] col[k, j].
-// Grid: (ceil(K / 128), ceil(OC / 64), chunks); `chunk` is a multiple of 8.
-template <bool TF32>
+// Grid: (ceil(K / BN), ceil(OC / BM), chunks); `chunk` is a multiple of 8.
+template <bool TF32, int BM>
 __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
                       float* __restrict__ part, IgShape s, int chunk) {
-    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    constexpr int BN = IG_TILE / BM;
+    __shared__ __align__(16) float As[IG_BK][BM + IG_PAD];
+    __shared__ __align__(16) float Bs[IG_BK][BN + IG_PAD];
     const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.c * khw, P = s.oh * s.ow, hw = s.h * s.w;
     const long long N = (long long)s.nb * P;
-    const int m0 = blockIdx.y * IG_BM, n0 = blockIdx.x * IG_BN;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const long long r0 = (long long)blockIdx.z * chunk;
     const long long r1 = r0 + chunk < N ? r0 + chunk : N;
-    // This thread stages reduction row jj of both tiles: A rows mm = tid / 8 + 32 i (i < 2),
-    // B columns nn = tid / 8 + 32 i (i < 4), whose window offsets are fixed for the block.
+    // This thread stages reduction row jj of both tiles: A rows mm = tid / 8 + 32 i
+    // (i < BM / 32), B columns nn = tid / 8 + 32 i (i < BN / 32), whose window offsets are
+    // fixed for the block.
     const int jj = tid % IG_BK, lane = tid / IG_BK;
-    int coff[4], kio[4], kjo[4];
-    bool kok[4];
-    for (int i = 0; i < 4; i++) {
+    int coff[BN / 32], kio[BN / 32], kjo[BN / 32];
+    bool kok[BN / 32];
+    for (int i = 0; i < BN / 32; i++) {
         int k = n0 + lane + 32 * i;
         kok[i] = k < K;
         int ci = kok[i] ? k / khw : 0, r = kok[i] ? k - ci * khw : 0;
@@ -362,17 +376,19 @@ __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
         ox = pos - oy * s.ow;
     }
     for (long long t0 = r0; t0 < r1; t0 += IG_BK) {
-        float ra[2] = {0.0f, 0.0f}, rb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float ra[BM / 32], rb[BN / 32];
+        for (int i = 0; i < BM / 32; i++) ra[i] = 0.0f;
+        for (int i = 0; i < BN / 32; i++) rb[i] = 0.0f;
         long long j = t0 + jj;
         if (j < r1) {
             int iy0 = oy * s.stride - s.pad, ix0 = ox * s.stride - s.pad;
             const float* xs = x + (long long)smp * s.c * hw;
             const float* ys = dy + (long long)smp * s.oc * P + oy * s.ow + ox;
-            for (int i = 0; i < 2; i++) {
+            for (int i = 0; i < BM / 32; i++) {
                 int m = m0 + lane + 32 * i;
                 if (m < s.oc) ra[i] = ys[(long long)m * P];
             }
-            for (int i = 0; i < 4; i++) {
+            for (int i = 0; i < BN / 32; i++) {
                 int iy = iy0 + kio[i], ix = ix0 + kjo[i];
                 if (kok[i] && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w)
                     rb[i] = xs[coff[i] + iy * s.w + ix];
@@ -384,56 +400,47 @@ __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
                 smp++;
             }
         __syncthreads();
-        for (int i = 0; i < 2; i++) As[jj][lane + 32 * i] = ig_stage<TF32>(ra[i]);
-        for (int i = 0; i < 4; i++) Bs[jj][lane + 32 * i] = ig_stage<TF32>(rb[i]);
+        for (int i = 0; i < BM / 32; i++) As[jj][lane + 32 * i] = ig_stage<TF32>(ra[i]);
+        for (int i = 0; i < BN / 32; i++) Bs[jj][lane + 32 * i] = ig_stage<TF32>(rb[i]);
         __syncthreads();
-        ig_mac<TF32>(As, Bs, acc, tid);
+        ig_mac<TF32, BM>(As, Bs, acc, tid);
     }
     float* out = part + (long long)blockIdx.z * s.oc * K;
 #pragma unroll
     for (int c = 0; c < 8; c++) {
-        int k = n0 + ig_colof<TF32>(tid, c);
+        int k = n0 + ig_colof<TF32, BM>(tid, c);
         if (k >= K) continue;
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-            int m = m0 + ig_rowof<TF32>(tid, r);
+            int m = m0 + ig_rowof<TF32, BM>(tid, r);
             if (m < s.oc) out[(long long)m * K + k] = acc[ig_e<TF32>(c, r)];
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_fwd_f32(const float* x, const float* wt, const float* bias, float* y, const int4* tab,
-                IgShape s) {
-    ig_fwd<false>(x, wt, bias, y, tab, s);
-}
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_fwd_tf32(const float* x, const float* wt, const float* bias, float* y, const int4* tab,
-                 IgShape s) {
-    ig_fwd<true>(x, wt, bias, y, tab, s);
-}
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_dx_f32(const float* dy, const float* wt, float* dx, const int4* tab, IgShape s) {
-    if (s.stride == 1)
-        ig_dx<false, true>(dy, wt, dx, tab, s);
-    else
-        ig_dx<false, false>(dy, wt, dx, tab, s);
-}
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_dx_tf32(const float* dy, const float* wt, float* dx, const int4* tab, IgShape s) {
-    if (s.stride == 1)
-        ig_dx<true, true>(dy, wt, dx, tab, s);
-    else
-        ig_dx<true, false>(dy, wt, dx, tab, s);
-}
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_dw_f32(const float* x, const float* dy, float* part, IgShape s, int chunk) {
-    ig_dw<false>(x, dy, part, s, chunk);
-}
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_ig_dw_tf32(const float* x, const float* dy, float* part, IgShape s, int chunk) {
-    ig_dw<true>(x, dy, part, s, chunk);
-}
+// The kernels: kind (fwd, dx, dw) x arithmetic (f32, tf32) x tile (64 x 128, or 32 x 256 with
+// the suffix _m32).
+#define IG_KERNELS(SUFFIX, TF32, BM)                                                            \
+    extern "C" __global__ void __launch_bounds__(IG_THREADS) conv_ig_fwd_##SUFFIX(              \
+        const float* x, const float* wt, const float* bias, float* y, const int4* tab,         \
+        IgShape s) {                                                                           \
+        ig_fwd<TF32, BM>(x, wt, bias, y, tab, s);                                              \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(IG_THREADS) conv_ig_dx_##SUFFIX(               \
+        const float* dy, const float* wt, float* dx, const int4* tab, IgShape s) {             \
+        if (s.stride == 1)                                                                     \
+            ig_dx<TF32, BM, true>(dy, wt, dx, tab, s);                                         \
+        else                                                                                   \
+            ig_dx<TF32, BM, false>(dy, wt, dx, tab, s);                                        \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(IG_THREADS) conv_ig_dw_##SUFFIX(               \
+        const float* x, const float* dy, float* part, IgShape s, int chunk) {                  \
+        ig_dw<TF32, BM>(x, dy, part, s, chunk);                                                \
+    }
+IG_KERNELS(f32, false, 64)
+IG_KERNELS(tf32, true, 64)
+IG_KERNELS(f32_m32, false, 32)
+IG_KERNELS(tf32_m32, true, 32)
 
 // dW [n] += the sum of the chunks' partials part[z][n], in chunk order.
 extern "C" __global__ void conv_ig_dw_sum(const float* part, float* dw, int chunks, long long n) {

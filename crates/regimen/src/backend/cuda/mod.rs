@@ -142,6 +142,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "conv_ig_dx_tf32",
     "conv_ig_dw_f32",
     "conv_ig_dw_tf32",
+    "conv_ig_fwd_f32_m32",
+    "conv_ig_fwd_tf32_m32",
+    "conv_ig_dx_f32_m32",
+    "conv_ig_dx_tf32_m32",
+    "conv_ig_dw_f32_m32",
+    "conv_ig_dw_tf32_m32",
     "conv_ig_dw_sum",
     "conv_ig_ktab",
     "col2im",
@@ -670,14 +676,15 @@ impl CudaBackend {
         })
     }
 
-    /// The kernel of a pair `(f32, tf32)`: the TF32 one when convolutions may use tensor
-    /// cores (`set_conv_tf32`).
-    fn ig_kernel(pair: (&'static str, &'static str)) -> &'static str {
-        if CONV_TF32.load(Ordering::Relaxed) {
-            pair.1
-        } else {
-            pair.0
-        }
+    /// The implicit-GEMM kernel of `kind` (0 forward, 1 input gradient, 2 weight gradient)
+    /// for a product of `rows` rows, and its tile `(BM, BN)`: TF32 when convolutions may use
+    /// tensor cores (`set_conv_tf32`), 32 x 256 tiles for at most 32 rows (a 64-row tile
+    /// would be half empty), 64 x 128 otherwise.
+    fn ig_kernel(kind: usize, rows: usize) -> (&'static str, usize, usize) {
+        let tf32 = CONV_TF32.load(Ordering::Relaxed) as usize;
+        let m32 = rows <= 32;
+        let (bm, bn) = if m32 { (32, 256) } else { (64, 128) };
+        (IG_KERNELS[kind][tf32 + 2 * m32 as usize], bm, bn)
     }
 
     /// y = conv(x, w) (+ b) by `conv_ig_fwd_*`.
@@ -696,13 +703,14 @@ impl CudaBackend {
         let (xp, wp, bp, yp) = (ptr(x), ptr(w), b.map_or(0, ptr), ptr(&y));
         let tab = self.ig_table(s, g.c * g.win.kh * g.win.kw, false);
         let tp = ptr(&tab);
+        let (kernel, bm, bn) = Self::ig_kernel(0, g.oc);
         let grid = (
-            (g.nb * g.p).div_ceil(IG_BN) as u32,
-            g.oc.div_ceil(IG_BM) as u32,
+            (g.nb * g.p).div_ceil(bn) as u32,
+            g.oc.div_ceil(bm) as u32,
             1,
         );
         self.launch3(
-            Self::ig_kernel(("conv_ig_fwd_f32", "conv_ig_fwd_tf32")),
+            kernel,
             grid,
             IG_THREADS,
             &mut args![&xp, &wp, &bp, &yp, &tp, &s],
@@ -743,17 +751,18 @@ impl CudaBackend {
         let np = g.nb * g.p;
         let mk = g.oc * g.k;
         if np > 0 && mk > 0 {
-            let (chunks, chunk) = dw_chunks(np, g.k.div_ceil(IG_BN) * g.oc.div_ceil(IG_BM));
+            let (kernel, bm, bn) = Self::ig_kernel(2, g.oc);
+            let (chunks, chunk) = dw_chunks(np, g.k.div_ceil(bn) * g.oc.div_ceil(bm));
             let part = self.new_tensor(&[chunks * mk], DType::F32);
             let pp = ptr(&part);
             let grid = (
-                g.k.div_ceil(IG_BN) as u32,
-                g.oc.div_ceil(IG_BM) as u32,
+                g.k.div_ceil(bn) as u32,
+                g.oc.div_ceil(bm) as u32,
                 chunks as u32,
             );
             let chunk = chunk as i32;
             self.launch3(
-                Self::ig_kernel(("conv_ig_dw_f32", "conv_ig_dw_tf32")),
+                kernel,
                 grid,
                 IG_THREADS,
                 &mut args![&xp, &dyp, &pp, &s, &chunk],
@@ -781,13 +790,14 @@ impl CudaBackend {
         let dxp = ptr(&dx);
         let tab = self.ig_table(s, g.oc * g.win.kh * g.win.kw, true);
         let tp = ptr(&tab);
+        let (kernel, bm, bn) = Self::ig_kernel(1, g.c);
         let grid = (
-            (g.nb * g.h * g.w).div_ceil(IG_BN) as u32,
-            g.c.div_ceil(IG_BM) as u32,
+            (g.nb * g.h * g.w).div_ceil(bn) as u32,
+            g.c.div_ceil(bm) as u32,
             1,
         );
         self.launch3(
-            Self::ig_kernel(("conv_ig_dx_f32", "conv_ig_dx_tf32")),
+            kernel,
             grid,
             IG_THREADS,
             &mut args![&dyp, &wp, &dxp, &tp, &s],
@@ -2496,10 +2506,31 @@ impl Backend for CudaBackend {
 }
 
 /// The geometry of a convolution, in the forms the kernels take.
-/// The tile of `conv.cu`'s kernels: 64 rows (`IG_BM`) by 128 columns (`IG_BN`), 256 threads.
-const IG_BM: usize = 64;
-const IG_BN: usize = 128;
+/// Threads per block of `conv.cu`'s kernels.
 const IG_THREADS: u32 = 256;
+
+/// `conv.cu`'s kernels by kind (forward, input gradient, weight gradient), each as
+/// `[f32, tf32, f32 with 32-row tiles, tf32 with 32-row tiles]` (see `ig_kernel`).
+const IG_KERNELS: [[&str; 4]; 3] = [
+    [
+        "conv_ig_fwd_f32",
+        "conv_ig_fwd_tf32",
+        "conv_ig_fwd_f32_m32",
+        "conv_ig_fwd_tf32_m32",
+    ],
+    [
+        "conv_ig_dx_f32",
+        "conv_ig_dx_tf32",
+        "conv_ig_dx_f32_m32",
+        "conv_ig_dx_tf32_m32",
+    ],
+    [
+        "conv_ig_dw_f32",
+        "conv_ig_dw_tf32",
+        "conv_ig_dw_f32_m32",
+        "conv_ig_dw_tf32_m32",
+    ],
+];
 
 /// `IgShape` of conv.cu (passed by value to its kernels).
 #[repr(C)]
@@ -2679,8 +2710,8 @@ mod tests {
 
     /// Every kernel name the backend launches is loaded (`KERNEL_NAMES`, which the NVRTC test
     /// finds in the PTX): a launch of any other name would panic on a GPU only. Reads this
-    /// file's launches: the literal first argument of each `self.launch*(` and every literal
-    /// of an `ig_kernel((..))` pair.
+    /// file's launches (the literal first argument of each `self.launch*(`) and takes every
+    /// name of `IG_KERNELS`.
     #[test]
     fn every_launched_kernel_is_loaded() {
         let all = include_str!("mod.rs");
@@ -2698,13 +2729,7 @@ mod tests {
                 launched.push(name);
             }
         }
-        for (i, _) in src.match_indices("ig_kernel((") {
-            let after = &src[i + "ig_kernel((".len()..];
-            let pair = &after[..after.find("))").expect("a pair")];
-            for part in pair.split(',') {
-                launched.extend(literal(part));
-            }
-        }
+        launched.extend(IG_KERNELS.iter().flatten().map(|k| k.to_string()));
         assert!(
             launched.len() > 40,
             "found only {} launches",
