@@ -6,9 +6,10 @@
 //
 // with every operand read straight from the NCHW tensors: the column matrix (K x N P floats,
 // 115 MB for cnn-step's second layer at batch 128) is never written. Each block computes a
-// 64 x 128 tile of the product (32 x 256 when it has at most 32 rows) with 256 threads; operands go through shared memory 8
-// reduction steps at a time; the gather of a thread's column is decoded once per tile, not
-// once per element. Two kinds of each kernel:
+// 64 x 128 tile of the product (32 x 256 when it has at most 32 rows) with 256 threads;
+// operands go through shared memory 8 reduction steps at a time; a thread decodes its column
+// once, and each reduction index's window comes from a table (conv_ig_ktab), so the loops do
+// not divide. Two kinds of each kernel:
 //
 //   - `..._f32`: full f32, each thread keeps 4 x 8 results and multiplies with FMAs;
 //   - `..._tf32`: TF32 tensor cores (as PyTorch's convolutions by default): the operands are
