@@ -328,23 +328,26 @@ fn convolutions() {
 fn convolutions_tf32() {
     #[cfg(feature = "cuda")]
     regimen::backend::cuda::set_conv_tf32(true);
-    same("conv 70->66 tf32", Tol(0.1, 1e-2), |d| {
-        let be = d.backend();
-        let win = Window {
-            kh: 3,
-            kw: 3,
-            stride: 1,
-            pad: 1,
-        };
-        let x = t(&[3, 70, 9, 8], 30, d);
-        let w = t(&[66, 70, 3, 3], 31, d);
-        let b = t(&[66], 32, d);
-        let y = be.conv2d_forward(&x, &w, Some(&b), win);
-        let dy = t(y.shape(), 33, d);
-        let mut dw = t(&[66, 70, 3, 3], 34, d);
-        let dx = be.conv2d_backward(&x, &w, &dy, win, &mut dw, None, true);
-        vec![y, dx, dw]
-    });
+    // 70 -> 66 channels: 64-row tiles of the implicit kernels; 16 -> 24: their 32-row tiles.
+    for (c, oc) in [(70, 66), (16, 24)] {
+        same(&format!("conv {c}->{oc} tf32"), Tol(0.1, 1e-2), |d| {
+            let be = d.backend();
+            let win = Window {
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 1,
+            };
+            let x = t(&[3, c, 9, 8], 30, d);
+            let w = t(&[oc, c, 3, 3], 31, d);
+            let b = t(&[oc], 32, d);
+            let y = be.conv2d_forward(&x, &w, Some(&b), win);
+            let dy = t(y.shape(), 33, d);
+            let mut dw = t(&[oc, c, 3, 3], 34, d);
+            let dx = be.conv2d_backward(&x, &w, &dy, win, &mut dw, None, true);
+            vec![y, dx, dw]
+        });
+    }
     regimen_cuda_exact_convs();
 }
 
