@@ -62,8 +62,9 @@ pub fn cpu_features() -> String {
         std::env::consts::ARCH.to_string()
     }
 }
-/// How f32 convolutions run on a GPU: `cudnn` (with `REGIMEN_CUDNN=1`) or `im2col` (im2col +
-/// cuBLAS); `None` on the CPU or when the GPU cannot be used.
+/// The engines that ran the GPU's f32 convolutions so far: `cudnn` (`REGIMEN_CUDNN=1`),
+/// `implicit` (`REGIMEN_CONV=implicit`), `im2col` (im2col + cuBLAS), several joined by `+`,
+/// or `none` when no convolution ran; `None` on the CPU or when the GPU cannot be used.
 pub fn gpu_conv_engine(device: Device) -> Option<&'static str> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {

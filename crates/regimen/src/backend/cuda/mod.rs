@@ -289,8 +289,9 @@ pub struct CudaBackend {
     dnn: Option<dnn::Dnn>,
     /// Implicit-GEMM f32 convolutions (`conv.cu`) instead of im2col: `REGIMEN_CONV=implicit`.
     implicit: bool,
-    /// f32 convolutions (forward) run so far by the implicit-GEMM kernels and by im2col.
-    conv_runs: [std::sync::atomic::AtomicUsize; 2],
+    /// Convolutions (forward) run so far: f32 by the implicit-GEMM kernels, f32 by im2col,
+    /// 16-bit (always im2col).
+    conv_runs: [std::sync::atomic::AtomicUsize; 3],
 }
 
 const MAX_GPUS: usize = 16;
@@ -635,15 +636,17 @@ impl CudaBackend {
 
     /// The engines that ran the f32 convolutions so far: "cudnn", "implicit"
     /// (`REGIMEN_CONV`), "im2col", or several joined by "+" (cuDNN without an algorithm for
-    /// some shapes, a size the implicit kernels do not take). "im2col" when none ran (16-bit
-    /// convolutions always take im2col).
+    /// some shapes, a size the implicit kernels do not take). With no f32 convolution:
+    /// "im2col" when 16-bit ones ran (they always take it), "none" when none ran.
     pub fn conv_engine(&self) -> &'static str {
         let cudnn = self.dnn.as_ref().is_some_and(|d| d.shapes().0 > 0);
         let implicit = self.conv_runs[0].load(Ordering::Relaxed) > 0;
         let im2col = self.conv_runs[1].load(Ordering::Relaxed) > 0;
+        let half = self.conv_runs[2].load(Ordering::Relaxed) > 0;
         match (cudnn, implicit, im2col) {
             (true, false, false) => "cudnn",
             (false, true, false) => "implicit",
+            (false, false, false) if !half => "none",
             (false, false, _) => "im2col",
             (true, true, false) => "cudnn+implicit",
             (true, false, true) => "cudnn+im2col",
@@ -1559,9 +1562,8 @@ impl Backend for CudaBackend {
             self.conv_runs[0].fetch_add(1, Ordering::Relaxed);
             return self.conv_implicit_forward(x, w, b, &g, s);
         }
-        if x.dtype() == DType::F32 {
-            self.conv_runs[1].fetch_add(1, Ordering::Relaxed);
-        }
+        let run = if x.dtype() == DType::F32 { 1 } else { 2 };
+        self.conv_runs[run].fetch_add(1, Ordering::Relaxed);
         let col = self.im2col(x, &g);
         let yt = self.new_tensor(&[g.oc, g.nb * g.p], DType::F32);
         // y' [OC, N P] = W [OC, K] col [K, N P]
