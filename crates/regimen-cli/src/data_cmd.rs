@@ -66,7 +66,15 @@ impl Source {
     }
 
     pub fn load(&self) -> Result<Splits> {
-        Ok(data::load(&self.dataset, self.data_dir.as_deref())?)
+        let splits = data::load(&self.dataset, self.data_dir.as_deref())?;
+        if let (Some(dir), "embedded") = (&self.data_dir, splits.source.as_str()) {
+            tell!(
+                "note: --data-dir {} is not read: {} is embedded in regimen",
+                dir.display(),
+                self.dataset
+            );
+        }
+        Ok(splits)
     }
 }
 

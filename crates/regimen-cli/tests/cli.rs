@@ -1622,6 +1622,12 @@ fn a_relative_data_dir_is_kept_absolute() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{:?}", out);
+    // The embedded digits read no folder: said, not silently ignored.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not read: digits is embedded"),
+        "{stderr}"
+    );
     let config = std::fs::read_to_string(dir.join("run/config.toml")).unwrap();
     let want = format!(
         "data_dir = {:?}",
