@@ -151,12 +151,13 @@ __device__ __forceinline__ float ig_stage(float v) {
 
 // One staged step of the forward and input-gradient loops: this thread's BM / 32 values of A
 // (row e / 8, k e % 8 for e = tid + 256 i) and BN / 32 of B (column tid % BN, rows
-// tid / BN + (256 / BN) i) into shared memory once every warp is done with the previous step,
-// then the products.
-template <bool TF32, int BM>
+// tid / BN + (256 / BN) i) into shared memory once every warp is done with the previous step;
+// then `next()` loads the next step's values into ra and rb (their global loads in flight
+// while the products of this step run), then the products.
+template <bool TF32, int BM, class Next>
 __device__ __forceinline__ void ig_step(float (*As)[BM + IG_PAD],
                                         float (*Bs)[IG_TILE / BM + IG_PAD], const float* ra,
-                                        const float* rb, float acc[32], int tid) {
+                                        const float* rb, float acc[32], int tid, Next next) {
     constexpr int BN = IG_TILE / BM;
     __syncthreads();
     for (int i = 0; i < BM / 32; i++) {
@@ -166,6 +167,7 @@ __device__ __forceinline__ void ig_step(float (*As)[BM + IG_PAD],
     for (int i = 0; i < BN / 32; i++)
         Bs[tid / BN + (IG_THREADS / BN) * i][tid % BN] = ig_stage<TF32>(rb[i]);
     __syncthreads();
+    next();
     ig_mac<TF32, BM>(As, Bs, acc, tid);
 }
 
@@ -224,8 +226,9 @@ __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt
     float acc[32];
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
-    for (int k0 = 0; k0 < K; k0 += IG_BK) {
-        float ra[BM / 32], rb[BN / 32];
+    float ra[BM / 32], rb[BN / 32];
+    // This thread's values of the step at k0.
+    auto load = [&](int k0) {
         // A: 8 consecutive threads read 8 consecutive k of one row of W.
         for (int i = 0; i < BM / 32; i++) {
             int e = tid + IG_THREADS * i, k = k0 + e % IG_BK, m = m0 + e / IG_BK;
@@ -236,8 +239,12 @@ __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt
             bool in = (unsigned)(iy0 + t.y) < (unsigned)s.h && (unsigned)(ix0 + t.z) < (unsigned)s.w;
             rb[i] = in ? xs[t.x] : 0.0f;
         }
-        ig_step<TF32, BM>(As, Bs, ra, rb, acc, tid);
-    }
+    };
+    load(0);
+    for (int k0 = 0; k0 < K; k0 += IG_BK)
+        ig_step<TF32, BM>(As, Bs, ra, rb, acc, tid, [&] {
+            if (k0 + IG_BK < K) load(k0 + IG_BK);
+        });
     float b[4];
     int rows[4];
 #pragma unroll
@@ -293,8 +300,9 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
     float acc[32];
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
-    for (int k0 = 0; k0 < K; k0 += IG_BK) {
-        float ra[BM / 32], rb[BN / 32];
+    float ra[BM / 32], rb[BN / 32];
+    // This thread's values of the step at k0.
+    auto load = [&](int k0) {
         // A [C, OC kh kw]: A[c][(o, r)] = W[o][c][r], at tab[k].w + c kh kw.
         for (int i = 0; i < BM / 32; i++) {
             int e = tid + IG_THREADS * i, k = k0 + e % IG_BK, m = m0 + e / IG_BK;
@@ -318,8 +326,12 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
             }
             rb[i] = v;
         }
-        ig_step<TF32, BM>(As, Bs, ra, rb, acc, tid);
-    }
+    };
+    load(0);
+    for (int k0 = 0; k0 < K; k0 += IG_BK)
+        ig_step<TF32, BM>(As, Bs, ra, rb, acc, tid, [&] {
+            if (k0 + IG_BK < K) load(k0 + IG_BK);
+        });
 #pragma unroll
     for (int c = 0; c < 8; c++) {
         long long jj = n0 + ig_colof<TF32, BM>(tid, c);
@@ -376,8 +388,10 @@ __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
         oy = pos / s.ow;
         ox = pos - oy * s.ow;
     }
-    for (long long t0 = r0; t0 < r1; t0 += IG_BK) {
-        float ra[BM / 32], rb[BN / 32];
+    float ra[BM / 32], rb[BN / 32];
+    // This thread's values of the step at t0 (reduction row t0 + jj), then the position of
+    // the next step's row.
+    auto load = [&](long long t0) {
         for (int i = 0; i < BM / 32; i++) ra[i] = 0.0f;
         for (int i = 0; i < BN / 32; i++) rb[i] = 0.0f;
         long long j = t0 + jj;
@@ -400,10 +414,15 @@ __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
                 oy = 0;
                 smp++;
             }
+    };
+    load(r0);
+    for (long long t0 = r0; t0 < r1; t0 += IG_BK) {
         __syncthreads();
         for (int i = 0; i < BM / 32; i++) As[jj][lane + 32 * i] = ig_stage<TF32>(ra[i]);
         for (int i = 0; i < BN / 32; i++) Bs[jj][lane + 32 * i] = ig_stage<TF32>(rb[i]);
         __syncthreads();
+        // The next step's loads in flight while this step's products run.
+        if (t0 + IG_BK < r1) load(t0 + IG_BK);
         ig_mac<TF32, BM>(As, Bs, acc, tid);
     }
     float* out = part + (long long)blockIdx.z * s.oc * K;
