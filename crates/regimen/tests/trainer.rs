@@ -39,6 +39,33 @@ fn record(epoch: usize, val_loss: f32, val_acc: f32) -> Record {
     }
 }
 
+/// Replaying a history twice (a second `run` of one trainer) counts its epochs once: two
+/// epochs without improvement under patience 3 stop nothing, however often they are replayed;
+/// a third does.
+#[test]
+fn early_stopping_replays_a_history_once() {
+    let mut es = EarlyStopping::new("val_loss", Mode::Min, 3, 0.0).unwrap();
+    let mut history = vec![
+        record(1, 1.0, 0.0),
+        record(2, 1.1, 0.0),
+        record(3, 1.2, 0.0),
+    ];
+    for _ in 0..2 {
+        let mut control = Control::default();
+        es.on_train_begin(&history, &mut control).unwrap();
+        assert_eq!(control.stopping(), None);
+    }
+    history.push(record(4, 1.3, 0.0));
+    let mut control = Control::default();
+    es.on_train_begin(&history, &mut control).unwrap();
+    assert!(
+        control
+            .stopping()
+            .is_some_and(|r| r.contains("has not improved for 3 epochs")),
+        "{control:?}"
+    );
+}
+
 #[test]
 fn early_stopping_on_a_scripted_metric_sequence() {
     let losses = [1.0, 0.9, 0.95, 0.91, 0.89, 0.9];

@@ -201,6 +201,11 @@ fn put_state(model: &mut dyn Layer, from: &[Tensor]) {
 
 impl Callback for EarlyStopping {
     fn on_train_begin(&mut self, history: &[Record], control: &mut Control) -> Result<()> {
+        // The history is the whole truth: a second `run` of the same trainer replays it
+        // again rather than counting its epochs twice.
+        self.best.value = None;
+        self.best.epoch = 0;
+        self.wait = 0;
         let mut stop = None;
         for r in history {
             stop = self.observe(r)?.1;
