@@ -401,6 +401,7 @@ impl CudaBackend {
             .compute_capability()
             .map_err(derr("reading the compute capability"))?;
         let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
+        check_arch(arch, &name, n)?;
         let ptx = ptx_for(arch)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -2563,6 +2564,21 @@ fn dw_chunks(np: usize, tiles: usize) -> (usize, usize) {
     (np.div_ceil(chunk), chunk)
 }
 
+/// The kernels need compute capability 8.0 (Ampere) or newer: bf16 conversions and TF32
+/// tensor-core instructions. An older GPU is one clear error, not NVRTC's log.
+fn check_arch(arch: (i32, i32), name: &str, n: usize) -> Result<()> {
+    if arch.0 < 8 {
+        return Err(Error::Device {
+            device: format!("cuda:{n}"),
+            reason: format!(
+                "{name} has compute capability {}.{}; regimen's kernels need 8.0 or newer (Ampere, Ada, Hopper, Blackwell)",
+                arch.0, arch.1
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The `REGIMEN_CONV` rule: unset or `im2col` for im2col + cuBLAS, `implicit` for conv.cu's
 /// implicit-GEMM kernels; anything else is an error naming the variable.
 fn conv_choice(value: Option<&str>) -> Result<bool> {
@@ -2742,6 +2758,19 @@ mod tests {
                 KERNEL_NAMES.contains(&name.as_str()),
                 "mod.rs launches {name:?}, which KERNEL_NAMES does not load"
             );
+        }
+    }
+
+    #[test]
+    fn gpus_before_ampere_are_refused_in_words() {
+        let e = check_arch((7, 5), "Tesla T4", 1).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cuda:1: Tesla T4 has compute capability 7.5")
+                && e.contains("8.0 or newer"),
+            "{e}"
+        );
+        for arch in [(8, 0), (8, 9), (9, 0), (10, 0)] {
+            check_arch(arch, "GPU", 0).unwrap();
         }
     }
 
