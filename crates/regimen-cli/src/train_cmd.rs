@@ -477,9 +477,16 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         splits.train.fingerprint(),
         splits.test.fingerprint()
     );
-    if args.resume.is_some() {
-        let (_, meta) = regimen::io::read_safetensors(&last)
-            .with_context(|| format!("resuming from {}", last.display()))?;
+    // The run state a resume continues, read once: its metadata is checked here, its
+    // tensors go to the trainer below.
+    let mut resumed = match args.resume {
+        Some(_) => Some(
+            regimen::RunState::load(&last)
+                .with_context(|| format!("resuming from {}", last.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(meta) = resumed.as_ref().map(|s| &s.meta) {
         if let Some(was) = meta.get("data").filter(|was| **was != data_id) {
             bail!(
                 "--resume {}: the data in {} is not what the run was trained on (the run: {was}; \
@@ -668,8 +675,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     let mut planned_epochs = args.epochs;
     if let Some(dir) = &args.resume {
         let config_path = dir.join("config.toml");
+        let state = resumed.take().expect("read above for --resume");
         trainer
-            .resume(&last)
+            .resume_state(state, &last.display().to_string())
             .with_context(|| format!("resuming from {}", last.display()))?;
         let (done, batch) = trainer.position();
         say!(
@@ -695,11 +703,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         if let (Some(patience), true) = (args.early_stopping, args.epochs > old_epochs) {
             let mode = Mode::for_metric(&args.monitor);
             let mut es = EarlyStopping::new(&args.monitor, mode, patience, args.min_delta)?;
-            let mut stop = None;
-            for r in trainer.history() {
-                stop = es.observe(r)?.1;
-            }
-            if let Some(reason) = stop {
+            let mut control = regimen::trainer::Control::default();
+            es.on_train_begin(trainer.history(), &mut control)?;
+            if let Some(reason) = control.stopping() {
                 bail!(
                     "--epochs {}: the run in {} ended by early stopping ({reason}); lengthened, it would stop again before its next epoch: start a new run instead (--config {}/config.toml, with more --early-stopping patience)",
                     args.epochs,

@@ -89,20 +89,9 @@ pub fn load(path: &Path, model: &mut dyn Layer) -> Result<Loaded> {
                 )))
             }
             Some((_, v)) => {
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                    return Err(bad(format!(
-                        "{name}[{i}] is {} (the checkpoint holds a diverged model)",
-                        v[i]
-                    )));
-                }
-                if name.ends_with("running_var") {
-                    if let Some(i) = v.iter().position(|&x| x < 0.0) {
-                        return Err(bad(format!(
-                            "{name}[{i}] is {}, but a variance cannot be negative (the file is damaged)",
-                            v[i]
-                        )));
-                    }
-                }
+                use crate::run_state::{check_values, nonnegative_buffer};
+                let diverged = "the checkpoint holds a diverged model";
+                check_values(name, &v, diverged, nonnegative_buffer(name)).map_err(bad)?;
                 values.push(v)
             }
         }

@@ -156,7 +156,8 @@ impl RunState {
                     )))
                 }
                 Some((_, v)) => {
-                    check_values(name, v, name.ends_with("running_var")).map_err(bad)?
+                    check_values(name, v, "the file is damaged", nonnegative_buffer(name))
+                        .map_err(bad)?
                 }
             }
         }
@@ -183,7 +184,8 @@ impl RunState {
             for (name, shape) in &params {
                 match grads.get(name.as_str()) {
                     Some((s, v)) if *s == shape => {
-                        check_values(&format!("grad.{name}"), v, false).map_err(bad)?
+                        check_values(&format!("grad.{name}"), v, "the file is damaged", None)
+                            .map_err(bad)?
                     }
                     Some((s, _)) => {
                         return Err(bad(format!(
@@ -237,20 +239,33 @@ impl RunState {
     }
 }
 
-/// A saved tensor's values: all finite, and none negative where `nonnegative` (a batch norm's
-/// running variance). A damaged state would otherwise make the resumed run "diverge", and the
-/// divergence message would call the damaged file the last good checkpoint.
-fn check_values(name: &str, v: &[f32], nonnegative: bool) -> std::result::Result<(), String> {
+/// A saved tensor's values: all finite (else `{name}[i] is v ({nonfinite})`), and, when
+/// `negative` says why they cannot be, none below zero (`{name}[i] is v, but {negative} (the
+/// file is damaged)`). Run states, checkpoints and optimizer states all check with it: a
+/// damaged state would otherwise make a resumed run "diverge" for no reason of its own.
+pub(crate) fn check_values(
+    name: &str,
+    v: &[f32],
+    nonfinite: &str,
+    negative: Option<&str>,
+) -> std::result::Result<(), String> {
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(format!("{name}[{i}] is {} (the file is damaged)", v[i]));
+        return Err(format!("{name}[{i}] is {} ({nonfinite})", v[i]));
     }
-    if nonnegative {
+    if let Some(why) = negative {
         if let Some(i) = v.iter().position(|&x| x < 0.0) {
             return Err(format!(
-                "{name}[{i}] is {}, but a variance cannot be negative (the file is damaged)",
+                "{name}[{i}] is {}, but {why} (the file is damaged)",
                 v[i]
             ));
         }
     }
     Ok(())
+}
+
+/// Why a tensor named `name` cannot hold a negative value, if it cannot (a batch norm's
+/// running variance).
+pub(crate) fn nonnegative_buffer(name: &str) -> Option<&'static str> {
+    name.ends_with("running_var")
+        .then_some("a variance cannot be negative")
 }

@@ -500,21 +500,9 @@ impl Optim {
             let k: usize = k
                 .parse()
                 .map_err(|_| bad(format!("bad tensor name {key}")))?;
-            // A damaged state would make the resumed run "diverge" for no reason of its own.
-            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-                return Err(bad(format!(
-                    "{key}[{i}] is {} (the file is damaged)",
-                    data[i]
-                )));
-            }
-            if self.rule.nonnegative_slot(k) {
-                if let Some(i) = data.iter().position(|&v| v < 0.0) {
-                    return Err(bad(format!(
-                        "{key}[{i}] is {}, but it holds squares (the file is damaged)",
-                        data[i]
-                    )));
-                }
-            }
+            let squares = self.rule.nonnegative_slot(k).then_some("it holds squares");
+            crate::run_state::check_values(&key, &data, "the file is damaged", squares)
+                .map_err(bad)?;
             entries.push((name.to_string(), k, Tensor::from_vec(&shape, data)?));
         }
         entries.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));

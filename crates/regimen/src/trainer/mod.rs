@@ -442,8 +442,13 @@ impl Trainer {
     /// (same model, optimizer kind, data); `run` then continues where the checkpoint was
     /// written. Nothing changes on an error.
     pub fn resume(&mut self, path: &Path) -> Result<()> {
-        let source = path.display().to_string();
-        let state = RunState::load(path)?;
+        self.resume_state(RunState::load(path)?, &path.display().to_string())
+    }
+
+    /// [`Trainer::resume`] from a state already read (`source` names it in errors), for a
+    /// caller that looked at its metadata first.
+    pub fn resume_state(&mut self, state: RunState, source: &str) -> Result<()> {
+        let source = source.to_string();
         let bad = |reason: String| Error::Data {
             file: source.clone(),
             reason,
