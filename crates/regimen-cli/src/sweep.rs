@@ -330,7 +330,23 @@ fn failure_status(status: std::process::ExitStatus, stderr: &str) -> String {
 /// from outside, or one that could not start, says nothing about its hyperparameters (its
 /// folder resumes from its checkpoint). An error or a divergence is the trial's own result.
 fn retryable(status: &str) -> bool {
-    status.starts_with("killed by signal") || status.starts_with("could not start")
+    status == "interrupted"
+        || status.starts_with("killed by signal")
+        || status.starts_with("could not start")
+}
+
+/// Records `run` as `trial`'s result at its budget. A retried run replaces the killed or
+/// interrupted one and carries its seconds, so that the leaderboard counts all the time the
+/// trial took.
+fn record(trial: &mut Trial, mut run: TrialRun) {
+    run.seconds += trial
+        .runs
+        .iter()
+        .filter(|x| x.epochs == run.epochs)
+        .map(|x| x.seconds)
+        .sum::<f64>();
+    trial.runs.retain(|x| x.epochs != run.epochs);
+    trial.runs.push(run);
 }
 
 /// Whether `trial` still has to run at `budget` epochs.
@@ -577,6 +593,15 @@ pub fn run(args: &SweepArgs) -> Result<()> {
                 // Interrupted with the sweep (Ctrl-C reaches the trials too): not a failure;
                 // the next run of the sweep resumes the trial from its checkpoint.
                 say!("  trial {i:>3} at {budget} epochs: interrupted");
+                record(
+                    &mut st.trials[i],
+                    TrialRun {
+                        status: "interrupted".into(),
+                        val_acc: None,
+                        ..r
+                    },
+                );
+                save(&out, &st)?;
                 continue;
             }
             say!(
@@ -592,9 +617,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
                     ""
                 }
             );
-            // A retried run replaces the one that was killed.
-            st.trials[i].runs.retain(|x| x.epochs != budget);
-            st.trials[i].runs.push(r);
+            record(&mut st.trials[i], r);
             save(&out, &st)?;
         }
         if STOP.load(std::sync::atomic::Ordering::SeqCst) {
@@ -855,6 +878,26 @@ mod tests {
             20
         ));
         assert!(!to_run(&trial(vec![run(20, "error: out of memory")]), 20));
+        assert!(to_run(&trial(vec![run(20, "interrupted")]), 20));
+    }
+
+    #[test]
+    fn a_retried_run_replaces_the_killed_one_and_keeps_its_seconds() {
+        let run = |epochs, seconds, status: &str| TrialRun {
+            epochs,
+            val_acc: (status == "ok").then_some(0.5),
+            seconds,
+            status: status.into(),
+        };
+        let mut t = Trial {
+            id: 0,
+            params: BTreeMap::new(),
+            runs: vec![run(5, 2.0, "ok")],
+        };
+        record(&mut t, run(20, 3.0, "interrupted"));
+        record(&mut t, run(20, 4.0, "killed by signal 9"));
+        record(&mut t, run(20, 5.0, "ok"));
+        assert_eq!(t.runs, vec![run(5, 2.0, "ok"), run(20, 12.0, "ok")]);
     }
 
     #[test]

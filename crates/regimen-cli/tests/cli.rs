@@ -2011,6 +2011,13 @@ fn ctrl_c_stops_a_sweep_that_the_same_command_continues() {
         !state.contains("\"status\":\"error") && !state.contains("failed"),
         "{state}"
     );
+    // The first trial was stopped in its run (about a second of its 60 epochs was left): it is
+    // kept as interrupted, with the seconds it had run.
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let first_run = &state["trials"][0]["runs"][0];
+    assert_eq!(first_run["status"], "interrupted", "{state}");
+    let interrupted_s = first_run["seconds"].as_f64().unwrap();
+    assert!(interrupted_s > 0.0, "{state}");
     let (code, stdout, err) = regimen(&args);
     assert_eq!(code, 0, "{stdout}{err}");
     assert!(stdout.contains("resuming the sweep"), "{stdout}");
@@ -2021,5 +2028,21 @@ fn ctrl_c_stops_a_sweep_that_the_same_command_continues() {
         assert_eq!(runs.len(), 1, "{t}");
         assert_eq!(runs[0]["status"], "ok", "{t}");
     }
+    // The resumed trial's time counts the interrupted attempt too: the attempt's own seconds,
+    // as the sweep printed them (one decimal), plus the interrupted one's.
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("trial   0 at 60 epochs: validation accuracy"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let own_s: f64 = line
+        .rsplit_once('(')
+        .and_then(|(_, x)| x.strip_suffix(" s)"))
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let resumed_s = state["trials"][0]["runs"][0]["seconds"].as_f64().unwrap();
+    assert!(
+        (resumed_s - (own_s + interrupted_s)).abs() <= 0.051,
+        "{resumed_s} s recorded; {own_s} s resumed after {interrupted_s} s"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
