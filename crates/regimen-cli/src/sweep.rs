@@ -466,6 +466,12 @@ pub fn run(args: &SweepArgs) -> Result<()> {
         None => PathBuf::from("runs").join(format!("sweep-{}", std::process::id())),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // How to continue this sweep: its default folder is named by this process, so a new process
+    // finds it only through --out.
+    let again = match &args.out {
+        Some(_) => "run the same command again".to_string(),
+        None => format!("run the same command with --out {}", out.display()),
+    };
     let space_text = std::fs::read_to_string(&args.space)?;
     let base_text = toml::to_string(&base_table)?;
     // Draw the trials (the same seed draws the same trials, so a restart finds them again).
@@ -612,9 +618,9 @@ pub fn run(args: &SweepArgs) -> Result<()> {
                 },
                 r.seconds,
                 if retryable(&r.status) {
-                    "; run the same command again to retry it"
+                    format!("; {again} to retry it")
                 } else {
-                    ""
+                    String::new()
                 }
             );
             record(&mut st.trials[i], r);
@@ -622,7 +628,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
         }
         if STOP.load(std::sync::atomic::Ordering::SeqCst) {
             say!(
-                "interrupted: the sweep is saved in {}; run the same command again to continue it",
+                "interrupted: the sweep is saved in {}; {again} to continue it",
                 out.display()
             );
             std::process::exit(130);

@@ -4,7 +4,7 @@
 //! resolved config: every flag's value, reusable with `--config`), `metrics.csv` (one row per
 //! epoch), `checkpoints/last.safetensors` (the whole run, after every epoch and at Ctrl-C),
 //! `checkpoints/best.safetensors` (the best validation epoch, or the best --monitor epoch with
-//! --early-stopping), `checkpoints/snapshot-epoch-E`
+//! --early-stopping), `checkpoints/snapshot-epoch-E.safetensors`
 //! (`--snapshots`), `loss.png`, `accuracy.png`, `lr.png`, TensorBoard event files and, at the
 //! end, `summary.json`.
 

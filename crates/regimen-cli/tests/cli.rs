@@ -2003,7 +2003,8 @@ fn ctrl_c_stops_a_sweep_that_the_same_command_continues() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(130), "{stdout}");
     assert!(
-        stdout.contains("interrupted: the sweep is saved in"),
+        stdout.contains("interrupted: the sweep is saved in")
+            && stdout.contains("run the same command again to continue it"),
         "{stdout}"
     );
     let state = std::fs::read_to_string(out.join("sweep.json")).unwrap();

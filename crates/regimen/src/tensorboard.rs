@@ -8,7 +8,7 @@
 //! int64), summary (5) { value (1) { tag (1, string), simple_value (2, float) } } }`. That is
 //! a handful of protobuf fields, encoded here by hand (varints, fixed 32/64-bit, length-
 //! delimited), which spares the build a protobuf code generator.
-//! `scripts/check_tensorboard.py` reads the files back with TensorBoard's own reader.
+//! `tools/check_tensorboard.py` reads the files back with TensorBoard's own reader.
 
 use std::fs::File;
 use std::io::Write;

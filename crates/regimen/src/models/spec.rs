@@ -6,7 +6,7 @@
 //! | `linear:OUT[:nobias]` | [`Linear`] from the flattened features to `OUT` (`OUT` may be `classes`) |
 //! | `conv:OUT[:K[:S[:P]]][:nobias]` | [`Conv2d`] `K x K` (3), stride `S` (1), padding `P` (`K / 2`, "same") |
 //! | `bn` | [`BatchNorm`] over channels (2-D for images, 1-D for features) |
-//! | `maxpool:K[:S]`, `avgpool:K[:S]` | [`MaxPool2d`], [`AvgPool2d`] (stride `K` by default) |
+//! | `maxpool[:K[:S]]`, `avgpool[:K[:S]]` | [`MaxPool2d`], [`AvgPool2d`] (`K` 2 by default, stride `K` by default) |
 //! | `gap` | [`GlobalAvgPool`]: `[N, C, H, W]` to `[N, C]` |
 //! | `fmp[:K[:RATIO]]` | [`FractionalMaxPool2d`] (2, `1/sqrt 2`) |
 //! | `flatten` | [`Flatten`] |
