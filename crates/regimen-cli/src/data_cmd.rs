@@ -97,9 +97,23 @@ pub fn preview(d: &Dataset, idx: &[usize], pipeline: &Pipeline, rng: &mut Rng) -
     let label_h = 3 * 5 * 2 + 8;
     let mut canvas = Canvas::new(cell_w * n + 8, 2 * cell_h + label_h + 8, [255, 255, 255]);
     let dim = d.image_len();
+    // Normalized pixels (outside [0, 1]) are shown on the originals' range, black to white, the
+    // same map for both rows (so a fill of 0 shows where the mean pixel sits).
+    let (lo, hi) = before
+        .images
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let rescale = |v: &[f32]| -> Vec<f32> {
+        if (lo >= 0.0 && hi <= 1.0) || hi <= lo {
+            v.to_vec()
+        } else {
+            v.iter().map(|&x| (x - lo) / (hi - lo)).collect()
+        }
+    };
+    let (before_images, after) = (rescale(&before.images), rescale(&after));
     for i in 0..n {
         canvas.image(
-            &before.images[i * dim..(i + 1) * dim],
+            &before_images[i * dim..(i + 1) * dim],
             d.image_shape,
             8 + i * cell_w,
             8,

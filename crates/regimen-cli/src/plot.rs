@@ -105,6 +105,15 @@ fn draw(
     connect: bool,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     root.fill(&WHITE)?;
+    // More than six named series: their legend goes beside the plot, where it hides nothing.
+    let named = series.iter().filter(|s| !s.name.is_empty()).count();
+    let (plot_area, beside) = if named > 6 {
+        let (a, b) = root.split_horizontally(root.dim_in_pixel().0 as i32 * 78 / 100);
+        (a, Some(b))
+    } else {
+        (root.clone(), None)
+    };
+    let root = &plot_area;
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in all {
@@ -149,7 +158,7 @@ fn draw(
                 (y.max(1e-300).ln() - ly0) / (ly1 - ly0),
             )
         });
-        draw_series(&mut c, series, connect, corner)?;
+        draw_series(&mut c, series, connect, beside.is_none().then_some(corner))?;
     } else {
         let pad = 0.05 * (y1 - y0);
         let mut c = chart.build_cartesian_2d(x0..x1, y0 - pad..y1 + pad)?;
@@ -161,7 +170,22 @@ fn draw(
         let corner = legend_corner(series, |(x, y)| {
             ((x - x0) / (x1 - x0), (y - ya) / (yb - ya))
         });
-        draw_series(&mut c, series, connect, corner)?;
+        draw_series(&mut c, series, connect, beside.is_none().then_some(corner))?;
+    }
+    if let Some(area) = beside {
+        for (i, s) in series
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.name.is_empty())
+        {
+            let color = COLORS[i % COLORS.len()];
+            let y = 60 + 24 * i as i32;
+            area.draw(&PathElement::new(
+                vec![(6, y), (30, y)],
+                color.stroke_width(2),
+            ))?;
+            area.draw(&Text::new(s.name.as_str(), (36, y - 8), ("sans-serif", 15)))?;
+        }
     }
     Ok(())
 }
@@ -206,7 +230,7 @@ fn draw_series<'a, Y: plotters::coord::ranged1d::Ranged<ValueType = f64>>(
     >,
     series: &[Series],
     connect: bool,
-    corner: SeriesLabelPosition,
+    legend: Option<SeriesLabelPosition>,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -221,6 +245,9 @@ fn draw_series<'a, Y: plotters::coord::ranged1d::Ranged<ValueType = f64>>(
             c.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
     }
+    let Some(corner) = legend else {
+        return Ok(());
+    };
     if series.len() > 1 || series.iter().any(|s| !s.name.is_empty()) {
         c.configure_series_labels()
             .position(corner)
@@ -232,7 +259,8 @@ fn draw_series<'a, Y: plotters::coord::ranged1d::Ranged<ValueType = f64>>(
     Ok(())
 }
 
-/// A grid of histograms (40 bins each, each panel its own range), one per `(title, values)`.
+/// A grid of histograms (40 bins each, on one x-range for all the panels), one per
+/// `(title, values)`.
 pub fn histograms(path: &Path, title: &str, panels: &[(String, Vec<f32>)]) -> Result<()> {
     register_font();
     let cols = panels.len().clamp(1, 5);
@@ -246,22 +274,28 @@ pub fn histograms(path: &Path, title: &str, panels: &[(String, Vec<f32>)]) -> Re
             let (top, body) = root.split_vertically(50);
             top.titled(title, ("sans-serif", 24))?;
             let areas = body.split_evenly((rows, cols));
+            // One x-range for every panel, so that a distribution that shrinks or spreads from
+            // panel to panel is seen to, not only read in the tick labels.
+            let (mut lo, mut hi) = panels
+                .iter()
+                .flat_map(|(_, v)| v.iter().filter(|v| v.is_finite()))
+                .fold((f64::MAX, f64::MIN), |(a, b), &v| {
+                    (a.min(v as f64), b.max(v as f64))
+                });
+            if lo > hi {
+                (lo, hi) = (-1.0, 1.0);
+            }
+            if hi - lo < 1e-12 {
+                lo -= 1e-6_f64.max(lo.abs() * 0.1);
+                hi += 1e-6_f64.max(hi.abs() * 0.1);
+            }
+            let small = lo.abs().max(hi.abs()) < 0.01;
             for ((name, values), area) in panels.iter().zip(areas.iter()) {
                 let finite: Vec<f64> = values
                     .iter()
                     .filter(|v| v.is_finite())
                     .map(|&v| v as f64)
                     .collect();
-                let (mut lo, mut hi) = finite
-                    .iter()
-                    .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-                if lo > hi {
-                    (lo, hi) = (-1.0, 1.0);
-                }
-                if hi - lo < 1e-12 {
-                    lo -= 1e-6_f64.max(lo.abs() * 0.1);
-                    hi += 1e-6_f64.max(hi.abs() * 0.1);
-                }
                 let bins = 40;
                 let width = (hi - lo) / bins as f64;
                 let mut counts = vec![0usize; bins];
@@ -278,9 +312,15 @@ pub fn histograms(path: &Path, title: &str, panels: &[(String, Vec<f32>)]) -> Re
                     .build_cartesian_2d(lo..hi, 0.0..top * 1.05)?;
                 chart
                     .configure_mesh()
-                    .x_labels(3)
+                    .x_labels(5)
                     .y_labels(3)
-                    .x_label_formatter(&|v| format!("{v:.2e}"))
+                    .x_label_formatter(&|v| {
+                        if small {
+                            format!("{v:.1e}")
+                        } else {
+                            format!("{v:.2}")
+                        }
+                    })
                     .y_label_formatter(&|v| format!("{v:.0}"))
                     .label_style(("sans-serif", 11))
                     .disable_mesh()

@@ -164,7 +164,7 @@ pub fn lab(r: &mut Report, quick: bool) -> Result<()> {
     };
     r.heading(1, "Activations under each initialization");
     r.text(&format!(
-        "A {layers}-layer net of {width} units (no biases) on {n} inputs drawn from N(0, 1). The lecture's point: with small random weights the activations shrink layer by layer to zero (and so do the gradients), with large ones tanh saturates at ±1 (and the gradients vanish), Xavier (`std = 1/sqrt(fan_in)`) keeps tanh alive, ReLU halves the variance at each layer under Xavier, which He (`std = sqrt(2/fan_in)`) corrects."
+        "A {layers}-layer net of {width} units (no biases) on {n} inputs drawn from N(0, 1). The lecture's point: with small random weights the activations shrink layer by layer to zero, so the weight gradients (`dL/dW = x^T dy`) are tiny in every layer; with large ones tanh saturates at ±1, where its local gradient `1 - y^2` is nearly zero (the lecture: no learning; the weight gradients measured here are large instead, growing toward the input, because each `W^T` of std 1 multiplies the backward signal by about sqrt({width}) more than the saturation takes away: gradients that say nothing useful); Xavier (the lecture's `std = 1/sqrt(fan_in)`; Glorot's own, `sqrt(2/(fan_in + fan_out))`, is the init lab's) keeps tanh alive; ReLU halves the variance at each layer under Xavier, which He (`std = sqrt(2/fan_in)`) corrects. Below each configuration, what this run measured."
     ));
     let mut std_series = Vec::new();
     let mut grad_series = Vec::new();
@@ -205,6 +205,24 @@ pub fn lab(r: &mut Report, quick: bool) -> Result<()> {
             })
             .collect();
         r.text(&format!("`{}`", lines.join("`; `")));
+        let (first, last) = (&stats[0], &stats[stats.len() - 1]);
+        let (gmin, gmax) = stats.iter().fold((f64::MAX, 0f64), |(a, b), s| {
+            (a.min(s.grad_norm), b.max(s.grad_norm))
+        });
+        r.text(&format!(
+            "Measured: the activations' std goes from {} (layer 1) to {} (layer {}), {} of the units of the last layer {}; the weight gradient norms lie between {gmin:.2e} and {gmax:.2e}, layer 1's {:.2e} times layer {}'s.",
+            num(first.std),
+            num(last.std),
+            stats.len(),
+            format_args!("{:.1}%", 100.0 * last.saturated_or_dead),
+            if c.activation == Unary::Relu {
+                "dead (zero on every input)"
+            } else {
+                "saturated"
+            },
+            first.grad_norm / last.grad_norm,
+            stats.len()
+        ));
         let file = format!("activations-hist-{ci}.png");
         let panels: Vec<(String, Vec<f32>)> = stats
             .iter()
@@ -218,7 +236,10 @@ pub fn lab(r: &mut Report, quick: bool) -> Result<()> {
         )?;
         r.figure(
             &file,
-            &format!("Histograms of each hidden layer's activations, {}.", c.name),
+            &format!(
+                "Histograms of each hidden layer's activations, {} (one x-range for all the panels).",
+                c.name
+            ),
         );
         std_series.push(Series::new(
             c.name,

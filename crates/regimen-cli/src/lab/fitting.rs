@@ -68,7 +68,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     r.text(&format!(
         "One-hidden-layer MLPs of growing width trained {epochs} epochs (Adam, lr 1e-3, batch 64) on {} training images of {}, evaluated on the test split. The lecture expects narrow models to underfit (high train and test error) and wide ones to fit the training set while the gap between the two errors grows; the table says what this run did.",
         small.len(),
-        data.name
+        data.set
     ));
     let mut rows = Vec::new();
     let (mut tr, mut te) = (Vec::new(), Vec::new());
@@ -80,8 +80,8 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
             format!("{:.2}%", 100.0 * b),
             format!("{:.2}", 100.0 * (b - a)),
         ]);
-        tr.push((w as f64, 100.0 * a));
-        te.push((w as f64, 100.0 * b));
+        tr.push(((w as f64).log2(), 100.0 * a));
+        te.push(((w as f64).log2(), 100.0 * b));
     }
     r.table(
         &["hidden units", "train error", "test error", "gap (points)"],
@@ -91,7 +91,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         &r.path("fitting-capacity.png"),
         &Plot {
             title: "Error against capacity",
-            x_label: "hidden units",
+            x_label: "hidden units (log2)",
             y_label: "error (%)",
             log_y: false,
         },
@@ -126,13 +126,34 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         .iter()
         .min_by(|a, b| a.val_loss.partial_cmp(&b.val_loss).expect("finite"))
         .expect("epochs");
+    let last = h.last().expect("epochs");
+    let after = if last.epoch > best.epoch {
+        format!(
+            "and {} after it (to {:.4} at epoch {}), while the training loss {} (from {:.4} to {:.4})",
+            if last.val_loss > best.val_loss {
+                "rises"
+            } else {
+                "does not rise"
+            },
+            last.val_loss.unwrap_or(f32::NAN),
+            last.epoch,
+            if last.train_loss < best.train_loss {
+                "keeps falling"
+            } else {
+                "does not fall"
+            },
+            best.train_loss,
+            last.train_loss
+        )
+    } else {
+        "the last epoch: within these epochs it did not turn up, so there was nothing to stop early"
+            .to_string()
+    };
     r.text(&format!(
-        "A wide two-layer MLP on the same {} images: the validation loss is lowest at epoch {} ({:.4}) and rises after, while the training loss keeps falling (to {:.4} at epoch {}). Early stopping with patience p stops p epochs after the best and keeps the best epoch's weights.",
+        "A wide two-layer MLP on the same {} images: the validation loss is lowest at epoch {} ({:.4}), {after}. Early stopping with patience p stops p epochs after the best and keeps the best epoch's weights.",
         small.len(),
         best.epoch,
         best.val_loss.unwrap_or(f32::NAN),
-        h.last().expect("epochs").train_loss,
-        h.len()
     ));
     plot::lines(
         &r.path("fitting-early-stopping.png"),
@@ -170,14 +191,22 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     let noisy = with_label_noise(&small, 0.2, 9);
     let mut rows = Vec::new();
     let mut te = Vec::new();
+    let mut lowest_train = (f64::MAX, 0);
+    let mut first_fit = None;
     for &w in widths {
         let (a, b) = errors(&noisy, &p.test, w, epochs)?;
+        if a < lowest_train.0 {
+            lowest_train = (a, w);
+        }
+        if a <= 0.02 && first_fit.is_none() {
+            first_fit = Some(w);
+        }
         rows.push(vec![
             w.to_string(),
             format!("{:.2}%", 100.0 * a),
             format!("{:.2}%", 100.0 * b),
         ]);
-        te.push((w as f64, 100.0 * b));
+        te.push(((w as f64).log2(), 100.0 * b));
     }
     let peak = te
         .iter()
@@ -185,12 +214,20 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         .skip(1)
         .take(te.len().saturating_sub(2))
         .find(|(i, p)| p.1 > te[i - 1].1 && p.1 > te[i + 1].1)
-        .map(|(_, p)| p.0);
+        .map(|(_, p)| p.0.exp2().round() as usize);
     r.text(&format!(
-        "The same sweep with 20% of the training labels replaced by random classes. Double descent shows as a test-error peak near the width where the model can just fit the noisy training set, falling again beyond it. In this run: {}.",
+        "The same sweep with 20% of the training labels replaced by random classes. Double descent shows as a test-error peak near the width where the model can just fit the noisy training set, falling again beyond it. In this run: {}; {}.",
         match peak {
             Some(w) => format!("a local peak of the test error at width {w}"),
             None => "no interior peak of the test error (with this budget the curve does not show double descent)".into(),
+        },
+        match first_fit {
+            None => format!(
+                "no width fit the noisy training set (the lowest training error was {:.2}%, at width {}), so the sweep did not reach the width where the peak is expected",
+                100.0 * lowest_train.0,
+                lowest_train.1
+            ),
+            Some(w) => format!("the noisy training set was fit (training error at most 2%) from width {w} on"),
         }
     ));
     r.table(
@@ -201,7 +238,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         &r.path("fitting-double-descent.png"),
         &Plot {
             title: "Test error against width, 20% label noise",
-            x_label: "hidden units",
+            x_label: "hidden units (log2)",
             y_label: "test error (%)",
             log_y: false,
         },

@@ -64,8 +64,13 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
                     .map_or("-".into(), |a| format!("{:.2}%", 100.0 * a)),
                 t.diverged.clone().unwrap_or_else(|| "no".into()),
             ]);
+            let name = if t.diverged.is_some() {
+                format!("{label} (diverged)")
+            } else {
+                label.to_string()
+            };
             series.push(Series::new(
-                label,
+                &name,
                 t.history
                     .iter()
                     .map(|r| (r.epoch as f64, r.train_loss as f64))

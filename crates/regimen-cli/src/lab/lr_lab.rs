@@ -50,6 +50,22 @@ fn step_series(name: &str, t: &Trained, samples_per_step: usize) -> Series {
     )
 }
 
+/// Whether a run diverged: its loss went non-finite, or blew up past ten times its first
+/// recorded value (at least 10) at some point, even if it came down after (a net that blew up
+/// and died ends near chance's loss, not at the peak).
+fn divergence(t: &Trained) -> Option<String> {
+    if t.diverged.is_some() {
+        return Some(format!("non-finite in epoch {}", t.history.len() + 1));
+    }
+    let first = t.steps.first()?.1;
+    let (at, peak) = t
+        .steps
+        .iter()
+        .copied()
+        .fold((0, f32::MIN), |m, (s, l)| if l > m.1 { (s, l) } else { m });
+    (peak > 10.0 * first.max(1.0)).then(|| format!("the loss reached {peak:.2e} at update {at}"))
+}
+
 fn row(name: &str, t: &Trained) -> Vec<String> {
     let last = t.history.last();
     vec![
@@ -57,14 +73,16 @@ fn row(name: &str, t: &Trained) -> Vec<String> {
         last.map_or("-".into(), |r| format!("{:.4}", r.train_loss)),
         last.and_then(|r| r.val_acc)
             .map_or("-".into(), |a| format!("{:.2}%", 100.0 * a)),
-        match (&t.diverged, t.history.first(), last) {
-            (Some(_), _, _) => format!("yes: non-finite in epoch {}", t.history.len() + 1),
-            (None, Some(a), Some(b)) if b.train_loss > 10.0 * a.train_loss.max(1.0) => {
-                "exploded".into()
-            }
-            _ => "no".into(),
-        },
+        divergence(t).map_or("no".into(), |why| format!("yes: {why}")),
     ]
+}
+
+/// The final training loss, or "-" for a run that stopped on a non-finite loss.
+fn final_loss(t: &Trained) -> String {
+    match (&t.diverged, t.history.last()) {
+        (None, Some(r)) => format!("{:.4}", r.train_loss),
+        _ => "-".into(),
+    }
 }
 
 pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
@@ -78,6 +96,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     r.heading(2, "Too high, too low, good");
     let mut series = Vec::new();
     let mut rows = Vec::new();
+    let mut runs = Vec::new();
     for (name, lr) in [
         ("very high (3.0)", 3.0),
         ("high (0.5)", 0.5),
@@ -87,6 +106,7 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         let t = run(data, "constant", lr, 0, None, epochs, 64)?;
         rows.push(row(name, &t));
         series.push(step_series(name, &t, 64));
+        runs.push(t);
     }
     r.table(
         &[
@@ -107,7 +127,23 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         },
         &series,
     )?;
-    r.figure("lr-rates.png", "A very high rate diverges (its curve stops where the loss became non-finite), a high one stalls at a poor loss, a low one learns slowly, a good one learns fast.");
+    let very_high = match (&runs[0].diverged, divergence(&runs[0])) {
+        (Some(_), Some(why)) => format!("diverged ({why}; its curve stops there)"),
+        (None, Some(why)) => format!(
+            "diverged ({why}) and ended at loss {}",
+            final_loss(&runs[0])
+        ),
+        (_, None) => format!("did not diverge here (final loss {})", final_loss(&runs[0])),
+    };
+    r.figure(
+        "lr-rates.png",
+        &format!(
+            "The lecture's picture: a very high rate diverges, a high one stalls at a poor loss, a low one learns slowly, a good one learns fast. In this run the very high rate {very_high}; the final training losses of the high, low and good rates are {}, {} and {}.",
+            final_loss(&runs[1]),
+            final_loss(&runs[2]),
+            final_loss(&runs[3])
+        ),
+    );
 
     let big = if quick { 256 } else { 1024 };
     let lr_big = 0.02 * big as f64 / 64.0;
@@ -154,7 +190,12 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
 
     r.heading(2, "A cyclic schedule");
     let per = data.prepared.train.len().div_ceil(64);
-    let cyc = format!("cyclic:min=0.002,max=0.05,up={},down={}", per / 2, per / 2);
+    // One cycle per epoch: up half of its updates, down the rest.
+    let cyc = format!(
+        "cyclic:min=0.002,max=0.05,up={},down={}",
+        per / 2,
+        per - per / 2
+    );
     let mut series = Vec::new();
     let mut rows = Vec::new();
     for (name, sched) in [
@@ -251,17 +292,47 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
             log_y: false,
         },
         &[
-            Series::new("rate scaled with the batch", scaled),
-            Series::new("rate fixed at 0.01", fixed),
+            Series::new("rate scaled with the batch", scaled.clone()),
+            Series::new("rate fixed at 0.01", fixed.clone()),
         ],
     )?;
-    r.figure("lr-scaling.png", "With the rate scaled, larger batches keep their accuracy for the same epochs; with a fixed rate they fall behind (fewer updates).");
+    let (b0, b1) = (sizes[0], sizes[sizes.len() - 1]);
+    let (s0, s1) = (scaled[0].1, scaled[scaled.len() - 1].1);
+    let (f0, f1) = (fixed[0].1, fixed[fixed.len() - 1].1);
+    r.figure(
+        "lr-scaling.png",
+        &format!(
+            "The rule's claim: with the rate scaled, larger batches keep their accuracy for the same epochs; with a fixed rate they fall behind (fewer updates). In this run, from batch {b0} to {b1}, the scaled rate went from {s0:.2}% to {s1:.2}% ({:+.2} points) and the fixed rate from {f0:.2}% to {f1:.2}% ({:+.2} points). The y-axis spans only the measured accuracies.",
+            s1 - s0,
+            f1 - f0
+        ),
+    );
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loss_that_blew_up_and_came_down_diverged() {
+        let t = |steps: Vec<(u64, f32)>| Trained {
+            history: Vec::new(),
+            steps,
+            diverged: None,
+        };
+        let died = t(vec![(0, 2.3), (10, 1.2e7), (20, 2.31)]);
+        assert_eq!(
+            divergence(&died).as_deref(),
+            Some("the loss reached 1.20e7 at update 10")
+        );
+        assert_eq!(divergence(&t(vec![(0, 2.3), (10, 20.0), (20, 0.5)])), None);
+        let nan = Trained {
+            diverged: Some("non-finite".into()),
+            ..t(vec![(0, 2.3)])
+        };
+        assert_eq!(divergence(&nan).as_deref(), Some("non-finite in epoch 1"));
+    }
 
     #[test]
     fn too_high_diverges_and_too_low_lags() {

@@ -140,7 +140,10 @@ fn experiments() -> Vec<(&'static str, &'static str, Run)> {
 
 /// The real data of a lab run.
 pub struct Data {
+    /// The dataset and its training images, e.g. "digits (540 training images)".
     pub name: String,
+    /// The dataset alone, e.g. "digits".
+    pub set: String,
     pub prepared: Prepared,
     /// The training and test splits before preprocessing (the quick subset).
     raw: (regimen::data::Dataset, regimen::data::Dataset),
@@ -160,6 +163,7 @@ impl Data {
         let prepared = Prepared::new(train, test, PreprocessKind::Normalize, 0.1, 0)?;
         Ok(Data {
             name: format!("{} ({} training images)", splits.name, prepared.train.len()),
+            set: splits.name.to_string(),
             prepared,
             raw,
         })
@@ -175,21 +179,9 @@ impl Data {
 /// per class).
 pub const MLP: &str = "flatten,linear:128,relu,linear:classes";
 
-/// Train [`MLP`] on `data` with optimizer `name` at a constant rate; the history.
-pub fn train_mlp(
-    data: &Data,
-    name: &str,
-    lr: f64,
-    epochs: usize,
-    _quick: bool,
-) -> Result<Vec<Record>> {
-    let p = &data.prepared;
-    let model = models::for_input(
-        MLP,
-        p.train.image_shape,
-        p.train.num_classes(),
-        &mut Rng::new(1),
-    )?;
+/// Train [`MLP`] on `data` with optimizer `name` at a constant rate, batch 64: its history
+/// and its loss every tenth of an epoch.
+pub fn train_mlp(data: &Data, name: &str, lr: f64, epochs: usize) -> Result<Trained> {
     let cfg = OptimConfig::default();
     let sgd = |m: f64, n: bool| Sgd {
         momentum: m,
@@ -205,17 +197,7 @@ pub fn train_mlp(
         "adam" => Optim::new(Adam::default(), cfg)?,
         other => bail!("unknown optimizer {other}"),
     };
-    let fit = FitConfig {
-        epochs,
-        batch_size: 64,
-        seed: 1,
-        workers: 0,
-        ..Default::default()
-    };
-    let mut t = Trainer::new(model, optim, Box::new(Constant(lr)), fit, p.train.clone())
-        .with_validation(p.validation.clone());
-    run_training(&mut t)?;
-    Ok(t.history().to_vec())
+    train(data, MLP, optim, Box::new(Constant(lr)), epochs, 64)
 }
 
 /// A trainer of model `spec` on `train` with SGD (momentum 0.9) at the constant rate `lr`,
@@ -382,7 +364,7 @@ pub fn run(args: &LabArgs) -> Result<()> {
     }
     let mut report = Report::new(&out, &title)?;
     report.text(&format!(
-        "Written by `regimen lab {}{}`; every number below comes from this run. Real data: {}.",
+        "Written by `regimen lab {}{}`; every number below comes from this run. The experiments that train run on {}.",
         args.name,
         if args.quick { " --quick" } else { "" },
         data.name

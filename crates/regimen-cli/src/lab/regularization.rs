@@ -87,14 +87,37 @@ fn mlp_run(
 
 /// Accuracy on `d` evaluated in training mode (batch statistics, dropout on) in batches of `b`.
 pub fn accuracy_in_train_mode(m: &mut dyn Layer, d: &Dataset, b: usize) -> Result<f32> {
+    accuracy_over_passes(m, d, b, 1)
+}
+
+/// Accuracy of the softmax averaged over `passes` forward passes in training mode, each with
+/// its own random masks (Monte Carlo over dropout's masks; one pass: a single random network).
+pub fn accuracy_over_passes(
+    m: &mut dyn Layer,
+    d: &Dataset,
+    b: usize,
+    passes: usize,
+) -> Result<f32> {
     let mut correct = 0usize;
     let idx: Vec<usize> = (0..d.len()).collect();
     for (i, chunk) in idx.chunks(b).enumerate() {
         let (x, y) = d.batch(chunk, regimen::Device::Cpu)?;
-        let step = regimen::Indices::from_vec(vec![i as u32 + 1]);
-        let logits = m.forward(&x, &Ctx::train().at_step(&step))?.to_vec();
-        let k = logits.len() / chunk.len();
-        for (row, &label) in logits.chunks(k).zip(y.to_vec().iter()) {
+        let mut mean: Vec<f64> = Vec::new();
+        for pass in 0..passes {
+            let step = regimen::Indices::from_vec(vec![(i * passes + pass) as u32 + 1]);
+            let logits = m.forward(&x, &Ctx::train().at_step(&step))?.to_vec();
+            let k = logits.len() / chunk.len();
+            mean.resize(logits.len(), 0.0);
+            for (row, acc) in logits.chunks(k).zip(mean.chunks_mut(k)) {
+                let top = row.iter().fold(f32::MIN, |a, &v| a.max(v));
+                let z: f64 = row.iter().map(|&v| ((v - top) as f64).exp()).sum();
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += ((v - top) as f64).exp() / z / passes as f64;
+                }
+            }
+        }
+        let k = mean.len() / chunk.len();
+        for (row, &label) in mean.chunks(k).zip(y.to_vec().iter()) {
             let arg = (0..k).fold(0, |a, c| if row[c] > row[a] { c } else { a });
             correct += (arg == label as usize) as usize;
         }
@@ -178,6 +201,8 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         &small,
     )?;
     let noisy = accuracy_in_train_mode(&mut m1, &p.test, 256)?;
+    let passes = 20;
+    let averaged = accuracy_over_passes(&mut m1, &p.test, 256, passes)?;
     let (gap0, gap1) = (tr0 - te0, tr1 - te1);
     let outcome = if gap1 < gap0 {
         format!(
@@ -187,16 +212,17 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         )
     } else {
         format!(
-            "Here dropout did not narrow the gap between training and test accuracy ({:.2} points without, {:.2} with): the lecture expects it to, so this run is too short or too small to show it (the full lab trains longer on more images).",
+            "Here dropout did not narrow the gap between training and test accuracy ({:.2} points without, {:.2} with), which the lecture expects it to.",
             100.0 * gap0,
             100.0 * gap1
         )
     };
     r.text(&format!(
-        "A wide MLP on {} images, {epochs} epochs, without and with dropout 0.5. {outcome} At test time dropout must be off (inverted dropout scales the kept units during training, so evaluation needs no rescaling); leaving it on makes predictions random: {:.2}% instead of {:.2}%.",
+        "A wide MLP on {} images, {epochs} epochs, without and with dropout 0.5. {outcome} At test time the lecture multiplies each unit by the keep probability p, so that a unit's output is its expectation over the masks (`E[a] = p (w1 x + w2 y)`); inverted dropout, used here, divides the kept units by p during training instead, so that evaluation is the plain network with no rescaling. That one deterministic pass stands for the average over the masks, the ensemble dropout trains: the softmax averaged over {passes} passes with random masks gives {:.2}% test accuracy, the deterministic pass {:.2}%, and a single random pass (dropout left on at test time by mistake) {:.2}%.",
         small.len(),
-        100.0 * noisy,
-        100.0 * te1
+        100.0 * averaged,
+        100.0 * te1,
+        100.0 * noisy
     ));
     r.table(
         &["model", "train accuracy", "test accuracy", "gap (points)"],
@@ -252,12 +278,14 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     r.heading(2, "Stochastic depth");
     let e = if quick { 2 } else { 6 };
     let mut rows = Vec::new();
+    let mut tests = Vec::new();
     for (name, sd) in [
         ("no stochastic depth", 0.0),
         ("stochastic depth up to 0.3", 0.3),
     ] {
         let spec = format!("conv:16:3:1:1:nobias,res:16:1:{},res:16:1:{},res:32:2:{},res:32:1:{},bn,relu,gap,linear:classes", sd * 0.25, sd * 0.5, sd * 0.75, sd);
         let (tr, te, _) = mlp_run(data, &spec, e, &small)?;
+        tests.push(te);
         rows.push(vec![
             name.to_string(),
             format!("{:.2}%", 100.0 * tr),
@@ -266,15 +294,18 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
     }
     r.text(&format!("A small pre-activation ResNet (four residual blocks) on {} images, {e} epochs, without and with stochastic depth (each block's branch dropped per sample with a probability rising linearly to 0.3 in training; scaled by its survival probability in evaluation).", small.len()));
     r.table(&["model", "train accuracy", "test accuracy"], rows);
+    near_chance(r, &tests, small.num_classes(), quick);
 
     r.heading(2, "Fractional max pooling");
     let mut rows = Vec::new();
+    let mut tests = Vec::new();
     for (name, pool) in [
         ("2x2 max pooling", "maxpool:2"),
         ("fractional max pooling (ratio 1/sqrt 2, twice)", "fmp,fmp"),
     ] {
         let spec = format!("conv:16,bn,relu,{pool},conv:32,bn,relu,gap,linear:classes");
         let (tr, te, _) = mlp_run(data, &spec, e, &small)?;
+        tests.push(te);
         rows.push(vec![
             name.to_string(),
             format!("{:.2}%", 100.0 * tr),
@@ -287,7 +318,27 @@ pub fn lab(r: &mut Report, quick: bool, data: &Data) -> Result<()> {
         &["model", "train accuracy", "test accuracy", "gap (points)"],
         rows,
     );
+    near_chance(r, &tests, small.num_classes(), quick);
     Ok(())
+}
+
+/// Says so when every model of a comparison is still near chance (under twice its accuracy):
+/// their differences are then noise, not the regularizer's effect.
+fn near_chance(r: &mut Report, test_accuracies: &[f32], classes: usize, quick: bool) {
+    let best = test_accuracies.iter().fold(0f32, |a, &b| a.max(b));
+    let chance = 1.0 / classes as f32;
+    if best < 2.0 * chance {
+        r.text(&format!(
+            "Every model here is still near chance (best {:.2}% test accuracy; chance {:.2}%): this budget is too small to compare them, and their differences are noise.{}",
+            100.0 * best,
+            100.0 * chance,
+            if quick {
+                " Run the lab without --quick for the comparison."
+            } else {
+                ""
+            }
+        ));
+    }
 }
 
 #[cfg(test)]
