@@ -11,7 +11,8 @@ pub struct OptimArgs {
     /// sgd, adagrad, rmsprop, adam or adamw (SGD takes --momentum and --nesterov).
     #[arg(long, default_value = "sgd")]
     pub optimizer: String,
-    /// Base learning rate (the peak for onecycle and after warmup).
+    /// Base learning rate (the peak for onecycle and cyclic's max; the target of a warmup,
+    /// except before cyclic, which starts at its min).
     #[arg(long, default_value_t = 0.1)]
     pub lr: f64,
     /// Momentum (SGD; RMSprop).
@@ -20,10 +21,11 @@ pub struct OptimArgs {
     /// Nesterov momentum (SGD; needs --momentum > 0).
     #[arg(long)]
     pub nesterov: bool,
-    /// Weight decay: L2 added to the gradient (decoupled for adamw). Biases and batch-norm
-    /// parameters are not decayed.
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f32,
+    /// Weight decay: `wd * w` added to the gradient (PyTorch's weight_decay; decoupled,
+    /// `w -= lr * wd * w`, for adamw). Default: 0, and 0.01 for adamw (as PyTorch). Biases
+    /// and batch-norm parameters are not decayed.
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
     /// Adam/AdamW beta1.
     #[arg(long, default_value_t = 0.9)]
     pub beta1: f64,
@@ -58,23 +60,28 @@ pub struct OptimArgs {
     pub schedule: String,
     /// Warmup steps (batches, or epochs with --schedule-unit epoch; with --accumulate N, N
     /// batches make one update) in front of the schedule,
-    /// linear from lr/(N+1) (step s at (s+1)/(N+1) of the rate) unless --warmup-factor.
+    /// linear up to the schedule's first rate (step s at (s+1)/(N+1) of it) unless
+    /// --warmup-factor; the first rate is --lr, and the min for cyclic.
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
-    /// Constant warmup at this fraction of the learning rate instead of a linear ramp.
+    /// Constant warmup at this fraction of the schedule's first rate instead of a linear ramp.
     #[arg(long)]
     pub warmup_factor: Option<f64>,
     /// Step the schedule per batch or per epoch.
     #[arg(long, default_value = "batch")]
     pub schedule_unit: String,
-    /// Weight penalty added to the loss: l1:LAMBDA, l2:LAMBDA or elastic:LAMBDA:BETA.
+    /// Weight penalty added to the loss: l1:LAMBDA (LAMBDA sum |w|), l2:LAMBDA (LAMBDA sum
+    /// w^2, the lecture's; its gradient 2 LAMBDA w is --weight-decay 2*LAMBDA) or
+    /// elastic:LAMBDA:BETA (LAMBDA sum (|w| + BETA w^2)).
     #[arg(long)]
     pub penalty: Option<String>,
 }
 
 pub fn optimizer(a: &OptimArgs) -> Result<Optim> {
     let cfg = OptimConfig {
-        weight_decay: a.weight_decay,
+        weight_decay: a
+            .weight_decay
+            .unwrap_or(if a.optimizer == "adamw" { 0.01 } else { 0.0 }),
         clip_norm: a.clip_norm,
         clip_value: a.clip_value,
         accumulate: a.accumulate,
@@ -187,4 +194,32 @@ pub fn penalty(a: &OptimArgs) -> Result<Option<Penalty>> {
         Some(spec) => Some(parse_penalty(spec)?),
         None => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        optim: OptimArgs,
+    }
+
+    fn decay(args: &[&str]) -> f32 {
+        let cli =
+            Cli::try_parse_from(std::iter::once("regimen").chain(args.iter().copied())).unwrap();
+        optimizer(&cli.optim).unwrap().config().weight_decay
+    }
+
+    /// As PyTorch: AdamW decays by 0.01 unless told otherwise, the others not at all.
+    #[test]
+    fn weight_decay_defaults_follow_pytorch() {
+        assert_eq!(decay(&["--optimizer", "adamw"]), 0.01);
+        assert_eq!(decay(&["--optimizer", "adamw", "--weight-decay", "0"]), 0.0);
+        assert_eq!(decay(&["--optimizer", "adam"]), 0.0);
+        assert_eq!(decay(&["--optimizer", "sgd"]), 0.0);
+        assert_eq!(decay(&["--weight-decay", "0.1"]), 0.1);
+    }
 }

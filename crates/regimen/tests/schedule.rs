@@ -198,10 +198,20 @@ fn parsed_schedules_and_their_errors() {
     assert!(s.lr(109) < 1e-4);
     let s = parse_schedule("step:size=3,gamma=0.5", 1.0, 100, 0, None).unwrap();
     assert_eq!((s.lr(2), s.lr(3), s.lr(6)), (1.0, 0.5, 0.25));
+    // `poly` defaults to power 1, as PyTorch's PolynomialLR: 1 - t/T over 10 steps.
+    let s = parse_schedule("poly", 1.0, 10, 0, None).unwrap();
+    assert!((s.lr(3) - 0.7).abs() < 1e-7, "{}", s.lr(3));
     let s = parse_schedule("multistep:milestones=2/4", 1.0, 10, 2, Some(0.1)).unwrap();
     // Constant warmup at 0.1 lr for 2 steps, then milestones counted from the end of warmup.
     assert_eq!(s.lr(1), 0.1);
     assert!((s.lr(3) - 1.0).abs() < 1e-7 && (s.lr(4) - 0.1).abs() < 1e-7);
+    // A warmup ramps to the schedule's first rate: lr for all but cyclic, whose first rate is
+    // its min (lr / 10 by default): 3 steps from a quarter of 0.01 to 0.01, then the cycle.
+    let s = parse_schedule("cyclic:up=3", 0.1, 100, 3, None).unwrap();
+    let first: Vec<f32> = (0..5).map(|t| s.lr(t)).collect();
+    for (got, want) in first.iter().zip([0.0025, 0.005, 0.0075, 0.01, 0.04]) {
+        assert!((got - want).abs() < 1e-8, "{first:?}");
+    }
     for (spec, needle) in [
         ("cosinus", "expected constant, step"),
         ("step", "schedule step size = (missing): is required"),

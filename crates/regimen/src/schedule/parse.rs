@@ -11,7 +11,7 @@
 //! | `exp` | `gamma` (required) |
 //! | `cosine` | `min` (0): over all steps after the warmup |
 //! | `linear` | — : linear decay to 0 over all steps after the warmup |
-//! | `poly` | `power` (2) |
+//! | `poly` | `power` (1, as PyTorch's `PolynomialLR`) |
 //! | `cyclic` | `min` (lr / 10), `max` (lr), `up` (steps / 10), `down` (= up), `mode` (triangular, triangular2, exp_range), `gamma` (1) |
 //! | `onecycle` | `pct` (0.3), `div` (25), `final_div` (1e4), `anneal` (cos, linear), `three_phase` (false) |
 //! | `restarts` | `t0` (steps / 10), `mult` (1), `min` (0) |
@@ -163,7 +163,7 @@ pub fn parse_schedule(
         }
         "poly" => {
             a.check_keys(&["power"])?;
-            Box::new(Polynomial { base: lr, total: rest, power: positive("power", a.num("power", Some(2.0))?)? })
+            Box::new(Polynomial { base: lr, total: rest, power: positive("power", a.num("power", Some(1.0))?)? })
         }
         "cyclic" => {
             a.check_keys(&["min", "max", "up", "down", "mode", "gamma"])?;
