@@ -20,8 +20,10 @@ use regimen::{DType, Device, Rng, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod emulate;
+use emulate::{read, write};
+
 const CONV: &str = include_str!("../src/backend/cuda/conv.cu");
-const SHIM: &str = include_str!("emulate/shim.h");
 const MAIN: &str = include_str!("emulate/conv_main.cpp");
 
 /// `cvt.rna.tf32.f32`: 10 mantissa bits, to nearest, ties away from zero.
@@ -37,50 +39,14 @@ fn randn(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| r.normal() as f32).collect()
 }
 
-fn write(dir: &Path, name: &str, v: &[f32]) {
-    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-    std::fs::write(dir.join(name), bytes).unwrap();
-}
-
-fn read(dir: &Path, name: &str) -> Vec<f32> {
-    std::fs::read(dir.join(name))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
 /// The emulator binary, built into `dir`, or `None` when there is no C++ compiler.
 fn build(dir: &Path) -> Option<PathBuf> {
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    if Command::new(&cxx).arg("--version").output().is_err() {
-        eprintln!("implicit-GEMM emulation skipped: no C++ compiler ({cxx})");
-        return None;
-    }
-    std::fs::write(dir.join("conv.cu"), CONV).unwrap();
-    std::fs::write(dir.join("shim.h"), SHIM).unwrap();
-    std::fs::write(dir.join("conv_main.cpp"), MAIN).unwrap();
-    let exe = dir.join("conv_emu");
-    let out = Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O2",
-            "-pthread",
-            "-Wall",
-            "-Werror",
-            "-Wno-unknown-pragmas",
-            "-o",
-        ])
-        .arg(&exe)
-        .arg(dir.join("conv_main.cpp"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "conv.cu does not build for the emulator:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(exe)
+    emulate::build(
+        dir,
+        "conv_emu",
+        &[("conv.cu", CONV), ("conv_main.cpp", MAIN)],
+        "implicit-GEMM",
+    )
 }
 
 fn close(what: &str, got: &[f32], want: &[f32], k: usize) {

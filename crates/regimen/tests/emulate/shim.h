@@ -5,8 +5,13 @@
 // GPU fuses `acc += a * b` into FMAs and its tensor cores sum in their own order, which the
 // tests' tolerances allow.
 #pragma once
+#include <math.h>
+
 #include <barrier>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -92,4 +97,65 @@ void emu_launch(dim3 grid, unsigned threads, F kernel) {
                     });
                 for (auto& th : ts) th.join();
             }
+}
+
+// ---- kernels.cu's intrinsics (the batch-building kernels that tests/kernels_emulated.rs runs,
+// and what the rest of the file needs to compile). Built with -ffp-contract=off, so that each
+// `_rn` operation is one IEEE operation, rounded to nearest, as on the GPU.
+
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __umulhi(unsigned a, unsigned b) {
+    return (unsigned)(((unsigned long long)a * b) >> 32);
+}
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+// Warp shuffles and atomics are not emulated: the kernels that use them (warp reductions) are
+// held to the CPU on a GPU only (tests/conformance.rs). Reaching one here is a test error.
+template <class T>
+T __shfl_xor_sync(unsigned, T, int) {
+    fprintf(stderr, "__shfl_xor_sync is not emulated\n");
+    abort();
+}
+template <class T>
+T atomicAdd(T*, T) {
+    fprintf(stderr, "atomicAdd is not emulated\n");
+    abort();
+}
+
+// cvt.rn.bf16.f32: to nearest even; a NaN stays a (quiet) NaN.
+inline unsigned short f32_to_bf16(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+// cvt.rn.f16.f32 and cvt.f32.f16, through the compiler's IEEE half type.
+inline unsigned short f32_to_f16(float f) {
+    _Float16 h = (_Float16)f;
+    unsigned short r;
+    std::memcpy(&r, &h, 2);
+    return r;
+}
+inline float f16_to_f32(unsigned short b) {
+    _Float16 h;
+    std::memcpy(&h, &b, 2);
+    return (float)h;
 }

@@ -10,12 +10,18 @@
 //
 // 16-bit types are stored as raw `unsigned short` bits and converted with PTX `cvt`
 // (round to nearest even), so no header is needed.
+//
+// The file is also plain C++: `tests/kernels_emulated.rs` compiles it on the CPU with
+// `tests/emulate/shim.h` (the PTX conversions and CUDA's intrinsics behind `__CUDACC__`
+// there) and runs the batch-building kernels against the CPU backend.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef unsigned short u16;
 
+#ifdef __CUDACC__
 #define INFINITY __int_as_float(0x7f800000)
+#endif
 
 #define GRID_STRIDE(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
@@ -33,6 +39,7 @@ typedef unsigned short u16;
 // 16-bit conversions
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+#ifdef __CUDACC__  // (the CPU emulator of the tests, tests/emulate/shim.h, gives their semantics)
 __device__ __forceinline__ u16 f32_to_bf16(float f) {
     u16 r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
@@ -48,6 +55,7 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
     return r;
 }
+#endif
 
 extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, long long n) {
     GRID_STRIDE(i, n) y[i] = f32_to_bf16(x[i]);
