@@ -203,12 +203,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "cnn-step" => models::bench_cnn(&mut rng)?,
         other => bail!("unknown workload {other:?}: expected mlp-step, cnn-step or augment"),
     };
-    let forward_flops: u64 = model
-        .summary(&[1, 28, 28])?
-        .rows
-        .iter()
-        .map(|r| r.flops)
-        .sum();
+    let summary = model.summary(&[1, 28, 28])?;
+    let forward_flops: u64 = summary.rows.iter().map(|r| r.flops).sum();
+    if device == Device::Cpu {
+        let plan = models::Plan {
+            shapes: summary.rows.iter().map(|r| r.output.clone()).collect(),
+            params: summary.rows.iter().map(|r| r.params).sum(),
+        };
+        crate::train_cmd::check_training_memory(
+            &format!("--workload {} at --batch {}", args.workload, args.batch),
+            &plan,
+            [1, 28, 28],
+            args.batch,
+            "--batch",
+        )?;
+    }
     model.set_input_grad(false); // as PyTorch: the input does not require grad
     regimen::layer::to_device(&mut model, device);
     let b = args.batch;

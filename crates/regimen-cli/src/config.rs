@@ -136,7 +136,9 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
     if let Ok(p) = std::fs::canonicalize(&path) {
         let _ = GIVEN.set(p);
     }
-    let table: toml::Table = text.parse().map_err(|e| anyhow!("config {path}: {e}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow!("{}", toml_error(&path.to_string(), &text, &e)))?;
     let known = train_flags();
     let switches = switch_flags();
     let mut from_file = Vec::new();
@@ -249,5 +251,20 @@ mod tests {
             "fuzz config files: {done} cases in {:.1} s, no finding",
             start.elapsed().as_secs_f64()
         );
+    }
+}
+
+/// A TOML error on one line: "config FILE line L, column C: MESSAGE" (toml's own display is
+/// several lines with a caret drawing).
+pub fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("config {path} line {line}, column {column}: {message}")
+        }
+        None => format!("config {path}: {message}"),
     }
 }

@@ -320,9 +320,13 @@ fn check_writable(path: &std::path::Path) -> Result<()> {
     }
     if !dir.is_dir() {
         anyhow::bail!(
-            "cannot save to {}: the folder {} does not exist",
+            "cannot save to {}: {}",
             path.display(),
-            dir.display()
+            if dir.exists() {
+                format!("{} is not a folder", dir.display())
+            } else {
+                format!("the folder {} does not exist", dir.display())
+            }
         );
     }
     let probe = dir.join(format!(".regimen-write-test-{}", std::process::id()));

@@ -255,6 +255,24 @@ fn read_inputs(paths: &[PathBuf], input: [usize; 3]) -> Result<Vec<(String, Vec<
             };
             out.push((name, pixels));
         } else {
+            let idx = bytes.starts_with(&[0, 0, 8, 3]) || bytes.starts_with(&[0x1f, 0x8b]);
+            if !idx {
+                bail!(
+                    "{name}: neither a PNG image nor an IDX image file (like t10k-images-idx3-ubyte[.gz]){}",
+                    if bytes.is_empty() {
+                        ": the file is empty".to_string()
+                    } else {
+                        format!(
+                            ": it starts with bytes {}",
+                            bytes
+                                .iter()
+                                .take(4)
+                                .map(|b| format!("{b:02x}"))
+                                .collect::<String>()
+                        )
+                    }
+                );
+            }
             let (pixels, n, ih, iw) = regimen::data::idx::read_images(p)?;
             if (ih, iw) != (h, w) || c != 1 {
                 bail!("{name}: IDX images of {ih}x{iw}, the model takes {c}x{h}x{w}");

@@ -545,6 +545,15 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         ),
         Err(e) => return Err(anyhow::Error::from(e).context("--model")),
     };
+    if device == regimen::Device::Cpu {
+        check_training_memory(
+            &format!("--model {model_name} at --batch-size {}", args.batch_size),
+            &plan,
+            input,
+            args.batch_size,
+            "--batch-size",
+        )?;
+    }
     // Steps per epoch of the global batch (the per-rank batch times the ranks).
     let per_epoch =
         regimen::data::batches_per_epoch(prepared.train.len(), args.batch_size * ranks, ranks);
@@ -1374,4 +1383,38 @@ mod tests {
             "lr_batch = 256\nlr = 0.1\n"
         );
     }
+}
+
+/// Refuses a run whose least memory would not fit in what this machine has available: the
+/// parameters four times (weights, gradients, two optimizer states at most) and each layer's
+/// output for a batch twice (kept for backward, and its gradient). An allocation that fails
+/// would abort the process mid-run instead.
+pub fn check_training_memory(
+    what: &str,
+    plan: &regimen::models::Plan,
+    input: [usize; 3],
+    batch: usize,
+    batch_flag: &str,
+) -> Result<()> {
+    let Some(avail) = regimen::io::available_memory() else {
+        return Ok(());
+    };
+    let params = (plan.params as u64).saturating_mul(16);
+    let per_sample: u64 = std::iter::once(input.iter().product::<usize>())
+        .chain(plan.shapes.iter().map(|s| s.iter().product::<usize>()))
+        .map(|n| n as u64)
+        .sum();
+    let activations = per_sample.saturating_mul(batch as u64).saturating_mul(8);
+    let need = params.saturating_add(activations);
+    if need > avail {
+        bail!(
+            "{what}: training needs at least {} ({} for {} parameters' weights, gradients and optimizer state, {} for the activations of a batch), and this machine has {} available: lower {batch_flag} or the model's size",
+            regimen::io::human_bytes(need),
+            regimen::io::human_bytes(params),
+            plan.params,
+            regimen::io::human_bytes(activations),
+            regimen::io::human_bytes(avail)
+        );
+    }
+    Ok(())
 }

@@ -1161,7 +1161,46 @@ fn bad_specs_keys_flags_and_data_are_one_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("c.toml");
     std::fs::write(&cfg, "epochs = 2\nlearning_rate = 0.1\n").unwrap();
+    let dup = dir.join("dup.toml");
+    std::fs::write(&dup, "lr = 0.1\nlr = 0.2\n").unwrap();
+    let file = dir.join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let into_file = file.join("x.safetensors");
     for (args, needle) in [
+        (
+            vec!["--config", dup.to_str().unwrap()],
+            "dup.toml line 2, column 1: duplicate key",
+        ),
+        (
+            vec!["--save", into_file.to_str().unwrap()],
+            "a-file is not a folder",
+        ),
+        (
+            vec!["--model", "flatten,linear:10,leaky_relu:NaN,linear:classes"],
+            "leaky_relu:NaN: the parameter after ':' must be a finite number",
+        ),
+        (
+            vec!["--model", "digits-mlp,init=he,init=xavier"],
+            "init= given twice",
+        ),
+        (
+            vec!["--model", "digits-mlp,init=uniform:1:0"],
+            "needs LO <= HI",
+        ),
+        (vec!["--augment", "flip,"], "an empty item"),
+        (
+            vec!["--schedule", "step:size=5,size=6"],
+            "schedule step size = 6: given twice",
+        ),
+        (
+            vec!["--schedule", "restarts:mult=0"],
+            "schedule restarts mult = 0: must be at least 1",
+        ),
+        (
+            // 10^13 parameters: refused before anything is allocated.
+            vec!["--model", "deep-mlp:1000:100000"],
+            "this machine has",
+        ),
         (
             vec!["--model", "conv:8,relu,linear:classes"],
             "model spec token 3 = linear:classes: a linear layer takes flat features",
@@ -1219,6 +1258,59 @@ fn bad_specs_keys_flags_and_data_are_one_line() {
         assert!(err.contains(needle), "{args:?}: {err}");
         let _ = std::fs::remove_dir_all(&out_dir);
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// lab and predict refuse data they cannot read instead of falling back or misnaming it.
+#[test]
+fn lab_and_predict_refuse_what_they_cannot_read() {
+    let dir = scratch().join(format!("refuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (code, _, err) = regimen(&[
+        "lab",
+        "activations",
+        "--quick",
+        "--data-dir",
+        "/nonexistent",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--quick runs on the embedded digits"), "{err}");
+    let out = dir.join("lab");
+    let (code, _, err) = regimen(&[
+        "lab",
+        "activations",
+        "--data-dir",
+        "/nonexistent/fmnist",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("fashion-mnist not found"), "{err}");
+    let run = dir.join("run");
+    let (code, out, err) = regimen(&[
+        "train",
+        "--model",
+        "digits-mlp",
+        "--epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let text = dir.join("text.png");
+    std::fs::write(&text, "hi\n").unwrap();
+    let (code, _, err) = regimen(&[
+        "predict",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        text.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("neither a PNG image nor an IDX image file")
+            && err.contains("starts with bytes 68690a"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -135,12 +135,17 @@ impl Init {
             "default" | "pytorch" => Init::PyTorchDefault,
             "normal" => Init::Normal {
                 mean: 0.0,
-                std: num(0, None)?,
+                std: Some(num(0, None)?)
+                    .filter(|&s| s >= 0.0)
+                    .ok_or_else(|| bad("the standard deviation must be at least 0"))?,
             },
-            "uniform" => Init::Uniform {
-                low: num(0, None)?,
-                high: num(1, None)?,
-            },
+            "uniform" => {
+                let (low, high) = (num(0, None)?, num(1, None)?);
+                if low > high {
+                    return Err(bad("needs LO <= HI"));
+                }
+                Init::Uniform { low, high }
+            }
             "constant" => Init::Constant(num(0, None)?),
             "xavier" | "xavier_normal" | "glorot" => Init::XavierNormal { gain: num(0, Some(1.0))? },
             "xavier_uniform" => Init::XavierUniform { gain: num(0, Some(1.0))? },

@@ -8,6 +8,45 @@ use safetensors::tensor::Dtype;
 
 use crate::error::{Error, Result};
 
+/// The memory this machine can still give a process, in bytes (`MemAvailable` of
+/// `/proc/meminfo`, capped by the process's address-space limit); `None` where it cannot tell.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let mut avail = kb.saturating_mul(1024);
+    // `ulimit -v`: the soft limit of the address space, from /proc/self/limits.
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+        if let Some(limit) = limits
+            .lines()
+            .find(|l| l.starts_with("Max address space"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            avail = avail.min(limit);
+        }
+    }
+    Some(avail)
+}
+
+/// `bytes` as "12.3 GB" (or MB, KB).
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} KB", b / 1e3)
+    }
+}
+
 /// `(name, shape, values)` of one f32 tensor.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 

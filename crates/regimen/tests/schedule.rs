@@ -221,6 +221,19 @@ fn parsed_schedules_and_their_errors() {
         ),
         ("exp:gamma=abc", "is not a valid number"),
         ("multistep:milestones=5/3", "must increase"),
+        ("cyclic:up=0", "schedule cyclic up = 0: must be at least 1"),
+        (
+            "cyclic:min=0.2,max=0.1",
+            "schedule cyclic min = 0.2: needs min < max",
+        ),
+        (
+            "restarts:mult=0",
+            "schedule restarts mult = 0: must be at least 1",
+        ),
+        (
+            "restarts:t0=0",
+            "schedule restarts t0 = 0: must be at least 1",
+        ),
         (
             "cyclic:mode=sawtooth",
             "expected triangular, triangular2 or exp_range",

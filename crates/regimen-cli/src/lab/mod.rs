@@ -150,10 +150,25 @@ pub struct Data {
 }
 
 impl Data {
+    /// Fashion-MNIST (from `data_dir` when given), or the embedded digits with `quick` or when
+    /// Fashion-MNIST is not installed. Fashion-MNIST found but unreadable is an error, and so
+    /// is a `data_dir` that does not hold it: neither falls back to the digits.
     fn load(quick: bool, data_dir: Option<&std::path::Path>) -> Result<Data> {
-        let splits = match (quick, regimen::data::load("fashion-mnist", data_dir)) {
-            (false, Ok(s)) => s,
-            _ => regimen::data::load("digits", None)?,
+        if quick && data_dir.is_some() {
+            bail!("--data-dir: --quick runs on the embedded digits; drop one of the two");
+        }
+        let splits = if quick {
+            regimen::data::load("digits", None)?
+        } else {
+            match regimen::data::load("fashion-mnist", data_dir) {
+                Ok(s) => s,
+                Err(e)
+                    if data_dir.is_none() && e.to_string().contains(" not found: looked for ") =>
+                {
+                    regimen::data::load("digits", None)?
+                }
+                Err(e) => return Err(anyhow::Error::from(e).context("the lab's data")),
+            }
         };
         let (mut train, test) = (splits.train, splits.test);
         if quick {

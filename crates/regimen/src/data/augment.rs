@@ -83,8 +83,15 @@ impl Pipeline {
         for item in spec
             .split(',')
             .map(str::trim)
-            .filter(|s| !s.is_empty() && *s != "none")
+            .filter(|s| *s != "none" && !spec.trim().is_empty())
         {
+            if item.is_empty() {
+                return Err(Error::config(
+                    "augment",
+                    spec,
+                    "an empty item (two commas in a row, or a trailing comma?)",
+                ));
+            }
             let (name, value) = match item.split_once('=') {
                 Some((n, v)) => (n.trim(), Some(v.trim())),
                 None => (item, None),

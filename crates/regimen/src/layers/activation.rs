@@ -48,13 +48,17 @@ pub fn parse_activation(spec: &str) -> Result<Unary> {
     let num = |default: f32| -> Result<f32> {
         match arg {
             None => Ok(default),
-            Some(a) => a.parse().map_err(|_| {
-                Error::config(
-                    "activation",
-                    spec,
-                    "the parameter after ':' must be a number",
-                )
-            }),
+            Some(a) => a
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| {
+                    Error::config(
+                        "activation",
+                        spec,
+                        "the parameter after ':' must be a finite number",
+                    )
+                }),
         }
     };
     Ok(match name {

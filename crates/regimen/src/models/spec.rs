@@ -264,6 +264,7 @@ impl ModelSpec {
                 None => tokens.push((pos, tok.to_string())),
             }
         }
+        let mut seen_options = std::collections::HashSet::new();
         for (pos, tok) in tokens {
             let err = |why: &str| Error::config(&format!("model spec token {pos}"), &tok, why);
             if tok.is_empty() {
@@ -272,6 +273,9 @@ impl ModelSpec {
                 ));
             }
             if let Some((key, value)) = tok.split_once('=') {
+                if !seen_options.insert(key.trim().to_string()) {
+                    return Err(err(&format!("{}= given twice", key.trim())));
+                }
                 match key.trim() {
                     "init" => {
                         init = Init::parse(value.trim()).map_err(|e| err(&e.to_string()))?;
@@ -312,8 +316,26 @@ impl ModelSpec {
         self.walk(input, classes, None)
     }
 
-    /// Build the model (weights drawn from `rng` in layer order).
+    /// Build the model (weights drawn from `rng` in layer order). A model whose weights alone
+    /// would not fit in this machine's available memory is refused before anything is
+    /// allocated (an allocation that fails aborts the process).
     pub fn build(&self, input: [usize; 3], classes: usize, rng: &mut Rng) -> Result<Sequential> {
+        let plan = self.walk(input, classes, None)?;
+        let need = (plan.params as u64).saturating_mul(4);
+        if let Some(avail) = crate::io::available_memory() {
+            if need > avail {
+                return Err(Error::config(
+                    "model",
+                    &self.text,
+                    &format!(
+                        "its {} parameters need {} for the weights alone; this machine has {} available",
+                        plan.params,
+                        crate::io::human_bytes(need),
+                        crate::io::human_bytes(avail)
+                    ),
+                ));
+            }
+        }
         let mut model = Sequential::new();
         self.walk(input, classes, Some((&mut model, rng)))?;
         Ok(model)
@@ -756,6 +778,8 @@ fn parse_op(tok: &str) -> std::result::Result<Op, String> {
                 return Err(format!("the activation {name} takes no parameter"))
             }
             Ok(a) => Op::Act(Some(a)),
+            // A known activation with a bad parameter: say that, not "unknown layer".
+            Err(e) if parse_activation(name).is_ok() => return Err(e.to_string()),
             Err(_) => {
                 return Err(format!(
                     "unknown layer '{name}': expected linear, conv, bn, maxpool, avgpool, gap, fmp, flatten, dropout, maxout, prelu, swish:learned, an activation ({}), act, softmax or res",

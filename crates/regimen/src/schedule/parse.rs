@@ -39,7 +39,13 @@ impl ScheduleSpec {
         let mut args = BTreeMap::new();
         for kv in rest.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
-            args.insert(k.trim().to_string(), v.trim().to_string());
+            if let Some(first) = args.insert(k.trim().to_string(), v.trim().to_string()) {
+                return Err(Error::config(
+                    &format!("schedule {} {}", name.trim(), k.trim()),
+                    v.trim(),
+                    &format!("given twice (first {first})"),
+                ));
+            }
         }
         Ok(ScheduleSpec {
             name: name.trim().to_string(),
@@ -175,8 +181,11 @@ pub fn parse_schedule(
                 other => return Err(Error::config(&a.field("mode"), other, "expected triangular, triangular2 or exp_range")),
             };
             let (min, max) = (a.num("min", Some(lr / 10.0))?, a.num("max", Some(lr))?);
-            if !(min < max) || up == 0 {
-                return Err(Error::config(&a.field("min"), min, "needs min < max and up >= 1"));
+            if up == 0 {
+                return Err(Error::config(&a.field("up"), up, "must be at least 1"));
+            }
+            if !(min < max) {
+                return Err(Error::config(&a.field("min"), min, &format!("needs min < max (max = {max})")));
             }
             Box::new(Cyclic { base: min, max, up, down: a.num("down", Some(up))?, mode })
         }
@@ -208,8 +217,11 @@ pub fn parse_schedule(
             a.check_keys(&["t0", "mult", "min"])?;
             let t_0: usize = a.num("t0", Some(tenth))?;
             let t_mult: usize = a.num("mult", Some(1))?;
-            if t_0 == 0 || t_mult == 0 {
-                return Err(Error::config(&a.field("t0"), t_0, "t0 and mult must be at least 1"));
+            if t_0 == 0 {
+                return Err(Error::config(&a.field("t0"), t_0, "must be at least 1"));
+            }
+            if t_mult == 0 {
+                return Err(Error::config(&a.field("mult"), t_mult, "must be at least 1"));
             }
             Box::new(CosineRestarts { base: lr, t_0, t_mult, eta_min: a.num("min", Some(0.0))? })
         }
