@@ -47,6 +47,10 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// The metadata key of the CRC-32C (8 hex digits) of a file's tensor data, written by
+/// [`write_safetensors`] and checked (then removed from the metadata) by [`read_safetensors`].
+pub const CHECKSUM_KEY: &str = "regimen_data_crc32c";
+
 /// `(name, shape, values)` of one f32 tensor.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 
@@ -70,6 +74,17 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let mut order: Vec<&NamedTensor> = tensors.iter().collect();
     order.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut body = Vec::with_capacity(order.iter().map(|t| 4 * t.2.len()).sum());
+    for (_, _, values) in &order {
+        for v in values {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let mut meta = meta;
+    meta.insert(
+        CHECKSUM_KEY.into(),
+        format!("{:08x}", crate::tensorboard::crc32c(&body)),
+    );
     let mut header = serde_json::Map::new();
     if !meta.is_empty() {
         header.insert(
@@ -104,11 +119,7 @@ pub fn write_safetensors(
     let mut data = Vec::with_capacity(8 + head.len() + offset);
     data.extend_from_slice(&(head.len() as u64).to_le_bytes());
     data.extend_from_slice(&head);
-    for (_, _, values) in &order {
-        for v in values {
-            data.extend_from_slice(&v.to_le_bytes());
-        }
-    }
+    data.extend_from_slice(&body);
     write_atomic(path, &data)
 }
 
@@ -172,14 +183,24 @@ pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<Strin
         file: file.clone(),
         reason,
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let meta: BTreeMap<String, String> = header
+    let mut meta: BTreeMap<String, String> = header
         .metadata()
         .clone()
         .unwrap_or_default()
         .into_iter()
         .collect();
+    // Files regimen wrote carry a checksum of their tensor data; files from elsewhere may not.
+    if let Some(want) = meta.remove(CHECKSUM_KEY) {
+        let body = bytes.get(8 + header_len..).unwrap_or_default();
+        let got = format!("{:08x}", crate::tensorboard::crc32c(body));
+        if got != want {
+            return Err(bad(format!(
+                "the tensor data is damaged: its CRC-32C is {got}, the file says {want} (changed or corrupted after it was written)"
+            )));
+        }
+    }
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut out = Vec::new();
