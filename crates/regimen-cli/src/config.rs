@@ -15,6 +15,7 @@ pub fn train_flags() -> Vec<String> {
     let train = cmd.find_subcommand("train").expect("train subcommand");
     train
         .get_arguments()
+        .filter(|a| !a.is_hide_set())
         .filter_map(|a| a.get_long().map(str::to_string))
         .chain(globals)
         .filter(|f| f != "config" && f != "help" && f != "version")

@@ -357,6 +357,68 @@ fn to_run(trial: &Trial, budget: usize) -> bool {
         .any(|r| r.epochs == budget && !retryable(&r.status))
 }
 
+/// This program, with `--threads`.
+fn regimen_cmd(threads: usize) -> std::process::Command {
+    let exe = std::env::current_exe().expect("the running binary");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--threads").arg(threads.to_string());
+    cmd
+}
+
+/// `regimen train` with the base config and a trial's settings at `epochs` (no --out).
+fn train_cmd(
+    base: Option<&Path>,
+    params: &BTreeMap<String, toml::Value>,
+    epochs: usize,
+    threads: usize,
+    force_validation: bool,
+) -> std::process::Command {
+    let mut cmd = regimen_cmd(threads);
+    cmd.arg("train");
+    if let Some(b) = base {
+        cmd.arg("--config").arg(b);
+    }
+    cmd.args(trial_flags(params));
+    cmd.arg(format!("--epochs={epochs}"));
+    if force_validation {
+        cmd.arg("--validation=0.1");
+    }
+    cmd
+}
+
+/// Checks every trial's settings as `regimen train` would (its flags, config and specs, with
+/// no data read and nothing written), before any trial starts: a bad base config or a bad
+/// value in the space is one error now, not a failure in every trial.
+fn check_trials(
+    base: Option<&Path>,
+    trials: &[Trial],
+    epochs: usize,
+    force_validation: bool,
+) -> Result<()> {
+    for t in trials {
+        let mut cmd = train_cmd(base, &t.params, epochs, 1, force_validation);
+        cmd.arg("--check-only");
+        let out = cmd
+            .output()
+            .with_context(|| "starting regimen train --check-only".to_string())?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let line = err
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("error: "))
+                .unwrap_or("failed");
+            let params: Vec<String> = t.params.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            bail!(
+                "trial {} ({}): {line}; no trial was started (fix the base config or the space)",
+                t.id,
+                params.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Run one trial at `epochs` as a `regimen train` process; resumes its folder when a previous
 /// process was killed.
 fn run_trial(
@@ -367,24 +429,17 @@ fn run_trial(
     threads: usize,
     force_validation: bool,
 ) -> TrialRun {
-    let exe = std::env::current_exe().expect("the running binary");
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--threads").arg(threads.to_string());
     let last = dir.join("checkpoints/last.safetensors");
-    if last.is_file() && !dir.join("summary.json").is_file() {
+    let mut cmd = if last.is_file() && !dir.join("summary.json").is_file() {
+        let mut cmd = regimen_cmd(threads);
         cmd.args(["train", "--resume"]).arg(dir);
+        cmd
     } else {
         let _ = std::fs::remove_dir_all(dir);
-        cmd.arg("train");
-        if let Some(b) = base {
-            cmd.arg("--config").arg(b);
-        }
-        cmd.args(trial_flags(params));
-        cmd.arg(format!("--epochs={epochs}")).arg("--out").arg(dir);
-        if force_validation {
-            cmd.arg("--validation=0.1");
-        }
-    }
+        let mut cmd = train_cmd(base, params, epochs, threads, force_validation);
+        cmd.arg("--out").arg(dir);
+        cmd
+    };
     let start = std::time::Instant::now();
     let out = cmd.output();
     let seconds = start.elapsed().as_secs_f64();
@@ -537,6 +592,13 @@ pub fn run(args: &SweepArgs) -> Result<()> {
             trials: drawn,
         },
     };
+    // Before anything is saved: a sweep refused here leaves no state to be refused again.
+    check_trials(
+        args.config.as_deref(),
+        &st.trials,
+        *rungs.last().expect("at least one rung"),
+        force_validation,
+    )?;
     save(&out, &st)?;
     if force_validation {
         say!("the base config holds out no validation split: every trial holds out 10% of the training set to compare on");

@@ -109,6 +109,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Check the flags, config and specs, then stop: no data is read, nothing is written
+    /// (what `sweep` asks of each trial before it starts any).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub check_only: bool,
     /// Where to train: cpu, cuda (GPU 0; under several ranks, GPU local rank mod GPUs) or
     /// cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -442,6 +447,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     });
     let spec = models::ModelSpec::parse(&model_name).context("--model")?;
     recipe::schedule(optim_args, args.epochs.max(1), 1 << 20, false)?;
+    if args.check_only {
+        return Ok(());
+    }
     // The run folder: checked (or created) before any training, by rank 0, which tells the
     // other ranks its name.
     let out = if rank == 0 {

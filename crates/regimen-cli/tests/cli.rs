@@ -1632,24 +1632,44 @@ fn sweep_runs_resumes_and_refuses_bad_spaces() {
             "{text}: {err}"
         );
     }
-    // Values train refuses only when it runs: every trial fails, and the sweep says so with
-    // a non-zero status.
+    // Values only train knows to refuse, and a bad base config: every trial's settings are
+    // checked as train would before any starts, and nothing is saved (the same folder takes
+    // the fixed sweep).
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "momentum = \"uniform(1.1, 2)\"").unwrap();
-    let (code, out2, err) = regimen(&[
-        "sweep",
-        "--space",
-        bad.to_str().unwrap(),
-        "--trials",
-        "2",
-        "--out",
-        dir.join("y").to_str().unwrap(),
-    ]);
-    assert_eq!(code, 2, "{out2}{err}");
-    assert!(
-        err.contains("no trial finished") && err.contains("invalid momentum"),
-        "{err}"
-    );
+    let bad_base = dir.join("bad-base.toml");
+    std::fs::write(&bad_base, "epochs = 2\nlearning_rate = 0.1\n").unwrap();
+    let good_space = dir.join("good.toml");
+    std::fs::write(&good_space, "lr = \"log_uniform(1e-2, 0.1)\"\n").unwrap();
+    for (space, base, needle) in [
+        (&bad, None, "invalid momentum"),
+        (
+            &good_space,
+            Some(&bad_base),
+            "unknown key \"learning_rate\"",
+        ),
+    ] {
+        let y = dir.join("y");
+        let mut args = vec![
+            "sweep",
+            "--space",
+            space.to_str().unwrap(),
+            "--trials",
+            "2",
+            "--out",
+            y.to_str().unwrap(),
+        ];
+        if let Some(b) = base {
+            args.extend(["--config", b.to_str().unwrap()]);
+        }
+        let (code, out2, err) = regimen(&args);
+        assert_eq!(code, 2, "{out2}{err}");
+        assert!(
+            err.contains("no trial was started") && err.contains(needle),
+            "{err}"
+        );
+        assert!(!y.join("sweep.json").exists() && !y.join("trials").exists());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
