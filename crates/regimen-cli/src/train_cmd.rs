@@ -320,9 +320,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 
 pub fn lr_find(args: &LrFindArgs) -> Result<()> {
     check_range("--steps", args.steps, 5, 100_000)?;
-    if !(args.start > 0.0 && args.end > args.start && args.end.is_finite()) {
+    if !(args.start > 0.0 && args.end > args.start && (args.end as f32).is_finite()) {
         bail!(
-            "invalid --start {} / --end {}: need 0 < start < end",
+            "invalid --start {} / --end {}: need 0 < start < end, a finite f32 (rates are f32)",
             args.start,
             args.end
         );
@@ -540,6 +540,15 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         args.seed,
     )?;
     augment.check_image_shape(prepared.train.image_shape)?;
+    if let Some(v) = prepared.validation.as_ref().filter(|v| v.len() < 100) {
+        say!(
+            "note: --validation {} holds out {} image{}: its accuracy moves in steps of {:.1} points, too coarse to choose the best epoch by",
+            args.validation,
+            v.len(),
+            if v.len() == 1 { "" } else { "s" },
+            100.0 / v.len().max(1) as f64
+        );
+    }
     let (input, classes) = (prepared.train.image_shape, prepared.train.num_classes());
     let plan = match spec.plan(input, classes) {
         Ok(p) => p,

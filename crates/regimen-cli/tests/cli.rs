@@ -1423,9 +1423,11 @@ fn lr_find_suggests_and_applies() {
         dir.join("t").to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = regimen(&["lr-find", "--start", "1", "--end", "0.1"]);
-    assert_eq!(code, 2);
-    assert!(err.contains("need 0 < start < end"), "{err}");
+    for end in ["0.1", "1e40"] {
+        let (code, _, err) = regimen(&["lr-find", "--start", "1", "--end", end]);
+        assert_eq!(code, 2, "{end}");
+        assert!(err.contains("need 0 < start < end"), "{end}: {err}");
+    }
     // Ctrl-C ends a long range test after its current step: the steps so far are written and
     // plotted, nothing is applied, the exit status is 130.
     let before = std::fs::read_to_string(&cfg).unwrap();
