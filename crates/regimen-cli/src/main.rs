@@ -308,6 +308,28 @@ fn check_range(flag: &str, value: usize, lo: usize, hi: usize) -> Result<()> {
     Ok(())
 }
 
+/// An output folder a command may write into: absent, empty, or one it wrote before (holding
+/// `marker`). Another folder (a train run's, one of the user's files) is refused, so that a
+/// report or a sweep never mixes into it.
+pub fn check_output_folder(dir: &std::path::Path, marker: &str, what: &str) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("--out {}: a file, not a folder", dir.display());
+    }
+    if dir.is_dir()
+        && !dir.join(marker).exists()
+        && std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .next()
+            .is_some()
+    {
+        anyhow::bail!(
+            "--out {}: the folder holds other files (no {marker}: not {what}); give a new or empty folder",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// That a file can be written at `path` (its folder exists and takes a new file), before the
 /// work that produces it starts.
 fn check_writable(path: &std::path::Path) -> Result<()> {

@@ -520,6 +520,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => PathBuf::from("runs").join(format!("sweep-{}", std::process::id())),
     };
+    crate::check_output_folder(&out, "sweep.json", "a sweep's folder")?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     // How to continue this sweep: its default folder is named by this process, so a new process
     // finds it only through --out.

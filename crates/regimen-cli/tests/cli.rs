@@ -1297,6 +1297,27 @@ fn lab_and_predict_refuse_what_they_cannot_read() {
         run.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}{err}");
+    // A train run's folder is not a lab report's or a sweep's to write into.
+    let (code, _, err) = regimen(&[
+        "lab",
+        "activations",
+        "--quick",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a lab report's folder"), "{err}");
+    let space = dir.join("space.toml");
+    std::fs::write(&space, "lr = \"log_uniform(1e-2, 0.1)\"\n").unwrap();
+    let (code, _, err) = regimen(&[
+        "sweep",
+        "--space",
+        space.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a sweep's folder"), "{err}");
     let text = dir.join("text.png");
     std::fs::write(&text, "hi\n").unwrap();
     let (code, _, err) = regimen(&[

@@ -354,6 +354,7 @@ pub fn run(args: &LabArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("lab").join(&args.name));
+    crate::check_output_folder(&out, "report.md", "a lab report's folder")?;
     let data = Data::load(args.quick, args.data_dir.as_deref())?;
     let title = if chosen.len() == 1 {
         format!("regimen lab {}", chosen[0].0)
