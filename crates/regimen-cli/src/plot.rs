@@ -84,6 +84,20 @@ pub fn points(path: &Path, plot: &Plot, series: &[Series]) -> Result<()> {
 
 fn chart(path: &Path, plot: &Plot, series: &[Series], connect: bool) -> Result<()> {
     register_font();
+    // Non-finite points (a diverged run's NaN) are left out; the lines join the others.
+    let series: Vec<Series> = series
+        .iter()
+        .map(|s| Series {
+            name: s.name.clone(),
+            points: s
+                .points
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect(),
+        })
+        .collect();
+    let series = &series[..];
     let (w, h) = (900u32, 540u32);
     let mut rgb = vec![255u8; (w * h * 3) as usize];
     {

@@ -44,11 +44,15 @@ pub enum Error {
     #[error("{file}: {reason}")]
     Data { file: String, reason: String },
     /// Training produced a non-finite loss; the model was put back to its last finite state.
-    #[error("training diverged: the loss of step {step} (epoch {epoch}) is not finite (NaN or infinity); the model is back at its state {restored}")]
+    #[error("training diverged: the {what} of step {step} (epoch {epoch}) {verb} not finite (NaN or infinity); the model is back at its state {restored}")]
     Diverged {
         epoch: usize,
         step: u64,
         restored: String,
+        /// "loss" (a step's loss), or "weights after the update" (the epoch's last update
+        /// made a parameter non-finite, which no loss of the epoch could show).
+        what: &'static str,
+        verb: &'static str,
     },
     /// A device cannot be used (no driver, no such GPU, a build without its feature).
     #[error("{device}: {reason}")]

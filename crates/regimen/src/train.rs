@@ -577,7 +577,7 @@ fn run_epochs(
                 if cfg.progress {
                     clear_progress();
                 }
-                guard.end_epoch(model, epoch)?;
+                guard.end_epoch(model, epoch, optim.steps())?;
                 let partial = meter.sums(&*comm)?;
                 if ranks > 1 {
                     crate::dist::broadcast_model(&*comm, model, false)?;
@@ -592,13 +592,14 @@ fn run_epochs(
             clear_progress();
         }
         let (train_loss, train_acc, samples) = meter.read_all(&*comm)?;
-        guard.end_epoch(model, epoch)?;
+        guard.end_epoch(model, epoch, optim.steps())?;
         if ranks > 1 {
             // Rank 0's running statistics everywhere (what is evaluated and saved).
             crate::dist::broadcast_model(&*comm, model, false)?;
         }
         let (test_loss, test_acc) = held_out_figures(model, held_out, cfg.device)?;
         if held_out.is_some() {
+            guard.check_held_out(model, epoch, optim.steps(), test_loss)?;
             schedule.observe(test_loss);
         }
         let stats = EpochStats {
@@ -882,7 +883,7 @@ fn run_epochs_on_device(
         }
         let seen = stopped.map_or(n, |next| (next * bsz).min(n));
         if let Some(next) = stopped {
-            guard.end_epoch(model, epoch)?;
+            guard.end_epoch(model, epoch, optim.steps())?;
             let sums = [
                 st.loss_sum.item() as f64,
                 st.correct_sum.item() as f64,
@@ -895,9 +896,10 @@ fn run_epochs_on_device(
             st.loss_sum.item() / n as f32,
             st.correct_sum.item() / n as f32,
         );
-        guard.end_epoch(model, epoch)?;
+        guard.end_epoch(model, epoch, optim.steps())?;
         let (test_loss, test_acc) = held_out_figures(model, held_out, device)?;
         if held_out.is_some() {
+            guard.check_held_out(model, epoch, optim.steps(), test_loss)?;
             schedule.observe(test_loss);
             // A schedule that listens (reduce on plateau) may have changed the rates ahead.
             optim.set_lr_table(lr_table(schedule, scale))?;
@@ -970,12 +972,59 @@ impl Guard {
             .note_nonfinite(loss, step, &mut self.first_bad);
     }
 
-    /// One read: `Ok` if every loss of the epoch was finite.
-    fn end_epoch(&mut self, model: &mut dyn Layer, epoch: usize) -> Result<()> {
+    /// `Ok` if every loss of the epoch was finite (one read) and so is every parameter after
+    /// its last update (one read per parameter tensor: a blow-up in the last update shows in
+    /// no loss of this epoch, and would be snapshotted as the next epoch's good state).
+    /// `last_step` is the epoch's last step (1-based).
+    fn end_epoch(&mut self, model: &mut dyn Layer, epoch: usize, last_step: u64) -> Result<()> {
         let step = self.first_bad.to_vec()[0];
-        if step == 0 {
+        let (step, what, verb) = if step != 0 {
+            (step as u64, "loss", "is")
+        } else {
+            let mut finite = true;
+            model.visit_params_unnamed(&mut |p| {
+                if finite {
+                    finite = p.value.backend().all_finite(&p.value).item() != 0.0;
+                }
+            });
+            if finite {
+                return Ok(());
+            }
+            (last_step, "weights after the update", "are")
+        };
+        self.fail(model, epoch, step, what, verb)
+    }
+
+    /// `Ok` if the held-out loss after the epoch is finite; else as a non-finite loss: the
+    /// weights are finite but give non-finite logits (a blow-up in the epoch's last update).
+    fn check_held_out(
+        &mut self,
+        model: &mut dyn Layer,
+        epoch: usize,
+        last_step: u64,
+        loss: f32,
+    ) -> Result<()> {
+        if loss.is_finite() {
             return Ok(());
         }
+        self.fail(
+            model,
+            epoch,
+            last_step,
+            "validation loss after the update",
+            "is",
+        )
+    }
+
+    /// Put the model back to the start of the epoch and say why.
+    fn fail(
+        &mut self,
+        model: &mut dyn Layer,
+        epoch: usize,
+        step: u64,
+        what: &'static str,
+        verb: &'static str,
+    ) -> Result<()> {
         let mut i = 0;
         let snap = &self.snapshot;
         let mut restore = |t: &mut Tensor| {
@@ -986,7 +1035,9 @@ impl Guard {
         model.visit_buffers("", &mut |_, b| restore(b));
         Err(Error::Diverged {
             epoch,
-            step: step as u64,
+            step,
+            what,
+            verb,
             restored: if epoch > 1 {
                 format!("after epoch {}", epoch - 1)
             } else {

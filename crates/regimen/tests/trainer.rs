@@ -510,6 +510,44 @@ fn divergence_keeps_the_last_good_checkpoint() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A blow-up in an epoch's last update shows in none of its losses: the epoch's end finds it
+/// (non-finite weights, or a non-finite validation loss) and stops as a divergence, the model
+/// back at the last good checkpoint, instead of saving the broken model as that epoch's.
+#[test]
+fn a_blow_up_in_the_last_update_of_an_epoch_is_a_divergence() {
+    let dir = scratch("nan-last");
+    let p = digits(0.1);
+    let setup = Setup {
+        spec: "flatten,linear:32,relu,linear:classes",
+        lr: 0.05,
+        momentum: 0.0,
+        epochs: 2,
+        schedule: "constant",
+        augment: "none",
+        unit: Unit::Batch,
+    };
+    let last = dir.join("last.safetensors");
+    let mut t = trainer(&p, &setup).checkpoint_every_epoch(last.clone());
+    t.run().unwrap();
+    // One update per epoch from now on, at an absurd rate: epoch 3's only loss is computed
+    // before its update, so only the end-of-epoch checks can see the blow-up.
+    t.fit.epochs = 3;
+    t.fit.batch_size = 4096;
+    t.schedule = Box::new(Constant(1e30));
+    let err = t.run().unwrap_err();
+    match &err {
+        regimen::Error::Diverged { epoch: 3, what, .. } => {
+            assert_ne!(*what, "loss", "{err}")
+        }
+        _ => panic!("{err}"),
+    }
+    assert!(err.to_string().contains("after the update"), "{err}");
+    let mut fresh = models::for_input(setup.spec, [1, 8, 8], 10, &mut Rng::new(1)).unwrap();
+    regimen::checkpoint::load(&last, &mut fresh).unwrap();
+    assert_eq!(weights(&mut fresh), weights(&mut t.model));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The TensorBoard event file frames every record with the masked CRC32C of its length and
 /// data, and holds one event per epoch with the epoch's scalars.
 #[test]

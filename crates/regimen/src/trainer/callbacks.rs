@@ -305,7 +305,7 @@ impl Callback for BestCheckpoint {
 /// learning rate is at its lowest and the model at a local minimum. A cycle ends at an epoch
 /// whose last step is a minimum of the schedule ([`super::ends_cycle`]: the rate fell into it
 /// and rises after it; a warmup's rise ends nothing); the last epoch of the run ends the last
-/// cycle. A cycle that ends inside an epoch gets no snapshot
+/// cycle, unless the rate rose into it (a restart that began at the end gets no snapshot). A cycle that ends inside an epoch gets no snapshot
 /// ([`super::cycle_end_inside_an_epoch`] finds such a schedule before the run). Snapshots are `DIR/snapshot-epoch-E.safetensors`; evaluate them
 /// together with [`crate::ensemble`].
 pub struct SnapshotEnsemble {

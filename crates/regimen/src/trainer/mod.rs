@@ -66,7 +66,9 @@ pub struct Record {
 
 impl Record {
     fn from_stats(s: &EpochStats, has_val: bool) -> Record {
-        let val = |v: f32| (has_val && v.is_finite()).then_some(v);
+        // A non-finite validation figure is kept as it is (never better than another, shown
+        // as NaN or inf): only a run without a validation split has none.
+        let val = |v: f32| has_val.then_some(v);
         Record {
             epoch: s.epoch,
             train_loss: s.train_loss,
@@ -139,7 +141,8 @@ pub struct EpochEnd<'a> {
     pub model: &'a mut dyn Layer,
     /// The learning rate of the next epoch's first step (none after the last epoch).
     pub next_lr: Option<f64>,
-    /// Whether this epoch ends a learning-rate cycle ([`ends_cycle`]); the last epoch does.
+    /// Whether this epoch ends a learning-rate cycle ([`ends_cycle`]); the last epoch does,
+    /// unless its rate is higher than the epoch before's (a restart just began).
     pub ends_cycle: bool,
     pub control: &'a mut Control,
     saver: &'a Saver<'a>,
@@ -779,7 +782,17 @@ impl Hooks for TrainerHooks<'_> {
             schedule.lr(self.unit.step(stats.epoch * self.per_epoch, self.per_epoch)) as f64
                 * self.control.lr_scale()
         });
-        let ends_cycle = stats.epoch >= self.epochs
+        // The run's last epoch ends its last cycle, unless the rate has just risen into it
+        // (a warm restart at the end: the snapshot would be of a model at a peak rate).
+        let rate_at_end = |epoch: usize| {
+            schedule.lr(self
+                .unit
+                .step((epoch * self.per_epoch).saturating_sub(1), self.per_epoch))
+                as f64
+        };
+        let just_rose = stats.epoch > 1
+            && rate_at_end(stats.epoch) > rate_at_end(stats.epoch - 1) * (1.0 + 1e-9);
+        let ends_cycle = (stats.epoch >= self.epochs && !just_rose)
             || ends_cycle(schedule, self.unit, self.per_epoch, stats.epoch);
         for c in self.callbacks.iter_mut() {
             let mut end = EpochEnd {
