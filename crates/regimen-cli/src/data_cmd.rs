@@ -30,6 +30,11 @@ pub enum DataCommand {
         /// The pipeline, like crop=2,flip,cutmix=1.0.
         #[arg(long, default_value = "crop=2,flip")]
         augment: String,
+        /// The preprocessing the images get first, as in train (which augments preprocessed
+        /// images: a crop's padding is 0 there, the mean pixel under normalize): normalize
+        /// (train's default), none, or any --preprocess of train.
+        #[arg(long, default_value = "normalize")]
+        preprocess: String,
         /// The PNG file to write.
         #[arg(long)]
         out: PathBuf,
@@ -206,13 +211,24 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
         DataCommand::Preview {
             source,
             augment,
+            preprocess,
             out,
             count,
             seed,
         } => {
             let pipeline = Pipeline::parse(augment)?;
+            let kind = regimen::data::PreprocessKind::parse(preprocess)?;
             if *count == 0 || *count > 64 {
                 bail!("invalid --count {count}: must be in 1..=64");
+            }
+            if !out
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+            {
+                bail!(
+                    "--out {}: the preview is a PNG image: give a name ending in .png",
+                    out.display()
+                );
             }
             let s = source.load()?;
             let d = &s.train;
@@ -221,7 +237,16 @@ pub fn run(cmd: &DataCommand) -> Result<()> {
             let n = (*count).min(d.len());
             let mut rng = Rng::new(*seed);
             let idx: Vec<usize> = (0..n).map(|_| rng.below(d.len())).collect();
-            let canvas = preview(d, &idx, &pipeline, &mut rng);
+            // The samples as train augments them: preprocessed (fitted on the training split).
+            let mut shown = d.subset(&idx);
+            regimen::data::Preprocessor::fit(kind, d)?.apply(&mut shown)?;
+            if shown.image_shape != d.image_shape {
+                bail!(
+                    "--preprocess {preprocess} turns each image into {} features: there is no image to augment or show",
+                    shown.image_len()
+                );
+            }
+            let canvas = preview(&shown, &(0..n).collect::<Vec<_>>(), &pipeline, &mut rng);
             canvas.save(out)?;
             say!(
                 "wrote {} ({} samples of {}, top: original, bottom: {})",

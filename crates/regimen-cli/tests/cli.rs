@@ -317,6 +317,9 @@ fn data_info_and_preview() {
         err.contains("augment = cutout=10: the cutout size (10 pixels)"),
         "{err}"
     );
+    let (code, _, err) = regimen(&["data", "preview", "--out", "/tmp/x.jpg"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("give a name ending in .png"), "{err}");
 }
 
 #[test]
