@@ -268,6 +268,32 @@ fn early_stopping_stops_the_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A run that ends just after a warm restart (epoch 7 of cycles of 3) takes no snapshot at
+/// that peak rate; a run that ends at a cycle's bottom takes one there.
+#[test]
+fn no_snapshot_at_a_restart_that_began_at_the_end() {
+    let p = digits(0.1);
+    for (epochs, want) in [(7, vec![3, 6]), (6, vec![3, 6]), (5, vec![3, 5])] {
+        let dir = scratch(&format!("snap-end-{epochs}"));
+        let setup = Setup {
+            spec: "flatten,linear:16,relu,linear:classes",
+            lr: 0.1,
+            momentum: 0.0,
+            epochs,
+            schedule: "restarts:t0=3",
+            augment: "none",
+            unit: Unit::Epoch,
+        };
+        let mut t = trainer(&p, &setup).callback(SnapshotEnsemble::new(dir.clone()));
+        t.run().unwrap();
+        let got: Vec<usize> = (1..=epochs)
+            .filter(|&e| SnapshotEnsemble::path_for(&dir, e).is_file())
+            .collect();
+        assert_eq!(got, want, "{epochs} epochs");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 #[test]
 fn a_snapshot_ensemble_scores_at_least_its_best_member() {
     let dir = scratch("snapshots");
