@@ -1,12 +1,14 @@
 //! Data augmentation: random transforms of training images, composable into a pipeline.
 //!
-//! A pipeline is written like `crop=2,flip,cutmix=1.0` (a name alone takes the defaults):
+//! A pipeline is written like `crop=2,flip,cutmix=1.0` (a name alone takes the defaults). It
+//! runs on preprocessed images, so "zeros" are 0 after preprocessing (the mean pixel under
+//! `normalize`) and `noise`'s std is in those units:
 //!
 //! | name | parameter (default) | what it does to one image `[C, H, W]` |
 //! |---|---|---|
 //! | `crop` | padding (4) | pad with zeros, cut a random `H x W` window |
 //! | `flip` | probability (0.5) | mirror left-right |
-//! | `scale` | smallest area fraction (0.5) | random resized crop: a random box of area in `[min, 1]` and aspect ratio in `[3/4, 4/3]`, resized back (bilinear) |
+//! | `scale` | smallest area fraction (0.5) | random resized crop: one draw of an area in `[min, 1]` and an aspect ratio log-uniform in `[3/4, 4/3]`, each side clamped to the image (torchvision redraws up to 10 times instead, so here large boxes are a little more frequent), resized back (bilinear) |
 //! | `rotate` | max degrees (15) | rotate about the centre by a uniform angle, bilinear, zeros outside |
 //! | `translate` | max pixels (2) | shift by whole pixels in both axes, zeros outside |
 //! | `noise` | std (0.1) | add Gaussian noise |
