@@ -515,6 +515,9 @@ pub fn run(args: &SweepArgs) -> Result<()> {
         _ => 0.1,
     };
     let force_validation = validation <= 0.0;
+    if let Some(m) = args.min_epochs.filter(|&m| m == 0 || m > max_epochs) {
+        bail!("invalid --min-epochs {m}: must be from 1 to the config's epochs ({max_epochs})");
+    }
     let rungs = rungs(max_epochs, args.eta, args.trials, args.min_epochs);
     let out = match &args.out {
         Some(d) => d.clone(),

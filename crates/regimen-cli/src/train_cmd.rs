@@ -623,6 +623,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     } else if args.sync_bn {
         say!("--sync-bn: one process, nothing to synchronize");
     }
+    if args.host_data && device == regimen::Device::Cpu {
+        say!("--host-data: on the CPU the data is on the host already");
+    }
     let o = optim_args;
     say!(
         "training {model_name} ({} parameters) on {} ({}): {} train / {} validation / {} test images, preprocess {}, augment {}, {} epochs, batch {}, {} lr {} schedule {}{}",

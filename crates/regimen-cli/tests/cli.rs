@@ -1696,6 +1696,22 @@ fn sweep_runs_resumes_and_refuses_bad_spaces() {
         );
         assert!(!y.join("sweep.json").exists() && !y.join("trials").exists());
     }
+    let (code, _, err) = regimen(&[
+        "sweep",
+        "--space",
+        good_space.to_str().unwrap(),
+        "--config",
+        bad_base.to_str().unwrap(),
+        "--min-epochs",
+        "5",
+        "--out",
+        dir.join("z").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid --min-epochs 5: must be from 1 to the config's epochs (2)"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
