@@ -471,14 +471,13 @@ impl CudaBackend {
         &self.name
     }
 
+    /// Make this GPU's context current on the calling thread. cudarc skips the switch when it
+    /// is current already; a cache of our own (a thread-local ordinal) went stale when anything
+    /// else switched the thread (`CudaContext::new` of another GPU, NCCL's teardown).
     fn bind(&self) {
-        thread_local! { static BOUND: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) }; }
-        if BOUND.with(|b| b.get()) != self.ordinal {
-            self.ctx
-                .bind_to_thread()
-                .unwrap_or_else(|e| panic!("cuda:{}: binding the context: {e:?}", self.ordinal));
-            BOUND.with(|b| b.set(self.ordinal));
-        }
+        self.ctx
+            .bind_to_thread()
+            .unwrap_or_else(|e| panic!("cuda:{}: binding the context: {e:?}", self.ordinal));
     }
 
     fn check(&self, r: std::result::Result<(), dr::DriverError>, what: &str) {
@@ -585,6 +584,11 @@ impl CudaBackend {
     }
 
     fn launch3(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &mut [*mut c_void]) {
+        // A grid sized by an empty dimension (a batch of 0, 0 channels) has nothing to do; the
+        // driver would refuse it (CUDA_ERROR_INVALID_VALUE).
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return;
+        }
         self.bind();
         let f = &self.funcs[name];
         self.check(
@@ -1116,11 +1120,13 @@ impl Backend for CudaBackend {
 
     fn fill(&self, t: &mut Tensor, value: f32) {
         let n = t.numel();
-        if n == 0 {
-            return;
-        }
         let dtype = t.dtype();
         let p = ptr_mut(t);
+        // A placeholder at address 0 (handed out while a failing recording ran out of pooled
+        // buffers; `end_capture` reports it) is left alone, as `copy_words` does.
+        if n == 0 || p == 0 {
+            return;
+        }
         self.bind();
         let cs = self.raw.stream;
         let r = unsafe {
@@ -2291,8 +2297,9 @@ impl Backend for CudaBackend {
                     BLOCK,
                     &mut args![&gp, &n, &per, &op, &pp],
                 );
-            } else {
-                // An empty tensor's partial is zero.
+            } else if part.ptr != 0 {
+                // An empty tensor's partial is zero (not into a failing recording's
+                // placeholder at address 0).
                 self.bind();
                 self.check(
                     unsafe { dr::memset_d8_async(pp, 0, 8, self.raw.stream) },
@@ -2714,9 +2721,8 @@ impl CudaBackend {
             "uploading an update table",
         );
         let p = b.ptr;
-        if tables.len() > 64 {
-            tables.clear();
-        }
+        // Kept for the process: a recorded graph may read any table it was recorded with, so
+        // none is freed (one small buffer per distinct model and parameter groups).
         tables.insert(bytes, b);
         p
     }
