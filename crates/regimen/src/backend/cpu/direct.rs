@@ -1357,6 +1357,77 @@ mod tests {
         }
     }
 
+    /// Shapes at the edges of the kernels' tiles and blocks, on every instruction set and
+    /// through both kernels (rows, and along channels with one and two vectors): non-square
+    /// windows, one-pixel rows and planes (tiles of 1 to 3 pixels along channels), output
+    /// channel counts around the 8- and 16-channel blocks, padding up to the window's limit.
+    #[test]
+    fn edge_shapes_equal_the_definition_through_every_kernel() {
+        let mut isas = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        let mut r = crate::Rng::new(11);
+        // (cin, h, w, cout, kh, kw, pad)
+        for &(cin, h, w, cout, kh, kw, pad) in &[
+            (5, 6, 7, 17, 1, 3, 0),
+            (5, 6, 7, 17, 3, 1, 0),
+            (3, 7, 9, 13, 2, 3, 1),
+            (4, 9, 8, 6, 5, 3, 2),
+            (3, 14, 14, 8, 3, 3, 1),
+            (3, 14, 14, 15, 3, 3, 1),
+            (3, 14, 14, 16, 3, 3, 1),
+            (4, 1, 1, 7, 3, 3, 1),
+            (4, 1, 9, 7, 3, 3, 1),
+            (32, 1, 1, 17, 3, 3, 1),
+            (17, 2, 2, 7, 3, 3, 1),
+            (7, 2, 2, 17, 3, 3, 1),
+            (20, 3, 3, 33, 3, 3, 1),
+            (6, 4, 1, 20, 3, 3, 1),
+        ] {
+            let s = Shape {
+                cin,
+                h,
+                w,
+                cout,
+                kh,
+                kw,
+                pad,
+            };
+            assert!(s.ok(), "{s:?}");
+            let x: Vec<f32> = (0..cin * h * w).map(|_| r.normal() as f32).collect();
+            let wt: Vec<f32> = (0..cout * cin * kh * kw)
+                .map(|_| r.normal() as f32)
+                .collect();
+            let b: Vec<f32> = (0..cout).map(|_| r.normal() as f32).collect();
+            let want = naive(&s, &x, &wt, &b);
+            let n = cout * s.oh() * s.ow();
+            for &isa in &isas {
+                for kern in [Kernel::Rows, Kernel::Channels(1), Kernel::Channels(2)] {
+                    let packed = pack_for(&s, isa, kern, |o, i, ki, kj| {
+                        wt[((o * cin + i) * kh + ki) * kw + kj]
+                    });
+                    let mut xp = vec![0.0; s.padded_len(isa)];
+                    let mut y = vec![7.0f32; n + 64];
+                    conv_for(&s, isa, kern, &x, &packed, Some(&b), &mut xp, &mut y);
+                    for (i, (g, w)) in y[..n].iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{isa:?} {kern:?} {s:?} at {i}: {g} vs {w}"
+                        );
+                    }
+                    assert!(
+                        y[n..].iter().all(|&v| v == 7.0),
+                        "{isa:?} {kern:?} {s:?}: wrote past the end"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_kernel_along_channels_gives_the_bits_of_the_one_along_rows() {
         let mut isas = vec![];
@@ -1592,6 +1663,11 @@ mod tests {
             (2, 6, 33, 7, 5, 2, 1),
             (6, 28, 28, 32, 3, 1, 2),
             (1, 3, 3, 17, 3, 2, 3),
+            // Windows 1, 2 and 4 rows high (AVX-512's one-row block), a one-pixel-wide image.
+            (5, 9, 20, 20, 1, 0, 2),
+            (4, 6, 7, 17, 2, 1, 1),
+            (6, 7, 17, 17, 4, 1, 2),
+            (6, 4, 1, 20, 3, 1, 1),
         ] {
             let s = Shape {
                 cin,

@@ -1410,8 +1410,12 @@ mod tests {
 
     /// One chunk of `rule` with `slots` state slots on the instruction set `isa` (0: baseline,
     /// 1: AVX2, 2: AVX-512): the bits of theta and of the state.
-    fn run_chunk<F: Fn(&mut f32, f32, &mut [f32; 3])>(rule: &F, slots: usize, isa: usize) -> Bits {
-        let n = 1000;
+    fn run_chunk<F: Fn(&mut f32, f32, &mut [f32; 3])>(
+        rule: &F,
+        slots: usize,
+        isa: usize,
+        n: usize,
+    ) -> Bits {
         let wave = |k: f32| (0..n).map(move |i| ((i as f32 * k).sin() + 0.1) * 0.5);
         let mut t: Vec<f32> = wave(0.37).collect();
         let mut g: Vec<f32> = wave(0.91).collect();
@@ -1432,15 +1436,24 @@ mod tests {
         (bits(&t), st.iter().map(|s| bits(s)).collect())
     }
 
+    /// Lengths around the vector widths (the tails of 8- and 16-wide loops) and a long one.
     fn same_on_every_isa<F: Fn(&mut f32, f32, &mut [f32; 3])>(rule: F, slots: usize) {
-        let want = run_chunk(&rule, slots, 0);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") {
-                assert!(run_chunk(&rule, slots, 1) == want, "AVX2, {slots} slots");
-            }
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                assert!(run_chunk(&rule, slots, 2) == want, "AVX-512, {slots} slots");
+        for n in [1, 7, 8, 15, 16, 17, 31, 1000] {
+            let want = run_chunk(&rule, slots, 0, n);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2") {
+                    assert!(
+                        run_chunk(&rule, slots, 1, n) == want,
+                        "AVX2, {slots} slots, n {n}"
+                    );
+                }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                    assert!(
+                        run_chunk(&rule, slots, 2, n) == want,
+                        "AVX-512, {slots} slots, n {n}"
+                    );
+                }
             }
         }
     }
@@ -1472,6 +1485,44 @@ mod tests {
                 crate::backend::sgd_element(0.9, 0.0, true, false, [0.1, 0.0], t, g, e)
             },
             1,
+        );
+        // Every other arm: plain SGD (no state), Adam without AMSGrad (two slots), Adagrad,
+        // RMSprop centered with momentum (three slots).
+        same_on_every_isa(
+            |t: &mut f32, g, e: &mut [f32; 3]| {
+                crate::backend::sgd_element(0.0, 0.0, false, false, [0.1, 0.0], t, g, e)
+            },
+            0,
+        );
+        same_on_every_isa(
+            |t: &mut f32, g, e: &mut [f32; 3]| {
+                crate::backend::adam_element(
+                    0.9,
+                    0.999,
+                    1e-8,
+                    false,
+                    false,
+                    [1e-3, 0.3],
+                    1e-3,
+                    0.0,
+                    t,
+                    g,
+                    e,
+                )
+            },
+            2,
+        );
+        same_on_every_isa(
+            |t: &mut f32, g, e: &mut [f32; 3]| {
+                crate::backend::adagrad_element(1e-10, [0.01, 0.0], t, g, e)
+            },
+            1,
+        );
+        same_on_every_isa(
+            |t: &mut f32, g, e: &mut [f32; 3]| {
+                crate::backend::rmsprop_element(0.99, 1e-8, 0.9, true, [0.01, 0.0], t, g, e)
+            },
+            3,
         );
     }
 
