@@ -293,6 +293,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let allreduce = if ranks > 1 {
         let n = regimen::layer::param_count(&mut model);
         let r = reducer.as_mut().expect("a reducer on several ranks");
+        // The steps' own waiting, read before the all-reduces below add theirs.
+        let waited = r.waited.as_secs_f64() * 1e3 / (args.warmup + args.reps * args.steps) as f64;
         let mut times = Vec::new();
         for i in 0..25 {
             let t = Instant::now();
@@ -302,7 +304,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
         }
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let waited = r.waited.as_secs_f64() * 1e3 / (args.warmup + args.reps * args.steps) as f64;
         Some((n * 4, times[times.len() / 2], waited, r.describe()))
     } else {
         None

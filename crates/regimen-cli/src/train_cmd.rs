@@ -452,11 +452,18 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     }
     // The run folder: checked (or created) before any training, by rank 0, which tells the
     // other ranks its name.
+    let out_existed = args.out.as_ref().is_some_and(|d| d.exists());
     let out = if rank == 0 {
         prepare_run_folder(args, find.is_some(), &model_name)?
     } else {
         PathBuf::new()
     };
+    // A folder this run created, removed again if the run is refused before it writes
+    // anything into it (the checks after the data is read: memory, batch norm).
+    let _unused_folder = UnusedRunFolder(
+        (rank == 0 && args.resume.is_none() && !out_existed && !out.as_os_str().is_empty())
+            .then(|| out.clone()),
+    );
     let out = if ranks > 1 {
         let name = comm.broadcast_bytes(out.to_string_lossy().into_owned().into_bytes(), 0)?;
         PathBuf::from(String::from_utf8_lossy(&name).into_owned())
@@ -562,6 +569,23 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         ),
         Err(e) => return Err(anyhow::Error::from(e).context("--model")),
     };
+    // Batch norm over features cannot normalize one sample in training (one value per
+    // channel), which an epoch's short last batch, or a rank's share of it, may be.
+    let global = args.batch_size * ranks;
+    let rest = prepared.train.len() % global;
+    let synced = args.sync_bn && ranks > 1;
+    if rest >= ranks
+        && (if synced { rest < 2 } else { rest < 2 * ranks })
+        && spec.has_feature_batch_norm(input, classes)?
+    {
+        bail!(
+            "--batch-size {}: the last batch of each epoch holds {rest} of the {} training images, so {} one sample, which the model's batch norm over features (bn after flatten or linear) cannot normalize in training: choose another --batch-size{}",
+            args.batch_size,
+            prepared.train.len(),
+            if ranks > 1 && !synced { "a rank gets" } else { "it is" },
+            if ranks > 1 && !synced { " (or --sync-bn)" } else { "" }
+        );
+    }
     if device == regimen::Device::Cpu {
         check_training_memory(
             &format!("--model {model_name} at --batch-size {}", args.batch_size),
@@ -836,11 +860,17 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         "interrupted again: exiting without a checkpoint",
     );
 
-    // A deterministic interrupt for tests: as if Ctrl-C were pressed during update N.
-    if let Some(n) = std::env::var("REGIMEN_INTERRUPT_AT_STEP")
+    // A deterministic interrupt for tests: as if Ctrl-C were pressed during update N (on
+    // every rank, or on rank REGIMEN_INTERRUPT_RANK alone).
+    let interrupt_rank = std::env::var("REGIMEN_INTERRUPT_RANK")
         .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+        .and_then(|v| v.parse::<usize>().ok());
+    if let (Some(n), true) = (
+        std::env::var("REGIMEN_INTERRUPT_AT_STEP")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok()),
+        interrupt_rank.is_none_or(|r| r == rank),
+    ) {
         trainer.add_callback(Box::new(InterruptAt {
             step: n,
             flag: stop.clone(),
@@ -848,7 +878,12 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
     }
     let outcome = match trainer.run() {
         Ok(o) => o,
-        Err(e @ regimen::Error::Diverged { .. }) if rank > 0 => return Err(e.into()),
+        Err(e @ regimen::Error::Diverged { .. }) if rank > 0 => {
+            // Wait for rank 0 to save what it saves: an error exit here would have the
+            // launcher end rank 0 in the middle of it.
+            comm.broadcast_bytes(Vec::new(), 0)?;
+            return Err(e.into());
+        }
         Err(e @ regimen::Error::Diverged { .. }) => {
             plots(&out, trainer.history())?;
             if let Some(path) = &args.save {
@@ -865,6 +900,10 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
             } else {
                 "no epoch finished, so there is no checkpoint to resume from".to_string()
             };
+            if ranks > 1 {
+                // Everything is written: the other ranks may end.
+                comm.broadcast_bytes(Vec::new(), 0)?;
+            }
             return Err(anyhow::anyhow!("{e}; {after}"));
         }
         Err(e) => return Err(e.into()),
@@ -1437,4 +1476,23 @@ pub fn check_training_memory(
         );
     }
     Ok(())
+}
+
+/// Removes, when dropped, a run folder that holds nothing but an empty `checkpoints/`.
+struct UnusedRunFolder(Option<PathBuf>);
+
+impl Drop for UnusedRunFolder {
+    fn drop(&mut self) {
+        let Some(dir) = &self.0 else { return };
+        let only_empty_checkpoints = std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries.flatten().all(|e| {
+                e.file_name() == "checkpoints"
+                    && std::fs::read_dir(e.path()).is_ok_and(|mut c| c.next().is_none())
+            })
+        });
+        if only_empty_checkpoints {
+            let _ = std::fs::remove_dir(dir.join("checkpoints"));
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }

@@ -1264,6 +1264,46 @@ fn bad_specs_keys_flags_and_data_are_one_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A last batch of one sample cannot go through batch norm over features: refused before
+/// training, and the run folder the refused run had created is gone again.
+#[test]
+fn a_last_batch_of_one_sample_for_feature_batch_norm_is_refused() {
+    let out = scratch().join(format!("bn-one-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    // digits: 1294 training images after the validation split, 3 x 431 + 1.
+    let (code, _, err) = regimen(&[
+        "train",
+        "--model",
+        "flatten,linear:32,bn,relu,linear:classes",
+        "--batch-size",
+        "431",
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("the last batch of each epoch holds 1 of the 1294 training images"),
+        "{err}"
+    );
+    assert!(!out.exists(), "the refused run's folder is removed");
+    // Batch norm over images takes it (one sample still has H x W values per channel).
+    let (code, _, err) = regimen(&[
+        "train",
+        "--model",
+        "conv:4,bn,relu,flatten,linear:classes",
+        "--batch-size",
+        "431",
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// lab and predict refuse data they cannot read instead of falling back or misnaming it.
 #[test]
 fn lab_and_predict_refuse_what_they_cannot_read() {

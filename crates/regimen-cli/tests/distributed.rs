@@ -324,6 +324,81 @@ fn resume_on_the_same_and_other_numbers_of_ranks() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// An interrupt that reaches one rank in time for an epoch's last exchange of stop flags stops
+/// every rank at that epoch's end, all of them as interrupted: before, that rank ended as
+/// interrupted (its own flag) while the others, whose flags were down, ended as completed, went
+/// on to the final test and waited there for it until the timeout.
+#[test]
+fn an_interrupt_on_one_rank_at_an_epoch_s_end_stops_them_all() {
+    let d = fresh("interrupt-one");
+    let out = path(&d, "run");
+    let mut c = mpirun(2);
+    // 1294 images in global batches of 32: 41 updates per epoch. Raised after update 40, the
+    // flag rides update 41's exchange, the last of epoch 1.
+    c.env("REGIMEN_INTERRUPT_AT_STEP", "40")
+        .env("REGIMEN_INTERRUPT_RANK", "1")
+        .env("REGIMEN_DIST_TIMEOUT", "30")
+        .args(["-x", "REGIMEN_INTERRUPT_AT_STEP"])
+        .args(["-x", "REGIMEN_INTERRUPT_RANK"])
+        .args(["-x", "REGIMEN_DIST_TIMEOUT"])
+        .arg(BIN)
+        .arg("train")
+        .args([
+            "--model",
+            "digits-mlp",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "16",
+            "--out",
+            &out,
+        ]);
+    let start = std::time::Instant::now();
+    let (code, stdout, err) = run(c);
+    assert_ne!(code, 0, "{stdout}{err}");
+    assert!(
+        stdout.contains("interrupted in epoch 2 before batch 0"),
+        "{stdout}{err}"
+    );
+    assert!(!err.contains("no answer"), "{err}");
+    assert!(start.elapsed().as_secs() < 25, "{:?}", start.elapsed());
+    let (code, stdout, err) = train(2, &["--resume", &out]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("final test accuracy"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A run that diverges on 2 ranks: rank 0 writes what it writes (here the --save of the last
+/// finite model) before the other ranks end the job.
+#[test]
+fn a_divergence_on_several_ranks_lets_rank_zero_save() {
+    let d = fresh("diverge");
+    let save = path(&d, "model.safetensors");
+    let (code, stdout, err) = train(
+        2,
+        &[
+            "--model",
+            "digits-mlp",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e30",
+            "--save",
+            &save,
+            "--out",
+            &path(&d, "run"),
+        ],
+    );
+    assert_ne!(code, 0, "{stdout}{err}");
+    assert!(err.contains("training diverged"), "{err}");
+    assert!(
+        stdout.contains("saved the model (its last finite state)"),
+        "{stdout}{err}"
+    );
+    assert!(std::path::Path::new(&save).is_file());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// Ranks started with different configs stop at once with a message naming the rank.
 #[test]
 fn different_configs_on_the_ranks_are_refused() {

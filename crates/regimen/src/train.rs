@@ -292,6 +292,9 @@ pub struct Ended {
     /// Set when [`Hooks::stop_now`] stopped the loop inside an epoch: the epoch, the next
     /// batch to train, and the partial sums ([`FitConfig::partial`]) to resume with.
     pub interrupted: Option<(usize, usize, [f64; 3])>,
+    /// Set when an interrupt stopped the loop at an epoch's end (before the last epoch): on
+    /// several ranks, the decision they all took together, which a rank's own flag is not.
+    pub interrupted_between_epochs: bool,
 }
 
 struct NoHooks<F: FnMut(&EpochStats)>(F);
@@ -585,6 +588,7 @@ fn run_epochs(
                 return Ok(Ended {
                     history,
                     interrupted: Some((epoch, b + 1, partial)),
+                    interrupted_between_epochs: false,
                 });
             }
         }
@@ -625,13 +629,21 @@ fn run_epochs(
         } else {
             hooks.stop_now()
         };
-        if hooks.stop_after_epoch() || (stop_now && epoch < cfg.epochs) {
+        if stop_now && epoch < cfg.epochs {
+            return Ok(Ended {
+                history,
+                interrupted: None,
+                interrupted_between_epochs: true,
+            });
+        }
+        if hooks.stop_after_epoch() {
             break;
         }
     }
     Ok(Ended {
         history,
         interrupted: None,
+        interrupted_between_epochs: false,
     })
 }
 
@@ -922,13 +934,21 @@ fn run_epochs_on_device(
         };
         hooks.epoch_end(&stats, model, optim, schedule)?;
         history.push(stats);
-        if hooks.stop_after_epoch() || (hooks.stop_now() && epoch < cfg.epochs) {
+        if hooks.stop_now() && epoch < cfg.epochs {
+            return Ok(Ended {
+                history,
+                interrupted,
+                interrupted_between_epochs: true,
+            });
+        }
+        if hooks.stop_after_epoch() {
             break;
         }
     }
     Ok(Ended {
         history,
         interrupted,
+        interrupted_between_epochs: false,
     })
 }
 

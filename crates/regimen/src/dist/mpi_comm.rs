@@ -78,7 +78,11 @@ impl MpiComm {
                             let r = world.process_at_rank(root as i32);
                             r.broadcast_into(&mut len);
                             v.resize(len as usize, 0);
-                            r.broadcast_into(&mut v[..]);
+                            // Nothing to send for an empty payload (a pure synchronization):
+                            // MPI refuses an empty buffer's dangling pointer.
+                            if len > 0 {
+                                r.broadcast_into(&mut v[..]);
+                            }
                             Reply::Bytes(v)
                         }
                         Op::GatherU64(x) => {

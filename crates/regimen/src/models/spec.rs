@@ -316,6 +316,21 @@ impl ModelSpec {
         self.walk(input, classes, None)
     }
 
+    /// Whether the model normalizes features (`bn` on `[N, F]`, batch norm 1-D) in training:
+    /// such a layer cannot take a batch of one sample (one value per channel), which a short
+    /// last batch, or a rank's share of it, can be.
+    pub fn has_feature_batch_norm(&self, input: [usize; 3], classes: usize) -> Result<bool> {
+        let plan = self.plan(input, classes)?;
+        Ok(self.ops.iter().enumerate().any(|(i, (_, _, op))| {
+            let before = if i == 0 {
+                input.len()
+            } else {
+                plan.shapes[i - 1].len()
+            };
+            matches!(op, Op::BatchNorm) && before == 1
+        }))
+    }
+
     /// Build the model (weights drawn from `rng` in layer order). A model whose weights alone
     /// would not fit in this machine's available memory is refused before anything is
     /// allocated (an allocation that fails aborts the process).

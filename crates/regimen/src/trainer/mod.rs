@@ -599,7 +599,9 @@ impl Trainer {
                 ending = Ending::Interrupted { epoch, batch: next };
             } else if let Some(reason) = self.control.stopping() {
                 ending = Ending::Stopped(reason.to_string());
-            } else if last_epoch < cfg.epochs && self.stop.load(Ordering::SeqCst) {
+            } else if ended.interrupted_between_epochs {
+                // The ranks' common decision (a rank's own flag may say otherwise: an
+                // interrupt that reached one rank after the last exchange of an epoch).
                 ending = Ending::Interrupted {
                     epoch: last_epoch + 1,
                     batch: 0,
