@@ -193,6 +193,21 @@ pub fn expand(args: Vec<String>) -> Result<Expanded> {
     })
 }
 
+/// A TOML error on one line: "config FILE line L, column C: MESSAGE" (toml's own display is
+/// several lines with a caret drawing).
+pub fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("config {path} line {line}, column {column}: {message}")
+        }
+        None => format!("config {path}: {message}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,20 +267,5 @@ mod tests {
             "fuzz config files: {done} cases in {:.1} s, no finding",
             start.elapsed().as_secs_f64()
         );
-    }
-}
-
-/// A TOML error on one line: "config FILE line L, column C: MESSAGE" (toml's own display is
-/// several lines with a caret drawing).
-pub fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("config {path} line {line}, column {column}: {message}")
-        }
-        None => format!("config {path}: {message}"),
     }
 }

@@ -1413,37 +1413,6 @@ fn range_test(trainer: &mut Trainer, f: &LrFindArgs, out: &Path) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::set_lr_line;
-
-    #[test]
-    fn set_lr_line_changes_only_the_rate() {
-        // Replaced in place, its inline comment kept; other lines as they were.
-        assert_eq!(
-            set_lr_line("# mine\nlr = 0.5 # guess\nepochs = 3\n", 0.01),
-            "# mine\nlr = 0.01 # guess\nepochs = 3\n"
-        );
-        // Quoted keys; CRLF kept; no trailing newline.
-        assert_eq!(
-            set_lr_line("'lr' = 1\r\nx = 2", 0.2),
-            "lr = 0.2\r\nx = 2\r\n"
-        );
-        assert_eq!(set_lr_line("\"lr\" = 1\n", 0.2), "lr = 0.2\n");
-        // An lr inside a table is not the run's: a top-level one goes before the first table.
-        assert_eq!(
-            set_lr_line("epochs = 1\n[extra]\nlr = 5\n", 0.3),
-            "epochs = 1\nlr = 0.3\n[extra]\nlr = 5\n"
-        );
-        assert_eq!(set_lr_line("", 0.001), "lr = 0.001\n");
-        // lr_batch is another key.
-        assert_eq!(
-            set_lr_line("lr_batch = 256\n", 0.1),
-            "lr_batch = 256\nlr = 0.1\n"
-        );
-    }
-}
-
 /// Refuses a run whose least memory would not fit in what this machine has available: the
 /// parameters four times (weights, gradients, two optimizer states at most) and each layer's
 /// output for a batch twice (kept for backward, and its gradient). An allocation that fails
@@ -1494,5 +1463,36 @@ impl Drop for UnusedRunFolder {
             let _ = std::fs::remove_dir(dir.join("checkpoints"));
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_lr_line;
+
+    #[test]
+    fn set_lr_line_changes_only_the_rate() {
+        // Replaced in place, its inline comment kept; other lines as they were.
+        assert_eq!(
+            set_lr_line("# mine\nlr = 0.5 # guess\nepochs = 3\n", 0.01),
+            "# mine\nlr = 0.01 # guess\nepochs = 3\n"
+        );
+        // Quoted keys; CRLF kept; no trailing newline.
+        assert_eq!(
+            set_lr_line("'lr' = 1\r\nx = 2", 0.2),
+            "lr = 0.2\r\nx = 2\r\n"
+        );
+        assert_eq!(set_lr_line("\"lr\" = 1\n", 0.2), "lr = 0.2\n");
+        // An lr inside a table is not the run's: a top-level one goes before the first table.
+        assert_eq!(
+            set_lr_line("epochs = 1\n[extra]\nlr = 5\n", 0.3),
+            "epochs = 1\nlr = 0.3\n[extra]\nlr = 5\n"
+        );
+        assert_eq!(set_lr_line("", 0.001), "lr = 0.001\n");
+        // lr_batch is another key.
+        assert_eq!(
+            set_lr_line("lr_batch = 256\n", 0.1),
+            "lr_batch = 256\nlr = 0.1\n"
+        );
     }
 }
