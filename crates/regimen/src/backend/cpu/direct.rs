@@ -1270,6 +1270,18 @@ unsafe fn wo256<const RK: usize, const V: usize>(t: WoTask) {
 mod tests {
     use super::*;
 
+    /// The instruction sets this machine runs.
+    fn isas() -> Vec<Isa> {
+        let mut isas = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        isas
+    }
+
     /// The definition, in f64.
     #[allow(clippy::too_many_arguments)]
     fn naive(s: &Shape, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
@@ -1301,13 +1313,7 @@ mod tests {
 
     #[test]
     fn equals_the_definition_on_every_isa_and_shape() {
-        let mut isas = vec![];
-        if is_x86_feature_detected!("avx512f") {
-            isas.push(Isa::Avx512);
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            isas.push(Isa::Avx2);
-        }
+        let isas = isas();
         let mut r = crate::Rng::new(3);
         for &(cin, h, w, cout, k, pad) in &[
             (1, 28, 28, 32, 3, 1),
@@ -1363,13 +1369,7 @@ mod tests {
     /// channel counts around the 8- and 16-channel blocks, padding up to the window's limit.
     #[test]
     fn edge_shapes_equal_the_definition_through_every_kernel() {
-        let mut isas = vec![];
-        if is_x86_feature_detected!("avx512f") {
-            isas.push(Isa::Avx512);
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            isas.push(Isa::Avx2);
-        }
+        let isas = isas();
         let mut r = crate::Rng::new(11);
         // (cin, h, w, cout, kh, kw, pad)
         for &(cin, h, w, cout, kh, kw, pad) in &[
@@ -1430,13 +1430,7 @@ mod tests {
 
     #[test]
     fn the_kernel_along_channels_gives_the_bits_of_the_one_along_rows() {
-        let mut isas = vec![];
-        if is_x86_feature_detected!("avx512f") {
-            isas.push(Isa::Avx512);
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            isas.push(Isa::Avx2);
-        }
+        let isas = isas();
         for isa in isas {
             along_channels(isa);
         }
@@ -1574,13 +1568,7 @@ mod tests {
 
     #[test]
     fn weight_gradient_equals_the_definition() {
-        let mut isas = vec![];
-        if is_x86_feature_detected!("avx512f") {
-            isas.push(Isa::Avx512);
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            isas.push(Isa::Avx2);
-        }
+        let isas = isas();
         let mut r = crate::Rng::new(4);
         for &(cin, h, w, cout, pad, n) in &[
             (1, 28, 28, 32, 1, 3),
@@ -1647,13 +1635,7 @@ mod tests {
 
     #[test]
     fn weight_gradient_along_channels_is_one_fma_chain_per_element() {
-        let mut isas = vec![];
-        if is_x86_feature_detected!("avx512f") {
-            isas.push(Isa::Avx512);
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            isas.push(Isa::Avx2);
-        }
+        let isas = isas();
         let mut r = crate::Rng::new(5);
         // (cin, h, w, cout, kh, pad, samples): padded channels (20 -> 24 or 32), two and one
         // vectors per block, windows 3 and 5 rows high, row blocks of 1 to 9 rows.
