@@ -297,6 +297,15 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
     for p in &args.checkpoint {
         described.push(load(p)?);
     }
+    if let Some(other) = described.iter().find(|d| d.dataset != described[0].dataset) {
+        bail!(
+            "{} was trained on {}, {} on {}: an ensemble's members must share one dataset (its classes)",
+            described[0].member.name,
+            described[0].dataset,
+            other.member.name,
+            other.dataset
+        );
+    }
     let (input, classes) = (described[0].input, described[0].classes);
     let raw_shape = described[0]
         .member

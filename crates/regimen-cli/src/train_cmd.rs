@@ -970,11 +970,18 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         }
     }
     let last_rec = history.last();
+    // The epoch whose weights the test measured: the last, or the best one --restore-best
+    // put back.
+    let tested = if args.restore_best {
+        best.or(last_rec)
+    } else {
+        last_rec
+    };
     say!(
         "final test accuracy {:.2}% (loss {:.4}; generalization gap {:.2} points); {:.1} s of training, {:.0} samples/s",
         100.0 * test_acc,
         test_loss,
-        100.0 * (last_rec.map_or(f32::NAN, |r| r.train_acc) - test_acc),
+        100.0 * (tested.map_or(f32::NAN, |r| r.train_acc) - test_acc),
         secs,
         samples / secs.max(1e-9)
     );
@@ -1001,6 +1008,9 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
         "final_train_accuracy": last_rec.map(|r| r.train_acc),
         "test_accuracy": outcome.test.map(|t| t.1),
         "test_loss": outcome.test.map(|t| t.0),
+        // Whose weights the test measured: the final model's (the last epoch's, or the best
+        // epoch's with --restore-best), not best.safetensors' (what `regimen eval RUN` reads).
+        "test_epoch": tested.map(|r| r.epoch),
         "wall_seconds": secs,
         "samples_per_sec": samples / secs.max(1e-9),
         "checkpoints": {

@@ -1361,6 +1361,41 @@ fn lab_and_predict_refuse_what_they_cannot_read() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not a sweep's folder"), "{err}");
+    // Members of an ensemble trained on different datasets (their classes need not mean the
+    // same): refused, as eval refuses them.
+    let fashion = std::path::Path::new("/usr/share/datasets/fashion-mnist");
+    if fashion.is_dir() {
+        let other = dir.join("other");
+        let (code, out, err) = regimen(&[
+            "train",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            fashion.to_str().unwrap(),
+            "--model",
+            "flatten,linear:10,relu,linear:classes",
+            "--epochs",
+            "1",
+            "--out",
+            other.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        let (code, _, err) = regimen(&[
+            "predict",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--checkpoint",
+            other.to_str().unwrap(),
+            "/nonexistent.png",
+        ]);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("an ensemble's members must share one dataset"),
+            "{err}"
+        );
+    } else {
+        eprintln!("the mixed-dataset ensemble case skipped: no Fashion-MNIST");
+    }
     let text = dir.join("text.png");
     std::fs::write(&text, "hi\n").unwrap();
     let (code, _, err) = regimen(&[
@@ -1975,6 +2010,24 @@ fn early_stopping_restores_the_epoch_it_reports() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["best_epoch"], best_epoch, "{out}");
     assert_eq!(summary["best_metric"], "val_loss");
+    // The test measured the restored epoch, and the gap is that epoch's training accuracy
+    // minus its test accuracy.
+    assert_eq!(summary["test_epoch"], best_epoch, "{out}");
+    let train_col = header.iter().position(|h| *h == "train_acc").unwrap();
+    let train_acc: f64 = metrics
+        .lines()
+        .nth(best_epoch)
+        .unwrap()
+        .split(',')
+        .nth(train_col)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let gap = 100.0 * (train_acc - summary["test_accuracy"].as_f64().unwrap());
+    assert!(
+        out.contains(&format!("generalization gap {gap:.2} points")),
+        "gap {gap:.2}: {out}"
+    );
     assert!(
         out.contains(&format!("best epoch {best_epoch} by val_loss"))
             && out.contains(&format!("the model is back at epoch {best_epoch}")),
