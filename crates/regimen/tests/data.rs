@@ -56,6 +56,26 @@ fn idx_files_raw_and_gzip_load_with_names_and_scaling() {
     }
 }
 
+/// A folder with both the raw and the gzipped files reads the raw ones and says so.
+#[test]
+fn raw_and_gzip_side_by_side_say_which_is_read() {
+    let dir = tmpdir("idx-both");
+    write_idx_set(&dir, 20, false);
+    let gz = tmpdir("idx-both-gz");
+    write_idx_set(&gz, 20, true);
+    for e in std::fs::read_dir(&gz).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let s = data::load("fashion-mnist", Some(&dir)).unwrap();
+    assert_eq!(
+        s.source,
+        format!(
+            "{} (the uncompressed IDX files; the .gz copies beside them are not read)",
+            dir.display()
+        )
+    );
+}
+
 fn expect_error(dir: &Path, needle: &str) {
     let err = data::load("fashion-mnist", Some(dir))
         .unwrap_err()

@@ -238,11 +238,25 @@ fn load_splits(name: &str, data_dir: Option<&Path>) -> Result<Splits> {
             } else {
                 FASHION_CLASSES.to_vec()
             };
-            Ok(splits(
+            let mut found = splits(
                 idx_split(&f[0], &f[1], &names)?,
                 idx_split(&f[2], &f[3], &names)?,
                 &dir,
-            ))
+            );
+            // Both forms of a file in one folder: say which is read (the uncompressed one),
+            // since the two may differ.
+            if f.iter().any(|p| {
+                p.extension().is_none_or(|e| e != "gz")
+                    && p.with_file_name(format!(
+                        "{}.gz",
+                        p.file_name().unwrap_or_default().to_string_lossy()
+                    ))
+                    .is_file()
+            }) {
+                found.source +=
+                    " (the uncompressed IDX files; the .gz copies beside them are not read)";
+            }
+            Ok(found)
         }
         "cifar10" => {
             let dirs = search_dirs(name, data_dir);
