@@ -308,10 +308,33 @@ fn fuzz_safetensors_files() {
         .unwrap();
     let pp = dir.join("pre");
     pre.save(&pp).unwrap();
-    let seeds: Vec<Vec<u8>> = [&ck, &op, &rs, &pp]
+    let mut seeds: Vec<Vec<u8>> = [&ck, &op, &rs, &pp]
         .iter()
         .map(|p| std::fs::read(p).unwrap())
         .collect();
+    // The same files without their checksum (as another tool writes them): a changed tensor
+    // byte then gets past the checksum to the checks behind it (NaN weights, variances,
+    // shapes against the metadata), which the fuzzer should reach too.
+    for p in [&ck, &op, &rs, &pp] {
+        let (tensors, meta) = regimen::io::read_safetensors(p).unwrap();
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|f| f.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| {
+                (
+                    name.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let meta: std::collections::HashMap<String, String> = meta.into_iter().collect();
+        seeds.push(safetensors::serialize(views, Some(meta)).unwrap());
+    }
     fuzz("safetensors files", &seeds, |b| {
         on_file(&dir, b, |p| {
             let mut m =
