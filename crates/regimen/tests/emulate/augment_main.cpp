@@ -19,28 +19,6 @@
 #include "shim.h"
 #include "kernels.cu"
 
-template <class T>
-static std::vector<T> load(const std::string& path, size_t n) {
-    std::vector<T> v(n);
-    FILE* f = fopen(path.c_str(), "rb");
-    if (!f || fread(v.data(), 4, n, f) != n) {
-        fprintf(stderr, "cannot read %zu values from %s\n", n, path.c_str());
-        exit(2);
-    }
-    fclose(f);
-    return v;
-}
-
-template <class T>
-static void save(const std::string& path, const std::vector<T>& v) {
-    FILE* f = fopen(path.c_str(), "wb");
-    if (!f || fwrite(v.data(), 4, v.size(), f) != v.size()) {
-        fprintf(stderr, "cannot write %s\n", path.c_str());
-        exit(2);
-    }
-    fclose(f);
-}
-
 // backend/cuda/mod.rs's launch_planes: x blocks over `inner`, one grid row per plane.
 static dim3 planes_grid(long long planes, long long inner) {
     long long x = (inner + 255) / 256;
@@ -77,17 +55,17 @@ int main(int argc, char** argv) {
         u64 stream = u64arg(7);
         u32 step = (u32)num(8), purpose = (u32)num(9), cursor = (u32)num(10);
         long long per = (long long)c * h * w;
-        auto images = load<float>(dir + "images.bin", n * per);
-        auto labels = load<u32>(dir + "labels.bin", n);
-        auto order = load<u32>(dir + "order.bin", n);
+        auto images = emu_load<float>(dir + "images.bin", n * per);
+        auto labels = emu_load<u32>(dir + "labels.bin", n);
+        auto order = emu_load<u32>(dir + "order.bin", n);
         std::vector<float> x(b * per);
         std::vector<u32> labels_out(b);
         emu_launch(planes_grid(b, per), 256, [&] {
             gather_augment(images.data(), labels.data(), order.data(), &cursor, x.data(),
                            labels_out.data(), b, c, h, w, pad, flip_p, stream, &step, purpose);
         });
-        save(dir + "x.out", x);
-        save(dir + "labels.out", labels_out);
+        emu_save(dir + "x.out", x);
+        emu_save(dir + "labels.out", labels_out);
     } else if (op == "samples") {
         int kind = num(0);
         float p = f32arg(1);
@@ -95,22 +73,22 @@ int main(int argc, char** argv) {
         u64 stream = u64arg(6);
         u32 step = (u32)num(7), purpose = (u32)num(8);
         long long per = (long long)c * h * w;
-        auto x = load<float>(dir + "x.bin", b * per);
+        auto x = emu_load<float>(dir + "x.bin", b * per);
         // Noise (4) and Cutout (5) in place; the others from a copy, as the backend does.
         std::vector<float> src = x;
         const float* from = kind >= 4 ? x.data() : src.data();
         emu_launch(planes_grid(b, per), 256, [&] {
             augment_samples(from, x.data(), kind, p, b, c, h, w, stream, &step, purpose);
         });
-        save(dir + "x.out", x);
+        emu_save(dir + "x.out", x);
     } else if (op == "mix") {
         float alpha = f32arg(0);
         int cutmix = num(1), b = num(2), k = num(3), c = num(4), h = num(5), w = num(6);
         u64 stream = u64arg(7);
         u32 step = (u32)num(8), purpose = (u32)num(9);
         long long per = (long long)c * h * w;
-        auto x = load<float>(dir + "x.bin", b * per);
-        auto soft = load<float>(dir + "soft.bin", (size_t)b * k);
+        auto x = emu_load<float>(dir + "x.bin", b * per);
+        auto soft = emu_load<float>(dir + "soft.bin", (size_t)b * k);
         std::vector<float> params(5);
         emu_launch(dim3{1, 1, 1}, 1, [&] {
             mix_params(params.data(), alpha, cutmix, h, w, stream, &step, purpose);
@@ -120,18 +98,18 @@ int main(int argc, char** argv) {
                 mix_batch(x.data(), soft.data(), params.data(), b, k, h, w, (unsigned)per,
                           cutmix);
             });
-        save(dir + "x.out", x);
-        save(dir + "soft.out", soft);
-        save(dir + "params.out", params);
+        emu_save(dir + "x.out", x);
+        emu_save(dir + "soft.out", soft);
+        emu_save(dir + "params.out", params);
     } else if (op == "one_hot") {
         long long b = num(0);
         int k = num(1);
-        auto labels = load<u32>(dir + "labels.bin", b);
+        auto labels = emu_load<u32>(dir + "labels.bin", b);
         std::vector<float> soft(b * k);
         long long blocks = (b * k + 255) / 256;
         emu_launch(dim3{(unsigned)(blocks < 1 ? 1 : blocks), 1, 1}, 256,
                    [&] { one_hot(labels.data(), soft.data(), b, k); });
-        save(dir + "soft.out", soft);
+        emu_save(dir + "soft.out", soft);
     } else {
         fputs(USAGE, stderr);
         return 2;

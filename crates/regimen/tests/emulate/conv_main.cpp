@@ -15,26 +15,6 @@
 #include "shim.h"
 #include "conv.cu"
 
-static std::vector<float> load(const std::string& path, size_t n) {
-    std::vector<float> v(n);
-    FILE* f = fopen(path.c_str(), "rb");
-    if (!f || fread(v.data(), 4, n, f) != n) {
-        fprintf(stderr, "cannot read %zu floats from %s\n", n, path.c_str());
-        exit(2);
-    }
-    fclose(f);
-    return v;
-}
-
-static void save(const std::string& path, const std::vector<float>& v) {
-    FILE* f = fopen(path.c_str(), "wb");
-    if (!f || fwrite(v.data(), 4, v.size(), f) != v.size()) {
-        fprintf(stderr, "cannot write %s\n", path.c_str());
-        exit(2);
-    }
-    fclose(f);
-}
-
 static unsigned ceil_div(long long a, long long b) { return (unsigned)((a + b - 1) / b); }
 
 int main(int argc, char** argv) {
@@ -73,9 +53,9 @@ int main(int argc, char** argv) {
     long long P = (long long)s.oh * s.ow, K = (long long)s.c * s.kh * s.kw;
     long long nx = (long long)s.nb * s.c * s.h * s.w, ny = (long long)s.nb * s.oc * P,
               nw = (long long)s.oc * K;
-    auto x = load(dir + "/x.bin", nx), w = load(dir + "/w.bin", nw), dy = load(dir + "/dy.bin", ny),
-         dw = load(dir + "/dw.bin", nw);
-    std::vector<float> b = has_bias ? load(dir + "/b.bin", s.oc) : std::vector<float>();
+    auto x = emu_load(dir + "/x.bin", nx), w = emu_load(dir + "/w.bin", nw), dy = emu_load(dir + "/dy.bin", ny),
+         dw = emu_load(dir + "/dw.bin", nw);
+    std::vector<float> b = has_bias ? emu_load(dir + "/b.bin", s.oc) : std::vector<float>();
     std::vector<float> y(ny, -1.0f), dx(nx, -1.0f);
     const float* bp = has_bias ? b.data() : nullptr;
 
@@ -98,9 +78,9 @@ int main(int argc, char** argv) {
                [&] { dwk(x.data(), dy.data(), part.data(), s, chunk); });
     emu_launch({ceil_div(nw, 256), 1, 1}, 256,
                [&] { conv_ig_dw_sum(part.data(), dw.data(), (int)chunks, nw); });
-    save(dir + "/y.out", y);
-    save(dir + "/dx.out", dx);
-    save(dir + "/dw.out", dw);
+    emu_save(dir + "/y.out", y);
+    emu_save(dir + "/dx.out", dx);
+    emu_save(dir + "/dw.out", dw);
     printf("%u chunks\n", chunks);
     return 0;
 }

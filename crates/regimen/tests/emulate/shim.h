@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -158,4 +159,28 @@ inline float f16_to_f32(unsigned short b) {
     _Float16 h;
     std::memcpy(&h, &b, 2);
     return (float)h;
+}
+
+// ---- The drivers' files: raw little-endian 4-byte values (f32 or u32).
+
+template <class T = float>
+std::vector<T> emu_load(const std::string& path, size_t n) {
+    std::vector<T> v(n);
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f || fread(v.data(), 4, n, f) != n) {
+        fprintf(stderr, "cannot read %zu values from %s\n", n, path.c_str());
+        exit(2);
+    }
+    fclose(f);
+    return v;
+}
+
+template <class T>
+void emu_save(const std::string& path, const std::vector<T>& v) {
+    FILE* f = fopen(path.c_str(), "wb");
+    if (!f || fwrite(v.data(), 4, v.size(), f) != v.size()) {
+        fprintf(stderr, "cannot write %s\n", path.c_str());
+        exit(2);
+    }
+    fclose(f);
 }
