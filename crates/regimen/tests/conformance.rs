@@ -311,9 +311,15 @@ fn convolutions() {
     // Under REGIMEN_CUDNN=1 or REGIMEN_CONV=implicit (bench/gpu-check's later runs) every
     // f32 convolution above must have run on that engine, or the run would test im2col again.
     if let (Some(g), Ok("1")) = (gpu(), std::env::var("REGIMEN_CUDNN").as_deref()) {
-        assert_eq!(regimen::backend::gpu_conv_engine(g), Some("cudnn"));
+        assert_eq!(
+            regimen::backend::gpu_conv_engine(g).as_deref(),
+            Some("cudnn")
+        );
     } else if let (Some(g), Ok("implicit")) = (gpu(), std::env::var("REGIMEN_CONV").as_deref()) {
-        assert_eq!(regimen::backend::gpu_conv_engine(g), Some("implicit"));
+        assert_eq!(
+            regimen::backend::gpu_conv_engine(g).as_deref(),
+            Some("implicit")
+        );
     }
 }
 
@@ -876,6 +882,27 @@ fn kernels_compile_with_nvrtc() {
     }
     #[cfg(not(feature = "cuda"))]
     eprintln!("NVRTC compile check skipped: built without the cuda feature");
+}
+
+/// The same kernels assembled to machine code for an A100 (sm_80) and an H100/H200 (sm_90),
+/// as the driver does when it loads them: the assembler's limits (48 KiB of shared memory a
+/// kernel may declare, registers) are checked only there, so a kernel past them would pass
+/// the PTX check above and fail to load on the GPU.
+#[test]
+fn kernels_assemble_for_ampere_and_hopper() {
+    #[cfg(feature = "cuda")]
+    for arch in [(8, 0), (9, 0)] {
+        match regimen::backend::cuda::assemble_kernels(arch) {
+            Ok(bytes) => assert!(bytes > 100_000, "sm_{}{}: {bytes} bytes", arch.0, arch.1),
+            Err(e) if e.to_string().contains("not found") => {
+                eprintln!("NVRTC assembly check skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("NVRTC assembly check skipped: built without the cuda feature");
 }
 
 /// NCCL on one GPU, a world of one rank (`REGIMEN_NCCL`'s path; several GPUs are needed for

@@ -4,8 +4,8 @@
 //! compiler (`$CXX`, else `c++`) builds it with `tests/emulate/shim.h`, which runs each
 //! block's 256 threads as host threads with a real barrier for `__syncthreads`, and
 //! `tests/emulate/conv_main.cpp`, which launches the kernels as the backend does (the same
-//! grids; several chunks for the weight gradient), with both tiles (64 x 128, and 32 x 256 for
-//! 32-channel products). Both kinds run: full f32, and TF32 tensor
+//! grids; several chunks for the weight gradient), with both tiles (64 x 128, and 32 x 256) and
+//! both staging depths (8 and 32 reduction steps between barriers). Both kinds run: full f32, and TF32 tensor
 //! cores, whose `mma.sync` the shim performs from every lane's fragments as the PTX ISA lays
 //! them out (a fragment read from the wrong place gives a wrong sum). The TF32 kernels are
 //! held to the CPU's convolution of the operands rounded to TF32 (so the kernels' own rounding
@@ -78,13 +78,15 @@ fn implicit_gemm_kernels_match_the_cpu_convolution() {
         (3, 6, 7, 7, 66, 1, 1, 1, 0, 1000, true),
         (1, 1, 12, 10, 3, 4, 3, 3, 1, 8, true),
     ];
-    let kinds = [false, true]
-        .into_iter()
-        .flat_map(|tc| [(tc, 64), (tc, 32)]);
+    let kinds = [false, true].into_iter().flat_map(|tc| {
+        [(64, 8), (32, 8), (64, 32), (32, 32)]
+            .into_iter()
+            .map(move |(bm, bk)| (tc, bm, bk))
+    });
     for (nb, c, h, w, oc, kh, kw, stride, pad, chunk, bias) in cases {
-        for (tensor_cores, bm) in kinds.clone() {
+        for (tensor_cores, bm, bk) in kinds.clone() {
             let name = format!(
-                "x [{nb}, {c}, {h}, {w}], w [{oc}, {c}, {kh}, {kw}], s{stride} p{pad}, {}, {bm}-row tiles",
+                "x [{nb}, {c}, {h}, {w}], w [{oc}, {c}, {kh}, {kw}], s{stride} p{pad}, {}, {bm}-row tiles, {bk} steps staged",
                 if tensor_cores { "tf32" } else { "f32" }
             );
             let win = Window {
@@ -137,6 +139,7 @@ fn implicit_gemm_kernels_match_the_cpu_convolution() {
                 bias as usize,
                 tensor_cores as usize,
                 bm,
+                bk,
             ];
             let out = Command::new(&exe)
                 .arg(&dir)

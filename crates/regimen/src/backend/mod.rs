@@ -64,8 +64,9 @@ pub fn cpu_features() -> String {
 }
 /// The engines that ran the GPU's f32 convolutions so far: `cudnn` (`REGIMEN_CUDNN=1`),
 /// `implicit` (`REGIMEN_CONV=implicit`), `im2col` (im2col + cuBLAS), several joined by `+`,
-/// or `none` when no convolution ran; `None` on the CPU or when the GPU cannot be used.
-pub fn gpu_conv_engine(device: Device) -> Option<&'static str> {
+/// or `none` when no convolution ran, after `auto:` under `REGIMEN_CONV=auto`; `None` on the
+/// CPU or when the GPU cannot be used.
+pub fn gpu_conv_engine(device: Device) -> Option<String> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {
         return cuda::get(n).ok().map(|b| b.conv_engine());
@@ -74,8 +75,10 @@ pub fn gpu_conv_engine(device: Device) -> Option<&'static str> {
     None
 }
 
-/// With `REGIMEN_CUDNN=1` on a GPU: one line per convolution shape run so far, the cuDNN
-/// algorithms chosen for it (and their math), or why im2col runs it. Empty otherwise.
+/// On a GPU: one line per convolution shape run so far, under `REGIMEN_CONV=auto` each
+/// direction's timings by every engine and the one chosen; with cuDNN loaded
+/// (`REGIMEN_CUDNN=1`, or `auto`), the cuDNN algorithms chosen for it (and their math), or
+/// why it has none. Empty otherwise.
 pub fn gpu_conv_plans(device: Device) -> Vec<String> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {

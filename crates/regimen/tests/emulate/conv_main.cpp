@@ -1,9 +1,10 @@
 // Runs the implicit-GEMM convolution kernels of conv.cu on the CPU (see shim.h) for
 // tests/conv_emulated.rs.
 //
-//   conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32 bm
+//   conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32 bm bk
 //
-// with bm 64 (tiles of 64 x 128) or 32 (32 x 256, the `_m32` kernels)
+// with bm 64 (tiles of 64 x 128) or 32 (32 x 256, the `_m32` kernels), bk 8 or 32 (the `_k32`
+// kernels)
 //
 // reads DIR/x.bin, w.bin, dy.bin, dw.bin (the gradient to add to) and, with bias = 1, b.bin
 // (raw little-endian f32); writes DIR/y.out, dx.out, dw.out.
@@ -18,8 +19,8 @@
 static unsigned ceil_div(long long a, long long b) { return (unsigned)((a + b - 1) / b); }
 
 int main(int argc, char** argv) {
-    if (argc != 15) {
-        fprintf(stderr, "usage: conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32 bm\n");
+    if (argc != 16) {
+        fprintf(stderr, "usage: conv_emu DIR nb c h w oc kh kw stride pad chunk bias tf32 bm bk\n");
         return 2;
     }
     std::string dir = argv[1];
@@ -36,18 +37,28 @@ int main(int argc, char** argv) {
     int chunk = atoi(argv[11]);
     bool has_bias = atoi(argv[12]) != 0;
     bool tf32 = atoi(argv[13]) != 0;
-    const int BM = atoi(argv[14]), BN = IG_TILE / BM;
-    if (BM != 64 && BM != 32) {
-        fprintf(stderr, "bm must be 64 or 32\n");
+    const int BM = atoi(argv[14]), BN = IG_TILE / BM, BK = atoi(argv[15]);
+    if ((BM != 64 && BM != 32) || (BK != 8 && BK != 32)) {
+        fprintf(stderr, "bm must be 64 or 32, bk 8 or 32\n");
         return 2;
     }
-    // The kernel of each kind for this arithmetic and tile, as the backend picks it.
-    auto fwd = tf32 ? (BM == 64 ? conv_ig_fwd_tf32 : conv_ig_fwd_tf32_m32)
-                    : (BM == 64 ? conv_ig_fwd_f32 : conv_ig_fwd_f32_m32);
-    auto dxk = tf32 ? (BM == 64 ? conv_ig_dx_tf32 : conv_ig_dx_tf32_m32)
-                    : (BM == 64 ? conv_ig_dx_f32 : conv_ig_dx_f32_m32);
-    auto dwk = tf32 ? (BM == 64 ? conv_ig_dw_tf32 : conv_ig_dw_tf32_m32)
-                    : (BM == 64 ? conv_ig_dw_f32 : conv_ig_dw_f32_m32);
+    // The kernel of each kind for this arithmetic, tile and step, as the backend names it.
+    using Fwd = decltype(&conv_ig_fwd_f32);
+    using Dx = decltype(&conv_ig_dx_f32);
+    using Dw = decltype(&conv_ig_dw_f32);
+    const int v = (int)tf32 + 2 * (BM == 32) + 4 * (BK == 32);
+    const Fwd fwds[8] = {conv_ig_fwd_f32,         conv_ig_fwd_tf32,       conv_ig_fwd_f32_m32,
+                         conv_ig_fwd_tf32_m32,    conv_ig_fwd_f32_k32,    conv_ig_fwd_tf32_k32,
+                         conv_ig_fwd_f32_m32_k32, conv_ig_fwd_tf32_m32_k32};
+    const Dx dxs[8] = {conv_ig_dx_f32,         conv_ig_dx_tf32,       conv_ig_dx_f32_m32,
+                       conv_ig_dx_tf32_m32,    conv_ig_dx_f32_k32,    conv_ig_dx_tf32_k32,
+                       conv_ig_dx_f32_m32_k32, conv_ig_dx_tf32_m32_k32};
+    const Dw dws[8] = {conv_ig_dw_f32,         conv_ig_dw_tf32,       conv_ig_dw_f32_m32,
+                       conv_ig_dw_tf32_m32,    conv_ig_dw_f32_k32,    conv_ig_dw_tf32_k32,
+                       conv_ig_dw_f32_m32_k32, conv_ig_dw_tf32_m32_k32};
+    const Fwd fwd = fwds[v];
+    const Dx dxk = dxs[v];
+    const Dw dwk = dws[v];
     s.oh = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
     s.ow = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
     long long P = (long long)s.oh * s.ow, K = (long long)s.c * s.kh * s.kw;
@@ -59,10 +70,10 @@ int main(int argc, char** argv) {
     std::vector<float> y(ny, -1.0f), dx(nx, -1.0f);
     const float* bp = has_bias ? b.data() : nullptr;
 
-    // The window tables, as the backend makes them (padded to a multiple of 8 entries).
+    // The window tables, as the backend makes them (padded to a multiple of IG_KPAD entries).
     auto table = [&](int dx) {
         long long k = dx ? (long long)s.oc * s.kh * s.kw : K;
-        int n = (int)((k + 7) / 8 * 8);
+        int n = (int)((k + IG_KPAD - 1) / IG_KPAD * IG_KPAD);
         std::vector<int4> t(n, int4{-1, -1, -1, -1});
         emu_launch({ceil_div(n, 256), 1, 1}, 256, [&] { conv_ig_ktab(s, t.data(), dx, n); });
         return t;

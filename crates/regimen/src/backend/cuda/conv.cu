@@ -6,10 +6,12 @@
 //
 // with every operand read straight from the NCHW tensors: the column matrix (K x N P floats,
 // 115 MB for cnn-step's second layer at batch 128) is never written. Each block computes a
-// 64 x 128 tile of the product (32 x 256 when it has at most 32 rows) with 256 threads;
-// operands go through shared memory 8 reduction steps at a time; a thread decodes its column
-// once, and each reduction index's window comes from a table (conv_ig_ktab), so the loops do
-// not divide. Two kinds of each kernel:
+// 64 x 128 tile of the product (or 32 x 256) with 256 threads; operands go through shared
+// memory BK = 8 or 32 reduction steps at a time (more products between two barriers, more
+// registers); a thread decodes its column once, and each reduction index's window comes from
+// a table (conv_ig_ktab), so the loops do not divide. The backend runs one tile and BK per
+// shape, or times all four on a shape's first use and keeps the fastest (REGIMEN_CONV=auto).
+// Two kinds of each kernel:
 //
 //   - `..._f32`: full f32, each thread keeps 4 x 8 results and multiplies with FMAs;
 //   - `..._tf32`: TF32 tensor cores (as PyTorch's convolutions by default): the operands are
@@ -29,8 +31,9 @@
 // A block's tile is BM x BN = 8192 results: 64 x 128, or 32 x 256 for products of at most 32
 // rows (32-channel layers), which a 64-row tile would leave half empty.
 #define IG_TILE 8192
-#define IG_BK 8
 #define IG_THREADS 256
+// The window tables are padded to a multiple of the largest BK.
+#define IG_KPAD 32
 // Shared-memory rows are padded by 8 floats: the TF32 fragment reads (lanes 4 apart in k, 1
 // apart in m or n) then fall in 32 different banks.
 #define IG_PAD 8
@@ -77,7 +80,7 @@ __device__ __forceinline__ void ig_mma_2x4(float acc[32], const float a[2][4], c
 // lane = 4 g + t, the A fragment of row block mi is (m, k) = (r, t), (r + 8, t), (r, t + 4),
 // (r + 8, t + 4) with r = mi 16 + g, and the B fragment of column block ni is (k, n) = (t, c),
 // (t + 4, c) with c = ni 8 + g.
-template <bool TF32, int BM>
+template <bool TF32, int BM, int BK>
 __device__ __forceinline__ void ig_mac(const float (*As)[BM + IG_PAD],
                                        const float (*Bs)[IG_TILE / BM + IG_PAD], float acc[32],
                                        int tid) {
@@ -85,26 +88,30 @@ __device__ __forceinline__ void ig_mac(const float (*As)[BM + IG_PAD],
     if (TF32) {
         const int lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
         const int mb = (warp / WN) * 32, nb = (warp % WN) * 32;
-        float a[2][4], b[4][2];
+        // One group of eight mma.sync per 8 staged reduction steps (rows k8 .. k8 + 7).
 #pragma unroll
-        for (int mi = 0; mi < 2; mi++) {
-            int r = mb + mi * 16 + g;
-            a[mi][0] = As[t][r];
-            a[mi][1] = As[t][r + 8];
-            a[mi][2] = As[t + 4][r];
-            a[mi][3] = As[t + 4][r + 8];
-        }
+        for (int k8 = 0; k8 < BK; k8 += 8) {
+            float a[2][4], b[4][2];
 #pragma unroll
-        for (int ni = 0; ni < 4; ni++) {
-            int c = nb + ni * 8 + g;
-            b[ni][0] = Bs[t][c];
-            b[ni][1] = Bs[t + 4][c];
+            for (int mi = 0; mi < 2; mi++) {
+                int r = mb + mi * 16 + g;
+                a[mi][0] = As[k8 + t][r];
+                a[mi][1] = As[k8 + t][r + 8];
+                a[mi][2] = As[k8 + t + 4][r];
+                a[mi][3] = As[k8 + t + 4][r + 8];
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                int c = nb + ni * 8 + g;
+                b[ni][0] = Bs[k8 + t][c];
+                b[ni][1] = Bs[k8 + t + 4][c];
+            }
+            ig_mma_2x4(acc, a, b);
         }
-        ig_mma_2x4(acc, a, b);
     } else {
         const int tx = tid % (BN / 8), ty = tid / (BN / 8);
 #pragma unroll
-        for (int kk = 0; kk < IG_BK; kk++) {
+        for (int kk = 0; kk < BK; kk++) {
             float4 a = *(const float4*)&As[kk][ty * 4];
             float4 b0 = *(const float4*)&Bs[kk][tx * 4];
             float4 b1 = *(const float4*)&Bs[kk][BN / 2 + tx * 4];
@@ -149,26 +156,28 @@ __device__ __forceinline__ float ig_stage(float v) {
     return TF32 ? ig_tf32(v) : v;
 }
 
-// One staged step of the forward and input-gradient loops: this thread's BM / 32 values of A
-// (row e / 8, k e % 8 for e = tid + 256 i) and BN / 32 of B (column tid % BN, rows
+// One staged step of the forward and input-gradient loops: this thread's BM BK / 256 values
+// of A (row e / BK, k e % BK for e = tid + 256 i) and BN BK / 256 of B (column tid % BN, rows
 // tid / BN + (256 / BN) i) into shared memory once every warp is done with the previous step;
 // then `next()` loads the next step's values into ra and rb (their global loads in flight
 // while the products of this step run), then the products.
-template <bool TF32, int BM, class Next>
+template <bool TF32, int BM, int BK, class Next>
 __device__ __forceinline__ void ig_step(float (*As)[BM + IG_PAD],
                                         float (*Bs)[IG_TILE / BM + IG_PAD], const float* ra,
                                         const float* rb, float acc[32], int tid, Next next) {
     constexpr int BN = IG_TILE / BM;
     __syncthreads();
-    for (int i = 0; i < BM / 32; i++) {
+#pragma unroll
+    for (int i = 0; i < BM * BK / IG_THREADS; i++) {
         int e = tid + IG_THREADS * i;
-        As[e % IG_BK][e / IG_BK] = ig_stage<TF32>(ra[i]);
+        As[e % BK][e / BK] = ig_stage<TF32>(ra[i]);
     }
-    for (int i = 0; i < BN / 32; i++)
+#pragma unroll
+    for (int i = 0; i < BN * BK / IG_THREADS; i++)
         Bs[tid / BN + (IG_THREADS / BN) * i][tid % BN] = ig_stage<TF32>(rb[i]);
     __syncthreads();
     next();
-    ig_mac<TF32, BM>(As, Bs, acc, tid);
+    ig_mac<TF32, BM, BK>(As, Bs, acc, tid);
 }
 
 // An index that fails every bounds check of the gathers (padding rows of the tables).
@@ -178,7 +187,7 @@ __device__ __forceinline__ void ig_step(float (*As)[BM + IG_PAD],
 //   forward (dx = 0), k = (ci, ki, kj) over C kh kw: {ci H W + ki W + kj, ki, kj, 0};
 //   input grad (dx = 1), k = (o, ki, kj) over OC kh kw: {o P - ki OW - kj, ki, kj,
 //   o C kh kw + ki kw + kj};
-// padded to `n` entries (a multiple of 8) with {0, IG_FAIL, IG_FAIL, 0}.
+// padded to `n` entries (a multiple of IG_KPAD) with {0, IG_FAIL, IG_FAIL, 0}.
 extern "C" __global__ void conv_ig_ktab(IgShape s, int4* tab, int dx, int n) {
     const int khw = s.kh * s.kw, K = (dx ? s.oc : s.c) * khw;
     for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < n; k += blockDim.x * gridDim.x) {
@@ -196,13 +205,13 @@ extern "C" __global__ void conv_ig_ktab(IgShape s, int4* tab, int dx, int n) {
 
 // y [N, OC, OH, OW] (+ bias) = conv(x [N, C, H, W], W [OC, C, kh, kw]); `tab` is the forward
 // window table (conv_ig_ktab, dx = 0). Grid: (ceil(N P / BN), ceil(OC / BM)).
-template <bool TF32, int BM>
+template <bool TF32, int BM, int BK>
 __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt,
                        const float* __restrict__ bias, float* __restrict__ y,
                        const int4* __restrict__ tab, IgShape s) {
     constexpr int BN = IG_TILE / BM;
-    __shared__ __align__(16) float As[IG_BK][BM + IG_PAD];
-    __shared__ __align__(16) float Bs[IG_BK][BN + IG_PAD];
+    __shared__ __align__(16) float As[BK][BM + IG_PAD];
+    __shared__ __align__(16) float Bs[BK][BN + IG_PAD];
     const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.c * khw, P = s.oh * s.ow;
     const long long N = (long long)s.nb * P;
@@ -226,24 +235,26 @@ __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt
     float acc[32];
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
-    float ra[BM / 32], rb[BN / 32];
+    float ra[BM * BK / IG_THREADS], rb[BN * BK / IG_THREADS];
     // This thread's values of the step at k0.
     auto load = [&](int k0) {
-        // A: 8 consecutive threads read 8 consecutive k of one row of W.
-        for (int i = 0; i < BM / 32; i++) {
-            int e = tid + IG_THREADS * i, k = k0 + e % IG_BK, m = m0 + e / IG_BK;
+        // A: BK consecutive threads read BK consecutive k of one row of W.
+#pragma unroll
+        for (int i = 0; i < BM * BK / IG_THREADS; i++) {
+            int e = tid + IG_THREADS * i, k = k0 + e % BK, m = m0 + e / BK;
             ra[i] = (m < s.oc && k < K) ? wt[(long long)m * K + k] : 0.0f;
         }
-        for (int i = 0; i < BN / 32; i++) {
+#pragma unroll
+        for (int i = 0; i < BN * BK / IG_THREADS; i++) {
             int4 t = tab[k0 + kb + (IG_THREADS / BN) * i];
             bool in = (unsigned)(iy0 + t.y) < (unsigned)s.h && (unsigned)(ix0 + t.z) < (unsigned)s.w;
             rb[i] = in ? xs[t.x] : 0.0f;
         }
     };
     load(0);
-    for (int k0 = 0; k0 < K; k0 += IG_BK)
-        ig_step<TF32, BM>(As, Bs, ra, rb, acc, tid, [&] {
-            if (k0 + IG_BK < K) load(k0 + IG_BK);
+    for (int k0 = 0; k0 < K; k0 += BK)
+        ig_step<TF32, BM, BK>(As, Bs, ra, rb, acc, tid, [&] {
+            if (k0 + BK < K) load(k0 + BK);
         });
     float b[4];
     int rows[4];
@@ -270,14 +281,15 @@ __device__ void ig_fwd(const float* __restrict__ x, const float* __restrict__ wt
 // dx [N, C, H, W] = the input gradient of the convolution for dy [N, OC, OH, OW]: input pixel
 // (iy, ix) gathers dy at (oy, ox) for every window entry (ki, kj) with oy stride + ki - pad = iy
 // (the same sums as col2im of W^T dy, without the column matrix). `tab` is the input-gradient
-// window table (conv_ig_ktab, dx = 1); strides above 1 decode k themselves.
+// window table (conv_ig_ktab, dx = 1); strides above 1 decode k themselves. The kernel owns
+// the shared tiles As, Bs (both instantiations use the same ones: each declaring its own would
+// double the block's shared memory past the 48 KiB a kernel may declare).
 // Grid: (ceil(N H W / BN), ceil(C / BM)).
-template <bool TF32, int BM, bool UNIT_STRIDE>
+template <bool TF32, int BM, int BK, bool UNIT_STRIDE>
 __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt,
-                      float* __restrict__ dx, const int4* __restrict__ tab, IgShape s) {
+                      float* __restrict__ dx, const int4* __restrict__ tab, IgShape s,
+                      float (*As)[BM + IG_PAD], float (*Bs)[IG_TILE / BM + IG_PAD]) {
     constexpr int BN = IG_TILE / BM;
-    __shared__ __align__(16) float As[IG_BK][BM + IG_PAD];
-    __shared__ __align__(16) float Bs[IG_BK][BN + IG_PAD];
     const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.oc * khw, P = s.oh * s.ow, hw = s.h * s.w;
     const long long N = (long long)s.nb * hw;
@@ -300,15 +312,17 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
     float acc[32];
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
-    float ra[BM / 32], rb[BN / 32];
+    float ra[BM * BK / IG_THREADS], rb[BN * BK / IG_THREADS];
     // This thread's values of the step at k0.
     auto load = [&](int k0) {
         // A [C, OC kh kw]: A[c][(o, r)] = W[o][c][r], at tab[k].w + c kh kw.
-        for (int i = 0; i < BM / 32; i++) {
-            int e = tid + IG_THREADS * i, k = k0 + e % IG_BK, m = m0 + e / IG_BK;
+#pragma unroll
+        for (int i = 0; i < BM * BK / IG_THREADS; i++) {
+            int e = tid + IG_THREADS * i, k = k0 + e % BK, m = m0 + e / BK;
             ra[i] = (m < s.c && k < K) ? wt[tab[k].w + (long long)m * khw] : 0.0f;
         }
-        for (int i = 0; i < BN / 32; i++) {
+#pragma unroll
+        for (int i = 0; i < BN * BK / IG_THREADS; i++) {
             int k = k0 + kb + (IG_THREADS / BN) * i;
             float v = 0.0f;
             if (UNIT_STRIDE) {
@@ -328,9 +342,9 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
         }
     };
     load(0);
-    for (int k0 = 0; k0 < K; k0 += IG_BK)
-        ig_step<TF32, BM>(As, Bs, ra, rb, acc, tid, [&] {
-            if (k0 + IG_BK < K) load(k0 + IG_BK);
+    for (int k0 = 0; k0 < K; k0 += BK)
+        ig_step<TF32, BM, BK>(As, Bs, ra, rb, acc, tid, [&] {
+            if (k0 + BK < K) load(k0 + BK);
         });
 #pragma unroll
     for (int c = 0; c < 8; c++) {
@@ -348,27 +362,29 @@ __device__ void ig_dx(const float* __restrict__ dy, const float* __restrict__ wt
 
 // The partial weight gradients of chunk z (grid z) of the reduction over N P:
 // part[z][o][k] = sum over j in [z chunk, (z + 1) chunk) of dy[o, j] col[k, j].
-// Grid: (ceil(K / BN), ceil(OC / BM), chunks); `chunk` is a multiple of 8.
-template <bool TF32, int BM>
+// Grid: (ceil(K / BN), ceil(OC / BM), chunks).
+template <bool TF32, int BM, int BK>
 __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
                       float* __restrict__ part, IgShape s, int chunk) {
     constexpr int BN = IG_TILE / BM;
-    __shared__ __align__(16) float As[IG_BK][BM + IG_PAD];
-    __shared__ __align__(16) float Bs[IG_BK][BN + IG_PAD];
+    __shared__ __align__(16) float As[BK][BM + IG_PAD];
+    __shared__ __align__(16) float Bs[BK][BN + IG_PAD];
     const int tid = threadIdx.x;
     const int khw = s.kh * s.kw, K = s.c * khw, P = s.oh * s.ow, hw = s.h * s.w;
     const long long N = (long long)s.nb * P;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const long long r0 = (long long)blockIdx.z * chunk;
     const long long r1 = r0 + chunk < N ? r0 + chunk : N;
-    // This thread stages reduction row jj of both tiles: A rows mm = tid / 8 + 32 i
-    // (i < BM / 32), B columns nn = tid / 8 + 32 i (i < BN / 32), whose window offsets are
+    // This thread stages reduction row jj of both tiles: A rows lane + L i (i < BM / L),
+    // B columns lane + L i (i < BN / L) with L = 256 / BK lanes, whose window offsets are
     // fixed for the block.
-    const int jj = tid % IG_BK, lane = tid / IG_BK;
-    int coff[BN / 32], kio[BN / 32], kjo[BN / 32];
-    bool kok[BN / 32];
-    for (int i = 0; i < BN / 32; i++) {
-        int k = n0 + lane + 32 * i;
+    constexpr int L = IG_THREADS / BK;
+    const int jj = tid % BK, lane = tid / BK;
+    int coff[BN / L], kio[BN / L], kjo[BN / L];
+    bool kok[BN / L];
+#pragma unroll
+    for (int i = 0; i < BN / L; i++) {
+        int k = n0 + lane + L * i;
         kok[i] = k < K;
         int ci = kok[i] ? k / khw : 0, r = kok[i] ? k - ci * khw : 0;
         kio[i] = r / s.kw;
@@ -379,7 +395,7 @@ __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
 #pragma unroll
     for (int e = 0; e < 32; e++) acc[e] = 0.0f;
     // The position (sample, oy, ox) of reduction row j = t0 + jj, decoded once and then
-    // advanced by 8 per step without dividing.
+    // advanced by BK per step without dividing.
     int smp, oy, ox;
     {
         long long j = r0 + jj;
@@ -388,42 +404,48 @@ __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
         oy = pos / s.ow;
         ox = pos - oy * s.ow;
     }
-    float ra[BM / 32], rb[BN / 32];
+    float ra[BM / L], rb[BN / L];
     // This thread's values of the step at t0 (reduction row t0 + jj), then the position of
     // the next step's row.
     auto load = [&](long long t0) {
-        for (int i = 0; i < BM / 32; i++) ra[i] = 0.0f;
-        for (int i = 0; i < BN / 32; i++) rb[i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < BM / L; i++) ra[i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < BN / L; i++) rb[i] = 0.0f;
         long long j = t0 + jj;
         if (j < r1) {
             int iy0 = oy * s.stride - s.pad, ix0 = ox * s.stride - s.pad;
             const float* xs = x + (long long)smp * s.c * hw;
             const float* ys = dy + (long long)smp * s.oc * P + oy * s.ow + ox;
-            for (int i = 0; i < BM / 32; i++) {
-                int m = m0 + lane + 32 * i;
+#pragma unroll
+            for (int i = 0; i < BM / L; i++) {
+                int m = m0 + lane + L * i;
                 if (m < s.oc) ra[i] = ys[(long long)m * P];
             }
-            for (int i = 0; i < BN / 32; i++) {
+#pragma unroll
+            for (int i = 0; i < BN / L; i++) {
                 int iy = iy0 + kio[i], ix = ix0 + kjo[i];
                 if (kok[i] && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w)
                     rb[i] = xs[coff[i] + iy * s.w + ix];
             }
         }
-        for (ox += IG_BK; ox >= s.ow; ox -= s.ow)
+        for (ox += BK; ox >= s.ow; ox -= s.ow)
             if (++oy == s.oh) {
                 oy = 0;
                 smp++;
             }
     };
     load(r0);
-    for (long long t0 = r0; t0 < r1; t0 += IG_BK) {
+    for (long long t0 = r0; t0 < r1; t0 += BK) {
         __syncthreads();
-        for (int i = 0; i < BM / 32; i++) As[jj][lane + 32 * i] = ig_stage<TF32>(ra[i]);
-        for (int i = 0; i < BN / 32; i++) Bs[jj][lane + 32 * i] = ig_stage<TF32>(rb[i]);
+#pragma unroll
+        for (int i = 0; i < BM / L; i++) As[jj][lane + L * i] = ig_stage<TF32>(ra[i]);
+#pragma unroll
+        for (int i = 0; i < BN / L; i++) Bs[jj][lane + L * i] = ig_stage<TF32>(rb[i]);
         __syncthreads();
         // The next step's loads in flight while this step's products run.
-        if (t0 + IG_BK < r1) load(t0 + IG_BK);
-        ig_mac<TF32, BM>(As, Bs, acc, tid);
+        if (t0 + BK < r1) load(t0 + BK);
+        ig_mac<TF32, BM, BK>(As, Bs, acc, tid);
     }
     float* out = part + (long long)blockIdx.z * s.oc * K;
 #pragma unroll
@@ -439,28 +461,34 @@ __device__ void ig_dw(const float* __restrict__ x, const float* __restrict__ dy,
 }
 
 // The kernels: kind (fwd, dx, dw) x arithmetic (f32, tf32) x tile (64 x 128, or 32 x 256 with
-// the suffix _m32).
-#define IG_KERNELS(SUFFIX, TF32, BM)                                                            \
+// the suffix _m32) x staged steps (BK 8, or 32 with the suffix _k32).
+#define IG_KERNELS(SUFFIX, TF32, BM, BK)                                                        \
     extern "C" __global__ void __launch_bounds__(IG_THREADS) conv_ig_fwd_##SUFFIX(              \
         const float* x, const float* wt, const float* bias, float* y, const int4* tab,         \
         IgShape s) {                                                                           \
-        ig_fwd<TF32, BM>(x, wt, bias, y, tab, s);                                              \
+        ig_fwd<TF32, BM, BK>(x, wt, bias, y, tab, s);                                          \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(IG_THREADS) conv_ig_dx_##SUFFIX(               \
         const float* dy, const float* wt, float* dx, const int4* tab, IgShape s) {             \
+        __shared__ __align__(16) float As[BK][BM + IG_PAD];                                    \
+        __shared__ __align__(16) float Bs[BK][IG_TILE / BM + IG_PAD];                          \
         if (s.stride == 1)                                                                     \
-            ig_dx<TF32, BM, true>(dy, wt, dx, tab, s);                                         \
+            ig_dx<TF32, BM, BK, true>(dy, wt, dx, tab, s, As, Bs);                             \
         else                                                                                   \
-            ig_dx<TF32, BM, false>(dy, wt, dx, tab, s);                                        \
+            ig_dx<TF32, BM, BK, false>(dy, wt, dx, tab, s, As, Bs);                            \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(IG_THREADS) conv_ig_dw_##SUFFIX(               \
         const float* x, const float* dy, float* part, IgShape s, int chunk) {                  \
-        ig_dw<TF32, BM>(x, dy, part, s, chunk);                                                \
+        ig_dw<TF32, BM, BK>(x, dy, part, s, chunk);                                            \
     }
-IG_KERNELS(f32, false, 64)
-IG_KERNELS(tf32, true, 64)
-IG_KERNELS(f32_m32, false, 32)
-IG_KERNELS(tf32_m32, true, 32)
+IG_KERNELS(f32, false, 64, 8)
+IG_KERNELS(tf32, true, 64, 8)
+IG_KERNELS(f32_m32, false, 32, 8)
+IG_KERNELS(tf32_m32, true, 32, 8)
+IG_KERNELS(f32_k32, false, 64, 32)
+IG_KERNELS(tf32_k32, true, 64, 32)
+IG_KERNELS(f32_m32_k32, false, 32, 32)
+IG_KERNELS(tf32_m32_k32, true, 32, 32)
 
 // dW [n] += the sum of the chunks' partials part[z][n], in chunk order.
 extern "C" __global__ void conv_ig_dw_sum(const float* part, float* dw, int chunks, long long n) {

@@ -185,13 +185,6 @@ impl Dnn {
         Ok(p)
     }
 
-    /// How many convolution shapes have a cuDNN plan, and how many run on im2col instead.
-    pub(super) fn shapes(&self) -> (usize, usize) {
-        let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let planned = plans.values().filter(|p| p.0.is_some()).count();
-        (planned, plans.len() - planned)
-    }
-
     /// One line per convolution shape met so far: the shape and what runs it.
     pub(super) fn notes(&self) -> Vec<String> {
         let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());

@@ -10,7 +10,10 @@
 //!   Linear layers multiply in full f32 (as PyTorch's default); convolutions are im2col +
 //!   one GEMM over the whole batch and use TF32 tensor cores unless
 //!   [`set_conv_tf32`]`(false)` (as PyTorch's default for cuDNN convolutions); with
-//!   `REGIMEN_CUDNN=1`, f32 convolutions go through cuDNN instead (`dnn.rs`).
+//!   `REGIMEN_CUDNN=1`, f32 convolutions go through cuDNN instead (`dnn.rs`), with
+//!   `REGIMEN_CONV=implicit` through regimen's implicit-GEMM kernels (`conv.cu`), and with
+//!   `REGIMEN_CONV=auto` through whichever of them was fastest for the shape and direction
+//!   when first timed (`tune.rs`).
 //! - **Memory**: one stream per GPU; buffers come from a pool ([`crate::backend::pool`]) and
 //!   return to it when dropped; a steady-state step allocates nothing.
 //! - **Graphs**: [`Backend::begin_capture`] / [`Backend::end_capture`] record the operations
@@ -22,11 +25,12 @@
 
 mod dnn;
 pub mod nccl;
+mod tune;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{result as blas, sys as bsys};
@@ -104,6 +108,58 @@ pub fn compile_kernels(arch: (i32, i32)) -> Result<String> {
     }
 }
 
+/// Compile `kernels.cu` all the way to machine code for `arch` (`sm_XY`, as the driver does
+/// with the PTX when it loads the module), with NVRTC alone: the assembler's limits (shared
+/// memory a kernel may declare, registers) are checked only there, so a kernel past them
+/// passes [`compile_kernels`] and fails to load on the GPU. Returns the machine code's size in
+/// bytes; an error carries the assembler's log. Needs `libnvrtc.so.13`, no GPU.
+pub fn assemble_kernels(arch: (i32, i32)) -> Result<usize> {
+    use cudarc::nvrtc::{result as nv, sys as nsys};
+    if !unsafe { nsys::is_culib_present() } {
+        return Err(Error::Device {
+            device: "cuda".into(),
+            reason: "NVRTC (libnvrtc.so.13) not found".into(),
+        });
+    }
+    let fail = |what: &str, e: nv::NvrtcError| Error::Device {
+        device: "cuda".into(),
+        reason: format!("NVRTC {what}: {e:?}"),
+    };
+    let src = std::ffi::CString::new(KERNELS).expect("no NUL in the kernels");
+    let prog = nv::create_program(&src, Some(c"kernels.cu")).map_err(|e| fail("create", e))?;
+    let mut opts = nvrtc_options(arch);
+    opts[0] = format!("--gpu-architecture=sm_{}{}", arch.0, arch.1);
+    // SAFETY: `prog` was created above and is destroyed once, at the end.
+    let out = unsafe {
+        match nv::compile_program(prog, &opts) {
+            Ok(()) => {
+                let mut n = 0usize;
+                nsys::nvrtcGetCUBINSize(prog, &mut n)
+                    .result()
+                    .map(|()| n)
+                    .map_err(|e| fail("machine code size", e))
+            }
+            Err(_) => {
+                let log = nv::get_program_log(prog).unwrap_or_default();
+                let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+                Err(Error::Device {
+                    device: "cuda".into(),
+                    reason: format!(
+                        "kernels.cu does not assemble for sm_{}{}:\n{}",
+                        arch.0,
+                        arch.1,
+                        String::from_utf8_lossy(&log).trim_end_matches('\0')
+                    ),
+                })
+            }
+        }
+    };
+    unsafe {
+        let _ = nv::destroy_program(prog);
+    }
+    out
+}
+
 /// Every kernel of `kernels.cu` that the backend launches.
 pub const KERNEL_NAMES: &[&str] = &[
     "cast_f32_bf16",
@@ -138,16 +194,28 @@ pub const KERNEL_NAMES: &[&str] = &[
     "im2col_u16",
     "conv_ig_fwd_f32",
     "conv_ig_fwd_tf32",
-    "conv_ig_dx_f32",
-    "conv_ig_dx_tf32",
-    "conv_ig_dw_f32",
-    "conv_ig_dw_tf32",
     "conv_ig_fwd_f32_m32",
     "conv_ig_fwd_tf32_m32",
+    "conv_ig_fwd_f32_k32",
+    "conv_ig_fwd_tf32_k32",
+    "conv_ig_fwd_f32_m32_k32",
+    "conv_ig_fwd_tf32_m32_k32",
+    "conv_ig_dx_f32",
+    "conv_ig_dx_tf32",
     "conv_ig_dx_f32_m32",
     "conv_ig_dx_tf32_m32",
+    "conv_ig_dx_f32_k32",
+    "conv_ig_dx_tf32_k32",
+    "conv_ig_dx_f32_m32_k32",
+    "conv_ig_dx_tf32_m32_k32",
+    "conv_ig_dw_f32",
+    "conv_ig_dw_tf32",
     "conv_ig_dw_f32_m32",
     "conv_ig_dw_tf32_m32",
+    "conv_ig_dw_f32_k32",
+    "conv_ig_dw_tf32_k32",
+    "conv_ig_dw_f32_m32_k32",
+    "conv_ig_dw_tf32_m32_k32",
     "conv_ig_dw_sum",
     "conv_ig_ktab",
     "col2im",
@@ -285,13 +353,21 @@ pub struct CudaBackend {
     /// Uploaded optimizer tables (parameter pointers), by content.
     tables: Mutex<HashMap<Vec<u8>, CudaBuffer>>,
     _workspace: u64,
-    /// cuDNN convolutions, when `REGIMEN_CUDNN=1` asked for them and cuDNN loaded.
+    /// cuDNN, when `REGIMEN_CUDNN=1` asked for its convolutions (or `REGIMEN_CONV=auto`
+    /// may time them) and it loaded.
     dnn: Option<dnn::Dnn>,
-    /// Implicit-GEMM f32 convolutions (`conv.cu`) instead of im2col: `REGIMEN_CONV=implicit`.
-    implicit: bool,
-    /// Convolutions (forward) run so far: f32 by the implicit-GEMM kernels, f32 by im2col,
-    /// 16-bit (always im2col).
-    conv_runs: [std::sync::atomic::AtomicUsize; 3],
+    /// `REGIMEN_CUDNN=1`: every f32 convolution cuDNN has a plan for runs on it.
+    cudnn_first: bool,
+    /// Who computes the other f32 convolutions (`REGIMEN_CONV`).
+    conv_mode: ConvMode,
+    /// `REGIMEN_CONV=auto`: the engine chosen for each shape and direction.
+    tuned: Mutex<HashMap<(tune::Key, tune::Dir), tune::Engine>>,
+    /// `REGIMEN_CONV=auto`: a line per tuned shape and direction (and why cuDNN was not
+    /// timed, if it was not).
+    tune_notes: Mutex<Vec<String>>,
+    /// Convolution directions run so far: f32 by the implicit-GEMM kernels, f32 by im2col,
+    /// 16-bit (always im2col), f32 by cuDNN.
+    conv_runs: [AtomicUsize; 4],
 }
 
 const MAX_GPUS: usize = 16;
@@ -384,7 +460,8 @@ fn reduce_split(n: usize) -> (u32, i64) {
 
 impl CudaBackend {
     fn new(n: usize) -> Result<CudaBackend> {
-        let implicit = conv_choice(std::env::var("REGIMEN_CONV").ok().as_deref())?;
+        let conv_mode = conv_choice(std::env::var("REGIMEN_CONV").ok().as_deref())?;
+        let cudnn_first = dnn::requested();
         let count = probe()?;
         if n >= count {
             return Err(Error::Device {
@@ -431,6 +508,7 @@ impl CudaBackend {
                     reason: format!("cuBLAS workspace: {e:?}"),
                 })?;
         }
+        let mut tune_notes = Vec::new();
         Ok(CudaBackend {
             ordinal: n,
             name,
@@ -447,21 +525,28 @@ impl CudaBackend {
             capture_miss: AtomicBool::new(false),
             tables: Mutex::new(HashMap::new()),
             _workspace: workspace,
-            dnn: if dnn::requested() {
+            dnn: if cudnn_first || conv_mode == ConvMode::Auto {
                 match dnn::Dnn::new(cs) {
                     Ok(d) => Some(d),
-                    Err(e) => {
+                    Err(e) if cudnn_first => {
                         let _ = writeln!(
                             std::io::stderr(),
                             "REGIMEN_CUDNN=1: {e}; convolutions use im2col"
                         );
                         None
                     }
+                    Err(e) => {
+                        tune_notes.push(format!("auto: cuDNN is not timed: {e}"));
+                        None
+                    }
                 }
             } else {
                 None
             },
-            implicit,
+            cudnn_first,
+            conv_mode,
+            tuned: Mutex::new(HashMap::new()),
+            tune_notes: Mutex::new(tune_notes),
             conv_runs: Default::default(),
         })
     }
@@ -617,7 +702,7 @@ impl CudaBackend {
         self.alloc_words(2 * n.max(1))
     }
 
-    /// cuDNN and its plan for an f32 convolution of `x` by `w`, when cuDNN is on and has
+    /// cuDNN and its plan for an f32 convolution of `x` by `w`, when cuDNN is loaded and has
     /// suitable algorithms for the shape.
     fn dnn_plan(&self, x: &Tensor, w: &Tensor, win: Window) -> Option<(&dnn::Dnn, &dnn::Plan)> {
         let dnn = self.dnn.as_ref()?;
@@ -633,39 +718,53 @@ impl CudaBackend {
         Some((dnn, plan))
     }
 
-    /// One line per f32 convolution shape run so far through cuDNN's planning: the shape and
-    /// the algorithms chosen, or why im2col runs it (empty without `REGIMEN_CUDNN=1`).
+    /// One line per f32 convolution shape run so far: under `REGIMEN_CONV=auto`, each
+    /// direction's timings and choice; with cuDNN loaded, the algorithms it chose for the
+    /// shape (and their math), or why it has none. Empty otherwise.
     pub fn conv_plans(&self) -> Vec<String> {
-        self.dnn.as_ref().map(|d| d.notes()).unwrap_or_default()
+        let mut v = self
+            .tune_notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        v.extend(self.dnn.as_ref().map(|d| d.notes()).unwrap_or_default());
+        v
     }
 
-    /// The engines that ran the f32 convolutions so far: "cudnn", "implicit"
-    /// (`REGIMEN_CONV`), "im2col", or several joined by "+" (cuDNN without an algorithm for
-    /// some shapes, a size the implicit kernels do not take). With no f32 convolution:
-    /// "im2col" when 16-bit ones ran (they always take it), "none" when none ran.
-    pub fn conv_engine(&self) -> &'static str {
-        let cudnn = self.dnn.as_ref().is_some_and(|d| d.shapes().0 > 0);
-        let implicit = self.conv_runs[0].load(Ordering::Relaxed) > 0;
-        let im2col = self.conv_runs[1].load(Ordering::Relaxed) > 0;
-        let half = self.conv_runs[2].load(Ordering::Relaxed) > 0;
-        match (cudnn, implicit, im2col) {
-            (true, false, false) => "cudnn",
-            (false, true, false) => "implicit",
-            (false, false, false) if !half => "none",
-            (false, false, _) => "im2col",
-            (true, true, false) => "cudnn+implicit",
-            (true, false, true) => "cudnn+im2col",
-            (false, true, true) => "implicit+im2col",
-            (true, true, true) => "cudnn+implicit+im2col",
+    /// The engines that ran the f32 convolutions so far: "cudnn" (`REGIMEN_CUDNN=1`),
+    /// "implicit" (`REGIMEN_CONV=implicit`), "im2col", or several joined by "+" (cuDNN without
+    /// an algorithm for some shapes, a size the implicit kernels do not take), after "auto:"
+    /// under `REGIMEN_CONV=auto`. With no f32 convolution: "im2col" when 16-bit ones ran (they
+    /// always take it), "none" when none ran.
+    pub fn conv_engine(&self) -> String {
+        let ran = |i: usize| self.conv_runs[i].load(Ordering::Relaxed) > 0;
+        let (implicit, im2col, half, cudnn) = (ran(0), ran(1), ran(2), ran(3));
+        let mut names: Vec<&str> = Vec::new();
+        if cudnn {
+            names.push("cudnn");
+        }
+        if implicit {
+            names.push("implicit");
+        }
+        if im2col || (half && names.is_empty()) {
+            names.push("im2col");
+        }
+        let joined = if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join("+")
+        };
+        match self.conv_mode {
+            ConvMode::Auto => format!("auto:{joined}"),
+            _ => joined,
         }
     }
 
-    /// The geometry for `conv.cu`, when the implicit-GEMM kernels are on and take this
-    /// convolution: f32 operands, and per-sample sizes that fit their 32-bit indices.
-    fn implicit_shape(&self, x: &Tensor, w: &Tensor, g: &ConvGeom) -> Option<IgShape> {
+    /// The geometry for `conv.cu`, when its kernels take this convolution: per-sample sizes
+    /// that fit their 32-bit indices.
+    fn ig_shape(g: &ConvGeom) -> Option<IgShape> {
         let small = |n: usize| n < i32::MAX as usize;
-        let fits = small(g.c * g.h * g.w) && small(g.oc * g.p) && small(g.oc * g.k);
-        if !self.implicit || x.dtype() != DType::F32 || w.dtype() != DType::F32 || !fits {
+        if !(small(g.c * g.h * g.w) && small(g.oc * g.p) && small(g.oc * g.k)) {
             return None;
         }
         let i = g.ints();
@@ -684,18 +783,334 @@ impl CudaBackend {
         })
     }
 
-    /// The implicit-GEMM kernel of `kind` (0 forward, 1 input gradient, 2 weight gradient)
-    /// for a product of `rows` rows, and its tile `(BM, BN)`: TF32 when convolutions may use
-    /// tensor cores (`set_conv_tf32`), 32 x 256 tiles for at most 32 rows (a 64-row tile
-    /// would be half empty), 64 x 128 otherwise.
-    fn ig_kernel(kind: usize, rows: usize) -> (&'static str, usize, usize) {
-        let tf32 = CONV_TF32.load(Ordering::Relaxed) as usize;
-        let m32 = rows <= 32;
-        let (bm, bn) = if m32 { (32, 256) } else { (64, 128) };
-        (IG_KERNELS[kind][tf32 + 2 * m32 as usize], bm, bn)
+    /// Who computes direction `dir` of the convolution of `x` by `w`: 16-bit operands always
+    /// take im2col; f32 ones take cuDNN under `REGIMEN_CUDNN=1` (when it has a plan), else
+    /// `REGIMEN_CONV`'s engine, or under `auto` the fastest of `trial`'s timings on the
+    /// shape's first use (`tune`).
+    fn conv_engine_for(
+        &self,
+        dir: tune::Dir,
+        x: &Tensor,
+        w: &Tensor,
+        g: &ConvGeom,
+        trial: impl FnMut(tune::Engine) -> std::result::Result<(), String>,
+    ) -> tune::Engine {
+        use tune::Engine;
+        if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+            return Engine::Im2col;
+        }
+        let cudnn = self.dnn_plan(x, w, g.win).is_some();
+        let implicit = Self::ig_shape(g).is_some();
+        let rows = if dir == tune::Dir::InputGrad {
+            g.c
+        } else {
+            g.oc
+        };
+        match self.conv_mode {
+            _ if cudnn && self.cudnn_first => Engine::Cudnn,
+            ConvMode::Auto if x.numel() > 0 && w.numel() > 0 => {
+                self.tune(dir, x, w, g, Engine::candidates(implicit, cudnn), trial)
+            }
+            ConvMode::Implicit if implicit => Engine::implicit_for(rows),
+            _ => Engine::Im2col,
+        }
     }
 
-    /// y = conv(x, w) (+ b) by `conv_ig_fwd_*`.
+    /// The engine of `dir` for this shape: the one chosen before, or the fastest of
+    /// `candidates`, each run once by `trial` (its first launch and any planning untimed),
+    /// then `TUNE_RUNS` times between two events. A shape first met while a graph is being
+    /// recorded (no timing possible) keeps im2col.
+    fn tune(
+        &self,
+        dir: tune::Dir,
+        x: &Tensor,
+        w: &Tensor,
+        g: &ConvGeom,
+        candidates: Vec<tune::Engine>,
+        mut trial: impl FnMut(tune::Engine) -> std::result::Result<(), String>,
+    ) -> tune::Engine {
+        const TUNE_RUNS: usize = 5;
+        let key = tune::Key {
+            x: x.shape().try_into().expect("a 4-d input"),
+            w: w.shape().try_into().expect("a 4-d filter"),
+            stride: g.win.stride,
+            pad: g.win.pad,
+            tf32: CONV_TF32.load(Ordering::Relaxed),
+        };
+        let known = self
+            .tuned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(key, dir))
+            .copied();
+        if let Some(e) = known {
+            return e;
+        }
+        let recording = self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        let (chosen, note) = if recording {
+            let e = tune::Engine::Im2col;
+            let why = "first met while recording a graph: not timed".to_string();
+            let note = tune::line(&key, dir, &[(e, Err(why))], e);
+            (e, note)
+        } else {
+            self.bind();
+            let err = |e: dr::DriverError| format!("{e:?}");
+            let event = || dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(err);
+            let (e0, e1) = (event(), event());
+            let stream = self.raw.stream;
+            // Milliseconds per run of engine `e` (after its untimed first run).
+            let mut time = |e: tune::Engine| -> tune::Timing {
+                let (e0, e1) = (e0.clone()?, e1.clone()?);
+                trial(e)?;
+                unsafe { dr::event::record(e0, stream) }.map_err(err)?;
+                for _ in 0..TUNE_RUNS {
+                    trial(e)?;
+                }
+                unsafe { dr::event::record(e1, stream) }.map_err(err)?;
+                unsafe { dr::event::synchronize(e1) }.map_err(err)?;
+                let ms = unsafe { dr::event::elapsed(e0, e1) }.map_err(err)?;
+                Ok(ms as f64 / TUNE_RUNS as f64)
+            };
+            let times: Vec<_> = candidates.iter().map(|&e| (e, time(e))).collect();
+            for ev in [e0, e1].into_iter().flatten() {
+                unsafe {
+                    let _ = dr::event::destroy(ev);
+                }
+            }
+            let chosen = tune::fastest(&times).unwrap_or(tune::Engine::Im2col);
+            (chosen, tune::line(&key, dir, &times, chosen))
+        };
+        self.tuned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((key, dir), chosen);
+        self.tune_notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(note);
+        chosen
+    }
+
+    /// Counts a direction run by `e` (for `conv_engine`).
+    fn count_conv(&self, e: tune::Engine, dtype: DType) {
+        let i = match e {
+            _ if dtype != DType::F32 => 2,
+            tune::Engine::Implicit { .. } => 0,
+            tune::Engine::Im2col => 1,
+            tune::Engine::Cudnn => 3,
+        };
+        self.conv_runs[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The implicit-GEMM kernel of `kind` (0 forward, 1 input gradient, 2 weight gradient)
+    /// with tile and staging `e` (an `Engine::Implicit`), and its tile `(BM, BN)`: TF32 when
+    /// convolutions may use tensor cores (`set_conv_tf32`).
+    fn ig_kernel(kind: usize, e: tune::Engine) -> (&'static str, usize, usize) {
+        let tune::Engine::Implicit { m32, k32 } = e else {
+            unreachable!("an implicit-GEMM engine")
+        };
+        let tf32 = CONV_TF32.load(Ordering::Relaxed) as usize;
+        let (bm, bn) = if m32 { (32, 256) } else { (64, 128) };
+        (
+            IG_KERNELS[kind][tf32 + 2 * m32 as usize + 4 * k32 as usize],
+            bm,
+            bn,
+        )
+    }
+
+    /// y = conv(x, w) (+ b) by engine `e`.
+    fn conv_forward_by(
+        &self,
+        e: tune::Engine,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &ConvGeom,
+    ) -> std::result::Result<Tensor, String> {
+        match e {
+            tune::Engine::Cudnn => {
+                let (dnn, plan) = self.dnn_plan(x, w, g.win).ok_or("no cuDNN plan")?;
+                let mut y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
+                {
+                    let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                    self.bind();
+                    dnn.forward(plan, ptr(x), ptr(w), ptr(&y))
+                        .map_err(|e| e.to_string())?;
+                }
+                if let Some(b) = b {
+                    self.add_channel_bias(&mut y, b, g.oc);
+                }
+                Ok(y)
+            }
+            tune::Engine::Implicit { .. } => {
+                let s = Self::ig_shape(g).ok_or("sizes beyond 32-bit indices")?;
+                Ok(self.conv_implicit_forward(x, w, b, g, s, e))
+            }
+            tune::Engine::Im2col => Ok(self.conv_im2col_forward(x, w, b, g)),
+        }
+    }
+
+    /// dW += the weight gradient by engine `e`; `dyt` is im2col's transposed `dy`, made on
+    /// first need and shared with the input gradient.
+    fn conv_weight_grad_by(
+        &self,
+        e: tune::Engine,
+        (x, w, dy): (&Tensor, &Tensor, &Tensor),
+        g: &ConvGeom,
+        dw: &mut Tensor,
+        dyt: &mut Option<Tensor>,
+    ) -> std::result::Result<(), String> {
+        match e {
+            tune::Engine::Cudnn => {
+                let (dnn, plan) = self.dnn_plan(x, w, g.win).ok_or("no cuDNN plan")?;
+                let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.bind();
+                dnn.weight_grad(plan, ptr(x), ptr(dy), ptr_mut(dw))
+                    .map_err(|e| e.to_string())
+            }
+            tune::Engine::Implicit { .. } => {
+                let s = Self::ig_shape(g).ok_or("sizes beyond 32-bit indices")?;
+                self.conv_implicit_weight_grad(x, dy, g, s, dw, e);
+                Ok(())
+            }
+            tune::Engine::Im2col => {
+                let dyt = dyt.get_or_insert_with(|| self.conv_dy_t(dy, x.dtype(), g));
+                let tf32 = x.dtype() == DType::F32 && CONV_TF32.load(Ordering::Relaxed);
+                let col = self.im2col(x, g);
+                // dW [OC, K] += dy' [OC, N P] col^T
+                self.gemm(
+                    (false, true),
+                    (g.oc, g.k, g.nb * g.p),
+                    (ptr(dyt), g.nb * g.p),
+                    (ptr(&col), g.nb * g.p),
+                    (ptr_mut(dw), g.k),
+                    x.dtype(),
+                    1.0,
+                    tf32,
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// The input gradient by engine `e` (`dyt` as for the weight gradient).
+    fn conv_input_grad_by(
+        &self,
+        e: tune::Engine,
+        (x, w, dy): (&Tensor, &Tensor, &Tensor),
+        g: &ConvGeom,
+        dyt: &mut Option<Tensor>,
+    ) -> std::result::Result<Tensor, String> {
+        match e {
+            tune::Engine::Cudnn => {
+                let (dnn, plan) = self.dnn_plan(x, w, g.win).ok_or("no cuDNN plan")?;
+                let dx = self.new_tensor(x.shape(), DType::F32);
+                let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.bind();
+                dnn.input_grad(plan, ptr(w), ptr(dy), ptr(&dx))
+                    .map_err(|e| e.to_string())?;
+                Ok(dx)
+            }
+            tune::Engine::Implicit { .. } => {
+                let s = Self::ig_shape(g).ok_or("sizes beyond 32-bit indices")?;
+                Ok(self.conv_implicit_input_grad(x, w, dy, g, s, e))
+            }
+            tune::Engine::Im2col => {
+                let dtype = x.dtype();
+                let dyt = dyt.get_or_insert_with(|| self.conv_dy_t(dy, dtype, g));
+                let tf32 = dtype == DType::F32 && CONV_TF32.load(Ordering::Relaxed);
+                // dcol [K, N P] = W^T [K, OC] dy' [OC, N P]
+                let dcol = self.new_tensor(&[g.k, g.nb * g.p], DType::F32);
+                self.gemm(
+                    (true, false),
+                    (g.k, g.nb * g.p, g.oc),
+                    (ptr(w), g.k),
+                    (ptr(dyt), g.nb * g.p),
+                    (ptr(&dcol), g.nb * g.p),
+                    dtype,
+                    0.0,
+                    tf32,
+                );
+                let dx = self.new_tensor(x.shape(), DType::F32);
+                let (dcp, dxp) = (ptr(&dcol), ptr(&dx));
+                let gi = g.ints();
+                self.launch_planes(
+                    "col2im",
+                    g.nb * g.c,
+                    g.h * g.w,
+                    &mut args![
+                        &dcp, &dxp, &gi[0], &gi[1], &gi[2], &gi[3], &gi[4], &gi[5], &gi[6], &gi[7],
+                        &gi[8], &gi[9]
+                    ],
+                );
+                Ok(dx)
+            }
+        }
+    }
+
+    /// dy' [OC, N P] in the product type `dtype` (im2col's layout of `dy`).
+    fn conv_dy_t(&self, dy: &Tensor, dtype: DType, g: &ConvGeom) -> Tensor {
+        let dyt = self.new_tensor(&[g.oc, g.nb * g.p], dtype);
+        let mode: i32 = match dtype {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            _ => 2,
+        };
+        let (dyp, dytp, nb, oc, p) = (ptr(dy), ptr(&dyt), g.nb as i32, g.oc as i32, g.p as i64);
+        self.launch_planes(
+            "conv_dy_t",
+            g.nb * g.oc,
+            g.p,
+            &mut args![&dyp, &dytp, &nb, &oc, &p, &mode],
+        );
+        dyt
+    }
+
+    /// y = conv(x, w) (+ b) by im2col and one product (f32 or 16-bit operands).
+    fn conv_im2col_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &ConvGeom,
+    ) -> Tensor {
+        let col = self.im2col(x, g);
+        let yt = self.new_tensor(&[g.oc, g.nb * g.p], DType::F32);
+        // y' [OC, N P] = W [OC, K] col [K, N P]
+        self.gemm(
+            (false, false),
+            (g.oc, g.nb * g.p, g.k),
+            (ptr(w), g.k),
+            (ptr(&col), g.nb * g.p),
+            (ptr(&yt), g.nb * g.p),
+            x.dtype(),
+            0.0,
+            x.dtype() == DType::F32 && CONV_TF32.load(Ordering::Relaxed),
+        );
+        drop(col);
+        let y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
+        let (ytp, bp, yp, nb, oc, p) = (
+            ptr(&yt),
+            b.map_or(0, ptr),
+            ptr(&y),
+            g.nb as i32,
+            g.oc as i32,
+            g.p as i64,
+        );
+        self.launch_planes(
+            "conv_out",
+            g.nb * g.oc,
+            g.p,
+            &mut args![&ytp, &bp, &yp, &nb, &oc, &p],
+        );
+        y
+    }
+
+    /// y = conv(x, w) (+ b) by `conv_ig_fwd_*` with tile and staging `e`.
     fn conv_implicit_forward(
         &self,
         x: &Tensor,
@@ -703,6 +1118,7 @@ impl CudaBackend {
         b: Option<&Tensor>,
         g: &ConvGeom,
         s: IgShape,
+        e: tune::Engine,
     ) -> Tensor {
         let y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
         if y.numel() == 0 {
@@ -711,7 +1127,7 @@ impl CudaBackend {
         let (xp, wp, bp, yp) = (ptr(x), ptr(w), b.map_or(0, ptr), ptr(&y));
         let tab = self.ig_table(s, g.c * g.win.kh * g.win.kw, false);
         let tp = ptr(&tab);
-        let (kernel, bm, bn) = Self::ig_kernel(0, g.oc);
+        let (kernel, bm, bn) = Self::ig_kernel(0, e);
         let grid = (
             (g.nb * g.p).div_ceil(bn) as u32,
             g.oc.div_ceil(bm) as u32,
@@ -727,10 +1143,11 @@ impl CudaBackend {
     }
 
     /// The window table of `conv_ig_ktab` for a reduction of `k` indices (the forward's
-    /// C kh kw, or the input gradient's OC kh kw with `dx`), padded to a multiple of 8: one
-    /// `int4` (4 words) per entry, made on the device (a kernel, so a graph records it).
+    /// C kh kw, or the input gradient's OC kh kw with `dx`), padded to a multiple of 32 (the
+    /// largest staging): one `int4` (4 words) per entry, made on the device (a kernel, so a
+    /// graph records it).
     fn ig_table(&self, s: IgShape, k: usize, dx: bool) -> Tensor {
-        let n = k.next_multiple_of(8).max(8);
+        let n = k.next_multiple_of(32).max(32);
         let tab = self.new_tensor(&[4 * n], DType::F32);
         let (tp, dxi, ni) = (ptr(&tab), dx as i32, n as i32);
         self.launch(
@@ -742,63 +1159,71 @@ impl CudaBackend {
         tab
     }
 
-    /// dW += the weight gradient, and dx when `input_grad`, by `conv_ig_dw_*` (chunks of the
-    /// reduction over N P, then `conv_ig_dw_sum`) and `conv_ig_dx_*`.
-    #[allow(clippy::too_many_arguments)]
-    fn conv_implicit_backward(
+    /// dW += the weight gradient by `conv_ig_dw_*` with tile and staging `e` (chunks of the
+    /// reduction over N P, then `conv_ig_dw_sum`).
+    fn conv_implicit_weight_grad(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        g: &ConvGeom,
+        s: IgShape,
+        dw: &mut Tensor,
+        e: tune::Engine,
+    ) {
+        let (xp, dyp, dwp) = (ptr(x), ptr(dy), ptr_mut(dw));
+        let np = g.nb * g.p;
+        let mk = g.oc * g.k;
+        if np == 0 || mk == 0 {
+            return;
+        }
+        let (kernel, bm, bn) = Self::ig_kernel(2, e);
+        let (chunks, chunk) = dw_chunks(np, g.k.div_ceil(bn) * g.oc.div_ceil(bm));
+        let part = self.new_tensor(&[chunks * mk], DType::F32);
+        let pp = ptr(&part);
+        let grid = (
+            g.k.div_ceil(bn) as u32,
+            g.oc.div_ceil(bm) as u32,
+            chunks as u32,
+        );
+        let chunk = chunk as i32;
+        self.launch3(
+            kernel,
+            grid,
+            IG_THREADS,
+            &mut args![&xp, &dyp, &pp, &s, &chunk],
+        );
+        let (chunks, mk) = (chunks as i32, mk as i64);
+        self.launch(
+            "conv_ig_dw_sum",
+            blocks_for(mk as usize),
+            BLOCK,
+            &mut args![&pp, &dwp, &chunks, &mk],
+        );
+    }
+
+    /// The input gradient by `conv_ig_dx_*` with tile and staging `e`.
+    fn conv_implicit_input_grad(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         g: &ConvGeom,
         s: IgShape,
-        dw: &mut Tensor,
-        input_grad: bool,
+        e: tune::Engine,
     ) -> Tensor {
-        let (xp, wp, dyp, dwp) = (ptr(x), ptr(w), ptr(dy), ptr_mut(dw));
-        let np = g.nb * g.p;
-        let mk = g.oc * g.k;
-        if np > 0 && mk > 0 {
-            let (kernel, bm, bn) = Self::ig_kernel(2, g.oc);
-            let (chunks, chunk) = dw_chunks(np, g.k.div_ceil(bn) * g.oc.div_ceil(bm));
-            let part = self.new_tensor(&[chunks * mk], DType::F32);
-            let pp = ptr(&part);
-            let grid = (
-                g.k.div_ceil(bn) as u32,
-                g.oc.div_ceil(bm) as u32,
-                chunks as u32,
-            );
-            let chunk = chunk as i32;
-            self.launch3(
-                kernel,
-                grid,
-                IG_THREADS,
-                &mut args![&xp, &dyp, &pp, &s, &chunk],
-            );
-            let (chunks, mk) = (chunks as i32, mk as i64);
-            self.launch(
-                "conv_ig_dw_sum",
-                blocks_for(mk as usize),
-                BLOCK,
-                &mut args![&pp, &dwp, &chunks, &mk],
-            );
-        }
-        if !input_grad {
-            return self.new_tensor(&[0], DType::F32);
-        }
         let mut dx = self.new_tensor(x.shape(), DType::F32);
         if dx.numel() == 0 {
             return dx;
         }
-        if np == 0 || g.oc == 0 {
+        if g.nb * g.p == 0 || g.oc == 0 {
             // No output position or no filter: nothing reaches the input.
             self.fill(&mut dx, 0.0);
             return dx;
         }
-        let dxp = ptr(&dx);
+        let (wp, dyp, dxp) = (ptr(w), ptr(dy), ptr(&dx));
         let tab = self.ig_table(s, g.oc * g.win.kh * g.win.kw, true);
         let tp = ptr(&tab);
-        let (kernel, bm, bn) = Self::ig_kernel(1, g.c);
+        let (kernel, bm, bn) = Self::ig_kernel(1, e);
         let grid = (
             (g.nb * g.h * g.w).div_ceil(bn) as u32,
             g.c.div_ceil(bm) as u32,
@@ -1552,55 +1977,13 @@ impl Backend for CudaBackend {
 
     fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor {
         let g = ConvGeom::new(x.shape(), w.shape(), win);
-        if let Some((dnn, plan)) = self.dnn_plan(x, w, win) {
-            let mut y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
-            {
-                let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-                self.bind();
-                dnn.forward(plan, ptr(x), ptr(w), ptr(&y))
-                    .unwrap_or_else(|e| panic!("cuda:{}: {e}", self.ordinal));
-            }
-            if let Some(b) = b {
-                self.add_channel_bias(&mut y, b, g.oc);
-            }
-            return y;
-        }
-        if let Some(s) = self.implicit_shape(x, w, &g) {
-            self.conv_runs[0].fetch_add(1, Ordering::Relaxed);
-            return self.conv_implicit_forward(x, w, b, &g, s);
-        }
-        let run = if x.dtype() == DType::F32 { 1 } else { 2 };
-        self.conv_runs[run].fetch_add(1, Ordering::Relaxed);
-        let col = self.im2col(x, &g);
-        let yt = self.new_tensor(&[g.oc, g.nb * g.p], DType::F32);
-        // y' [OC, N P] = W [OC, K] col [K, N P]
-        self.gemm(
-            (false, false),
-            (g.oc, g.nb * g.p, g.k),
-            (ptr(w), g.k),
-            (ptr(&col), g.nb * g.p),
-            (ptr(&yt), g.nb * g.p),
-            x.dtype(),
-            0.0,
-            x.dtype() == DType::F32 && CONV_TF32.load(Ordering::Relaxed),
-        );
-        drop(col);
-        let y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
-        let (ytp, bp, yp, nb, oc, p) = (
-            ptr(&yt),
-            b.map_or(0, ptr),
-            ptr(&y),
-            g.nb as i32,
-            g.oc as i32,
-            g.p as i64,
-        );
-        self.launch_planes(
-            "conv_out",
-            g.nb * g.oc,
-            g.p,
-            &mut args![&ytp, &bp, &yp, &nb, &oc, &p],
-        );
-        y
+        let e = self.conv_engine_for(tune::Dir::Forward, x, w, &g, |e| {
+            self.conv_forward_by(e, x, w, b, &g).map(drop)
+        });
+        self.count_conv(e, x.dtype());
+        self.conv_forward_by(e, x, w, b, &g).unwrap_or_else(|err| {
+            panic!("cuda:{}: convolution by {}: {err}", self.ordinal, e.name())
+        })
     }
 
     fn conv2d_backward(
@@ -1614,93 +1997,37 @@ impl Backend for CudaBackend {
         input_grad: bool,
     ) -> Tensor {
         let g = ConvGeom::new(x.shape(), w.shape(), win);
-        if let Some((dnn, plan)) = self.dnn_plan(x, w, win) {
-            if let Some(db) = db {
-                self.channel_bias_backward(dy, db, g.oc);
-            }
-            let dx = if input_grad {
-                self.new_tensor(x.shape(), DType::F32)
-            } else {
-                self.new_tensor(&[0], DType::F32)
-            };
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.bind();
-            let done = dnn
-                .weight_grad(plan, ptr(x), ptr(dy), ptr_mut(dw))
-                .and_then(|()| match input_grad {
-                    true => dnn.input_grad(plan, ptr(w), ptr(dy), ptr(&dx)),
-                    false => Ok(()),
-                });
-            done.unwrap_or_else(|e| panic!("cuda:{}: {e}", self.ordinal));
-            return dx;
-        }
-        if let Some(s) = self.implicit_shape(x, w, &g) {
-            if let Some(db) = db {
-                self.channel_bias_backward(dy, db, g.oc);
-            }
-            return self.conv_implicit_backward(x, w, dy, &g, s, dw, input_grad);
-        }
-        let dtype = x.dtype();
-        let tf32 = dtype == DType::F32 && CONV_TF32.load(Ordering::Relaxed);
-        // dy' [OC, N P] in the product type.
-        let dyt = self.new_tensor(&[g.oc, g.nb * g.p], dtype);
-        let mode: i32 = match dtype {
-            DType::F32 => 0,
-            DType::BF16 => 1,
-            _ => 2,
-        };
-        let (dyp, dytp, nb, oc, p) = (ptr(dy), ptr(&dyt), g.nb as i32, g.oc as i32, g.p as i64);
-        self.launch_planes(
-            "conv_dy_t",
-            g.nb * g.oc,
-            g.p,
-            &mut args![&dyp, &dytp, &nb, &oc, &p, &mode],
-        );
         if let Some(db) = db {
             self.channel_bias_backward(dy, db, g.oc);
         }
-        let col = self.im2col(x, &g);
-        // dW [OC, K] += dy' [OC, N P] col^T
-        let dwp = ptr_mut(dw);
-        self.gemm(
-            (false, true),
-            (g.oc, g.k, g.nb * g.p),
-            (ptr(&dyt), g.nb * g.p),
-            (ptr(&col), g.nb * g.p),
-            (dwp, g.k),
-            dtype,
-            1.0,
-            tf32,
-        );
-        drop(col);
+        // The trials of the weight gradient add into a scratch gradient of their own.
+        let mut scratch: Option<Tensor> = None;
+        let ew = self.conv_engine_for(tune::Dir::WeightGrad, x, w, &g, |e| {
+            let t = scratch.get_or_insert_with(|| self.zeros(w.shape(), DType::F32));
+            self.conv_weight_grad_by(e, (x, w, dy), &g, t, &mut None)
+        });
+        drop(scratch);
+        let fail = |e: tune::Engine, err: String| -> ! {
+            panic!(
+                "cuda:{}: convolution gradient by {}: {err}",
+                self.ordinal,
+                e.name()
+            )
+        };
+        self.count_conv(ew, x.dtype());
+        let mut dyt = None;
+        self.conv_weight_grad_by(ew, (x, w, dy), &g, dw, &mut dyt)
+            .unwrap_or_else(|err| fail(ew, err));
         if !input_grad {
             return self.new_tensor(&[0], DType::F32);
         }
-        // dcol [K, N P] = W^T [K, OC] dy' [OC, N P]
-        let dcol = self.new_tensor(&[g.k, g.nb * g.p], DType::F32);
-        self.gemm(
-            (true, false),
-            (g.k, g.nb * g.p, g.oc),
-            (ptr(w), g.k),
-            (ptr(&dyt), g.nb * g.p),
-            (ptr(&dcol), g.nb * g.p),
-            dtype,
-            0.0,
-            tf32,
-        );
-        let dx = self.new_tensor(x.shape(), DType::F32);
-        let (dcp, dxp) = (ptr(&dcol), ptr(&dx));
-        let gi = g.ints();
-        self.launch_planes(
-            "col2im",
-            g.nb * g.c,
-            g.h * g.w,
-            &mut args![
-                &dcp, &dxp, &gi[0], &gi[1], &gi[2], &gi[3], &gi[4], &gi[5], &gi[6], &gi[7], &gi[8],
-                &gi[9]
-            ],
-        );
-        dx
+        let ex = self.conv_engine_for(tune::Dir::InputGrad, x, w, &g, |e| {
+            self.conv_input_grad_by(e, (x, w, dy), &g, &mut None)
+                .map(drop)
+        });
+        self.count_conv(ex, x.dtype());
+        self.conv_input_grad_by(ex, (x, w, dy), &g, &mut dyt)
+            .unwrap_or_else(|err| fail(ex, err))
     }
 
     fn max_pool2d_forward(&self, x: &Tensor, win: Window) -> (Tensor, Indices) {
@@ -2519,26 +2846,38 @@ impl Backend for CudaBackend {
 /// Threads per block of `conv.cu`'s kernels.
 const IG_THREADS: u32 = 256;
 
-/// `conv.cu`'s kernels by kind (forward, input gradient, weight gradient), each as
-/// `[f32, tf32, f32 with 32-row tiles, tf32 with 32-row tiles]` (see `ig_kernel`).
-const IG_KERNELS: [[&str; 4]; 3] = [
+/// `conv.cu`'s kernels by kind (forward, input gradient, weight gradient), each indexed by
+/// `tf32 + 2 m32 + 4 k32` (see `ig_kernel`).
+const IG_KERNELS: [[&str; 8]; 3] = [
     [
         "conv_ig_fwd_f32",
         "conv_ig_fwd_tf32",
         "conv_ig_fwd_f32_m32",
         "conv_ig_fwd_tf32_m32",
+        "conv_ig_fwd_f32_k32",
+        "conv_ig_fwd_tf32_k32",
+        "conv_ig_fwd_f32_m32_k32",
+        "conv_ig_fwd_tf32_m32_k32",
     ],
     [
         "conv_ig_dx_f32",
         "conv_ig_dx_tf32",
         "conv_ig_dx_f32_m32",
         "conv_ig_dx_tf32_m32",
+        "conv_ig_dx_f32_k32",
+        "conv_ig_dx_tf32_k32",
+        "conv_ig_dx_f32_m32_k32",
+        "conv_ig_dx_tf32_m32_k32",
     ],
     [
         "conv_ig_dw_f32",
         "conv_ig_dw_tf32",
         "conv_ig_dw_f32_m32",
         "conv_ig_dw_tf32_m32",
+        "conv_ig_dw_f32_k32",
+        "conv_ig_dw_tf32_k32",
+        "conv_ig_dw_f32_m32_k32",
+        "conv_ig_dw_tf32_m32_k32",
     ],
 ];
 
@@ -2560,14 +2899,15 @@ struct IgShape {
 }
 
 /// How `conv_ig_dw` splits its reduction over `np` positions for a product of `tiles` output
-/// tiles: `(chunks, chunk)`, with `chunk` a multiple of 8 (the kernel's step) and chunks of at
-/// least 256 positions, about 1024 blocks in all (several per multiprocessor of a large GPU).
+/// tiles: `(chunks, chunk)`, with `chunk` a multiple of 32 (so that every staged step of either
+/// depth, 8 or 32, is full but the last chunk's last) and chunks of at least 256 positions,
+/// about 1024 blocks in all (several per multiprocessor of a large GPU).
 fn dw_chunks(np: usize, tiles: usize) -> (usize, usize) {
     let want = 1024usize
         .div_ceil(tiles.max(1))
         .min(np.div_ceil(256))
         .clamp(1, 65535);
-    let chunk = np.div_ceil(want).next_multiple_of(8);
+    let chunk = np.div_ceil(want).next_multiple_of(32);
     (np.div_ceil(chunk), chunk)
 }
 
@@ -2586,15 +2926,28 @@ fn check_arch(arch: (i32, i32), name: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Who computes the f32 convolutions that cuDNN does not (`REGIMEN_CONV`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ConvMode {
+    /// im2col + cuBLAS (the default).
+    Im2col,
+    /// conv.cu's implicit-GEMM kernels.
+    Implicit,
+    /// The fastest engine per shape and direction, timed on first use (`tune.rs`).
+    Auto,
+}
+
 /// The `REGIMEN_CONV` rule: unset or `im2col` for im2col + cuBLAS, `implicit` for conv.cu's
-/// implicit-GEMM kernels; anything else is an error naming the variable.
-fn conv_choice(value: Option<&str>) -> Result<bool> {
+/// implicit-GEMM kernels, `auto` for the fastest per shape; anything else is an error naming
+/// the variable.
+fn conv_choice(value: Option<&str>) -> Result<ConvMode> {
     match value {
-        None | Some("im2col") => Ok(false),
-        Some("implicit") => Ok(true),
+        None | Some("im2col") => Ok(ConvMode::Im2col),
+        Some("implicit") => Ok(ConvMode::Implicit),
+        Some("auto") => Ok(ConvMode::Auto),
         Some(v) => Err(Error::Device {
             device: "cuda".into(),
-            reason: format!("REGIMEN_CONV={v}: expected im2col or implicit"),
+            reason: format!("REGIMEN_CONV={v}: expected im2col, implicit or auto"),
         }),
     }
 }
@@ -2781,14 +3134,16 @@ mod tests {
     }
 
     #[test]
-    fn regimen_conv_takes_im2col_or_implicit_only() {
-        assert!(!conv_choice(None).unwrap());
-        assert!(!conv_choice(Some("im2col")).unwrap());
-        assert!(conv_choice(Some("implicit")).unwrap());
-        for bad in ["", "1", "Implicit", "cudnn", "implicit "] {
+    fn regimen_conv_takes_im2col_implicit_or_auto_only() {
+        assert_eq!(conv_choice(None).unwrap(), ConvMode::Im2col);
+        assert_eq!(conv_choice(Some("im2col")).unwrap(), ConvMode::Im2col);
+        assert_eq!(conv_choice(Some("implicit")).unwrap(), ConvMode::Implicit);
+        assert_eq!(conv_choice(Some("auto")).unwrap(), ConvMode::Auto);
+        for bad in ["", "1", "Implicit", "cudnn", "implicit ", "AUTO"] {
             let e = conv_choice(Some(bad)).unwrap_err().to_string();
             assert!(
-                e.contains(&format!("REGIMEN_CONV={bad}:")) && e.contains("im2col or implicit"),
+                e.contains(&format!("REGIMEN_CONV={bad}:"))
+                    && e.contains("im2col, implicit or auto"),
                 "{bad:?}: {e}"
             );
         }
@@ -2804,7 +3159,7 @@ mod tests {
             (2_000_000_000, 1),
         ] {
             let (chunks, chunk) = dw_chunks(np, tiles);
-            assert_eq!(chunk % 8, 0, "{np} {tiles}: the kernel steps by 8");
+            assert_eq!(chunk % 32, 0, "{np} {tiles}: the kernel steps by 8 or 32");
             assert!(
                 (1..=65535).contains(&chunks),
                 "{np} {tiles}: grid z {chunks}"
@@ -2814,7 +3169,7 @@ mod tests {
                 "{np}: {chunks} x {chunk}"
             );
             assert!(
-                chunk >= 256.min(np.next_multiple_of(8)),
+                chunk >= 256.min(np.next_multiple_of(32)),
                 "{np}: chunks of {chunk}"
             );
         }
