@@ -2,9 +2,11 @@
 //! `one_hot`, `augment_samples` for crop, translate, flip, scale, rotate, noise and Cutout,
 //! `mix_params` + `mix_batch` for Mixup and CutMix) run on the CPU and held to the CPU
 //! backend, bit for bit, so that their indexing and their draws are proven on machines
-//! without a GPU. `kernels.cu` is plain C++ behind `__CUDACC__`; the C++ compiler builds it
-//! with `tests/emulate/shim.h` (each block's threads as host threads) and
-//! `tests/emulate/augment_main.cpp`, which launches the kernels with the backend's grids.
+//! without a GPU; and batch norm's kernels, alone and followed in its own passes by a ReLU or
+//! by a ReLU and a 2x2 max pool, held to the CPU backend's fused passes. `kernels.cu` is plain
+//! C++ behind `__CUDACC__`; the C++ compiler builds it with `tests/emulate/shim.h` (each
+//! block's threads as host threads) and `tests/emulate/kernels_main.cpp`, which launches the
+//! kernels with the backend's grids.
 //!
 //! Exact equality holds here because both sides run on this CPU with its `log`, `exp`, `cos`,
 //! `sin` and `pow` and the kernels round every operation explicitly as the host code does; on
@@ -22,7 +24,7 @@ mod emulate;
 use emulate::{read, read_u32, write};
 
 const KERNELS: &str = include_str!("../src/backend/cuda/kernels.cu");
-const MAIN: &str = include_str!("emulate/augment_main.cpp");
+const MAIN: &str = include_str!("emulate/kernels_main.cpp");
 
 const STREAM: u64 = 0xA06_5EED_0000_0017;
 // Dataset size, batch, channels, height, width.
@@ -63,12 +65,14 @@ struct Emu {
 }
 
 impl Emu {
-    fn new() -> Option<Emu> {
-        let dir = std::env::temp_dir().join(format!("regimen-kernels-emu-{}", std::process::id()));
+    /// The emulator built in a folder of its own for test `tag` (the tests run in parallel).
+    fn new(tag: &str) -> Option<Emu> {
+        let dir =
+            std::env::temp_dir().join(format!("regimen-kernels-emu-{tag}-{}", std::process::id()));
         let exe = emulate::build(
             &dir,
             "aug_emu",
-            &[("kernels.cu", KERNELS), ("augment_main.cpp", MAIN)],
+            &[("kernels.cu", KERNELS), ("kernels_main.cpp", MAIN)],
             "kernels.cu",
         )?;
         Some(Emu { exe, dir })
@@ -122,7 +126,7 @@ fn strings(v: &[&dyn std::fmt::Display]) -> Vec<String> {
 
 #[test]
 fn the_batch_kernels_match_the_cpu_bit_for_bit() {
-    let Some(e) = Emu::new() else { return };
+    let Some(e) = Emu::new("batch") else { return };
     let (images, labels, order) = dataset();
     write(&e.dir, "images.bin", &images);
     write(&e.dir, "labels.bin", &labels);
@@ -248,5 +252,158 @@ fn the_batch_kernels_match_the_cpu_bit_for_bit() {
                 &soft.to_vec(),
             );
         }
+    }
+}
+
+/// `|got - want| <= tol (1 + |want|)` everywhere.
+fn near(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let allowed = tol * (1.0 + (w as f64).abs());
+        assert!(
+            (g as f64 - w as f64).abs() <= allowed,
+            "{what}[{i}]: emulated GPU kernel {g} vs CPU {w} (allowed {allowed:.1e})"
+        );
+    }
+}
+
+/// Batch norm with batch statistics, alone (`after` 0), then a ReLU (1), then a ReLU and a 2x2
+/// max pool of stride 2 (2), forward and backward, against the CPU backend's passes
+/// (`norm.rs`). The backward is given the CPU's statistics, so both sides find the same ReLU
+/// masks and pool maxima: a mask or an arg-max taken from the wrong place is an error of the
+/// size of the gradient. A third of the pool's windows hold a tie (two equal values), where
+/// the pool's rule (the first maximum) decides; odd sizes leave a row and a column outside
+/// every window. The sums differ in order only (tolerance 1e-5, the gradients' 1e-4).
+#[test]
+fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
+    let Some(e) = Emu::new("norm") else { return };
+    let d = Device::Cpu;
+    let be = d.backend();
+    let (eps, momentum) = (1e-5f32, 0.1f32);
+    // (x shape, after, splits of the sums)
+    let cases: [(&[usize], usize, usize); 6] = [
+        (&[3, 4, 7, 6], 2, 2),
+        (&[2, 3, 8, 9], 2, 1),
+        (&[5, 3, 4, 5], 1, 3),
+        (&[6, 4], 1, 2),
+        (&[4, 2, 5, 5], 0, 4),
+        (&[1, 2, 2, 2], 2, 1),
+    ];
+    for (shape, after, splits) in cases {
+        let name = format!("{shape:?} after {after}");
+        let (nb, c) = (shape[0], shape[1]);
+        let (h, w) = if shape.len() == 4 {
+            (shape[2], shape[3])
+        } else {
+            (1, 1)
+        };
+        let mut xv = randn(shape.iter().product(), 70 + after as u64);
+        if after == 2 {
+            // Ties: the window's first value repeated to its right or below it.
+            for p in 0..nb * c {
+                for (oy, ox) in (0..h / 2).flat_map(|oy| (0..w / 2).map(move |ox| (oy, ox))) {
+                    let at = p * h * w + 2 * oy * w + 2 * ox;
+                    match (oy + ox) % 3 {
+                        0 => xv[at + 1] = xv[at],
+                        1 => xv[at + w] = xv[at],
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let gv: Vec<f32> = randn(c, 71).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let bv = randn(c, 72);
+        let (rm0, rv0) = (randn(c, 73), vec![1.5f32; c]);
+        let (dg0, db0) = (randn(c, 74), randn(c, 75));
+        let t = |s: &[usize], v: &[f32]| Tensor::from_host(s, v.to_vec(), d).unwrap();
+        let (x, gamma, beta) = (t(shape, &xv), t(&[c], &gv), t(&[c], &bv));
+        let (mut rm, mut rv) = (t(&[c], &rm0), t(&[c], &rv0));
+        let (y, mean, invstd) = match after {
+            0 => be.batch_norm_forward_train(&x, &gamma, &beta, &mut rm, &mut rv, momentum, eps),
+            1 => {
+                be.batch_norm_relu_forward_train(&x, &gamma, &beta, &mut rm, &mut rv, momentum, eps)
+            }
+            _ => be
+                .batch_norm_relu_pool_forward_train(
+                    &x, &gamma, &beta, &mut rm, &mut rv, momentum, eps,
+                )
+                .expect("the CPU fuses the pool"),
+        };
+        let dyv = randn(y.numel(), 76);
+        let dy = t(y.shape(), &dyv);
+        let (mut dg, mut db) = (t(&[c], &dg0), t(&[c], &db0));
+        let dx = match after {
+            0 => be.batch_norm_backward(&x, &dy, &gamma, &mean, &invstd, true, &mut dg, &mut db),
+            1 => be.batch_norm_relu_backward(
+                &x, &y, &dy, &gamma, &beta, &mean, &invstd, &mut dg, &mut db,
+            ),
+            _ => be.batch_norm_relu_pool_backward(
+                &x, &dy, &gamma, &beta, &mean, &invstd, &mut dg, &mut db,
+            ),
+        };
+        for (f, v) in [
+            ("x.bin", &xv),
+            ("dy.bin", &dyv),
+            ("gamma.bin", &gv),
+            ("beta.bin", &bv),
+            ("rm.bin", &rm0),
+            ("rv.bin", &rv0),
+            ("mean.bin", &mean.to_vec()),
+            ("invstd.bin", &invstd.to_vec()),
+            ("dgamma.bin", &dg0),
+            ("dbeta.bin", &db0),
+        ] {
+            write(&e.dir, f, v);
+        }
+        e.run(strings(&[
+            &"bn",
+            &nb,
+            &c,
+            &h,
+            &w,
+            &after,
+            &splits,
+            &eps.to_bits(),
+            &momentum.to_bits(),
+        ]));
+        let got = |f: &str| read(&e.dir, f);
+        near(&format!("{name}: y"), &got("y.out"), &y.to_vec(), 1e-5);
+        near(
+            &format!("{name}: mean"),
+            &got("mean.out"),
+            &mean.to_vec(),
+            1e-5,
+        );
+        near(
+            &format!("{name}: invstd"),
+            &got("invstd.out"),
+            &invstd.to_vec(),
+            1e-5,
+        );
+        near(
+            &format!("{name}: running mean"),
+            &got("rm.out"),
+            &rm.to_vec(),
+            1e-5,
+        );
+        near(
+            &format!("{name}: running var"),
+            &got("rv.out"),
+            &rv.to_vec(),
+            1e-5,
+        );
+        near(&format!("{name}: dx"), &got("dx.out"), &dx.to_vec(), 1e-4);
+        near(
+            &format!("{name}: dgamma"),
+            &got("dgamma.out"),
+            &dg.to_vec(),
+            1e-4,
+        );
+        near(
+            &format!("{name}: dbeta"),
+            &got("dbeta.out"),
+            &db.to_vec(),
+            1e-4,
+        );
     }
 }

@@ -665,6 +665,15 @@ extern "C" __global__ void bn_stats_partial(const float* x, int nb, int c, long 
     }
 }
 
+// scale = gamma invstd and shift = beta - mean scale, each operation rounded (as the CPU
+// backend's `Affine`): the fused backward below recomputes them from mean and invstd and must
+// find the forward's values bit for bit.
+__device__ __forceinline__ void bn_affine(float gamma, float beta, float mean, float invstd,
+                                          float* sc, float* sh) {
+    *sc = __fmul_rn(gamma, invstd);
+    *sh = __fsub_rn(beta, __fmul_rn(mean, *sc));
+}
+
 // Per channel: mean, invstd (f32, for backward), scale and shift for the normalization, and
 // the running averages (variance unbiased).
 extern "C" __global__ void bn_stats_finish(const double* part, int c, int splits, float eps,
@@ -688,9 +697,10 @@ extern "C" __global__ void bn_stats_finish(const double* part, int c, int splits
     float meanf = (float)mean;
     mean_out[ch] = meanf;
     invstd_out[ch] = invstd;
-    float sc = gamma[ch] * invstd;
+    float sc, sh;
+    bn_affine(gamma[ch], beta[ch], meanf, invstd, &sc, &sh);
     scale[ch] = sc;
-    shift[ch] = beta[ch] - meanf * sc;
+    shift[ch] = sh;
     float m = (float)n;
     float unbias = m > 1.0f ? m / (m - 1.0f) : 1.0f;
     run_mean[ch] = (1.0f - momentum) * run_mean[ch] + momentum * meanf;
@@ -774,6 +784,137 @@ extern "C" __global__ void bn_bwd_dx(const float* x, const float* dy, const floa
         } else {
             dx[i] = gamma[ch] * is * dy[i];
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Batch norm followed by a ReLU (after = 1), or by a ReLU and a 2x2 max pool of stride 2
+// (after = 2), in batch norm's own passes (the CPU backend's norm.rs, After::Relu and
+// After::ReluPool2x2): the ReLU's output is never stored, nor the pool's arg-max; backward
+// finds both again from x and the statistics. z = x scale + shift is computed as the CPU
+// does, each operation rounded, so the forward and backward agree on every mask bit for bit.
+
+__device__ __forceinline__ float bn_z(float x, float sc, float sh) {
+    return __fadd_rn(__fmul_rn(x, sc), sh);
+}
+// The ReLU layer's rule: zero where z <= 0, z elsewhere (NaN propagates).
+__device__ __forceinline__ float bn_relu(float z) { return z <= 0.0f ? 0.0f : z; }
+// The gradient through a ReLU of input z: g where z > 0, NaN where z is NaN, else 0.
+__device__ __forceinline__ float bn_relu_grad(float z, float g) {
+    return z > 0.0f ? g : (z != z ? z : 0.0f);
+}
+// The max pool's rule: a later value is taken when above the best so far or NaN, unless the
+// best is NaN already.
+__device__ __forceinline__ bool bn_pool_takes(float best, float v) {
+    return !(v <= best) && best == best;
+}
+
+// y = relu(x scale + shift) over [N, C, inner].
+extern "C" __global__ void bn_relu_apply(const float* x, const float* scale, const float* shift,
+                                         float* y, long long planes, int c, long long inner) {
+    PLANE_LOOP(pl, i, planes, inner) {
+        int ch = (int)(pl % c);
+        long long j = pl * inner + i;
+        y[j] = bn_relu(bn_z(x[j], scale[ch], shift[ch]));
+    }
+}
+
+// y [N, C, h / 2, w / 2] = maxpool2x2(relu(x scale + shift)) of x [N, C, h, w]: each window in
+// row-major order, the first maximum kept (bn_pool_takes).
+extern "C" __global__ void bn_relu_pool_apply(const float* x, const float* scale,
+                                              const float* shift, float* y, long long planes,
+                                              int c, int h, int w) {
+    const int oh = h / 2, ow = w / 2;
+    PLANE_LOOP(pl, o, planes, (long long)oh * ow) {
+        int ch = (int)(pl % c);
+        float sc = scale[ch], sh = shift[ch];
+        int oy = o / ow, ox = o - oy * ow;
+        const float* p = x + pl * h * w + (2 * oy) * w + 2 * ox;
+        float best = bn_relu(bn_z(p[0], sc, sh));
+        float v[3] = {p[1], p[w], p[w + 1]};
+        for (int k = 0; k < 3; k++) {
+            float r = bn_relu(bn_z(v[k], sc, sh));
+            best = bn_pool_takes(best, r) ? r : best;
+        }
+        y[pl * oh * ow + o] = best;
+    }
+}
+
+// The gradient of batch norm's output at element i of plane pl (z its output there), from the
+// gradient dy of what followed: through the ReLU (after 1: dy as x), or through the pool then
+// the ReLU (after 2: dy [planes, h / 2, w / 2]; the window's maximum found again by the pool's
+// rule gets the window's gradient, the others 0, as the pool's backward adds onto zeros).
+__device__ __forceinline__ float bn_after_grad(int after, const float* x, const float* dy,
+                                               long long pl, long long i, float z, float sc,
+                                               float sh, int h, int w) {
+    if (after == 1) return bn_relu_grad(z, dy[pl * h * w + i]);
+    const int oh = h / 2, ow = w / 2;
+    int yy = (int)(i / w), xx = (int)(i - (long long)yy * w);
+    if (yy >= 2 * oh || xx >= 2 * ow) return bn_relu_grad(z, 0.0f);
+    int oy = yy / 2, ox = xx / 2;
+    const float* p = x + pl * h * w + (2 * oy) * w + 2 * ox;
+    float best = bn_relu(bn_z(p[0], sc, sh));
+    int arg = 0;
+    float v[3] = {p[1], p[w], p[w + 1]};
+    for (int k = 0; k < 3; k++) {
+        float r = bn_relu(bn_z(v[k], sc, sh));
+        if (bn_pool_takes(best, r)) {
+            best = r;
+            arg = k + 1;
+        }
+    }
+    float d = __fadd_rn(0.0f, dy[pl * oh * ow + oy * ow + ox]);
+    return bn_relu_grad(z, arg == (yy % 2) * 2 + xx % 2 ? d : 0.0f);
+}
+
+// bn_bwd_partial for batch norm followed by `after` (x [N, C, h w], dy as bn_after_grad
+// takes it): part (c, s) = (sum g, sum g xhat) in double, g the gradient of batch norm's output.
+extern "C" __global__ void bn_after_bwd_partial(const float* x, const float* dy,
+                                                const float* gamma, const float* beta,
+                                                const float* mean, const float* invstd, int nb,
+                                                int c, int h, int w, int after, int splits,
+                                                double* part) {
+    int ch = blockIdx.x, s = blockIdx.y;
+    int n0 = (int)((long long)s * nb / splits), n1 = (int)((long long)(s + 1) * nb / splits);
+    float mu = mean[ch], is = invstd[ch], sc, sh;
+    bn_affine(gamma[ch], beta[ch], mu, is, &sc, &sh);
+    long long inner = (long long)h * w;
+    double a = 0.0, b = 0.0;
+    for (int smp = n0; smp < n1; smp++) {
+        long long pl = (long long)smp * c + ch, base = pl * inner;
+        for (long long i = threadIdx.x; i < inner; i += RBLOCK) {
+            float xv = x[base + i];
+            float g = bn_after_grad(after, x, dy, pl, i, bn_z(xv, sc, sh), sc, sh, h, w);
+            float xhat = (xv - mu) * is;
+            a += (double)g;
+            b += (double)(g * xhat);
+        }
+    }
+    double ta = block_sum(a);
+    double tb = block_sum(b);
+    if (threadIdx.x == 0) {
+        double* o = part + ((long long)ch * splits + s) * 2;
+        o[0] = ta;
+        o[1] = tb;
+    }
+}
+
+// bn_bwd_dx (batch statistics) for batch norm followed by `after`.
+extern "C" __global__ void bn_after_bwd_dx(const float* x, const float* dy, const float* gamma,
+                                           const float* beta, const float* mean,
+                                           const float* invstd, const float* mean_dy,
+                                           const float* mean_dyx, float* dx, long long planes,
+                                           int c, int h, int w, int after) {
+    long long inner = (long long)h * w;
+    PLANE_LOOP(pl, i, planes, inner) {
+        int ch = (int)(pl % c);
+        long long j = pl * inner + i;
+        float mu = mean[ch], is = invstd[ch], sc, sh;
+        bn_affine(gamma[ch], beta[ch], mu, is, &sc, &sh);
+        float xv = x[j];
+        float g = bn_after_grad(after, x, dy, pl, i, bn_z(xv, sc, sh), sc, sh, h, w);
+        float xhat = (xv - mu) * is;
+        dx[j] = gamma[ch] * is * (g - mean_dy[ch] - xhat * mean_dyx[ch]);
     }
 }
 

@@ -237,6 +237,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bn_bwd_partial",
     "bn_bwd_finish",
     "bn_bwd_dx",
+    "bn_relu_apply",
+    "bn_relu_pool_apply",
+    "bn_after_bwd_partial",
+    "bn_after_bwd_dx",
     "softmax_ce",
     "correct_rows",
     "mse_grad",
@@ -2242,54 +2246,37 @@ impl Backend for CudaBackend {
         momentum: f32,
         eps: f32,
     ) -> (Tensor, Tensor, Tensor) {
-        let c = gamma.numel();
-        let (nb, inner) = n_inner(x.shape(), c);
-        let splits = bn_splits(nb, c);
-        let part = self.scratch_f64(3 * c * splits);
-        let (xp, pp, nb32, c32, inner64, sp32) = (
-            ptr(x),
-            part.ptr,
-            nb as i32,
-            c as i32,
-            inner as i64,
-            splits as i32,
-        );
-        self.launch3(
-            "bn_stats_partial",
-            (c as u32, splits as u32, 1),
-            BLOCK,
-            &mut args![&xp, &nb32, &c32, &inner64, &sp32, &pp],
-        );
-        let mean = self.new_tensor(&[c], DType::F32);
-        let invstd = self.new_tensor(&[c], DType::F32);
-        let scale = self.new_tensor(&[c], DType::F32);
-        let shift = self.new_tensor(&[c], DType::F32);
-        let (gp, bp, mp, ip, scp, shp) = (
-            ptr(gamma),
-            ptr(beta),
-            ptr(&mean),
-            ptr(&invstd),
-            ptr(&scale),
-            ptr(&shift),
-        );
-        let (rmp, rvp) = (ptr_mut(running_mean), ptr_mut(running_var));
-        self.launch(
-            "bn_stats_finish",
-            (c as u32).div_ceil(BLOCK),
-            BLOCK,
-            &mut args![
-                &pp, &c32, &sp32, &eps, &momentum, &gp, &bp, &mp, &ip, &scp, &shp, &rmp, &rvp
-            ],
-        );
-        let y = self.new_tensor(x.shape(), DType::F32);
-        let (yp, planes) = (ptr(&y), (nb * c) as i64);
-        self.launch_planes(
-            "bn_apply",
-            nb * c,
-            inner,
-            &mut args![&xp, &scp, &shp, &yp, &planes, &c32, &inner64],
-        );
-        (y, mean, invstd)
+        let stats = (running_mean, running_var, momentum, eps);
+        self.bn_forward(x, gamma, beta, stats, BnAfter::Nothing)
+    }
+
+    fn batch_norm_relu_forward_train(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> (Tensor, Tensor, Tensor) {
+        let stats = (running_mean, running_var, momentum, eps);
+        self.bn_forward(x, gamma, beta, stats, BnAfter::Relu)
+    }
+
+    fn batch_norm_relu_pool_forward_train(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> Option<(Tensor, Tensor, Tensor)> {
+        let after = BnAfter::relu_pool(x.shape())?;
+        let stats = (running_mean, running_var, momentum, eps);
+        Some(self.bn_forward(x, gamma, beta, stats, after))
     }
 
     fn batch_norm_forward_eval(
@@ -2392,6 +2379,49 @@ impl Backend for CudaBackend {
             );
         }
         dx
+    }
+
+    fn batch_norm_relu_backward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Tensor {
+        let c = gamma.numel();
+        if n_inner(x.shape(), c).1 >= i32::MAX as usize {
+            // Planes past the kernels' 32-bit sizes: the ReLU's backward, then batch norm's.
+            let dz = self.unary_backward(Unary::Relu, y, y, dy);
+            return self.batch_norm_backward(x, &dz, gamma, mean, invstd, true, dgamma, dbeta);
+        }
+        let stats = (gamma, beta, mean, invstd);
+        self.bn_after_backward(x, dy, stats, dgamma, dbeta, BnAfter::Relu)
+    }
+
+    fn batch_norm_relu_pool_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Tensor {
+        let after = BnAfter::relu_pool(x.shape()).unwrap_or_else(|| {
+            panic!(
+                "batch norm + ReLU + max pool: a 4-d input within 32-bit planes, got {:?}",
+                x.shape()
+            )
+        });
+        let stats = (gamma, beta, mean, invstd);
+        self.bn_after_backward(x, dy, stats, dgamma, dbeta, after)
     }
 
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
@@ -2999,7 +3029,175 @@ impl ConvGeom {
     }
 }
 
+/// What follows batch norm in its own passes (the CPU backend's `norm::After`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BnAfter {
+    Nothing,
+    Relu,
+    /// A ReLU, then a 2x2 max pool of stride 2 over planes of `h x w`.
+    ReluPool {
+        h: usize,
+        w: usize,
+    },
+}
+
+impl BnAfter {
+    /// The pool's case for a `[N, C, H, W]` input whose planes fit the kernels' 32-bit
+    /// indices; `None` otherwise (the layers then run one by one).
+    fn relu_pool(shape: &[usize]) -> Option<BnAfter> {
+        let &[_, _, h, w] = shape else { return None };
+        (h * w < i32::MAX as usize).then_some(BnAfter::ReluPool { h, w })
+    }
+}
+
 impl CudaBackend {
+    /// Batch norm with batch statistics over `x` (`[N, C, ...]`), then `after`:
+    /// `(output, mean, invstd)`, the running averages updated (`stats`: running mean and
+    /// variance, momentum, eps). The statistics pass is the same for every `after`; the
+    /// normalization pass applies the ReLU (and pools) as it writes.
+    fn bn_forward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        (running_mean, running_var, momentum, eps): (&mut Tensor, &mut Tensor, f32, f32),
+        after: BnAfter,
+    ) -> (Tensor, Tensor, Tensor) {
+        let c = gamma.numel();
+        let (nb, inner) = n_inner(x.shape(), c);
+        let splits = bn_splits(nb, c);
+        let part = self.scratch_f64(3 * c * splits);
+        let (xp, pp, nb32, c32, inner64, sp32) = (
+            ptr(x),
+            part.ptr,
+            nb as i32,
+            c as i32,
+            inner as i64,
+            splits as i32,
+        );
+        self.launch3(
+            "bn_stats_partial",
+            (c as u32, splits as u32, 1),
+            BLOCK,
+            &mut args![&xp, &nb32, &c32, &inner64, &sp32, &pp],
+        );
+        let mean = self.new_tensor(&[c], DType::F32);
+        let invstd = self.new_tensor(&[c], DType::F32);
+        let scale = self.new_tensor(&[c], DType::F32);
+        let shift = self.new_tensor(&[c], DType::F32);
+        let (gp, bp, mp, ip, scp, shp) = (
+            ptr(gamma),
+            ptr(beta),
+            ptr(&mean),
+            ptr(&invstd),
+            ptr(&scale),
+            ptr(&shift),
+        );
+        let (rmp, rvp) = (ptr_mut(running_mean), ptr_mut(running_var));
+        self.launch(
+            "bn_stats_finish",
+            (c as u32).div_ceil(BLOCK),
+            BLOCK,
+            &mut args![
+                &pp, &c32, &sp32, &eps, &momentum, &gp, &bp, &mp, &ip, &scp, &shp, &rmp, &rvp
+            ],
+        );
+        let planes = (nb * c) as i64;
+        let y = match after {
+            BnAfter::Nothing | BnAfter::Relu => {
+                let y = self.new_tensor(x.shape(), DType::F32);
+                let yp = ptr(&y);
+                let k = if after == BnAfter::Relu {
+                    "bn_relu_apply"
+                } else {
+                    "bn_apply"
+                };
+                self.launch_planes(
+                    k,
+                    nb * c,
+                    inner,
+                    &mut args![&xp, &scp, &shp, &yp, &planes, &c32, &inner64],
+                );
+                y
+            }
+            BnAfter::ReluPool { h, w } => {
+                let y = self.new_tensor(&[nb, c, h / 2, w / 2], DType::F32);
+                let (yp, h32, w32) = (ptr(&y), h as i32, w as i32);
+                self.launch_planes(
+                    "bn_relu_pool_apply",
+                    nb * c,
+                    (h / 2) * (w / 2),
+                    &mut args![&xp, &scp, &shp, &yp, &planes, &c32, &h32, &w32],
+                );
+                y
+            }
+        };
+        (y, mean, invstd)
+    }
+
+    /// Backward of [`CudaBackend::bn_forward`] with batch statistics, after a ReLU (`dy` the
+    /// gradient of its output) or a ReLU and the pool (`dy` the pool's output gradient): the
+    /// ReLU's mask and the pool's arg-max are found again from `x` inside the two passes.
+    fn bn_after_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        (gamma, beta, mean, invstd): (&Tensor, &Tensor, &Tensor, &Tensor),
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+        after: BnAfter,
+    ) -> Tensor {
+        let c = gamma.numel();
+        let (nb, inner) = n_inner(x.shape(), c);
+        let (h, w, code) = match after {
+            BnAfter::Relu => (inner, 1, 1i32),
+            BnAfter::ReluPool { h, w } => (h, w, 2),
+            BnAfter::Nothing => unreachable!("batch_norm_backward runs that case"),
+        };
+        let splits = bn_splits(nb, c);
+        let part = self.scratch_f64(2 * c * splits);
+        let (xp, dyp, gp, bp, mp, ip, pp) = (
+            ptr(x),
+            ptr(dy),
+            ptr(gamma),
+            ptr(beta),
+            ptr(mean),
+            ptr(invstd),
+            part.ptr,
+        );
+        let (nb32, c32, h32, w32, sp32) = (nb as i32, c as i32, h as i32, w as i32, splits as i32);
+        self.launch3(
+            "bn_after_bwd_partial",
+            (c as u32, splits as u32, 1),
+            BLOCK,
+            &mut args![&xp, &dyp, &gp, &bp, &mp, &ip, &nb32, &c32, &h32, &w32, &code, &sp32, &pp],
+        );
+        let mean_dy = self.new_tensor(&[c], DType::F32);
+        let mean_dyx = self.new_tensor(&[c], DType::F32);
+        let (dgp, dbp) = (ptr_mut(dgamma), ptr_mut(dbeta));
+        let (mdp, mdxp, m) = (ptr(&mean_dy), ptr(&mean_dyx), (nb * inner) as f64);
+        self.launch(
+            "bn_bwd_finish",
+            (c as u32).div_ceil(BLOCK),
+            BLOCK,
+            &mut args![&pp, &c32, &sp32, &m, &dgp, &dbp, &mdp, &mdxp],
+        );
+        let dx = self.new_tensor(x.shape(), DType::F32);
+        let (dxp, planes) = (ptr(&dx), (nb * c) as i64);
+        if x.numel() > 0 {
+            self.launch_planes(
+                "bn_after_bwd_dx",
+                nb * c,
+                inner,
+                &mut args![
+                    &xp, &dyp, &gp, &bp, &mp, &ip, &mdp, &mdxp, &dxp, &planes, &c32, &h32, &w32,
+                    &code
+                ],
+            );
+        }
+        dx
+    }
+
     fn binary(&self, k: &str, a: &Tensor, b: &Tensor) -> Tensor {
         let y = self.new_tensor(a.shape(), DType::F32);
         let n = a.numel() as i64;

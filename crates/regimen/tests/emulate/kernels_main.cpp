@@ -1,6 +1,7 @@
-// Runs the batch-building kernels of kernels.cu on the CPU (see shim.h) for
-// tests/kernels_emulated.rs, launched as backend/cuda/mod.rs launches them (the same grids:
-// planes on y, 256-thread blocks along x; one thread for mix_params).
+// Runs kernels of kernels.cu on the CPU (see shim.h) for tests/kernels_emulated.rs: the
+// batch-building ones and batch norm's, launched as backend/cuda/mod.rs launches them (the same
+// grids: planes on y, 256-thread blocks along x; one thread for mix_params; a block per
+// channel and split for batch norm's sums).
 //
 //   aug_emu DIR gather  n b c h w pad flip_p stream step purpose cursor
 //       reads DIR/images.bin (f32 [n, c, h, w]), labels.bin, order.bin (u32 [n]);
@@ -11,6 +12,12 @@
 //       reads x.bin and soft.bin (f32 [b, k]); writes x.out, soft.out and params.out
 //   aug_emu DIR one_hot b k
 //       reads labels.bin (u32 [b]); writes soft.out
+//   aug_emu DIR bn      nb c h w after splits eps momentum
+//       batch norm with batch statistics over x.bin (f32 [nb, c, h w]) then `after` (0
+//       nothing, 1 a ReLU, 2 a ReLU and a 2x2 max pool), forward (gamma.bin, beta.bin, rm.bin,
+//       rv.bin: f32 [c]) and backward (dy.bin, the output's gradient; mean.bin, invstd.bin:
+//       the statistics the backward is given; dgamma.bin, dbeta.bin: the gradients to add to);
+//       writes y.out, mean.out, invstd.out, rm.out, rv.out, dx.out, dgamma.out, dbeta.out
 //
 // Files are raw little-endian 4-byte values; the f32 arguments (flip_p, p, alpha) are given as
 // their bits, a decimal u32, so that they arrive exact.
@@ -31,7 +38,8 @@ static const char* USAGE =
     "usage: aug_emu DIR gather n b c h w pad flip_p stream step purpose cursor\n"
     "       aug_emu DIR samples kind p b c h w stream step purpose\n"
     "       aug_emu DIR mix alpha cutmix b k c h w stream step purpose\n"
-    "       aug_emu DIR one_hot b k\n";
+    "       aug_emu DIR one_hot b k\n"
+    "       aug_emu DIR bn nb c h w after splits eps momentum\n";
 
 int main(int argc, char** argv) {
     if (argc < 3) {
@@ -110,6 +118,72 @@ int main(int argc, char** argv) {
         emu_launch(dim3{(unsigned)(blocks < 1 ? 1 : blocks), 1, 1}, 256,
                    [&] { one_hot(labels.data(), soft.data(), b, k); });
         emu_save(dir + "soft.out", soft);
+    } else if (op == "bn") {
+        int nb = num(0), c = num(1), h = num(2), w = num(3), after = num(4), splits = num(5);
+        float eps = f32arg(6), momentum = f32arg(7);
+        long long inner = (long long)h * w, planes = (long long)nb * c, n = planes * inner;
+        int oh = h / 2, ow = w / 2;
+        long long ny = after == 2 ? planes * oh * ow : n;
+        auto x = emu_load<float>(dir + "x.bin", n);
+        auto dy = emu_load<float>(dir + "dy.bin", ny);
+        auto gamma = emu_load<float>(dir + "gamma.bin", c), beta = emu_load<float>(dir + "beta.bin", c);
+        auto rm = emu_load<float>(dir + "rm.bin", c), rv = emu_load<float>(dir + "rv.bin", c);
+        auto mean_in = emu_load<float>(dir + "mean.bin", c);
+        auto invstd_in = emu_load<float>(dir + "invstd.bin", c);
+        auto dgamma = emu_load<float>(dir + "dgamma.bin", c);
+        auto dbeta = emu_load<float>(dir + "dbeta.bin", c);
+        const dim3 sums{(unsigned)c, (unsigned)splits, 1}, per_channel{(unsigned)(c + 255) / 256, 1, 1};
+        // Forward: statistics, then the normalization pass of `after`.
+        std::vector<double> part(3 * c * splits);
+        emu_launch(sums, 256, [&] { bn_stats_partial(x.data(), nb, c, inner, splits, part.data()); });
+        std::vector<float> mean(c), invstd(c), scale(c), shift(c), y(ny);
+        emu_launch(per_channel, 256, [&] {
+            bn_stats_finish(part.data(), c, splits, eps, momentum, gamma.data(), beta.data(),
+                            mean.data(), invstd.data(), scale.data(), shift.data(), rm.data(),
+                            rv.data());
+        });
+        if (after == 2)
+            emu_launch(planes_grid(planes, (long long)oh * ow), 256, [&] {
+                bn_relu_pool_apply(x.data(), scale.data(), shift.data(), y.data(), planes, c, h, w);
+            });
+        else
+            emu_launch(planes_grid(planes, inner), 256, [&] {
+                (after ? bn_relu_apply : bn_apply)(x.data(), scale.data(), shift.data(), y.data(),
+                                                   planes, c, inner);
+            });
+        // Backward with the given statistics.
+        std::vector<double> bpart(2 * c * splits);
+        emu_launch(sums, 256, [&] {
+            if (after)
+                bn_after_bwd_partial(x.data(), dy.data(), gamma.data(), beta.data(),
+                                     mean_in.data(), invstd_in.data(), nb, c, h, w, after, splits,
+                                     bpart.data());
+            else
+                bn_bwd_partial(x.data(), dy.data(), mean_in.data(), invstd_in.data(), nb, c,
+                               inner, splits, bpart.data());
+        });
+        std::vector<float> mean_dy(c), mean_dyx(c), dx(n);
+        emu_launch(per_channel, 256, [&] {
+            bn_bwd_finish(bpart.data(), c, splits, (double)nb * inner, dgamma.data(), dbeta.data(),
+                          mean_dy.data(), mean_dyx.data());
+        });
+        emu_launch(planes_grid(planes, inner), 256, [&] {
+            if (after)
+                bn_after_bwd_dx(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
+                                invstd_in.data(), mean_dy.data(), mean_dyx.data(), dx.data(),
+                                planes, c, h, w, after);
+            else
+                bn_bwd_dx(x.data(), dy.data(), gamma.data(), mean_in.data(), invstd_in.data(),
+                          mean_dy.data(), mean_dyx.data(), 1, dx.data(), planes, c, inner);
+        });
+        emu_save(dir + "y.out", y);
+        emu_save(dir + "mean.out", mean);
+        emu_save(dir + "invstd.out", invstd);
+        emu_save(dir + "rm.out", rm);
+        emu_save(dir + "rv.out", rv);
+        emu_save(dir + "dx.out", dx);
+        emu_save(dir + "dgamma.out", dgamma);
+        emu_save(dir + "dbeta.out", dbeta);
     } else {
         fputs(USAGE, stderr);
         return 2;
