@@ -440,6 +440,40 @@ fn batch_norm_and_randomness() {
         let dxe = be.batch_norm_backward(&x, &dy, &gamma, &rm, &ie, false, &mut dg2, &mut db2);
         vec![y, mean, invstd, rm, rv, dx, dg, db, ye, dxe, dg2, db2]
     });
+    // Batch norm followed by a ReLU, and by a ReLU and a 2x2 max pool (odd sizes: a row and a
+    // column outside every window), in batch norm's own passes.
+    same("batch norm + ReLU (+ 2x2 max pool)", Tol(2e-5, 2e-4), |d| {
+        let be = d.backend();
+        let mut out = Vec::new();
+        for pool in [false, true] {
+            let x = t(&[5, 3, 7, 9], 46, d);
+            let gamma = t(&[3], 47, d);
+            let beta = t(&[3], 48, d);
+            let mut rm = t(&[3], 49, d);
+            let mut rv = Tensor::full(&[3], 1.5, d);
+            let (y, mean, invstd) = if pool {
+                be.batch_norm_relu_pool_forward_train(
+                    &x, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5,
+                )
+                .expect("both backends fuse the pool")
+            } else {
+                be.batch_norm_relu_forward_train(&x, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5)
+            };
+            let dy = t(y.shape(), 50, d);
+            let (mut dg, mut db) = (be.zeros(&[3], DType::F32), be.zeros(&[3], DType::F32));
+            let dx = if pool {
+                be.batch_norm_relu_pool_backward(
+                    &x, &dy, &gamma, &beta, &mean, &invstd, &mut dg, &mut db,
+                )
+            } else {
+                be.batch_norm_relu_backward(
+                    &x, &y, &dy, &gamma, &beta, &mean, &invstd, &mut dg, &mut db,
+                )
+            };
+            out.extend([y, mean, invstd, rm, rv, dx, dg, db]);
+        }
+        out
+    });
     same("Philox draws are the same on every device", EXACT, |d| {
         let be = d.backend();
         let step = step0(d);
