@@ -335,7 +335,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         say!("{j}");
     } else {
         let conv = regimen::backend::gpu_conv_engine(device)
-            .filter(|e| e != "none")
+            .filter(|e| !e.ends_with("none"))
             .map(|e| format!(", convolutions by {e}"))
             .unwrap_or_default();
         say!(

@@ -95,8 +95,8 @@ fn no_algorithm(direction: &str, offered: i32) -> String {
 pub(super) struct Dnn {
     handle: dsys::cudnnHandle_t,
     workspace: u64,
-    /// `None`: cuDNN offers no suitable algorithm for the shape (im2col runs it).
-    /// Per shape: its plan, and a line saying what cuDNN chose (or why im2col runs it).
+    /// `None`: cuDNN offers no suitable algorithm for the shape (another engine runs it).
+    /// Per shape: its plan, and a line saying what cuDNN chose (or why it has none).
     plans: Mutex<HashMap<Key, (Option<&'static Plan>, String)>>,
 }
 
@@ -178,8 +178,8 @@ impl Dnn {
                 // Plans live as long as the process (the backend is never dropped).
                 (Some(&*Box::leak(Box::new(p))), note)
             }
-            Ok(Err(why)) => (None, format!("im2col: {why}")),
-            Err(e) => (None, format!("im2col: {e}")),
+            Ok(Err(why)) => (None, format!("no cuDNN plan: {why}")),
+            Err(e) => (None, format!("no cuDNN plan: {e}")),
         };
         plans.insert(key, (p, note));
         Ok(p)

@@ -535,7 +535,7 @@ impl CudaBackend {
                     Err(e) if cudnn_first => {
                         let _ = writeln!(
                             std::io::stderr(),
-                            "REGIMEN_CUDNN=1: {e}; convolutions use im2col"
+                            "REGIMEN_CUDNN=1: {e}; convolutions run without cuDNN"
                         );
                         None
                     }
@@ -803,34 +803,32 @@ impl CudaBackend {
         if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
             return Engine::Im2col;
         }
-        let cudnn = self.dnn_plan(x, w, g.win).is_some();
-        let implicit = Self::ig_shape(g).is_some();
         let rows = if dir == tune::Dir::InputGrad {
             g.c
         } else {
             g.oc
         };
         match self.conv_mode {
-            _ if cudnn && self.cudnn_first => Engine::Cudnn,
-            ConvMode::Auto if x.numel() > 0 && w.numel() > 0 => {
-                self.tune(dir, x, w, g, Engine::candidates(implicit, cudnn), trial)
-            }
-            ConvMode::Implicit if implicit => Engine::implicit_for(rows),
+            _ if self.cudnn_first && self.dnn_plan(x, w, g.win).is_some() => Engine::Cudnn,
+            ConvMode::Auto if x.numel() > 0 && w.numel() > 0 => self.tune(dir, x, w, g, trial),
+            ConvMode::Implicit if Self::ig_shape(g).is_some() => Engine::implicit_for(rows),
             _ => Engine::Im2col,
         }
     }
 
-    /// The engine of `dir` for this shape: the one chosen before, or the fastest of
-    /// `candidates`, each run once by `trial` (its first launch and any planning untimed),
-    /// then `TUNE_RUNS` times between two events. A shape first met while a graph is being
-    /// recorded (no timing possible) keeps im2col.
+    /// The engine of `dir` for this shape: the one chosen before, or the fastest of every
+    /// engine that takes it, each run once by `trial` (first launches and cuDNN's planning
+    /// untimed, and the GPU's clocks up), then twice `TUNE_RUNS` times between two events in
+    /// two rounds, its better round kept. An engine whose trial fails (im2col's column matrix
+    /// past half the free memory, no cuDNN plan) is left out; the buffers the trials leave in
+    /// the pool are freed. A shape first met while a graph is being recorded (nothing can be
+    /// timed then) takes im2col in that recording, and is timed when next met outside one.
     fn tune(
         &self,
         dir: tune::Dir,
         x: &Tensor,
         w: &Tensor,
         g: &ConvGeom,
-        candidates: Vec<tune::Engine>,
         mut trial: impl FnMut(tune::Engine) -> std::result::Result<(), String>,
     ) -> tune::Engine {
         const TUNE_RUNS: usize = 5;
@@ -855,39 +853,52 @@ impl CudaBackend {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some();
-        let (chosen, note) = if recording {
-            let e = tune::Engine::Im2col;
-            let why = "first met while recording a graph: not timed".to_string();
-            let note = tune::line(&key, dir, &[(e, Err(why))], e);
-            (e, note)
-        } else {
-            self.bind();
-            let err = |e: dr::DriverError| format!("{e:?}");
-            let event = || dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(err);
-            let (e0, e1) = (event(), event());
-            let stream = self.raw.stream;
-            // Milliseconds per run of engine `e` (after its untimed first run).
-            let mut time = |e: tune::Engine| -> tune::Timing {
-                let (e0, e1) = (e0.clone()?, e1.clone()?);
-                trial(e)?;
-                unsafe { dr::event::record(e0, stream) }.map_err(err)?;
-                for _ in 0..TUNE_RUNS {
-                    trial(e)?;
+        if recording {
+            return tune::Engine::Im2col;
+        }
+        let cudnn = self.dnn_plan(x, w, g.win).is_some();
+        let candidates = tune::Engine::candidates(Self::ig_shape(g).is_some(), cudnn);
+        self.bind();
+        let err = |e: dr::DriverError| format!("{e:?}");
+        let event = || dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(err);
+        let (e0, e1) = (event(), event());
+        let mut times: Vec<(tune::Engine, tune::Timing)> = Vec::new();
+        for &e in &candidates {
+            let first = (|| {
+                if e == tune::Engine::Im2col {
+                    self.im2col_fits(g)?;
                 }
-                unsafe { dr::event::record(e1, stream) }.map_err(err)?;
-                unsafe { dr::event::synchronize(e1) }.map_err(err)?;
-                let ms = unsafe { dr::event::elapsed(e0, e1) }.map_err(err)?;
-                Ok(ms as f64 / TUNE_RUNS as f64)
-            };
-            let times: Vec<_> = candidates.iter().map(|&e| (e, time(e))).collect();
-            for ev in [e0, e1].into_iter().flatten() {
-                unsafe {
-                    let _ = dr::event::destroy(ev);
+                trial(e)
+            })();
+            times.push((e, first.map(|()| f64::INFINITY)));
+        }
+        let stream = self.raw.stream;
+        // Milliseconds per run of engine `e`.
+        let mut time = |e: tune::Engine| -> tune::Timing {
+            let (e0, e1) = (e0.clone()?, e1.clone()?);
+            unsafe { dr::event::record(e0, stream) }.map_err(err)?;
+            for _ in 0..TUNE_RUNS {
+                trial(e)?;
+            }
+            unsafe { dr::event::record(e1, stream) }.map_err(err)?;
+            unsafe { dr::event::synchronize(e1) }.map_err(err)?;
+            let ms = unsafe { dr::event::elapsed(e0, e1) }.map_err(err)?;
+            Ok(ms as f64 / TUNE_RUNS as f64)
+        };
+        for _round in 0..2 {
+            for (e, t) in times.iter_mut() {
+                if let Ok(best) = *t {
+                    *t = time(*e).map(|ms| ms.min(best));
                 }
             }
-            let chosen = tune::fastest(&times).unwrap_or(tune::Engine::Im2col);
-            (chosen, tune::line(&key, dir, &times, chosen))
-        };
+        }
+        for ev in [e0, e1].into_iter().flatten() {
+            unsafe {
+                let _ = dr::event::destroy(ev);
+            }
+        }
+        self.release_idle();
+        let chosen = tune::fastest(&times).unwrap_or(tune::Engine::Im2col);
         self.tuned
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -895,8 +906,39 @@ impl CudaBackend {
         self.tune_notes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(note);
+            .push(tune::line(&key, dir, &times, chosen));
         chosen
+    }
+
+    /// Whether im2col's column matrix (and its gradient, as large) fits in half the GPU's
+    /// free memory, the pool's idle buffers counted free: a trial past it would end the run
+    /// for want of memory, where the other engines need no such matrix.
+    fn im2col_fits(&self, g: &ConvGeom) -> std::result::Result<(), String> {
+        let need = 2 * g.k * g.nb * g.p * 4;
+        let (mut free, mut total) = (0usize, 0usize);
+        self.bind();
+        unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }
+            .result()
+            .map_err(|e| format!("{e:?}"))?;
+        let free = free + self.pool.stats().pooled_bytes;
+        if need > free / 2 {
+            return Err(format!(
+                "its column matrices need {} MiB, {} MiB free",
+                need >> 20,
+                free >> 20
+            ));
+        }
+        Ok(())
+    }
+
+    /// Frees the pool's idle buffers (after tuning, whose losing engines' buffers would
+    /// otherwise stay allocated for the process), once the stream is done with them.
+    fn release_idle(&self) {
+        self.bind();
+        let _ = unsafe { dr::stream::synchronize(self.raw.stream) };
+        for p in self.pool.drain() {
+            let _ = unsafe { dr::free_sync(p) };
+        }
     }
 
     /// Counts a direction run by `e` (for `conv_engine`).
@@ -2004,11 +2046,13 @@ impl Backend for CudaBackend {
         if let Some(db) = db {
             self.channel_bias_backward(dy, db, g.oc);
         }
+        // im2col's transposed dy, made once for its trials and its runs (both directions).
+        let mut dyt = None;
         // The trials of the weight gradient add into a scratch gradient of their own.
         let mut scratch: Option<Tensor> = None;
         let ew = self.conv_engine_for(tune::Dir::WeightGrad, x, w, &g, |e| {
             let t = scratch.get_or_insert_with(|| self.zeros(w.shape(), DType::F32));
-            self.conv_weight_grad_by(e, (x, w, dy), &g, t, &mut None)
+            self.conv_weight_grad_by(e, (x, w, dy), &g, t, &mut dyt)
         });
         drop(scratch);
         let fail = |e: tune::Engine, err: String| -> ! {
@@ -2019,14 +2063,13 @@ impl Backend for CudaBackend {
             )
         };
         self.count_conv(ew, x.dtype());
-        let mut dyt = None;
         self.conv_weight_grad_by(ew, (x, w, dy), &g, dw, &mut dyt)
             .unwrap_or_else(|err| fail(ew, err));
         if !input_grad {
             return self.new_tensor(&[0], DType::F32);
         }
         let ex = self.conv_engine_for(tune::Dir::InputGrad, x, w, &g, |e| {
-            self.conv_input_grad_by(e, (x, w, dy), &g, &mut None)
+            self.conv_input_grad_by(e, (x, w, dy), &g, &mut dyt)
                 .map(drop)
         });
         self.count_conv(ex, x.dtype());

@@ -1,8 +1,8 @@
 //! `REGIMEN_CONV=auto`: each f32 convolution shape and direction (forward, input gradient,
 //! weight gradient) is timed on its first use with every engine that takes it (im2col +
-//! cuBLAS, the four implicit-GEMM kernels of `conv.cu`, cuDNN when it loads and has a plan),
-//! and runs from then on with the fastest, as `torch.backends.cudnn.benchmark` does for
-//! cuDNN's algorithms. The engines differ in the order of their sums, so under `auto` two
+//! cuBLAS, the four implicit-GEMM kernels of `conv.cu`, cuDNN when it loads and has a plan;
+//! `CudaBackend::tune` runs the trials), and runs from then on with the fastest, as
+//! `torch.backends.cudnn.benchmark` does for cuDNN's algorithms. The engines differ in the order of their sums, so under `auto` two
 //! processes may round differently (each process stays the same from step to step: a choice
 //! is made once). The timings are kept as one line per shape and direction
 //! (`CudaBackend::conv_plans`, printed by `bench --profile`).
