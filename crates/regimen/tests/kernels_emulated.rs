@@ -3,7 +3,8 @@
 //! `mix_params` + `mix_batch` for Mixup and CutMix) run on the CPU and held to the CPU
 //! backend, bit for bit, so that their indexing and their draws are proven on machines
 //! without a GPU; and batch norm's kernels, alone and followed in its own passes by a ReLU or
-//! by a ReLU and a 2x2 max pool, held to the CPU backend's fused passes. `kernels.cu` is plain
+//! by a ReLU and a 2x2 max pool, held to the CPU backend's fused passes; and a linear layer's
+//! bias forward and backward. `kernels.cu` is plain
 //! C++ behind `__CUDACC__`; the C++ compiler builds it with `tests/emulate/shim.h` (each
 //! block's threads as host threads) and `tests/emulate/kernels_main.cpp`, which launches the
 //! kernels with the backend's grids.
@@ -404,6 +405,46 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
             &got("dbeta.out"),
             &db.to_vec(),
             1e-4,
+        );
+    }
+}
+
+/// A linear layer's bias on `[rows, C]` (channels along the grid, 32 per block in backward):
+/// the sum `y + b` exactly as the CPU's, the column sums of `dy` to the CPU's up to the order
+/// of their f64 sums (1e-6); sizes that leave a partial block of channels and of row lanes.
+#[test]
+fn the_linear_bias_kernels_match_the_cpu() {
+    let Some(e) = Emu::new("bias") else { return };
+    let d = Device::Cpu;
+    let be = d.backend();
+    for (rows, c) in [(512usize, 512usize), (13, 10), (1, 33), (300, 70)] {
+        let (yv, bv, dyv, dbv) = (
+            randn(rows * c, 80),
+            randn(c, 81),
+            randn(rows * c, 82),
+            randn(c, 83),
+        );
+        let mut y = Tensor::from_host(&[rows, c], yv.clone(), d).unwrap();
+        let b = Tensor::from_host(&[c], bv.clone(), d).unwrap();
+        be.add_channel_bias(&mut y, &b, c);
+        let dy = Tensor::from_host(&[rows, c], dyv.clone(), d).unwrap();
+        let mut db = Tensor::from_host(&[c], dbv.clone(), d).unwrap();
+        be.channel_bias_backward(&dy, &mut db, c);
+        write(&e.dir, "y.bin", &yv);
+        write(&e.dir, "b.bin", &bv);
+        write(&e.dir, "dy.bin", &dyv);
+        write(&e.dir, "db.bin", &dbv);
+        e.run(strings(&[&"bias", &rows, &c]));
+        exact(
+            &format!("[{rows}, {c}] y + b"),
+            &read(&e.dir, "y.out"),
+            &y.to_vec(),
+        );
+        near(
+            &format!("[{rows}, {c}] db"),
+            &read(&e.dir, "db.out"),
+            &db.to_vec(),
+            1e-6,
         );
     }
 }

@@ -18,6 +18,9 @@
 //       rv.bin: f32 [c]) and backward (dy.bin, the output's gradient; mean.bin, invstd.bin:
 //       the statistics the backward is given; dgamma.bin, dbeta.bin: the gradients to add to);
 //       writes y.out, mean.out, invstd.out, rm.out, rv.out, dx.out, dgamma.out, dbeta.out
+//   aug_emu DIR bias    rows c
+//       a linear layer's bias: y.bin (f32 [rows, c]) += b.bin (f32 [c]); db.bin (f32 [c]) +=
+//       the column sums of dy.bin (f32 [rows, c]); writes y.out and db.out
 //
 // Files are raw little-endian 4-byte values; the f32 arguments (flip_p, p, alpha) are given as
 // their bits, a decimal u32, so that they arrive exact.
@@ -39,7 +42,8 @@ static const char* USAGE =
     "       aug_emu DIR samples kind p b c h w stream step purpose\n"
     "       aug_emu DIR mix alpha cutmix b k c h w stream step purpose\n"
     "       aug_emu DIR one_hot b k\n"
-    "       aug_emu DIR bn nb c h w after splits eps momentum\n";
+    "       aug_emu DIR bn nb c h w after splits eps momentum\n"
+    "       aug_emu DIR bias rows c\n";
 
 int main(int argc, char** argv) {
     if (argc < 3) {
@@ -184,6 +188,16 @@ int main(int argc, char** argv) {
         emu_save(dir + "dx.out", dx);
         emu_save(dir + "dgamma.out", dgamma);
         emu_save(dir + "dbeta.out", dbeta);
+    } else if (op == "bias") {
+        long long rows = num(0);
+        int c = num(1);
+        auto y = emu_load<float>(dir + "y.bin", rows * c), dy = emu_load<float>(dir + "dy.bin", rows * c);
+        auto b = emu_load<float>(dir + "b.bin", c), db = emu_load<float>(dir + "db.bin", c);
+        emu_launch(planes_grid(rows, c), 256, [&] { add_row_bias(y.data(), b.data(), rows, c); });
+        emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 256,
+                   [&] { row_sum_acc(dy.data(), db.data(), (int)rows, c); });
+        emu_save(dir + "y.out", y);
+        emu_save(dir + "db.out", db);
     } else {
         fputs(USAGE, stderr);
         return 2;

@@ -157,6 +157,11 @@ extern "C" __global__ void add_channel_bias(float* y, const float* bias, long lo
                                             long long inner) {
     PLANE_LOOP(pl, i, planes, inner) y[pl * inner + i] += bias[pl % c];
 }
+// The same for y [rows, c] (a linear layer's output: one value per plane, where
+// add_channel_bias would run a block per value): rows on the grid's y axis, channels along x.
+extern "C" __global__ void add_row_bias(float* y, const float* bias, long long rows, int c) {
+    PLANE_LOOP(r, i, rows, c) y[r * c + i] += bias[i];
+}
 
 // ---------------------------------------------------------------------------------------
 // Deterministic reductions. A block sums `per_block` consecutive elements (threads stride
@@ -234,6 +239,26 @@ extern "C" __global__ void channel_sum_acc(const float* dy, float* dbias, int nb
     }
     double t = block_sum(acc);
     if (threadIdx.x == 0) dbias[ch] += (float)t;
+}
+
+// dbias[ch] += sum over rows of dy[row, ch] for dy [nb, c] (a linear layer's bias, where
+// channel_sum_acc would read each column with one thread): a block per 32 channels, eight
+// warps of rows (warp l sums rows l, l + 8, ... in order, its 32 lanes reading 32 neighbouring
+// channels of a row), the eight partial sums then added in order.
+extern "C" __global__ void row_sum_acc(const float* dy, float* dbias, int nb, int c) {
+    __shared__ double part[8][32];
+    int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
+    int ch = blockIdx.x * 32 + lc;
+    double acc = 0.0;
+    if (ch < c)
+        for (int r = lane; r < nb; r += 8) acc += (double)dy[(long long)r * c + ch];
+    part[lane][lc] = acc;
+    __syncthreads();
+    if (lane == 0 && ch < c) {
+        double t = 0.0;
+        for (int l = 0; l < 8; l++) t += part[l][lc];
+        dbias[ch] += (float)t;
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -177,6 +177,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "clamp",
     "add_sign",
     "add_channel_bias",
+    "add_row_bias",
+    "row_sum_acc",
     "reduce_partial",
     "finish_sum",
     "finish_clip",
@@ -1759,7 +1761,15 @@ impl Backend for CudaBackend {
     }
 
     fn add_channel_bias(&self, y: &mut Tensor, bias: &Tensor, channels: usize) {
-        let (_, inner) = n_inner(y.shape(), channels);
+        let (rows, inner) = n_inner(y.shape(), channels);
+        if inner == 1 {
+            // [rows, C]: channels along the grid's x axis (a block per value otherwise).
+            let (yp, bp, c, r) = (ptr_mut(y), ptr(bias), channels as i32, rows as i64);
+            if rows > 0 && channels > 0 {
+                self.launch_planes("add_row_bias", rows, channels, &mut args![&yp, &bp, &r, &c]);
+            }
+            return;
+        }
         let n = y.numel() as i64;
         let (yp, bp, c, inner) = (ptr_mut(y), ptr(bias), channels as i32, inner as i64);
         let planes = n / inner.max(1);
@@ -1775,6 +1785,17 @@ impl Backend for CudaBackend {
 
     fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize) {
         let (nb, inner) = n_inner(dy.shape(), channels);
+        if inner == 1 {
+            // [N, C]: 32 channels per block, coalesced (a thread per column otherwise).
+            let (dp, bp, nb, c) = (ptr(dy), ptr_mut(dbias), nb as i32, channels as i32);
+            self.launch(
+                "row_sum_acc",
+                channels.div_ceil(32) as u32,
+                BLOCK,
+                &mut args![&dp, &bp, &nb, &c],
+            );
+            return;
+        }
         let (dp, bp, nb, c, inner) = (
             ptr(dy),
             ptr_mut(dbias),
