@@ -29,12 +29,16 @@
 #include "shim.h"
 #include "kernels.cu"
 
-// backend/cuda/mod.rs's launch_planes: x blocks over `inner`, one grid row per plane.
-static dim3 planes_grid(long long planes, long long inner) {
-    long long x = (inner + 255) / 256;
+// backend/cuda/mod.rs's launch_planes: blocks of the plane's length rounded up to whole warps
+// (at most 256 threads), x blocks over `inner`, one grid row per plane.
+template <class F>
+static void launch_planes(long long planes, long long inner, F kernel) {
+    long long block = (inner + 31) / 32 * 32;
+    block = block < 32 ? 32 : (block > 256 ? 256 : block);
+    long long x = (inner + block - 1) / block;
     x = x < 1 ? 1 : (x > 4096 ? 4096 : x);
     long long y = planes < 1 ? 1 : (planes > 65535 ? 65535 : planes);
-    return dim3{(unsigned)x, (unsigned)y, 1};
+    emu_launch(dim3{(unsigned)x, (unsigned)y, 1}, (unsigned)block, kernel);
 }
 
 static const char* USAGE =
@@ -72,7 +76,7 @@ int main(int argc, char** argv) {
         auto order = emu_load<u32>(dir + "order.bin", n);
         std::vector<float> x(b * per);
         std::vector<u32> labels_out(b);
-        emu_launch(planes_grid(b, per), 256, [&] {
+        launch_planes(b, per, [&] {
             gather_augment(images.data(), labels.data(), order.data(), &cursor, x.data(),
                            labels_out.data(), b, c, h, w, pad, flip_p, stream, &step, purpose);
         });
@@ -89,7 +93,7 @@ int main(int argc, char** argv) {
         // Noise (4) and Cutout (5) in place; the others from a copy, as the backend does.
         std::vector<float> src = x;
         const float* from = kind >= 4 ? x.data() : src.data();
-        emu_launch(planes_grid(b, per), 256, [&] {
+        launch_planes(b, per, [&] {
             augment_samples(from, x.data(), kind, p, b, c, h, w, stream, &step, purpose);
         });
         emu_save(dir + "x.out", x);
@@ -106,7 +110,7 @@ int main(int argc, char** argv) {
             mix_params(params.data(), alpha, cutmix, h, w, stream, &step, purpose);
         });
         if (b > 0)
-            emu_launch(planes_grid((b + 1) / 2, per > k ? per : k), 256, [&] {
+            launch_planes((b + 1) / 2, per > k ? per : k, [&] {
                 mix_batch(x.data(), soft.data(), params.data(), b, k, h, w, (unsigned)per,
                           cutmix);
             });
@@ -147,11 +151,11 @@ int main(int argc, char** argv) {
                             rv.data());
         });
         if (after == 2)
-            emu_launch(planes_grid(planes, (long long)oh * ow), 256, [&] {
+            launch_planes(planes, (long long)oh * ow, [&] {
                 bn_relu_pool_apply(x.data(), scale.data(), shift.data(), y.data(), planes, c, h, w);
             });
         else
-            emu_launch(planes_grid(planes, inner), 256, [&] {
+            launch_planes(planes, inner, [&] {
                 (after ? bn_relu_apply : bn_apply)(x.data(), scale.data(), shift.data(), y.data(),
                                                    planes, c, inner);
             });
@@ -171,7 +175,7 @@ int main(int argc, char** argv) {
             bn_bwd_finish(bpart.data(), c, splits, (double)nb * inner, dgamma.data(), dbeta.data(),
                           mean_dy.data(), mean_dyx.data());
         });
-        emu_launch(planes_grid(planes, inner), 256, [&] {
+        launch_planes(planes, inner, [&] {
             if (after)
                 bn_after_bwd_dx(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
                                 invstd_in.data(), mean_dy.data(), mean_dyx.data(), dx.data(),
@@ -193,7 +197,7 @@ int main(int argc, char** argv) {
         int c = num(1);
         auto y = emu_load<float>(dir + "y.bin", rows * c), dy = emu_load<float>(dir + "dy.bin", rows * c);
         auto b = emu_load<float>(dir + "b.bin", c), db = emu_load<float>(dir + "db.bin", c);
-        emu_launch(planes_grid(rows, c), 256, [&] { add_row_bias(y.data(), b.data(), rows, c); });
+        launch_planes(rows, c, [&] { add_row_bias(y.data(), b.data(), rows, c); });
         emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 256,
                    [&] { row_sum_acc(dy.data(), db.data(), (int)rows, c); });
         emu_save(dir + "y.out", y);

@@ -453,6 +453,14 @@ macro_rules! args {
     };
 }
 
+/// Threads per block along a plane of `inner` elements: the plane rounded up to whole warps,
+/// at most [`BLOCK`], so that short planes (a pool's 7 x 7 output, a feature vector's one
+/// value per channel) do not leave most of each block idle (the kernels stride by
+/// `blockDim.x`, whatever it is).
+fn plane_block(inner: usize) -> u32 {
+    inner.next_multiple_of(32).clamp(32, BLOCK as usize) as u32
+}
+
 fn blocks_for(n: usize) -> u32 {
     n.div_ceil(BLOCK as usize).clamp(1, 1 << 20) as u32
 }
@@ -667,11 +675,12 @@ impl CudaBackend {
     }
 
     /// A kernel over `planes` planes of `inner` elements (`PLANE_LOOP` in kernels.cu): planes
-    /// on the grid's y axis, positions on its x axis.
+    /// on the grid's y axis, positions on its x axis, in blocks of [`plane_block`] threads.
     fn launch_planes(&self, name: &str, planes: usize, inner: usize, args: &mut [*mut c_void]) {
-        let x = inner.div_ceil(BLOCK as usize).clamp(1, 4096) as u32;
+        let block = plane_block(inner);
+        let x = inner.div_ceil(block as usize).clamp(1, 4096) as u32;
         let y = planes.clamp(1, 65535) as u32;
-        self.launch3(name, (x, y, 1), BLOCK, args)
+        self.launch3(name, (x, y, 1), block, args)
     }
 
     fn launch3(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &mut [*mut c_void]) {
@@ -3379,6 +3388,22 @@ mod tests {
                 KERNEL_NAMES.contains(&name.as_str()),
                 "mod.rs launches {name:?}, which KERNEL_NAMES does not load"
             );
+        }
+    }
+
+    #[test]
+    fn plane_blocks_are_whole_warps_up_to_256_threads() {
+        for (inner, block) in [
+            (0, 32),
+            (1, 32),
+            (32, 32),
+            (33, 64),
+            (49, 64),
+            (196, 224),
+            (256, 256),
+            (784, 256),
+        ] {
+            assert_eq!(plane_block(inner), block, "{inner}");
         }
     }
 
