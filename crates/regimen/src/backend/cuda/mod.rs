@@ -1396,15 +1396,67 @@ impl CudaBackend {
 
 static PTX: Mutex<Vec<((i32, i32), String)>> = Mutex::new(Vec::new());
 
-/// The PTX for `arch`, compiled once per process.
+/// The PTX for `arch`: compiled once per process, and kept on disk for the next processes
+/// ([`kernel_cache_dir`]; NVRTC takes seconds over these kernels, every process on a GPU
+/// paid them).
 fn ptx_for(arch: (i32, i32)) -> Result<String> {
     let mut cache = PTX.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, p)) = cache.iter().find(|(a, _)| *a == arch) {
         return Ok(p.clone());
     }
-    let p = compile_kernels(arch)?;
+    let key = kernel_key(arch);
+    let p = cached_ptx(kernel_cache_dir().as_deref(), &key, || {
+        compile_kernels(arch)
+    })?;
     cache.push((arch, p.clone()));
     Ok(p)
+}
+
+/// The folder of compiled kernels kept between processes: `REGIMEN_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/regimen`, else `$HOME/.cache/regimen`.
+fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    var("REGIMEN_CACHE_DIR")
+        .map(Into::into)
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| std::path::Path::new(&d).join("regimen")))
+        .or_else(|| var("HOME").map(|d| std::path::Path::new(&d).join(".cache/regimen")))
+}
+
+/// What the PTX depends on, hashed: the kernels' source, NVRTC's options for `arch` and
+/// NVRTC's version.
+fn kernel_key(arch: (i32, i32)) -> String {
+    let (mut major, mut minor) = (0, 0);
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        // SAFETY: two out-parameters; the library is present.
+        let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    }
+    let mut text = KERNELS.as_bytes().to_vec();
+    text.extend(format!("\0{:?}\0nvrtc {major}.{minor}", nvrtc_options(arch)).bytes());
+    crate::data::download::sha256_hex(&text)
+}
+
+/// The PTX kept in `dir` under `key`, when a whole file is there (it ends with a line naming
+/// the key); else `compile()`'s, written there atomically for the next process (a folder that
+/// cannot be written is passed over: the PTX is still returned).
+fn cached_ptx(
+    dir: Option<&std::path::Path>,
+    key: &str,
+    compile: impl FnOnce() -> Result<String>,
+) -> Result<String> {
+    let end = format!("\n// regimen kernels {key}\n");
+    let path = dir.map(|d| d.join(format!("kernels-{}.ptx", &key[..32])));
+    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        if let Some(ptx) = text.strip_suffix(&end) {
+            return Ok(ptx.to_string());
+        }
+    }
+    let ptx = compile()?;
+    if let (Some(dir), Some(path)) = (dir, &path) {
+        if std::fs::create_dir_all(dir).is_ok() {
+            let _ = crate::io::write_atomic(path, format!("{ptx}{end}").as_bytes());
+        }
+    }
+    Ok(ptx)
 }
 
 fn buf(t: &Tensor) -> &CudaBuffer {
@@ -3389,6 +3441,51 @@ mod tests {
                 "mod.rs launches {name:?}, which KERNEL_NAMES does not load"
             );
         }
+    }
+
+    #[test]
+    fn compiled_kernels_are_kept_on_disk_whole_or_compiled_again() {
+        let dir = std::env::temp_dir().join(format!("regimen-ptx-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let key = "ab".repeat(32);
+        let calls = std::cell::Cell::new(0);
+        let compile = || {
+            calls.set(calls.get() + 1);
+            Ok(format!("// PTX {}", calls.get()))
+        };
+        // Compiled, then read back without compiling.
+        assert_eq!(cached_ptx(Some(&dir), &key, compile).unwrap(), "// PTX 1");
+        assert_eq!(cached_ptx(Some(&dir), &key, compile).unwrap(), "// PTX 1");
+        assert_eq!(calls.get(), 1);
+        // Another key (other source, options or NVRTC) compiles.
+        let other = "cd".repeat(32);
+        assert_eq!(cached_ptx(Some(&dir), &other, compile).unwrap(), "// PTX 2");
+        // A cut file (no end line) is compiled again and replaced.
+        let file = dir.join(format!("kernels-{}.ptx", &key[..32]));
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, &text[..text.len() - 5]).unwrap();
+        assert_eq!(cached_ptx(Some(&dir), &key, compile).unwrap(), "// PTX 3");
+        assert_eq!(cached_ptx(Some(&dir), &key, compile).unwrap(), "// PTX 3");
+        // No folder, or one that cannot be made: compiled each time, still returned.
+        assert_eq!(cached_ptx(None, &key, compile).unwrap(), "// PTX 4");
+        let blocked = dir.join("file");
+        std::fs::write(&blocked, b"x").unwrap();
+        assert_eq!(
+            cached_ptx(Some(&blocked.join("sub")), &key, compile).unwrap(),
+            "// PTX 5"
+        );
+        // A compile error is returned, nothing written.
+        let e = cached_ptx(Some(&dir), &"ef".repeat(32), || {
+            Err(Error::config("kernels", "x", "bad"))
+        });
+        assert!(e.is_err());
+        assert!(!dir
+            .join(format!("kernels-{}.ptx", &"ef".repeat(16)))
+            .exists());
+        let _ = std::fs::remove_dir_all(&dir);
+        // The key follows the options: each architecture its own.
+        assert_ne!(kernel_key((8, 0)), kernel_key((9, 0)));
+        assert_eq!(kernel_key((9, 0)), kernel_key((9, 0)));
     }
 
     #[test]
