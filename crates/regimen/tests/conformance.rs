@@ -440,6 +440,34 @@ fn batch_norm_and_randomness() {
         let dxe = be.batch_norm_backward(&x, &dy, &gamma, &rm, &ie, false, &mut dg2, &mut db2);
         vec![y, mean, invstd, rm, rv, dx, dg, db, ye, dxe, dg2, db2]
     });
+    // Batch norm over features ([N, C]: the row kernels on a GPU), train and eval, alone and
+    // followed by a ReLU; 37 channels (two blocks of 32) and 19 rows (uneven splits).
+    same("batch norm over features", Tol(2e-5, 2e-4), |d| {
+        let be = d.backend();
+        let x = t(&[19, 37], 51, d);
+        let gamma = t(&[37], 52, d);
+        let beta = t(&[37], 53, d);
+        let mut rm = t(&[37], 54, d);
+        let mut rv = Tensor::full(&[37], 1.5, d);
+        let dy = t(x.shape(), 55, d);
+        let zeros = || (be.zeros(&[37], DType::F32), be.zeros(&[37], DType::F32));
+        let (y, mean, invstd) =
+            be.batch_norm_forward_train(&x, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5);
+        let (mut dg, mut db) = zeros();
+        let dx = be.batch_norm_backward(&x, &dy, &gamma, &mean, &invstd, true, &mut dg, &mut db);
+        let (yr, mr, ir) =
+            be.batch_norm_relu_forward_train(&x, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5);
+        let (mut dgr, mut dbr) = zeros();
+        let dxr =
+            be.batch_norm_relu_backward(&x, &yr, &dy, &gamma, &beta, &mr, &ir, &mut dgr, &mut dbr);
+        let ye = be.batch_norm_forward_eval(&x, &gamma, &beta, &rm, &rv, 1e-5);
+        let ie = be.invstd(&rv, 1e-5);
+        let (mut dge, mut dbe) = zeros();
+        let dxe = be.batch_norm_backward(&x, &dy, &gamma, &rm, &ie, false, &mut dge, &mut dbe);
+        vec![
+            y, mean, invstd, dx, dg, db, yr, dxr, dgr, dbr, rm, rv, ye, dxe, dge, dbe,
+        ]
+    });
     // Batch norm followed by a ReLU, and by a ReLU and a 2x2 max pool (odd sizes: a row and a
     // column outside every window), in batch norm's own passes.
     same("batch norm + ReLU (+ 2x2 max pool)", Tol(2e-5, 2e-4), |d| {

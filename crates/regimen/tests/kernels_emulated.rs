@@ -282,13 +282,16 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
     let be = d.backend();
     let (eps, momentum) = (1e-5f32, 0.1f32);
     // (x shape, after, splits of the sums)
-    let cases: [(&[usize], usize, usize); 6] = [
+    // Features ([N, C]) take the row kernels (32 channels per block, 8 splits of rows).
+    let cases: [(&[usize], usize, usize); 8] = [
         (&[3, 4, 7, 6], 2, 2),
         (&[2, 3, 8, 9], 2, 1),
         (&[5, 3, 4, 5], 1, 3),
         (&[6, 4], 1, 2),
         (&[4, 2, 5, 5], 0, 4),
         (&[1, 2, 2, 2], 2, 1),
+        (&[19, 37], 0, 8),
+        (&[3, 33], 1, 8),
     ];
     for (shape, after, splits) in cases {
         let name = format!("{shape:?} after {after}");

@@ -128,6 +128,9 @@ int main(int argc, char** argv) {
         emu_save(dir + "soft.out", soft);
     } else if (op == "bn") {
         int nb = num(0), c = num(1), h = num(2), w = num(3), after = num(4), splits = num(5);
+        // Features ([N, C], inner 1) take the row kernels, in 8 splits, as the backend does.
+        const bool rows = (long long)h * w == 1 && after != 2;
+        if (rows) splits = 8;
         float eps = f32arg(6), momentum = f32arg(7);
         long long inner = (long long)h * w, planes = (long long)nb * c, n = planes * inner;
         int oh = h / 2, ow = w / 2;
@@ -143,14 +146,23 @@ int main(int argc, char** argv) {
         const dim3 sums{(unsigned)c, (unsigned)splits, 1}, per_channel{(unsigned)(c + 255) / 256, 1, 1};
         // Forward: statistics, then the normalization pass of `after`.
         std::vector<double> part(3 * c * splits);
-        emu_launch(sums, 256, [&] { bn_stats_partial(x.data(), nb, c, inner, splits, part.data()); });
+        const dim3 row_sums{(unsigned)(c + 31) / 32, 1, 1};
+        if (rows)
+            emu_launch(row_sums, 256, [&] { bn_row_stats_partial(x.data(), nb, c, part.data()); });
+        else
+            emu_launch(sums, 256,
+                       [&] { bn_stats_partial(x.data(), nb, c, inner, splits, part.data()); });
         std::vector<float> mean(c), invstd(c), scale(c), shift(c), y(ny);
         emu_launch(per_channel, 256, [&] {
             bn_stats_finish(part.data(), c, splits, eps, momentum, gamma.data(), beta.data(),
                             mean.data(), invstd.data(), scale.data(), shift.data(), rm.data(),
                             rv.data());
         });
-        if (after == 2)
+        if (rows)
+            launch_planes(nb, c, [&] {
+                bn_row_apply(x.data(), scale.data(), shift.data(), y.data(), nb, c, after);
+            });
+        else if (after == 2)
             launch_planes(planes, (long long)oh * ow, [&] {
                 bn_relu_pool_apply(x.data(), scale.data(), shift.data(), y.data(), planes, c, h, w);
             });
@@ -161,8 +173,11 @@ int main(int argc, char** argv) {
             });
         // Backward with the given statistics.
         std::vector<double> bpart(2 * c * splits);
-        emu_launch(sums, 256, [&] {
-            if (after)
+        emu_launch(rows ? row_sums : sums, 256, [&] {
+            if (rows)
+                bn_row_bwd_partial(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
+                                   invstd_in.data(), nb, c, after, bpart.data());
+            else if (after)
                 bn_after_bwd_partial(x.data(), dy.data(), gamma.data(), beta.data(),
                                      mean_in.data(), invstd_in.data(), nb, c, h, w, after, splits,
                                      bpart.data());
@@ -175,15 +190,22 @@ int main(int argc, char** argv) {
             bn_bwd_finish(bpart.data(), c, splits, (double)nb * inner, dgamma.data(), dbeta.data(),
                           mean_dy.data(), mean_dyx.data());
         });
-        launch_planes(planes, inner, [&] {
-            if (after)
-                bn_after_bwd_dx(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
-                                invstd_in.data(), mean_dy.data(), mean_dyx.data(), dx.data(),
-                                planes, c, h, w, after);
-            else
-                bn_bwd_dx(x.data(), dy.data(), gamma.data(), mean_in.data(), invstd_in.data(),
-                          mean_dy.data(), mean_dyx.data(), 1, dx.data(), planes, c, inner);
-        });
+        if (rows)
+            launch_planes(nb, c, [&] {
+                bn_row_bwd_dx(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
+                              invstd_in.data(), mean_dy.data(), mean_dyx.data(), 1, after,
+                              dx.data(), nb, c);
+            });
+        else
+            launch_planes(planes, inner, [&] {
+                if (after)
+                    bn_after_bwd_dx(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
+                                    invstd_in.data(), mean_dy.data(), mean_dyx.data(), dx.data(),
+                                    planes, c, h, w, after);
+                else
+                    bn_bwd_dx(x.data(), dy.data(), gamma.data(), mean_in.data(), invstd_in.data(),
+                              mean_dy.data(), mean_dyx.data(), 1, dx.data(), planes, c, inner);
+            });
         emu_save(dir + "y.out", y);
         emu_save(dir + "mean.out", mean);
         emu_save(dir + "invstd.out", invstd);

@@ -944,6 +944,102 @@ extern "C" __global__ void bn_after_bwd_dx(const float* x, const float* dy, cons
 }
 
 // ---------------------------------------------------------------------------------------
+// Batch norm over features, x [N, C] (inner 1), alone or followed by a ReLU: the plane kernels
+// above would give each value a plane of its own, and each channel's sums to one thread
+// reading a column. Here a block takes 32 channels and its eight warps the rows (warp l rows
+// l, l + 8, ...; a warp's lanes read 32 neighbouring channels of a row), and the partial
+// results of (channel, warp) are laid out as 8 splits for bn_stats_finish and bn_bwd_finish,
+// which merge them in order. No barrier in the sums: a thread past the channels returns.
+
+extern "C" __global__ void bn_row_stats_partial(const float* x, int nb, int c, double* part) {
+    int lc = threadIdx.x % 32, lane = threadIdx.x / 32, ch = blockIdx.x * 32 + lc;
+    if (ch >= c) return;
+    double sum = 0.0, cnt = 0.0;
+    for (int r = lane; r < nb; r += 8) {
+        sum += (double)x[(long long)r * c + ch];
+        cnt += 1.0;
+    }
+    double mean = cnt > 0.0 ? sum / cnt : 0.0, m2 = 0.0;
+    for (int r = lane; r < nb; r += 8) {
+        double d = (double)x[(long long)r * c + ch] - mean;
+        m2 += d * d;
+    }
+    double* o = part + ((long long)ch * 8 + lane) * 3;
+    o[0] = cnt;
+    o[1] = mean;
+    o[2] = m2;
+}
+
+// y = x scale + shift, then the ReLU with `relu` (bn_apply's and bn_relu_apply's arithmetic).
+extern "C" __global__ void bn_row_apply(const float* x, const float* scale, const float* shift,
+                                        float* y, long long rows, int c, int relu) {
+    PLANE_LOOP(r, ch, rows, c) {
+        long long j = r * c + ch;
+        y[j] = relu ? bn_relu(bn_z(x[j], scale[ch], shift[ch])) : x[j] * scale[ch] + shift[ch];
+    }
+}
+
+// bn_eval's y = gamma (x - mean) invstd + beta.
+extern "C" __global__ void bn_row_eval(const float* x, const float* gamma, const float* beta,
+                                       const float* mean, const float* invstd, float* y,
+                                       long long rows, int c) {
+    PLANE_LOOP(r, ch, rows, c) {
+        long long j = r * c + ch;
+        y[j] = gamma[ch] * (x[j] - mean[ch]) * invstd[ch] + beta[ch];
+    }
+}
+
+// The gradient of batch norm's output at x [r, ch]: dy, or with `relu` dy through the ReLU.
+__device__ __forceinline__ float bn_row_grad(int relu, float xv, float g, float gamma, float beta,
+                                             float mu, float is) {
+    if (!relu) return g;
+    float sc, sh;
+    bn_affine(gamma, beta, mu, is, &sc, &sh);
+    return bn_relu_grad(bn_z(xv, sc, sh), g);
+}
+
+// bn_bwd_partial's (sum g, sum g xhat) per (channel, warp). `beta` is read only with `relu`.
+extern "C" __global__ void bn_row_bwd_partial(const float* x, const float* dy, const float* gamma,
+                                              const float* beta, const float* mean,
+                                              const float* invstd, int nb, int c, int relu,
+                                              double* part) {
+    int lc = threadIdx.x % 32, lane = threadIdx.x / 32, ch = blockIdx.x * 32 + lc;
+    if (ch >= c) return;
+    float mu = mean[ch], is = invstd[ch], ga = gamma[ch], be = relu ? beta[ch] : 0.0f;
+    double a = 0.0, b = 0.0;
+    for (int r = lane; r < nb; r += 8) {
+        long long j = (long long)r * c + ch;
+        float xv = x[j];
+        float g = bn_row_grad(relu, xv, dy[j], ga, be, mu, is);
+        float xhat = (xv - mu) * is;
+        a += (double)g;
+        b += (double)(g * xhat);
+    }
+    double* o = part + ((long long)ch * 8 + lane) * 2;
+    o[0] = a;
+    o[1] = b;
+}
+
+// bn_bwd_dx (and bn_after_bwd_dx's ReLU) for x [N, C].
+extern "C" __global__ void bn_row_bwd_dx(const float* x, const float* dy, const float* gamma,
+                                         const float* beta, const float* mean, const float* invstd,
+                                         const float* mean_dy, const float* mean_dyx,
+                                         int batch_stats, int relu, float* dx, long long rows,
+                                         int c) {
+    PLANE_LOOP(r, ch, rows, c) {
+        long long j = r * c + ch;
+        float is = invstd[ch], xv = x[j];
+        float g = bn_row_grad(relu, xv, dy[j], gamma[ch], relu ? beta[ch] : 0.0f, mean[ch], is);
+        if (batch_stats) {
+            float xhat = (xv - mean[ch]) * is;
+            dx[j] = gamma[ch] * is * (g - mean_dy[ch] - xhat * mean_dyx[ch]);
+        } else {
+            dx[j] = gamma[ch] * is * g;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Losses and metrics. One warp per row of [N, C] logits.
 
 // Per row: the loss (double, into row_loss) and dlogits = (p t_sum - t) * g, with target t

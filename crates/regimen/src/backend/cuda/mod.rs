@@ -243,6 +243,11 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bn_relu_pool_apply",
     "bn_after_bwd_partial",
     "bn_after_bwd_dx",
+    "bn_row_stats_partial",
+    "bn_row_apply",
+    "bn_row_eval",
+    "bn_row_bwd_partial",
+    "bn_row_bwd_dx",
     "softmax_ce",
     "correct_rows",
     "mse_grad",
@@ -2427,7 +2432,15 @@ impl Backend for CudaBackend {
         );
         let (n, c32, inner64) = (x.numel() as i64, c as i32, inner as i64);
         let planes = n / inner64.max(1);
-        if n > 0 {
+        if n > 0 && inner == 1 {
+            // Features ([N, C]): rows on the grid's y axis, channels along x.
+            self.launch_planes(
+                "bn_row_eval",
+                planes as usize,
+                c,
+                &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &planes, &c32],
+            );
+        } else if n > 0 {
             self.launch_planes(
                 "bn_eval",
                 (n as usize) / inner.max(1),
@@ -2465,6 +2478,10 @@ impl Backend for CudaBackend {
     ) -> Tensor {
         let c = gamma.numel();
         let (nb, inner) = n_inner(x.shape(), c);
+        if inner == 1 {
+            let stats = (gamma, None, mean, invstd);
+            return self.bn_row_backward(x, dy, stats, batch_stats, dgamma, dbeta);
+        }
         let splits = bn_splits(nb, c);
         let part = self.scratch_f64(2 * c * splits);
         let (xp, dyp, mp, ip, pp) = (ptr(x), ptr(dy), ptr(mean), ptr(invstd), part.ptr);
@@ -3190,7 +3207,9 @@ impl CudaBackend {
     ) -> (Tensor, Tensor, Tensor) {
         let c = gamma.numel();
         let (nb, inner) = n_inner(x.shape(), c);
-        let splits = bn_splits(nb, c);
+        // Features ([N, C]): 32 channels per block, in 8 splits (bn_row_stats_partial).
+        let rows = inner == 1 && !matches!(after, BnAfter::ReluPool { .. });
+        let splits = if rows { 8 } else { bn_splits(nb, c) };
         let part = self.scratch_f64(3 * c * splits);
         let (xp, pp, nb32, c32, inner64, sp32) = (
             ptr(x),
@@ -3200,12 +3219,21 @@ impl CudaBackend {
             inner as i64,
             splits as i32,
         );
-        self.launch3(
-            "bn_stats_partial",
-            (c as u32, splits as u32, 1),
-            BLOCK,
-            &mut args![&xp, &nb32, &c32, &inner64, &sp32, &pp],
-        );
+        if rows {
+            self.launch(
+                "bn_row_stats_partial",
+                c.div_ceil(32) as u32,
+                BLOCK,
+                &mut args![&xp, &nb32, &c32, &pp],
+            );
+        } else {
+            self.launch3(
+                "bn_stats_partial",
+                (c as u32, splits as u32, 1),
+                BLOCK,
+                &mut args![&xp, &nb32, &c32, &inner64, &sp32, &pp],
+            );
+        }
         let mean = self.new_tensor(&[c], DType::F32);
         let invstd = self.new_tensor(&[c], DType::F32);
         let scale = self.new_tensor(&[c], DType::F32);
@@ -3229,6 +3257,19 @@ impl CudaBackend {
         );
         let planes = (nb * c) as i64;
         let y = match after {
+            _ if rows => {
+                let y = self.new_tensor(x.shape(), DType::F32);
+                let (yp, r64, relu) = (ptr(&y), nb as i64, i32::from(after == BnAfter::Relu));
+                if nb > 0 {
+                    self.launch_planes(
+                        "bn_row_apply",
+                        nb,
+                        c,
+                        &mut args![&xp, &scp, &shp, &yp, &r64, &c32, &relu],
+                    );
+                }
+                y
+            }
             BnAfter::Nothing | BnAfter::Relu => {
                 let y = self.new_tensor(x.shape(), DType::F32);
                 let yp = ptr(&y);
@@ -3260,6 +3301,61 @@ impl CudaBackend {
         (y, mean, invstd)
     }
 
+    /// Batch norm's backward over features (`x` `[N, C]`), through the ReLU when `beta` is
+    /// given (the forward's, to find its mask again): the row kernels, 32 channels per block.
+    fn bn_row_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        (gamma, beta, mean, invstd): (&Tensor, Option<&Tensor>, &Tensor, &Tensor),
+        batch_stats: bool,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Tensor {
+        let (nb, c) = (x.shape()[0], gamma.numel());
+        let part = self.scratch_f64(2 * c * 8);
+        let relu = i32::from(beta.is_some());
+        let (xp, dyp, gp, bp, mp, ip, pp) = (
+            ptr(x),
+            ptr(dy),
+            ptr(gamma),
+            beta.map_or(0, ptr),
+            ptr(mean),
+            ptr(invstd),
+            part.ptr,
+        );
+        let (nb32, c32, sp32) = (nb as i32, c as i32, 8i32);
+        self.launch(
+            "bn_row_bwd_partial",
+            c.div_ceil(32) as u32,
+            BLOCK,
+            &mut args![&xp, &dyp, &gp, &bp, &mp, &ip, &nb32, &c32, &relu, &pp],
+        );
+        let mean_dy = self.new_tensor(&[c], DType::F32);
+        let mean_dyx = self.new_tensor(&[c], DType::F32);
+        let (dgp, dbp) = (ptr_mut(dgamma), ptr_mut(dbeta));
+        let (mdp, mdxp, m) = (ptr(&mean_dy), ptr(&mean_dyx), nb as f64);
+        self.launch(
+            "bn_bwd_finish",
+            (c as u32).div_ceil(BLOCK),
+            BLOCK,
+            &mut args![&pp, &c32, &sp32, &m, &dgp, &dbp, &mdp, &mdxp],
+        );
+        let dx = self.new_tensor(x.shape(), DType::F32);
+        let (dxp, bs, r64) = (ptr(&dx), i32::from(batch_stats), nb as i64);
+        if nb > 0 {
+            self.launch_planes(
+                "bn_row_bwd_dx",
+                nb,
+                c,
+                &mut args![
+                    &xp, &dyp, &gp, &bp, &mp, &ip, &mdp, &mdxp, &bs, &relu, &dxp, &r64, &c32
+                ],
+            );
+        }
+        dx
+    }
+
     /// Backward of [`CudaBackend::bn_forward`] with batch statistics, after a ReLU (`dy` the
     /// gradient of its output) or a ReLU and the pool (`dy` the pool's output gradient): the
     /// ReLU's mask and the pool's arg-max are found again from `x` inside the two passes.
@@ -3274,6 +3370,10 @@ impl CudaBackend {
     ) -> Tensor {
         let c = gamma.numel();
         let (nb, inner) = n_inner(x.shape(), c);
+        if inner == 1 && after == BnAfter::Relu {
+            let stats = (gamma, Some(beta), mean, invstd);
+            return self.bn_row_backward(x, dy, stats, true, dgamma, dbeta);
+        }
         let (h, w, code) = match after {
             BnAfter::Relu => (inner, 1, 1i32),
             BnAfter::ReluPool { h, w } => (h, w, 2),
