@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
     std::vector<float> part((size_t)chunks * nw, -1.0f);
     emu_launch({ceil_div(K, BN), ceil_div(s.oc, BM), chunks}, IG_THREADS,
                [&] { dwk(x.data(), dy.data(), part.data(), s, chunk); });
-    emu_launch({ceil_div(nw, 256), 1, 1}, 256,
+    emu_launch({ceil_div(nw, 32), 1, 1}, 256,
                [&] { conv_ig_dw_sum(part.data(), dw.data(), (int)chunks, nw); });
     emu_save(dir + "/y.out", y);
     emu_save(dir + "/dx.out", dx);

@@ -490,12 +490,23 @@ IG_KERNELS(tf32_k32, true, 64, 32)
 IG_KERNELS(f32_m32_k32, false, 32, 32)
 IG_KERNELS(tf32_m32_k32, true, 32, 32)
 
-// dW [n] += the sum of the chunks' partials part[z][n], in chunk order.
+// dW [n] += the sum of the chunks' partials part[z][n]: a block per 32 columns, its eight
+// warps over the chunks (warp l sums chunks l, l + 8, ... in order, a warp's lanes reading 32
+// neighbouring columns), the eight sums then added in order (one thread per column summing
+// every chunk waited on hundreds of loads one after another). Grid: ceil(n / 32) blocks of
+// 256 threads.
 extern "C" __global__ void conv_ig_dw_sum(const float* part, float* dw, int chunks, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
-        float acc = 0.0f;
-        for (int z = 0; z < chunks; z++) acc += part[(long long)z * n + i];
-        dw[i] += acc;
+    __shared__ float sums[8][32];
+    const int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
+    const long long col = (long long)blockIdx.x * 32 + lc;
+    float acc = 0.0f;
+    if (col < n)
+        for (int z = lane; z < chunks; z += 8) acc += part[(long long)z * n + col];
+    sums[lane][lc] = acc;
+    __syncthreads();
+    if (lane == 0 && col < n) {
+        float t = 0.0f;
+        for (int l = 0; l < 8; l++) t += sums[l][lc];
+        dw[col] += t;
     }
 }

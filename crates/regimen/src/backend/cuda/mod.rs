@@ -371,6 +371,8 @@ pub struct CudaBackend {
     cudnn_first: bool,
     /// Who computes the other f32 convolutions (`REGIMEN_CONV`).
     conv_mode: ConvMode,
+    /// The implicit-GEMM window tables made so far, by shape (batch aside) and direction.
+    ig_tables: Mutex<HashMap<([i32; 10], bool), Tensor>>,
     /// `REGIMEN_CONV=auto`: the engine chosen for each shape and direction.
     tuned: Mutex<HashMap<(tune::Key, tune::Dir), tune::Engine>>,
     /// `REGIMEN_CONV=auto`: a line per tuned shape and direction (and why cuDNN was not
@@ -564,6 +566,7 @@ impl CudaBackend {
             },
             cudnn_first,
             conv_mode,
+            ig_tables: Mutex::new(HashMap::new()),
             tuned: Mutex::new(HashMap::new()),
             tune_notes: Mutex::new(tune_notes),
             conv_runs: Default::default(),
@@ -1187,8 +1190,7 @@ impl CudaBackend {
             return y;
         }
         let (xp, wp, bp, yp) = (ptr(x), ptr(w), b.map_or(0, ptr), ptr(&y));
-        let tab = self.ig_table(s, g.c * g.win.kh * g.win.kw, false);
-        let tp = ptr(&tab);
+        let (tp, _tab) = self.ig_table(s, g.c * g.win.kh * g.win.kw, false);
         let (kernel, bm, bn) = Self::ig_kernel(0, e);
         let grid = (
             (g.nb * g.p).div_ceil(bn) as u32,
@@ -1206,9 +1208,20 @@ impl CudaBackend {
 
     /// The window table of `conv_ig_ktab` for a reduction of `k` indices (the forward's
     /// C kh kw, or the input gradient's OC kh kw with `dx`), padded to a multiple of 32 (the
-    /// largest staging): one `int4` (4 words) per entry, made on the device (a kernel, so a
-    /// graph records it).
-    fn ig_table(&self, s: IgShape, k: usize, dx: bool) -> Tensor {
+    /// largest staging): one `int4` (4 words) per entry, made on the device by a kernel. It
+    /// depends on the shape but not the batch, so it is made once and kept for the process
+    /// (two launches per convolution and step fewer); one first needed while a graph is being
+    /// recorded is made in the recording and returned with the pointer, to live as long as
+    /// the caller's launch needs it.
+    fn ig_table(&self, s: IgShape, k: usize, dx: bool) -> (u64, Option<Tensor>) {
+        let key = (
+            [s.c, s.h, s.w, s.oc, s.kh, s.kw, s.stride, s.pad, s.oh, s.ow],
+            dx,
+        );
+        let mut tables = self.ig_tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tables.get(&key) {
+            return (ptr(t), None);
+        }
         let n = k.next_multiple_of(32).max(32);
         let tab = self.new_tensor(&[4 * n], DType::F32);
         let (tp, dxi, ni) = (ptr(&tab), dx as i32, n as i32);
@@ -1218,7 +1231,16 @@ impl CudaBackend {
             BLOCK,
             &mut args![&s, &tp, &dxi, &ni],
         );
-        tab
+        let recording = self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if recording {
+            return (tp, Some(tab));
+        }
+        tables.insert(key, tab);
+        (tp, None)
     }
 
     /// dW += the weight gradient by `conv_ig_dw_*` with tile and staging `e` (chunks of the
@@ -1257,7 +1279,7 @@ impl CudaBackend {
         let (chunks, mk) = (chunks as i32, mk as i64);
         self.launch(
             "conv_ig_dw_sum",
-            blocks_for(mk as usize),
+            (mk as usize).div_ceil(32) as u32,
             BLOCK,
             &mut args![&pp, &dwp, &chunks, &mk],
         );
@@ -1283,8 +1305,7 @@ impl CudaBackend {
             return dx;
         }
         let (wp, dyp, dxp) = (ptr(w), ptr(dy), ptr(&dx));
-        let tab = self.ig_table(s, g.oc * g.win.kh * g.win.kw, true);
-        let tp = ptr(&tab);
+        let (tp, _tab) = self.ig_table(s, g.oc * g.win.kh * g.win.kw, true);
         let (kernel, bm, bn) = Self::ig_kernel(1, e);
         let grid = (
             (g.nb * g.h * g.w).div_ceil(bn) as u32,
@@ -1506,10 +1527,15 @@ fn unary_code(op: Unary) -> (i32, f32, f32) {
     }
 }
 
-/// Splits of the batch axis for per-channel statistics: enough blocks to fill the GPU,
-/// a function of the shape alone (so results do not depend on timing).
-fn bn_splits(nb: usize, c: usize) -> usize {
-    264usize.div_ceil(c.max(1)).clamp(1, nb.max(1))
+/// Splits of the batch axis for per-channel statistics (`inner` values per sample and
+/// channel): about 2048 blocks in all, several per multiprocessor (264, two per
+/// multiprocessor, left each block walking 14 to 102 samples one after another), but at
+/// least about 2048 values per block; a function of the shape alone (so results do not
+/// depend on timing).
+fn bn_splits(nb: usize, c: usize, inner: usize) -> usize {
+    let by_blocks = 2048usize.div_ceil(c.max(1));
+    let by_values = (nb * inner).div_ceil(2048);
+    by_blocks.min(by_values).clamp(1, nb.max(1))
 }
 
 /// One parameter tensor in the update kernel's table (the `ParamSlot` of kernels.cu).
@@ -2482,7 +2508,7 @@ impl Backend for CudaBackend {
             let stats = (gamma, None, mean, invstd);
             return self.bn_row_backward(x, dy, stats, batch_stats, dgamma, dbeta);
         }
-        let splits = bn_splits(nb, c);
+        let splits = bn_splits(nb, c, inner);
         let part = self.scratch_f64(2 * c * splits);
         let (xp, dyp, mp, ip, pp) = (ptr(x), ptr(dy), ptr(mean), ptr(invstd), part.ptr);
         let (nb32, c32, inner64, sp32) = (nb as i32, c as i32, inner as i64, splits as i32);
@@ -3209,7 +3235,7 @@ impl CudaBackend {
         let (nb, inner) = n_inner(x.shape(), c);
         // Features ([N, C]): 32 channels per block, in 8 splits (bn_row_stats_partial).
         let rows = inner == 1 && !matches!(after, BnAfter::ReluPool { .. });
-        let splits = if rows { 8 } else { bn_splits(nb, c) };
+        let splits = if rows { 8 } else { bn_splits(nb, c, inner) };
         let part = self.scratch_f64(3 * c * splits);
         let (xp, pp, nb32, c32, inner64, sp32) = (
             ptr(x),
@@ -3379,7 +3405,7 @@ impl CudaBackend {
             BnAfter::ReluPool { h, w } => (h, w, 2),
             BnAfter::Nothing => unreachable!("batch_norm_backward runs that case"),
         };
-        let splits = bn_splits(nb, c);
+        let splits = bn_splits(nb, c, inner);
         let part = self.scratch_f64(2 * c * splits);
         let (xp, dyp, gp, bp, mp, ip, pp) = (
             ptr(x),
@@ -3586,6 +3612,19 @@ mod tests {
         // The key follows the options: each architecture its own.
         assert_ne!(kernel_key((8, 0)), kernel_key((9, 0)));
         assert_eq!(kernel_key((9, 0)), kernel_key((9, 0)));
+    }
+
+    #[test]
+    fn batch_norm_splits_fill_the_gpu_with_blocks_of_work() {
+        // cnn-step's layers at batch 128 and 512: hundreds to two thousand blocks.
+        assert_eq!(bn_splits(128, 32, 784), 49);
+        assert_eq!(bn_splits(128, 64, 196), 13);
+        assert_eq!(bn_splits(512, 32, 784), 64);
+        assert_eq!(bn_splits(512, 64, 196), 32);
+        // Never more splits than samples, never none.
+        assert_eq!(bn_splits(3, 1, 100_000), 3);
+        assert_eq!(bn_splits(0, 4, 10), 1);
+        assert_eq!(bn_splits(1000, 3, 1), 1);
     }
 
     #[test]
