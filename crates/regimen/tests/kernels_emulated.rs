@@ -4,7 +4,8 @@
 //! backend, bit for bit, so that their indexing and their draws are proven on machines
 //! without a GPU; and batch norm's kernels, alone and followed in its own passes by a ReLU or
 //! by a ReLU and a 2x2 max pool, held to the CPU backend's fused passes; and a linear layer's
-//! bias forward and backward. `kernels.cu` is plain
+//! bias forward and backward; and dropout's, the uniforms' and the Bernoulli keep mask's Philox
+//! draws, bit for bit. `kernels.cu` is plain
 //! C++ behind `__CUDACC__`; the C++ compiler builds it with `tests/emulate/shim.h` (each
 //! block's threads as host threads) and `tests/emulate/kernels_main.cpp`, which launches the
 //! kernels with the backend's grids.
@@ -448,6 +449,63 @@ fn the_linear_bias_kernels_match_the_cpu() {
             &read(&e.dir, "db.out"),
             &db.to_vec(),
             1e-6,
+        );
+    }
+}
+
+/// Dropout, uniforms and Bernoulli keep masks from the Philox stream, a Philox block of four
+/// draws per thread, bit for bit the CPU's: sizes ending inside a block, several blocks of
+/// threads.
+#[test]
+fn the_philox_kernels_match_the_cpu_bit_for_bit() {
+    let Some(e) = Emu::new("philox") else { return };
+    let d = Device::Cpu;
+    let be = d.backend();
+    for (n, p, step, purpose) in [
+        (1usize, 0.5f32, 3u32, 7u32),
+        (1001, 0.3, 9, 1),
+        (5003, 0.9, 0, 4),
+    ] {
+        let xv = randn(n, 90);
+        let s = Indices::from_host(vec![step], d);
+        let key = |purpose| RandomKey {
+            stream: STREAM,
+            step: &s,
+            purpose,
+        };
+        let x = Tensor::from_host(&[n], xv.clone(), d).unwrap();
+        let (y, mask) = be.dropout_forward(&x, p, key(purpose));
+        let uni = be.uniform(&[n], key(purpose + 1));
+        let keep = be.bernoulli_keep(&[n], p, key(purpose + 2));
+        write(&e.dir, "x.bin", &xv);
+        e.run(strings(&[
+            &"philox",
+            &n,
+            &p.to_bits(),
+            &STREAM,
+            &step,
+            &purpose,
+        ]));
+        let name = format!("{n} draws, p {p}");
+        exact(
+            &format!("{name}: dropout"),
+            &read(&e.dir, "y.out"),
+            &y.to_vec(),
+        );
+        exact(
+            &format!("{name}: mask"),
+            &read(&e.dir, "mask.out"),
+            &mask.to_vec(),
+        );
+        exact(
+            &format!("{name}: uniform"),
+            &read(&e.dir, "uniform.out"),
+            &uni.to_vec(),
+        );
+        exact(
+            &format!("{name}: keep"),
+            &read(&e.dir, "keep.out"),
+            &keep.to_vec(),
         );
     }
 }

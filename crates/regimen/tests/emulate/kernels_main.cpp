@@ -18,6 +18,9 @@
 //       rv.bin: f32 [c]) and backward (dy.bin, the output's gradient; mean.bin, invstd.bin:
 //       the statistics the backward is given; dgamma.bin, dbeta.bin: the gradients to add to);
 //       writes y.out, mean.out, invstd.out, rm.out, rv.out, dx.out, dgamma.out, dbeta.out
+//   aug_emu DIR philox  n p stream step purpose
+//       dropout_fwd of x.bin (f32 [n]) with drop probability p, uniform_fill and
+//       bernoulli_keep of n draws; writes y.out, mask.out, uniform.out, keep.out
 //   aug_emu DIR bias    rows c
 //       a linear layer's bias: y.bin (f32 [rows, c]) += b.bin (f32 [c]); db.bin (f32 [c]) +=
 //       the column sums of dy.bin (f32 [rows, c]); writes y.out and db.out
@@ -47,6 +50,7 @@ static const char* USAGE =
     "       aug_emu DIR mix alpha cutmix b k c h w stream step purpose\n"
     "       aug_emu DIR one_hot b k\n"
     "       aug_emu DIR bn nb c h w after splits eps momentum\n"
+    "       aug_emu DIR philox n p stream step purpose\n"
     "       aug_emu DIR bias rows c\n";
 
 int main(int argc, char** argv) {
@@ -214,6 +218,26 @@ int main(int argc, char** argv) {
         emu_save(dir + "dx.out", dx);
         emu_save(dir + "dgamma.out", dgamma);
         emu_save(dir + "dbeta.out", dbeta);
+    } else if (op == "philox") {
+        long long n = num(0);
+        float p = f32arg(1);
+        u64 stream = u64arg(2);
+        u32 step = (u32)num(3), purpose = (u32)num(4);
+        auto x = emu_load<float>(dir + "x.bin", n);
+        std::vector<float> y(n), mask(n), uni(n), keep(n);
+        // backend/cuda/mod.rs's blocks_for over the n / 4 Philox blocks.
+        long long blocks = ((n + 3) / 4 + 255) / 256;
+        const dim3 grid{(unsigned)(blocks < 1 ? 1 : blocks), 1, 1};
+        emu_launch(grid, 256, [&] {
+            dropout_fwd(x.data(), y.data(), mask.data(), n, p, stream, &step, purpose);
+        });
+        emu_launch(grid, 256, [&] { uniform_fill(uni.data(), n, stream, &step, purpose + 1); });
+        emu_launch(grid, 256,
+                   [&] { bernoulli_keep(keep.data(), n, p, stream, &step, purpose + 2); });
+        emu_save(dir + "y.out", y);
+        emu_save(dir + "mask.out", mask);
+        emu_save(dir + "uniform.out", uni);
+        emu_save(dir + "keep.out", keep);
     } else if (op == "bias") {
         long long rows = num(0);
         int c = num(1);

@@ -97,26 +97,50 @@ __device__ __forceinline__ float philox_uniform(u64 stream, u32 step, u32 purpos
     return (float)(c[index & 3] >> 8) * (1.0f / 16777216.0f);
 }
 
+// The four uniforms of Philox block q (draws 4 q .. 4 q + 3 of (stream, step, purpose)), as
+// philox_uniform gives them one by one: the kernels below take a block per thread, each
+// element's draw computed once (a thread per element computed its whole block and kept a
+// quarter of it).
+__device__ __forceinline__ void philox_block(u64 stream, u32 step, u32 purpose, u64 q,
+                                             float u[4]) {
+    u32 c[4] = {(u32)q, (u32)(q >> 32), step, purpose};
+    philox(c, (u32)stream, (u32)(stream >> 32));
+    for (int k = 0; k < 4; k++) u[k] = (float)(c[k] >> 8) * (1.0f / 16777216.0f);
+}
+
 extern "C" __global__ void uniform_fill(float* out, long long n, u64 stream, const u32* step,
                                         u32 purpose) {
     u32 s = *step;
-    GRID_STRIDE(i, n) out[i] = philox_uniform(stream, s, purpose, (u64)i);
+    GRID_STRIDE(q, (n + 3) / 4) {
+        float u[4];
+        philox_block(stream, s, purpose, (u64)q, u);
+        for (int k = 0; k < 4 && 4 * q + k < n; k++) out[4 * q + k] = u[k];
+    }
 }
 
 extern "C" __global__ void bernoulli_keep(float* out, long long n, float p, u64 stream,
                                           const u32* step, u32 purpose) {
     u32 s = *step;
-    GRID_STRIDE(i, n) out[i] = philox_uniform(stream, s, purpose, (u64)i) >= p ? 1.0f : 0.0f;
+    GRID_STRIDE(q, (n + 3) / 4) {
+        float u[4];
+        philox_block(stream, s, purpose, (u64)q, u);
+        for (int k = 0; k < 4 && 4 * q + k < n; k++) out[4 * q + k] = u[k] >= p ? 1.0f : 0.0f;
+    }
 }
 
 extern "C" __global__ void dropout_fwd(const float* x, float* y, float* mask, long long n,
                                        float p, u64 stream, const u32* step, u32 purpose) {
     u32 s = *step;
     float keep = 1.0f / (1.0f - p);
-    GRID_STRIDE(i, n) {
-        float m = philox_uniform(stream, s, purpose, (u64)i) >= p ? keep : 0.0f;
-        mask[i] = m;
-        y[i] = x[i] * m;
+    GRID_STRIDE(q, (n + 3) / 4) {
+        float u[4];
+        philox_block(stream, s, purpose, (u64)q, u);
+        for (int k = 0; k < 4 && 4 * q + k < n; k++) {
+            long long i = 4 * q + k;
+            float m = u[k] >= p ? keep : 0.0f;
+            mask[i] = m;
+            y[i] = x[i] * m;
+        }
     }
 }
 

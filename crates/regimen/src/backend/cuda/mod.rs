@@ -2600,7 +2600,7 @@ impl Backend for CudaBackend {
         if n > 0 {
             self.launch(
                 "dropout_fwd",
-                blocks_for(n as usize),
+                blocks_for((n as usize).div_ceil(4)),
                 BLOCK,
                 &mut args![&xp, &yp, &mp, &n, &p, &key.stream, &sp, &key.purpose],
             );
@@ -2615,7 +2615,7 @@ impl Backend for CudaBackend {
         if n > 0 {
             self.launch(
                 "uniform_fill",
-                blocks_for(n as usize),
+                blocks_for((n as usize).div_ceil(4)),
                 BLOCK,
                 &mut args![&yp, &n, &key.stream, &sp, &key.purpose],
             );
@@ -2630,7 +2630,7 @@ impl Backend for CudaBackend {
         if n > 0 {
             self.launch(
                 "bernoulli_keep",
-                blocks_for(n as usize),
+                blocks_for((n as usize).div_ceil(4)),
                 BLOCK,
                 &mut args![&yp, &n, &p, &key.stream, &sp, &key.purpose],
             );
