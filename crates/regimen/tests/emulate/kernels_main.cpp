@@ -181,13 +181,10 @@ int main(int argc, char** argv) {
             if (rows)
                 bn_row_bwd_partial(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
                                    invstd_in.data(), nb, c, after, bpart.data());
-            else if (after)
+            else
                 bn_after_bwd_partial(x.data(), dy.data(), gamma.data(), beta.data(),
                                      mean_in.data(), invstd_in.data(), nb, c, h, w, after, splits,
                                      bpart.data());
-            else
-                bn_bwd_partial(x.data(), dy.data(), mean_in.data(), invstd_in.data(), nb, c,
-                               inner, splits, bpart.data());
         });
         std::vector<float> mean_dy(c), mean_dyx(c), dx(n);
         emu_launch(per_channel, 256, [&] {

@@ -778,31 +778,6 @@ extern "C" __global__ void invstd_kernel(const float* var, float* out, float eps
     if (i < n) out[i] = (float)(1.0 / sqrt((double)var[i] + (double)eps));
 }
 
-// Backward sums per channel: part (c, s) = (sum dy, sum dy xhat) in double.
-extern "C" __global__ void bn_bwd_partial(const float* x, const float* dy, const float* mean,
-                                          const float* invstd, int nb, int c, long long inner,
-                                          int splits, double* part) {
-    int ch = blockIdx.x, s = blockIdx.y;
-    int n0 = (int)((long long)s * nb / splits), n1 = (int)((long long)(s + 1) * nb / splits);
-    float mu = mean[ch], is = invstd[ch];
-    double a = 0.0, b = 0.0;
-    for (int smp = n0; smp < n1; smp++) {
-        long long base = ((long long)smp * c + ch) * inner;
-        for (long long i = threadIdx.x; i < inner; i += RBLOCK) {
-            float g = dy[base + i];
-            float xhat = (x[base + i] - mu) * is;
-            a += (double)g;
-            b += (double)(g * xhat);
-        }
-    }
-    double ta = block_sum(a);
-    double tb = block_sum(b);
-    if (threadIdx.x == 0) {
-        double* o = part + ((long long)ch * splits + s) * 2;
-        o[0] = ta;
-        o[1] = tb;
-    }
-}
 // dbeta += sum dy, dgamma += sum dy xhat; coefficients of dx per channel.
 extern "C" __global__ void bn_bwd_finish(const double* part, int c, int splits, double m,
                                          float* dgamma, float* dbeta, float* mean_dy,
@@ -890,12 +865,14 @@ extern "C" __global__ void bn_relu_pool_apply(const float* x, const float* scale
 }
 
 // The gradient of batch norm's output at element i of plane pl (z its output there), from the
-// gradient dy of what followed: through the ReLU (after 1: dy as x), or through the pool then
+// gradient dy of what followed: dy itself (after 0), through the ReLU (after 1: dy as x), or
+// through the pool then
 // the ReLU (after 2: dy [planes, h / 2, w / 2]; the window's maximum found again by the pool's
 // rule gets the window's gradient, the others 0, as the pool's backward adds onto zeros).
 __device__ __forceinline__ float bn_after_grad(int after, const float* x, const float* dy,
                                                long long pl, long long i, float z, float sc,
                                                float sh, int h, int w) {
+    if (after == 0) return dy[pl * h * w + i];
     if (after == 1) return bn_relu_grad(z, dy[pl * h * w + i]);
     const int oh = h / 2, ow = w / 2;
     int yy = (int)(i / w), xx = (int)(i - (long long)yy * w);
@@ -916,8 +893,9 @@ __device__ __forceinline__ float bn_after_grad(int after, const float* x, const 
     return bn_relu_grad(z, arg == (yy % 2) * 2 + xx % 2 ? d : 0.0f);
 }
 
-// bn_bwd_partial for batch norm followed by `after` (x [N, C, h w], dy as bn_after_grad
-// takes it): part (c, s) = (sum g, sum g xhat) in double, g the gradient of batch norm's output.
+// Backward sums per channel for batch norm followed by `after` (x [N, C, h w], dy as
+// bn_after_grad takes it): part (c, s) = (sum g, sum g xhat) in double, g the gradient of batch
+// norm's output. `beta` is read only after a ReLU.
 extern "C" __global__ void bn_after_bwd_partial(const float* x, const float* dy,
                                                 const float* gamma, const float* beta,
                                                 const float* mean, const float* invstd, int nb,
@@ -926,7 +904,7 @@ extern "C" __global__ void bn_after_bwd_partial(const float* x, const float* dy,
     int ch = blockIdx.x, s = blockIdx.y;
     int n0 = (int)((long long)s * nb / splits), n1 = (int)((long long)(s + 1) * nb / splits);
     float mu = mean[ch], is = invstd[ch], sc, sh;
-    bn_affine(gamma[ch], beta[ch], mu, is, &sc, &sh);
+    bn_affine(gamma[ch], after ? beta[ch] : 0.0f, mu, is, &sc, &sh);
     long long inner = (long long)h * w;
     double a = 0.0, b = 0.0;
     for (int smp = n0; smp < n1; smp++) {
@@ -1022,7 +1000,7 @@ __device__ __forceinline__ float bn_row_grad(int relu, float xv, float g, float 
     return bn_relu_grad(bn_z(xv, sc, sh), g);
 }
 
-// bn_bwd_partial's (sum g, sum g xhat) per (channel, warp). `beta` is read only with `relu`.
+// bn_after_bwd_partial's (sum g, sum g xhat) per (channel, warp). `beta` is read only with `relu`.
 extern "C" __global__ void bn_row_bwd_partial(const float* x, const float* dy, const float* gamma,
                                               const float* beta, const float* mean,
                                               const float* invstd, int nb, int c, int relu,

@@ -236,7 +236,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bn_apply",
     "bn_eval",
     "invstd_kernel",
-    "bn_bwd_partial",
     "bn_bwd_finish",
     "bn_bwd_dx",
     "bn_relu_apply",
@@ -2510,13 +2509,26 @@ impl Backend for CudaBackend {
         }
         let splits = bn_splits(nb, c, inner);
         let part = self.scratch_f64(2 * c * splits);
-        let (xp, dyp, mp, ip, pp) = (ptr(x), ptr(dy), ptr(mean), ptr(invstd), part.ptr);
+        let (xp, dyp, gp, mp, ip, pp) = (
+            ptr(x),
+            ptr(dy),
+            ptr(gamma),
+            ptr(mean),
+            ptr(invstd),
+            part.ptr,
+        );
         let (nb32, c32, inner64, sp32) = (nb as i32, c as i32, inner as i64, splits as i32);
+        // The sums of bn_after_bwd_partial with nothing after (`beta` unread: gamma's pointer
+        // stands in), over planes of `inner` values as one row.
+        let h32 = i32::try_from(inner).unwrap_or_else(|_| {
+            panic!("batch norm: planes of {inner} values, past the kernels' 32-bit sizes")
+        });
+        let (w32, after) = (1i32, 0i32);
         self.launch3(
-            "bn_bwd_partial",
+            "bn_after_bwd_partial",
             (c as u32, splits as u32, 1),
             BLOCK,
-            &mut args![&xp, &dyp, &mp, &ip, &nb32, &c32, &inner64, &sp32, &pp],
+            &mut args![&xp, &dyp, &gp, &gp, &mp, &ip, &nb32, &c32, &h32, &w32, &after, &sp32, &pp],
         );
         let mean_dy = self.new_tensor(&[c], DType::F32);
         let mean_dyx = self.new_tensor(&[c], DType::F32);
@@ -2529,12 +2541,7 @@ impl Backend for CudaBackend {
             &mut args![&pp, &c32, &sp32, &m, &dgp, &dbp, &mdp, &mdxp],
         );
         let dx = self.new_tensor(x.shape(), DType::F32);
-        let (gp, dxp, bs, n) = (
-            ptr(gamma),
-            ptr(&dx),
-            i32::from(batch_stats),
-            x.numel() as i64,
-        );
+        let (dxp, bs, n) = (ptr(&dx), i32::from(batch_stats), x.numel() as i64);
         let planes = (nb * c) as i64;
         if n > 0 {
             self.launch_planes(
