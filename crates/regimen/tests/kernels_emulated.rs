@@ -357,6 +357,8 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
             ("invstd.bin", &invstd.to_vec()),
             ("dgamma.bin", &dg0),
             ("dbeta.bin", &db0),
+            ("eval_mean.bin", &rm0),
+            ("eval_invstd.bin", &be.invstd(&t(&[c], &rv0), eps).to_vec()),
         ] {
             write(&e.dir, f, v);
         }
@@ -409,6 +411,15 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
             &got("dbeta.out"),
             &db.to_vec(),
             1e-4,
+        );
+        // Evaluation with the running statistics as they were before this forward.
+        let (rm_e, rv_e) = (t(&[c], &rm0), t(&[c], &rv0));
+        let ye = be.batch_norm_forward_eval(&x, &gamma, &beta, &rm_e, &rv_e, eps);
+        near(
+            &format!("{name}: evaluation"),
+            &got("ye.out"),
+            &ye.to_vec(),
+            1e-6,
         );
     }
 }

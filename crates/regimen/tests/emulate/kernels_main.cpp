@@ -16,8 +16,9 @@
 //       batch norm with batch statistics over x.bin (f32 [nb, c, h w]) then `after` (0
 //       nothing, 1 a ReLU, 2 a ReLU and a 2x2 max pool), forward (gamma.bin, beta.bin, rm.bin,
 //       rv.bin: f32 [c]) and backward (dy.bin, the output's gradient; mean.bin, invstd.bin:
-//       the statistics the backward is given; dgamma.bin, dbeta.bin: the gradients to add to);
-//       writes y.out, mean.out, invstd.out, rm.out, rv.out, dx.out, dgamma.out, dbeta.out
+//       the statistics the backward is given; dgamma.bin, dbeta.bin: the gradients to add to),
+//       and the evaluation pass with eval_mean.bin, eval_invstd.bin; writes y.out, mean.out,
+//       invstd.out, rm.out, rv.out, dx.out, dgamma.out, dbeta.out, ye.out
 //   aug_emu DIR philox  n p stream step purpose
 //       dropout_fwd of x.bin (f32 [n]) with drop probability p, uniform_fill and
 //       bernoulli_keep of n draws; writes y.out, mask.out, uniform.out, keep.out
@@ -147,6 +148,8 @@ int main(int argc, char** argv) {
         auto invstd_in = emu_load<float>(dir + "invstd.bin", c);
         auto dgamma = emu_load<float>(dir + "dgamma.bin", c);
         auto dbeta = emu_load<float>(dir + "dbeta.bin", c);
+        auto eval_mean = emu_load<float>(dir + "eval_mean.bin", c);
+        auto eval_invstd = emu_load<float>(dir + "eval_invstd.bin", c);
         const dim3 sums{(unsigned)c, (unsigned)splits, 1}, per_channel{(unsigned)(c + 255) / 256, 1, 1};
         // Forward: statistics, then the normalization pass of `after`.
         std::vector<double> part(3 * c * splits);
@@ -215,6 +218,19 @@ int main(int argc, char** argv) {
         emu_save(dir + "dx.out", dx);
         emu_save(dir + "dgamma.out", dgamma);
         emu_save(dir + "dbeta.out", dbeta);
+        // Evaluation, with the backend's grid (rows for features, planes otherwise).
+        std::vector<float> ye(n);
+        if (inner == 1)
+            launch_planes(nb, c, [&] {
+                bn_row_eval(x.data(), gamma.data(), beta.data(), eval_mean.data(),
+                            eval_invstd.data(), ye.data(), nb, c);
+            });
+        else
+            launch_planes(planes, inner, [&] {
+                bn_eval(x.data(), gamma.data(), beta.data(), eval_mean.data(), eval_invstd.data(),
+                        ye.data(), planes, c, inner);
+            });
+        emu_save(dir + "ye.out", ye);
     } else if (op == "philox") {
         long long n = num(0);
         float p = f32arg(1);

@@ -714,6 +714,13 @@ extern "C" __global__ void bn_stats_partial(const float* x, int nb, int c, long 
     }
 }
 
+// Batch norm's output z = x scale + shift, each operation rounded (as the CPU computes it), in
+// every kernel that normalizes: the fused and unfused passes give the same bits, and the fused
+// backward finds the forward's ReLU mask again bit for bit.
+__device__ __forceinline__ float bn_z(float x, float sc, float sh) {
+    return __fadd_rn(__fmul_rn(x, sc), sh);
+}
+
 // scale = gamma invstd and shift = beta - mean scale, each operation rounded (as the CPU
 // backend's `Affine`): the fused backward below recomputes them from mean and invstd and must
 // find the forward's values bit for bit.
@@ -761,7 +768,7 @@ extern "C" __global__ void bn_apply(const float* x, const float* scale, const fl
     PLANE_LOOP(pl, i, planes, inner) {
         int ch = (int)(pl % c);
         long long j = pl * inner + i;
-        y[j] = x[j] * scale[ch] + shift[ch];
+        y[j] = bn_z(x[j], scale[ch], shift[ch]);
     }
 }
 extern "C" __global__ void bn_eval(const float* x, const float* gamma, const float* beta,
@@ -818,9 +825,6 @@ extern "C" __global__ void bn_bwd_dx(const float* x, const float* dy, const floa
 // finds both again from x and the statistics. z = x scale + shift is computed as the CPU
 // does, each operation rounded, so the forward and backward agree on every mask bit for bit.
 
-__device__ __forceinline__ float bn_z(float x, float sc, float sh) {
-    return __fadd_rn(__fmul_rn(x, sc), sh);
-}
 // The ReLU layer's rule: zero where z <= 0, z elsewhere (NaN propagates).
 __device__ __forceinline__ float bn_relu(float z) { return z <= 0.0f ? 0.0f : z; }
 // The gradient through a ReLU of input z: g where z > 0, NaN where z is NaN, else 0.
@@ -972,12 +976,13 @@ extern "C" __global__ void bn_row_stats_partial(const float* x, int nb, int c, d
     o[2] = m2;
 }
 
-// y = x scale + shift, then the ReLU with `relu` (bn_apply's and bn_relu_apply's arithmetic).
+// y = x scale + shift (bn_z), then the ReLU with `relu` (bn_apply's and bn_relu_apply's).
 extern "C" __global__ void bn_row_apply(const float* x, const float* scale, const float* shift,
                                         float* y, long long rows, int c, int relu) {
     PLANE_LOOP(r, ch, rows, c) {
         long long j = r * c + ch;
-        y[j] = relu ? bn_relu(bn_z(x[j], scale[ch], shift[ch])) : x[j] * scale[ch] + shift[ch];
+        float z = bn_z(x[j], scale[ch], shift[ch]);
+        y[j] = relu ? bn_relu(z) : z;
     }
 }
 

@@ -2459,11 +2459,12 @@ impl Backend for CudaBackend {
         let planes = n / inner64.max(1);
         if n > 0 && inner == 1 {
             // Features ([N, C]): rows on the grid's y axis, channels along x.
+            let rows = n / c.max(1) as i64;
             self.launch_planes(
                 "bn_row_eval",
-                planes as usize,
+                rows as usize,
                 c,
-                &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &planes, &c32],
+                &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &rows, &c32],
             );
         } else if n > 0 {
             self.launch_planes(
