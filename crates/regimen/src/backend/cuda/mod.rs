@@ -2508,39 +2508,15 @@ impl Backend for CudaBackend {
             let stats = (gamma, None, mean, invstd);
             return self.bn_row_backward(x, dy, stats, batch_stats, dgamma, dbeta);
         }
-        let splits = bn_splits(nb, c, inner);
-        let part = self.scratch_f64(2 * c * splits);
-        let (xp, dyp, gp, mp, ip, pp) = (
-            ptr(x),
-            ptr(dy),
-            ptr(gamma),
-            ptr(mean),
-            ptr(invstd),
-            part.ptr,
-        );
-        let (nb32, c32, inner64, sp32) = (nb as i32, c as i32, inner as i64, splits as i32);
-        // The sums of bn_after_bwd_partial with nothing after (`beta` unread: gamma's pointer
-        // stands in), over planes of `inner` values as one row.
-        let h32 = i32::try_from(inner).unwrap_or_else(|_| {
+        // The sums with nothing after batch norm (`beta` unread), over planes of `inner` values
+        // as one row.
+        let h = i32::try_from(inner).unwrap_or_else(|_| {
             panic!("batch norm: planes of {inner} values, past the kernels' 32-bit sizes")
         });
-        let (w32, after) = (1i32, 0i32);
-        self.launch3(
-            "bn_after_bwd_partial",
-            (c as u32, splits as u32, 1),
-            BLOCK,
-            &mut args![&xp, &dyp, &gp, &gp, &mp, &ip, &nb32, &c32, &h32, &w32, &after, &sp32, &pp],
-        );
-        let mean_dy = self.new_tensor(&[c], DType::F32);
-        let mean_dyx = self.new_tensor(&[c], DType::F32);
-        let (dgp, dbp) = (ptr_mut(dgamma), ptr_mut(dbeta));
-        let (mdp, mdxp, m) = (ptr(&mean_dy), ptr(&mean_dyx), (nb * inner) as f64);
-        self.launch(
-            "bn_bwd_finish",
-            (c as u32).div_ceil(BLOCK),
-            BLOCK,
-            &mut args![&pp, &c32, &sp32, &m, &dgp, &dbp, &mdp, &mdxp],
-        );
+        let (mean_dy, mean_dyx) =
+            self.bn_grad_sums(x, dy, (gamma, 0, mean, invstd), (h, 1, 0), dgamma, dbeta);
+        let (xp, dyp, gp, mp, ip) = (ptr(x), ptr(dy), ptr(gamma), ptr(mean), ptr(invstd));
+        let (mdp, mdxp, c32, inner64) = (ptr(&mean_dy), ptr(&mean_dyx), c as i32, inner as i64);
         let dx = self.new_tensor(x.shape(), DType::F32);
         let (dxp, bs, n) = (ptr(&dx), i32::from(batch_stats), x.numel() as i64);
         let planes = (nb * c) as i64;
@@ -3390,6 +3366,53 @@ impl CudaBackend {
         dx
     }
 
+    /// Batch norm's backward sums over planes of `h w` values, through what followed (`code`:
+    /// 0 nothing, 1 a ReLU, 2 a ReLU and the pool; `beta`, a device pointer, is read only
+    /// after a ReLU): dbeta += sum g and dgamma += sum g xhat per channel, and the means
+    /// `(mean_dy, mean_dyx)` the input gradient takes.
+    fn bn_grad_sums(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        (gamma, beta, mean, invstd): (&Tensor, u64, &Tensor, &Tensor),
+        (h, w, code): (i32, i32, i32),
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> (Tensor, Tensor) {
+        let c = gamma.numel();
+        let (nb, inner) = n_inner(x.shape(), c);
+        let splits = bn_splits(nb, c, inner);
+        let part = self.scratch_f64(2 * c * splits);
+        // With nothing after, gamma's pointer stands in for the unread beta.
+        let bp = if beta == 0 { ptr(gamma) } else { beta };
+        let (xp, dyp, gp, mp, ip, pp) = (
+            ptr(x),
+            ptr(dy),
+            ptr(gamma),
+            ptr(mean),
+            ptr(invstd),
+            part.ptr,
+        );
+        let (nb32, c32, sp32) = (nb as i32, c as i32, splits as i32);
+        self.launch3(
+            "bn_after_bwd_partial",
+            (c as u32, splits as u32, 1),
+            BLOCK,
+            &mut args![&xp, &dyp, &gp, &bp, &mp, &ip, &nb32, &c32, &h, &w, &code, &sp32, &pp],
+        );
+        let mean_dy = self.new_tensor(&[c], DType::F32);
+        let mean_dyx = self.new_tensor(&[c], DType::F32);
+        let (dgp, dbp) = (ptr_mut(dgamma), ptr_mut(dbeta));
+        let (mdp, mdxp, m) = (ptr(&mean_dy), ptr(&mean_dyx), (nb * inner) as f64);
+        self.launch(
+            "bn_bwd_finish",
+            (c as u32).div_ceil(BLOCK),
+            BLOCK,
+            &mut args![&pp, &c32, &sp32, &m, &dgp, &dbp, &mdp, &mdxp],
+        );
+        (mean_dy, mean_dyx)
+    }
+
     /// Backward of [`CudaBackend::bn_forward`] with batch statistics, after a ReLU (`dy` the
     /// gradient of its output) or a ReLU and the pool (`dy` the pool's output gradient): the
     /// ReLU's mask and the pool's arg-max are found again from `x` inside the two passes.
@@ -3413,34 +3436,24 @@ impl CudaBackend {
             BnAfter::ReluPool { h, w } => (h, w, 2),
             BnAfter::Nothing => unreachable!("batch_norm_backward runs that case"),
         };
-        let splits = bn_splits(nb, c, inner);
-        let part = self.scratch_f64(2 * c * splits);
-        let (xp, dyp, gp, bp, mp, ip, pp) = (
+        let (h32, w32) = (h as i32, w as i32);
+        let (mean_dy, mean_dyx) = self.bn_grad_sums(
+            x,
+            dy,
+            (gamma, ptr(beta), mean, invstd),
+            (h32, w32, code),
+            dgamma,
+            dbeta,
+        );
+        let (xp, dyp, gp, bp, mp, ip) = (
             ptr(x),
             ptr(dy),
             ptr(gamma),
             ptr(beta),
             ptr(mean),
             ptr(invstd),
-            part.ptr,
         );
-        let (nb32, c32, h32, w32, sp32) = (nb as i32, c as i32, h as i32, w as i32, splits as i32);
-        self.launch3(
-            "bn_after_bwd_partial",
-            (c as u32, splits as u32, 1),
-            BLOCK,
-            &mut args![&xp, &dyp, &gp, &bp, &mp, &ip, &nb32, &c32, &h32, &w32, &code, &sp32, &pp],
-        );
-        let mean_dy = self.new_tensor(&[c], DType::F32);
-        let mean_dyx = self.new_tensor(&[c], DType::F32);
-        let (dgp, dbp) = (ptr_mut(dgamma), ptr_mut(dbeta));
-        let (mdp, mdxp, m) = (ptr(&mean_dy), ptr(&mean_dyx), (nb * inner) as f64);
-        self.launch(
-            "bn_bwd_finish",
-            (c as u32).div_ceil(BLOCK),
-            BLOCK,
-            &mut args![&pp, &c32, &sp32, &m, &dgp, &dbp, &mdp, &mdxp],
-        );
+        let (mdp, mdxp, c32) = (ptr(&mean_dy), ptr(&mean_dyx), c as i32);
         let dx = self.new_tensor(x.shape(), DType::F32);
         let (dxp, planes) = (ptr(&dx), (nb * c) as i64);
         if x.numel() > 0 {
