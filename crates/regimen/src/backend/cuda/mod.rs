@@ -2545,12 +2545,8 @@ impl Backend for CudaBackend {
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Tensor {
-        let c = gamma.numel();
-        if n_inner(x.shape(), c).1 >= i32::MAX as usize {
-            // Planes past the kernels' 32-bit sizes: the ReLU's backward, then batch norm's.
-            let dz = self.unary_backward(Unary::Relu, y, y, dy);
-            return self.batch_norm_backward(x, &dz, gamma, mean, invstd, true, dgamma, dbeta);
-        }
+        // The mask is found again from x: y is not read.
+        let _ = y;
         let stats = (gamma, beta, mean, invstd);
         self.bn_after_backward(x, dy, stats, dgamma, dbeta, BnAfter::Relu)
     }
@@ -3436,7 +3432,12 @@ impl CudaBackend {
             BnAfter::ReluPool { h, w } => (h, w, 2),
             BnAfter::Nothing => unreachable!("batch_norm_backward runs that case"),
         };
-        let (h32, w32) = (h as i32, w as i32);
+        let size = |v: usize| {
+            i32::try_from(v).unwrap_or_else(|_| {
+                panic!("batch norm: planes of {inner} values, past the kernels' 32-bit sizes")
+            })
+        };
+        let (h32, w32) = (size(h), size(w));
         let (mean_dy, mean_dyx) = self.bn_grad_sums(
             x,
             dy,
