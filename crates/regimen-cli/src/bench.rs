@@ -34,6 +34,11 @@ pub struct BenchArgs {
     /// Also print where a step's time goes: forward and backward time of each layer.
     #[arg(long)]
     profile: bool,
+    /// Also print what each GPU operation (kernel, cuBLAS or cuDNN call, copy) takes, over a
+    /// few eager steps, each queued behind a hold so that the GPU runs it back to back (GPU
+    /// only).
+    #[arg(long)]
+    kernels: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -140,6 +145,89 @@ fn profile(
     Ok(())
 }
 
+/// Steps traced by `--kernels`, and how long the GPU is held while the host queues each.
+const TRACED_STEPS: usize = 5;
+const TRACE_HOLD_MS: f64 = 250.0;
+
+/// `--kernels`: every GPU operation of [`TRACED_STEPS`] eager steps, by operation and by kernel,
+/// against `step_ms`, the timed steps' median (run as `mode`).
+fn kernel_table(
+    device: Device,
+    step_ms: f64,
+    mode: &str,
+    mut one: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let mut ops: Vec<(String, usize, f64)> = Vec::new();
+    let mut kernels: Vec<(String, usize, f64)> = Vec::new();
+    let add = |rows: &mut Vec<(String, usize, f64)>, key: &str, us: f64| match rows
+        .iter_mut()
+        .find(|r| r.0 == key)
+    {
+        Some(r) => {
+            r.1 += 1;
+            r.2 += us;
+        }
+        None => rows.push((key.to_string(), 1, us)),
+    };
+    let mut caveats = Vec::new();
+    for _ in 0..TRACED_STEPS {
+        let (r, t) = regimen::backend::gpu_kernel_trace(device, TRACE_HOLD_MS, &mut one)?;
+        r?;
+        let t = t.ok_or_else(|| anyhow::anyhow!("--kernels needs --device cuda"))?;
+        caveats.extend(t.caveat());
+        for (label, us) in &t.ops {
+            add(&mut ops, label, *us);
+            add(&mut kernels, &kernel_of(label), *us);
+        }
+    }
+    let n = TRACED_STEPS as f64;
+    let busy: f64 = ops.iter().map(|r| r.2).sum::<f64>() / n;
+    for (title, rows) in [("operation", &mut ops), ("kernel", &mut kernels)] {
+        rows.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap());
+        say!(
+            "{:>10} {:>10} {:>10} {:>6}  GPU {title} ({TRACED_STEPS} eager steps, each queued behind a hold)",
+            "calls/step",
+            "us/step",
+            "us/call",
+            "share"
+        );
+        for (name, calls, us) in rows.iter() {
+            say!(
+                "{:>10.1} {:>10.1} {:>10.2} {:>5.1}%  {name}",
+                *calls as f64 / n,
+                us / n,
+                us / *calls as f64,
+                100.0 * us / n / busy.max(1e-9)
+            );
+        }
+    }
+    say!(
+        "GPU busy {:.3} ms per step (the operations back to back); the timed steps ({mode}) took {step_ms:.3} ms each: {:.3} ms per step was not spent in operations",
+        busy / 1e3,
+        step_ms - busy / 1e3
+    );
+    caveats.dedup();
+    for c in caveats {
+        say!("kernel trace: {c}");
+    }
+    Ok(())
+}
+
+/// The kernel, library call or transfer an operation of a trace belongs to: a label without
+/// its launch shape or sizes.
+fn kernel_of(label: &str) -> String {
+    let cut = |at: &str| label.split(at).next().unwrap_or(label).to_string();
+    if label.starts_with("cuBLAS") {
+        "cuBLAS gemm".into()
+    } else if label.starts_with("cuDNN") {
+        cut(" x [")
+    } else if label.contains(" [") {
+        cut(" [")
+    } else {
+        label.split(' ').next().unwrap_or(label).to_string()
+    }
+}
+
 /// Augmentation throughput: crop (pad 2) + flip on one thread, 28x28 grey and 32x32 RGB.
 fn augment(args: &BenchArgs) -> Result<()> {
     let pipeline = regimen::data::Pipeline::parse("crop=2,flip")?;
@@ -196,6 +284,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let device = regimen::dist::rank_device(&args.device, world.rank(), world.size())?;
     if args.graph && device == Device::Cpu {
         bail!("--graph records a CUDA graph: it needs --device cuda");
+    }
+    if args.kernels && device == Device::Cpu {
+        bail!("--kernels times the operations queued on a GPU: it needs --device cuda");
     }
     let mut rng = Rng::new(0);
     let mut model = match args.workload.as_str() {
@@ -289,6 +380,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         be.synchronize();
         rates.push(args.steps as f64 / t.elapsed().as_secs_f64());
     }
+    let mut sorted = rates.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = sorted[sorted.len() / 2];
+    if args.kernels {
+        let mode = if args.graph { "graph replay" } else { "eager" };
+        kernel_table(device, 1e3 / median, mode, || step(&mut model, &mut opt))?;
+    }
     // The cost of the collective alone: one all-reduce of the whole gradient, median of 20.
     let allreduce = if ranks > 1 {
         let n = regimen::layer::param_count(&mut model);
@@ -314,9 +412,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             say!("convolution {line}");
         }
     }
-    let mut sorted = rates.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median = sorted[sorted.len() / 2];
     let threads = rayon::current_num_threads();
     let mode = if args.graph { "graph" } else { "eager" };
     if args.json {
@@ -359,4 +454,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_of;
+
+    #[test]
+    fn trace_labels_group_by_kernel_call_or_transfer() {
+        for (label, kernel) in [
+            ("bn_apply [4x32x1]x256", "bn_apply"),
+            ("conv_ig_fwd_tf32_m32 [98x2x1]x128", "conv_ig_fwd_tf32_m32"),
+            ("cuBLAS NT m512 n784 k128 f32", "cuBLAS gemm"),
+            (
+                "cuDNN weight gradient x [128, 32, 28, 28] * w [32, 32, 3, 3] stride 1 pad 1",
+                "cuDNN weight gradient",
+            ),
+            ("copy 12 KiB", "copy"),
+            ("fill 512 x f32", "fill"),
+        ] {
+            assert_eq!(kernel_of(label), kernel, "{label}");
+        }
+    }
 }

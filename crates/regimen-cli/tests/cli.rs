@@ -97,6 +97,7 @@ fn bad_input_is_one_line_and_exit_2() {
         &["summary", "--model", "resnot"],
         &["summary", "--input", "3,x"],
         &["bench", "--workload", "gpt"],
+        &["bench", "--kernels"],
     ] {
         let (code, out, err) = regimen(args);
         assert_eq!(code, 2, "{args:?}: {out}{err}");

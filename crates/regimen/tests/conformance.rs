@@ -925,6 +925,48 @@ fn a_recorded_step_replays_as_the_eager_steps() {
     }
 }
 
+/// The kernel trace (`regimen bench --kernels`): one timed entry per operation, in order,
+/// named by what ran; on the CPU the work runs untraced.
+#[test]
+fn a_kernel_trace_names_and_times_each_operation() {
+    let (sum, none) = regimen::backend::gpu_kernel_trace(Device::Cpu, 1.0, || 2 + 2).unwrap();
+    assert_eq!(
+        (sum, none.is_none()),
+        (4, true),
+        "the CPU runs the work untraced"
+    );
+    let Some(g) = gpu() else { return };
+    let be = g.backend();
+    let a = t(&[256, 384], 1, g);
+    let b = t(&[384, 128], 2, g);
+    let mut c = be.zeros(&[256, 128], DType::F32);
+    let (sum, trace) = regimen::backend::gpu_kernel_trace(g, 50.0, || {
+        be.matmul(&a, false, &b, false, &mut c, false);
+        be.add(&c, &c)
+    })
+    .unwrap();
+    let trace = trace.expect("a trace on the GPU");
+    let labels: Vec<&str> = trace.ops.iter().map(|o| o.0.as_str()).collect();
+    assert_eq!(labels.len(), 2, "one entry per operation: {labels:?}");
+    assert!(
+        labels[0].starts_with("cuBLAS NN m256 n128 k384"),
+        "{labels:?}"
+    );
+    assert!(labels[1].starts_with("add ["), "{labels:?}");
+    for (label, us) in &trace.ops {
+        // Both are far under a millisecond on any supported GPU; a time that includes the
+        // 50 ms hold (the start event placed before the spinning kernel) fails here.
+        assert!(*us > 0.0 && *us < 5_000.0, "{label}: {us} us");
+    }
+    assert_eq!(trace.caveat(), None);
+    close(
+        "traced add",
+        &sum.to_vec(),
+        &be.add(&c, &c).to_vec(),
+        Tol(0.0, 0.0),
+    );
+}
+
 #[test]
 fn kernels_compile_with_nvrtc() {
     #[cfg(feature = "cuda")]

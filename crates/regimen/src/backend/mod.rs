@@ -88,6 +88,54 @@ pub fn gpu_conv_plans(device: Device) -> Vec<String> {
     Vec::new()
 }
 
+/// What each operation queued on a GPU took, in order (see [`gpu_kernel_trace`]).
+#[derive(Clone, Debug, Default)]
+pub struct KernelTrace {
+    /// `(operation, microseconds on the GPU)`: a kernel as `name [grid]xblock`, a cuBLAS or
+    /// cuDNN call with its shape, a copy or fill with its size.
+    pub ops: Vec<(String, f64)>,
+    /// How long the host took to queue the traced work.
+    pub queued_ms: f64,
+    /// How long the GPU was held before it (while the host queued).
+    pub hold_ms: f64,
+    /// Whether the host waited for the device while tracing (a host read).
+    pub synced: bool,
+}
+
+impl KernelTrace {
+    /// Why the times may include waits for the host rather than the GPU's own work, if they
+    /// may.
+    pub fn caveat(&self) -> Option<String> {
+        if self.synced {
+            Some("the host waited for the device while queuing: the operations after that wait include the host's time".into())
+        } else if self.queued_ms > self.hold_ms {
+            Some(format!(
+                "the host took {:.1} ms to queue the work, more than the {:.1} ms hold: the later operations include waits for the host",
+                self.queued_ms, self.hold_ms
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Runs `f` and, on a GPU, times every operation it queues ([`KernelTrace`]): the stream is
+/// held for `hold_ms` first, so that the GPU runs the queued work back to back and each time is
+/// the operation's own. On the CPU `f` just runs (`None`).
+pub fn gpu_kernel_trace<R>(
+    device: Device,
+    hold_ms: f64,
+    f: impl FnOnce() -> R,
+) -> Result<(R, Option<KernelTrace>)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        let (r, t) = cuda::get(n)?.trace(hold_ms, f)?;
+        return Ok((r, Some(t)));
+    }
+    let _ = (device, hold_ms);
+    Ok((f(), None))
+}
+
 pub(crate) use update::{
     adagrad as adagrad_element, adam as adam_element, rmsprop as rmsprop_element,
     sgd as sgd_element,

@@ -1120,6 +1120,19 @@ extern "C" __global__ void mse_partial(const float* p, const float* q, long long
 
 extern "C" __global__ void increment(u32* counter, u32 by) { counter[0] += by; }
 
+#ifdef __CUDACC__
+// Holds the stream for `ns` nanoseconds of the GPU's global timer (one thread), so that the
+// host can queue work behind it: the kernel trace (`CudaBackend::trace`) then times each
+// operation back to back, with no wait for the host between them.
+extern "C" __global__ void spin_wait(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+#endif
+
 extern "C" __global__ void note_nonfinite(const float* loss, const u32* step, u32* first) {
     if (first[0] == 0u && !isfinite(loss[0])) first[0] = step[0] + 1u;
 }

@@ -38,8 +38,8 @@ use cudarc::driver::{result as dr, sys, CudaContext, CudaFunction, CudaStream};
 
 use crate::backend::pool::Pool;
 use crate::backend::{
-    strict, Backend, Graph, HostBuf, ParamUpdate, PoolStats, RandomKey, Target, Unary, UpdateRule,
-    UpdateScalars, Window,
+    strict, Backend, Graph, HostBuf, KernelTrace, ParamUpdate, PoolStats, RandomKey, Target, Unary,
+    UpdateRule, UpdateScalars, Window,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Indices, Storage, Tensor};
@@ -253,6 +253,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "mse_partial",
     "note_nonfinite",
     "increment",
+    "spin_wait",
     "optim_update",
     "gather_augment",
     "one_hot",
@@ -380,7 +381,20 @@ pub struct CudaBackend {
     /// Convolution directions run so far: f32 by the implicit-GEMM kernels, f32 by im2col,
     /// 16-bit (always im2col), f32 by cuDNN.
     conv_runs: [AtomicUsize; 4],
+    /// The kernel trace in progress ([`CudaBackend::trace`]), and whether there is one (read
+    /// at every launch without taking the lock).
+    trace: Mutex<Option<Trace>>,
+    tracing: AtomicBool,
 }
+
+/// The events of a kernel trace: one after the hold, then one after each operation.
+struct Trace {
+    start: sys::CUevent,
+    marks: Vec<(String, sys::CUevent)>,
+    synced: bool,
+}
+// SAFETY: events are plain driver handles, used under `CudaBackend::trace`'s lock.
+unsafe impl Send for Trace {}
 
 const MAX_GPUS: usize = 16;
 static SLOTS: [OnceLock<CudaBackend>; MAX_GPUS] = [const { OnceLock::new() }; MAX_GPUS];
@@ -569,6 +583,8 @@ impl CudaBackend {
             tuned: Mutex::new(HashMap::new()),
             tune_notes: Mutex::new(tune_notes),
             conv_runs: Default::default(),
+            trace: Mutex::new(None),
+            tracing: AtomicBool::new(false),
         })
     }
 
@@ -675,6 +691,7 @@ impl CudaBackend {
             unsafe { dr::memcpy_dtod_async(dst, src, words * 4, self.raw.stream) },
             "device copy",
         );
+        self.mark(|| format!("copy {} KiB", (words * 4).div_ceil(1024)));
     }
 
     fn launch(&self, name: &str, grid: u32, block: u32, args: &mut [*mut c_void]) {
@@ -711,6 +728,115 @@ impl CudaBackend {
             },
             name,
         );
+        self.mark(|| format!("{name} [{}x{}x{}]x{block}", grid.0, grid.1, grid.2));
+    }
+
+    /// Under [`CudaBackend::trace`]: an event after the operation just queued, named by
+    /// `label` (made only then).
+    fn mark(&self, label: impl FnOnce() -> String) {
+        if !self.tracing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut t = self.trace.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tr) = t.as_mut() else { return };
+        let ev = match dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT) {
+            Ok(ev) => ev,
+            Err(_) => return,
+        };
+        if unsafe { dr::event::record(ev, self.raw.stream) }.is_ok() {
+            tr.marks.push((label(), ev));
+        } else {
+            let _ = unsafe { dr::event::destroy(ev) };
+        }
+    }
+
+    /// Runs `f` with an event after every operation it queues on this GPU, and returns what
+    /// each took on the GPU, in order. The stream is first held by a spinning kernel for
+    /// `hold_ms`, so that `f` queues its work behind it and the GPU then runs that work back to
+    /// back: each time is the operation's own, not a wait for the host. The report says when
+    /// the hold was too short (`queued_ms` > `hold_ms`: the later times include such waits)
+    /// and when `f` waited for the device (a host read: the times after it do too). Not while
+    /// a graph is recorded.
+    pub fn trace<R>(&self, hold_ms: f64, f: impl FnOnce() -> R) -> Result<(R, KernelTrace)> {
+        let err = |what: &'static str| {
+            move |e: dr::DriverError| Error::Device {
+                device: "cuda".into(),
+                reason: format!("kernel trace: {what}: {e:?}"),
+            }
+        };
+        if self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return Err(Error::Device {
+                device: format!("cuda:{}", self.ordinal),
+                reason: "kernel trace: a graph is being recorded".into(),
+            });
+        }
+        self.synchronize();
+        let start = dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(err("creating an event"))?;
+        let ns = (hold_ms.max(0.0) * 1e6) as u64;
+        self.launch("spin_wait", 1, 1, &mut args![&ns]);
+        unsafe { dr::event::record(start, self.raw.stream) }.map_err(err("recording"))?;
+        *self.trace.lock().unwrap_or_else(|e| e.into_inner()) = Some(Trace {
+            start,
+            marks: Vec::new(),
+            synced: false,
+        });
+        self.tracing.store(true, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        let r = f();
+        let queued_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.tracing.store(false, Ordering::Relaxed);
+        let tr = self
+            .trace
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("the trace begun above");
+        self.synchronize();
+        let mut ops = Vec::with_capacity(tr.marks.len());
+        let mut prev = tr.start;
+        let mut failed = None;
+        for (label, ev) in &tr.marks {
+            match unsafe { dr::event::elapsed(prev, *ev) } {
+                Ok(ms) => ops.push((label.clone(), ms as f64 * 1e3)),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+            prev = *ev;
+        }
+        for ev in std::iter::once(tr.start).chain(tr.marks.iter().map(|m| m.1)) {
+            let _ = unsafe { dr::event::destroy(ev) };
+        }
+        if let Some(e) = failed {
+            return Err(err("reading the events")(e));
+        }
+        Ok((
+            r,
+            KernelTrace {
+                ops,
+                queued_ms,
+                hold_ms,
+                synced: tr.synced,
+            },
+        ))
+    }
+
+    /// Notes, under a trace, that the host waited for the device.
+    fn note_sync(&self) {
+        if self.tracing.load(Ordering::Relaxed) {
+            if let Some(t) = self
+                .trace
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                t.synced = true;
+            }
+        }
     }
 
     fn new_tensor(&self, shape: &[usize], dtype: DType) -> Tensor {
@@ -1005,6 +1131,7 @@ impl CudaBackend {
                     dnn.forward(plan, ptr(x), ptr(w), ptr(&y))
                         .map_err(|e| e.to_string())?;
                 }
+                self.mark(|| format!("cuDNN forward {}", g.describe()));
                 if let Some(b) = b {
                     self.add_channel_bias(&mut y, b, g.oc);
                 }
@@ -1034,7 +1161,9 @@ impl CudaBackend {
                 let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
                 self.bind();
                 dnn.weight_grad(plan, ptr(x), ptr(dy), ptr_mut(dw))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                self.mark(|| format!("cuDNN weight gradient {}", g.describe()));
+                Ok(())
             }
             tune::Engine::Implicit { .. } => {
                 let s = Self::ig_shape(g).ok_or("sizes beyond 32-bit indices")?;
@@ -1077,6 +1206,7 @@ impl CudaBackend {
                 self.bind();
                 dnn.input_grad(plan, ptr(w), ptr(dy), ptr(&dx))
                     .map_err(|e| e.to_string())?;
+                self.mark(|| format!("cuDNN input gradient {}", g.describe()));
                 Ok(dx)
             }
             tune::Engine::Implicit { .. } => {
@@ -1386,6 +1516,18 @@ impl CudaBackend {
         if let Err(e) = r {
             panic!("cuda:{}: cublasGemmEx {m}x{n}x{k}: {e:?}", self.ordinal);
         }
+        self.mark(|| {
+            format!(
+                "cuBLAS {}{} m{m} n{n} k{k} {dtype}{}",
+                if ta { "T" } else { "N" },
+                if tb { "T" } else { "N" },
+                if tf32 && dtype == DType::F32 {
+                    " tf32"
+                } else {
+                    ""
+                }
+            )
+        });
     }
 
     /// Sum (op 0), sum |x| (1), sum x^2 (2) or "all finite" (3) of a tensor, as a new `[1]`.
@@ -1636,7 +1778,9 @@ impl Backend for CudaBackend {
             }
         };
         self.check(r, "copy to the GPU");
+        self.mark(|| format!("upload {} KiB", (data.len() * 4).div_ceil(1024)));
         // A pageable source may be read after the call returns: wait before it is dropped.
+        self.note_sync();
         self.check(unsafe { dr::stream::synchronize(cs) }, "copy to the GPU");
     }
 
@@ -1678,6 +1822,7 @@ impl Backend for CudaBackend {
                 HostBuf::U16(v)
             }
         };
+        self.note_sync();
         self.check(unsafe { dr::stream::synchronize(cs) }, "copy from the GPU");
         out
     }
@@ -1706,6 +1851,7 @@ impl Backend for CudaBackend {
             }
         };
         self.check(r, "fill");
+        self.mark(|| format!("fill {n} x {dtype}"));
     }
 
     fn copy(&self, src: &Tensor, dst: &mut Tensor) {
@@ -1744,6 +1890,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) {
+        self.note_sync();
         self.bind();
         self.check(
             unsafe { dr::stream::synchronize(self.raw.stream) },
@@ -3160,6 +3307,23 @@ impl ConvGeom {
             win,
         }
     }
+    /// `x [N, C, H, W] * w [OC, C, KH, KW] /stride pad`, for traces.
+    fn describe(&self) -> String {
+        format!(
+            "x [{}, {}, {}, {}] * w [{}, {}, {}, {}] stride {} pad {}",
+            self.nb,
+            self.c,
+            self.h,
+            self.w,
+            self.oc,
+            self.c,
+            self.win.kh,
+            self.win.kw,
+            self.win.stride,
+            self.win.pad
+        )
+    }
+
     /// `nb, c, h, w, kh, kw, stride, pad, oh, ow` as i32.
     fn ints(&self) -> [i32; 10] {
         [
