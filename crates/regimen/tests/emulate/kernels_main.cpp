@@ -257,7 +257,7 @@ int main(int argc, char** argv) {
         auto y = emu_load<float>(dir + "y.bin", rows * c), dy = emu_load<float>(dir + "dy.bin", rows * c);
         auto b = emu_load<float>(dir + "b.bin", c), db = emu_load<float>(dir + "db.bin", c);
         launch_planes(rows, c, [&] { add_row_bias(y.data(), b.data(), rows, c); });
-        emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 256,
+        emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024,
                    [&] { row_sum_acc(dy.data(), db.data(), (int)rows, c); });
         emu_save(dir + "y.out", y);
         emu_save(dir + "db.out", db);

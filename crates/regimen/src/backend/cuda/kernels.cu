@@ -269,18 +269,23 @@ extern "C" __global__ void channel_sum_acc(const float* dy, float* dbias, int nb
 // channel_sum_acc would read each column with one thread): a block per 32 channels, eight
 // warps of rows (warp l sums rows l, l + 8, ... in order, its 32 lanes reading 32 neighbouring
 // channels of a row), the eight partial sums then added in order.
+// dbias[ch] += the sum of column ch of dy [nb, c]: 32 columns per block of ROW_SUM_WARPS
+// warps (1024 threads), each warp reading whole 128-byte rows, so that a warp walks nb/32 rows
+// (a linear layer's batch; with 8 warps, 64 dependent steps at batch 512); the warps' partial
+// sums are added in a fixed order.
+#define ROW_SUM_WARPS 32
 extern "C" __global__ void row_sum_acc(const float* dy, float* dbias, int nb, int c) {
-    __shared__ double part[8][32];
+    __shared__ double part[ROW_SUM_WARPS][32];
     int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
     int ch = blockIdx.x * 32 + lc;
     double acc = 0.0;
     if (ch < c)
-        for (int r = lane; r < nb; r += 8) acc += (double)dy[(long long)r * c + ch];
+        for (int r = lane; r < nb; r += ROW_SUM_WARPS) acc += (double)dy[(long long)r * c + ch];
     part[lane][lc] = acc;
     __syncthreads();
     if (lane == 0 && ch < c) {
         double t = 0.0;
-        for (int l = 0; l < 8; l++) t += part[l][lc];
+        for (int l = 0; l < ROW_SUM_WARPS; l++) t += part[l][lc];
         dbias[ch] += (float)t;
     }
 }

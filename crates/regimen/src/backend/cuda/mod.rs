@@ -2024,12 +2024,13 @@ impl Backend for CudaBackend {
     fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize) {
         let (nb, inner) = n_inner(dy.shape(), channels);
         if inner == 1 {
-            // [N, C]: 32 channels per block, coalesced (a thread per column otherwise).
+            // [N, C]: 32 channels per block of 32 warps, coalesced (a thread per column
+            // otherwise; `ROW_SUM_WARPS` in kernels.cu).
             let (dp, bp, nb, c) = (ptr(dy), ptr_mut(dbias), nb as i32, channels as i32);
             self.launch(
                 "row_sum_acc",
                 channels.div_ceil(32) as u32,
-                BLOCK,
+                1024,
                 &mut args![&dp, &bp, &nb, &c],
             );
             return;
