@@ -292,6 +292,30 @@ fn convolutions() {
             },
         );
     }
+    // A weight gradient over 13 x 29 x 29 = 10,933 positions: im2col splits its product in two
+    // of 5,466 terms and adds the one left over onto the first (`gemm_splits`), in f32 and
+    // with 16-bit operands.
+    for dt in [DType::F32, DType::BF16] {
+        same(
+            &format!("conv weight gradient over 10,933 positions, {dt}"),
+            if dt == DType::F32 { GEMM } else { BF16 },
+            |d| {
+                let be = d.backend();
+                let win = Window {
+                    kh: 3,
+                    kw: 3,
+                    stride: 1,
+                    pad: 1,
+                };
+                let x = t(&[13, 3, 29, 29], 29, d).to_dtype(dt);
+                let w = t(&[4, 3, 3, 3], 30, d).to_dtype(dt);
+                let dy = t(&[13, 4, 29, 29], 31, d);
+                let mut dw = t(&[4, 3, 3, 3], 32, d);
+                be.conv2d_backward(&x, &w, &dy, win, &mut dw, None, false);
+                vec![dw]
+            },
+        );
+    }
     same("conv bf16", BF16, |d| {
         let be = d.backend();
         let win = Window {

@@ -1172,19 +1172,8 @@ impl CudaBackend {
             }
             tune::Engine::Im2col => {
                 let dyt = dyt.get_or_insert_with(|| self.conv_dy_t(dy, x.dtype(), g));
-                let tf32 = x.dtype() == DType::F32 && CONV_TF32.load(Ordering::Relaxed);
                 let col = self.im2col(x, g);
-                // dW [OC, K] += dy' [OC, N P] col^T
-                self.gemm(
-                    (false, true),
-                    (g.oc, g.k, g.nb * g.p),
-                    (ptr(dyt), g.nb * g.p),
-                    (ptr(&col), g.nb * g.p),
-                    (ptr_mut(dw), g.k),
-                    x.dtype(),
-                    1.0,
-                    tf32,
-                );
+                self.im2col_weight_grad(dyt, &col, g, dw);
                 Ok(())
             }
         }
@@ -1466,25 +1455,7 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return;
         }
-        let (ab_type, compute) = match dtype {
-            DType::F32 => (
-                bsys::cudaDataType_t::CUDA_R_32F,
-                if tf32 {
-                    bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-                } else {
-                    bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-                },
-            ),
-            DType::BF16 => (
-                bsys::cudaDataType_t::CUDA_R_16BF,
-                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ),
-            DType::F16 => (
-                bsys::cudaDataType_t::CUDA_R_16F,
-                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ),
-            DType::U32 => unreachable!("integer matrix product"),
-        };
+        let (ab_type, compute) = gemm_types(dtype, tf32);
         let alpha = 1.0f32;
         let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
         self.bind();
@@ -1516,18 +1487,125 @@ impl CudaBackend {
         if let Err(e) = r {
             panic!("cuda:{}: cublasGemmEx {m}x{n}x{k}: {e:?}", self.ordinal);
         }
-        self.mark(|| {
-            format!(
-                "cuBLAS {}{} m{m} n{n} k{k} {dtype}{}",
-                if ta { "T" } else { "N" },
-                if tb { "T" } else { "N" },
-                if tf32 && dtype == DType::F32 {
-                    " tf32"
-                } else {
-                    ""
-                }
+        self.mark(|| gemm_label((ta, tb), (m, n, k), 1, dtype, tf32));
+    }
+
+    /// `batch` products as [`CudaBackend::gemm`] (beta 0), the `i`-th on A, B and C advanced by
+    /// `i` times their stride (in elements).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_batched(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, lda, sa): (u64, usize, usize),
+        (b, ldb, sb): (u64, usize, usize),
+        (c, ldc, sc): (u64, usize, usize),
+        batch: usize,
+        dtype: DType,
+        tf32: bool,
+    ) {
+        use bsys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        if m == 0 || n == 0 || batch == 0 {
+            return;
+        }
+        let (ab_type, compute) = gemm_types(dtype, tf32);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        self.bind();
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let r = unsafe {
+            blas::gemm_strided_batched_ex(
+                self.raw.blas,
+                op(tb),
+                op(ta),
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                ab_type,
+                ldb as i32,
+                sb as i64,
+                a as *const c_void,
+                ab_type,
+                lda as i32,
+                sa as i64,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                bsys::cudaDataType_t::CUDA_R_32F,
+                ldc as i32,
+                sc as i64,
+                batch as i32,
+                compute,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-        });
+        };
+        if let Err(e) = r {
+            panic!(
+                "cuda:{}: cublasGemmStridedBatchedEx {batch} x {m}x{n}x{k}: {e:?}",
+                self.ordinal
+            );
+        }
+        self.mark(|| gemm_label((ta, tb), (m, n, k), batch, dtype, tf32));
+    }
+
+    /// dW [OC, K] += dy' [OC, N P] col^T over a reduction of N P terms (100,352 for cnn-step's
+    /// second layer at batch 128, 401,408 at 512) into an output of OC K values (9,216): one
+    /// product would leave most of the GPU idle, each of its few tiles walking the whole
+    /// reduction. Split into `splits` products of equal length (one batched call, each into its
+    /// own partial [OC, K]; the remainder added onto the first), then the partials summed in
+    /// order into dW (`conv_ig_dw_sum`, as the implicit weight gradient's): deterministic.
+    fn im2col_weight_grad(&self, dyt: &Tensor, col: &Tensor, g: &ConvGeom, dw: &mut Tensor) {
+        let dtype = col.dtype();
+        let tf32 = dtype == DType::F32 && CONV_TF32.load(Ordering::Relaxed);
+        let np = g.nb * g.p;
+        let mk = g.oc * g.k;
+        let (splits, len) = gemm_splits(np, g.oc, g.k);
+        if splits == 1 {
+            self.gemm(
+                (false, true),
+                (g.oc, g.k, np),
+                (ptr(dyt), np),
+                (ptr(col), np),
+                (ptr_mut(dw), g.k),
+                dtype,
+                1.0,
+                tf32,
+            );
+            return;
+        }
+        let part = self.new_tensor(&[splits, g.oc, g.k], DType::F32);
+        self.gemm_batched(
+            (false, true),
+            (g.oc, g.k, len),
+            (ptr(dyt), np, len),
+            (ptr(col), np, len),
+            (ptr(&part), g.k, mk),
+            splits,
+            dtype,
+            tf32,
+        );
+        let done = splits * len;
+        if done < np {
+            let skip = (done * dtype.size()) as u64;
+            self.gemm(
+                (false, true),
+                (g.oc, g.k, np - done),
+                (ptr(dyt) + skip, np),
+                (ptr(col) + skip, np),
+                (ptr(&part), g.k),
+                dtype,
+                1.0,
+                tf32,
+            );
+        }
+        let (pp, dwp, chunks, n) = (ptr(&part), ptr_mut(dw), splits as i32, mk as i64);
+        self.launch(
+            "conv_ig_dw_sum",
+            mk.div_ceil(32) as u32,
+            BLOCK,
+            &mut args![&pp, &dwp, &chunks, &n],
+        );
     }
 
     /// Sum (op 0), sum |x| (1), sum x^2 (2) or "all finite" (3) of a tensor, as a new `[1]`.
@@ -3224,6 +3302,65 @@ struct IgShape {
     ow: i32,
 }
 
+/// cuBLAS's operand type and compute type for products of `dtype` (TF32 tensor cores for f32
+/// when `tf32`).
+fn gemm_types(dtype: DType, tf32: bool) -> (bsys::cudaDataType_t, bsys::cublasComputeType_t) {
+    match dtype {
+        DType::F32 => (
+            bsys::cudaDataType_t::CUDA_R_32F,
+            if tf32 {
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            } else {
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            },
+        ),
+        DType::BF16 => (
+            bsys::cudaDataType_t::CUDA_R_16BF,
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+        DType::F16 => (
+            bsys::cudaDataType_t::CUDA_R_16F,
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+        DType::U32 => unreachable!("integer matrix product"),
+    }
+}
+
+/// A trace's name for a product: `cuBLAS NT m32 n288 k4096 x24 f32 tf32`.
+fn gemm_label(
+    (ta, tb): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    batch: usize,
+    dtype: DType,
+    tf32: bool,
+) -> String {
+    format!(
+        "cuBLAS {}{} m{m} n{n} k{k}{} {dtype}{}",
+        if ta { "T" } else { "N" },
+        if tb { "T" } else { "N" },
+        if batch > 1 {
+            format!(" x{batch}")
+        } else {
+            String::new()
+        },
+        if tf32 && dtype == DType::F32 {
+            " tf32"
+        } else {
+            ""
+        }
+    )
+}
+
+/// How im2col's weight gradient splits its reduction of `np` terms into an output of
+/// `oc` x `k`: `(splits, terms per split)`. Enough splits that the products' tiles (taken as
+/// 128 x 128) fill a large GPU about twice (264 blocks), none shorter than 4096 terms; one
+/// split (a single product) when the reduction is short or the output large.
+fn gemm_splits(np: usize, oc: usize, k: usize) -> (usize, usize) {
+    let tiles = oc.div_ceil(128) * k.div_ceil(128);
+    let splits = (np / 4096).min(264 / tiles.max(1)).clamp(1, 256);
+    (splits, np / splits)
+}
+
 /// How `conv_ig_dw` splits its reduction over `np` positions for a product of `tiles` output
 /// tiles: `(chunks, chunk)`, with `chunk` a multiple of 32 (so that every staged step of either
 /// depth, 8 or 32, is full but the last chunk's last) and chunks of at least 256 positions,
@@ -3857,6 +3994,35 @@ mod tests {
                 "{bad:?}: {e}"
             );
         }
+    }
+
+    /// im2col's weight gradient: cnn-step's layers split into products of at least 4096 terms
+    /// whose tiles fill the GPU about twice, covering the reduction with less than one
+    /// term per split left over (added onto the first); short reductions stay one product.
+    #[test]
+    fn im2col_weight_gradient_splits_cover_the_reduction() {
+        assert_eq!(gemm_splits(512, 512, 784), (1, 512), "a linear layer's");
+        assert_eq!(gemm_splits(8191, 32, 288), (1, 8191));
+        assert_eq!(gemm_splits(10_933, 4, 27), (2, 5466));
+        for (np, oc, k) in [
+            (128 * 784, 32, 288),
+            (512 * 784, 32, 288),
+            (128 * 196, 64, 576),
+            (512 * 196, 64, 576),
+            (512 * 784, 32, 9),
+            (1 << 24, 1024, 1024),
+        ] {
+            let (splits, len) = gemm_splits(np, oc, k);
+            assert!(splits >= 2, "{np} {oc} {k}: {splits}");
+            assert!(len >= 4096 && splits * len <= np, "{np}: {splits} x {len}");
+            assert!(np - splits * len < splits, "{np}: {splits} x {len}");
+            let tiles = oc.div_ceil(128) * k.div_ceil(128);
+            assert!(
+                splits * tiles <= 264 || splits == 1,
+                "{np} {oc} {k}: {splits}"
+            );
+        }
+        assert_eq!(gemm_splits(512 * 784, 32, 288).0, 88);
     }
 
     #[test]
