@@ -516,15 +516,6 @@ extern "C" __global__ void col2im(const float* dcol, float* dx, int nb, int c, i
     }
 }
 
-// y [N, OC, P] (+ bias) from y' [OC, N P]: plane (sample, o) is a contiguous row piece.
-extern "C" __global__ void conv_out(const float* yt, const float* bias, float* y, int nb, int oc,
-                                    long long p) {
-    PLANE_LOOP(pl, i, (long long)nb * oc, p) {
-        int smp = (int)(pl / oc), o = (int)(pl % oc);
-        float v = yt[((long long)o * nb + smp) * p + i];
-        y[pl * p + i] = bias ? v + bias[o] : v;
-    }
-}
 // dy' [OC, N P] from dy [N, OC, P], in f32 or rounded to 16 bits (mode 0 f32, 1 bf16, 2 f16).
 extern "C" __global__ void conv_dy_t(const float* dy, void* out, int nb, int oc, long long p,
                                      int mode) {

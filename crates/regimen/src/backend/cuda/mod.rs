@@ -221,7 +221,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "conv_ig_dw_sum",
     "conv_ig_ktab",
     "col2im",
-    "conv_out",
     "conv_dy_t",
     "max_pool_fwd",
     "max_bwd",
@@ -1262,34 +1261,23 @@ impl CudaBackend {
         g: &ConvGeom,
     ) -> Tensor {
         let col = self.im2col(x, g);
-        let yt = self.new_tensor(&[g.oc, g.nb * g.p], DType::F32);
-        // y' [OC, N P] = W [OC, K] col [K, N P]
-        self.gemm(
+        // Image n: y_n [OC, P] = W [OC, K] col_n, col_n the P columns of image n in
+        // col [K, N P]; one strided-batched product writes y in NCHW (no permute).
+        let mut y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
+        self.gemm_batched(
             (false, false),
-            (g.oc, g.nb * g.p, g.k),
-            (ptr(w), g.k),
-            (ptr(&col), g.nb * g.p),
-            (ptr(&yt), g.nb * g.p),
+            (g.oc, g.p, g.k),
+            (ptr(w), g.k, 0),
+            (ptr(&col), g.nb * g.p, g.p),
+            (ptr(&y), g.p, g.oc * g.p),
+            g.nb,
             x.dtype(),
-            0.0,
             x.dtype() == DType::F32 && CONV_TF32.load(Ordering::Relaxed),
         );
         drop(col);
-        let y = self.new_tensor(&[g.nb, g.oc, g.oh, g.ow], DType::F32);
-        let (ytp, bp, yp, nb, oc, p) = (
-            ptr(&yt),
-            b.map_or(0, ptr),
-            ptr(&y),
-            g.nb as i32,
-            g.oc as i32,
-            g.p as i64,
-        );
-        self.launch_planes(
-            "conv_out",
-            g.nb * g.oc,
-            g.p,
-            &mut args![&ytp, &bp, &yp, &nb, &oc, &p],
-        );
+        if let Some(b) = b {
+            self.add_channel_bias(&mut y, b, g.oc);
+        }
         y
     }
 
