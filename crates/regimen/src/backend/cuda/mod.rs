@@ -384,7 +384,26 @@ pub struct CudaBackend {
     /// at every launch without taking the lock).
     trace: Mutex<Option<Trace>>,
     tracing: AtomicBool,
+    /// Page-locked host buffers that small writes go through (`Backend::write`).
+    staging: Mutex<Staging>,
 }
+
+/// Writes of up to `STAGE_MAX` bytes are copied into one of `STAGE_SLOTS` page-locked host
+/// buffers and sent from there asynchronously: the host goes on (prepares the next batch)
+/// while the copy waits its turn in the stream. A slot is reused only after its last copy has
+/// left (its event). A write from ordinary (pageable) memory had to wait for the whole stream
+/// before the host could free its data: three or four waits per step where batches come from
+/// the host.
+const STAGE_SLOTS: usize = 8;
+const STAGE_MAX: usize = 16 << 20;
+
+struct Staging {
+    /// (page-locked buffer, its bytes, the event after its last copy; null before any).
+    slots: Vec<(*mut u8, usize, sys::CUevent)>,
+    next: usize,
+}
+// SAFETY: the buffers and events are used only under `CudaBackend::staging`'s lock.
+unsafe impl Send for Staging {}
 
 /// The events of a kernel trace: one after the hold, then one after each operation.
 struct Trace {
@@ -584,6 +603,10 @@ impl CudaBackend {
             conv_runs: Default::default(),
             trace: Mutex::new(None),
             tracing: AtomicBool::new(false),
+            staging: Mutex::new(Staging {
+                slots: Vec::new(),
+                next: 0,
+            }),
         })
     }
 
@@ -822,6 +845,52 @@ impl CudaBackend {
                 synced: tr.synced,
             },
         ))
+    }
+
+    /// `src` to device address `dst` through a page-locked slot (see [`Staging`]).
+    fn write_staged(&self, dst: u64, src: &[u8]) {
+        let cs = self.raw.stream;
+        let mut st = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if st.slots.len() < STAGE_SLOTS {
+            st.slots
+                .push((std::ptr::null_mut(), 0, std::ptr::null_mut()));
+        }
+        let i = st.next % st.slots.len();
+        st.next = st.next.wrapping_add(1);
+        let (buf, cap, event) = &mut st.slots[i];
+        if !event.is_null() {
+            // The slot's previous copy must have left before its bytes are overwritten.
+            self.check(
+                unsafe { dr::event::synchronize(*event) },
+                "waiting for a staged copy",
+            );
+        } else {
+            *event = dr::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .unwrap_or_else(|e| panic!("cuda:{}: creating an event: {e:?}", self.ordinal));
+        }
+        if *cap < src.len() {
+            if !buf.is_null() {
+                let _ = unsafe { dr::free_host(*buf as *mut c_void) };
+            }
+            let want = src.len().next_power_of_two().max(4096);
+            *buf = unsafe { dr::malloc_host(want, 0) }.unwrap_or_else(|e| {
+                panic!(
+                    "cuda:{}: allocating {want} bytes of page-locked memory: {e:?}",
+                    self.ordinal
+                )
+            }) as *mut u8;
+            *cap = want;
+        }
+        // SAFETY: `buf` holds `cap >= src.len()` bytes and no copy reads it any more.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), *buf, src.len()) };
+        self.check(
+            unsafe { sys::cuMemcpyHtoDAsync_v2(dst, *buf as *const c_void, src.len(), cs) }
+                .result(),
+            "copy to the GPU",
+        );
+        self.check(unsafe { dr::event::record(*event, cs) }, "copy to the GPU");
+        drop(st);
+        self.mark(|| format!("upload {} KiB", src.len().div_ceil(1024)));
     }
 
     /// Notes, under a trace, that the host waited for the device.
@@ -1692,6 +1761,12 @@ fn cached_ptx(
     Ok(ptx)
 }
 
+/// The bytes of a slice of plain numbers.
+fn bytemuck_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: f32, u16 and u32 have no padding and every byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
 fn buf(t: &Tensor) -> &CudaBuffer {
     match t.storage() {
         Storage::Cuda(b) => b,
@@ -1835,6 +1910,25 @@ impl Backend for CudaBackend {
         };
         let dst = ptr_mut(t);
         self.bind();
+        let bytes = match &data {
+            HostBuf::F32(v) => v.len() * 4,
+            HostBuf::U16(v) => v.len() * 2,
+            HostBuf::U32(v) => v.len() * 4,
+        };
+        let recording = self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if bytes <= STAGE_MAX && !recording {
+            let src: &[u8] = match &data {
+                HostBuf::F32(v) => bytemuck_bytes(v),
+                HostBuf::U16(v) => bytemuck_bytes(v),
+                HostBuf::U32(v) => bytemuck_bytes(v),
+            };
+            self.write_staged(dst, src);
+            return;
+        }
         let cs = self.raw.stream;
         let r = unsafe {
             match &data {
@@ -1851,6 +1945,7 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, t: &Tensor) -> HostBuf {
+        // (Staged writes are in the stream ahead of this copy: the stream orders them.)
         strict::note_host_read("a GPU tensor");
         self.bind();
         let n = t.numel();
