@@ -265,16 +265,13 @@ extern "C" __global__ void channel_sum_acc(const float* dy, float* dbias, int nb
     if (threadIdx.x == 0) dbias[ch] += (float)t;
 }
 
-// dbias[ch] += sum over rows of dy[row, ch] for dy [nb, c] (a linear layer's bias, where
-// channel_sum_acc would read each column with one thread): a block per 32 channels, eight
-// warps of rows (warp l sums rows l, l + 8, ... in order, its 32 lanes reading 32 neighbouring
-// channels of a row), the eight partial sums then added in order.
-// dbias[ch] += the sum of column ch of dy [nb, c]: 32 columns per block of ROW_SUM_WARPS
-// warps (1024 threads), each warp reading whole 128-byte rows, so that a warp walks nb/32 rows
-// (a linear layer's batch; with 8 warps, 64 dependent steps at batch 512); the warps' partial
-// sums are added in a fixed order.
+// dbias[ch] += the sum of column ch of dy [nb, c] (a linear layer's bias, where
+// channel_sum_acc would read each column with one thread): 32 columns per block of
+// ROW_SUM_WARPS warps (1024 threads), warp l summing rows l, l + 32, ... in order, its 32
+// lanes reading a whole 128-byte row, so that a warp walks nb/32 rows (with 8 warps it was 64
+// dependent steps at batch 512); the warps' partial sums are added in a fixed order.
 #define ROW_SUM_WARPS 32
-extern "C" __global__ void row_sum_acc(const float* dy, float* dbias, int nb, int c) {
+extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32) row_sum_acc(const float* dy, float* dbias, int nb, int c) {
     __shared__ double part[ROW_SUM_WARPS][32];
     int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
     int ch = blockIdx.x * 32 + lc;

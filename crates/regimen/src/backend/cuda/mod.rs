@@ -414,6 +414,32 @@ struct Trace {
 // SAFETY: events are plain driver handles, used under `CudaBackend::trace`'s lock.
 unsafe impl Send for Trace {}
 
+impl Drop for Trace {
+    fn drop(&mut self) {
+        // (An event still pending is released by the driver once it completes.)
+        for ev in std::iter::once(self.start).chain(self.marks.iter().map(|m| m.1)) {
+            let _ = unsafe { dr::event::destroy(ev) };
+        }
+    }
+}
+
+/// Ends a trace however [`CudaBackend::trace`]'s closure leaves (a panic included): marking
+/// stops and the events are released.
+struct TraceOff<'a>(&'a CudaBackend);
+
+impl Drop for TraceOff<'_> {
+    fn drop(&mut self) {
+        self.0.tracing.store(false, Ordering::Relaxed);
+        drop(
+            self.0
+                .trace
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
+}
+
 const MAX_GPUS: usize = 16;
 static SLOTS: [OnceLock<CudaBackend>; MAX_GPUS] = [const { OnceLock::new() }; MAX_GPUS];
 static INIT: Mutex<()> = Mutex::new(());
@@ -800,15 +826,17 @@ impl CudaBackend {
         self.synchronize();
         let start = dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
             .map_err(err("creating an event"))?;
-        let ns = (hold_ms.max(0.0) * 1e6) as u64;
-        self.launch("spin_wait", 1, 1, &mut args![&ns]);
-        unsafe { dr::event::record(start, self.raw.stream) }.map_err(err("recording"))?;
-        *self.trace.lock().unwrap_or_else(|e| e.into_inner()) = Some(Trace {
+        let tr = Trace {
             start,
             marks: Vec::new(),
             synced: false,
-        });
+        };
+        let ns = (hold_ms.max(0.0) * 1e6) as u64;
+        self.launch("spin_wait", 1, 1, &mut args![&ns]);
+        unsafe { dr::event::record(start, self.raw.stream) }.map_err(err("recording"))?;
+        *self.trace.lock().unwrap_or_else(|e| e.into_inner()) = Some(tr);
         self.tracing.store(true, Ordering::Relaxed);
+        let off = TraceOff(self);
         let t0 = std::time::Instant::now();
         let r = f();
         let queued_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -819,6 +847,7 @@ impl CudaBackend {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .expect("the trace begun above");
+        drop(off);
         self.synchronize();
         let mut ops = Vec::with_capacity(tr.marks.len());
         let mut prev = tr.start;
@@ -830,9 +859,8 @@ impl CudaBackend {
             }
             prev = *ev;
         }
-        for ev in std::iter::once(tr.start).chain(tr.marks.iter().map(|m| m.1)) {
-            let _ = unsafe { dr::event::destroy(ev) };
-        }
+        let synced = tr.synced;
+        drop(tr);
         if let Some(e) = failed {
             return Err(err("reading the events")(e));
         }
@@ -842,7 +870,7 @@ impl CudaBackend {
                 ops,
                 queued_ms,
                 hold_ms,
-                synced: tr.synced,
+                synced,
             },
         ))
     }
@@ -871,6 +899,9 @@ impl CudaBackend {
         if *cap < src.len() {
             if !buf.is_null() {
                 let _ = unsafe { dr::free_host(*buf as *mut c_void) };
+                // Forgotten at once, so that a failed allocation below leaves no dangling slot.
+                *buf = std::ptr::null_mut();
+                *cap = 0;
             }
             let want = src.len().next_power_of_two().max(4096);
             *buf = unsafe { dr::malloc_host(want, 0) }.unwrap_or_else(|e| {
@@ -1849,8 +1880,10 @@ unsafe impl Send for CudaGraph {}
 impl Graph for CudaGraph {
     fn replay(&self) -> Result<()> {
         self.backend.bind();
-        unsafe { dr::graph::launch(self.exec, self.backend.raw.stream) }
-            .map_err(derr("replaying a graph"))
+        let r = unsafe { dr::graph::launch(self.exec, self.backend.raw.stream) }
+            .map_err(derr("replaying a graph"));
+        self.backend.mark(|| "CUDA graph replay".into());
+        r
     }
 }
 
@@ -1938,7 +1971,7 @@ impl Backend for CudaBackend {
             }
         };
         self.check(r, "copy to the GPU");
-        self.mark(|| format!("upload {} KiB", (data.len() * 4).div_ceil(1024)));
+        self.mark(|| format!("upload {} KiB", bytes.div_ceil(1024)));
         // A pageable source may be read after the call returns: wait before it is dropped.
         self.note_sync();
         self.check(unsafe { dr::stream::synchronize(cs) }, "copy to the GPU");
@@ -3119,6 +3152,7 @@ impl Backend for CudaBackend {
                     unsafe { dr::memset_d8_async(pp, 0, 8, self.raw.stream) },
                     "memset",
                 );
+                self.mark(|| "fill 8 bytes".into());
             }
             offset += blocks as usize;
         }
@@ -3441,7 +3475,13 @@ fn gemm_label(
 fn gemm_splits(np: usize, oc: usize, k: usize) -> (usize, usize) {
     let tiles = oc.div_ceil(128) * k.div_ceil(128);
     let splits = (np / 4096).min(264 / tiles.max(1)).clamp(1, 256);
-    (splits, np / splits)
+    if splits == 1 {
+        return (1, np);
+    }
+    // A multiple of 8 elements, so that each part's operands start 16-byte aligned in 16-bit
+    // types too (cuBLAS picks slower kernels for unaligned strides); the remainder product
+    // takes the rest.
+    (splits, np / splits / 8 * 8)
 }
 
 /// How `conv_ig_dw` splits its reduction over `np` positions for a product of `tiles` output
@@ -4086,7 +4126,7 @@ mod tests {
     fn im2col_weight_gradient_splits_cover_the_reduction() {
         assert_eq!(gemm_splits(512, 512, 784), (1, 512), "a linear layer's");
         assert_eq!(gemm_splits(8191, 32, 288), (1, 8191));
-        assert_eq!(gemm_splits(10_933, 4, 27), (2, 5466));
+        assert_eq!(gemm_splits(10_933, 4, 27), (2, 5464));
         for (np, oc, k) in [
             (128 * 784, 32, 288),
             (512 * 784, 32, 288),
@@ -4098,7 +4138,8 @@ mod tests {
             let (splits, len) = gemm_splits(np, oc, k);
             assert!(splits >= 2, "{np} {oc} {k}: {splits}");
             assert!(len >= 4096 && splits * len <= np, "{np}: {splits} x {len}");
-            assert!(np - splits * len < splits, "{np}: {splits} x {len}");
+            assert!(np - splits * len < 8 * splits, "{np}: {splits} x {len}");
+            assert_eq!(len % 8, 0, "{np}: {splits} x {len}");
             let tiles = oc.div_ceil(128) * k.div_ceil(128);
             assert!(
                 splits * tiles <= 264 || splits == 1,

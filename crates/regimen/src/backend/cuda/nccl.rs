@@ -262,6 +262,7 @@ impl NcclComm {
         });
         // SAFETY: as above.
         let ended = check(lib, unsafe { (lib.group_end)() }, "ncclGroupEnd");
+        be.mark(|| format!("NCCL all-reduce over {} ranks", self.size));
         first_error.and(ended)
     }
 }
