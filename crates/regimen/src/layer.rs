@@ -275,7 +275,8 @@ pub trait Layer: Send {
     /// Forward followed by a ReLU, computed in this layer's own passes; the next
     /// [`Layer::backward`] then takes the gradient of the ReLU's output. `None` (the default):
     /// this layer cannot, and nothing was done. `Sequential` uses it for a layer followed by a
-    /// ReLU (batch norm in training), unless a forward hook must see the layer's own output.
+    /// ReLU (batch norm in training, a linear layer), unless a forward hook must see the
+    /// layer's own output.
     fn forward_relu(&mut self, _x: &Tensor, _ctx: &Ctx) -> Option<Result<Tensor>> {
         None
     }

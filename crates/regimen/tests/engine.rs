@@ -617,3 +617,67 @@ fn fused_batch_norm_relu_equals_the_two_layers() {
         }
     }
 }
+
+/// A linear layer followed by a ReLU, the sum and the ReLU in one pass and its backward's mask
+/// and bias sums in another (`Backend::bias_relu`), gives the bits of the layers run one after
+/// the other: outputs in training and evaluation, every gradient; with and without a bias, a
+/// NaN in one sample and a sum of exactly zero (where the ReLU passes no gradient).
+#[test]
+fn fused_linear_relu_equals_the_two_layers() {
+    let build = || {
+        let mut rng = Rng::new(12);
+        let mut first = Linear::new(6, 40, &mut rng);
+        // Unit 1's weights and bias cancel on sample 2 (x there is all ones): sum 0 exactly.
+        let mut w = first.weight.value.to_vec();
+        w[6..12].copy_from_slice(&[0.5, -0.25, 0.25, -0.5, 1.0, -1.0]);
+        first.weight.value = Tensor::from_vec(&[40, 6], w).unwrap();
+        let mut b = first.bias.as_ref().unwrap().value.to_vec();
+        b[1] = 0.0;
+        first.bias.as_mut().unwrap().value = Tensor::from_vec(&[40], b).unwrap();
+        Sequential::new()
+            .push(first)
+            .push(relu())
+            .push(Linear::new(40, 33, &mut rng).without_bias())
+            .push(relu())
+            .push(Linear::new(33, 3, &mut rng))
+    };
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_vec()
+            .iter()
+            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+            .collect()
+    };
+    for nan in [false, true] {
+        let mut x = randn(&[5, 6], 5).to_vec();
+        x[12..18].fill(1.0);
+        if nan {
+            x[26] = f32::NAN;
+        }
+        let x = Tensor::from_vec(&[5, 6], x).unwrap();
+        let dy = randn(&[5, 3], 6);
+        let run = |fuse: bool| {
+            let mut m = build();
+            m.set_fusion(fuse);
+            m.forward(&x, &Ctx::train()).unwrap();
+            m.backward(&dy).unwrap();
+            let y = m.forward(&x, &Ctx::train()).unwrap();
+            let fused = m.fused_layers();
+            let dx = m.backward(&dy).unwrap();
+            let eval = m.forward(&x, &Ctx::eval()).unwrap();
+            let mut out = vec![bits(&y), bits(&dx), bits(&eval)];
+            m.visit_params("", &mut |_, p| out.push(bits(&p.grad)));
+            (out, fused)
+        };
+        let (fused, which) = run(true);
+        let (plain, none) = run(false);
+        assert_eq!(which, vec![1, 3], "both ReLUs applied by the linear layers");
+        assert!(none.is_empty());
+        assert_eq!(fused.len(), plain.len());
+        for (k, (a, b)) in fused.iter().zip(&plain).enumerate() {
+            assert_eq!(a, b, "tensor {k} (nan input: {nan})");
+        }
+        if nan {
+            assert!(fused[0].contains(&u32::MAX), "the NaN reaches the output");
+        }
+    }
+}

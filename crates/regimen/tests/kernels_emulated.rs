@@ -257,10 +257,13 @@ fn the_batch_kernels_match_the_cpu_bit_for_bit() {
     }
 }
 
-/// `|got - want| <= tol (1 + |want|)` everywhere.
+/// `|got - want| <= tol (1 + |want|)` everywhere (or both NaN).
 fn near(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if g.is_nan() && w.is_nan() {
+            continue;
+        }
         let allowed = tol * (1.0 + (w as f64).abs());
         assert!(
             (g as f64 - w as f64).abs() <= allowed,
@@ -427,18 +430,36 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
 /// A linear layer's bias on `[rows, C]` (channels along the grid, 32 per block in backward):
 /// the sum `y + b` exactly as the CPU's, the column sums of `dy` to the CPU's up to the order
 /// of their f64 sums (1e-6); sizes that leave a partial block of channels and of row lanes.
+/// The same for a linear layer followed by a ReLU (`Backend::bias_relu` and its backward:
+/// the ReLU's output with and without a bias, and the mask, exactly; NaN and exact zeros in
+/// the input).
 #[test]
 fn the_linear_bias_kernels_match_the_cpu() {
     let Some(e) = Emu::new("bias") else { return };
     let d = Device::Cpu;
     let be = d.backend();
     for (rows, c) in [(512usize, 512usize), (13, 10), (1, 33), (300, 70)] {
-        let (yv, bv, dyv, dbv) = (
+        let (mut yv, bv, dyv, dbv) = (
             randn(rows * c, 80),
             randn(c, 81),
             randn(rows * c, 82),
             randn(c, 83),
         );
+        yv[0] = f32::NAN;
+        if yv.len() > 3 {
+            yv[3] = -bv[3 % c];
+            yv[2] = 0.0;
+        }
+        let fused = |bias: bool| {
+            let mut y = Tensor::from_host(&[rows, c], yv.clone(), d).unwrap();
+            let b = Tensor::from_host(&[c], bv.clone(), d).unwrap();
+            be.bias_relu(&mut y, bias.then_some(&b), c);
+            let dy = Tensor::from_host(&[rows, c], dyv.clone(), d).unwrap();
+            let mut db = Tensor::from_host(&[c], dbv.clone(), d).unwrap();
+            let dz = be.bias_relu_backward(&y, &dy, Some(&mut db), c);
+            (y.to_vec(), dz.to_vec(), db.to_vec())
+        };
+        let ((yr, dz, dbr), (yn, _, _)) = (fused(true), fused(false));
         let mut y = Tensor::from_host(&[rows, c], yv.clone(), d).unwrap();
         let b = Tensor::from_host(&[c], bv.clone(), d).unwrap();
         be.add_channel_bias(&mut y, &b, c);
@@ -459,6 +480,23 @@ fn the_linear_bias_kernels_match_the_cpu() {
             &format!("[{rows}, {c}] db"),
             &read(&e.dir, "db.out"),
             &db.to_vec(),
+            1e-6,
+        );
+        exact(
+            &format!("[{rows}, {c}] relu(y + b)"),
+            &read(&e.dir, "yr.out"),
+            &yr,
+        );
+        exact(
+            &format!("[{rows}, {c}] relu(y)"),
+            &read(&e.dir, "yn.out"),
+            &yn,
+        );
+        exact(&format!("[{rows}, {c}] dz"), &read(&e.dir, "dz.out"), &dz);
+        near(
+            &format!("[{rows}, {c}] db after the ReLU"),
+            &read(&e.dir, "dbr.out"),
+            &dbr,
             1e-6,
         );
     }

@@ -342,6 +342,32 @@ pub trait Backend: Send + Sync {
     fn add_channel_bias(&self, y: &mut Tensor, bias: &Tensor, channels: usize);
     /// `dbias[c] += sum_{n,i} dy[n, c, i]`.
     fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize);
+    /// `y = relu(y + bias[c])` in place for `y` of shape `[N, C, inner]` (without a bias:
+    /// `relu(y)`), NaN propagating as in [`Unary::Relu`]: a layer with a bias followed by a
+    /// ReLU, in one pass where the backend can.
+    fn bias_relu(&self, y: &mut Tensor, bias: Option<&Tensor>, channels: usize) {
+        if let Some(b) = bias {
+            self.add_channel_bias(y, b, channels);
+        }
+        *y = self.unary_forward(Unary::Relu, y);
+    }
+    /// Backward of [`Backend::bias_relu`] given its output `y`: returns the gradient of the
+    /// sum before the ReLU, `dz = dy` where `y > 0` (NaN where `y` is, else 0), and adds its
+    /// per-channel sums to `dbias` (as [`Backend::channel_bias_backward`], in the same order).
+    fn bias_relu_backward(
+        &self,
+        y: &Tensor,
+        dy: &Tensor,
+        dbias: Option<&mut Tensor>,
+        channels: usize,
+    ) -> Tensor {
+        // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z.
+        let dz = self.unary_backward(Unary::Relu, y, y, dy);
+        if let Some(db) = dbias {
+            self.channel_bias_backward(&dz, db, channels);
+        }
+        dz
+    }
     /// `y += alpha x`
     fn axpy(&self, alpha: f32, x: &Tensor, y: &mut Tensor);
     /// `x *= alpha`

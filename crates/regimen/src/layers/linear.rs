@@ -16,6 +16,9 @@ pub struct Linear {
     pub weight: Param,
     pub bias: Option<Param>,
     x: Option<Tensor>,
+    /// After [`Layer::forward_relu`]: the ReLU's output, from which backward (then given the
+    /// ReLU's output gradient) finds where it passed.
+    relu_out: Option<Tensor>,
     input_grad: bool,
 }
 
@@ -29,6 +32,7 @@ impl Linear {
             weight,
             bias: Some(Param::new(bias, ParamKind::Bias)),
             x: None,
+            relu_out: None,
             input_grad: true,
         }
     }
@@ -56,6 +60,26 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         self.weight.value.shape()[0]
     }
+
+    /// `x W^T` (the bias not yet added), keeping the input for backward.
+    fn product(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let shape = self.output_shape(x.shape())?;
+        let be = x.backend();
+        // Mixed precision: input and weight rounded to the product type, f32 out.
+        let dtype = ctx.precision.dtype();
+        let xq = x.to_dtype(dtype);
+        let mut y = be.alloc(&shape, DType::F32);
+        be.matmul(
+            &xq,
+            false,
+            &self.weight.value.to_dtype(dtype),
+            true,
+            &mut y,
+            false,
+        );
+        keep(ctx, &mut self.x, || xq);
+        Ok(y)
+    }
 }
 
 impl Layer for Linear {
@@ -75,37 +99,50 @@ impl Layer for Linear {
     }
 
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let shape = self.output_shape(x.shape())?;
-        let be = x.backend();
-        // Mixed precision: input and weight rounded to the product type, f32 out.
-        let dtype = ctx.precision.dtype();
-        let xq = x.to_dtype(dtype);
-        let mut y = be.alloc(&shape, DType::F32);
-        be.matmul(
-            &xq,
-            false,
-            &self.weight.value.to_dtype(dtype),
-            true,
-            &mut y,
-            false,
-        );
+        self.relu_out = None;
+        let mut y = self.product(x, ctx)?;
         if let Some(b) = &self.bias {
-            be.add_channel_bias(&mut y, &b.value, shape[1]);
+            x.backend()
+                .add_channel_bias(&mut y, &b.value, self.out_features());
         }
-        keep(ctx, &mut self.x, || xq);
         Ok(y)
+    }
+
+    /// The sum and the ReLU in one pass over the output (`Backend::bias_relu`), in place.
+    fn forward_relu(&mut self, x: &Tensor, ctx: &Ctx) -> Option<Result<Tensor>> {
+        self.relu_out = None;
+        let mut y = match self.product(x, ctx) {
+            Ok(y) => y,
+            Err(e) => return Some(Err(e)),
+        };
+        let bias = self.bias.as_ref().map(|b| &b.value);
+        x.backend().bias_relu(&mut y, bias, self.out_features());
+        keep(ctx, &mut self.relu_out, || y.clone());
+        Some(Ok(y))
     }
 
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let x = cached(&self.x, self)?;
         check_dy(self, &[x.shape()[0], self.out_features()], dy)?;
         let be = dy.backend();
+        let out = self.out_features();
+        let dz;
+        let dy = match &self.relu_out {
+            // `dy` is the ReLU's output gradient: the mask and the bias's sums in one pass.
+            Some(y) => {
+                dz = be.bias_relu_backward(y, dy, self.bias.as_mut().map(|b| &mut b.grad), out);
+                &dz
+            }
+            None => {
+                if let Some(b) = &mut self.bias {
+                    be.channel_bias_backward(dy, &mut b.grad, out);
+                }
+                dy
+            }
+        };
         // Under mixed precision `x` is the rounded input and dy is rounded to match.
         let dyq = dy.to_dtype(x.dtype());
         be.matmul(&dyq, true, x, false, &mut self.weight.grad, true);
-        if let Some(b) = &mut self.bias {
-            be.channel_bias_backward(dy, &mut b.grad, dy.shape()[1]);
-        }
         if !self.input_grad {
             return Ok(Tensor::zeros(&[0], x.device()));
         }

@@ -62,7 +62,8 @@ impl Sequential {
 
     /// Whether a layer followed by a ReLU (and a 2x2 max pool) may apply them in its own passes
     /// (batch norm in training does: passes over memory fewer forward and backward, and
-    /// neither the ReLU's output nor the pool's arg-max positions stored). On by default; the
+    /// neither the ReLU's output nor the pool's arg-max positions stored; a linear layer
+    /// adds its bias and applies the ReLU in one pass). On by default; the
     /// results are the same bits either way. A forward hook turns it off, since it must see
     /// every child's own output.
     pub fn set_fusion(&mut self, on: bool) {

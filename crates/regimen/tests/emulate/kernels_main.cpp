@@ -256,11 +256,23 @@ int main(int argc, char** argv) {
         int c = num(1);
         auto y = emu_load<float>(dir + "y.bin", rows * c), dy = emu_load<float>(dir + "dy.bin", rows * c);
         auto b = emu_load<float>(dir + "b.bin", c), db = emu_load<float>(dir + "db.bin", c);
+        // The fused pair (a linear layer followed by a ReLU) from the same inputs.
+        auto yr = y, yn = y, dbr = db;
+        std::vector<float> dz(y.size());
         launch_planes(rows, c, [&] { add_row_bias(y.data(), b.data(), rows, c); });
         emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024,
                    [&] { row_sum_acc(dy.data(), db.data(), (int)rows, c); });
+        launch_planes(rows, c, [&] { add_row_bias_relu(yr.data(), b.data(), rows, c); });
+        launch_planes(rows, c, [&] { add_row_bias_relu(yn.data(), nullptr, rows, c); });
+        emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
+            relu_row_sum_acc(yr.data(), dy.data(), dz.data(), dbr.data(), (int)rows, c);
+        });
         emu_save(dir + "y.out", y);
         emu_save(dir + "db.out", db);
+        emu_save(dir + "yr.out", yr);
+        emu_save(dir + "yn.out", yn);
+        emu_save(dir + "dz.out", dz);
+        emu_save(dir + "dbr.out", dbr);
     } else {
         fputs(USAGE, stderr);
         return 2;

@@ -279,6 +279,44 @@ impl Backend for Cpu {
         }
     }
 
+    fn bias_relu(&self, y: &mut Tensor, bias: Option<&Tensor>, channels: usize) {
+        if y.numel() == 0 {
+            return;
+        }
+        let (_, inner) = n_inner(y.shape(), channels);
+        let channels = channels.max(1);
+        let b = bias.map(f32s);
+        // The sum, then the ReLU of `unary_forward` (`!(v <= 0)` keeps NaN), in one pass.
+        let relu = |v: f32| if v <= 0.0 { 0.0 } else { v };
+        use rayon::prelude::*;
+        if inner == 1 {
+            let rows = (1usize << 15).div_ceil(channels);
+            f32s_mut(y).par_chunks_mut(rows * channels).for_each(|blk| {
+                for row in blk.chunks_mut(channels) {
+                    match b {
+                        Some(b) => row
+                            .iter_mut()
+                            .zip(b)
+                            .for_each(|(v, &bc)| *v = relu(*v + bc)),
+                        None => row.iter_mut().for_each(|v| *v = relu(*v)),
+                    }
+                }
+            });
+            return;
+        }
+        f32s_mut(y)
+            .par_chunks_mut(channels * inner)
+            .for_each(|blk| {
+                for (c, plane) in blk.chunks_mut(inner).enumerate() {
+                    let bc = b.map_or(0.0, |b| b[c]);
+                    match b {
+                        Some(_) => plane.iter_mut().for_each(|v| *v = relu(*v + bc)),
+                        None => plane.iter_mut().for_each(|v| *v = relu(*v)),
+                    }
+                }
+            });
+    }
+
     fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize) {
         if dy.numel() == 0 {
             return;

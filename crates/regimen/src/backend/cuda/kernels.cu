@@ -187,6 +187,16 @@ extern "C" __global__ void add_row_bias(float* y, const float* bias, long long r
     PLANE_LOOP(r, i, rows, c) y[r * c + i] += bias[i];
 }
 
+// y = relu(y + bias) in place for y [rows, c], without a bias where bias is null (a linear
+// layer followed by a ReLU): add_row_bias's grid; the ReLU of unary_fwd (NaN propagates).
+extern "C" __global__ void add_row_bias_relu(float* y, const float* bias, long long rows, int c) {
+    PLANE_LOOP(r, i, rows, c) {
+        float v = y[r * c + i];
+        if (bias) v += bias[i];
+        y[r * c + i] = v <= 0.0f ? 0.0f : v;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Deterministic reductions. A block sums `per_block` consecutive elements (threads stride
 // through them, then a fixed tree), writing one double partial; `finish_sum` adds the
@@ -278,6 +288,32 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32) row_sum_acc(con
     double acc = 0.0;
     if (ch < c)
         for (int r = lane; r < nb; r += ROW_SUM_WARPS) acc += (double)dy[(long long)r * c + ch];
+    part[lane][lc] = acc;
+    __syncthreads();
+    if (lane == 0 && ch < c) {
+        double t = 0.0;
+        for (int l = 0; l < ROW_SUM_WARPS; l++) t += part[l][lc];
+        dbias[ch] += (float)t;
+    }
+}
+
+// The backward of add_row_bias_relu from its output y: dz = dy where y > 0 (NaN where y is
+// NaN, else 0; unary_bwd's ReLU), written out, and dbias[ch] += the column sums of dz in
+// row_sum_acc's blocks and order (so the same sums as the unfused pair).
+extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
+    relu_row_sum_acc(const float* y, const float* dy, float* dz, float* dbias, int nb, int c) {
+    __shared__ double part[ROW_SUM_WARPS][32];
+    int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
+    int ch = blockIdx.x * 32 + lc;
+    double acc = 0.0;
+    if (ch < c)
+        for (int r = lane; r < nb; r += ROW_SUM_WARPS) {
+            long long k = (long long)r * c + ch;
+            float yv = y[k];
+            float g = yv > 0.0f ? dy[k] : (isnan(yv) ? yv : 0.0f);
+            dz[k] = g;
+            acc += (double)g;
+        }
     part[lane][lc] = acc;
     __syncthreads();
     if (lane == 0 && ch < c) {

@@ -179,6 +179,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "add_channel_bias",
     "add_row_bias",
     "row_sum_acc",
+    "add_row_bias_relu",
+    "relu_row_sum_acc",
     "reduce_partial",
     "finish_sum",
     "finish_clip",
@@ -2213,6 +2215,61 @@ impl Backend for CudaBackend {
                 &mut args![&yp, &bp, &planes, &c, &inner],
             );
         }
+    }
+
+    fn bias_relu(&self, y: &mut Tensor, bias: Option<&Tensor>, channels: usize) {
+        let (rows, inner) = n_inner(y.shape(), channels);
+        if inner != 1 {
+            if let Some(b) = bias {
+                self.add_channel_bias(y, b, channels);
+            }
+            *y = self.unary_forward(Unary::Relu, y);
+            return;
+        }
+        // [rows, C]: one pass, in place.
+        let (yp, c, r) = (ptr_mut(y), channels as i32, rows as i64);
+        let bp = bias.map_or(0u64, ptr);
+        if rows > 0 && channels > 0 {
+            self.launch_planes(
+                "add_row_bias_relu",
+                rows,
+                channels,
+                &mut args![&yp, &bp, &r, &c],
+            );
+        }
+    }
+
+    fn bias_relu_backward(
+        &self,
+        y: &Tensor,
+        dy: &Tensor,
+        dbias: Option<&mut Tensor>,
+        channels: usize,
+    ) -> Tensor {
+        let (nb, inner) = n_inner(dy.shape(), channels);
+        let db = match dbias {
+            Some(db) if inner == 1 => db,
+            dbias => {
+                let dz = self.unary_backward(Unary::Relu, y, y, dy);
+                if let Some(db) = dbias {
+                    self.channel_bias_backward(&dz, db, channels);
+                }
+                return dz;
+            }
+        };
+        // [N, C]: the mask and the bias's sums in one pass (row_sum_acc's blocks).
+        let dz = self.new_tensor(dy.shape(), DType::F32);
+        let (yp, dyp, dzp, bp) = (ptr(y), ptr(dy), ptr(&dz), ptr_mut(db));
+        let (nb, c) = (nb as i32, channels as i32);
+        if nb > 0 && c > 0 {
+            self.launch(
+                "relu_row_sum_acc",
+                channels.div_ceil(32) as u32,
+                1024,
+                &mut args![&yp, &dyp, &dzp, &bp, &nb, &c],
+            );
+        }
+        dz
     }
 
     fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize) {
