@@ -185,6 +185,24 @@ fn elementwise_and_reductions() {
             be.all_finite(&a),
         ]
     });
+    // A layer with a bias followed by a ReLU in one pass (`Backend::bias_relu`), rows of a
+    // linear layer (the GPU's fused kernels) and planes, with and without a bias.
+    same("bias and ReLU", F32, |d| {
+        let be = d.backend();
+        let mut out = Vec::new();
+        for (shape, c) in [(&[37usize, 70][..], 70usize), (&[4, 3, 5][..], 3)] {
+            for with_bias in [true, false] {
+                let mut y = t(shape, 14, d);
+                let bias = t(&[c], 15, d);
+                be.bias_relu(&mut y, with_bias.then_some(&bias), c);
+                let dy = t(shape, 16, d);
+                let mut db = t(&[c], 17, d);
+                let dz = be.bias_relu_backward(&y, &dy, with_bias.then_some(&mut db), c);
+                out.extend([y, dz, db]);
+            }
+        }
+        out
+    });
     same("reductions over many blocks", Tol(1e-3, 1e-6), |d| {
         let be = d.backend();
         let a = t(&[300_001], 13, d);

@@ -620,8 +620,9 @@ fn fused_batch_norm_relu_equals_the_two_layers() {
 
 /// A linear layer followed by a ReLU, the sum and the ReLU in one pass and its backward's mask
 /// and bias sums in another (`Backend::bias_relu`), gives the bits of the layers run one after
-/// the other: outputs in training and evaluation, every gradient; with and without a bias, a
-/// NaN in one sample and a sum of exactly zero (where the ReLU passes no gradient).
+/// the other: outputs in training and evaluation, every gradient, in f32 and with bf16
+/// products; with and without a bias, a NaN in one sample and a sum of exactly zero (where the
+/// ReLU passes no gradient).
 #[test]
 fn fused_linear_relu_equals_the_two_layers() {
     let build = || {
@@ -655,29 +656,34 @@ fn fused_linear_relu_equals_the_two_layers() {
         }
         let x = Tensor::from_vec(&[5, 6], x).unwrap();
         let dy = randn(&[5, 3], 6);
-        let run = |fuse: bool| {
-            let mut m = build();
-            m.set_fusion(fuse);
-            m.forward(&x, &Ctx::train()).unwrap();
-            m.backward(&dy).unwrap();
-            let y = m.forward(&x, &Ctx::train()).unwrap();
-            let fused = m.fused_layers();
-            let dx = m.backward(&dy).unwrap();
-            let eval = m.forward(&x, &Ctx::eval()).unwrap();
-            let mut out = vec![bits(&y), bits(&dx), bits(&eval)];
-            m.visit_params("", &mut |_, p| out.push(bits(&p.grad)));
-            (out, fused)
-        };
-        let (fused, which) = run(true);
-        let (plain, none) = run(false);
-        assert_eq!(which, vec![1, 3], "both ReLUs applied by the linear layers");
-        assert!(none.is_empty());
-        assert_eq!(fused.len(), plain.len());
-        for (k, (a, b)) in fused.iter().zip(&plain).enumerate() {
-            assert_eq!(a, b, "tensor {k} (nan input: {nan})");
-        }
-        if nan {
-            assert!(fused[0].contains(&u32::MAX), "the NaN reaches the output");
+        for precision in [Precision::F32, Precision::Bf16] {
+            let run = |fuse: bool| {
+                let mut m = build();
+                m.set_fusion(fuse);
+                let train = Ctx::train().with_precision(precision);
+                m.forward(&x, &train).unwrap();
+                m.backward(&dy).unwrap();
+                let y = m.forward(&x, &train).unwrap();
+                let fused = m.fused_layers();
+                let dx = m.backward(&dy).unwrap();
+                let eval = m
+                    .forward(&x, &Ctx::eval().with_precision(precision))
+                    .unwrap();
+                let mut out = vec![bits(&y), bits(&dx), bits(&eval)];
+                m.visit_params("", &mut |_, p| out.push(bits(&p.grad)));
+                (out, fused)
+            };
+            let (fused, which) = run(true);
+            let (plain, none) = run(false);
+            assert_eq!(which, vec![1, 3], "both ReLUs applied by the linear layers");
+            assert!(none.is_empty());
+            assert_eq!(fused.len(), plain.len());
+            for (k, (a, b)) in fused.iter().zip(&plain).enumerate() {
+                assert_eq!(a, b, "tensor {k} (nan input: {nan}, {precision:?})");
+            }
+            if nan {
+                assert!(fused[0].contains(&u32::MAX), "the NaN reaches the output");
+            }
         }
     }
 }
