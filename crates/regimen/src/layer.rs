@@ -281,6 +281,29 @@ pub trait Layer: Send {
         None
     }
 
+    /// This layer as a dropout that a layer and a ReLU before it may apply in their pass
+    /// ([`Layer::forward_relu_dropout`]): its drop probability and its random stream (the one
+    /// [`Layer::reseed`] gave it). `None` (the default): not a dropout.
+    fn as_dropout(&self) -> Option<(f32, u64)> {
+        None
+    }
+
+    /// Forward followed by a ReLU and a dropout of probability `p` drawing the dropout
+    /// layer's masks (its `stream`), computed in this layer's own passes; the next
+    /// [`Layer::backward`] then takes the gradient of the dropout's output. `None` (the
+    /// default): this layer cannot, and nothing was done. `Sequential` tries it for a layer
+    /// followed by a ReLU and a dropout (a linear layer), unless a forward hook must see every
+    /// output.
+    fn forward_relu_dropout(
+        &mut self,
+        _x: &Tensor,
+        _ctx: &Ctx,
+        _p: f32,
+        _stream: u64,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
+
     /// Whether this layer is a 2x2 max pool of stride 2 without padding, which a layer
     /// followed by a ReLU and then this pool may apply in its own passes
     /// ([`Layer::forward_relu_pool`]).

@@ -185,19 +185,34 @@ fn elementwise_and_reductions() {
             be.all_finite(&a),
         ]
     });
-    // A layer with a bias followed by a ReLU in one pass (`Backend::bias_relu`), rows of a
-    // linear layer (the GPU's fused kernels) and planes, with and without a bias.
-    same("bias and ReLU", F32, |d| {
+    // A layer with a bias followed by a ReLU (and a dropout) in one pass
+    // (`Backend::bias_relu`, `bias_relu_dropout`), rows of a linear layer (the GPU's fused
+    // kernels) and planes, with and without a bias.
+    same("bias, ReLU and dropout", F32, |d| {
         let be = d.backend();
+        let step = Indices::from_host(vec![4], d);
         let mut out = Vec::new();
         for (shape, c) in [(&[37usize, 70][..], 70usize), (&[4, 3, 5][..], 3)] {
-            for with_bias in [true, false] {
+            for (with_bias, p) in [(true, 0.0f32), (false, 0.0), (true, 0.3), (false, 0.3)] {
                 let mut y = t(shape, 14, d);
                 let bias = t(&[c], 15, d);
-                be.bias_relu(&mut y, with_bias.then_some(&bias), c);
+                let bias = with_bias.then_some(&bias);
+                let keep = if p > 0.0 {
+                    let key = RandomKey {
+                        stream: 9,
+                        step: &step,
+                        purpose: 1,
+                    };
+                    be.bias_relu_dropout(&mut y, bias, c, p, key);
+                    1.0 / (1.0 - p)
+                } else {
+                    be.bias_relu(&mut y, bias, c);
+                    1.0
+                };
                 let dy = t(shape, 16, d);
                 let mut db = t(&[c], 17, d);
-                let dz = be.bias_relu_backward(&y, &dy, with_bias.then_some(&mut db), c);
+                let db_in = with_bias.then_some(&mut db);
+                let dz = be.bias_relu_backward(&y, &dy, db_in, c, keep);
                 out.extend([y, dz, db]);
             }
         }

@@ -618,11 +618,11 @@ fn fused_batch_norm_relu_equals_the_two_layers() {
     }
 }
 
-/// A linear layer followed by a ReLU, the sum and the ReLU in one pass and its backward's mask
-/// and bias sums in another (`Backend::bias_relu`), gives the bits of the layers run one after
-/// the other: outputs in training and evaluation, every gradient, in f32 and with bf16
-/// products; with and without a bias, a NaN in one sample and a sum of exactly zero (where the
-/// ReLU passes no gradient).
+/// A linear layer followed by a ReLU (and a dropout), the sum, the ReLU (and the dropout) in
+/// one pass and its backward's mask and bias sums in another (`Backend::bias_relu`,
+/// `bias_relu_dropout`), gives the bits of the layers run one after the other: outputs in
+/// training and evaluation, every gradient, in f32 and with bf16 products; with and without a
+/// bias, a NaN in one sample and a sum of exactly zero (where the ReLU passes no gradient).
 #[test]
 fn fused_linear_relu_equals_the_two_layers() {
     let build = || {
@@ -635,12 +635,15 @@ fn fused_linear_relu_equals_the_two_layers() {
         let mut b = first.bias.as_ref().unwrap().value.to_vec();
         b[1] = 0.0;
         first.bias.as_mut().unwrap().value = Tensor::from_vec(&[40], b).unwrap();
-        Sequential::new()
+        let mut m = Sequential::new()
             .push(first)
             .push(relu())
+            .push(Dropout::new(0.3).unwrap())
             .push(Linear::new(40, 33, &mut rng).without_bias())
             .push(relu())
-            .push(Linear::new(33, 3, &mut rng))
+            .push(Linear::new(33, 3, &mut rng));
+        m.reseed(5);
+        m
     };
     let bits = |t: &Tensor| -> Vec<u32> {
         t.to_vec()
@@ -675,7 +678,11 @@ fn fused_linear_relu_equals_the_two_layers() {
             };
             let (fused, which) = run(true);
             let (plain, none) = run(false);
-            assert_eq!(which, vec![1, 3], "both ReLUs applied by the linear layers");
+            assert_eq!(
+                which,
+                vec![1, 2, 4],
+                "the ReLUs and the dropout applied by the linear layers"
+            );
             assert!(none.is_empty());
             assert_eq!(fused.len(), plain.len());
             for (k, (a, b)) in fused.iter().zip(&plain).enumerate() {

@@ -432,7 +432,8 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
 /// of their f64 sums (1e-6); sizes that leave a partial block of channels and of row lanes.
 /// The same for a linear layer followed by a ReLU (`Backend::bias_relu` and its backward:
 /// the ReLU's output with and without a bias, and the mask, exactly; NaN and exact zeros in
-/// the input).
+/// the input), and by a ReLU and a dropout (`Backend::bias_relu_dropout`: the dropout's
+/// Philox mask, exactly).
 #[test]
 fn the_linear_bias_kernels_match_the_cpu() {
     let Some(e) = Emu::new("bias") else { return };
@@ -450,16 +451,37 @@ fn the_linear_bias_kernels_match_the_cpu() {
             yv[3] = -bv[3 % c];
             yv[2] = 0.0;
         }
-        let fused = |bias: bool| {
+        let step = Indices::from_host(vec![3], d);
+        let fused = |bias: bool, dropout: bool| {
             let mut y = Tensor::from_host(&[rows, c], yv.clone(), d).unwrap();
             let b = Tensor::from_host(&[c], bv.clone(), d).unwrap();
-            be.bias_relu(&mut y, bias.then_some(&b), c);
+            let (p, key) = (
+                0.25f32,
+                RandomKey {
+                    stream: 77,
+                    step: &step,
+                    purpose: 1,
+                },
+            );
+            let keep = if dropout {
+                be.bias_relu_dropout(&mut y, bias.then_some(&b), c, p, key);
+                1.0 / (1.0 - p)
+            } else {
+                be.bias_relu(&mut y, bias.then_some(&b), c);
+                1.0
+            };
             let dy = Tensor::from_host(&[rows, c], dyv.clone(), d).unwrap();
             let mut db = Tensor::from_host(&[c], dbv.clone(), d).unwrap();
-            let dz = be.bias_relu_backward(&y, &dy, Some(&mut db), c);
+            let dz = be.bias_relu_backward(&y, &dy, Some(&mut db), c, keep);
             (y.to_vec(), dz.to_vec(), db.to_vec())
         };
-        let ((yr, dz, dbr), (yn, _, _)) = (fused(true), fused(false));
+        let ((yr, dz, dbr), (yn, _, _)) = (fused(true, false), fused(false, false));
+        let (yd, dzd, dbd) = fused(true, true);
+        let dropped = yd.iter().zip(&yr).filter(|(d, r)| **d == 0.0 && **r > 0.0);
+        assert!(
+            dropped.count() > 0,
+            "[{rows}, {c}]: the dropout dropped nothing"
+        );
         let mut y = Tensor::from_host(&[rows, c], yv.clone(), d).unwrap();
         let b = Tensor::from_host(&[c], bv.clone(), d).unwrap();
         be.add_channel_bias(&mut y, &b, c);
@@ -497,6 +519,22 @@ fn the_linear_bias_kernels_match_the_cpu() {
             &format!("[{rows}, {c}] db after the ReLU"),
             &read(&e.dir, "dbr.out"),
             &dbr,
+            1e-6,
+        );
+        exact(
+            &format!("[{rows}, {c}] dropout(relu(y + b))"),
+            &read(&e.dir, "yd.out"),
+            &yd,
+        );
+        exact(
+            &format!("[{rows}, {c}] dz, dropout"),
+            &read(&e.dir, "dzd.out"),
+            &dzd,
+        );
+        near(
+            &format!("[{rows}, {c}] db after the ReLU and dropout"),
+            &read(&e.dir, "dbd.out"),
+            &dbd,
             1e-6,
         );
     }

@@ -351,18 +351,40 @@ pub trait Backend: Send + Sync {
         }
         *y = self.unary_forward(Unary::Relu, y);
     }
-    /// Backward of [`Backend::bias_relu`] given its output `y`: returns the gradient of the
-    /// sum before the ReLU, `dz = dy` where `y > 0` (NaN where `y` is, else 0), and adds its
-    /// per-channel sums to `dbias` (as [`Backend::channel_bias_backward`], in the same order).
+    /// [`Backend::bias_relu`] followed by dropout of probability `p` keyed by `key` (the mask
+    /// of [`Backend::dropout_forward`] with that key, bit for bit), in place: a linear layer, a
+    /// ReLU and a dropout in one pass where the backend can. The mask is not kept: backward
+    /// needs only the output (see [`Backend::bias_relu_backward`]).
+    fn bias_relu_dropout(
+        &self,
+        y: &mut Tensor,
+        bias: Option<&Tensor>,
+        channels: usize,
+        p: f32,
+        key: RandomKey<'_>,
+    ) {
+        self.bias_relu(y, bias, channels);
+        *y = self.dropout_forward(y, p, key).0;
+    }
+    /// Backward of [`Backend::bias_relu`] (`keep` = 1) or of [`Backend::bias_relu_dropout`]
+    /// (`keep` = 1 / (1 - p), the scale of the kept elements) given its output `y`: returns
+    /// the gradient of the sum before the ReLU, `dz = dy keep` where `y > 0` (NaN where `y`
+    /// is, else 0: where dropout zeroed a positive sum, 0 rather than `dy 0`, which differs
+    /// only in the sign of a zero or a non-finite `dy`), and adds its per-channel sums to
+    /// `dbias` (as [`Backend::channel_bias_backward`], in the same order).
     fn bias_relu_backward(
         &self,
         y: &Tensor,
         dy: &Tensor,
         dbias: Option<&mut Tensor>,
         channels: usize,
+        keep: f32,
     ) -> Tensor {
         // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z.
-        let dz = self.unary_backward(Unary::Relu, y, y, dy);
+        let mut dz = self.unary_backward(Unary::Relu, y, y, dy);
+        if keep != 1.0 {
+            self.scale(&mut dz, keep);
+        }
         if let Some(db) = dbias {
             self.channel_bias_backward(&dz, db, channels);
         }

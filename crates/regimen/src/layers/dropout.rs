@@ -86,4 +86,8 @@ impl Layer for Dropout {
     fn reseed(&mut self, seed: u64) {
         self.stream = seed;
     }
+
+    fn as_dropout(&self) -> Option<(f32, u64)> {
+        Some((self.p, self.stream))
+    }
 }

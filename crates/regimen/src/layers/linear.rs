@@ -6,19 +6,23 @@
 //! Default initialization is PyTorch's (`U(-1/sqrt(in), 1/sqrt(in))` for weight and bias);
 //! see [`Linear::with_init`].
 
+use crate::backend::RandomKey;
 use crate::error::{Error, Result};
 use crate::init::{fans, Init};
-use crate::layer::{cached, check_dy, join, keep, Ctx, Layer, Param, ParamKind};
-use crate::rng::Rng;
+use crate::layer::{cached, check_dy, join, keep, Ctx, Layer, Mode, Param, ParamKind};
+use crate::rng::{purpose, Rng};
 use crate::tensor::{DType, Tensor};
 
 pub struct Linear {
     pub weight: Param,
     pub bias: Option<Param>,
     x: Option<Tensor>,
-    /// After [`Layer::forward_relu`]: the ReLU's output, from which backward (then given the
-    /// ReLU's output gradient) finds where it passed.
+    /// After [`Layer::forward_relu`] (or [`Layer::forward_relu_dropout`]): the ReLU's (the
+    /// dropout's) output, from which backward, then given that output's gradient, finds where
+    /// the ReLU passed (a dropped element is 0 and passes no gradient either).
     relu_out: Option<Tensor>,
+    /// The scale of the elements a fused dropout kept, `1 / (1 - p)`; 1 without one.
+    relu_keep: f32,
     input_grad: bool,
 }
 
@@ -33,6 +37,7 @@ impl Linear {
             bias: Some(Param::new(bias, ParamKind::Bias)),
             x: None,
             relu_out: None,
+            relu_keep: 1.0,
             input_grad: true,
         }
     }
@@ -59,6 +64,38 @@ impl Linear {
 
     pub fn out_features(&self) -> usize {
         self.weight.value.shape()[0]
+    }
+
+    /// Forward, then a ReLU, then (with `dropout`: its drop probability and the dropout
+    /// layer's stream) a dropout as that layer draws it, in one pass over the output.
+    fn fused_forward(
+        &mut self,
+        x: &Tensor,
+        ctx: &Ctx,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<Tensor> {
+        self.relu_out = None;
+        let mut y = self.product(x, ctx)?;
+        let be = x.backend();
+        let bias = self.bias.as_ref().map(|b| &b.value);
+        let out = self.out_features();
+        self.relu_keep = 1.0;
+        match dropout {
+            // (Evaluation, or p = 0: the dropout is the identity.)
+            Some((p, stream)) if ctx.mode == Mode::Train && p > 0.0 => {
+                let step = ctx.step_on(x.device());
+                let key = RandomKey {
+                    stream: ctx.stream(stream),
+                    step: &step,
+                    purpose: purpose::DROPOUT,
+                };
+                be.bias_relu_dropout(&mut y, bias, out, p, key);
+                self.relu_keep = 1.0 / (1.0 - p);
+            }
+            _ => be.bias_relu(&mut y, bias, out),
+        }
+        keep(ctx, &mut self.relu_out, || y.clone());
+        Ok(y)
     }
 
     /// `x W^T` (the bias not yet added), keeping the input for backward.
@@ -110,15 +147,19 @@ impl Layer for Linear {
 
     /// The sum and the ReLU in one pass over the output (`Backend::bias_relu`), in place.
     fn forward_relu(&mut self, x: &Tensor, ctx: &Ctx) -> Option<Result<Tensor>> {
-        self.relu_out = None;
-        let mut y = match self.product(x, ctx) {
-            Ok(y) => y,
-            Err(e) => return Some(Err(e)),
-        };
-        let bias = self.bias.as_ref().map(|b| &b.value);
-        x.backend().bias_relu(&mut y, bias, self.out_features());
-        keep(ctx, &mut self.relu_out, || y.clone());
-        Some(Ok(y))
+        Some(self.fused_forward(x, ctx, None))
+    }
+
+    /// The sum, the ReLU and the dropout in one pass (`Backend::bias_relu_dropout`), drawing
+    /// the dropout layer's masks.
+    fn forward_relu_dropout(
+        &mut self,
+        x: &Tensor,
+        ctx: &Ctx,
+        p: f32,
+        stream: u64,
+    ) -> Option<Result<Tensor>> {
+        Some(self.fused_forward(x, ctx, Some((p, stream))))
     }
 
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
@@ -128,9 +169,11 @@ impl Layer for Linear {
         let out = self.out_features();
         let dz;
         let dy = match &self.relu_out {
-            // `dy` is the ReLU's output gradient: the mask and the bias's sums in one pass.
+            // `dy` is the ReLU's (dropout's) output gradient: the mask and the bias's sums in
+            // one pass.
             Some(y) => {
-                dz = be.bias_relu_backward(y, dy, self.bias.as_mut().map(|b| &mut b.grad), out);
+                let db = self.bias.as_mut().map(|b| &mut b.grad);
+                dz = be.bias_relu_backward(y, dy, db, out, self.relu_keep);
                 &dz
             }
             None => {

@@ -23,7 +23,8 @@ pub struct Sequential {
     stop_at: Option<usize>,
     /// The layers that a layer before them applied in the last forward (ReLUs, by
     /// [`Layer::forward_relu`]; ReLUs and the 2x2 max pools after them, by
-    /// [`Layer::forward_relu_pool`]); backward passes the gradient through them untouched.
+    /// [`Layer::forward_relu_pool`]; ReLUs and the dropouts after them, by
+    /// [`Layer::forward_relu_dropout`]); backward passes the gradient through them untouched.
     fused: Vec<bool>,
     /// Whether to fuse at all ([`Sequential::set_fusion`]).
     no_fusion: bool,
@@ -63,7 +64,8 @@ impl Sequential {
     /// Whether a layer followed by a ReLU (and a 2x2 max pool) may apply them in its own passes
     /// (batch norm in training does: passes over memory fewer forward and backward, and
     /// neither the ReLU's output nor the pool's arg-max positions stored; a linear layer
-    /// adds its bias and applies the ReLU in one pass). On by default; the
+    /// adds its bias and applies the ReLU, and a dropout after it, in one pass). On by
+    /// default; the
     /// results are the same bits either way. A forward hook turns it off, since it must see
     /// every child's own output.
     pub fn set_fusion(&mut self, on: bool) {
@@ -148,6 +150,17 @@ impl Layer for Sequential {
             {
                 let (name, layer) = &mut self.layers[i];
                 if let Some(y) = layer.forward_relu_pool(&h, ctx) {
+                    h = y.map_err(|e| e.in_layer(name))?;
+                    self.fused[i + 1] = true;
+                    self.fused[i + 2] = true;
+                    i += 3;
+                    continue;
+                }
+            }
+            let dropout_after = self.layers.get(i + 2).and_then(|(_, l)| l.as_dropout());
+            if let (true, true, Some((p, stream))) = (fuse, relu_next, dropout_after) {
+                let (name, layer) = &mut self.layers[i];
+                if let Some(y) = layer.forward_relu_dropout(&h, ctx, p, stream) {
                     h = y.map_err(|e| e.in_layer(name))?;
                     self.fused[i + 1] = true;
                     self.fused[i + 2] = true;

@@ -257,15 +257,25 @@ int main(int argc, char** argv) {
         auto y = emu_load<float>(dir + "y.bin", rows * c), dy = emu_load<float>(dir + "dy.bin", rows * c);
         auto b = emu_load<float>(dir + "b.bin", c), db = emu_load<float>(dir + "db.bin", c);
         // The fused pair (a linear layer followed by a ReLU) from the same inputs.
-        auto yr = y, yn = y, dbr = db;
-        std::vector<float> dz(y.size());
+        auto yr = y, yn = y, yd = y, dbr = db, dbd = db;
+        std::vector<float> dz(y.size()), dzd(y.size());
+        // The fused dropout: p 0.25, stream 77, step 3, purpose 1 (the Rust side's).
+        const float p = 0.25f, keep = 1.0f / (1.0f - p);
+        const u32 step = 3;
+        long long n = rows * c, blocks = ((n + 3) / 4 + 255) / 256;
         launch_planes(rows, c, [&] { add_row_bias(y.data(), b.data(), rows, c); });
         emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024,
                    [&] { row_sum_acc(dy.data(), db.data(), (int)rows, c); });
         launch_planes(rows, c, [&] { add_row_bias_relu(yr.data(), b.data(), rows, c); });
         launch_planes(rows, c, [&] { add_row_bias_relu(yn.data(), nullptr, rows, c); });
         emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
-            relu_row_sum_acc(yr.data(), dy.data(), dz.data(), dbr.data(), (int)rows, c);
+            relu_row_sum_acc(yr.data(), dy.data(), dz.data(), dbr.data(), (int)rows, c, 1.0f);
+        });
+        emu_launch(dim3{(unsigned)blocks, 1, 1}, 256, [&] {
+            add_row_bias_relu_dropout(yd.data(), b.data(), n, c, p, 77, &step, 1);
+        });
+        emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
+            relu_row_sum_acc(yd.data(), dy.data(), dzd.data(), dbd.data(), (int)rows, c, keep);
         });
         emu_save(dir + "y.out", y);
         emu_save(dir + "db.out", db);
@@ -273,6 +283,9 @@ int main(int argc, char** argv) {
         emu_save(dir + "yn.out", yn);
         emu_save(dir + "dz.out", dz);
         emu_save(dir + "dbr.out", dbr);
+        emu_save(dir + "yd.out", yd);
+        emu_save(dir + "dzd.out", dzd);
+        emu_save(dir + "dbd.out", dbd);
     } else {
         fputs(USAGE, stderr);
         return 2;

@@ -317,6 +317,33 @@ impl Backend for Cpu {
             });
     }
 
+    fn bias_relu_backward(
+        &self,
+        y: &Tensor,
+        dy: &Tensor,
+        dbias: Option<&mut Tensor>,
+        channels: usize,
+        keep: f32,
+    ) -> Tensor {
+        // unary_backward's ReLU from the output (y > 0 exactly where the sum was, NaN where
+        // it was), times the dropout's scale, in one pass.
+        let dz = make(y.shape(), |o| {
+            map2(f32s(y), f32s(dy), o, |yv, g| {
+                if yv > 0.0 {
+                    g * keep
+                } else if yv.is_nan() {
+                    yv
+                } else {
+                    0.0
+                }
+            })
+        });
+        if let Some(db) = dbias {
+            self.channel_bias_backward(&dz, db, channels);
+        }
+        dz
+    }
+
     fn channel_bias_backward(&self, dy: &Tensor, dbias: &mut Tensor, channels: usize) {
         if dy.numel() == 0 {
             return;

@@ -144,6 +144,27 @@ extern "C" __global__ void dropout_fwd(const float* x, float* y, float* mask, lo
     }
 }
 
+// y = dropout(relu(y + bias)) in place for y [n / c, c], without a bias where bias is null (a
+// linear layer, its ReLU and a dropout): dropout_fwd's blocks of four draws and mask, so the
+// same bits as the three layers; the mask is not stored (backward reads it from y).
+extern "C" __global__ void add_row_bias_relu_dropout(float* y, const float* bias, long long n,
+                                                     int c, float p, u64 stream, const u32* step,
+                                                     u32 purpose) {
+    u32 s = *step;
+    float keep = 1.0f / (1.0f - p);
+    GRID_STRIDE(q, (n + 3) / 4) {
+        float u[4];
+        philox_block(stream, s, purpose, (u64)q, u);
+        for (int k = 0; k < 4 && 4 * q + k < n; k++) {
+            long long i = 4 * q + k;
+            float v = y[i];
+            if (bias) v += bias[i % c];
+            v = v <= 0.0f ? 0.0f : v;
+            y[i] = v * (u[k] >= p ? keep : 0.0f);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Element-wise arithmetic
 
@@ -297,11 +318,13 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32) row_sum_acc(con
     }
 }
 
-// The backward of add_row_bias_relu from its output y: dz = dy where y > 0 (NaN where y is
-// NaN, else 0; unary_bwd's ReLU), written out, and dbias[ch] += the column sums of dz in
-// row_sum_acc's blocks and order (so the same sums as the unfused pair).
+// The backward of add_row_bias_relu (keep = 1) or add_row_bias_relu_dropout (keep =
+// 1 / (1 - p)) from its output y: dz = dy keep where y > 0 (NaN where y is NaN, else 0;
+// unary_bwd's ReLU), written out, and dbias[ch] += the column sums of dz in row_sum_acc's
+// blocks and order (so the same sums as the unfused layers).
 extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
-    relu_row_sum_acc(const float* y, const float* dy, float* dz, float* dbias, int nb, int c) {
+    relu_row_sum_acc(const float* y, const float* dy, float* dz, float* dbias, int nb, int c,
+                     float keep) {
     __shared__ double part[ROW_SUM_WARPS][32];
     int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
     int ch = blockIdx.x * 32 + lc;
@@ -310,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
         for (int r = lane; r < nb; r += ROW_SUM_WARPS) {
             long long k = (long long)r * c + ch;
             float yv = y[k];
-            float g = yv > 0.0f ? dy[k] : (isnan(yv) ? yv : 0.0f);
+            float g = yv > 0.0f ? dy[k] * keep : (isnan(yv) ? yv : 0.0f);
             dz[k] = g;
             acc += (double)g;
         }

@@ -181,6 +181,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "row_sum_acc",
     "add_row_bias_relu",
     "relu_row_sum_acc",
+    "add_row_bias_relu_dropout",
     "reduce_partial",
     "finish_sum",
     "finish_clip",
@@ -2239,18 +2240,50 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn bias_relu_dropout(
+        &self,
+        y: &mut Tensor,
+        bias: Option<&Tensor>,
+        channels: usize,
+        p: f32,
+        key: RandomKey<'_>,
+    ) {
+        let (_, inner) = n_inner(y.shape(), channels);
+        if inner != 1 {
+            self.bias_relu(y, bias, channels);
+            *y = self.dropout_forward(y, p, key).0;
+            return;
+        }
+        // [rows, C]: one pass in dropout_fwd's blocks of four draws, in place.
+        let n = y.numel() as i64;
+        let (yp, c, sp) = (ptr_mut(y), channels as i32, ptr(key.step.tensor()));
+        let bp = bias.map_or(0u64, ptr);
+        if n > 0 && c > 0 {
+            self.launch(
+                "add_row_bias_relu_dropout",
+                blocks_for((n as usize).div_ceil(4)),
+                BLOCK,
+                &mut args![&yp, &bp, &n, &c, &p, &key.stream, &sp, &key.purpose],
+            );
+        }
+    }
+
     fn bias_relu_backward(
         &self,
         y: &Tensor,
         dy: &Tensor,
         dbias: Option<&mut Tensor>,
         channels: usize,
+        keep: f32,
     ) -> Tensor {
         let (nb, inner) = n_inner(dy.shape(), channels);
         let db = match dbias {
             Some(db) if inner == 1 => db,
             dbias => {
-                let dz = self.unary_backward(Unary::Relu, y, y, dy);
+                let mut dz = self.unary_backward(Unary::Relu, y, y, dy);
+                if keep != 1.0 {
+                    self.scale(&mut dz, keep);
+                }
                 if let Some(db) = dbias {
                     self.channel_bias_backward(&dz, db, channels);
                 }
@@ -2266,7 +2299,7 @@ impl Backend for CudaBackend {
                 "relu_row_sum_acc",
                 channels.div_ceil(32) as u32,
                 1024,
-                &mut args![&yp, &dyp, &dzp, &bp, &nb, &c],
+                &mut args![&yp, &dyp, &dzp, &bp, &nb, &c, &keep],
             );
         }
         dz
