@@ -641,6 +641,7 @@ fn fused_linear_relu_equals_the_two_layers() {
             .push(Dropout::new(0.3).unwrap())
             .push(Linear::new(40, 33, &mut rng).without_bias())
             .push(relu())
+            .push(Dropout::new(0.5).unwrap())
             .push(Linear::new(33, 3, &mut rng));
         m.reseed(5);
         m
@@ -680,7 +681,7 @@ fn fused_linear_relu_equals_the_two_layers() {
             let (plain, none) = run(false);
             assert_eq!(
                 which,
-                vec![1, 2, 4],
+                vec![1, 2, 4, 5],
                 "the ReLUs and the dropout applied by the linear layers"
             );
             assert!(none.is_empty());

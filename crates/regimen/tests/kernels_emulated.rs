@@ -472,11 +472,12 @@ fn the_linear_bias_kernels_match_the_cpu() {
             };
             let dy = Tensor::from_host(&[rows, c], dyv.clone(), d).unwrap();
             let mut db = Tensor::from_host(&[c], dbv.clone(), d).unwrap();
-            let dz = be.bias_relu_backward(&y, &dy, Some(&mut db), c, keep);
+            let dz = be.bias_relu_backward(&y, &dy, bias.then_some(&mut db), c, keep);
             (y.to_vec(), dz.to_vec(), db.to_vec())
         };
         let ((yr, dz, dbr), (yn, _, _)) = (fused(true, false), fused(false, false));
         let (yd, dzd, dbd) = fused(true, true);
+        let (ydn, dzdn, _) = fused(false, true);
         let dropped = yd.iter().zip(&yr).filter(|(d, r)| **d == 0.0 && **r > 0.0);
         assert!(
             dropped.count() > 0,
@@ -530,6 +531,16 @@ fn the_linear_bias_kernels_match_the_cpu() {
             &format!("[{rows}, {c}] dz, dropout"),
             &read(&e.dir, "dzd.out"),
             &dzd,
+        );
+        exact(
+            &format!("[{rows}, {c}] dropout(relu(y))"),
+            &read(&e.dir, "ydn.out"),
+            &ydn,
+        );
+        exact(
+            &format!("[{rows}, {c}] dz, dropout, no bias"),
+            &read(&e.dir, "dzdn.out"),
+            &dzdn,
         );
         near(
             &format!("[{rows}, {c}] db after the ReLU and dropout"),

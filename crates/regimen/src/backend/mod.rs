@@ -370,8 +370,9 @@ pub trait Backend: Send + Sync {
     /// (`keep` = 1 / (1 - p), the scale of the kept elements) given its output `y`: returns
     /// the gradient of the sum before the ReLU, `dz = dy keep` where `y > 0` (NaN where `y`
     /// is, else 0: where dropout zeroed a positive sum, 0 rather than `dy 0`, which differs
-    /// only in the sign of a zero or a non-finite `dy`), and adds its per-channel sums to
-    /// `dbias` (as [`Backend::channel_bias_backward`], in the same order).
+    /// only in the sign of a zero or a non-finite `dy`; where it zeroed a sum of +inf, `y` is
+    /// NaN and so is `dz`), and adds its per-channel sums to `dbias` (as
+    /// [`Backend::channel_bias_backward`], in the same order; none without `dbias`).
     fn bias_relu_backward(
         &self,
         y: &Tensor,

@@ -65,9 +65,9 @@ impl Sequential {
     /// (batch norm in training does: passes over memory fewer forward and backward, and
     /// neither the ReLU's output nor the pool's arg-max positions stored; a linear layer
     /// adds its bias and applies the ReLU, and a dropout after it, in one pass). On by
-    /// default; the
-    /// results are the same bits either way. A forward hook turns it off, since it must see
-    /// every child's own output.
+    /// default; the results are the same bits either way, but for non-finite values at
+    /// elements a dropout dropped (`Backend::bias_relu_backward`). A forward hook turns it
+    /// off, since it must see every child's own output.
     pub fn set_fusion(&mut self, on: bool) {
         self.no_fusion = !on;
     }

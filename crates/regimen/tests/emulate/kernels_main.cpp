@@ -257,8 +257,8 @@ int main(int argc, char** argv) {
         auto y = emu_load<float>(dir + "y.bin", rows * c), dy = emu_load<float>(dir + "dy.bin", rows * c);
         auto b = emu_load<float>(dir + "b.bin", c), db = emu_load<float>(dir + "db.bin", c);
         // The fused pair (a linear layer followed by a ReLU) from the same inputs.
-        auto yr = y, yn = y, yd = y, dbr = db, dbd = db;
-        std::vector<float> dz(y.size()), dzd(y.size());
+        auto yr = y, yn = y, yd = y, ydn = y, dbr = db, dbd = db;
+        std::vector<float> dz(y.size()), dzd(y.size()), dzdn(y.size());
         // The fused dropout: p 0.25, stream 77, step 3, purpose 1 (the Rust side's).
         const float p = 0.25f, keep = 1.0f / (1.0f - p);
         const u32 step = 3;
@@ -277,6 +277,13 @@ int main(int argc, char** argv) {
         emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
             relu_row_sum_acc(yd.data(), dy.data(), dzd.data(), dbd.data(), (int)rows, c, keep);
         });
+        // Without a bias: neither added forward nor summed backward.
+        emu_launch(dim3{(unsigned)blocks, 1, 1}, 256, [&] {
+            add_row_bias_relu_dropout(ydn.data(), nullptr, n, c, p, 77, &step, 1);
+        });
+        emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
+            relu_row_sum_acc(ydn.data(), dy.data(), dzdn.data(), nullptr, (int)rows, c, keep);
+        });
         emu_save(dir + "y.out", y);
         emu_save(dir + "db.out", db);
         emu_save(dir + "yr.out", yr);
@@ -286,6 +293,8 @@ int main(int argc, char** argv) {
         emu_save(dir + "yd.out", yd);
         emu_save(dir + "dzd.out", dzd);
         emu_save(dir + "dbd.out", dbd);
+        emu_save(dir + "ydn.out", ydn);
+        emu_save(dir + "dzdn.out", dzdn);
     } else {
         fputs(USAGE, stderr);
         return 2;

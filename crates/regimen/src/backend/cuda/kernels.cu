@@ -155,10 +155,14 @@ extern "C" __global__ void add_row_bias_relu_dropout(float* y, const float* bias
     GRID_STRIDE(q, (n + 3) / 4) {
         float u[4];
         philox_block(stream, s, purpose, (u64)q, u);
+        int col = bias ? (int)((4 * q) % c) : 0;  // (one 64-bit division per four elements)
         for (int k = 0; k < 4 && 4 * q + k < n; k++) {
             long long i = 4 * q + k;
             float v = y[i];
-            if (bias) v += bias[i % c];
+            if (bias) {
+                v += bias[col];
+                if (++col == c) col = 0;
+            }
             v = v <= 0.0f ? 0.0f : v;
             y[i] = v * (u[k] >= p ? keep : 0.0f);
         }
@@ -321,7 +325,7 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32) row_sum_acc(con
 // The backward of add_row_bias_relu (keep = 1) or add_row_bias_relu_dropout (keep =
 // 1 / (1 - p)) from its output y: dz = dy keep where y > 0 (NaN where y is NaN, else 0;
 // unary_bwd's ReLU), written out, and dbias[ch] += the column sums of dz in row_sum_acc's
-// blocks and order (so the same sums as the unfused layers).
+// blocks and order (so the same sums as the unfused layers) unless dbias is null.
 extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
     relu_row_sum_acc(const float* y, const float* dy, float* dz, float* dbias, int nb, int c,
                      float keep) {
@@ -337,6 +341,7 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
             dz[k] = g;
             acc += (double)g;
         }
+    if (!dbias) return;  // (the same for every thread of the block)
     part[lane][lc] = acc;
     __syncthreads();
     if (lane == 0 && ch < c) {

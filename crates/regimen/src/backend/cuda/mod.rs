@@ -2277,22 +2277,21 @@ impl Backend for CudaBackend {
         keep: f32,
     ) -> Tensor {
         let (nb, inner) = n_inner(dy.shape(), channels);
-        let db = match dbias {
-            Some(db) if inner == 1 => db,
-            dbias => {
-                let mut dz = self.unary_backward(Unary::Relu, y, y, dy);
-                if keep != 1.0 {
-                    self.scale(&mut dz, keep);
-                }
-                if let Some(db) = dbias {
-                    self.channel_bias_backward(&dz, db, channels);
-                }
-                return dz;
+        if inner != 1 {
+            let mut dz = self.unary_backward(Unary::Relu, y, y, dy);
+            if keep != 1.0 {
+                self.scale(&mut dz, keep);
             }
-        };
-        // [N, C]: the mask and the bias's sums in one pass (row_sum_acc's blocks).
+            if let Some(db) = dbias {
+                self.channel_bias_backward(&dz, db, channels);
+            }
+            return dz;
+        }
+        // [N, C]: the mask, the dropout's scale and the bias's sums (none without a bias) in
+        // one pass (row_sum_acc's blocks).
         let dz = self.new_tensor(dy.shape(), DType::F32);
-        let (yp, dyp, dzp, bp) = (ptr(y), ptr(dy), ptr(&dz), ptr_mut(db));
+        let (yp, dyp, dzp) = (ptr(y), ptr(dy), ptr(&dz));
+        let bp = dbias.map_or(0u64, ptr_mut);
         let (nb, c) = (nb as i32, channels as i32);
         if nb > 0 && c > 0 {
             self.launch(
