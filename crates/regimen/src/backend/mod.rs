@@ -346,10 +346,7 @@ pub trait Backend: Send + Sync {
     /// `relu(y)`), NaN propagating as in [`Unary::Relu`]: a layer with a bias followed by a
     /// ReLU, in one pass where the backend can.
     fn bias_relu(&self, y: &mut Tensor, bias: Option<&Tensor>, channels: usize) {
-        if let Some(b) = bias {
-            self.add_channel_bias(y, b, channels);
-        }
-        *y = self.unary_forward(Unary::Relu, y);
+        unfused::bias_relu(self, y, bias, channels);
     }
     /// [`Backend::bias_relu`] followed by dropout of probability `p` keyed by `key` (the mask
     /// of [`Backend::dropout_forward`] with that key, bit for bit), in place: a linear layer, a
@@ -363,8 +360,7 @@ pub trait Backend: Send + Sync {
         p: f32,
         key: RandomKey<'_>,
     ) {
-        self.bias_relu(y, bias, channels);
-        *y = self.dropout_forward(y, p, key).0;
+        unfused::bias_relu_dropout(self, y, bias, channels, p, key);
     }
     /// Backward of [`Backend::bias_relu`] (`keep` = 1) or of [`Backend::bias_relu_dropout`]
     /// (`keep` = 1 / (1 - p), the scale of the kept elements) given its output `y`: returns
@@ -381,15 +377,7 @@ pub trait Backend: Send + Sync {
         channels: usize,
         keep: f32,
     ) -> Tensor {
-        // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z.
-        let mut dz = self.unary_backward(Unary::Relu, y, y, dy);
-        if keep != 1.0 {
-            self.scale(&mut dz, keep);
-        }
-        if let Some(db) = dbias {
-            self.channel_bias_backward(&dz, db, channels);
-        }
-        dz
+        unfused::bias_relu_backward(self, y, dy, dbias, channels, keep)
     }
     /// `y += alpha x`
     fn axpy(&self, alpha: f32, x: &Tensor, y: &mut Tensor);
@@ -689,6 +677,57 @@ pub trait Backend: Send + Sync {
     fn count_correct(&self, logits: &Tensor, labels: &Indices) -> Tensor;
     /// Whether every element is finite (one element, 1 or 0, on the device).
     fn all_finite(&self, x: &Tensor) -> Tensor;
+}
+
+/// The fused bias + ReLU (+ dropout) operations as their separate operations: `Backend`'s
+/// default methods, and a backend's way for the layouts its fused kernels do not take.
+pub(crate) mod unfused {
+    use super::{Backend, RandomKey, Unary};
+    use crate::tensor::Tensor;
+
+    pub(crate) fn bias_relu<B: Backend + ?Sized>(
+        be: &B,
+        y: &mut Tensor,
+        bias: Option<&Tensor>,
+        channels: usize,
+    ) {
+        if let Some(b) = bias {
+            be.add_channel_bias(y, b, channels);
+        }
+        *y = be.unary_forward(Unary::Relu, y);
+    }
+
+    pub(crate) fn bias_relu_dropout<B: Backend + ?Sized>(
+        be: &B,
+        y: &mut Tensor,
+        bias: Option<&Tensor>,
+        channels: usize,
+        p: f32,
+        key: RandomKey<'_>,
+    ) {
+        // (The backend's own one-pass bias + ReLU where it has one.)
+        be.bias_relu(y, bias, channels);
+        *y = be.dropout_forward(y, p, key).0;
+    }
+
+    pub(crate) fn bias_relu_backward<B: Backend + ?Sized>(
+        be: &B,
+        y: &Tensor,
+        dy: &Tensor,
+        dbias: Option<&mut Tensor>,
+        channels: usize,
+        keep: f32,
+    ) -> Tensor {
+        // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z.
+        let mut dz = be.unary_backward(Unary::Relu, y, y, dy);
+        if keep != 1.0 {
+            be.scale(&mut dz, keep);
+        }
+        if let Some(db) = dbias {
+            be.channel_bias_backward(&dz, db, channels);
+        }
+        dz
+    }
 }
 
 /// The CUDA backend of GPU `n` (initialized on first use; panics if it cannot be, which

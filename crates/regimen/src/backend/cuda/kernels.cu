@@ -306,13 +306,13 @@ extern "C" __global__ void channel_sum_acc(const float* dy, float* dbias, int nb
 // lanes reading a whole 128-byte row, so that a warp walks nb/32 rows (with 8 warps it was 64
 // dependent steps at batch 512); the warps' partial sums are added in a fixed order.
 #define ROW_SUM_WARPS 32
-extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32) row_sum_acc(const float* dy, float* dbias, int nb, int c) {
+
+// The end of row_sum_acc and relu_row_sum_acc: each thread's sum of its column's rows (`acc`,
+// for column `ch`) added over the block's warps in order into dbias[ch]. Every thread of the
+// block calls it.
+__device__ __forceinline__ void row_sum_finish(double acc, int ch, int c, float* dbias) {
     __shared__ double part[ROW_SUM_WARPS][32];
     int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
-    int ch = blockIdx.x * 32 + lc;
-    double acc = 0.0;
-    if (ch < c)
-        for (int r = lane; r < nb; r += ROW_SUM_WARPS) acc += (double)dy[(long long)r * c + ch];
     part[lane][lc] = acc;
     __syncthreads();
     if (lane == 0 && ch < c) {
@@ -322,6 +322,16 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32) row_sum_acc(con
     }
 }
 
+extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
+    row_sum_acc(const float* dy, float* dbias, int nb, int c) {
+    int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
+    int ch = blockIdx.x * 32 + lc;
+    double acc = 0.0;
+    if (ch < c)
+        for (int r = lane; r < nb; r += ROW_SUM_WARPS) acc += (double)dy[(long long)r * c + ch];
+    row_sum_finish(acc, ch, c, dbias);
+}
+
 // The backward of add_row_bias_relu (keep = 1) or add_row_bias_relu_dropout (keep =
 // 1 / (1 - p)) from its output y: dz = dy keep where y > 0 (NaN where y is NaN, else 0;
 // unary_bwd's ReLU), written out, and dbias[ch] += the column sums of dz in row_sum_acc's
@@ -329,7 +339,6 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32) row_sum_acc(con
 extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
     relu_row_sum_acc(const float* y, const float* dy, float* dz, float* dbias, int nb, int c,
                      float keep) {
-    __shared__ double part[ROW_SUM_WARPS][32];
     int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
     int ch = blockIdx.x * 32 + lc;
     double acc = 0.0;
@@ -341,14 +350,7 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
             dz[k] = g;
             acc += (double)g;
         }
-    if (!dbias) return;  // (the same for every thread of the block)
-    part[lane][lc] = acc;
-    __syncthreads();
-    if (lane == 0 && ch < c) {
-        double t = 0.0;
-        for (int l = 0; l < ROW_SUM_WARPS; l++) t += part[l][lc];
-        dbias[ch] += (float)t;
-    }
+    if (dbias) row_sum_finish(acc, ch, c, dbias);  // (dbias is the same for the whole block)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -2221,11 +2221,7 @@ impl Backend for CudaBackend {
     fn bias_relu(&self, y: &mut Tensor, bias: Option<&Tensor>, channels: usize) {
         let (rows, inner) = n_inner(y.shape(), channels);
         if inner != 1 {
-            if let Some(b) = bias {
-                self.add_channel_bias(y, b, channels);
-            }
-            *y = self.unary_forward(Unary::Relu, y);
-            return;
+            return crate::backend::unfused::bias_relu(self, y, bias, channels);
         }
         // [rows, C]: one pass, in place.
         let (yp, c, r) = (ptr_mut(y), channels as i32, rows as i64);
@@ -2250,9 +2246,7 @@ impl Backend for CudaBackend {
     ) {
         let (_, inner) = n_inner(y.shape(), channels);
         if inner != 1 {
-            self.bias_relu(y, bias, channels);
-            *y = self.dropout_forward(y, p, key).0;
-            return;
+            return crate::backend::unfused::bias_relu_dropout(self, y, bias, channels, p, key);
         }
         // [rows, C]: one pass in dropout_fwd's blocks of four draws, in place.
         let n = y.numel() as i64;
@@ -2278,14 +2272,7 @@ impl Backend for CudaBackend {
     ) -> Tensor {
         let (nb, inner) = n_inner(dy.shape(), channels);
         if inner != 1 {
-            let mut dz = self.unary_backward(Unary::Relu, y, y, dy);
-            if keep != 1.0 {
-                self.scale(&mut dz, keep);
-            }
-            if let Some(db) = dbias {
-                self.channel_bias_backward(&dz, db, channels);
-            }
-            return dz;
+            return crate::backend::unfused::bias_relu_backward(self, y, dy, dbias, channels, keep);
         }
         // [N, C]: the mask, the dropout's scale and the bias's sums (none without a bias) in
         // one pass (row_sum_acc's blocks).
