@@ -317,6 +317,19 @@ impl Backend for Cpu {
             });
     }
 
+    fn bias_relu_dropout(
+        &self,
+        y: &mut Tensor,
+        bias: Option<&Tensor>,
+        channels: usize,
+        p: f32,
+        key: RandomKey<'_>,
+    ) {
+        self.bias_relu(y, bias, channels);
+        let step = step_of(key.step);
+        norm::dropout_in_place(f32s_mut(y), p, key.stream, step, key.purpose);
+    }
+
     fn bias_relu_backward(
         &self,
         y: &Tensor,

@@ -766,6 +766,21 @@ pub fn dropout(
         });
 }
 
+/// [`dropout`] in place, keeping no mask: `y[i] *= (u_i >= p) / (1 - p)`, the same draws
+/// and the same products (a linear layer's fused ReLU and dropout).
+pub fn dropout_in_place(y: &mut [f32], p: f32, stream: u64, step: u32, purpose: u32) {
+    let keep = 1.0 / (1.0 - p);
+    const CHUNK: usize = 1 << 13;
+    y.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, y)| {
+        let mut u = [0f32; CHUNK];
+        let u = &mut u[..y.len()];
+        fill_uniform(stream, step, purpose, (ci * CHUNK) as u64, u);
+        for (y, &u) in y.iter_mut().zip(u.iter()) {
+            *y *= if u >= p { keep } else { 0.0 };
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
