@@ -890,7 +890,11 @@ impl CudaBackend {
         st.next = st.next.wrapping_add(1);
         let (buf, cap, event) = &mut st.slots[i];
         if !event.is_null() {
-            // The slot's previous copy must have left before its bytes are overwritten.
+            // The slot's previous copy must have left before its bytes are overwritten (a
+            // host wait, which a kernel trace notes, when it has not).
+            if unsafe { dr::event::query(*event) }.is_err() {
+                self.note_sync();
+            }
             self.check(
                 unsafe { dr::event::synchronize(*event) },
                 "waiting for a staged copy",
