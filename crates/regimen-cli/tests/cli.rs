@@ -467,6 +467,46 @@ fn same_seed_same_bytes_for_any_thread_count() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The fused passes (batch norm + ReLU + pool in digits-cnn; linear + ReLU + dropout in the
+/// mlp) train the same weights, bit for bit, as the layers one by one (`REGIMEN_FUSION=0`).
+#[test]
+fn fusion_off_trains_the_same_bytes() {
+    let dir = std::env::temp_dir().join(format!("regimen-fusion-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |model: &str, fusion: bool| {
+        let path = dir.join(format!("{model}-{fusion}.safetensors"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_regimen"));
+        c.args([
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            model,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--seed",
+            "7",
+            "--save",
+        ])
+        .arg(&path);
+        if !fusion {
+            c.env("REGIMEN_FUSION", "0");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        std::fs::read(path).unwrap()
+    };
+    for model in ["digits-cnn", "mlp"] {
+        assert!(
+            run(model, true) == run(model, false),
+            "{model}: the fused passes trained different weights"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Every value that can fail later is refused before training starts, with one line and exit
 /// status 2 (classes 1, 5, 7 and 8 of the reliability review).
 #[test]

@@ -67,7 +67,8 @@ impl Sequential {
     /// adds its bias and applies the ReLU, and a dropout after it, in one pass). On by
     /// default; the results are the same bits either way, but for non-finite values at
     /// elements a dropout dropped (`Backend::bias_relu_backward`). A forward hook turns it
-    /// off, since it must see every child's own output.
+    /// off, since it must see every child's own output, and so does `REGIMEN_FUSION=0` for
+    /// every `Sequential` of the process.
     pub fn set_fusion(&mut self, on: bool) {
         self.no_fusion = !on;
     }
@@ -120,6 +121,12 @@ impl Sequential {
     }
 }
 
+/// `REGIMEN_FUSION=0`: no `Sequential` fuses (the same results), to measure what fusion gains.
+fn fusion_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("REGIMEN_FUSION").is_ok_and(|v| v == "0"))
+}
+
 impl Layer for Sequential {
     fn describe(&self) -> String {
         format!("Sequential({} layers)", self.layers.len())
@@ -135,7 +142,7 @@ impl Layer for Sequential {
 
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let mut h = x.clone();
-        let fuse = !self.no_fusion && self.hook.is_none();
+        let fuse = !self.no_fusion && self.hook.is_none() && !fusion_off();
         self.fused.clear();
         self.fused.resize(self.layers.len(), false);
         let mut i = 0;
