@@ -342,8 +342,11 @@ impl Backend for Cpu {
         // it was), times the dropout's scale, in one pass.
         let dz = make(y.shape(), |o| {
             map2(f32s(y), f32s(dy), o, |yv, g| {
+                // (The product taken unconditionally, so that the loop vectorizes: in the
+                // branch the load of `dy` went with it and the loop stayed scalar.)
+                let kept = g * keep;
                 if yv > 0.0 {
-                    g * keep
+                    kept
                 } else if yv.is_nan() {
                     yv
                 } else {
