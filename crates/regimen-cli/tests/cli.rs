@@ -490,7 +490,8 @@ fn fusion_off_trains_the_same_bytes() {
             "7",
             "--save",
         ])
-        .arg(&path);
+        .arg(&path)
+        .current_dir(&dir);
         if !fusion {
             c.env("REGIMEN_FUSION", "0");
         }
