@@ -19,10 +19,9 @@ pub struct Linear {
     x: Option<Tensor>,
     /// After [`Layer::forward_relu`] (or [`Layer::forward_relu_dropout`]): the ReLU's (the
     /// dropout's) output, from which backward, then given that output's gradient, finds where
-    /// the ReLU passed (a dropped element is 0 and passes no gradient either).
-    relu_out: Option<Tensor>,
-    /// The scale of the elements a fused dropout kept, `1 / (1 - p)`; 1 without one.
-    relu_keep: f32,
+    /// the ReLU passed (a dropped element is 0 and passes no gradient either), and the scale
+    /// of the elements a fused dropout kept, `1 / (1 - p)` (1 without one).
+    relu_out: Option<(Tensor, f32)>,
     input_grad: bool,
 }
 
@@ -37,7 +36,6 @@ impl Linear {
             bias: Some(Param::new(bias, ParamKind::Bias)),
             x: None,
             relu_out: None,
-            relu_keep: 1.0,
             input_grad: true,
         }
     }
@@ -79,8 +77,7 @@ impl Linear {
         let be = x.backend();
         let bias = self.bias.as_ref().map(|b| &b.value);
         let out = self.out_features();
-        self.relu_keep = 1.0;
-        match dropout {
+        let scale = match dropout {
             // (Evaluation, or p = 0: the dropout is the identity.)
             Some((p, stream)) if ctx.mode == Mode::Train && p > 0.0 => {
                 let step = ctx.step_on(x.device());
@@ -90,11 +87,14 @@ impl Linear {
                     purpose: purpose::DROPOUT,
                 };
                 be.bias_relu_dropout(&mut y, bias, out, p, key);
-                self.relu_keep = 1.0 / (1.0 - p);
+                1.0 / (1.0 - p)
             }
-            _ => be.bias_relu(&mut y, bias, out),
-        }
-        keep(ctx, &mut self.relu_out, || y.clone());
+            _ => {
+                be.bias_relu(&mut y, bias, out);
+                1.0
+            }
+        };
+        keep(ctx, &mut self.relu_out, || (y.clone(), scale));
         Ok(y)
     }
 
@@ -171,9 +171,9 @@ impl Layer for Linear {
         let dy = match &self.relu_out {
             // `dy` is the ReLU's (dropout's) output gradient: the mask and the bias's sums in
             // one pass.
-            Some(y) => {
+            Some((y, scale)) => {
                 let db = self.bias.as_mut().map(|b| &mut b.grad);
-                dz = be.bias_relu_backward(y, dy, db, out, self.relu_keep);
+                dz = be.bias_relu_backward(y, dy, db, out, *scale);
                 &dz
             }
             None => {

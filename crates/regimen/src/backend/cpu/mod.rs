@@ -308,9 +308,11 @@ impl Backend for Cpu {
             .par_chunks_mut(channels * inner)
             .for_each(|blk| {
                 for (c, plane) in blk.chunks_mut(inner).enumerate() {
-                    let bc = b.map_or(0.0, |b| b[c]);
                     match b {
-                        Some(_) => plane.iter_mut().for_each(|v| *v = relu(*v + bc)),
+                        Some(b) => {
+                            let bc = b[c];
+                            plane.iter_mut().for_each(|v| *v = relu(*v + bc))
+                        }
                         None => plane.iter_mut().for_each(|v| *v = relu(*v)),
                     }
                 }
