@@ -45,7 +45,8 @@ pub struct BenchArgs {
     /// Record one step as a CUDA graph and time its replays (GPU only).
     #[arg(long)]
     graph: bool,
-    /// Matrix products in f32, bf16 or f16 (mixed precision; master weights stay f32).
+    /// Matrix products in f32, bf16 or f16 (mixed precision; master weights stay f32; bf16
+    /// activations too with bf16).
     #[arg(long, default_value = "f32")]
     precision: String,
     /// Under mpirun with several ranks: the gradient buckets' size in MiB (0 sends the whole

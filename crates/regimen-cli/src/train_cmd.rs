@@ -119,7 +119,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Matrix products in f32, bf16 or f16 (mixed precision: master weights, gradients and
-    /// optimizer state stay f32).
+    /// optimizer state stay f32). bf16 also keeps and hands on the activations of
+    /// convolutions, batch norm and linear layers with their ReLU in bf16.
     #[arg(long, default_value = "f32")]
     pub precision: String,
     /// Record one training step as a CUDA graph and replay it for every batch (GPU only, one

@@ -28,8 +28,10 @@ pub enum Mode {
 
 /// The element type of matrix products and convolutions in a forward (mixed precision):
 /// with `Bf16` or `F16`, Linear and Conv2d round their input and weight to that type and
-/// multiply with `f32` accumulation and an `f32` result; everything else stays `f32`, and
-/// master weights, gradients and optimizer state are always `f32`.
+/// multiply with `f32` accumulation. With `Bf16` the activations a linear layer hands on
+/// after a ReLU (and dropout) that it applies in its own pass are `bf16` tensors too, and so
+/// is what it keeps of them for backward ([`Precision::activations`], [`Layer::takes_half`]).
+/// Master weights, gradients and optimizer state are always `f32`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     #[default]
@@ -45,6 +47,16 @@ impl Precision {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
             Precision::F16 => DType::F16,
+        }
+    }
+
+    /// The element type of the activations that linear layers hand on after a fused ReLU
+    /// (and dropout): `bf16` under `Bf16`; `f32` otherwise (`F16` rounds products only: its range, 6.5e4 at most, is
+    /// too narrow to store activations without loss scaling).
+    pub fn activations(self) -> DType {
+        match self {
+            Precision::Bf16 => DType::BF16,
+            Precision::F32 | Precision::F16 => DType::F32,
         }
     }
 }
@@ -265,6 +277,13 @@ pub trait Layer: Send {
     /// batch statistics over all data-parallel ranks ([`crate::dist`]) instead of this
     /// rank's batch alone. Containers pass it on.
     fn sync_batch_norm(&mut self, _on: bool) {}
+
+    /// Whether this layer takes a 16-bit (`bf16`) input as it is. `false` (the default):
+    /// `Sequential` converts a 16-bit activation to `f32` before this layer. A layer that
+    /// says `true` computes from the 16-bit values and returns its input gradient in `f32`.
+    fn takes_half(&self) -> bool {
+        false
+    }
 
     /// Whether this layer is a plain ReLU, which the layer before it may apply in its own
     /// passes over memory ([`Layer::forward_relu`]).

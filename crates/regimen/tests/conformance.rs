@@ -213,7 +213,11 @@ fn elementwise_and_reductions() {
                 let mut db = t(&[c], 17, d);
                 let db_in = with_bias.then_some(&mut db);
                 let dz = be.bias_relu_backward(&y, &dy, db_in, c, keep);
-                out.extend([y, dz, db]);
+                // From y kept in bf16 (bf16 activations).
+                let yh = y.to_dtype(DType::BF16);
+                let mut dbh = t(&[c], 17, d);
+                let dzh = be.bias_relu_backward(&yh, &dy, with_bias.then_some(&mut dbh), c, keep);
+                out.extend([y, dz, db, dzh, dbh]);
             }
         }
         out

@@ -695,3 +695,152 @@ fn fused_linear_relu_equals_the_two_layers() {
         }
     }
 }
+
+/// Records the element type of each input it sees; the identity otherwise.
+struct Probe {
+    half: bool,
+    seen: Arc<std::sync::Mutex<Vec<DType>>>,
+}
+
+impl Layer for Probe {
+    fn describe(&self) -> String {
+        "Probe".into()
+    }
+    fn output_shape(&self, input: &[usize]) -> regimen::Result<Vec<usize>> {
+        Ok(input.to_vec())
+    }
+    fn forward(&mut self, x: &Tensor, _ctx: &Ctx) -> regimen::Result<Tensor> {
+        self.seen.lock().unwrap().push(x.dtype());
+        Ok(x.clone())
+    }
+    fn backward(&mut self, dy: &Tensor) -> regimen::Result<Tensor> {
+        Ok(dy.clone())
+    }
+    fn takes_half(&self) -> bool {
+        self.half
+    }
+}
+
+/// bf16 activations: under `Precision::Bf16` a linear layer with a ReLU (and dropout) in its
+/// pass hands on a bf16 tensor, holding values that bf16 represents; a layer that takes one
+/// gets it as it is, any other gets f32; a Sequential's output is f32. Under f32 and f16
+/// every activation is f32.
+#[test]
+fn bf16_activations_go_to_the_layers_that_take_them() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let probe = |half| Probe {
+        half,
+        seen: seen.clone(),
+    };
+    let mut rng = Rng::new(3);
+    let mut m = Sequential::new()
+        .push(Linear::new(6, 20, &mut rng))
+        .push(relu())
+        .push(Dropout::new(0.25).unwrap())
+        .push(probe(true))
+        .push(Linear::new(20, 12, &mut rng))
+        .push(relu())
+        .push(probe(false))
+        .push(Linear::new(12, 3, &mut rng));
+    let x = randn(&[4, 6], 8);
+    let dy = randn(&[4, 3], 9);
+    for (precision, half) in [
+        (Precision::Bf16, DType::BF16),
+        (Precision::F32, DType::F32),
+        (Precision::F16, DType::F32),
+    ] {
+        for ctx in [Ctx::train(), Ctx::eval()] {
+            seen.lock().unwrap().clear();
+            let ctx = ctx.with_precision(precision);
+            let y = m.forward(&x, &ctx).unwrap();
+            assert_eq!(m.fused_layers(), vec![1, 2, 5], "{precision:?}");
+            assert_eq!(y.dtype(), DType::F32, "{precision:?}: the output");
+            assert_eq!(
+                *seen.lock().unwrap(),
+                vec![half, DType::F32],
+                "{precision:?}: what the probes saw"
+            );
+            if ctx.mode == regimen::layer::Mode::Train {
+                let dx = m.backward(&dy).unwrap();
+                assert_eq!(dx.dtype(), DType::F32);
+                assert!(dx.to_vec().iter().all(|v| v.is_finite()));
+            }
+        }
+    }
+    // The handed-on values are bf16 values: rounding them again changes nothing.
+    let mut h = Sequential::new()
+        .push(Linear::new(6, 20, &mut rng))
+        .push(relu());
+    let a = h
+        .forward(&x, &Ctx::train().with_precision(Precision::Bf16))
+        .unwrap();
+    let v = a.to_vec();
+    let again = a.to_dtype(DType::BF16).to_vec();
+    assert_eq!(v, again);
+    assert!(v.iter().filter(|v| **v > 0.0).count() > 20, "{v:?}");
+    assert!(v.iter().any(|v| v.to_bits() & 0xffff != 0) == false);
+}
+
+/// bf16 activations through the CNN's blocks: under `Precision::Bf16` a convolution hands
+/// batch norm a bf16 tensor, batch norm with its ReLU and pool hands the next convolution
+/// one, and the results stay within bf16's rounding of the f32 model's.
+#[test]
+fn bf16_activations_through_convolutions_and_batch_norm() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let build = || {
+        let probe = |half| Probe {
+            half,
+            seen: seen.clone(),
+        };
+        let mut rng = Rng::new(4);
+        Sequential::new()
+            .push(Conv2d::new(2, 4, 3, &mut rng).padding(1).without_bias())
+            .push(probe(true))
+            .push(BatchNorm::d2(4))
+            .push(relu())
+            .push(MaxPool2d::new(2))
+            .push(probe(true))
+            .push(Conv2d::new(4, 3, 3, &mut rng).padding(1))
+            .push(probe(false))
+    };
+    let x = randn(&[3, 2, 6, 6], 10);
+    let dy = randn(&[3, 3, 3, 3], 11);
+    let mut results = Vec::new();
+    for (precision, half) in [(Precision::Bf16, DType::BF16), (Precision::F32, DType::F32)] {
+        let mut m = build();
+        seen.lock().unwrap().clear();
+        let ctx = Ctx::train().with_precision(precision);
+        let y = m.forward(&x, &ctx).unwrap();
+        assert_eq!(m.fused_layers(), vec![3, 4], "{precision:?}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![half, half, DType::F32],
+            "{precision:?}: what the probes saw in training"
+        );
+        let dx = m.backward(&dy).unwrap();
+        assert_eq!((y.dtype(), dx.dtype()), (DType::F32, DType::F32));
+        let mut grads = Vec::new();
+        m.visit_params("", &mut |_, p| grads.extend(p.grad.to_vec()));
+        // Evaluation: batch norm hands on bf16; the ReLU and the pool (not fused in
+        // evaluation) take f32.
+        seen.lock().unwrap().clear();
+        m.forward(&x, &Ctx::eval().with_precision(precision))
+            .unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![half, DType::F32, DType::F32],
+            "{precision:?}: what the probes saw in evaluation"
+        );
+        results.push((y.to_vec(), dx.to_vec(), grads));
+    }
+    let ((yb, dxb, gb), (yf, dxf, gf)) = (&results[0], &results[1]);
+    for (what, b, f) in [("y", yb, yf), ("dx", dxb, dxf), ("grads", gb, gf)] {
+        let scale = f.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = b.iter().zip(f).fold(0f32, |m, (b, f)| m.max((b - f).abs()));
+        assert!(
+            worst <= 0.02 * scale,
+            "{what}: bf16 {worst} from f32 (largest value {scale})"
+        );
+        assert!(worst > 0.0, "{what}: bf16 rounding shows");
+    }
+}

@@ -278,7 +278,8 @@ fn near(what: &str, got: &[f32], want: &[f32], tol: f64) {
 /// masks and pool maxima: a mask or an arg-max taken from the wrong place is an error of the
 /// size of the gradient. A third of the pool's windows hold a tie (two equal values), where
 /// the pool's rule (the first maximum) decides; odd sizes leave a row and a column outside
-/// every window. The sums differ in order only (tolerance 1e-5, the gradients' 1e-4).
+/// every window. The sums differ in order only (tolerance 1e-5, the gradients' 1e-4). Each
+/// case again with x in bf16 (bf16 activations: the kernels' `_h` twins).
 #[test]
 fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
     let Some(e) = Emu::new("norm") else { return };
@@ -297,8 +298,14 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
         (&[19, 37], 0, 8),
         (&[3, 33], 1, 8),
     ];
-    for (shape, after, splits) in cases {
-        let name = format!("{shape:?} after {after}");
+    // Each in f32, then with x rounded to bf16 (bf16 activations: the `_h` kernels, y in bf16,
+    // compared to a bf16 step, 1e-2 relative: at most one rounding apart).
+    for (shape, after, splits, half) in cases
+        .into_iter()
+        .flat_map(|(s, a, k)| [(s, a, k, false), (s, a, k, true)])
+    {
+        let name = format!("{shape:?} after {after}, bf16 {half}");
+        let y_tol = if half { 1e-2 } else { 1e-5 };
         let (nb, c) = (shape[0], shape[1]);
         let (h, w) = if shape.len() == 4 {
             (shape[2], shape[3])
@@ -325,6 +332,7 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
         let (dg0, db0) = (randn(c, 74), randn(c, 75));
         let t = |s: &[usize], v: &[f32]| Tensor::from_host(s, v.to_vec(), d).unwrap();
         let (x, gamma, beta) = (t(shape, &xv), t(&[c], &gv), t(&[c], &bv));
+        let x = if half { x.to_dtype(DType::BF16) } else { x };
         let (mut rm, mut rv) = (t(&[c], &rm0), t(&[c], &rv0));
         let (y, mean, invstd) = match after {
             0 => be.batch_norm_forward_train(&x, &gamma, &beta, &mut rm, &mut rv, momentum, eps),
@@ -375,9 +383,11 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
             &splits,
             &eps.to_bits(),
             &momentum.to_bits(),
+            &u8::from(half),
         ]));
         let got = |f: &str| read(&e.dir, f);
-        near(&format!("{name}: y"), &got("y.out"), &y.to_vec(), 1e-5);
+        assert_eq!(y.dtype(), x.dtype(), "{name}: y in x's type");
+        near(&format!("{name}: y"), &got("y.out"), &y.to_vec(), y_tol);
         near(
             &format!("{name}: mean"),
             &got("mean.out"),
@@ -422,7 +432,7 @@ fn the_batch_norm_kernels_match_the_cpu_fused_passes() {
             &format!("{name}: evaluation"),
             &got("ye.out"),
             &ye.to_vec(),
-            1e-6,
+            if half { y_tol } else { 1e-6 },
         );
     }
 }
@@ -475,9 +485,22 @@ fn the_linear_bias_kernels_match_the_cpu() {
             let dz = be.bias_relu_backward(&y, &dy, bias.then_some(&mut db), c, keep);
             (y.to_vec(), dz.to_vec(), db.to_vec())
         };
+        // The backward from the dropout's output kept in bf16, as a linear layer keeps it
+        // under bf16 activations.
+        let half = || {
+            let (yd, _, _) = fused(true, true);
+            let y = Tensor::from_host(&[rows, c], yd, d)
+                .unwrap()
+                .to_dtype(DType::BF16);
+            let dy = Tensor::from_host(&[rows, c], dyv.clone(), d).unwrap();
+            let mut db = Tensor::from_host(&[c], dbv.clone(), d).unwrap();
+            let dz = be.bias_relu_backward(&y, &dy, Some(&mut db), c, 1.0 / 0.75);
+            (dz.to_vec(), db.to_vec())
+        };
         let ((yr, dz, dbr), (yn, _, _)) = (fused(true, false), fused(false, false));
         let (yd, dzd, dbd) = fused(true, true);
         let (ydn, dzdn, _) = fused(false, true);
+        let (dzh, dbh) = half();
         let dropped = yd.iter().zip(&yr).filter(|(d, r)| **d == 0.0 && **r > 0.0);
         assert!(
             dropped.count() > 0,
@@ -546,6 +569,17 @@ fn the_linear_bias_kernels_match_the_cpu() {
             &format!("[{rows}, {c}] db after the ReLU and dropout"),
             &read(&e.dir, "dbd.out"),
             &dbd,
+            1e-6,
+        );
+        exact(
+            &format!("[{rows}, {c}] dz from a bf16 y"),
+            &read(&e.dir, "dzh.out"),
+            &dzh,
+        );
+        near(
+            &format!("[{rows}, {c}] db from a bf16 y"),
+            &read(&e.dir, "dbh.out"),
+            &dbh,
             1e-6,
         );
     }

@@ -466,6 +466,9 @@ pub trait Backend: Send + Sync {
     fn max_groups_forward(&self, x: &Tensor, k: usize) -> (Tensor, Indices);
 
     // ---- normalization and noise
+    // Every batch-norm operation takes `x` in f32 or in bf16 (bf16 activations), computes in
+    // f32 from its values, and returns `y` in x's type; input gradients are f32.
+
     /// Batch-norm with batch statistics over `[N, C, inner]`. Updates the running averages
     /// (`r = (1 - momentum) r + momentum batch`, the variance unbiased) and returns
     /// `(y, mean, invstd)` for backward.
@@ -523,7 +526,8 @@ pub trait Backend: Send + Sync {
     ) -> (Tensor, Tensor, Tensor) {
         let (z, mean, invstd) =
             self.batch_norm_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps);
-        (self.unary_forward(Unary::Relu, &z), mean, invstd)
+        let y = self.unary_forward(Unary::Relu, &z.to_dtype(DType::F32));
+        (y.to_dtype(x.dtype()), mean, invstd)
     }
     /// Backward of [`Backend::batch_norm_relu_forward_train`] (batch statistics), given its
     /// output `y` and the gradient `dy` of that output. `beta` is the forward's: a backend may
@@ -543,6 +547,7 @@ pub trait Backend: Send + Sync {
     ) -> Tensor {
         // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z.
         let _ = beta;
+        let y = &y.to_dtype(DType::F32);
         let dz = self.unary_backward(Unary::Relu, y, y, dy);
         self.batch_norm_backward(x, &dz, gamma, mean, invstd, true, dgamma, dbeta)
     }
@@ -683,7 +688,7 @@ pub trait Backend: Send + Sync {
 /// default methods, and a backend's way for the layouts its fused kernels do not take.
 pub(crate) mod unfused {
     use super::{Backend, RandomKey, Unary};
-    use crate::tensor::Tensor;
+    use crate::tensor::{DType, Tensor};
 
     pub(crate) fn bias_relu<B: Backend + ?Sized>(
         be: &B,
@@ -718,7 +723,9 @@ pub(crate) mod unfused {
         channels: usize,
         keep: f32,
     ) -> Tensor {
-        // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z.
+        // relu(z) > 0 exactly where z > 0, and is NaN where z is: y stands in for z (in f32
+        // when it is a bf16 activation).
+        let y = &y.to_dtype(DType::F32);
         let mut dz = be.unary_backward(Unary::Relu, y, y, dy);
         if keep != 1.0 {
             be.scale(&mut dz, keep);

@@ -19,7 +19,7 @@
 
 use crate::error::{Error, Result};
 use crate::layer::{cached, check_dy, join, keep, Ctx, Layer, Mode, Param, ParamKind};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
 pub struct BatchNorm {
     pub gamma: Param,
@@ -273,6 +273,11 @@ impl Layer for BatchNorm {
         Ok(input.to_vec())
     }
 
+    /// (bf16 activations: normalized through f32, kept and handed on in bf16.)
+    fn takes_half(&self) -> bool {
+        true
+    }
+
     fn forward_relu(&mut self, x: &Tensor, ctx: &Ctx) -> Option<Result<Tensor>> {
         if ctx.mode != Mode::Train || self.sync {
             return None;
@@ -315,7 +320,8 @@ impl Layer for BatchNorm {
         self.pool_out = false;
         let be = x.backend();
         match ctx.mode {
-            Mode::Train if self.sync => self.forward_synced(x, ctx),
+            // (Statistics over the ranks are computed from f32.)
+            Mode::Train if self.sync => self.forward_synced(&x.to_dtype(DType::F32), ctx),
             Mode::Train => self.train_forward(x, ctx, false),
             Mode::Eval => {
                 let y = be.batch_norm_forward_eval(

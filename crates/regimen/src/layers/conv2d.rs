@@ -104,6 +104,12 @@ impl Layer for Conv2d {
         Ok(vec![input[0], s[0], oh, ow])
     }
 
+    /// (Its products round the input to 16 bits anyway under mixed precision; under bf16
+    /// activations its output is bf16 too.)
+    fn takes_half(&self) -> bool {
+        true
+    }
+
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.output_shape(x.shape())?;
         // Mixed precision: input and weight rounded to the product type, f32 out.
@@ -116,7 +122,9 @@ impl Layer for Conv2d {
             self.window(),
         );
         keep(ctx, &mut self.x, || xq);
-        Ok(y)
+        // bf16 activations: the output rounded once, as the next product would round it
+        // (batch norm normalizes it from there and keeps it in bf16).
+        Ok(y.to_dtype(ctx.precision.activations()))
     }
 
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {

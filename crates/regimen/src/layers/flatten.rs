@@ -25,6 +25,10 @@ impl Layer for Flatten {
         }
         Ok(vec![input[0], input[1..].iter().product()])
     }
+    /// (A reshape: any element type.)
+    fn takes_half(&self) -> bool {
+        true
+    }
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let out = self.output_shape(x.shape())?;
         keep(ctx, &mut self.x_shape, || x.shape().to_vec());

@@ -94,6 +94,10 @@ impl Linear {
                 1.0
             }
         };
+        // bf16 activations: the output, and what backward keeps of it, rounded once after
+        // the ReLU and dropout (the next product would round it there anyway: the same
+        // values as the layers one by one). A plain forward's output stays f32.
+        let y = y.to_dtype(ctx.precision.activations());
         keep(ctx, &mut self.relu_out, || (y.clone(), scale));
         Ok(y)
     }
@@ -143,6 +147,11 @@ impl Layer for Linear {
                 .add_channel_bias(&mut y, &b.value, self.out_features());
         }
         Ok(y)
+    }
+
+    /// (Its products round the input to 16 bits anyway under mixed precision.)
+    fn takes_half(&self) -> bool {
+        true
     }
 
     /// The sum and the ReLU in one pass over the output (`Backend::bias_relu`), in place.

@@ -12,7 +12,7 @@ use std::fmt;
 use crate::error::Result;
 use crate::layer::{join, param_count, Ctx, ForwardHook, Layer, Param};
 use crate::rng::mix64;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 #[derive(Default)]
 pub struct Sequential {
@@ -147,6 +147,11 @@ impl Layer for Sequential {
         self.fused.resize(self.layers.len(), false);
         let mut i = 0;
         while i < self.layers.len() {
+            // A 16-bit activation (bf16 mixed precision) goes as it is only to a layer that
+            // takes one; `f32` to any other.
+            if h.dtype() != DType::F32 && !self.layers[i].1.takes_half() {
+                h = h.to_dtype(DType::F32);
+            }
             let relu_next = self.layers.get(i + 1).is_some_and(|(_, l)| l.is_relu());
             if fuse
                 && relu_next
@@ -190,6 +195,10 @@ impl Layer for Sequential {
                 hook(name, &h);
             }
             i += 1;
+        }
+        // What a Sequential hands on is `f32` (the loss, metrics and callers read that).
+        if h.dtype() != DType::F32 {
+            h = h.to_dtype(DType::F32);
         }
         Ok(h)
     }

@@ -12,19 +12,23 @@
 //       reads x.bin and soft.bin (f32 [b, k]); writes x.out, soft.out and params.out
 //   aug_emu DIR one_hot b k
 //       reads labels.bin (u32 [b]); writes soft.out
-//   aug_emu DIR bn      nb c h w after splits eps momentum
+//   aug_emu DIR bn      nb c h w after splits eps momentum half
 //       batch norm with batch statistics over x.bin (f32 [nb, c, h w]) then `after` (0
 //       nothing, 1 a ReLU, 2 a ReLU and a 2x2 max pool), forward (gamma.bin, beta.bin, rm.bin,
 //       rv.bin: f32 [c]) and backward (dy.bin, the output's gradient; mean.bin, invstd.bin:
 //       the statistics the backward is given; dgamma.bin, dbeta.bin: the gradients to add to),
-//       and the evaluation pass with eval_mean.bin, eval_invstd.bin; writes y.out, mean.out,
+//       and the evaluation pass with eval_mean.bin, eval_invstd.bin (with half = 1, x rounded
+//       to bf16 and the bf16 kernels, y and ye written back as f32); writes y.out, mean.out,
 //       invstd.out, rm.out, rv.out, dx.out, dgamma.out, dbeta.out, ye.out
 //   aug_emu DIR philox  n p stream step purpose
 //       dropout_fwd of x.bin (f32 [n]) with drop probability p, uniform_fill and
 //       bernoulli_keep of n draws; writes y.out, mask.out, uniform.out, keep.out
 //   aug_emu DIR bias    rows c
 //       a linear layer's bias: y.bin (f32 [rows, c]) += b.bin (f32 [c]); db.bin (f32 [c]) +=
-//       the column sums of dy.bin (f32 [rows, c]); writes y.out and db.out
+//       the column sums of dy.bin (f32 [rows, c]); writes y.out and db.out; the fused
+//       bias + ReLU (+ dropout) passes and their backward (yr, yn, dz, dbr, yd, dzd, dbd,
+//       ydn, dzdn .out), that backward from the dropout's output rounded to bf16 (dzh,
+//       dbh .out)
 //
 // Files are raw little-endian 4-byte values; the f32 arguments (flip_p, p, alpha) are given as
 // their bits, a decimal u32, so that they arrive exact.
@@ -137,10 +141,14 @@ int main(int argc, char** argv) {
         const bool rows = (long long)h * w == 1 && after != 2;
         if (rows) splits = 8;
         float eps = f32arg(6), momentum = f32arg(7);
+        const bool half = num(8) != 0;
         long long inner = (long long)h * w, planes = (long long)nb * c, n = planes * inner;
         int oh = h / 2, ow = w / 2;
         long long ny = after == 2 ? planes * oh * ow : n;
         auto x = emu_load<float>(dir + "x.bin", n);
+        // The bf16 kernels' x (x rounded), y and ye.
+        std::vector<u16> xh(n), yh(ny), yeh(n);
+        for (long long i = 0; i < n; i++) xh[i] = f32_to_bf16(x[i]);
         auto dy = emu_load<float>(dir + "dy.bin", ny);
         auto gamma = emu_load<float>(dir + "gamma.bin", c), beta = emu_load<float>(dir + "beta.bin", c);
         auto rm = emu_load<float>(dir + "rm.bin", c), rv = emu_load<float>(dir + "rv.bin", c);
@@ -155,60 +163,89 @@ int main(int argc, char** argv) {
         std::vector<double> part(3 * c * splits);
         const dim3 row_sums{(unsigned)(c + 31) / 32, 1, 1};
         if (rows)
-            emu_launch(row_sums, 256, [&] { bn_row_stats_partial(x.data(), nb, c, part.data()); });
+            emu_launch(row_sums, 256, [&] {
+                if (half) bn_row_stats_partial_h(xh.data(), nb, c, part.data());
+                else bn_row_stats_partial(x.data(), nb, c, part.data());
+            });
         else
-            emu_launch(sums, 256,
-                       [&] { bn_stats_partial(x.data(), nb, c, inner, splits, part.data()); });
+            emu_launch(sums, 256, [&] {
+                if (half) bn_stats_partial_h(xh.data(), nb, c, inner, splits, part.data());
+                else bn_stats_partial(x.data(), nb, c, inner, splits, part.data());
+            });
         std::vector<float> mean(c), invstd(c), scale(c), shift(c), y(ny);
         emu_launch(per_channel, 256, [&] {
             bn_stats_finish(part.data(), c, splits, eps, momentum, gamma.data(), beta.data(),
                             mean.data(), invstd.data(), scale.data(), shift.data(), rm.data(),
                             rv.data());
         });
+        const float *sc = scale.data(), *sh = shift.data();
         if (rows)
             launch_planes(nb, c, [&] {
-                bn_row_apply(x.data(), scale.data(), shift.data(), y.data(), nb, c, after);
+                if (half) bn_row_apply_h(xh.data(), sc, sh, yh.data(), nb, c, after);
+                else bn_row_apply(x.data(), sc, sh, y.data(), nb, c, after);
             });
         else if (after == 2)
             launch_planes(planes, (long long)oh * ow, [&] {
-                bn_relu_pool_apply(x.data(), scale.data(), shift.data(), y.data(), planes, c, h, w);
+                if (half) bn_relu_pool_apply_h(xh.data(), sc, sh, yh.data(), planes, c, h, w);
+                else bn_relu_pool_apply(x.data(), sc, sh, y.data(), planes, c, h, w);
             });
         else
             launch_planes(planes, inner, [&] {
-                (after ? bn_relu_apply : bn_apply)(x.data(), scale.data(), shift.data(), y.data(),
-                                                   planes, c, inner);
+                if (half)
+                    (after ? bn_relu_apply_h : bn_apply_h)(xh.data(), sc, sh, yh.data(), planes, c,
+                                                           inner);
+                else
+                    (after ? bn_relu_apply : bn_apply)(x.data(), sc, sh, y.data(), planes, c,
+                                                       inner);
             });
+        if (half)
+            for (long long i = 0; i < ny; i++) y[i] = bf16_to_f32(yh[i]);
         // Backward with the given statistics.
         std::vector<double> bpart(2 * c * splits);
+        const float *g = gamma.data(), *be = beta.data(), *mi = mean_in.data(),
+                    *is = invstd_in.data();
         emu_launch(rows ? row_sums : sums, 256, [&] {
-            if (rows)
-                bn_row_bwd_partial(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
-                                   invstd_in.data(), nb, c, after, bpart.data());
-            else
-                bn_after_bwd_partial(x.data(), dy.data(), gamma.data(), beta.data(),
-                                     mean_in.data(), invstd_in.data(), nb, c, h, w, after, splits,
+            if (rows && half)
+                bn_row_bwd_partial_h(xh.data(), dy.data(), g, be, mi, is, nb, c, after,
                                      bpart.data());
+            else if (rows)
+                bn_row_bwd_partial(x.data(), dy.data(), g, be, mi, is, nb, c, after, bpart.data());
+            else if (half)
+                bn_after_bwd_partial_h(xh.data(), dy.data(), g, be, mi, is, nb, c, h, w, after,
+                                       splits, bpart.data());
+            else
+                bn_after_bwd_partial(x.data(), dy.data(), g, be, mi, is, nb, c, h, w, after,
+                                     splits, bpart.data());
         });
         std::vector<float> mean_dy(c), mean_dyx(c), dx(n);
         emu_launch(per_channel, 256, [&] {
             bn_bwd_finish(bpart.data(), c, splits, (double)nb * inner, dgamma.data(), dbeta.data(),
                           mean_dy.data(), mean_dyx.data());
         });
+        const float *md = mean_dy.data(), *mdx = mean_dyx.data();
         if (rows)
             launch_planes(nb, c, [&] {
-                bn_row_bwd_dx(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
-                              invstd_in.data(), mean_dy.data(), mean_dyx.data(), 1, after,
-                              dx.data(), nb, c);
+                if (half)
+                    bn_row_bwd_dx_h(xh.data(), dy.data(), g, be, mi, is, md, mdx, 1, after,
+                                    dx.data(), nb, c);
+                else
+                    bn_row_bwd_dx(x.data(), dy.data(), g, be, mi, is, md, mdx, 1, after, dx.data(),
+                                  nb, c);
             });
         else
             launch_planes(planes, inner, [&] {
-                if (after)
-                    bn_after_bwd_dx(x.data(), dy.data(), gamma.data(), beta.data(), mean_in.data(),
-                                    invstd_in.data(), mean_dy.data(), mean_dyx.data(), dx.data(),
-                                    planes, c, h, w, after);
+                if (after && half)
+                    bn_after_bwd_dx_h(xh.data(), dy.data(), g, be, mi, is, md, mdx, dx.data(),
+                                      planes, c, h, w, after);
+                else if (after)
+                    bn_after_bwd_dx(x.data(), dy.data(), g, be, mi, is, md, mdx, dx.data(), planes,
+                                    c, h, w, after);
+                else if (half)
+                    bn_bwd_dx_h(xh.data(), dy.data(), g, mi, is, md, mdx, 1, dx.data(), planes, c,
+                                inner);
                 else
-                    bn_bwd_dx(x.data(), dy.data(), gamma.data(), mean_in.data(), invstd_in.data(),
-                              mean_dy.data(), mean_dyx.data(), 1, dx.data(), planes, c, inner);
+                    bn_bwd_dx(x.data(), dy.data(), g, mi, is, md, mdx, 1, dx.data(), planes, c,
+                              inner);
             });
         emu_save(dir + "y.out", y);
         emu_save(dir + "mean.out", mean);
@@ -220,16 +257,19 @@ int main(int argc, char** argv) {
         emu_save(dir + "dbeta.out", dbeta);
         // Evaluation, with the backend's grid (rows for features, planes otherwise).
         std::vector<float> ye(n);
+        const float *em = eval_mean.data(), *ei = eval_invstd.data();
         if (inner == 1)
             launch_planes(nb, c, [&] {
-                bn_row_eval(x.data(), gamma.data(), beta.data(), eval_mean.data(),
-                            eval_invstd.data(), ye.data(), nb, c);
+                if (half) bn_row_eval_h(xh.data(), g, be, em, ei, yeh.data(), nb, c);
+                else bn_row_eval(x.data(), g, be, em, ei, ye.data(), nb, c);
             });
         else
             launch_planes(planes, inner, [&] {
-                bn_eval(x.data(), gamma.data(), beta.data(), eval_mean.data(), eval_invstd.data(),
-                        ye.data(), planes, c, inner);
+                if (half) bn_eval_h(xh.data(), g, be, em, ei, yeh.data(), planes, c, inner);
+                else bn_eval(x.data(), g, be, em, ei, ye.data(), planes, c, inner);
             });
+        if (half)
+            for (long long i = 0; i < n; i++) ye[i] = bf16_to_f32(yeh[i]);
         emu_save(dir + "ye.out", ye);
     } else if (op == "philox") {
         long long n = num(0);
@@ -269,21 +309,31 @@ int main(int argc, char** argv) {
         launch_planes(rows, c, [&] { add_row_bias_relu(yr.data(), b.data(), rows, c); });
         launch_planes(rows, c, [&] { add_row_bias_relu(yn.data(), nullptr, rows, c); });
         emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
-            relu_row_sum_acc(yr.data(), dy.data(), dz.data(), dbr.data(), (int)rows, c, 1.0f);
+            relu_row_sum_acc(yr.data(), 0, dy.data(), dz.data(), dbr.data(), (int)rows, c, 1.0f);
         });
         emu_launch(dim3{(unsigned)blocks, 1, 1}, 256, [&] {
             add_row_bias_relu_dropout(yd.data(), b.data(), n, c, p, 77, &step, 1);
         });
         emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
-            relu_row_sum_acc(yd.data(), dy.data(), dzd.data(), dbd.data(), (int)rows, c, keep);
+            relu_row_sum_acc(yd.data(), 0, dy.data(), dzd.data(), dbd.data(), (int)rows, c, keep);
         });
         // Without a bias: neither added forward nor summed backward.
         emu_launch(dim3{(unsigned)blocks, 1, 1}, 256, [&] {
             add_row_bias_relu_dropout(ydn.data(), nullptr, n, c, p, 77, &step, 1);
         });
         emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
-            relu_row_sum_acc(ydn.data(), dy.data(), dzdn.data(), nullptr, (int)rows, c, keep);
+            relu_row_sum_acc(ydn.data(), 0, dy.data(), dzdn.data(), nullptr, (int)rows, c, keep);
         });
+        // The backward from the dropout's output kept in bf16 (bf16 activations).
+        std::vector<u16> ydh(y.size());
+        for (size_t i = 0; i < ydh.size(); i++) ydh[i] = f32_to_bf16(yd[i]);
+        std::vector<float> dzh(y.size());
+        auto dbh = emu_load<float>(dir + "db.bin", c);
+        emu_launch(dim3{(unsigned)(c + 31) / 32, 1, 1}, 1024, [&] {
+            relu_row_sum_acc(ydh.data(), 1, dy.data(), dzh.data(), dbh.data(), (int)rows, c, keep);
+        });
+        emu_save(dir + "dzh.out", dzh);
+        emu_save(dir + "dbh.out", dbh);
         emu_save(dir + "y.out", y);
         emu_save(dir + "db.out", db);
         emu_save(dir + "yr.out", yr);

@@ -341,7 +341,9 @@ impl Backend for Cpu {
         keep: f32,
     ) -> Tensor {
         // unary_backward's ReLU from the output (y > 0 exactly where the sum was, NaN where
-        // it was), times the dropout's scale, in one pass.
+        // it was), times the dropout's scale, in one pass. (A bf16 `y`, bf16 activations,
+        // is read through f32: the same signs, the same NaNs.)
+        let y = &y.to_dtype(DType::F32);
         let dz = make(y.shape(), |o| {
             map2(f32s(y), f32s(dy), o, |yv, g| {
                 // (The product taken unconditionally, so that the loop vectorizes: in the
@@ -813,7 +815,10 @@ impl Backend for Cpu {
         let c = gamma.numel();
         let (n, inner) = n_inner(x.shape(), c);
         let invstd = self.invstd(var, eps);
-        make(x.shape(), |y| {
+        // (bf16 in, bf16 out, through f32.)
+        let half = x.dtype();
+        let x = &x.to_dtype(DType::F32);
+        let y = make(x.shape(), |y| {
             norm::forward_eval(
                 f32s(x),
                 f32s(gamma),
@@ -823,7 +828,8 @@ impl Backend for Cpu {
                 &norm::NormDims { n, c, inner },
                 y,
             )
-        })
+        });
+        y.to_dtype(half)
     }
 
     fn invstd(&self, var: &Tensor, eps: f32) -> Tensor {
@@ -1220,6 +1226,8 @@ fn bn_backward(
     let c = gamma.numel();
     let (n, inner) = n_inner(x.shape(), c);
     let d = norm::NormDims { n, c, inner };
+    // (A bf16 x, bf16 activations, read through f32: the values the forward normalized.)
+    let x = &x.to_dtype(DType::F32);
     make(x.shape(), |dx| {
         norm::backward(
             f32s(x),
@@ -1253,6 +1261,9 @@ fn bn_forward_train(
     let c = gamma.numel();
     let (n, inner) = n_inner(x.shape(), c);
     let d = norm::NormDims { n, c, inner };
+    // A bf16 x (bf16 activations) is normalized through f32 and y returned in bf16.
+    let half = x.dtype();
+    let x = &x.to_dtype(DType::F32);
     let mut stats = None;
     let shape = match after {
         norm::After::ReluPool2x2 { h, w } => vec![n, c, h / 2, w / 2],
@@ -1279,7 +1290,11 @@ fn bn_forward_train(
     update(f32s_mut(running_var), &var, |r, b| {
         (1.0 - momentum) * r + momentum * b * unbias
     });
-    (y, from_slice(&[c], &mean), from_slice(&[c], &invstd))
+    (
+        y.to_dtype(half),
+        from_slice(&[c], &mean),
+        from_slice(&[c], &invstd),
+    )
 }
 
 /// The element loop of an optimizer update, in parallel chunks: `g = grad * coef + l2 theta`,

@@ -335,17 +335,18 @@ extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
 // The backward of add_row_bias_relu (keep = 1) or add_row_bias_relu_dropout (keep =
 // 1 / (1 - p)) from its output y: dz = dy keep where y > 0 (NaN where y is NaN, else 0;
 // unary_bwd's ReLU), written out, and dbias[ch] += the column sums of dz in row_sum_acc's
-// blocks and order (so the same sums as the unfused layers) unless dbias is null.
+// blocks and order (so the same sums as the unfused layers) unless dbias is null. y is f32,
+// or bf16 (y_bf16 = 1) as a linear layer keeps its output under bf16 activations.
 extern "C" __global__ void __launch_bounds__(ROW_SUM_WARPS * 32)
-    relu_row_sum_acc(const float* y, const float* dy, float* dz, float* dbias, int nb, int c,
-                     float keep) {
+    relu_row_sum_acc(const void* y, int y_bf16, const float* dy, float* dz, float* dbias, int nb,
+                     int c, float keep) {
     int lc = threadIdx.x % 32, lane = threadIdx.x / 32;
     int ch = blockIdx.x * 32 + lc;
     double acc = 0.0;
     if (ch < c)
         for (int r = lane; r < nb; r += ROW_SUM_WARPS) {
             long long k = (long long)r * c + ch;
-            float yv = y[k];
+            float yv = y_bf16 ? bf16_to_f32(((const u16*)y)[k]) : ((const float*)y)[k];
             float g = yv > 0.0f ? dy[k] * keep : (isnan(yv) ? yv : 0.0f);
             dz[k] = g;
             acc += (double)g;
@@ -743,24 +744,40 @@ extern "C" __global__ void max_groups_fwd(const float* x, float* y, u32* idx, lo
 // Batch normalization over [N, C, inner]. Statistics: block (c, s) covers samples
 // [s N / S, (s + 1) N / S) of channel c and writes (count, mean, M2) in double; the finishing
 // kernel merges the S parts in order with Chan et al.'s formula.
+//
+// Every kernel that reads x comes twice: for x (and y) in f32, and, with the suffix _h, in
+// bf16 (bf16 activations), from one template whose loads (ld) and stores (st) convert; the
+// arithmetic is f32 in both. Input gradients are f32 in both.
 
-extern "C" __global__ void bn_stats_partial(const float* x, int nb, int c, long long inner,
-                                            int splits, double* part) {
+__device__ __forceinline__ float ld_act(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld_act(const u16* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st_act(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st_act(u16* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+
+// The f32 kernel `name` and its bf16 twin `name_h`, both the template `name_t` with the
+// given parameters (X: the activations' element type) and arguments.
+#define BN_TWINS(name, params_f, params_h, args)                 \
+    extern "C" __global__ void name params_f { name##_t args; } \
+    extern "C" __global__ void name##_h params_h { name##_t args; }
+
+template <typename X>
+__device__ __forceinline__ void bn_stats_partial_t(const X* x, int nb, int c, long long inner,
+                                                   int splits, double* part) {
     int ch = blockIdx.x, s = blockIdx.y;
     int n0 = (int)((long long)s * nb / splits), n1 = (int)((long long)(s + 1) * nb / splits);
     double sum = 0.0;
     for (int smp = n0; smp < n1; smp++) {
-        const float* p = x + ((long long)smp * c + ch) * inner;
-        for (long long i = threadIdx.x; i < inner; i += RBLOCK) sum += (double)p[i];
+        const X* p = x + ((long long)smp * c + ch) * inner;
+        for (long long i = threadIdx.x; i < inner; i += RBLOCK) sum += (double)ld_act(p, i);
     }
     double total = block_sum(sum);
     double cnt = (double)(n1 - n0) * (double)inner;
     double mean = cnt > 0.0 ? total / cnt : 0.0;
     double m2 = 0.0;
     for (int smp = n0; smp < n1; smp++) {
-        const float* p = x + ((long long)smp * c + ch) * inner;
+        const X* p = x + ((long long)smp * c + ch) * inner;
         for (long long i = threadIdx.x; i < inner; i += RBLOCK) {
-            double d = (double)p[i] - mean;
+            double d = (double)ld_act(p, i) - mean;
             m2 += d * d;
         }
     }
@@ -772,6 +789,10 @@ extern "C" __global__ void bn_stats_partial(const float* x, int nb, int c, long 
         o[2] = m2t;
     }
 }
+BN_TWINS(bn_stats_partial,
+         (const float* x, int nb, int c, long long inner, int splits, double* part),
+         (const u16* x, int nb, int c, long long inner, int splits, double* part),
+         (x, nb, c, inner, splits, part))
 
 // Batch norm's output z = x scale + shift, each operation rounded (as the CPU computes it), in
 // every kernel that normalizes: the fused and unfused passes give the same bits, and the fused
@@ -822,23 +843,37 @@ extern "C" __global__ void bn_stats_finish(const double* part, int c, int splits
     run_var[ch] = (1.0f - momentum) * run_var[ch] + momentum * (float)var * unbias;
 }
 
-extern "C" __global__ void bn_apply(const float* x, const float* scale, const float* shift,
-                                    float* y, long long planes, int c, long long inner) {
+template <typename X>
+__device__ __forceinline__ void bn_apply_t(const X* x, const float* scale, const float* shift,
+                                           X* y, long long planes, int c, long long inner) {
     PLANE_LOOP(pl, i, planes, inner) {
         int ch = (int)(pl % c);
         long long j = pl * inner + i;
-        y[j] = bn_z(x[j], scale[ch], shift[ch]);
+        st_act(y, j, bn_z(ld_act(x, j), scale[ch], shift[ch]));
     }
 }
-extern "C" __global__ void bn_eval(const float* x, const float* gamma, const float* beta,
-                                   const float* mean, const float* invstd, float* y,
-                                   long long planes, int c, long long inner) {
+BN_TWINS(bn_apply,
+         (const float* x, const float* scale, const float* shift, float* y, long long planes,
+          int c, long long inner),
+         (const u16* x, const float* scale, const float* shift, u16* y, long long planes, int c,
+          long long inner),
+         (x, scale, shift, y, planes, c, inner))
+template <typename X>
+__device__ __forceinline__ void bn_eval_t(const X* x, const float* gamma, const float* beta,
+                                          const float* mean, const float* invstd, X* y,
+                                          long long planes, int c, long long inner) {
     PLANE_LOOP(pl, i, planes, inner) {
         int ch = (int)(pl % c);
         long long j = pl * inner + i;
-        y[j] = gamma[ch] * (x[j] - mean[ch]) * invstd[ch] + beta[ch];
+        st_act(y, j, gamma[ch] * (ld_act(x, j) - mean[ch]) * invstd[ch] + beta[ch]);
     }
 }
+BN_TWINS(bn_eval,
+         (const float* x, const float* gamma, const float* beta, const float* mean,
+          const float* invstd, float* y, long long planes, int c, long long inner),
+         (const u16* x, const float* gamma, const float* beta, const float* mean,
+          const float* invstd, u16* y, long long planes, int c, long long inner),
+         (x, gamma, beta, mean, invstd, y, planes, c, inner))
 extern "C" __global__ void invstd_kernel(const float* var, float* out, float eps, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = (float)(1.0 / sqrt((double)var[i] + (double)eps));
@@ -860,22 +895,32 @@ extern "C" __global__ void bn_bwd_finish(const double* part, int c, int splits, 
     mean_dy[ch] = (float)(a / m);
     mean_dyx[ch] = (float)(b / m);
 }
-extern "C" __global__ void bn_bwd_dx(const float* x, const float* dy, const float* gamma,
-                                     const float* mean, const float* invstd, const float* mean_dy,
-                                     const float* mean_dyx, int batch_stats, float* dx,
-                                     long long planes, int c, long long inner) {
+template <typename X>
+__device__ __forceinline__ void bn_bwd_dx_t(const X* x, const float* dy, const float* gamma,
+                                            const float* mean, const float* invstd,
+                                            const float* mean_dy, const float* mean_dyx,
+                                            int batch_stats, float* dx, long long planes, int c,
+                                            long long inner) {
     PLANE_LOOP(pl, j, planes, inner) {
         int ch = (int)(pl % c);
         long long i = pl * inner + j;
         float is = invstd[ch];
         if (batch_stats) {
-            float xhat = (x[i] - mean[ch]) * is;
+            float xhat = (ld_act(x, i) - mean[ch]) * is;
             dx[i] = gamma[ch] * is * (dy[i] - mean_dy[ch] - xhat * mean_dyx[ch]);
         } else {
             dx[i] = gamma[ch] * is * dy[i];
         }
     }
 }
+BN_TWINS(bn_bwd_dx,
+         (const float* x, const float* dy, const float* gamma, const float* mean,
+          const float* invstd, const float* mean_dy, const float* mean_dyx, int batch_stats,
+          float* dx, long long planes, int c, long long inner),
+         (const u16* x, const float* dy, const float* gamma, const float* mean,
+          const float* invstd, const float* mean_dy, const float* mean_dyx, int batch_stats,
+          float* dx, long long planes, int c, long long inner),
+         (x, dy, gamma, mean, invstd, mean_dy, mean_dyx, batch_stats, dx, planes, c, inner))
 
 // ---------------------------------------------------------------------------------------
 // Batch norm followed by a ReLU (after = 1), or by a ReLU and a 2x2 max pool of stride 2
@@ -897,42 +942,58 @@ __device__ __forceinline__ bool bn_pool_takes(float best, float v) {
 }
 
 // y = relu(x scale + shift) over [N, C, inner].
-extern "C" __global__ void bn_relu_apply(const float* x, const float* scale, const float* shift,
-                                         float* y, long long planes, int c, long long inner) {
+template <typename X>
+__device__ __forceinline__ void bn_relu_apply_t(const X* x, const float* scale,
+                                                const float* shift, X* y, long long planes,
+                                                int c, long long inner) {
     PLANE_LOOP(pl, i, planes, inner) {
         int ch = (int)(pl % c);
         long long j = pl * inner + i;
-        y[j] = bn_relu(bn_z(x[j], scale[ch], shift[ch]));
+        st_act(y, j, bn_relu(bn_z(ld_act(x, j), scale[ch], shift[ch])));
     }
 }
+BN_TWINS(bn_relu_apply,
+         (const float* x, const float* scale, const float* shift, float* y, long long planes,
+          int c, long long inner),
+         (const u16* x, const float* scale, const float* shift, u16* y, long long planes, int c,
+          long long inner),
+         (x, scale, shift, y, planes, c, inner))
 
 // y [N, C, h / 2, w / 2] = maxpool2x2(relu(x scale + shift)) of x [N, C, h, w]: each window in
 // row-major order, the first maximum kept (bn_pool_takes).
-extern "C" __global__ void bn_relu_pool_apply(const float* x, const float* scale,
-                                              const float* shift, float* y, long long planes,
-                                              int c, int h, int w) {
+template <typename X>
+__device__ __forceinline__ void bn_relu_pool_apply_t(const X* x, const float* scale,
+                                                     const float* shift, X* y, long long planes,
+                                                     int c, int h, int w) {
     const int oh = h / 2, ow = w / 2;
     PLANE_LOOP(pl, o, planes, (long long)oh * ow) {
         int ch = (int)(pl % c);
         float sc = scale[ch], sh = shift[ch];
         int oy = o / ow, ox = o - oy * ow;
-        const float* p = x + pl * h * w + (2 * oy) * w + 2 * ox;
-        float best = bn_relu(bn_z(p[0], sc, sh));
-        float v[3] = {p[1], p[w], p[w + 1]};
+        const X* p = x + pl * h * w + (2 * oy) * w + 2 * ox;
+        float best = bn_relu(bn_z(ld_act(p, 0), sc, sh));
+        float v[3] = {ld_act(p, 1), ld_act(p, w), ld_act(p, w + 1)};
         for (int k = 0; k < 3; k++) {
             float r = bn_relu(bn_z(v[k], sc, sh));
             best = bn_pool_takes(best, r) ? r : best;
         }
-        y[pl * oh * ow + o] = best;
+        st_act(y, pl * oh * ow + o, best);
     }
 }
+BN_TWINS(bn_relu_pool_apply,
+         (const float* x, const float* scale, const float* shift, float* y, long long planes,
+          int c, int h, int w),
+         (const u16* x, const float* scale, const float* shift, u16* y, long long planes, int c,
+          int h, int w),
+         (x, scale, shift, y, planes, c, h, w))
 
 // The gradient of batch norm's output at element i of plane pl (z its output there), from the
 // gradient dy of what followed: dy itself (after 0), through the ReLU (after 1: dy as x), or
 // through the pool then
 // the ReLU (after 2: dy [planes, h / 2, w / 2]; the window's maximum found again by the pool's
 // rule gets the window's gradient, the others 0, as the pool's backward adds onto zeros).
-__device__ __forceinline__ float bn_after_grad(int after, const float* x, const float* dy,
+template <typename X>
+__device__ __forceinline__ float bn_after_grad(int after, const X* x, const float* dy,
                                                long long pl, long long i, float z, float sc,
                                                float sh, int h, int w) {
     if (after == 0) return dy[pl * h * w + i];
@@ -941,10 +1002,10 @@ __device__ __forceinline__ float bn_after_grad(int after, const float* x, const 
     int yy = (int)(i / w), xx = (int)(i - (long long)yy * w);
     if (yy >= 2 * oh || xx >= 2 * ow) return bn_relu_grad(z, 0.0f);
     int oy = yy / 2, ox = xx / 2;
-    const float* p = x + pl * h * w + (2 * oy) * w + 2 * ox;
-    float best = bn_relu(bn_z(p[0], sc, sh));
+    const X* p = x + pl * h * w + (2 * oy) * w + 2 * ox;
+    float best = bn_relu(bn_z(ld_act(p, 0), sc, sh));
     int arg = 0;
-    float v[3] = {p[1], p[w], p[w + 1]};
+    float v[3] = {ld_act(p, 1), ld_act(p, w), ld_act(p, w + 1)};
     for (int k = 0; k < 3; k++) {
         float r = bn_relu(bn_z(v[k], sc, sh));
         if (bn_pool_takes(best, r)) {
@@ -959,11 +1020,12 @@ __device__ __forceinline__ float bn_after_grad(int after, const float* x, const 
 // Backward sums per channel for batch norm followed by `after` (x [N, C, h w], dy as
 // bn_after_grad takes it): part (c, s) = (sum g, sum g xhat) in double, g the gradient of batch
 // norm's output. `beta` is read only after a ReLU.
-extern "C" __global__ void bn_after_bwd_partial(const float* x, const float* dy,
-                                                const float* gamma, const float* beta,
-                                                const float* mean, const float* invstd, int nb,
-                                                int c, int h, int w, int after, int splits,
-                                                double* part) {
+template <typename X>
+__device__ __forceinline__ void bn_after_bwd_partial_t(const X* x, const float* dy,
+                                                       const float* gamma, const float* beta,
+                                                       const float* mean, const float* invstd,
+                                                       int nb, int c, int h, int w, int after,
+                                                       int splits, double* part) {
     int ch = blockIdx.x, s = blockIdx.y;
     int n0 = (int)((long long)s * nb / splits), n1 = (int)((long long)(s + 1) * nb / splits);
     float mu = mean[ch], is = invstd[ch], sc, sh;
@@ -973,7 +1035,7 @@ extern "C" __global__ void bn_after_bwd_partial(const float* x, const float* dy,
     for (int smp = n0; smp < n1; smp++) {
         long long pl = (long long)smp * c + ch, base = pl * inner;
         for (long long i = threadIdx.x; i < inner; i += RBLOCK) {
-            float xv = x[base + i];
+            float xv = ld_act(x, base + i);
             float g = bn_after_grad(after, x, dy, pl, i, bn_z(xv, sc, sh), sc, sh, h, w);
             float xhat = (xv - mu) * is;
             a += (double)g;
@@ -988,25 +1050,42 @@ extern "C" __global__ void bn_after_bwd_partial(const float* x, const float* dy,
         o[1] = tb;
     }
 }
+BN_TWINS(bn_after_bwd_partial,
+         (const float* x, const float* dy, const float* gamma, const float* beta,
+          const float* mean, const float* invstd, int nb, int c, int h, int w, int after,
+          int splits, double* part),
+         (const u16* x, const float* dy, const float* gamma, const float* beta, const float* mean,
+          const float* invstd, int nb, int c, int h, int w, int after, int splits, double* part),
+         (x, dy, gamma, beta, mean, invstd, nb, c, h, w, after, splits, part))
 
 // bn_bwd_dx (batch statistics) for batch norm followed by `after`.
-extern "C" __global__ void bn_after_bwd_dx(const float* x, const float* dy, const float* gamma,
-                                           const float* beta, const float* mean,
-                                           const float* invstd, const float* mean_dy,
-                                           const float* mean_dyx, float* dx, long long planes,
-                                           int c, int h, int w, int after) {
+template <typename X>
+__device__ __forceinline__ void bn_after_bwd_dx_t(const X* x, const float* dy, const float* gamma,
+                                                  const float* beta, const float* mean,
+                                                  const float* invstd, const float* mean_dy,
+                                                  const float* mean_dyx, float* dx,
+                                                  long long planes, int c, int h, int w,
+                                                  int after) {
     long long inner = (long long)h * w;
     PLANE_LOOP(pl, i, planes, inner) {
         int ch = (int)(pl % c);
         long long j = pl * inner + i;
         float mu = mean[ch], is = invstd[ch], sc, sh;
         bn_affine(gamma[ch], beta[ch], mu, is, &sc, &sh);
-        float xv = x[j];
+        float xv = ld_act(x, j);
         float g = bn_after_grad(after, x, dy, pl, i, bn_z(xv, sc, sh), sc, sh, h, w);
         float xhat = (xv - mu) * is;
         dx[j] = gamma[ch] * is * (g - mean_dy[ch] - xhat * mean_dyx[ch]);
     }
 }
+BN_TWINS(bn_after_bwd_dx,
+         (const float* x, const float* dy, const float* gamma, const float* beta,
+          const float* mean, const float* invstd, const float* mean_dy, const float* mean_dyx,
+          float* dx, long long planes, int c, int h, int w, int after),
+         (const u16* x, const float* dy, const float* gamma, const float* beta, const float* mean,
+          const float* invstd, const float* mean_dy, const float* mean_dyx, float* dx,
+          long long planes, int c, int h, int w, int after),
+         (x, dy, gamma, beta, mean, invstd, mean_dy, mean_dyx, dx, planes, c, h, w, after))
 
 // ---------------------------------------------------------------------------------------
 // Batch norm over features, x [N, C] (inner 1), alone or followed by a ReLU: the plane kernels
@@ -1016,17 +1095,18 @@ extern "C" __global__ void bn_after_bwd_dx(const float* x, const float* dy, cons
 // results of (channel, warp) are laid out as 8 splits for bn_stats_finish and bn_bwd_finish,
 // which merge them in order. No barrier in the sums: a thread past the channels returns.
 
-extern "C" __global__ void bn_row_stats_partial(const float* x, int nb, int c, double* part) {
+template <typename X>
+__device__ __forceinline__ void bn_row_stats_partial_t(const X* x, int nb, int c, double* part) {
     int lc = threadIdx.x % 32, lane = threadIdx.x / 32, ch = blockIdx.x * 32 + lc;
     if (ch >= c) return;
     double sum = 0.0, cnt = 0.0;
     for (int r = lane; r < nb; r += 8) {
-        sum += (double)x[(long long)r * c + ch];
+        sum += (double)ld_act(x, (long long)r * c + ch);
         cnt += 1.0;
     }
     double mean = cnt > 0.0 ? sum / cnt : 0.0, m2 = 0.0;
     for (int r = lane; r < nb; r += 8) {
-        double d = (double)x[(long long)r * c + ch] - mean;
+        double d = (double)ld_act(x, (long long)r * c + ch) - mean;
         m2 += d * d;
     }
     double* o = part + ((long long)ch * 8 + lane) * 3;
@@ -1034,26 +1114,42 @@ extern "C" __global__ void bn_row_stats_partial(const float* x, int nb, int c, d
     o[1] = mean;
     o[2] = m2;
 }
+BN_TWINS(bn_row_stats_partial, (const float* x, int nb, int c, double* part),
+         (const u16* x, int nb, int c, double* part), (x, nb, c, part))
 
 // y = x scale + shift (bn_z), then the ReLU with `relu` (bn_apply's and bn_relu_apply's).
-extern "C" __global__ void bn_row_apply(const float* x, const float* scale, const float* shift,
-                                        float* y, long long rows, int c, int relu) {
+template <typename X>
+__device__ __forceinline__ void bn_row_apply_t(const X* x, const float* scale, const float* shift,
+                                               X* y, long long rows, int c, int relu) {
     PLANE_LOOP(r, ch, rows, c) {
         long long j = r * c + ch;
-        float z = bn_z(x[j], scale[ch], shift[ch]);
-        y[j] = relu ? bn_relu(z) : z;
+        float z = bn_z(ld_act(x, j), scale[ch], shift[ch]);
+        st_act(y, j, relu ? bn_relu(z) : z);
     }
 }
+BN_TWINS(bn_row_apply,
+         (const float* x, const float* scale, const float* shift, float* y, long long rows, int c,
+          int relu),
+         (const u16* x, const float* scale, const float* shift, u16* y, long long rows, int c,
+          int relu),
+         (x, scale, shift, y, rows, c, relu))
 
 // bn_eval's y = gamma (x - mean) invstd + beta.
-extern "C" __global__ void bn_row_eval(const float* x, const float* gamma, const float* beta,
-                                       const float* mean, const float* invstd, float* y,
-                                       long long rows, int c) {
+template <typename X>
+__device__ __forceinline__ void bn_row_eval_t(const X* x, const float* gamma, const float* beta,
+                                              const float* mean, const float* invstd, X* y,
+                                              long long rows, int c) {
     PLANE_LOOP(r, ch, rows, c) {
         long long j = r * c + ch;
-        y[j] = gamma[ch] * (x[j] - mean[ch]) * invstd[ch] + beta[ch];
+        st_act(y, j, gamma[ch] * (ld_act(x, j) - mean[ch]) * invstd[ch] + beta[ch]);
     }
 }
+BN_TWINS(bn_row_eval,
+         (const float* x, const float* gamma, const float* beta, const float* mean,
+          const float* invstd, float* y, long long rows, int c),
+         (const u16* x, const float* gamma, const float* beta, const float* mean,
+          const float* invstd, u16* y, long long rows, int c),
+         (x, gamma, beta, mean, invstd, y, rows, c))
 
 // The gradient of batch norm's output at x [r, ch]: dy, or with `relu` dy through the ReLU.
 __device__ __forceinline__ float bn_row_grad(int relu, float xv, float g, float gamma, float beta,
@@ -1065,17 +1161,18 @@ __device__ __forceinline__ float bn_row_grad(int relu, float xv, float g, float 
 }
 
 // bn_after_bwd_partial's (sum g, sum g xhat) per (channel, warp). `beta` is read only with `relu`.
-extern "C" __global__ void bn_row_bwd_partial(const float* x, const float* dy, const float* gamma,
-                                              const float* beta, const float* mean,
-                                              const float* invstd, int nb, int c, int relu,
-                                              double* part) {
+template <typename X>
+__device__ __forceinline__ void bn_row_bwd_partial_t(const X* x, const float* dy,
+                                                     const float* gamma, const float* beta,
+                                                     const float* mean, const float* invstd,
+                                                     int nb, int c, int relu, double* part) {
     int lc = threadIdx.x % 32, lane = threadIdx.x / 32, ch = blockIdx.x * 32 + lc;
     if (ch >= c) return;
     float mu = mean[ch], is = invstd[ch], ga = gamma[ch], be = relu ? beta[ch] : 0.0f;
     double a = 0.0, b = 0.0;
     for (int r = lane; r < nb; r += 8) {
         long long j = (long long)r * c + ch;
-        float xv = x[j];
+        float xv = ld_act(x, j);
         float g = bn_row_grad(relu, xv, dy[j], ga, be, mu, is);
         float xhat = (xv - mu) * is;
         a += (double)g;
@@ -1085,16 +1182,23 @@ extern "C" __global__ void bn_row_bwd_partial(const float* x, const float* dy, c
     o[0] = a;
     o[1] = b;
 }
+BN_TWINS(bn_row_bwd_partial,
+         (const float* x, const float* dy, const float* gamma, const float* beta,
+          const float* mean, const float* invstd, int nb, int c, int relu, double* part),
+         (const u16* x, const float* dy, const float* gamma, const float* beta, const float* mean,
+          const float* invstd, int nb, int c, int relu, double* part),
+         (x, dy, gamma, beta, mean, invstd, nb, c, relu, part))
 
 // bn_bwd_dx (and bn_after_bwd_dx's ReLU) for x [N, C].
-extern "C" __global__ void bn_row_bwd_dx(const float* x, const float* dy, const float* gamma,
-                                         const float* beta, const float* mean, const float* invstd,
-                                         const float* mean_dy, const float* mean_dyx,
-                                         int batch_stats, int relu, float* dx, long long rows,
-                                         int c) {
+template <typename X>
+__device__ __forceinline__ void bn_row_bwd_dx_t(const X* x, const float* dy, const float* gamma,
+                                                const float* beta, const float* mean,
+                                                const float* invstd, const float* mean_dy,
+                                                const float* mean_dyx, int batch_stats, int relu,
+                                                float* dx, long long rows, int c) {
     PLANE_LOOP(r, ch, rows, c) {
         long long j = r * c + ch;
-        float is = invstd[ch], xv = x[j];
+        float is = invstd[ch], xv = ld_act(x, j);
         float g = bn_row_grad(relu, xv, dy[j], gamma[ch], relu ? beta[ch] : 0.0f, mean[ch], is);
         if (batch_stats) {
             float xhat = (xv - mean[ch]) * is;
@@ -1104,6 +1208,14 @@ extern "C" __global__ void bn_row_bwd_dx(const float* x, const float* dy, const 
         }
     }
 }
+BN_TWINS(bn_row_bwd_dx,
+         (const float* x, const float* dy, const float* gamma, const float* beta,
+          const float* mean, const float* invstd, const float* mean_dy, const float* mean_dyx,
+          int batch_stats, int relu, float* dx, long long rows, int c),
+         (const u16* x, const float* dy, const float* gamma, const float* beta, const float* mean,
+          const float* invstd, const float* mean_dy, const float* mean_dyx, int batch_stats,
+          int relu, float* dx, long long rows, int c),
+         (x, dy, gamma, beta, mean, invstd, mean_dy, mean_dyx, batch_stats, relu, dx, rows, c))
 
 // ---------------------------------------------------------------------------------------
 // Losses and metrics. One warp per row of [N, C] logits.

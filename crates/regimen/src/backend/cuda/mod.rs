@@ -249,6 +249,19 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bn_row_eval",
     "bn_row_bwd_partial",
     "bn_row_bwd_dx",
+    "bn_stats_partial_h",
+    "bn_apply_h",
+    "bn_eval_h",
+    "bn_bwd_dx_h",
+    "bn_relu_apply_h",
+    "bn_relu_pool_apply_h",
+    "bn_after_bwd_partial_h",
+    "bn_after_bwd_dx_h",
+    "bn_row_stats_partial_h",
+    "bn_row_apply_h",
+    "bn_row_eval_h",
+    "bn_row_bwd_partial_h",
+    "bn_row_bwd_dx_h",
     "softmax_ce",
     "correct_rows",
     "mse_grad",
@@ -1852,6 +1865,31 @@ fn unary_code(op: Unary) -> (i32, f32, f32) {
 /// multiprocessor, left each block walking 14 to 102 samples one after another), but at
 /// least about 2048 values per block; a function of the shape alone (so results do not
 /// depend on timing).
+/// The batch-norm kernel `name` for `x`'s element type: `name` in f32, its twin `name_h` in
+/// bf16 (bf16 activations; kernels.cu's `BN_TWINS`). Any other type is refused.
+fn bn_kernel(name: &'static str, x: &Tensor) -> &'static str {
+    match x.dtype() {
+        DType::F32 => name,
+        DType::BF16 => match name {
+            "bn_stats_partial" => "bn_stats_partial_h",
+            "bn_apply" => "bn_apply_h",
+            "bn_eval" => "bn_eval_h",
+            "bn_bwd_dx" => "bn_bwd_dx_h",
+            "bn_relu_apply" => "bn_relu_apply_h",
+            "bn_relu_pool_apply" => "bn_relu_pool_apply_h",
+            "bn_after_bwd_partial" => "bn_after_bwd_partial_h",
+            "bn_after_bwd_dx" => "bn_after_bwd_dx_h",
+            "bn_row_stats_partial" => "bn_row_stats_partial_h",
+            "bn_row_apply" => "bn_row_apply_h",
+            "bn_row_eval" => "bn_row_eval_h",
+            "bn_row_bwd_partial" => "bn_row_bwd_partial_h",
+            "bn_row_bwd_dx" => "bn_row_bwd_dx_h",
+            _ => unreachable!("no bf16 twin of {name}"),
+        },
+        t => panic!("batch norm: activations in f32 or bf16, got {t:?}"),
+    }
+}
+
 fn bn_splits(nb: usize, c: usize, inner: usize) -> usize {
     let by_blocks = 2048usize.div_ceil(c.max(1));
     let by_values = (nb * inner).div_ceil(2048);
@@ -2280,8 +2318,14 @@ impl Backend for CudaBackend {
         }
         // [N, C]: the mask, the dropout's scale and the bias's sums (none without a bias) in
         // one pass (row_sum_acc's blocks).
+        // (`y` in f32, or in bf16 as a linear layer keeps it under bf16 activations.)
+        let y = match y.dtype() {
+            DType::F32 | DType::BF16 => y.clone(),
+            _ => y.to_dtype(DType::F32),
+        };
+        let y_bf16 = i32::from(y.dtype() == DType::BF16);
         let dz = self.new_tensor(dy.shape(), DType::F32);
-        let (yp, dyp, dzp) = (ptr(y), ptr(dy), ptr(&dz));
+        let (yp, dyp, dzp) = (ptr(&y), ptr(dy), ptr(&dz));
         let bp = dbias.map_or(0u64, ptr_mut);
         let (nb, c) = (nb as i32, channels as i32);
         if nb > 0 && c > 0 {
@@ -2289,7 +2333,7 @@ impl Backend for CudaBackend {
                 "relu_row_sum_acc",
                 channels.div_ceil(32) as u32,
                 1024,
-                &mut args![&yp, &dyp, &dzp, &bp, &nb, &c, &keep],
+                &mut args![&yp, &y_bf16, &dyp, &dzp, &bp, &nb, &c, &keep],
             );
         }
         dz
@@ -2868,7 +2912,7 @@ impl Backend for CudaBackend {
         let c = gamma.numel();
         let (_, inner) = n_inner(x.shape(), c);
         let invstd = self.invstd(var, eps);
-        let y = self.new_tensor(x.shape(), DType::F32);
+        let y = self.new_tensor(x.shape(), x.dtype());
         let (xp, gp, bp, mp, ip, yp) = (
             ptr(x),
             ptr(gamma),
@@ -2883,14 +2927,14 @@ impl Backend for CudaBackend {
             // Features ([N, C]): rows on the grid's y axis, channels along x.
             let rows = n / c.max(1) as i64;
             self.launch_planes(
-                "bn_row_eval",
+                bn_kernel("bn_row_eval", x),
                 rows as usize,
                 c,
                 &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &rows, &c32],
             );
         } else if n > 0 {
             self.launch_planes(
-                "bn_eval",
+                bn_kernel("bn_eval", x),
                 (n as usize) / inner.max(1),
                 inner,
                 &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &planes, &c32, &inner64],
@@ -2944,7 +2988,7 @@ impl Backend for CudaBackend {
         let planes = (nb * c) as i64;
         if n > 0 {
             self.launch_planes(
-                "bn_bwd_dx",
+                bn_kernel("bn_bwd_dx", x),
                 nb * c,
                 inner,
                 &mut args![
@@ -3732,14 +3776,14 @@ impl CudaBackend {
         );
         if rows {
             self.launch(
-                "bn_row_stats_partial",
+                bn_kernel("bn_row_stats_partial", x),
                 c.div_ceil(32) as u32,
                 BLOCK,
                 &mut args![&xp, &nb32, &c32, &pp],
             );
         } else {
             self.launch3(
-                "bn_stats_partial",
+                bn_kernel("bn_stats_partial", x),
                 (c as u32, splits as u32, 1),
                 BLOCK,
                 &mut args![&xp, &nb32, &c32, &inner64, &sp32, &pp],
@@ -3769,11 +3813,11 @@ impl CudaBackend {
         let planes = (nb * c) as i64;
         let y = match after {
             _ if rows => {
-                let y = self.new_tensor(x.shape(), DType::F32);
+                let y = self.new_tensor(x.shape(), x.dtype());
                 let (yp, r64, relu) = (ptr(&y), nb as i64, i32::from(after == BnAfter::Relu));
                 if nb > 0 {
                     self.launch_planes(
-                        "bn_row_apply",
+                        bn_kernel("bn_row_apply", x),
                         nb,
                         c,
                         &mut args![&xp, &scp, &shp, &yp, &r64, &c32, &relu],
@@ -3782,7 +3826,7 @@ impl CudaBackend {
                 y
             }
             BnAfter::Nothing | BnAfter::Relu => {
-                let y = self.new_tensor(x.shape(), DType::F32);
+                let y = self.new_tensor(x.shape(), x.dtype());
                 let yp = ptr(&y);
                 let k = if after == BnAfter::Relu {
                     "bn_relu_apply"
@@ -3790,7 +3834,7 @@ impl CudaBackend {
                     "bn_apply"
                 };
                 self.launch_planes(
-                    k,
+                    bn_kernel(k, x),
                     nb * c,
                     inner,
                     &mut args![&xp, &scp, &shp, &yp, &planes, &c32, &inner64],
@@ -3798,10 +3842,10 @@ impl CudaBackend {
                 y
             }
             BnAfter::ReluPool { h, w } => {
-                let y = self.new_tensor(&[nb, c, h / 2, w / 2], DType::F32);
+                let y = self.new_tensor(&[nb, c, h / 2, w / 2], x.dtype());
                 let (yp, h32, w32) = (ptr(&y), h as i32, w as i32);
                 self.launch_planes(
-                    "bn_relu_pool_apply",
+                    bn_kernel("bn_relu_pool_apply", x),
                     nb * c,
                     (h / 2) * (w / 2),
                     &mut args![&xp, &scp, &shp, &yp, &planes, &c32, &h32, &w32],
@@ -3837,7 +3881,7 @@ impl CudaBackend {
         );
         let (nb32, c32, sp32) = (nb as i32, c as i32, 8i32);
         self.launch(
-            "bn_row_bwd_partial",
+            bn_kernel("bn_row_bwd_partial", x),
             c.div_ceil(32) as u32,
             BLOCK,
             &mut args![&xp, &dyp, &gp, &bp, &mp, &ip, &nb32, &c32, &relu, &pp],
@@ -3856,7 +3900,7 @@ impl CudaBackend {
         let (dxp, bs, r64) = (ptr(&dx), i32::from(batch_stats), nb as i64);
         if nb > 0 {
             self.launch_planes(
-                "bn_row_bwd_dx",
+                bn_kernel("bn_row_bwd_dx", x),
                 nb,
                 c,
                 &mut args![
@@ -3896,7 +3940,7 @@ impl CudaBackend {
         );
         let (nb32, c32, sp32) = (nb as i32, c as i32, splits as i32);
         self.launch3(
-            "bn_after_bwd_partial",
+            bn_kernel("bn_after_bwd_partial", x),
             (c as u32, splits as u32, 1),
             BLOCK,
             &mut args![&xp, &dyp, &gp, &bp, &mp, &ip, &nb32, &c32, &h, &w, &code, &sp32, &pp],
@@ -3964,7 +4008,7 @@ impl CudaBackend {
         let (dxp, planes) = (ptr(&dx), (nb * c) as i64);
         if x.numel() > 0 {
             self.launch_planes(
-                "bn_after_bwd_dx",
+                bn_kernel("bn_after_bwd_dx", x),
                 nb * c,
                 inner,
                 &mut args![
