@@ -950,24 +950,33 @@ fn whole_training_steps_match() {
     same("mlp 3 steps bf16", BF16, |d| {
         train_steps("mlp", d, Precision::Bf16, 3)
     });
+    // (bf16 activations through convolutions and batch norm's bf16 kernels.)
+    same("cnn 3 steps bf16", BF16, |d| {
+        train_steps("cnn", d, Precision::Bf16, 3)
+    });
 }
 
 #[test]
 fn a_recorded_step_replays_as_the_eager_steps() {
     let Some(g) = gpu() else { return };
     regimen_cuda_exact_convs();
-    for name in ["mlp", "cnn"] {
-        let eager = train_steps(name, g, Precision::F32, 4);
+    let cases = [
+        ("mlp", Precision::F32),
+        ("cnn", Precision::F32),
+        ("cnn", Precision::Bf16),
+    ];
+    for (name, precision) in cases {
+        let eager = train_steps(name, g, precision, 4);
         // The same four steps: two eager (the pool and the optimizer state reach their steady
         // state), one recorded, then two replays (the recording itself runs nothing).
         let mut s = Setup::new(name, g);
         s.opt.set_lr_table(vec![0.05]).unwrap();
-        s.step(Precision::F32);
-        s.step(Precision::F32);
+        s.step(precision);
+        s.step(precision);
         let be = g.backend();
         be.begin_capture().unwrap();
         regimen::backend::strict::set_strict(true);
-        s.step(Precision::F32);
+        s.step(precision);
         regimen::backend::strict::set_strict(false);
         let graph = be.end_capture().unwrap();
         for _ in 0..2 {
@@ -976,7 +985,7 @@ fn a_recorded_step_replays_as_the_eager_steps() {
         let replayed = s.state();
         for (k, (a, b)) in eager.iter().zip(&replayed).enumerate() {
             close(
-                &format!("{name} graph tensor {k}"),
+                &format!("{name} {precision:?} graph tensor {k}"),
                 &a.to_vec(),
                 &b.to_vec(),
                 Tol(1e-5, 1e-4),

@@ -210,10 +210,35 @@ fn half_precision_round_trips_and_trains_close_to_f32() {
         assert_eq!(t.dtype(), dt);
         assert_eq!(t.to_dtype(DType::F32).to_vec(), exact, "{dt}");
     }
-    let x = randn(&[1000], 3);
-    let rounded = x.to_dtype(DType::BF16).to_vec();
-    for (a, b) in x.to_vec().iter().zip(&rounded) {
-        assert_eq!(*b, half::bf16::from_f32(*a).to_f32());
+    // Small (one thread) and large (parallel chunks, a partial last chunk) conversions, both
+    // ways and between the 16-bit types, with a NaN and an infinity.
+    for n in [1000, 70_001] {
+        let mut v = randn(&[n], 3).to_vec();
+        v[7] = f32::NAN;
+        v[n - 1] = f32::INFINITY;
+        let x = Tensor::from_vec(&[n], v.clone()).unwrap();
+        let (b, h) = (x.to_dtype(DType::BF16), x.to_dtype(DType::F16));
+        let want_b: Vec<f32> = v
+            .iter()
+            .map(|a| half::bf16::from_f32(*a).to_f32())
+            .collect();
+        let want_h: Vec<f32> = v.iter().map(|a| half::f16::from_f32(*a).to_f32()).collect();
+        let same = |got: Vec<f32>, want: &[f32], what: &str| {
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    g == w || (g.is_nan() && w.is_nan()),
+                    "{what} [{i}]: {g} vs {w}"
+                );
+            }
+        };
+        same(b.to_dtype(DType::F32).to_vec(), &want_b, "bf16");
+        same(h.to_dtype(DType::F32).to_vec(), &want_h, "f16");
+        let b_to_h: Vec<f32> = want_b
+            .iter()
+            .map(|a| half::f16::from_f32(*a).to_f32())
+            .collect();
+        same(b.to_dtype(DType::F16).to_vec(), &b_to_h, "bf16 -> f16");
     }
     let bits =
         Tensor::from_half_bits(&[2], DType::BF16, vec![0x3F80, 0xC000], Device::Cpu).unwrap();

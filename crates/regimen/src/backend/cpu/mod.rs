@@ -25,7 +25,7 @@ use crate::backend::{
 use crate::linalg::{self as matmul, gemm, MatRef};
 use crate::tensor::{DType, Device, Indices, Tensor};
 use elementwise::{map1, map2, map3, sum_f64, update};
-use storage::{alloc, read_f32, u16s, u16s_mut, u32s_mut};
+use storage::{alloc, u16s, u16s_mut, u32s_mut};
 
 /// The CPU backend (a unit struct: all state is in the tensors and the pool).
 #[derive(Debug, Default, Clone, Copy)]
@@ -65,6 +65,29 @@ fn make(shape: &[usize], f: impl FnOnce(&mut [f32])) -> Tensor {
     let mut t = alloc(shape, DType::F32);
     f(f32s_mut(&mut t));
     t
+}
+
+/// `out[i] = f(a[i])` between element types, in parallel chunks with `par`.
+fn convert<A: Copy + Sync, B: Send>(a: &[A], out: &mut [B], par: bool, f: impl Fn(A) -> B + Sync) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 13;
+    if par {
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x)));
+    } else {
+        out.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x));
+    }
+}
+
+/// `t`'s values in f32: `t` itself, or a pooled f32 copy of a 16-bit tensor (`cast`, in
+/// parallel), so that 16-bit operands (mixed precision) take the f32 kernels.
+fn as_f32(t: &Tensor) -> Tensor {
+    if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        Cpu.cast(t, DType::F32)
+    }
 }
 
 /// A new `f32` tensor holding `v`.
@@ -203,19 +226,30 @@ impl Backend for Cpu {
             x.dtype().is_float() && dtype.is_float(),
             "cast between floating-point types"
         );
-        let v = read_f32(x);
         let mut t = alloc(x.shape(), dtype);
-        match dtype {
-            DType::F32 => f32s_mut(&mut t).copy_from_slice(&v),
-            DType::BF16 => u16s_mut(&mut t)
-                .iter_mut()
-                .zip(v.iter())
-                .for_each(|(o, &x)| *o = bf16::from_f32(x).to_bits()),
-            DType::F16 => u16s_mut(&mut t)
-                .iter_mut()
-                .zip(v.iter())
-                .for_each(|(o, &x)| *o = f16::from_f32(x).to_bits()),
-            DType::U32 => unreachable!(),
+        // In parallel chunks, straight from one type to the other (bf16 activations convert
+        // whole activations this way).
+        let par = x.numel() >= elementwise::PAR_MIN;
+        match (x.dtype(), dtype) {
+            (DType::F32, DType::F32) => f32s_mut(&mut t).copy_from_slice(f32s(x)),
+            (DType::F32, half) => convert(f32s(x), u16s_mut(&mut t), par, |v| match half {
+                DType::BF16 => bf16::from_f32(v).to_bits(),
+                _ => f16::from_f32(v).to_bits(),
+            }),
+            (from, DType::F32) => convert(u16s(x), f32s_mut(&mut t), par, |b| match from {
+                DType::BF16 => bf16::from_bits(b).to_f32(),
+                _ => f16::from_bits(b).to_f32(),
+            }),
+            (from, to) => convert(u16s(x), u16s_mut(&mut t), par, |b| {
+                let v = match from {
+                    DType::BF16 => bf16::from_bits(b).to_f32(),
+                    _ => f16::from_bits(b).to_f32(),
+                };
+                match to {
+                    DType::BF16 => bf16::from_f32(v).to_bits(),
+                    _ => f16::from_f32(v).to_bits(),
+                }
+            }),
         }
         t
     }
@@ -235,7 +269,8 @@ impl Backend for Cpu {
     ) {
         let (ar, ac) = (a.shape()[0], a.shape()[1]);
         let (br, bc) = (b.shape()[0], b.shape()[1]);
-        let (av, bv) = (read_f32(a), read_f32(b));
+        let (a, b) = (as_f32(a), as_f32(b));
+        let (av, bv) = (f32s(&a), f32s(&b));
         let am = if trans_a {
             MatRef::t(&av, ac, ar)
         } else {
@@ -593,7 +628,8 @@ impl Backend for Cpu {
 
     fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
-        let (xv, wv) = (read_f32(x), read_f32(w));
+        let (x, w) = (as_f32(x), as_f32(w));
+        let (xv, wv) = (f32s(&x), f32s(&w));
         // A convolution without bias is the kind that batch norm follows: its output planes'
         // statistics are computed while each sample is in cache and left with the output.
         let mut stats = b.is_none().then(|| vec![(0.0, 0.0, 0.0); d.n * d.oc]);
@@ -617,7 +653,8 @@ impl Backend for Cpu {
         input_grad: bool,
     ) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
-        let (xv, wv) = (read_f32(x), read_f32(w));
+        let (xh, wh) = (as_f32(x), as_f32(w));
+        let (xv, wv) = (f32s(&xh), f32s(&wh));
         // Mixed precision: the output gradient enters the products in the inputs' type too.
         let dyq = if x.dtype() == DType::F32 {
             dy.clone()

@@ -3,8 +3,6 @@
 
 use std::sync::LazyLock;
 
-use half::{bf16, f16};
-
 use crate::backend::pool::Pool;
 use crate::tensor::{DType, Storage, Tensor};
 
@@ -213,21 +211,4 @@ pub fn alloc(shape: &[usize], dtype: DType) -> Tensor {
         dtype,
         Storage::Cpu(CpuBuffer::uninit(words_for(n, dtype))),
     )
-}
-
-/// The values of a floating-point tensor as `f32`: borrowed for `f32`, converted otherwise
-/// (the "through f32" path of reduced precision on the CPU).
-pub fn read_f32(t: &Tensor) -> std::borrow::Cow<'_, [f32]> {
-    match t.dtype() {
-        DType::F32 => std::borrow::Cow::Borrowed(f32s(t)),
-        DType::BF16 => u16s(t)
-            .iter()
-            .map(|&b| bf16::from_bits(b).to_f32())
-            .collect(),
-        DType::F16 => u16s(t)
-            .iter()
-            .map(|&b| f16::from_bits(b).to_f32())
-            .collect(),
-        DType::U32 => panic!("the CPU backend expected a floating-point tensor, got u32"),
-    }
 }
