@@ -508,6 +508,53 @@ fn fusion_off_trains_the_same_bytes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--precision bf16` trains digits-cnn (bf16 products and activations through convolutions,
+/// batch norm and the linear layer) to the f32 run's accuracy within a point, with weights of
+/// its own (the bf16 path ran).
+#[test]
+fn bf16_trains_as_well_as_f32() {
+    let dir = std::env::temp_dir().join(format!("regimen-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |precision: &str| {
+        let path = dir.join(format!("{precision}.safetensors"));
+        let out = Command::new(env!("CARGO_BIN_EXE_regimen"))
+            .args([
+                "train",
+                "--dataset",
+                "digits",
+                "--model",
+                "digits-cnn",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "64",
+                "--seed",
+                "7",
+                "--precision",
+                precision,
+                "--save",
+            ])
+            .arg(&path)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let acc: f64 = text
+            .split("final test accuracy ")
+            .nth(1)
+            .and_then(|r| r.split('%').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no final accuracy in {text}"));
+        (acc, std::fs::read(path).unwrap())
+    };
+    let ((a32, w32), (a16, w16)) = (run("f32"), run("bf16"));
+    assert!(w32 != w16, "bf16 trained the f32 weights");
+    assert!(a32 > 50.0, "f32 learned: {a32}%");
+    assert!((a32 - a16).abs() <= 1.0, "f32 {a32}% vs bf16 {a16}%");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Every value that can fail later is refused before training starts, with one line and exit
 /// status 2 (classes 1, 5, 7 and 8 of the reliability review).
 #[test]
