@@ -807,8 +807,9 @@ fn bf16_activations_go_to_the_layers_that_take_them() {
 }
 
 /// bf16 activations through the CNN's blocks: under `Precision::Bf16` a convolution hands
-/// batch norm a bf16 tensor, batch norm with its ReLU and pool hands the next convolution
-/// one, and the results stay within bf16's rounding of the f32 model's.
+/// batch norm a bf16 tensor, batch norm with its ReLU and pool hands a dropout one, the
+/// dropout hands the next convolution one, and the results stay within bf16's rounding of the
+/// f32 model's.
 #[test]
 fn bf16_activations_through_convolutions_and_batch_norm() {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -824,6 +825,7 @@ fn bf16_activations_through_convolutions_and_batch_norm() {
             .push(BatchNorm::d2(4))
             .push(relu())
             .push(MaxPool2d::new(2))
+            .push(Dropout::new(0.25).unwrap())
             .push(probe(true))
             .push(Conv2d::new(4, 3, 3, &mut rng).padding(1))
             .push(probe(false))

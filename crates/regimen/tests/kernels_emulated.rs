@@ -607,6 +607,9 @@ fn the_philox_kernels_match_the_cpu_bit_for_bit() {
         };
         let x = Tensor::from_host(&[n], xv.clone(), d).unwrap();
         let (y, mask) = be.dropout_forward(&x, p, key(purpose));
+        let xh = x.to_dtype(DType::BF16);
+        let (yh, maskh) = be.dropout_forward(&xh, p, key(purpose));
+        assert_eq!(yh.dtype(), DType::BF16, "dropout hands on x's type");
         let uni = be.uniform(&[n], key(purpose + 1));
         let keep = be.bernoulli_keep(&[n], p, key(purpose + 2));
         write(&e.dir, "x.bin", &xv);
@@ -628,6 +631,16 @@ fn the_philox_kernels_match_the_cpu_bit_for_bit() {
             &format!("{name}: mask"),
             &read(&e.dir, "mask.out"),
             &mask.to_vec(),
+        );
+        exact(
+            &format!("{name}: dropout in bf16"),
+            &read(&e.dir, "yh.out"),
+            &yh.to_vec(),
+        );
+        exact(
+            &format!("{name}: mask in bf16"),
+            &read(&e.dir, "maskh.out"),
+            &maskh.to_vec(),
         );
         exact(
             &format!("{name}: uniform"),

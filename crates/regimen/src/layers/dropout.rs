@@ -58,6 +58,11 @@ impl Layer for Dropout {
         Ok(input.to_vec())
     }
 
+    /// (bf16 activations: dropped and scaled in f32, handed on in bf16; the mask is f32.)
+    fn takes_half(&self) -> bool {
+        true
+    }
+
     fn forward(&mut self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         if ctx.mode == Mode::Eval || self.p == 0.0 {
             keep(ctx, &mut self.cache, || (x.shape().to_vec(), None));

@@ -22,7 +22,8 @@
 //       invstd.out, rm.out, rv.out, dx.out, dgamma.out, dbeta.out, ye.out
 //   aug_emu DIR philox  n p stream step purpose
 //       dropout_fwd of x.bin (f32 [n]) with drop probability p, uniform_fill and
-//       bernoulli_keep of n draws; writes y.out, mask.out, uniform.out, keep.out
+//       bernoulli_keep of n draws; writes y.out, mask.out, uniform.out, keep.out, and the
+//       dropout of x rounded to bf16 (dropout_fwd_h): yh.out (as f32), maskh.out
 //   aug_emu DIR bias    rows c
 //       a linear layer's bias: y.bin (f32 [rows, c]) += b.bin (f32 [c]); db.bin (f32 [c]) +=
 //       the column sums of dy.bin (f32 [rows, c]); writes y.out and db.out; the fused
@@ -287,6 +288,16 @@ int main(int argc, char** argv) {
         emu_launch(grid, 256, [&] { uniform_fill(uni.data(), n, stream, &step, purpose + 1); });
         emu_launch(grid, 256,
                    [&] { bernoulli_keep(keep.data(), n, p, stream, &step, purpose + 2); });
+        // dropout_fwd_h: x rounded to bf16, y in bf16 (written back as f32).
+        std::vector<u16> xh(n), yh(n);
+        for (long long i = 0; i < n; i++) xh[i] = f32_to_bf16(x[i]);
+        std::vector<float> yhf(n), maskh(n);
+        emu_launch(grid, 256, [&] {
+            dropout_fwd_h(xh.data(), yh.data(), maskh.data(), n, p, stream, &step, purpose);
+        });
+        for (long long i = 0; i < n; i++) yhf[i] = bf16_to_f32(yh[i]);
+        emu_save(dir + "yh.out", yhf);
+        emu_save(dir + "maskh.out", maskh);
         emu_save(dir + "y.out", y);
         emu_save(dir + "mask.out", mask);
         emu_save(dir + "uniform.out", uni);

@@ -949,6 +949,9 @@ impl Backend for Cpu {
     }
 
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
+        // (A bf16 x, bf16 activations: through f32, y returned in bf16.)
+        let half = x.dtype();
+        let x = &as_f32(x);
         let mut mask = alloc(x.shape(), DType::F32);
         let y = make(x.shape(), |y| {
             norm::dropout(
@@ -961,7 +964,7 @@ impl Backend for Cpu {
                 f32s_mut(&mut mask),
             )
         });
-        (y, mask)
+        (y.to_dtype(half), mask)
     }
 
     fn uniform(&self, shape: &[usize], key: RandomKey<'_>) -> Tensor {

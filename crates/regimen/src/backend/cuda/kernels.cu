@@ -66,6 +66,20 @@ extern "C" __global__ void cast_f32_f16(const float* x, u16* y, long long n) {
 extern "C" __global__ void cast_bf16_f32(const u16* x, float* y, long long n) {
     GRID_STRIDE(i, n) y[i] = bf16_to_f32(x[i]);
 }
+
+// Activations in f32 or bf16 (bf16 activations): a kernel that reads them comes twice, for x
+// (and y) in f32 and, with the suffix _h, in bf16, from one template whose loads (ld_act) and
+// stores (st_act) convert; the arithmetic is f32 in both, and input gradients are f32 in both.
+__device__ __forceinline__ float ld_act(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld_act(const u16* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st_act(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st_act(u16* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+
+// The f32 kernel `name` and its bf16 twin `name_h`, both the template `name_t` with the
+// given parameters (X: the activations' element type) and arguments.
+#define ACT_TWINS(name, params_f, params_h, args)                \
+    extern "C" __global__ void name params_f { name##_t args; } \
+    extern "C" __global__ void name##_h params_h { name##_t args; }
 extern "C" __global__ void cast_f16_f32(const u16* x, float* y, long long n) {
     GRID_STRIDE(i, n) y[i] = f16_to_f32(x[i]);
 }
@@ -128,8 +142,9 @@ extern "C" __global__ void bernoulli_keep(float* out, long long n, float p, u64 
     }
 }
 
-extern "C" __global__ void dropout_fwd(const float* x, float* y, float* mask, long long n,
-                                       float p, u64 stream, const u32* step, u32 purpose) {
+template <typename X>
+__device__ __forceinline__ void dropout_fwd_t(const X* x, X* y, float* mask, long long n, float p,
+                                              u64 stream, const u32* step, u32 purpose) {
     u32 s = *step;
     float keep = 1.0f / (1.0f - p);
     GRID_STRIDE(q, (n + 3) / 4) {
@@ -139,10 +154,16 @@ extern "C" __global__ void dropout_fwd(const float* x, float* y, float* mask, lo
             long long i = 4 * q + k;
             float m = u[k] >= p ? keep : 0.0f;
             mask[i] = m;
-            y[i] = x[i] * m;
+            st_act(y, i, ld_act(x, i) * m);
         }
     }
 }
+ACT_TWINS(dropout_fwd,
+          (const float* x, float* y, float* mask, long long n, float p, u64 stream,
+           const u32* step, u32 purpose),
+          (const u16* x, u16* y, float* mask, long long n, float p, u64 stream, const u32* step,
+           u32 purpose),
+          (x, y, mask, n, p, stream, step, purpose))
 
 // y = dropout(relu(y + bias)) in place for y [n / c, c], without a bias where bias is null (a
 // linear layer, its ReLU and a dropout): dropout_fwd's blocks of four draws and mask, so the
@@ -746,19 +767,7 @@ extern "C" __global__ void max_groups_fwd(const float* x, float* y, u32* idx, lo
 // kernel merges the S parts in order with Chan et al.'s formula.
 //
 // Every kernel that reads x comes twice: for x (and y) in f32, and, with the suffix _h, in
-// bf16 (bf16 activations), from one template whose loads (ld) and stores (st) convert; the
-// arithmetic is f32 in both. Input gradients are f32 in both.
-
-__device__ __forceinline__ float ld_act(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float ld_act(const u16* p, long long i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st_act(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st_act(u16* p, long long i, float v) { p[i] = f32_to_bf16(v); }
-
-// The f32 kernel `name` and its bf16 twin `name_h`, both the template `name_t` with the
-// given parameters (X: the activations' element type) and arguments.
-#define BN_TWINS(name, params_f, params_h, args)                 \
-    extern "C" __global__ void name params_f { name##_t args; } \
-    extern "C" __global__ void name##_h params_h { name##_t args; }
+// bf16 (bf16 activations), from one template (ACT_TWINS, at the top).
 
 template <typename X>
 __device__ __forceinline__ void bn_stats_partial_t(const X* x, int nb, int c, long long inner,
@@ -789,7 +798,7 @@ __device__ __forceinline__ void bn_stats_partial_t(const X* x, int nb, int c, lo
         o[2] = m2t;
     }
 }
-BN_TWINS(bn_stats_partial,
+ACT_TWINS(bn_stats_partial,
          (const float* x, int nb, int c, long long inner, int splits, double* part),
          (const u16* x, int nb, int c, long long inner, int splits, double* part),
          (x, nb, c, inner, splits, part))
@@ -852,7 +861,7 @@ __device__ __forceinline__ void bn_apply_t(const X* x, const float* scale, const
         st_act(y, j, bn_z(ld_act(x, j), scale[ch], shift[ch]));
     }
 }
-BN_TWINS(bn_apply,
+ACT_TWINS(bn_apply,
          (const float* x, const float* scale, const float* shift, float* y, long long planes,
           int c, long long inner),
          (const u16* x, const float* scale, const float* shift, u16* y, long long planes, int c,
@@ -868,7 +877,7 @@ __device__ __forceinline__ void bn_eval_t(const X* x, const float* gamma, const 
         st_act(y, j, gamma[ch] * (ld_act(x, j) - mean[ch]) * invstd[ch] + beta[ch]);
     }
 }
-BN_TWINS(bn_eval,
+ACT_TWINS(bn_eval,
          (const float* x, const float* gamma, const float* beta, const float* mean,
           const float* invstd, float* y, long long planes, int c, long long inner),
          (const u16* x, const float* gamma, const float* beta, const float* mean,
@@ -913,7 +922,7 @@ __device__ __forceinline__ void bn_bwd_dx_t(const X* x, const float* dy, const f
         }
     }
 }
-BN_TWINS(bn_bwd_dx,
+ACT_TWINS(bn_bwd_dx,
          (const float* x, const float* dy, const float* gamma, const float* mean,
           const float* invstd, const float* mean_dy, const float* mean_dyx, int batch_stats,
           float* dx, long long planes, int c, long long inner),
@@ -952,7 +961,7 @@ __device__ __forceinline__ void bn_relu_apply_t(const X* x, const float* scale,
         st_act(y, j, bn_relu(bn_z(ld_act(x, j), scale[ch], shift[ch])));
     }
 }
-BN_TWINS(bn_relu_apply,
+ACT_TWINS(bn_relu_apply,
          (const float* x, const float* scale, const float* shift, float* y, long long planes,
           int c, long long inner),
          (const u16* x, const float* scale, const float* shift, u16* y, long long planes, int c,
@@ -980,7 +989,7 @@ __device__ __forceinline__ void bn_relu_pool_apply_t(const X* x, const float* sc
         st_act(y, pl * oh * ow + o, best);
     }
 }
-BN_TWINS(bn_relu_pool_apply,
+ACT_TWINS(bn_relu_pool_apply,
          (const float* x, const float* scale, const float* shift, float* y, long long planes,
           int c, int h, int w),
          (const u16* x, const float* scale, const float* shift, u16* y, long long planes, int c,
@@ -1050,7 +1059,7 @@ __device__ __forceinline__ void bn_after_bwd_partial_t(const X* x, const float* 
         o[1] = tb;
     }
 }
-BN_TWINS(bn_after_bwd_partial,
+ACT_TWINS(bn_after_bwd_partial,
          (const float* x, const float* dy, const float* gamma, const float* beta,
           const float* mean, const float* invstd, int nb, int c, int h, int w, int after,
           int splits, double* part),
@@ -1078,7 +1087,7 @@ __device__ __forceinline__ void bn_after_bwd_dx_t(const X* x, const float* dy, c
         dx[j] = gamma[ch] * is * (g - mean_dy[ch] - xhat * mean_dyx[ch]);
     }
 }
-BN_TWINS(bn_after_bwd_dx,
+ACT_TWINS(bn_after_bwd_dx,
          (const float* x, const float* dy, const float* gamma, const float* beta,
           const float* mean, const float* invstd, const float* mean_dy, const float* mean_dyx,
           float* dx, long long planes, int c, int h, int w, int after),
@@ -1114,7 +1123,7 @@ __device__ __forceinline__ void bn_row_stats_partial_t(const X* x, int nb, int c
     o[1] = mean;
     o[2] = m2;
 }
-BN_TWINS(bn_row_stats_partial, (const float* x, int nb, int c, double* part),
+ACT_TWINS(bn_row_stats_partial, (const float* x, int nb, int c, double* part),
          (const u16* x, int nb, int c, double* part), (x, nb, c, part))
 
 // y = x scale + shift (bn_z), then the ReLU with `relu` (bn_apply's and bn_relu_apply's).
@@ -1127,7 +1136,7 @@ __device__ __forceinline__ void bn_row_apply_t(const X* x, const float* scale, c
         st_act(y, j, relu ? bn_relu(z) : z);
     }
 }
-BN_TWINS(bn_row_apply,
+ACT_TWINS(bn_row_apply,
          (const float* x, const float* scale, const float* shift, float* y, long long rows, int c,
           int relu),
          (const u16* x, const float* scale, const float* shift, u16* y, long long rows, int c,
@@ -1144,7 +1153,7 @@ __device__ __forceinline__ void bn_row_eval_t(const X* x, const float* gamma, co
         st_act(y, j, gamma[ch] * (ld_act(x, j) - mean[ch]) * invstd[ch] + beta[ch]);
     }
 }
-BN_TWINS(bn_row_eval,
+ACT_TWINS(bn_row_eval,
          (const float* x, const float* gamma, const float* beta, const float* mean,
           const float* invstd, float* y, long long rows, int c),
          (const u16* x, const float* gamma, const float* beta, const float* mean,
@@ -1182,7 +1191,7 @@ __device__ __forceinline__ void bn_row_bwd_partial_t(const X* x, const float* dy
     o[0] = a;
     o[1] = b;
 }
-BN_TWINS(bn_row_bwd_partial,
+ACT_TWINS(bn_row_bwd_partial,
          (const float* x, const float* dy, const float* gamma, const float* beta,
           const float* mean, const float* invstd, int nb, int c, int relu, double* part),
          (const u16* x, const float* dy, const float* gamma, const float* beta, const float* mean,
@@ -1208,7 +1217,7 @@ __device__ __forceinline__ void bn_row_bwd_dx_t(const X* x, const float* dy, con
         }
     }
 }
-BN_TWINS(bn_row_bwd_dx,
+ACT_TWINS(bn_row_bwd_dx,
          (const float* x, const float* dy, const float* gamma, const float* beta,
           const float* mean, const float* invstd, const float* mean_dy, const float* mean_dyx,
           int batch_stats, int relu, float* dx, long long rows, int c),

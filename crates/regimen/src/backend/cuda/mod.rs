@@ -262,6 +262,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bn_row_eval_h",
     "bn_row_bwd_partial_h",
     "bn_row_bwd_dx_h",
+    "dropout_fwd_h",
     "softmax_ce",
     "correct_rows",
     "mse_grad",
@@ -1866,7 +1867,7 @@ fn unary_code(op: Unary) -> (i32, f32, f32) {
 /// least about 2048 values per block; a function of the shape alone (so results do not
 /// depend on timing).
 /// The batch-norm kernel `name` for `x`'s element type: `name` in f32, its twin `name_h` in
-/// bf16 (bf16 activations; kernels.cu's `BN_TWINS`). Any other type is refused.
+/// bf16 (bf16 activations; kernels.cu's `ACT_TWINS`). Any other type is refused.
 fn bn_kernel(name: &'static str, x: &Tensor) -> &'static str {
     match x.dtype() {
         DType::F32 => name,
@@ -3039,13 +3040,18 @@ impl Backend for CudaBackend {
     }
 
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
-        let y = self.new_tensor(x.shape(), DType::F32);
+        // (x and y in bf16 under bf16 activations: dropout_fwd_h.)
+        let (kernel, x) = match x.dtype() {
+            DType::BF16 => ("dropout_fwd_h", x.clone()),
+            _ => ("dropout_fwd", x.to_dtype(DType::F32)),
+        };
+        let y = self.new_tensor(x.shape(), x.dtype());
         let mask = self.new_tensor(x.shape(), DType::F32);
         let n = x.numel() as i64;
-        let (xp, yp, mp, sp) = (ptr(x), ptr(&y), ptr(&mask), ptr(key.step.tensor()));
+        let (xp, yp, mp, sp) = (ptr(&x), ptr(&y), ptr(&mask), ptr(key.step.tensor()));
         if n > 0 {
             self.launch(
-                "dropout_fwd",
+                kernel,
                 blocks_for((n as usize).div_ceil(4)),
                 BLOCK,
                 &mut args![&xp, &yp, &mp, &n, &p, &key.stream, &sp, &key.purpose],
