@@ -803,7 +803,7 @@ fn bf16_activations_go_to_the_layers_that_take_them() {
     let again = a.to_dtype(DType::BF16).to_vec();
     assert_eq!(v, again);
     assert!(v.iter().filter(|v| **v > 0.0).count() > 20, "{v:?}");
-    assert!(v.iter().any(|v| v.to_bits() & 0xffff != 0) == false);
+    assert!(!v.iter().any(|v| v.to_bits() & 0xffff != 0));
 }
 
 /// bf16 activations through the CNN's blocks: under `Precision::Bf16` a convolution hands

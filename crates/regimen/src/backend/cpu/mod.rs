@@ -272,14 +272,14 @@ impl Backend for Cpu {
         let (a, b) = (as_f32(a), as_f32(b));
         let (av, bv) = (f32s(&a), f32s(&b));
         let am = if trans_a {
-            MatRef::t(&av, ac, ar)
+            MatRef::t(av, ac, ar)
         } else {
-            MatRef::new(&av, ar, ac)
+            MatRef::new(av, ar, ac)
         };
         let bm = if trans_b {
-            MatRef::t(&bv, bc, br)
+            MatRef::t(bv, bc, br)
         } else {
-            MatRef::new(&bv, br, bc)
+            MatRef::new(bv, br, bc)
         };
         let par = matmul::parallelism(am.rows, am.cols, bm.cols, false);
         gemm(am, bm, f32s_mut(c), accumulate, par);
@@ -634,7 +634,7 @@ impl Backend for Cpu {
         // statistics are computed while each sample is in cache and left with the output.
         let mut stats = b.is_none().then(|| vec![(0.0, 0.0, 0.0); d.n * d.oc]);
         let mut y = make(&[d.n, d.oc, d.oh, d.ow], |y| {
-            conv::forward(&xv, &wv, b.map(f32s), d, y, stats.as_deref_mut())
+            conv::forward(xv, wv, b.map(f32s), d, y, stats.as_deref_mut())
         });
         if let Some(stats) = stats {
             storage::set_block_stats(&mut y, d.oh * d.ow, stats);
@@ -663,8 +663,8 @@ impl Backend for Cpu {
         };
         let mut dx = alloc(if input_grad { x.shape() } else { &[0] }, DType::F32);
         conv::backward(
-            &xv,
-            &wv,
+            xv,
+            wv,
             f32s(&dyq),
             d,
             f32s_mut(dw),
