@@ -434,6 +434,13 @@ fn run(args: &TrainArgs, find: Option<&LrFindArgs>) -> Result<()> {
              build theirs on the host (leave out --graph)"
         );
     }
+    if device == regimen::Device::Cpu && precision != regimen::Precision::F32 {
+        say!(
+            "note: --precision {} on the CPU computes through f32 copies: slower than f32 and no \
+             smaller (16-bit precision is for GPUs)",
+            args.precision
+        );
+    }
     // Data-parallel ranks take their slices of each global batch from the host loader.
     let device_data = device != regimen::Device::Cpu && ranks == 1 && !args.host_data;
     if args.graph && !device_data {
