@@ -546,9 +546,10 @@ fn bf16_trains_as_well_as_f32() {
             .and_then(|r| r.split('%').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no final accuracy in {text}"));
-        (acc, std::fs::read(path).unwrap())
+        (acc, tensors(&path))
     };
     let ((a32, w32), (a16, w16)) = (run("f32"), run("bf16"));
+    assert_eq!(w32.len(), w16.len());
     assert!(w32 != w16, "bf16 trained the f32 weights");
     assert!(a32 > 50.0, "f32 learned: {a32}%");
     assert!((a32 - a16).abs() <= 1.0, "f32 {a32}% vs bf16 {a16}%");

@@ -28,9 +28,9 @@ pub enum Mode {
 
 /// The element type of matrix products and convolutions in a forward (mixed precision):
 /// with `Bf16` or `F16`, Linear and Conv2d round their input and weight to that type and
-/// multiply with `f32` accumulation. With `Bf16` the activations a linear layer hands on
-/// after a ReLU (and dropout) that it applies in its own pass are `bf16` tensors too, and so
-/// is what it keeps of them for backward ([`Precision::activations`], [`Layer::takes_half`]).
+/// multiply with `f32` accumulation. With `Bf16` the activations that convolutions, batch
+/// norm, dropout and linear layers with a fused ReLU hand on are `bf16` tensors too, and so is
+/// what they keep of them for backward ([`Precision::activations`], [`Layer::takes_half`]).
 /// Master weights, gradients and optimizer state are always `f32`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
@@ -50,9 +50,10 @@ impl Precision {
         }
     }
 
-    /// The element type of the activations that linear layers hand on after a fused ReLU
-    /// (and dropout): `bf16` under `Bf16`; `f32` otherwise (`F16` rounds products only: its range, 6.5e4 at most, is
-    /// too narrow to store activations without loss scaling).
+    /// The element type of the activations that convolutions, batch norm, dropout and linear
+    /// layers with a fused ReLU hand on: `bf16` under `Bf16`; `f32` otherwise (`F16` rounds
+    /// products only: its range, 6.5e4 at most, is too narrow to store activations without
+    /// loss scaling).
     pub fn activations(self) -> DType {
         match self {
             Precision::Bf16 => DType::BF16,

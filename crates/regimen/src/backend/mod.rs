@@ -592,8 +592,9 @@ pub trait Backend: Send + Sync {
         )
     }
     /// Inverted dropout: `mask[i] = (u_i >= p) / (1 - p)` with `u_i` the Philox uniform of
-    /// element `i` under `key`; returns `(x * mask, mask)`, `x * mask` in x's type (f32, or
-    /// bf16 under bf16 activations, computed in f32 and rounded once), the mask in f32.
+    /// element `i` under `key`; returns `(x * mask, mask)`, `x * mask` in bf16 for a bf16 x
+    /// (bf16 activations: computed in f32 and rounded once) and in f32 otherwise, the mask in
+    /// f32.
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor);
     /// `u_i` (Philox uniforms in `[0, 1)`, element `i` under `key`) of a new tensor.
     fn uniform(&self, shape: &[usize], key: RandomKey<'_>) -> Tensor;

@@ -13,7 +13,7 @@ use crate::backend::RandomKey;
 use crate::error::{Error, Result};
 use crate::layer::{cached, join, keep, Ctx, Layer, Mode, Param};
 use crate::rng::{mix64, purpose};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 pub struct Residual {
     branch: Box<dyn Layer>,
@@ -98,6 +98,9 @@ impl Layer for Residual {
             Some(l) => l.forward(x, ctx).map_err(|e| e.in_layer("shortcut"))?,
             None => x.clone(),
         };
+        // The sum is f32: a branch or shortcut that is a bare layer (a 1x1 convolution, say)
+        // hands on bf16 under bf16 activations.
+        let (b, s) = (b.to_dtype(DType::F32), s.to_dtype(DType::F32));
         let scale = match ctx.mode {
             Mode::Train if self.drop_prob > 0.0 => {
                 // Sample n keeps its branch when u(stream, step, STOCHASTIC_DEPTH, n) >= p.

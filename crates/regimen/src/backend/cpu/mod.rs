@@ -949,8 +949,12 @@ impl Backend for Cpu {
     }
 
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
-        // (A bf16 x, bf16 activations: through f32, y returned in bf16.)
-        let half = x.dtype();
+        // (A bf16 x, bf16 activations: through f32, y returned in bf16; any other in f32.)
+        let half = if x.dtype() == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         let x = &as_f32(x);
         let mut mask = alloc(x.shape(), DType::F32);
         let y = make(x.shape(), |y| {

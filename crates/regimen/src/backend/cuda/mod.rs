@@ -1861,36 +1861,44 @@ fn unary_code(op: Unary) -> (i32, f32, f32) {
     }
 }
 
+/// The kernels that come in twins for activations in f32 and in bf16 (kernels.cu's
+/// `ACT_TWINS`): the f32 kernel and its bf16 twin.
+const ACT_TWIN_KERNELS: [(&str, &str); 14] = [
+    ("bn_stats_partial", "bn_stats_partial_h"),
+    ("bn_apply", "bn_apply_h"),
+    ("bn_eval", "bn_eval_h"),
+    ("bn_bwd_dx", "bn_bwd_dx_h"),
+    ("bn_relu_apply", "bn_relu_apply_h"),
+    ("bn_relu_pool_apply", "bn_relu_pool_apply_h"),
+    ("bn_after_bwd_partial", "bn_after_bwd_partial_h"),
+    ("bn_after_bwd_dx", "bn_after_bwd_dx_h"),
+    ("bn_row_stats_partial", "bn_row_stats_partial_h"),
+    ("bn_row_apply", "bn_row_apply_h"),
+    ("bn_row_eval", "bn_row_eval_h"),
+    ("bn_row_bwd_partial", "bn_row_bwd_partial_h"),
+    ("bn_row_bwd_dx", "bn_row_bwd_dx_h"),
+    ("dropout_fwd", "dropout_fwd_h"),
+];
+
+/// The kernel `name` (one of [`ACT_TWIN_KERNELS`]) for activations `x`: `name` in f32, its
+/// twin in bf16 (bf16 activations). Any other type is refused.
+fn act_kernel(name: &'static str, x: &Tensor) -> &'static str {
+    let twin = || {
+        let pair = ACT_TWIN_KERNELS.iter().find(|(f, _)| *f == name);
+        pair.unwrap_or_else(|| panic!("no bf16 twin of {name}")).1
+    };
+    match x.dtype() {
+        DType::F32 => name,
+        DType::BF16 => twin(),
+        t => panic!("{name}: activations in f32 or bf16, got {t:?}"),
+    }
+}
+
 /// Splits of the batch axis for per-channel statistics (`inner` values per sample and
 /// channel): about 2048 blocks in all, several per multiprocessor (264, two per
 /// multiprocessor, left each block walking 14 to 102 samples one after another), but at
 /// least about 2048 values per block; a function of the shape alone (so results do not
 /// depend on timing).
-/// The batch-norm kernel `name` for `x`'s element type: `name` in f32, its twin `name_h` in
-/// bf16 (bf16 activations; kernels.cu's `ACT_TWINS`). Any other type is refused.
-fn bn_kernel(name: &'static str, x: &Tensor) -> &'static str {
-    match x.dtype() {
-        DType::F32 => name,
-        DType::BF16 => match name {
-            "bn_stats_partial" => "bn_stats_partial_h",
-            "bn_apply" => "bn_apply_h",
-            "bn_eval" => "bn_eval_h",
-            "bn_bwd_dx" => "bn_bwd_dx_h",
-            "bn_relu_apply" => "bn_relu_apply_h",
-            "bn_relu_pool_apply" => "bn_relu_pool_apply_h",
-            "bn_after_bwd_partial" => "bn_after_bwd_partial_h",
-            "bn_after_bwd_dx" => "bn_after_bwd_dx_h",
-            "bn_row_stats_partial" => "bn_row_stats_partial_h",
-            "bn_row_apply" => "bn_row_apply_h",
-            "bn_row_eval" => "bn_row_eval_h",
-            "bn_row_bwd_partial" => "bn_row_bwd_partial_h",
-            "bn_row_bwd_dx" => "bn_row_bwd_dx_h",
-            _ => unreachable!("no bf16 twin of {name}"),
-        },
-        t => panic!("batch norm: activations in f32 or bf16, got {t:?}"),
-    }
-}
-
 fn bn_splits(nb: usize, c: usize, inner: usize) -> usize {
     let by_blocks = 2048usize.div_ceil(c.max(1));
     let by_values = (nb * inner).div_ceil(2048);
@@ -2928,14 +2936,14 @@ impl Backend for CudaBackend {
             // Features ([N, C]): rows on the grid's y axis, channels along x.
             let rows = n / c.max(1) as i64;
             self.launch_planes(
-                bn_kernel("bn_row_eval", x),
+                act_kernel("bn_row_eval", x),
                 rows as usize,
                 c,
                 &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &rows, &c32],
             );
         } else if n > 0 {
             self.launch_planes(
-                bn_kernel("bn_eval", x),
+                act_kernel("bn_eval", x),
                 (n as usize) / inner.max(1),
                 inner,
                 &mut args![&xp, &gp, &bp, &mp, &ip, &yp, &planes, &c32, &inner64],
@@ -2989,7 +2997,7 @@ impl Backend for CudaBackend {
         let planes = (nb * c) as i64;
         if n > 0 {
             self.launch_planes(
-                bn_kernel("bn_bwd_dx", x),
+                act_kernel("bn_bwd_dx", x),
                 nb * c,
                 inner,
                 &mut args![
@@ -3040,11 +3048,12 @@ impl Backend for CudaBackend {
     }
 
     fn dropout_forward(&self, x: &Tensor, p: f32, key: RandomKey<'_>) -> (Tensor, Tensor) {
-        // (x and y in bf16 under bf16 activations: dropout_fwd_h.)
-        let (kernel, x) = match x.dtype() {
-            DType::BF16 => ("dropout_fwd_h", x.clone()),
-            _ => ("dropout_fwd", x.to_dtype(DType::F32)),
+        // (x and y in bf16 under bf16 activations: dropout_fwd_h; any other type in f32.)
+        let x = match x.dtype() {
+            DType::BF16 => x.clone(),
+            _ => x.to_dtype(DType::F32),
         };
+        let kernel = act_kernel("dropout_fwd", &x);
         let y = self.new_tensor(x.shape(), x.dtype());
         let mask = self.new_tensor(x.shape(), DType::F32);
         let n = x.numel() as i64;
@@ -3782,14 +3791,14 @@ impl CudaBackend {
         );
         if rows {
             self.launch(
-                bn_kernel("bn_row_stats_partial", x),
+                act_kernel("bn_row_stats_partial", x),
                 c.div_ceil(32) as u32,
                 BLOCK,
                 &mut args![&xp, &nb32, &c32, &pp],
             );
         } else {
             self.launch3(
-                bn_kernel("bn_stats_partial", x),
+                act_kernel("bn_stats_partial", x),
                 (c as u32, splits as u32, 1),
                 BLOCK,
                 &mut args![&xp, &nb32, &c32, &inner64, &sp32, &pp],
@@ -3823,7 +3832,7 @@ impl CudaBackend {
                 let (yp, r64, relu) = (ptr(&y), nb as i64, i32::from(after == BnAfter::Relu));
                 if nb > 0 {
                     self.launch_planes(
-                        bn_kernel("bn_row_apply", x),
+                        act_kernel("bn_row_apply", x),
                         nb,
                         c,
                         &mut args![&xp, &scp, &shp, &yp, &r64, &c32, &relu],
@@ -3840,7 +3849,7 @@ impl CudaBackend {
                     "bn_apply"
                 };
                 self.launch_planes(
-                    bn_kernel(k, x),
+                    act_kernel(k, x),
                     nb * c,
                     inner,
                     &mut args![&xp, &scp, &shp, &yp, &planes, &c32, &inner64],
@@ -3851,7 +3860,7 @@ impl CudaBackend {
                 let y = self.new_tensor(&[nb, c, h / 2, w / 2], x.dtype());
                 let (yp, h32, w32) = (ptr(&y), h as i32, w as i32);
                 self.launch_planes(
-                    bn_kernel("bn_relu_pool_apply", x),
+                    act_kernel("bn_relu_pool_apply", x),
                     nb * c,
                     (h / 2) * (w / 2),
                     &mut args![&xp, &scp, &shp, &yp, &planes, &c32, &h32, &w32],
@@ -3887,7 +3896,7 @@ impl CudaBackend {
         );
         let (nb32, c32, sp32) = (nb as i32, c as i32, 8i32);
         self.launch(
-            bn_kernel("bn_row_bwd_partial", x),
+            act_kernel("bn_row_bwd_partial", x),
             c.div_ceil(32) as u32,
             BLOCK,
             &mut args![&xp, &dyp, &gp, &bp, &mp, &ip, &nb32, &c32, &relu, &pp],
@@ -3906,7 +3915,7 @@ impl CudaBackend {
         let (dxp, bs, r64) = (ptr(&dx), i32::from(batch_stats), nb as i64);
         if nb > 0 {
             self.launch_planes(
-                bn_kernel("bn_row_bwd_dx", x),
+                act_kernel("bn_row_bwd_dx", x),
                 nb,
                 c,
                 &mut args![
@@ -3946,7 +3955,7 @@ impl CudaBackend {
         );
         let (nb32, c32, sp32) = (nb as i32, c as i32, splits as i32);
         self.launch3(
-            bn_kernel("bn_after_bwd_partial", x),
+            act_kernel("bn_after_bwd_partial", x),
             (c as u32, splits as u32, 1),
             BLOCK,
             &mut args![&xp, &dyp, &gp, &bp, &mp, &ip, &nb32, &c32, &h, &w, &code, &sp32, &pp],
@@ -4014,7 +4023,7 @@ impl CudaBackend {
         let (dxp, planes) = (ptr(&dx), (nb * c) as i64);
         if x.numel() > 0 {
             self.launch_planes(
-                bn_kernel("bn_after_bwd_dx", x),
+                act_kernel("bn_after_bwd_dx", x),
                 nb * c,
                 inner,
                 &mut args![
@@ -4133,6 +4142,24 @@ mod tests {
             }
         }
         launched.extend(IG_KERNELS.iter().flatten().map(|k| k.to_string()));
+        // Kernels launched through act_kernel: each name given is an f32 kernel with a twin,
+        // and both of every pair are loaded.
+        let mut twins = 0;
+        for (i, _) in src.match_indices("act_kernel(") {
+            if let Some(name) = literal(&src[i + "act_kernel(".len()..]) {
+                assert!(
+                    ACT_TWIN_KERNELS.iter().any(|(f, _)| *f == name),
+                    "act_kernel({name:?}): not in ACT_TWIN_KERNELS"
+                );
+                twins += 1;
+            }
+        }
+        assert!(twins >= 12, "found only {twins} act_kernel launches");
+        launched.extend(
+            ACT_TWIN_KERNELS
+                .iter()
+                .flat_map(|(f, h)| [f.to_string(), h.to_string()]),
+        );
         assert!(
             launched.len() > 40,
             "found only {} launches",
