@@ -20,7 +20,7 @@ use crate::layer::{Ctx, Layer, Precision};
 use crate::loss::{CrossEntropy, Penalty};
 use crate::optim::{Optim, OptimConfig, Sgd};
 use crate::schedule::{Constant, Schedule, Unit};
-use crate::tensor::{Device, Indices, Tensor};
+use crate::tensor::{DType, Device, Indices, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct SgdConfig {
@@ -525,7 +525,8 @@ fn run_epochs(
                     .at_micro(optim.pending_micro())
                     .with_precision(cfg.precision)
                     .on_rank(rank, share);
-                model.forward(&x, &ctx)?
+                // (f32 for the loss: a model that is not a Sequential may hand on bf16.)
+                model.forward(&x, &ctx)?.to_dtype(DType::F32)
             };
             let out = match batch.soft {
                 Some(soft) => ce.forward(
@@ -805,7 +806,7 @@ fn run_epochs_on_device(
             let ctx = Ctx::train()
                 .at_step(optim.step_counter(device))
                 .with_precision(cfg.precision);
-            model.forward(x, &ctx)?
+            model.forward(x, &ctx)?.to_dtype(DType::F32)
         };
         let out = match soft {
             Some(soft) => ce.forward(&logits, Target::Soft(soft))?,
