@@ -197,10 +197,7 @@ impl Layer for Sequential {
             i += 1;
         }
         // What a Sequential hands on is `f32` (the loss, metrics and callers read that).
-        if h.dtype() != DType::F32 {
-            h = h.to_dtype(DType::F32);
-        }
-        Ok(h)
+        Ok(h.to_dtype(DType::F32))
     }
 
     fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {

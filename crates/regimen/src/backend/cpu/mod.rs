@@ -80,16 +80,6 @@ fn convert<A: Copy + Sync, B: Send>(a: &[A], out: &mut [B], par: bool, f: impl F
     }
 }
 
-/// `t`'s values in f32: `t` itself, or a pooled f32 copy of a 16-bit tensor (`cast`, in
-/// parallel), so that 16-bit operands (mixed precision) take the f32 kernels.
-fn as_f32(t: &Tensor) -> Tensor {
-    if t.dtype() == DType::F32 {
-        t.clone()
-    } else {
-        Cpu.cast(t, DType::F32)
-    }
-}
-
 /// A new `f32` tensor holding `v`.
 fn from_slice(shape: &[usize], v: &[f32]) -> Tensor {
     make(shape, |o| o.copy_from_slice(v))
@@ -230,26 +220,20 @@ impl Backend for Cpu {
         // In parallel chunks, straight from one type to the other (bf16 activations convert
         // whole activations this way).
         let par = x.numel() >= elementwise::PAR_MIN;
-        match (x.dtype(), dtype) {
+        let (from, to) = (x.dtype(), dtype);
+        let decode = |b: u16| match from {
+            DType::BF16 => bf16::from_bits(b).to_f32(),
+            _ => f16::from_bits(b).to_f32(),
+        };
+        let encode = |v: f32| match to {
+            DType::BF16 => bf16::from_f32(v).to_bits(),
+            _ => f16::from_f32(v).to_bits(),
+        };
+        match (from, to) {
             (DType::F32, DType::F32) => f32s_mut(&mut t).copy_from_slice(f32s(x)),
-            (DType::F32, half) => convert(f32s(x), u16s_mut(&mut t), par, |v| match half {
-                DType::BF16 => bf16::from_f32(v).to_bits(),
-                _ => f16::from_f32(v).to_bits(),
-            }),
-            (from, DType::F32) => convert(u16s(x), f32s_mut(&mut t), par, |b| match from {
-                DType::BF16 => bf16::from_bits(b).to_f32(),
-                _ => f16::from_bits(b).to_f32(),
-            }),
-            (from, to) => convert(u16s(x), u16s_mut(&mut t), par, |b| {
-                let v = match from {
-                    DType::BF16 => bf16::from_bits(b).to_f32(),
-                    _ => f16::from_bits(b).to_f32(),
-                };
-                match to {
-                    DType::BF16 => bf16::from_f32(v).to_bits(),
-                    _ => f16::from_f32(v).to_bits(),
-                }
-            }),
+            (DType::F32, _) => convert(f32s(x), u16s_mut(&mut t), par, encode),
+            (_, DType::F32) => convert(u16s(x), f32s_mut(&mut t), par, decode),
+            _ => convert(u16s(x), u16s_mut(&mut t), par, |b| encode(decode(b))),
         }
         t
     }
@@ -269,7 +253,7 @@ impl Backend for Cpu {
     ) {
         let (ar, ac) = (a.shape()[0], a.shape()[1]);
         let (br, bc) = (b.shape()[0], b.shape()[1]);
-        let (a, b) = (as_f32(a), as_f32(b));
+        let (a, b) = (a.to_dtype(DType::F32), b.to_dtype(DType::F32));
         let (av, bv) = (f32s(&a), f32s(&b));
         let am = if trans_a {
             MatRef::t(av, ac, ar)
@@ -628,7 +612,7 @@ impl Backend for Cpu {
 
     fn conv2d_forward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: Window) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
-        let (x, w) = (as_f32(x), as_f32(w));
+        let (x, w) = (x.to_dtype(DType::F32), w.to_dtype(DType::F32));
         let (xv, wv) = (f32s(&x), f32s(&w));
         // A convolution without bias is the kind that batch norm follows: its output planes'
         // statistics are computed while each sample is in cache and left with the output.
@@ -653,7 +637,7 @@ impl Backend for Cpu {
         input_grad: bool,
     ) -> Tensor {
         let d = conv_dims(x.shape(), w.shape(), win);
-        let (xh, wh) = (as_f32(x), as_f32(w));
+        let (xh, wh) = (x.to_dtype(DType::F32), w.to_dtype(DType::F32));
         let (xv, wv) = (f32s(&xh), f32s(&wh));
         // Mixed precision: the output gradient enters the products in the inputs' type too.
         let dyq = if x.dtype() == DType::F32 {
@@ -955,7 +939,7 @@ impl Backend for Cpu {
         } else {
             DType::F32
         };
-        let x = &as_f32(x);
+        let x = &x.to_dtype(DType::F32);
         let mut mask = alloc(x.shape(), DType::F32);
         let y = make(x.shape(), |y| {
             norm::dropout(

@@ -853,21 +853,6 @@ extern "C" __global__ void bn_stats_finish(const double* part, int c, int splits
 }
 
 template <typename X>
-__device__ __forceinline__ void bn_apply_t(const X* x, const float* scale, const float* shift,
-                                           X* y, long long planes, int c, long long inner) {
-    PLANE_LOOP(pl, i, planes, inner) {
-        int ch = (int)(pl % c);
-        long long j = pl * inner + i;
-        st_act(y, j, bn_z(ld_act(x, j), scale[ch], shift[ch]));
-    }
-}
-ACT_TWINS(bn_apply,
-         (const float* x, const float* scale, const float* shift, float* y, long long planes,
-          int c, long long inner),
-         (const u16* x, const float* scale, const float* shift, u16* y, long long planes, int c,
-          long long inner),
-         (x, scale, shift, y, planes, c, inner))
-template <typename X>
 __device__ __forceinline__ void bn_eval_t(const X* x, const float* gamma, const float* beta,
                                           const float* mean, const float* invstd, X* y,
                                           long long planes, int c, long long inner) {
@@ -950,17 +935,29 @@ __device__ __forceinline__ bool bn_pool_takes(float best, float v) {
     return !(v <= best) && best == best;
 }
 
-// y = relu(x scale + shift) over [N, C, inner].
+// y = x scale + shift over [N, C, inner] (bn_apply), then the ReLU with RELU (bn_relu_apply).
+template <typename X, bool RELU = false>
+__device__ __forceinline__ void bn_apply_t(const X* x, const float* scale, const float* shift,
+                                           X* y, long long planes, int c, long long inner) {
+    PLANE_LOOP(pl, i, planes, inner) {
+        int ch = (int)(pl % c);
+        long long j = pl * inner + i;
+        float z = bn_z(ld_act(x, j), scale[ch], shift[ch]);
+        st_act(y, j, RELU ? bn_relu(z) : z);
+    }
+}
 template <typename X>
 __device__ __forceinline__ void bn_relu_apply_t(const X* x, const float* scale,
                                                 const float* shift, X* y, long long planes,
                                                 int c, long long inner) {
-    PLANE_LOOP(pl, i, planes, inner) {
-        int ch = (int)(pl % c);
-        long long j = pl * inner + i;
-        st_act(y, j, bn_relu(bn_z(ld_act(x, j), scale[ch], shift[ch])));
-    }
+    bn_apply_t<X, true>(x, scale, shift, y, planes, c, inner);
 }
+ACT_TWINS(bn_apply,
+         (const float* x, const float* scale, const float* shift, float* y, long long planes,
+          int c, long long inner),
+         (const u16* x, const float* scale, const float* shift, u16* y, long long planes, int c,
+          long long inner),
+         (x, scale, shift, y, planes, c, inner))
 ACT_TWINS(bn_relu_apply,
          (const float* x, const float* scale, const float* shift, float* y, long long planes,
           int c, long long inner),
